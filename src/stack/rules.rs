@@ -1,0 +1,199 @@
+//! The semantic rules of STACK-FORMAT.md that a schema cannot express: uniqueness, port
+//! clashes, transports that `order` names, one value source per env, durations.
+
+use std::collections::HashMap;
+
+use super::diagnostic::Problem;
+use super::lower::SpanMap;
+use super::model::{EnvSource, Stack, TransportKind, parse_duration};
+
+/// Checks every rule and returns every problem found.
+pub fn check(stack: &Stack, spans: &SpanMap) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    unique_names(stack, spans, &mut problems);
+    ports(stack, spans, &mut problems);
+    transports(stack, spans, &mut problems);
+    sidecar_details(stack, spans, &mut problems);
+    durations(stack, spans, &mut problems);
+    problems
+}
+
+fn unique_names(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let mut seen = HashMap::new();
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        if let Some(first) = seen.insert(s.name.as_str(), i) {
+            problems.push(
+                Problem::new(spans.get(&format!("/sidecars/{i}/name")), format!("sidecar `{}` is declared twice", s.name))
+                    .label("duplicate name")
+                    .help(format!("sidecar names must be unique; rename this one or remove it (the first is sidecar #{})", first + 1)),
+            );
+        }
+    }
+    let mut seen = HashMap::new();
+    for (i, d) in stack.devices.iter().enumerate() {
+        if seen.insert(d.name.as_str(), i).is_some() {
+            problems.push(
+                Problem::new(spans.get(&format!("/devices/{i}/name")), format!("device `{}` is declared twice", d.name))
+                    .label("duplicate name")
+                    .help("device names must be unique; to re-issue a device's token, bump its generation= instead"),
+            );
+        }
+    }
+}
+
+fn ports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let gate = stack.gate.port;
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        if s.port == gate {
+            problems.push(
+                Problem::new(spans.get(&format!("/sidecars/{i}/port")), format!("sidecar `{}` uses port {gate}, which is the gate's port", s.name))
+                    .label("clashes with the gate")
+                    .help(format!("the gate listens on {gate} inside every pod; move the app or set `gate port=` to another port")),
+            );
+        }
+    }
+    let Some(lan_ports) = stack.lan_ports() else {
+        return;
+    };
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    let base_pointer = "/transport/lan/port";
+    for (i, (s, port)) in stack.sidecars.iter().zip(&lan_ports).enumerate() {
+        let pointer = if s.lan_port.is_some() {
+            format!("/sidecars/{i}/lan-port")
+        } else {
+            base_pointer.to_string()
+        };
+        if s.lan_port.is_none() && *port == u16::MAX && i > 0 {
+            problems.push(
+                Problem::new(spans.get(&pointer), format!("sidecar `{}` would get a LAN port above 65535", s.name))
+                    .help("lower `lan port=` or give this sidecar its own `lan-port`"),
+            );
+        }
+        if let Some(first) = seen.insert(*port, i) {
+            problems.push(
+                Problem::new(spans.get(&format!("/sidecars/{i}/name")), format!(
+                    "sidecars `{}` and `{}` would both publish LAN port {port}",
+                    stack.sidecars[first].name, s.name
+                ))
+                .label("LAN port clash")
+                .help("with several sidecars, `lan port=` is the first and the rest follow; give this one a free `lan-port`"),
+            );
+        }
+    }
+}
+
+fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let Some(t) = &stack.transport else {
+        return;
+    };
+    if t.tailscale.is_some() && t.headscale.is_some() {
+        problems.push(
+            Problem::new(spans.get("/transport/headscale"), "`tailscale` and `headscale` cannot both be declared")
+                .label("second tailnet")
+                .help("a pod joins one tailnet: keep `tailscale` for Tailscale's servers or `headscale url=…` for your own"),
+        );
+    }
+    if let Some(order) = &t.order {
+        let mut seen = Vec::new();
+        for (i, kind) in order.iter().enumerate() {
+            let span = spans.get(&format!("/transport/order/{i}"));
+            if seen.contains(kind) {
+                problems.push(Problem::new(span, format!("`{}` appears twice in `order`", kind.as_str())).help("list each transport once"));
+            }
+            seen.push(*kind);
+            if !stack.declares(*kind) {
+                let how = match kind {
+                    TransportKind::Relay => "add a top-level `relay \"host:port\" token-file=…`".to_string(),
+                    k => format!("declare `{}` inside `transport {{ … }}` or drop it from `order`", k.as_str()),
+                };
+                problems.push(
+                    Problem::new(span, format!("`order` names `{}`, which is not declared", kind.as_str()))
+                        .label("not declared")
+                        .help(how),
+                );
+            }
+        }
+    }
+}
+
+fn sidecar_details(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        for (j, e) in s.env.iter().enumerate() {
+            let given = [e.value.is_some(), e.file.is_some(), e.from_env.is_some()]
+                .into_iter()
+                .filter(|b| *b)
+                .count();
+            if given != 1 {
+                problems.push(
+                    Problem::new(spans.get(&format!("/sidecars/{i}/env/{j}")), format!("env `{}` needs exactly one value source, found {given}", e.name))
+                        .help(format!("write `env \"{0}\" \"value\"`, `env \"{0}\" file=\"/run/secrets/…\"` or `env \"{0}\" from-env=\"VAR\"`", e.name)),
+                );
+            } else if let EnvSource::Literal(v) = e.source()
+                && looks_like_secret_name(&e.name)
+                && !v.is_empty()
+            {
+                // A literal password is legal KDL but lands in git; say so without refusing
+                // values like `DB_PASSWORD_FILE` paths.
+                if !v.starts_with('/') {
+                    problems.push(
+                        Problem::new(spans.get(&format!("/sidecars/{i}/env/{j}/value")), format!("env `{}` looks like a secret written into stack.kdl", e.name))
+                            .label("literal secret")
+                            .help(format!("stack.kdl is committed to git: use `env \"{}\" file=\"/run/secrets/…\"` or from-env=\"…\"", e.name)),
+                    );
+                }
+            }
+        }
+        for (j, v) in s.volumes.iter().enumerate() {
+            if !v.is_bind() && !is_volume_name(&v.source) {
+                problems.push(
+                    Problem::new(spans.get(&format!("/sidecars/{i}/volumes/{j}/source")), format!("`{}` is neither a host path nor a volume name", v.source))
+                        .help("a host path starts with `/`; a named volume uses letters, digits, `_`, `.` and `-`"),
+                );
+            }
+        }
+        if let Some(h) = &s.health
+            && h.url.is_some() == h.cmd.is_some()
+        {
+            problems.push(
+                Problem::new(spans.get(&format!("/sidecars/{i}/health")), "`health` needs either a URL or cmd=, not both")
+                    .help("write `health \"http://127.0.0.1:8080/healthz\"` or `health cmd=\"pg_isready\"`"),
+            );
+        }
+    }
+}
+
+fn looks_like_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    ["PASSWORD", "SECRET", "TOKEN", "AUTHKEY", "AUTH_KEY", "API_KEY", "PRIVATE_KEY"]
+        .iter()
+        .any(|s| n.contains(s))
+        && !n.ends_with("_FILE")
+}
+
+fn is_volume_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn durations(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let mut check = |pointer: String, value: &Option<String>| {
+        if let Some(v) = value
+            && parse_duration(v).is_none()
+        {
+            problems.push(
+                Problem::new(spans.get(&pointer), format!("`{v}` is not a duration"))
+                    .help("durations look like \"500ms\", \"10s\", \"5m\", \"2h\" or \"90d\""),
+            );
+        }
+    };
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        if let Some(h) = &s.health {
+            check(format!("/sidecars/{i}/health/interval"), &h.interval);
+            check(format!("/sidecars/{i}/health/timeout"), &h.timeout);
+        }
+    }
+    for (i, d) in stack.devices.iter().enumerate() {
+        check(format!("/devices/{i}/expires"), &d.expires);
+    }
+}
