@@ -3,4 +3,8 @@
 //!
 //! # Layout
 //! - [`stack`]: the typed model of stack.kdl, parsing, schema and validation.
+//! - [`pod`]: container and pod specs and their config hash.
+//! - [`reconcile`]: resolve → Desired, the pure `plan`, the executor.
 pub mod stack;
+pub mod pod;
+pub mod reconcile;

@@ -1,0 +1,226 @@
+//! The pod's value types: what each container of a pod should be, and the config hash that
+//! decides whether an existing container still matches. Pure data; imports nothing of soul's.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Labels soul puts on everything it owns.
+pub mod label {
+    pub const STACK: &str = "dev.soul.stack";
+    pub const SIDECAR: &str = "dev.soul.sidecar";
+    pub const ROLE: &str = "dev.soul.role";
+    pub const CONFIG_HASH: &str = "dev.soul.config-hash";
+}
+
+/// What a container does in its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Owns the pod's network namespace and its LAN port mapping.
+    Pause,
+    /// The user's service.
+    App,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Pause => "pause",
+            Role::App => "app",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "pause" => Some(Role::Pause),
+            "app" => Some(Role::App),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One pod: a bridge network and the containers sharing the pause container's namespace.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PodSpec {
+    pub sidecar: String,
+    pub network: String,
+    /// The pause container first, then its dependents.
+    pub containers: Vec<ContainerSpec>,
+}
+
+/// How a container is attached to the network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// On the pod's bridge network (the pause container).
+    Bridge(String),
+    /// In another container's namespace (`container:<name>`).
+    Container(String),
+}
+
+/// A host port published to a port inside the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortMap {
+    pub host: u16,
+    pub container: u16,
+}
+
+/// A mount: a named volume or a host path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Mount {
+    pub kind: MountKind,
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MountKind {
+    Volume,
+    Bind,
+}
+
+/// A Docker health check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// `["CMD", …]` or `["CMD-SHELL", "…"]`.
+    pub test: Vec<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub retries: u32,
+}
+
+/// An environment value. Values read from files or soul's environment are sensitive: they
+/// are hashed and passed to Docker but never shown.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EnvValue {
+    pub value: String,
+    pub sensitive: bool,
+}
+
+impl fmt::Debug for EnvValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.sensitive {
+            f.write_str("MASKED")
+        } else {
+            write!(f, "{:?}", self.value)
+        }
+    }
+}
+
+/// Everything soul decides about one container. Its hash is the `dev.soul.config-hash` label.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub stack: String,
+    pub sidecar: String,
+    pub role: Role,
+    pub image: String,
+    /// Replaces the image's CMD when set.
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, EnvValue>,
+    pub mounts: Vec<Mount>,
+    pub network_mode: NetworkMode,
+    pub ports: Vec<PortMap>,
+    pub health: Option<HealthCheck>,
+    pub restart: String,
+}
+
+impl ContainerSpec {
+    /// SHA-256 over the whole spec (image reference, command, env, mounts, network mode,
+    /// ports, health check, restart policy), hex-encoded and cut to 16 bytes.
+    pub fn config_hash(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The labels soul sets on this container, the config hash among them.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (label::STACK.into(), self.stack.clone()),
+            (label::SIDECAR.into(), self.sidecar.clone()),
+            (label::ROLE.into(), self.role.as_str().into()),
+            (label::CONFIG_HASH.into(), self.config_hash()),
+        ])
+    }
+}
+
+/// `soul-<stack>-<sidecar>-<role>`.
+pub fn container_name(stack: &str, sidecar: &str, role: Role) -> String {
+    format!("soul-{stack}-{sidecar}-{role}")
+}
+
+/// `soul-<stack>-<sidecar>`: the pod's bridge network.
+pub fn network_name(stack: &str, sidecar: &str) -> String {
+    format!("soul-{stack}-{sidecar}")
+}
+
+/// `soul-<stack>-<name>`: a named volume of the stack, shared by the sidecars that name it.
+pub fn volume_name(stack: &str, name: &str) -> String {
+    format!("soul-{stack}-{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: container_name("home", "notes", Role::App),
+            stack: "home".into(),
+            sidecar: "notes".into(),
+            role: Role::App,
+            image: "nginx:1".into(),
+            command: None,
+            env: BTreeMap::from([(
+                "TZ".into(),
+                EnvValue {
+                    value: "UTC".into(),
+                    sensitive: false,
+                },
+            )]),
+            mounts: vec![],
+            network_mode: NetworkMode::Container("soul-home-notes-pause".into()),
+            ports: vec![],
+            health: None,
+            restart: "unless-stopped".into(),
+        }
+    }
+
+    #[test]
+    fn hash_is_stable_and_sensitive_to_every_field() {
+        let a = spec();
+        assert_eq!(a.config_hash(), spec().config_hash());
+        assert_eq!(a.config_hash().len(), 32);
+        let mut b = spec();
+        b.env.get_mut("TZ").map(|v| v.value = "Europe/Berlin".into());
+        assert_ne!(a.config_hash(), b.config_hash());
+        let mut c = spec();
+        c.image = "nginx:2".into();
+        assert_ne!(a.config_hash(), c.config_hash());
+        let mut d = spec();
+        d.ports.push(PortMap { host: 1, container: 2 });
+        assert_ne!(a.config_hash(), d.config_hash());
+    }
+
+    #[test]
+    fn sensitive_env_is_masked_in_debug() {
+        let v = EnvValue {
+            value: "hunter2".into(),
+            sensitive: true,
+        };
+        assert_eq!(format!("{v:?}"), "MASKED");
+    }
+}

@@ -1,0 +1,12 @@
+//! Reconcile: resolve stack.kdl into the Desired state, the pure planner, and the executor
+//! that carries a plan out against an [`Engine`].
+
+mod execute;
+mod plan;
+mod resolve;
+
+pub use execute::{Engine, execute};
+pub use plan::{
+    Desired, ImageNeed, ImageSource, ObservedContainer, Observed, Plan, Reason, Step, plan,
+};
+pub use resolve::{Host, Machine, RESTART_POLICY, ResolveError, SoulImage, resolve};

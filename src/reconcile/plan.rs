@@ -1,0 +1,330 @@
+//! The pure planner: `plan(&Desired, &Observed) -> Plan`. No tokio, no bollard, no file I/O:
+//! every decision about what to create, recreate, start or remove is made here, and a
+//! converged system plans to zero steps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::pod::{ContainerSpec, PodSpec, Role};
+
+/// What the stack asks for on this machine.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Desired {
+    pub stack: String,
+    pub pods: Vec<PodSpec>,
+    /// Named volumes (Docker names) the pods mount.
+    pub volumes: Vec<String>,
+    /// Every image the pods use, each once.
+    pub images: Vec<ImageNeed>,
+}
+
+/// An image a pod needs and how to get it when missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageNeed {
+    pub reference: String,
+    pub source: ImageSource,
+    /// The sidecars that use it, for error messages.
+    pub used_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageSource {
+    /// soul builds it from its own binary, offline.
+    Soul,
+    /// Pulled from its registry.
+    Registry,
+}
+
+/// What is on the engine now, as far as this stack is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Observed {
+    /// Containers labelled with this stack.
+    pub containers: Vec<ObservedContainer>,
+    /// Networks labelled with this stack.
+    pub networks: BTreeSet<String>,
+    /// Volumes labelled with this stack.
+    pub volumes: BTreeSet<String>,
+    /// Desired image references present (and, for soul's image, current) → image ID.
+    pub images: BTreeMap<String, String>,
+}
+
+/// One container as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedContainer {
+    pub id: String,
+    pub name: String,
+    pub sidecar: Option<String>,
+    pub role: Option<Role>,
+    pub config_hash: Option<String>,
+    pub running: bool,
+    /// `running`, `exited`, `created`, …
+    pub state: String,
+    /// `healthy`, `unhealthy`, `starting`, when the container has a health check.
+    pub health: Option<String>,
+    pub image: String,
+    pub image_id: String,
+}
+
+/// Why a step is in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Declared but absent.
+    Missing,
+    /// Its config hash differs from the declared spec.
+    ConfigChanged,
+    /// Its image reference now points at another image.
+    ImageUpdated,
+    /// Its pod's pause container is new or restarted: the old namespace is gone.
+    PodRestarted,
+    /// The pod's network is new: the pause container must join it.
+    NetworkRecreated,
+    /// Exists with the right spec but is not running.
+    Stopped,
+    /// Carries this stack's label but is no longer declared.
+    Undeclared,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::Missing => "missing",
+            Reason::ConfigChanged => "config changed",
+            Reason::ImageUpdated => "image updated",
+            Reason::PodRestarted => "pod's pause container is new",
+            Reason::NetworkRecreated => "pod network is new",
+            Reason::Stopped => "not running",
+            Reason::Undeclared => "no longer declared",
+        })
+    }
+}
+
+/// One thing `apply` does. The executor runs them in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    BuildSoulImage { image: String },
+    PullImage { image: String, used_by: Vec<String> },
+    CreateVolume { name: String },
+    CreateNetwork { name: String, sidecar: String },
+    RemoveContainer { name: String, id: String, reason: Reason },
+    CreateContainer { spec: Box<ContainerSpec>, reason: Reason },
+    StartContainer { name: String, reason: Reason },
+    RemoveNetwork { name: String },
+}
+
+impl Step {
+    /// Steps that only fetch images change nothing that is running.
+    pub fn is_image(&self) -> bool {
+        matches!(self, Step::BuildSoulImage { .. } | Step::PullImage { .. })
+    }
+}
+
+impl fmt::Display for Step {
+    /// One line per step; never shows an environment value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::BuildSoulImage { image } => write!(f, "build soul's image {image} from this binary"),
+            Step::PullImage { image, used_by } => {
+                write!(f, "pull image {image} (for {})", used_by.join(", "))
+            }
+            Step::CreateVolume { name } => write!(f, "create volume {name}"),
+            Step::CreateNetwork { name, .. } => write!(f, "create network {name}"),
+            Step::RemoveContainer { name, reason, .. } => {
+                write!(f, "remove container {name} ({reason})")
+            }
+            Step::CreateContainer { spec, reason } => {
+                write!(f, "create container {} from {} ({reason})", spec.name, spec.image)
+            }
+            Step::StartContainer { name, reason } => write!(f, "start container {name} ({reason})"),
+            Step::RemoveNetwork { name } => write!(f, "remove network {name}"),
+        }
+    }
+}
+
+/// The ordered steps that take Observed to Desired.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+/// What happens to one declared container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Keep,
+    Start,
+    Create(Reason),
+    Recreate(Reason),
+}
+
+/// Computes the steps from `observed` to `desired`.
+///
+/// Order: images first (so an image that cannot be had stops the plan before anything running
+/// is touched), then removal of undeclared containers (freeing their ports), volumes, then pod
+/// by pod: network, pause, dependents; undeclared networks last.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut steps = Vec::new();
+
+    let mut refreshed = BTreeSet::new();
+    for need in &desired.images {
+        if observed.images.contains_key(&need.reference) {
+            continue;
+        }
+        refreshed.insert(need.reference.as_str());
+        steps.push(match need.source {
+            ImageSource::Soul => Step::BuildSoulImage {
+                image: need.reference.clone(),
+            },
+            ImageSource::Registry => Step::PullImage {
+                image: need.reference.clone(),
+                used_by: need.used_by.clone(),
+            },
+        });
+    }
+
+    let declared: BTreeSet<&str> = desired
+        .pods
+        .iter()
+        .flat_map(|p| p.containers.iter().map(|c| c.name.as_str()))
+        .collect();
+    let mut by_name: BTreeMap<&str, &ObservedContainer> = BTreeMap::new();
+    for c in &observed.containers {
+        let keep = declared.contains(c.name.as_str()) && !by_name.contains_key(c.name.as_str());
+        if keep {
+            by_name.insert(&c.name, c);
+        } else {
+            steps.push(Step::RemoveContainer {
+                name: c.name.clone(),
+                id: c.id.clone(),
+                reason: Reason::Undeclared,
+            });
+        }
+    }
+
+    for v in &desired.volumes {
+        if !observed.volumes.contains(v) {
+            steps.push(Step::CreateVolume { name: v.clone() });
+        }
+    }
+
+    for pod in &desired.pods {
+        plan_pod(pod, observed, &by_name, &refreshed, &mut steps);
+    }
+
+    let networks: BTreeSet<&str> = desired.pods.iter().map(|p| p.network.as_str()).collect();
+    for n in &observed.networks {
+        if !networks.contains(n.as_str()) {
+            steps.push(Step::RemoveNetwork { name: n.clone() });
+        }
+    }
+    Plan { steps }
+}
+
+fn plan_pod(
+    pod: &PodSpec,
+    observed: &Observed,
+    by_name: &BTreeMap<&str, &ObservedContainer>,
+    refreshed: &BTreeSet<&str>,
+    steps: &mut Vec<Step>,
+) {
+    let network_new = !observed.networks.contains(&pod.network);
+    if network_new {
+        steps.push(Step::CreateNetwork {
+            name: pod.network.clone(),
+            sidecar: pod.sidecar.clone(),
+        });
+    }
+
+    let mut pod_restarted = false;
+    let actions: Vec<(&ContainerSpec, Option<&ObservedContainer>, Action)> = pod
+        .containers
+        .iter()
+        .map(|spec| {
+            let seen = by_name.get(spec.name.as_str()).copied();
+            let action = match seen {
+                None => Action::Create(Reason::Missing),
+                Some(_) if spec.role != Role::Pause && pod_restarted => {
+                    Action::Recreate(Reason::PodRestarted)
+                }
+                Some(_) if spec.role == Role::Pause && network_new => {
+                    Action::Recreate(Reason::NetworkRecreated)
+                }
+                Some(o) => container_action(spec, o, observed, refreshed),
+            };
+            if spec.role == Role::Pause && action != Action::Keep {
+                pod_restarted = true;
+            }
+            (spec, seen, action)
+        })
+        .collect();
+
+    // Dependents go before the pause container they joined; then everything comes up in
+    // pod order (pause first).
+    for (spec, seen, action) in actions.iter().rev() {
+        if let (Action::Recreate(reason), Some(o)) = (action, seen) {
+            steps.push(Step::RemoveContainer {
+                name: spec.name.clone(),
+                id: o.id.clone(),
+                reason: *reason,
+            });
+        }
+    }
+    for (spec, _, action) in &actions {
+        match action {
+            Action::Keep => {}
+            Action::Start => steps.push(Step::StartContainer {
+                name: spec.name.clone(),
+                reason: Reason::Stopped,
+            }),
+            Action::Create(reason) | Action::Recreate(reason) => {
+                steps.push(Step::CreateContainer {
+                    spec: Box::new((*spec).clone()),
+                    reason: *reason,
+                });
+                steps.push(Step::StartContainer {
+                    name: spec.name.clone(),
+                    reason: *reason,
+                });
+            }
+        }
+    }
+}
+
+fn container_action(
+    spec: &ContainerSpec,
+    seen: &ObservedContainer,
+    observed: &Observed,
+    refreshed: &BTreeSet<&str>,
+) -> Action {
+    if seen.config_hash.as_deref() != Some(spec.config_hash().as_str()) {
+        return Action::Recreate(Reason::ConfigChanged);
+    }
+    // The pause container only sleeps: a newer soul image is no reason to disturb the pod.
+    if spec.role != Role::Pause {
+        let image_moved = match observed.images.get(&spec.image) {
+            Some(id) => *id != seen.image_id,
+            None => refreshed.contains(spec.image.as_str()),
+        };
+        if image_moved {
+            return Action::Recreate(Reason::ImageUpdated);
+        }
+    }
+    if seen.running {
+        Action::Keep
+    } else {
+        Action::Start
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,348 @@
+//! Resolve: a validated [`Stack`] plus what only this machine knows (secret files, soul's
+//! environment, soul's own image) → the [`Desired`] state the planner works towards.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::pod::{
+    ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NetworkMode, PodSpec, PortMap, Role,
+    container_name, network_name, volume_name,
+};
+use crate::stack::{EnvSource, Health, Sidecar, Stack, parse_duration};
+
+use super::plan::{Desired, ImageNeed, ImageSource};
+
+/// Docker restart policy of every container soul makes.
+pub const RESTART_POLICY: &str = "unless-stopped";
+
+/// What resolving needs from the machine: read by the real CLI, faked in unit tests.
+pub trait Machine {
+    /// The contents of a host file named by `file=`.
+    fn read_file(&self, path: &str) -> std::io::Result<String>;
+    /// A variable of soul's own environment named by `from-env=`.
+    fn env_var(&self, name: &str) -> Option<String>;
+}
+
+/// The real machine.
+pub struct Host;
+
+impl Machine for Host {
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+    fn env_var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// soul's own image: the tag soul's parts run from, and the repository that marks an image
+/// as soul's (built from the binary, never pulled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoulImage {
+    /// `soul:<version>`, used by the pause container.
+    pub reference: String,
+}
+
+impl SoulImage {
+    pub const REPOSITORY: &str = "soul";
+
+    pub fn current() -> Self {
+        SoulImage {
+            reference: format!("{}:{}", Self::REPOSITORY, env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Whether `image` names soul's own image (`soul`, `soul:latest`, `soul:<version>`).
+    pub fn is_soul(image: &str) -> bool {
+        image == Self::REPOSITORY
+            || image
+                .strip_prefix(Self::REPOSITORY)
+                .is_some_and(|rest| rest.starts_with(':'))
+    }
+}
+
+/// Why the stack cannot be resolved on this machine (checked before any Docker call).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// An `env … file=` names a file that cannot be read.
+    #[error("sidecar `{sidecar}`, env `{env}`: cannot read {path}: {source}")]
+    EnvFile {
+        sidecar: String,
+        env: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An `env … from-env=` names a variable soul's environment lacks.
+    #[error("sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file=")]
+    EnvVar {
+        sidecar: String,
+        env: String,
+        var: String,
+    },
+}
+
+/// Resolves the stack into the pods, volumes and images this machine should have.
+pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveError> {
+    let soul = SoulImage::current();
+    let lan_ports = stack.lan_ports();
+    let mut pods = Vec::new();
+    let mut volumes = Vec::new();
+    let mut images: Vec<ImageNeed> = Vec::new();
+    let mut need = |reference: &str, sidecar: &str| {
+        match images.iter_mut().find(|n| n.reference == reference) {
+            Some(n) if !n.used_by.iter().any(|s| s == sidecar) => n.used_by.push(sidecar.into()),
+            Some(_) => {}
+            None => images.push(ImageNeed {
+                reference: reference.into(),
+                source: if SoulImage::is_soul(reference) {
+                    ImageSource::Soul
+                } else {
+                    ImageSource::Registry
+                },
+                used_by: vec![sidecar.into()],
+            }),
+        }
+    };
+
+    for (i, sidecar) in stack.sidecars.iter().enumerate() {
+        let pause_name = container_name(&stack.stack, &sidecar.name, Role::Pause);
+        let network = network_name(&stack.stack, &sidecar.name);
+        // Until the gate exists, the LAN port goes straight to the app's port.
+        let ports = lan_ports
+            .as_ref()
+            .map(|p| {
+                vec![PortMap {
+                    host: p[i],
+                    container: sidecar.port,
+                }]
+            })
+            .unwrap_or_default();
+        let pause = ContainerSpec {
+            name: pause_name.clone(),
+            stack: stack.stack.clone(),
+            sidecar: sidecar.name.clone(),
+            role: Role::Pause,
+            image: soul.reference.clone(),
+            command: Some(vec!["pause".into()]),
+            env: BTreeMap::new(),
+            mounts: Vec::new(),
+            network_mode: NetworkMode::Bridge(network.clone()),
+            ports,
+            health: None,
+            restart: RESTART_POLICY.into(),
+        };
+        need(&pause.image, &sidecar.name);
+
+        let mounts: Vec<Mount> = sidecar
+            .volumes
+            .iter()
+            .map(|v| {
+                let (kind, source) = if v.is_bind() {
+                    (MountKind::Bind, v.source.clone())
+                } else {
+                    let name = volume_name(&stack.stack, &v.source);
+                    if !volumes.contains(&name) {
+                        volumes.push(name.clone());
+                    }
+                    (MountKind::Volume, name)
+                };
+                Mount {
+                    kind,
+                    source,
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                }
+            })
+            .collect();
+        let app = ContainerSpec {
+            name: container_name(&stack.stack, &sidecar.name, Role::App),
+            stack: stack.stack.clone(),
+            sidecar: sidecar.name.clone(),
+            role: Role::App,
+            image: sidecar.image.clone(),
+            command: sidecar.command.clone(),
+            env: env_of(sidecar, machine)?,
+            mounts,
+            network_mode: NetworkMode::Container(pause_name),
+            ports: Vec::new(),
+            health: sidecar.health.as_ref().map(|h| health_check(h, &sidecar.image)),
+            restart: RESTART_POLICY.into(),
+        };
+        need(&app.image, &sidecar.name);
+        pods.push(PodSpec {
+            sidecar: sidecar.name.clone(),
+            network,
+            containers: vec![pause, app],
+        });
+    }
+    Ok(Desired {
+        stack: stack.stack.clone(),
+        pods,
+        volumes,
+        images,
+    })
+}
+
+fn env_of(
+    sidecar: &Sidecar,
+    machine: &dyn Machine,
+) -> Result<BTreeMap<String, EnvValue>, ResolveError> {
+    let mut env = BTreeMap::new();
+    for e in &sidecar.env {
+        let value = match e.source() {
+            EnvSource::Literal(v) => EnvValue {
+                value: v.into(),
+                sensitive: false,
+            },
+            EnvSource::File(path) => {
+                let content =
+                    machine
+                        .read_file(path)
+                        .map_err(|source| ResolveError::EnvFile {
+                            sidecar: sidecar.name.clone(),
+                            env: e.name.clone(),
+                            path: path.into(),
+                            source,
+                        })?;
+                // Secret files usually end with one newline that is not part of the secret.
+                let value = content
+                    .strip_suffix('\n')
+                    .map(|s| s.strip_suffix('\r').unwrap_or(s))
+                    .unwrap_or(&content);
+                EnvValue {
+                    value: value.into(),
+                    sensitive: true,
+                }
+            }
+            EnvSource::FromEnv(var) => EnvValue {
+                value: machine.env_var(var).ok_or_else(|| ResolveError::EnvVar {
+                    sidecar: sidecar.name.clone(),
+                    env: e.name.clone(),
+                    var: var.into(),
+                })?,
+                sensitive: true,
+            },
+        };
+        env.insert(e.name.clone(), value);
+    }
+    Ok(env)
+}
+
+/// A Docker health check from `health`. An HTTP URL is probed with soul's own prober in
+/// soul's image, and with curl or wget (whichever the image has) in any other image.
+fn health_check(h: &Health, image: &str) -> HealthCheck {
+    let ms = |d: &Option<String>, default: u64| {
+        d.as_deref()
+            .and_then(parse_duration)
+            .map_or(default, |d| d.as_millis() as u64)
+    };
+    let test = match (&h.url, &h.cmd) {
+        (Some(url), _) if SoulImage::is_soul(image) => {
+            vec!["CMD".into(), "/soul".into(), "probe".into(), url.clone()]
+        }
+        (Some(url), _) => {
+            let q = shell_quote(url);
+            vec![
+                "CMD-SHELL".into(),
+                format!("curl -fsS -o /dev/null {q} || wget -q -O /dev/null {q}"),
+            ]
+        }
+        (None, cmd) => vec!["CMD-SHELL".into(), cmd.clone().unwrap_or_default()],
+    };
+    HealthCheck {
+        test,
+        interval_ms: ms(&h.interval, 10_000),
+        timeout_ms: ms(&h.timeout, 5_000),
+        retries: h.retries.unwrap_or(3),
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::parse;
+
+    struct Fake;
+    impl Machine for Fake {
+        fn read_file(&self, path: &str) -> std::io::Result<String> {
+            match path {
+                "/run/secrets/db" => Ok("s3cret\n".into()),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
+            }
+        }
+        fn env_var(&self, name: &str) -> Option<String> {
+            (name == "KEY").then(|| "k".into())
+        }
+    }
+
+    const SRC: &str = r#"stack "home"
+sidecar "notes" {
+    image "nginx:1"
+    port 80
+    env "DB" file="/run/secrets/db"
+    env "API" from-env="KEY"
+    env "TZ" "UTC"
+    volume "data" "/data"
+    health "http://127.0.0.1:80/"
+}
+sidecar "demo" {
+    image "soul:latest"
+    port 8080
+    volume "data" "/shared" read-only=#true
+    health "http://127.0.0.1:8080/healthz"
+}
+"#;
+
+    #[test]
+    fn pods_volumes_and_images() {
+        let stack = parse("s", SRC).unwrap_or_else(|d| panic!("{d}"));
+        let d = resolve(&stack, &Fake).expect("resolves");
+        assert_eq!(d.pods.len(), 2);
+        let notes = &d.pods[0];
+        assert_eq!(notes.network, "soul-home-notes");
+        let (pause, app) = (&notes.containers[0], &notes.containers[1]);
+        assert_eq!(pause.role, Role::Pause);
+        assert_eq!(pause.ports, vec![PortMap { host: 8443, container: 80 }]);
+        assert_eq!(d.pods[1].containers[0].ports[0].host, 8444);
+        assert_eq!(app.network_mode, NetworkMode::Container("soul-home-notes-pause".into()));
+        assert_eq!(app.env["DB"].value, "s3cret");
+        assert!(app.env["DB"].sensitive && app.env["API"].sensitive && !app.env["TZ"].sensitive);
+        assert_eq!(app.mounts[0].source, "soul-home-data");
+        assert_eq!(d.volumes, vec!["soul-home-data".to_string()]);
+        assert_eq!(app.restart, "unless-stopped");
+        assert!(app.health.as_ref().unwrap().test[1].contains("curl"));
+        let demo_app = &d.pods[1].containers[1];
+        assert_eq!(demo_app.health.as_ref().unwrap().test[..3], ["CMD", "/soul", "probe"]);
+        let refs: Vec<(&str, ImageSource)> =
+            d.images.iter().map(|i| (i.reference.as_str(), i.source)).collect();
+        assert!(refs.contains(&("nginx:1", ImageSource::Registry)));
+        assert!(refs.contains(&("soul:latest", ImageSource::Soul)));
+        let soul = SoulImage::current().reference;
+        let pause_need = d.images.iter().find(|i| i.reference == soul).unwrap();
+        assert_eq!(pause_need.used_by, vec!["notes".to_string(), "demo".into()]);
+    }
+
+    #[test]
+    fn missing_secret_file_names_sidecar_env_and_path() {
+        let src = SRC.replace("/run/secrets/db", "/nope");
+        let stack = parse("s", &src).unwrap();
+        let e = resolve(&stack, &Fake).unwrap_err().to_string();
+        assert!(e.contains("notes") && e.contains("DB") && e.contains("/nope"), "{e}");
+        let src = SRC.replace("from-env=\"KEY\"", "from-env=\"MISSING\"");
+        let e = resolve(&parse("s", &src).unwrap(), &Fake).unwrap_err().to_string();
+        assert!(e.contains("MISSING") && e.contains("API"), "{e}");
+    }
+
+    #[test]
+    fn soul_image_names() {
+        assert!(SoulImage::is_soul("soul"));
+        assert!(SoulImage::is_soul("soul:latest"));
+        assert!(!SoulImage::is_soul("soulful:1"));
+        assert!(!SoulImage::is_soul("ghcr.io/x/soul:1"));
+    }
+}
