@@ -5,6 +5,14 @@
 //! - [`stack`]: the typed model of stack.kdl, parsing, schema and validation.
 //! - [`pod`]: container and pod specs and their config hash.
 //! - [`reconcile`]: resolve → Desired, the pure `plan`, the executor.
+//! - [`runtime`]: the Docker engine through bollard, and soul's own image.
+//! - [`state`]: the state dir and the per-stack lock.
+//! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
+//! - [`cli`]: the commands, their output, and exit codes.
 pub mod stack;
 pub mod pod;
 pub mod reconcile;
+pub mod runtime;
+pub mod state;
+pub mod agent;
+pub mod cli;

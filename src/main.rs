@@ -1,1 +1,40 @@
-fn main(){}
+//! The `soul` binary: parse arguments, set up logging, run one command, exit with its code.
+
+use clap::Parser;
+use soul::cli::{Cli, Exit, run};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("SOUL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start soul's runtime: {e}");
+            std::process::exit(Exit::Failure as i32);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprint!("{}", e.report());
+            e.exit()
+        }
+    };
+    std::process::exit(code as i32);
+}

@@ -102,11 +102,21 @@ pub struct HealthCheck {
 }
 
 /// An environment value. Values read from files or soul's environment are sensitive: they
-/// are hashed and passed to Docker but never shown.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// are passed to Docker and feed the config hash, but serialize and print as `MASKED`.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct EnvValue {
     pub value: String,
     pub sensitive: bool,
+}
+
+impl Serialize for EnvValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.sensitive {
+            s.serialize_str("MASKED")
+        } else {
+            s.serialize_str(&self.value)
+        }
+    }
 }
 
 impl fmt::Debug for EnvValue {
@@ -139,10 +149,19 @@ pub struct ContainerSpec {
 
 impl ContainerSpec {
     /// SHA-256 over the whole spec (image reference, command, env, mounts, network mode,
-    /// ports, health check, restart policy), hex-encoded and cut to 16 bytes.
+    /// ports, health check, restart policy), hex-encoded and cut to 16 bytes. Sensitive env
+    /// values serialize masked, so they are fed to the hash separately: a changed secret
+    /// recreates the container.
     pub fn config_hash(&self) -> String {
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
-        let digest = Sha256::digest(&bytes);
+        let mut hasher = Sha256::new();
+        hasher.update(serde_json::to_vec(self).unwrap_or_default());
+        for (name, v) in self.env.iter().filter(|(_, v)| v.sensitive) {
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(v.value.as_bytes());
+            hasher.update([0]);
+        }
+        let digest = hasher.finalize();
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
@@ -216,11 +235,17 @@ mod tests {
     }
 
     #[test]
-    fn sensitive_env_is_masked_in_debug() {
+    fn sensitive_env_is_masked_but_hashed() {
         let v = EnvValue {
             value: "hunter2".into(),
             sensitive: true,
         };
         assert_eq!(format!("{v:?}"), "MASKED");
+        let mut a = spec();
+        a.env.insert("DB".into(), v);
+        assert!(!serde_json::to_string(&a).unwrap().contains("hunter2"));
+        let mut b = a.clone();
+        b.env.get_mut("DB").map(|v| v.value = "hunter3".into());
+        assert_ne!(a.config_hash(), b.config_hash());
     }
 }

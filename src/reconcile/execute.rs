@@ -9,7 +9,7 @@ use super::plan::{Plan, Step};
 #[allow(async_fn_in_trait)]
 pub trait Engine {
     type Error: std::error::Error + Send + Sync + 'static;
-    async fn build_soul_image(&self, image: &str) -> Result<(), Self::Error>;
+    async fn build_soul_image(&self, tags: &[String]) -> Result<(), Self::Error>;
     async fn pull_image(&self, image: &str) -> Result<(), Self::Error>;
     async fn create_volume(&self, name: &str, stack: &str) -> Result<(), Self::Error>;
     async fn create_network(&self, name: &str, stack: &str, sidecar: &str)
@@ -44,7 +44,7 @@ pub async fn execute<E: Engine>(
     for (i, step) in plan.steps.iter().enumerate() {
         on_step(i, step);
         let result = match step {
-            Step::BuildSoulImage { image } => engine.build_soul_image(image).await,
+            Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
             Step::PullImage { image, .. } => engine.pull_image(image).await,
             Step::CreateVolume { name } => engine.create_volume(name, stack).await,
             Step::CreateNetwork { name, sidecar } => {

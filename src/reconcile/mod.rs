@@ -2,10 +2,12 @@
 //! that carries a plan out against an [`Engine`].
 
 mod execute;
+mod observe;
 mod plan;
 mod resolve;
 
-pub use execute::{Engine, execute};
+pub use execute::{Engine, ExecuteError, execute};
+pub use observe::{from_snapshot, observe};
 pub use plan::{
     Desired, ImageNeed, ImageSource, ObservedContainer, Observed, Plan, Reason, Step, plan,
 };

@@ -106,7 +106,8 @@ impl fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "step", rename_all = "kebab-case")]
 pub enum Step {
-    BuildSoulImage { image: String },
+    /// One build serves every missing reference to soul's own image.
+    BuildSoulImage { tags: Vec<String> },
     PullImage { image: String, used_by: Vec<String> },
     CreateVolume { name: String },
     CreateNetwork { name: String, sidecar: String },
@@ -127,7 +128,9 @@ impl fmt::Display for Step {
     /// One line per step; never shows an environment value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::BuildSoulImage { image } => write!(f, "build soul's image {image} from this binary"),
+            Step::BuildSoulImage { tags } => {
+                write!(f, "build soul's image {} from this binary", tags.join(", "))
+            }
             Step::PullImage { image, used_by } => {
                 write!(f, "pull image {image} (for {})", used_by.join(", "))
             }
@@ -174,20 +177,24 @@ enum Action {
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut steps = Vec::new();
 
-    let mut refreshed = BTreeSet::new();
-    for need in &desired.images {
-        if observed.images.contains_key(&need.reference) {
-            continue;
-        }
-        refreshed.insert(need.reference.as_str());
-        steps.push(match need.source {
-            ImageSource::Soul => Step::BuildSoulImage {
-                image: need.reference.clone(),
-            },
-            ImageSource::Registry => Step::PullImage {
-                image: need.reference.clone(),
-                used_by: need.used_by.clone(),
-            },
+    let missing: Vec<&ImageNeed> = desired
+        .images
+        .iter()
+        .filter(|n| !observed.images.contains_key(&n.reference))
+        .collect();
+    let refreshed: BTreeSet<&str> = missing.iter().map(|n| n.reference.as_str()).collect();
+    let soul_tags: Vec<String> = missing
+        .iter()
+        .filter(|n| n.source == ImageSource::Soul)
+        .map(|n| n.reference.clone())
+        .collect();
+    if !soul_tags.is_empty() {
+        steps.push(Step::BuildSoulImage { tags: soul_tags });
+    }
+    for need in missing.iter().filter(|n| n.source == ImageSource::Registry) {
+        steps.push(Step::PullImage {
+            image: need.reference.clone(),
+            used_by: need.used_by.clone(),
         });
     }
 

@@ -64,7 +64,12 @@ fn simulate(o: &mut Observed, step: &Step) {
     static IDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let counter = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match step {
-        Step::BuildSoulImage { image } | Step::PullImage { image, .. } => {
+        Step::BuildSoulImage { tags } => {
+            for t in tags {
+                o.images.insert(t.clone(), format!("sha256:{counter}"));
+            }
+        }
+        Step::PullImage { image, .. } => {
             o.images.insert(image.clone(), format!("sha256:{counter}"));
         }
         Step::CreateVolume { name } => {

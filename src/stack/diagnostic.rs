@@ -81,22 +81,19 @@ impl Diagnostics {
         let theme = if color {
             GraphicalTheme::unicode()
         } else {
-            GraphicalTheme::ascii()
+            GraphicalTheme::none()
         };
         let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
         let mut out = String::new();
         for problem in &self.problems {
-            let (line, col) = self.line_col(problem.span.offset);
-            out.push_str(&format!(
-                "error: {}:{line}:{col}: {}\n",
-                self.path, problem.message
-            ));
             let report = Located {
                 problem,
                 source: miette::NamedSource::new(&self.path, self.source.clone()),
             };
-            // Rendering into a String cannot fail; keep the plain line above if it ever does.
-            let _ = handler.render_report(&mut out, &report);
+            if handler.render_report(&mut out, &report).is_err() {
+                let (line, col) = self.line_col(problem.span.offset);
+                out.push_str(&format!("{}:{line}:{col}: {}\n", self.path, problem.message));
+            }
             out.push('\n');
         }
         let n = self.problems.len();

@@ -43,10 +43,13 @@ pub fn load(path: &Path) -> Result<Stack, StackError> {
 /// Parses and validates stack.kdl source: KDL syntax, then the JSON Schema, then the semantic
 /// rules. Every problem found is reported, not only the first.
 pub fn parse(path: &str, source: &str) -> Result<Stack, Diagnostics> {
-    let invalid = |problems: Vec<Problem>| Diagnostics {
+    let invalid = |mut problems: Vec<Problem>| Diagnostics {
+        problems: {
+            problems.sort_by_key(|p| p.span.offset);
+            problems
+        },
         path: path.to_string(),
         source: Arc::new(source.to_string()),
-        problems,
     };
     let doc = match KdlDocument::parse_v2(source) {
         Ok(doc) => doc,

@@ -1,0 +1,152 @@
+//! The small programs soul runs inside pods from its own image: `soul pause` (owns the pod's
+//! network namespace), `soul demo-app` (the repository stack's offline demo service) and
+//! `soul probe` (the HTTP health check for soul's image, which has no curl).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sleeps until SIGTERM or SIGINT, then exits cleanly.
+pub async fn pause() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// A tiny HTTP responder: `/healthz` answers `ok`, every other path a greeting that includes
+/// `$GREETING` when set. One access-log line per request on stdout.
+pub async fn demo_app(port: u16, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    println!("demo-app listening on :{port}");
+    let greeting = std::env::var("GREETING").unwrap_or_else(|_| "hello from soul's demo app".into());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let greeting = greeting.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(path)) = serve_one(stream, &greeting).await {
+                println!("{peer} GET {path}");
+            }
+        });
+    }
+}
+
+async fn serve_one(mut stream: TcpStream, greeting: &str) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > 16 * 1024 {
+                return Ok(Some(()));
+            }
+        }
+    })
+    .await;
+    if !matches!(head, Ok(Ok(Some(())))) {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let body = if path == "/healthz" {
+        "ok\n".to_string()
+    } else {
+        format!("{greeting}\n")
+    };
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(Some(path))
+}
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("only http:// URLs with a host and port can be probed: {0}")]
+    Url(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("answered {0}")]
+    Status(String),
+}
+
+/// GETs an `http://host:port/path` URL; succeeds on a 2xx or 3xx answer.
+pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ProbeError::Url(url.into()))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    if authority.is_empty() {
+        return Err(ProbeError::Url(url.into()));
+    }
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let work = async {
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await?;
+        Ok::<_, ProbeError>(String::from_utf8_lossy(&head[..n]).to_string())
+    };
+    let head = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProbeError::Timeout)??;
+    let status = head.lines().next().unwrap_or("").to_string();
+    match status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+        Some(code) if (200..400).contains(&code) => Ok(()),
+        _ => Err(ProbeError::Status(status)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn demo_app_answers_and_probe_accepts_it() {
+        let probe_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(demo_app(probe_port, async {
+            let _ = rx.await;
+        }));
+        let url = format!("http://127.0.0.1:{probe_port}/healthz");
+        let mut ok = false;
+        for _ in 0..50 {
+            if probe(&url, Duration::from_secs(1)).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(ok, "probe never succeeded");
+        let _ = tx.send(());
+        server.await.unwrap().unwrap();
+        assert!(probe(&url, Duration::from_millis(500)).await.is_err());
+        assert!(matches!(probe("https://x/", Duration::from_secs(1)).await, Err(ProbeError::Url(_))));
+    }
+}

@@ -1,0 +1,540 @@
+//! The command line: clap definitions, one library call per command, output formatting, and
+//! the one place where errors become exit codes.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::pod::{Role, label};
+use crate::reconcile::{self, Desired, Host, Observed, Plan, ResolveError, SoulImage, Step};
+use crate::runtime::{Docker, RuntimeError};
+use crate::stack::{self, Stack, StackError};
+use crate::state::{self, StateDir, StateError};
+
+/// Exit codes, documented in README.md and `soul --help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Success; for `plan --detailed-exitcode`: no changes pending.
+    Ok = 0,
+    /// Invalid input (stack.kdl, flags, missing secret files) or a failed operation.
+    Failure = 1,
+    /// `plan --detailed-exitcode` only: the plan has changes (as Terraform).
+    ChangesPending = 2,
+    /// The Docker engine could not be reached (check DOCKER_HOST and the daemon).
+    EngineUnreachable = 3,
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (for `plan --detailed-exitcode`: nothing to change)
+  1  invalid input or a failed operation
+  2  `plan --detailed-exitcode`: changes are pending
+  3  the Docker engine cannot be reached (check DOCKER_HOST and that the daemon runs)";
+
+/// soul drives a Docker engine to the state declared in stack.kdl: your service in a pod, the
+/// transports that reach it, and the devices allowed in.
+#[derive(Debug, Parser)]
+#[command(name = "soul", version, about, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// The stack file.
+    #[arg(short = 'f', long = "file", global = true, default_value = "stack.kdl", value_name = "PATH")]
+    pub file: PathBuf,
+    /// Where this stack's state lives [default: /var/lib/soul/<stack> as root,
+    /// $XDG_STATE_HOME/soul/<stack> otherwise].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). SOUL_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check stack.kdl: KDL syntax, the JSON Schema, then every rule of the format.
+    #[command(after_help = "Every problem is reported in one run as file:line:column with the \
+source line and a hint.\n\nExample:\n  soul validate\n  soul -f examples/jellyfin.kdl validate")]
+    Validate,
+    /// Print the JSON Schema of stack.kdl (as committed in schema/stack.schema.json).
+    #[command(after_help = "Example:\n  soul schema > stack.schema.json")]
+    Schema,
+    /// Show the steps `apply` would take, without changing anything.
+    #[command(after_help = "Never prints a secret. With --detailed-exitcode the exit code says \
+whether anything would change: 0 nothing, 2 changes pending, 1 error.\n\nExample:\n  soul plan\n  \
+soul plan --output json | jq '.steps[].step'\n  soul plan --detailed-exitcode || echo drifted")]
+    Plan(PlanArgs),
+    /// Drive the Docker engine to stack.kdl: pods, networks, volumes, images.
+    #[command(after_help = "Creates what is missing, recreates what changed (and only that), \
+starts what stopped, removes what is no longer declared. Named volumes are never removed. \
+Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply")]
+    Apply,
+    /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
+    #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
+    Status(OutputArgs),
+    /// Remove this stack's containers and networks (named volumes only with --volumes).
+    #[command(after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
+soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone")]
+    Down(DownArgs),
+    /// Build soul's own image from this binary, offline (used by each pod's pause container).
+    #[command(after_help = "`apply` builds it when missing or older than this binary; this \
+command rebuilds it unconditionally.\n\nExample:\n  soul image")]
+    Image,
+    /// Run inside a pod: hold the pod's network namespace until stopped.
+    #[command(hide = true)]
+    Pause,
+    /// Run inside a pod: a small HTTP service for the repository's demo stack.
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Run inside a pod: GET an http:// URL; exit 0 on a 2xx/3xx answer (a health check).
+    #[command(hide = true)]
+    Probe {
+        url: String,
+        #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Exit 2 when changes are pending, 0 when there are none.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Also remove this stack's named volumes (their data is deleted).
+    #[arg(long)]
+    pub volumes: bool,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    stack::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 500ms, 5s or 1m"))
+}
+
+/// Everything a command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Execute(#[from] reconcile::ExecuteError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl CliError {
+    /// The one place errors become exit codes.
+    pub fn exit(&self) -> Exit {
+        let unreachable = match self {
+            CliError::Runtime(e) => e.is_unreachable(),
+            CliError::Execute(e) => e
+                .source
+                .downcast_ref::<RuntimeError>()
+                .is_some_and(RuntimeError::is_unreachable),
+            _ => false,
+        };
+        if unreachable {
+            Exit::EngineUnreachable
+        } else {
+            Exit::Failure
+        }
+    }
+
+    /// What the user reads on stderr.
+    pub fn report(&self) -> String {
+        match self {
+            CliError::Stack(StackError::Invalid(d)) => d.render(std::io::stderr().is_terminal()),
+            other => {
+                let mut s = format!("error: {other}");
+                let mut source = std::error::Error::source(other);
+                while let Some(e) = source {
+                    let line = e.to_string();
+                    if !s.contains(&line) {
+                        s.push_str(&format!("\n  caused by: {line}"));
+                    }
+                    source = e.source();
+                }
+                if let Some(hint) = self.hint() {
+                    s.push_str(&format!("\n  hint: {hint}"));
+                }
+                s.push('\n');
+                s
+            }
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            _ if self.exit() == Exit::EngineUnreachable => Some(
+                "is the Docker daemon running? soul talks to DOCKER_HOST, or unix:///var/run/docker.sock when unset".into(),
+            ),
+            CliError::Stack(StackError::Read { .. }) => {
+                Some("pass the stack file with -f PATH (default ./stack.kdl)".into())
+            }
+            CliError::Execute(e) if e.untouched => {
+                Some("nothing that was running has been changed".into())
+            }
+            CliError::Execute(_) => Some(
+                "fix the cause and run `soul apply` again: it picks up where this one stopped".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`soul plan | head`) ends the program quietly.
+fn out(s: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<Exit, CliError> {
+    match &cli.command {
+        Command::Validate => validate(&cli),
+        Command::Schema => {
+            out(&stack::schema_json());
+            Ok(Exit::Ok)
+        }
+        Command::Plan(args) => plan(&cli, args).await,
+        Command::Apply => apply(&cli).await,
+        Command::Status(args) => status(&cli, args.output).await,
+        Command::Down(args) => down(&cli, args).await,
+        Command::Image => image().await,
+        Command::Pause => {
+            crate::agent::pause().await.map_err(|e| RuntimeError::Build(e.to_string()))?;
+            Ok(Exit::Ok)
+        }
+        Command::DemoApp { port } => {
+            crate::agent::demo_app(*port, async {
+                let _ = crate::agent::pause().await;
+            })
+            .await
+            .map_err(|e| RuntimeError::Build(format!("demo-app: {e}")))?;
+            Ok(Exit::Ok)
+        }
+        Command::Probe { url, timeout } => match crate::agent::probe(url, *timeout).await {
+            Ok(()) => Ok(Exit::Ok),
+            Err(e) => {
+                eprintln!("probe {url}: {e}");
+                Ok(Exit::Failure)
+            }
+        },
+    }
+}
+
+fn load(cli: &Cli) -> Result<Stack, CliError> {
+    Ok(stack::load(&cli.file)?)
+}
+
+fn state_dir(cli: &Cli, stack: &Stack) -> Result<StateDir, CliError> {
+    let path = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| state::default_dir(&stack.stack));
+    Ok(StateDir::open(&path)?)
+}
+
+fn validate(cli: &Cli) -> Result<Exit, CliError> {
+    let s = load(cli)?;
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    out(&format!(
+        "{} is valid: stack `{}`, {}, {}, transports: {}\n",
+        cli.file.display(),
+        s.stack,
+        plural(s.sidecars.len(), "sidecar"),
+        plural(s.devices.len(), "device"),
+        s.transport_order().iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+    ));
+    Ok(Exit::Ok)
+}
+
+/// Load, resolve, connect, observe, plan: everything before the first mutation.
+async fn prepare(cli: &Cli) -> Result<(Stack, Desired, Docker, Observed, Plan), CliError> {
+    let stack = load(cli)?;
+    let desired = reconcile::resolve(&stack, &Host)?;
+    let docker = Docker::connect().await?;
+    let observed = reconcile::observe(&docker, &desired).await?;
+    let plan = reconcile::plan(&desired, &observed);
+    Ok((stack, desired, docker, observed, plan))
+}
+
+async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
+    let (stack, _, _, _, plan) = prepare(cli).await?;
+    match args.output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({
+                "stack": stack.stack,
+                "file": cli.file,
+                "changes": plan.steps.len(),
+                "steps": plan.steps,
+            }))
+            .unwrap_or_default()
+        )),
+        Output::Human if plan.is_empty() => out(&format!(
+            "stack `{}` is up to date: nothing to do\n",
+            stack.stack
+        )),
+        Output::Human => {
+            let mut s = format!(
+                "soul apply would take {} step{} for stack `{}`:\n",
+                plan.steps.len(),
+                if plan.steps.len() == 1 { "" } else { "s" },
+                stack.stack
+            );
+            for step in &plan.steps {
+                s.push_str(&format!("  {} {step}\n", sigil(step)));
+            }
+            out(&s);
+        }
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        Exit::ChangesPending
+    } else {
+        Exit::Ok
+    })
+}
+
+fn sigil(step: &Step) -> char {
+    match step {
+        Step::RemoveContainer { .. } | Step::RemoveNetwork { .. } => '-',
+        Step::StartContainer { .. } => '>',
+        _ => '+',
+    }
+}
+
+async fn apply(cli: &Cli) -> Result<Exit, CliError> {
+    let started = Instant::now();
+    let stack = load(cli)?;
+    let dir = state_dir(cli, &stack)?;
+    let _lock = dir.lock(|holder| {
+        eprintln!(
+            "waiting: another soul process{} is applying stack `{}`…",
+            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            stack.stack
+        );
+    })?;
+    let (stack, desired, docker, _, plan) = prepare(cli).await?;
+    if plan.is_empty() {
+        out(&format!(
+            "stack `{}` is up to date: 0 changes ({} ms)\n",
+            stack.stack,
+            started.elapsed().as_millis()
+        ));
+        return Ok(Exit::Ok);
+    }
+    let total = plan.steps.len();
+    reconcile::execute(&docker, &stack.stack, &plan, |i, step| {
+        tracing::info!(step = %step, "applying");
+        out(&format!("  [{}/{total}] {} {step}\n", i + 1, sigil(step)));
+    })
+    .await?;
+    let mut summary = format!(
+        "applied {total} change{} to stack `{}` in {:.2} s\n",
+        if total == 1 { "" } else { "s" },
+        stack.stack,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(ports) = stack.lan_ports() {
+        for (pod, port) in desired.pods.iter().zip(ports) {
+            summary.push_str(&format!("  {}: LAN port {port}\n", pod.sidecar));
+        }
+    }
+    out(&summary);
+    Ok(Exit::Ok)
+}
+
+async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let desired = match reconcile::resolve(&stack, &Host) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("warning: cannot tell whether containers match stack.kdl: {e}");
+            None
+        }
+    };
+    let docker = Docker::connect().await?;
+    let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    let want = |name: &str| {
+        desired.as_ref().and_then(|d| {
+            d.pods
+                .iter()
+                .flat_map(|p| &p.containers)
+                .find(|c| c.name == name)
+                .map(|c| c.config_hash())
+        })
+    };
+    let mut pods = Vec::new();
+    for sidecar in &stack.sidecars {
+        let containers: Vec<_> = [Role::Pause, Role::App]
+            .iter()
+            .map(|role| {
+                let name = crate::pod::container_name(&stack.stack, &sidecar.name, *role);
+                let seen = observed.containers.iter().find(|c| c.name == name);
+                let desired_hash = want(&name);
+                json!({
+                    "role": role.as_str(),
+                    "name": name,
+                    "id": seen.map(|c| c.id.chars().take(12).collect::<String>()),
+                    "state": seen.map_or("missing", |c| c.state.as_str()),
+                    "health": seen.and_then(|c| c.health.clone()),
+                    "image": seen.map(|c| c.image.clone()),
+                    "current": match (seen, desired_hash) {
+                        (Some(c), Some(h)) => json!(c.config_hash.as_deref() == Some(h.as_str())),
+                        _ => json!(null),
+                    },
+                })
+            })
+            .collect();
+        pods.push(json!({
+            "sidecar": sidecar.name,
+            "network": crate::pod::network_name(&stack.stack, &sidecar.name),
+            "containers": containers,
+        }));
+    }
+    let declared: Vec<String> = stack
+        .sidecars
+        .iter()
+        .flat_map(|s| [Role::Pause, Role::App].map(|r| crate::pod::container_name(&stack.stack, &s.name, r)))
+        .collect();
+    let undeclared: Vec<_> = observed
+        .containers
+        .iter()
+        .filter(|c| !declared.contains(&c.name))
+        .map(|c| json!({"name": c.name, "state": c.state}))
+        .collect();
+    match output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({
+                "stack": stack.stack,
+                "pods": pods,
+                "undeclared": undeclared,
+            }))
+            .unwrap_or_default()
+        )),
+        Output::Human => {
+            let mut s = format!("stack `{}` ({})\n", stack.stack, cli.file.display());
+            for pod in &pods {
+                s.push_str(&format!("  pod {}\n", pod["sidecar"].as_str().unwrap_or("")));
+                for c in pod["containers"].as_array().into_iter().flatten() {
+                    let state = c["state"].as_str().unwrap_or("");
+                    let health = c["health"].as_str().map(|h| format!(" ({h})")).unwrap_or_default();
+                    let current = match c["current"].as_bool() {
+                        Some(true) => "up to date",
+                        Some(false) => "differs from stack.kdl: `soul apply` recreates it",
+                        None if state == "missing" => "`soul apply` creates it",
+                        None => "unknown",
+                    };
+                    s.push_str(&format!(
+                        "    {:<6} {:<22} {:<28} {current}\n",
+                        c["role"].as_str().unwrap_or(""),
+                        format!("{state}{health}"),
+                        c["image"].as_str().unwrap_or("-"),
+                    ));
+                }
+            }
+            for u in &undeclared {
+                s.push_str(&format!(
+                    "  undeclared: {} ({}): `soul apply` removes it\n",
+                    u["name"].as_str().unwrap_or(""),
+                    u["state"].as_str().unwrap_or("")
+                ));
+            }
+            out(&s);
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let dir = state_dir(cli, &stack)?;
+    let _lock = dir.lock(|holder| {
+        eprintln!(
+            "waiting: another soul process{} holds stack `{}`…",
+            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            stack.stack
+        );
+    })?;
+    let docker = Docker::connect().await?;
+    let snapshot = docker.snapshot(&stack.stack).await?;
+    let mut containers = snapshot.containers;
+    // Dependents before the pause container whose namespace they share.
+    containers.sort_by_key(|c| c.labels.get(label::ROLE).map(String::as_str) == Some(Role::Pause.as_str()));
+    let mut removed = 0;
+    for c in &containers {
+        docker.remove_container(&c.id).await?;
+        out(&format!("  - removed container {}\n", c.name));
+        removed += 1;
+    }
+    for n in &snapshot.networks {
+        docker.remove_network(n).await?;
+        out(&format!("  - removed network {n}\n"));
+        removed += 1;
+    }
+    if args.volumes {
+        for v in &snapshot.volumes {
+            docker.remove_volume(v).await?;
+            out(&format!("  - removed volume {v} (its data is gone)\n"));
+            removed += 1;
+        }
+    } else if !snapshot.volumes.is_empty() {
+        out(&format!(
+            "  kept {} named volume{} ({}); `soul down --volumes` removes them\n",
+            snapshot.volumes.len(),
+            if snapshot.volumes.len() == 1 { "" } else { "s" },
+            snapshot.volumes.join(", ")
+        ));
+    }
+    out(&format!("stack `{}` is down ({removed} removed)\n", stack.stack));
+    Ok(Exit::Ok)
+}
+
+async fn image() -> Result<Exit, CliError> {
+    let docker = Docker::connect().await?;
+    let tags = vec![
+        SoulImage::current().reference,
+        format!("{}:latest", SoulImage::REPOSITORY),
+    ];
+    docker.build_soul_image(&tags).await?;
+    let exe = std::env::current_exe().unwrap_or_default();
+    out(&format!("built {} from {}\n", tags.join(", "), display(&exe)));
+    Ok(Exit::Ok)
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

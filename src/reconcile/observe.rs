@@ -1,0 +1,95 @@
+//! Observe: what the Docker engine holds for a stack, in the planner's terms; and the Docker
+//! runtime as the executor's [`Engine`].
+
+use std::collections::BTreeSet;
+
+use crate::pod::{ContainerSpec, Role, label};
+use crate::runtime::{self, Docker, RuntimeError, SOUL_BINARY_LABEL};
+
+use super::execute::Engine;
+use super::plan::{Desired, ImageSource, Observed, ObservedContainer};
+use super::resolve::SoulImage;
+
+/// Reads the engine: this stack's containers, networks and volumes, and which of the desired
+/// images are present. soul's own image counts as present only when it was built from this
+/// binary.
+pub async fn observe(docker: &Docker, desired: &Desired) -> Result<Observed, RuntimeError> {
+    let snapshot = docker.snapshot(&desired.stack).await?;
+    let mut observed = from_snapshot(snapshot);
+    let this_binary = runtime::binary_id().ok();
+    for need in &desired.images {
+        let found = match need.source {
+            ImageSource::Registry => docker.image_id(&need.reference).await?,
+            ImageSource::Soul => docker
+                .image_labels(&need.reference)
+                .await?
+                .filter(|(_, labels)| labels.get(SOUL_BINARY_LABEL) == this_binary.as_ref())
+                .map(|(id, _)| id),
+        };
+        if let Some(id) = found {
+            observed.images.insert(need.reference.clone(), id);
+        }
+    }
+    Ok(observed)
+}
+
+/// The containers, networks and volumes of a snapshot, without images.
+pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
+    Observed {
+        containers: snapshot
+            .containers
+            .into_iter()
+            .map(|c| ObservedContainer {
+                running: c.state == "running" || c.state == "restarting",
+                sidecar: c.labels.get(label::SIDECAR).cloned(),
+                role: c.labels.get(label::ROLE).and_then(|r| Role::parse(r)),
+                config_hash: c.labels.get(label::CONFIG_HASH).cloned(),
+                id: c.id,
+                name: c.name,
+                state: c.state,
+                health: c.health,
+                image: c.image,
+                image_id: c.image_id,
+            })
+            .collect(),
+        networks: snapshot.networks.into_iter().collect(),
+        volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
+        images: Default::default(),
+    }
+}
+
+impl Engine for Docker {
+    type Error = RuntimeError;
+
+    async fn build_soul_image(&self, tags: &[String]) -> Result<(), RuntimeError> {
+        // Always refresh the version tag the pause container uses, and `soul:latest`.
+        let mut all = vec![SoulImage::current().reference, format!("{}:latest", SoulImage::REPOSITORY)];
+        for t in tags {
+            if !all.contains(t) {
+                all.push(t.clone());
+            }
+        }
+        Docker::build_soul_image(self, &all).await
+    }
+    async fn pull_image(&self, image: &str) -> Result<(), RuntimeError> {
+        Docker::pull_image(self, image).await
+    }
+    async fn create_volume(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
+        Docker::create_volume(self, name, stack).await
+    }
+    async fn create_network(&self, name: &str, stack: &str, sidecar: &str) -> Result<(), RuntimeError> {
+        Docker::create_network(self, name, stack, sidecar).await
+    }
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        Docker::create_container(self, spec).await
+    }
+    async fn start_container(&self, name: &str) -> Result<(), RuntimeError> {
+        Docker::start_container(self, name).await
+    }
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        Docker::remove_container(self, id).await
+    }
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        Docker::remove_network(self, name).await
+    }
+}

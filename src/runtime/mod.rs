@@ -1,0 +1,401 @@
+//! The Docker engine through bollard: observe what carries soul's labels, carry out single
+//! mutations, pull images with progress, and build soul's own image offline. It makes no
+//! decisions (that is `reconcile`'s job) and knows only the pod's value types.
+
+mod image;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use bollard::Docker as Bollard;
+use bollard::models::{
+    ContainerCreateBody, HealthConfig, HostConfig, Mount as DockerMount, MountType,
+    NetworkCreateRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::pod::{ContainerSpec, MountKind, NetworkMode, label};
+
+pub use image::{SOUL_BINARY_LABEL, binary_id, soul_rootfs};
+
+/// What can go wrong talking to the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine did not answer at all (socket missing, daemon down, wrong DOCKER_HOST).
+    #[error("cannot reach the Docker engine at {host}: {source}")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// The engine answered with an error.
+    #[error("{0}")]
+    Engine(#[from] bollard::errors::Error),
+    /// An image could not be pulled.
+    #[error("{0}")]
+    Pull(String),
+    /// soul's own image could not be built.
+    #[error("building soul's image: {0}")]
+    Build(String),
+}
+
+impl RuntimeError {
+    /// Whether the engine is simply not there (so the CLI can exit with its own code).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            RuntimeError::Unreachable { .. } => true,
+            RuntimeError::Engine(e) => is_connection_error(e),
+            _ => false,
+        }
+    }
+}
+
+fn is_connection_error(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        e,
+        E::IOError { .. } | E::HyperResponseError { .. } | E::HttpClientError { .. }
+    )
+}
+
+/// A container carrying this stack's label, as listed by the engine.
+#[derive(Debug, Clone)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub state: String,
+    /// `healthy`, `unhealthy` or `starting`, parsed from the engine's status line.
+    pub health: Option<String>,
+    pub image: String,
+    pub image_id: String,
+}
+
+/// Everything on the engine that carries one stack's label.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub containers: Vec<ContainerInfo>,
+    pub networks: Vec<String>,
+    pub volumes: Vec<String>,
+}
+
+/// A connection to the Docker engine at `DOCKER_HOST` (default: the local socket).
+#[derive(Clone)]
+pub struct Docker {
+    docker: Bollard,
+}
+
+impl Docker {
+    /// Connects and agrees on an API version; an engine that does not answer is
+    /// [`RuntimeError::Unreachable`].
+    pub async fn connect() -> Result<Docker, RuntimeError> {
+        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let unreachable = |source| RuntimeError::Unreachable {
+            host: host.clone(),
+            source,
+        };
+        let docker = Bollard::connect_with_defaults().map_err(unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        Ok(Docker { docker })
+    }
+
+    pub fn bollard(&self) -> &Bollard {
+        &self.docker
+    }
+
+    fn stack_filter(stack: &str) -> HashMap<String, Vec<String>> {
+        HashMap::from([("label".to_string(), vec![format!("{}={stack}", label::STACK)])])
+    }
+
+    /// Lists this stack's containers (running or not), networks and volumes.
+    pub async fn snapshot(&self, stack: &str) -> Result<Snapshot, RuntimeError> {
+        let filters = Self::stack_filter(stack);
+        let containers = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?
+            .into_iter()
+            .map(|c| {
+                let status = c.status.unwrap_or_default();
+                ContainerInfo {
+                    id: c.id.unwrap_or_default(),
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_string())
+                        .unwrap_or_default(),
+                    labels: c.labels.unwrap_or_default(),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    health: health_of_status(&status),
+                    image: c.image.unwrap_or_default(),
+                    image_id: c.image_id.unwrap_or_default(),
+                }
+            })
+            .collect();
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .await?
+            .into_iter()
+            .filter_map(|n| n.name)
+            .collect();
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filters).build()))
+            .await?
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        Ok(Snapshot {
+            containers,
+            networks,
+            volumes,
+        })
+    }
+
+    /// The image ID `reference` points at, or `None` when the engine does not have it.
+    pub async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        Ok(self.image_labels(reference).await?.map(|(id, _)| id))
+    }
+
+    /// The image's ID and labels, or `None` when the engine does not have it.
+    pub async fn image_labels(
+        &self,
+        reference: &str,
+    ) -> Result<Option<(String, HashMap<String, String>)>, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(i) => Ok(Some((
+                i.id.unwrap_or_default(),
+                i.config.and_then(|c| c.labels).unwrap_or_default(),
+            ))),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pulls an image, showing progress when stdout is a terminal.
+    pub async fn pull_image(&self, reference: &str) -> Result<(), RuntimeError> {
+        let tty = std::io::stdout().is_terminal();
+        let options = CreateImageOptionsBuilder::default().from_image(reference).build();
+        let mut stream = self.docker.create_image(Some(options), None, None);
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| match e {
+                bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                    RuntimeError::Pull(message)
+                }
+                bollard::errors::Error::DockerStreamError { error } => RuntimeError::Pull(error),
+                other => RuntimeError::Engine(other),
+            })?;
+            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Pull(detail));
+            }
+            if tty {
+                let line = format!(
+                    "{} {} {}",
+                    info.id.unwrap_or_default(),
+                    info.status.unwrap_or_default(),
+                    info.progress_detail
+                        .and_then(|p| Some(format!("{}/{}", p.current?, p.total?)))
+                        .unwrap_or_default()
+                );
+                if line != last {
+                    print!("\r\x1b[2K  {reference}: {line}");
+                    last = line;
+                }
+            }
+        }
+        if tty {
+            println!();
+        }
+        Ok(())
+    }
+
+    /// Builds soul's own image from this very binary and tags it with every reference given.
+    pub async fn build_soul_image(&self, tags: &[String]) -> Result<(), RuntimeError> {
+        image::build(&self.docker, tags).await
+    }
+
+    pub async fn create_volume(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(name.into()),
+                labels: Some(HashMap::from([(label::STACK.into(), stack.into())])),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_network(&self, name: &str, stack: &str, sidecar: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .create_network(NetworkCreateRequest {
+                name: name.into(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([
+                    (label::STACK.into(), stack.into()),
+                    (label::SIDECAR.into(), sidecar.into()),
+                ])),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        let options = CreateContainerOptionsBuilder::default().name(&spec.name).build();
+        self.docker
+            .create_container(Some(options), create_body(spec))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn start_container(&self, name: &str) -> Result<(), RuntimeError> {
+        self.docker.start_container(name, None).await?;
+        Ok(())
+    }
+
+    /// Removes a container (force: it may be running). Its volumes are kept.
+    pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(false)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Already gone is what we wanted.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        let options = RemoveVolumeOptionsBuilder::default().force(false).build();
+        match self.docker.remove_volume(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The engine's create request for a container spec.
+fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let (network_mode, port_bindings, exposed) = match &spec.network_mode {
+        NetworkMode::Bridge(net) => {
+            let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
+                .ports
+                .iter()
+                .map(|p| {
+                    (
+                        format!("{}/tcp", p.container),
+                        Some(vec![PortBinding {
+                            host_ip: None,
+                            host_port: Some(p.host.to_string()),
+                        }]),
+                    )
+                })
+                .collect();
+            let exposed = spec.ports.iter().map(|p| format!("{}/tcp", p.container)).collect();
+            (net.clone(), Some(bindings), Some(exposed))
+        }
+        NetworkMode::Container(owner) => (format!("container:{owner}"), None, None),
+    };
+    let mounts = spec
+        .mounts
+        .iter()
+        .map(|m| DockerMount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(match m.kind {
+                MountKind::Volume => MountType::VOLUME,
+                MountKind::Bind => MountType::BIND,
+            }),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect();
+    let healthcheck = spec.health.as_ref().map(|h| HealthConfig {
+        test: Some(h.test.clone()),
+        interval: Some((h.interval_ms * 1_000_000) as i64),
+        timeout: Some((h.timeout_ms * 1_000_000) as i64),
+        retries: Some(i64::from(h.retries)),
+        ..Default::default()
+    });
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: spec.command.clone(),
+        env: Some(
+            spec.env
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.value))
+                .collect(),
+        ),
+        labels: Some(spec.labels().into_iter().collect()),
+        exposed_ports: exposed,
+        healthcheck,
+        host_config: Some(HostConfig {
+            network_mode: Some(network_mode),
+            port_bindings,
+            mounts: Some(mounts),
+            restart_policy: Some(RestartPolicy {
+                name: Some(match spec.restart.as_str() {
+                    "always" => RestartPolicyNameEnum::ALWAYS,
+                    "no" => RestartPolicyNameEnum::NO,
+                    _ => RestartPolicyNameEnum::UNLESS_STOPPED,
+                }),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `Up 3 minutes (healthy)` → `healthy`; `(health: starting)` → `starting`.
+fn health_of_status(status: &str) -> Option<String> {
+    let inner = status.rsplit_once('(')?.1.strip_suffix(')')?;
+    let h = inner.strip_prefix("health: ").unwrap_or(inner);
+    matches!(h, "healthy" | "unhealthy" | "starting").then(|| h.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_from_status_line() {
+        assert_eq!(health_of_status("Up 3 minutes (healthy)").as_deref(), Some("healthy"));
+        assert_eq!(health_of_status("Up 1 second (health: starting)").as_deref(), Some("starting"));
+        assert_eq!(health_of_status("Up 3 minutes"), None);
+        assert_eq!(health_of_status("Exited (0) 3 seconds ago"), None);
+    }
+}
