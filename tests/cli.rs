@@ -1,0 +1,108 @@
+//! The command line without a Docker engine: validation, the schema, examples, help, and the
+//! guarantee that invalid input never reaches Docker.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+/// Runs soul with DOCKER_HOST pointing at nothing: any Docker call would exit 3.
+fn soul_offline(args: &[&str]) -> std::process::Output {
+    run(Command::new(SOUL)
+        .args(args)
+        .current_dir(repo())
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock"))
+}
+
+#[test]
+fn every_example_and_the_repository_stack_validate() {
+    let mut files: Vec<_> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kdl"))
+        .collect();
+    assert!(files.len() >= 3, "examples/ should hold at least three stacks");
+    files.push(repo().join("stack.kdl"));
+    for f in files {
+        let o = soul_offline(&["validate", "-f", f.to_str().unwrap()]);
+        assert!(o.status.success(), "{}:\n{}", f.display(), text(&o));
+    }
+}
+
+#[test]
+fn the_committed_schema_is_current() {
+    let o = soul_offline(&["schema"]);
+    assert!(o.status.success());
+    let printed = String::from_utf8(o.stdout).unwrap();
+    let committed = read("schema/stack.schema.json");
+    assert!(
+        printed == committed,
+        "schema/stack.schema.json is stale: run `cargo run -q -- schema > schema/stack.schema.json`"
+    );
+    let v: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert!(v["properties"]["sidecars"].is_object());
+}
+
+#[test]
+fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
+    let dir = std::env::temp_dir().join(format!("soul-cli-invalid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = "stack \"home\"\nsidecar \"x\" { image \"i\"; port 80; }\n";
+    let cases: &[(&str, String, &str)] = &[
+        ("kdl syntax", format!("{ok}device \"a\n"), "3:"),
+        ("unknown node", format!("{ok}devic \"a\"\n"), "3:1"),
+        ("unknown property", format!("{ok}device \"a\" generaton=2\n"), "3:12"),
+        ("schema type", "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port \"eighty\"\n}\n".into(), "4:8"),
+        ("schema range", "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port 0\n}\n".into(), "4:8"),
+        ("name pattern", "stack \"Home\"\nsidecar \"x\" { image \"i\"; port 80; }\n".into(), "1:7"),
+        ("missing field", "stack \"home\"\nsidecar \"x\" { port 80; }\n".into(), "2:1"),
+        ("literal secret", format!("{ok}transport {{\n  tailscale authkey=\"tskey-x\"\n}}\n"), "4:13"),
+        ("duplicate", format!("{ok}sidecar \"x\" {{ image \"i\"; port 81; }}\n"), "3:9"),
+        ("gate clash", "stack \"home\"\nsidecar \"x\" { image \"i\"; port 8443; }\n".into(), "2:"),
+        ("undeclared transport", format!("{ok}transport {{\n  order \"lan\" \"tor\"\n  lan\n}}\n"), "4:15"),
+        ("both tailnets", format!("{ok}transport {{\n  tailscale\n  headscale url=\"https://h\"\n}}\n"), "5:3"),
+    ];
+    for (what, src, at) in cases {
+        let file = dir.join(format!("{}.kdl", what.replace(' ', "-")));
+        std::fs::write(&file, src).unwrap();
+        let path = file.to_str().unwrap();
+        for cmd in ["validate", "plan", "apply"] {
+            let o = soul_offline(&[cmd, "-f", path]);
+            assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(&format!("{path}:{at}")), "{what} / {cmd}: expected {path}:{at} in\n{err}");
+            assert!(err.contains("help:"), "{what}: no hint in\n{err}");
+            assert!(!err.contains("panicked"), "{what}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn file_flag_works_before_or_after_the_command() {
+    let path = repo().join("examples/one-service.kdl");
+    let p = path.to_str().unwrap();
+    for args in [&["-f", p, "validate"][..], &["validate", "-f", p], &["validate", "--file", p]] {
+        let o = soul_offline(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("stack `notes`"));
+    }
+    let o = soul_offline(&["validate", "-f", "/nonexistent/stack.kdl"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/stack.kdl"), "{}", text(&o));
+}
+
+#[test]
+fn every_command_explains_itself_with_an_example() {
+    let o = soul_offline(&["--help"]);
+    let top = String::from_utf8_lossy(&o.stdout);
+    assert!(top.contains("Exit codes:") && top.contains("3  the Docker engine"), "{top}");
+    for cmd in ["validate", "schema", "plan", "apply", "status", "down", "image"] {
+        let o = soul_offline(&[cmd, "--help"]);
+        assert!(o.status.success());
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(help.contains("Example:"), "{cmd} --help has no example:\n{help}");
+        assert!(top.contains(cmd), "{cmd} missing from soul --help");
+    }
+}

@@ -1,0 +1,232 @@
+//! The shared harness of soul's integration tests: runs the real `soul` binary against the
+//! real Docker engine with unique stack names and free ports, builds the test images when
+//! missing, and cleans up on drop.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const SOUL: &str = env!("CARGO_BIN_EXE_soul");
+/// A real nginx from Debian's packages, made by `.ci/test-images.sh` with `docker import`.
+pub const NGINX: &str = "soul-test/nginx:1";
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a command and returns its output, panicking with context if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status: {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `docker …`, returning trimmed stdout; panics on failure.
+pub fn docker(args: &[&str]) -> String {
+    let o = run(Command::new("docker").args(args));
+    assert!(o.status.success(), "docker {args:?} failed:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// `docker …` that may fail; returns stdout on success.
+pub fn docker_ok(args: &[&str]) -> Option<String> {
+    let o = run(Command::new("docker").args(args));
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// Serializes one-time setup across test processes (nextest runs each test in its own).
+fn with_file_lock<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let path = std::env::temp_dir().join(format!("soul-tests-{name}.lock"));
+    let file = std::fs::File::create(&path).expect("lock file");
+    file.lock().expect("lock");
+    let r = f();
+    drop(file);
+    r
+}
+
+/// Makes sure soul's own image (from this build) and the nginx test image exist.
+pub fn ensure_images() {
+    with_file_lock("images", || {
+        if docker_ok(&["image", "inspect", NGINX]).is_none() {
+            let o = run(Command::new("bash").arg(repo().join(".ci/test-images.sh")));
+            assert!(o.status.success(), "building test images failed:\n{}", text(&o));
+        }
+        // `soul apply` builds soul's image when it is missing or stale; building it once
+        // here keeps parallel tests from all building it at the same time.
+        let o = run(Command::new(SOUL).arg("plan").arg("-f").arg(repo().join("stack.kdl")).arg("--output").arg("json"));
+        let stale = String::from_utf8_lossy(&o.stdout).contains("build-soul-image");
+        if stale {
+            let o = run(Command::new(SOUL).arg("image"));
+            assert!(o.status.success(), "soul image failed:\n{}", text(&o));
+        }
+    })
+}
+
+/// A free TCP port on this machine (bound then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// GET `path` on 127.0.0.1:`port`; retries until `timeout`. Returns (status code, body).
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(r) = try_get(port, path) {
+            return Some(r);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// One test's stack: its own name, stack.kdl, state dir, and cleanup.
+pub struct TestStack {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl TestStack {
+    /// A stack named `t<pid>-<tag>` (unique per test process and test).
+    pub fn new(tag: &str) -> TestStack {
+        let mut name = format!("t{}-{tag}", std::process::id());
+        name.truncate(32);
+        let dir = std::env::temp_dir().join(format!("soul-test-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        TestStack { name, dir }
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.join("stack.kdl")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Writes stack.kdl; `{stack}` in the text becomes this stack's name.
+    pub fn write(&self, kdl: &str) {
+        std::fs::write(self.file(), kdl.replace("{stack}", &self.name)).expect("write stack.kdl");
+    }
+
+    /// `soul -f <file> --state-dir <state> <args…>`.
+    pub fn soul(&self, args: &[&str]) -> Output {
+        run(&mut self.command(args))
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(SOUL);
+        cmd.arg("-f").arg(self.file()).arg("--state-dir").arg(self.state()).args(args);
+        cmd
+    }
+
+    /// `soul apply`, asserting success.
+    pub fn apply(&self) -> Output {
+        let o = self.soul(&["apply"]);
+        assert!(o.status.success(), "soul apply failed:\n{}", text(&o));
+        o
+    }
+
+    pub fn container(&self, sidecar: &str, role: &str) -> String {
+        format!("soul-{}-{sidecar}-{role}", self.name)
+    }
+
+    /// The ID of a container, or None when it does not exist.
+    pub fn container_id(&self, sidecar: &str, role: &str) -> Option<String> {
+        docker_ok(&["inspect", "-f", "{{.Id}}", &self.container(sidecar, role)])
+    }
+
+    /// Every container carrying this stack's label: (name, id).
+    pub fn containers(&self) -> Vec<(String, String)> {
+        let out = docker(&[
+            "ps", "-a", "--filter", &format!("label=dev.soul.stack={}", self.name),
+            "--format", "{{.Names}} {{.ID}}",
+        ]);
+        let mut v: Vec<(String, String)> = out
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn networks(&self) -> Vec<String> {
+        docker(&["network", "ls", "--filter", &format!("label=dev.soul.stack={}", self.name), "--format", "{{.Name}}"])
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        docker(&["volume", "ls", "--filter", &format!("label=dev.soul.stack={}", self.name), "--format", "{{.Name}}"])
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        let _ = self.soul(&["down", "--volumes"]);
+        let filter = format!("label=dev.soul.stack={}", self.name);
+        if let Some(ids) = docker_ok(&["ps", "-aq", "--filter", &filter]) {
+            for id in ids.lines() {
+                let _ = docker_ok(&["rm", "-f", id]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Docker events for this stack's objects between two instants (unix seconds, fractional).
+pub fn events_between(stack: &str, since: f64, until: f64) -> Vec<String> {
+    docker(&[
+        "events",
+        "--since", &format!("{since:.3}"),
+        "--until", &format!("{until:.3}"),
+        "--filter", &format!("label=dev.soul.stack={stack}"),
+        "--format", "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+    ])
+    .lines()
+    .map(String::from)
+    .collect()
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Reads a file relative to the repository root.
+pub fn read(path: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(repo().join(path)).expect("read file")
+}
