@@ -21,10 +21,14 @@ pub async fn pause() -> std::io::Result<()> {
 
 /// A tiny HTTP responder: `/healthz` answers `ok`, every other path a greeting that includes
 /// `$GREETING` when set. One access-log line per request on stdout.
-pub async fn demo_app(port: u16, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+pub async fn demo_app(
+    port: u16,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     println!("demo-app listening on :{port}");
-    let greeting = std::env::var("GREETING").unwrap_or_else(|_| "hello from soul's demo app".into());
+    let greeting =
+        std::env::var("GREETING").unwrap_or_else(|_| "hello from soul's demo app".into());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -93,7 +97,9 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| ProbeError::Url(url.into()))?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
     if authority.is_empty() {
         return Err(ProbeError::Url(url.into()));
     }
@@ -104,8 +110,11 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
     };
     let work = async {
         let mut s = TcpStream::connect(&addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut head = vec![0u8; 64];
         let n = s.read(&mut head).await?;
         Ok::<_, ProbeError>(String::from_utf8_lossy(&head[..n]).to_string())
@@ -114,7 +123,11 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
         .await
         .map_err(|_| ProbeError::Timeout)??;
     let status = head.lines().next().unwrap_or("").to_string();
-    match status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+    match status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         Some(code) if (200..400).contains(&code) => Ok(()),
         _ => Err(ProbeError::Status(status)),
     }
@@ -147,6 +160,9 @@ mod tests {
         let _ = tx.send(());
         server.await.unwrap().unwrap();
         assert!(probe(&url, Duration::from_millis(500)).await.is_err());
-        assert!(matches!(probe("https://x/", Duration::from_secs(1)).await, Err(ProbeError::Url(_))));
+        assert!(matches!(
+            probe("https://x/", Duration::from_secs(1)).await,
+            Err(ProbeError::Url(_))
+        ));
     }
 }

@@ -40,7 +40,13 @@ Exit codes:
 #[command(name = "soul", version, about, after_help = EXIT_CODES, propagate_version = true)]
 pub struct Cli {
     /// The stack file.
-    #[arg(short = 'f', long = "file", global = true, default_value = "stack.kdl", value_name = "PATH")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        global = true,
+        default_value = "stack.kdl",
+        value_name = "PATH"
+    )]
     pub file: PathBuf,
     /// Where this stack's state lives [default: /var/lib/soul/<stack> as root,
     /// $XDG_STATE_HOME/soul/<stack> otherwise].
@@ -63,32 +69,42 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check stack.kdl: KDL syntax, the JSON Schema, then every rule of the format.
-    #[command(after_help = "Every problem is reported in one run as file:line:column with the \
-source line and a hint.\n\nExample:\n  soul validate\n  soul -f examples/jellyfin.kdl validate")]
+    #[command(
+        after_help = "Every problem is reported in one run as file:line:column with the \
+source line and a hint.\n\nExample:\n  soul validate\n  soul -f examples/jellyfin.kdl validate"
+    )]
     Validate,
     /// Print the JSON Schema of stack.kdl (as committed in schema/stack.schema.json).
     #[command(after_help = "Example:\n  soul schema > stack.schema.json")]
     Schema,
     /// Show the steps `apply` would take, without changing anything.
-    #[command(after_help = "Never prints a secret. With --detailed-exitcode the exit code says \
+    #[command(
+        after_help = "Never prints a secret. With --detailed-exitcode the exit code says \
 whether anything would change: 0 nothing, 2 changes pending, 1 error.\n\nExample:\n  soul plan\n  \
-soul plan --output json | jq '.steps[].step'\n  soul plan --detailed-exitcode || echo drifted")]
+soul plan --output json | jq '.steps[].step'\n  soul plan --detailed-exitcode || echo drifted"
+    )]
     Plan(PlanArgs),
     /// Drive the Docker engine to stack.kdl: pods, networks, volumes, images.
-    #[command(after_help = "Creates what is missing, recreates what changed (and only that), \
+    #[command(
+        after_help = "Creates what is missing, recreates what changed (and only that), \
 starts what stopped, removes what is no longer declared. Named volumes are never removed. \
-Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply")]
+Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply"
+    )]
     Apply,
     /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
     #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
     Status(OutputArgs),
     /// Remove this stack's containers and networks (named volumes only with --volumes).
-    #[command(after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
-soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone")]
+    #[command(
+        after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
+soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone"
+    )]
     Down(DownArgs),
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
-    #[command(after_help = "`apply` builds it when missing or older than this binary; this \
-command rebuilds it unconditionally.\n\nExample:\n  soul image")]
+    #[command(
+        after_help = "`apply` builds it when missing or older than this binary; this \
+command rebuilds it unconditionally.\n\nExample:\n  soul image"
+    )]
     Image,
     /// Run inside a pod: hold the pod's network namespace until stopped.
     #[command(hide = true)]
@@ -233,7 +249,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Down(args) => down(&cli, args).await,
         Command::Image => image().await,
         Command::Pause => {
-            crate::agent::pause().await.map_err(|e| RuntimeError::Build(e.to_string()))?;
+            crate::agent::pause()
+                .await
+                .map_err(|e| RuntimeError::Build(e.to_string()))?;
             Ok(Exit::Ok)
         }
         Command::DemoApp { port } => {
@@ -275,7 +293,11 @@ fn validate(cli: &Cli) -> Result<Exit, CliError> {
         s.stack,
         plural(s.sidecars.len(), "sidecar"),
         plural(s.devices.len(), "device"),
-        s.transport_order().iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+        s.transport_order()
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     Ok(Exit::Ok)
 }
@@ -427,7 +449,9 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let declared: Vec<String> = stack
         .sidecars
         .iter()
-        .flat_map(|s| [Role::Pause, Role::App].map(|r| crate::pod::container_name(&stack.stack, &s.name, r)))
+        .flat_map(|s| {
+            [Role::Pause, Role::App].map(|r| crate::pod::container_name(&stack.stack, &s.name, r))
+        })
         .collect();
     let undeclared: Vec<_> = observed
         .containers
@@ -448,10 +472,16 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         Output::Human => {
             let mut s = format!("stack `{}` ({})\n", stack.stack, cli.file.display());
             for pod in &pods {
-                s.push_str(&format!("  pod {}\n", pod["sidecar"].as_str().unwrap_or("")));
+                s.push_str(&format!(
+                    "  pod {}\n",
+                    pod["sidecar"].as_str().unwrap_or("")
+                ));
                 for c in pod["containers"].as_array().into_iter().flatten() {
                     let state = c["state"].as_str().unwrap_or("");
-                    let health = c["health"].as_str().map(|h| format!(" ({h})")).unwrap_or_default();
+                    let health = c["health"]
+                        .as_str()
+                        .map(|h| format!(" ({h})"))
+                        .unwrap_or_default();
                     let current = match c["current"].as_bool() {
                         Some(true) => "up to date",
                         Some(false) => "differs from stack.kdl: `soul apply` recreates it",
@@ -493,7 +523,9 @@ async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
     let snapshot = docker.snapshot(&stack.stack).await?;
     let mut containers = snapshot.containers;
     // Dependents before the pause container whose namespace they share.
-    containers.sort_by_key(|c| c.labels.get(label::ROLE).map(String::as_str) == Some(Role::Pause.as_str()));
+    containers.sort_by_key(|c| {
+        c.labels.get(label::ROLE).map(String::as_str) == Some(Role::Pause.as_str())
+    });
     let mut removed = 0;
     for c in &containers {
         docker.remove_container(&c.id).await?;
@@ -519,7 +551,10 @@ async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
             snapshot.volumes.join(", ")
         ));
     }
-    out(&format!("stack `{}` is down ({removed} removed)\n", stack.stack));
+    out(&format!(
+        "stack `{}` is down ({removed} removed)\n",
+        stack.stack
+    ));
     Ok(Exit::Ok)
 }
 
@@ -531,7 +566,11 @@ async fn image() -> Result<Exit, CliError> {
     ];
     docker.build_soul_image(&tags).await?;
     let exe = std::env::current_exe().unwrap_or_default();
-    out(&format!("built {} from {}\n", tags.join(", "), display(&exe)));
+    out(&format!(
+        "built {} from {}\n",
+        tags.join(", "),
+        display(&exe)
+    ));
     Ok(Exit::Ok)
 }
 

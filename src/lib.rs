@@ -9,10 +9,10 @@
 //! - [`state`]: the state dir and the per-stack lock.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
 //! - [`cli`]: the commands, their output, and exit codes.
-pub mod stack;
+pub mod agent;
+pub mod cli;
 pub mod pod;
 pub mod reconcile;
 pub mod runtime;
+pub mod stack;
 pub mod state;
-pub mod agent;
-pub mod cli;

@@ -224,13 +224,18 @@ mod tests {
         assert_eq!(a.config_hash(), spec().config_hash());
         assert_eq!(a.config_hash().len(), 32);
         let mut b = spec();
-        b.env.get_mut("TZ").map(|v| v.value = "Europe/Berlin".into());
+        if let Some(v) = b.env.get_mut("TZ") {
+            v.value = "Europe/Berlin".into();
+        }
         assert_ne!(a.config_hash(), b.config_hash());
         let mut c = spec();
         c.image = "nginx:2".into();
         assert_ne!(a.config_hash(), c.config_hash());
         let mut d = spec();
-        d.ports.push(PortMap { host: 1, container: 2 });
+        d.ports.push(PortMap {
+            host: 1,
+            container: 2,
+        });
         assert_ne!(a.config_hash(), d.config_hash());
     }
 
@@ -245,7 +250,9 @@ mod tests {
         a.env.insert("DB".into(), v);
         assert!(!serde_json::to_string(&a).unwrap().contains("hunter2"));
         let mut b = a.clone();
-        b.env.get_mut("DB").map(|v| v.value = "hunter3".into());
+        if let Some(v) = b.env.get_mut("DB") {
+            v.value = "hunter3".into();
+        }
         assert_ne!(a.config_hash(), b.config_hash());
     }
 }

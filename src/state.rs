@@ -28,7 +28,9 @@ pub enum StateError {
 /// The default state dir: `/var/lib/soul/<stack>` as root, `$XDG_STATE_HOME/soul/<stack>`
 /// (or `~/.local/state/soul/<stack>`) otherwise.
 pub fn default_dir(stack: &str) -> PathBuf {
-    let is_root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
     if is_root {
         return PathBuf::from("/var/lib/soul").join(stack);
     }
@@ -131,9 +133,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let dir2 = dir.clone();
         let waiter = std::thread::spawn(move || {
-            let _second = dir2
-                .lock(|holder| tx.send(holder).unwrap())
-                .unwrap();
+            let _second = dir2.lock(|holder| tx.send(holder).unwrap()).unwrap();
         });
         let holder = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
         assert_eq!(holder, Some(std::process::id()));

@@ -22,7 +22,10 @@ fn every_example_and_the_repository_stack_validate() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "kdl"))
         .collect();
-    assert!(files.len() >= 3, "examples/ should hold at least three stacks");
+    assert!(
+        files.len() >= 3,
+        "examples/ should hold at least three stacks"
+    );
     files.push(repo().join("stack.kdl"));
     for f in files {
         let o = soul_offline(&["validate", "-f", f.to_str().unwrap()]);
@@ -52,16 +55,56 @@ fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
     let cases: &[(&str, String, &str)] = &[
         ("kdl syntax", format!("{ok}device \"a\n"), "3:"),
         ("unknown node", format!("{ok}devic \"a\"\n"), "3:1"),
-        ("unknown property", format!("{ok}device \"a\" generaton=2\n"), "3:12"),
-        ("schema type", "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port \"eighty\"\n}\n".into(), "4:8"),
-        ("schema range", "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port 0\n}\n".into(), "4:8"),
-        ("name pattern", "stack \"Home\"\nsidecar \"x\" { image \"i\"; port 80; }\n".into(), "1:7"),
-        ("missing field", "stack \"home\"\nsidecar \"x\" { port 80; }\n".into(), "2:1"),
-        ("literal secret", format!("{ok}transport {{\n  tailscale authkey=\"tskey-x\"\n}}\n"), "4:13"),
-        ("duplicate", format!("{ok}sidecar \"x\" {{ image \"i\"; port 81; }}\n"), "3:9"),
-        ("gate clash", "stack \"home\"\nsidecar \"x\" { image \"i\"; port 8443; }\n".into(), "2:"),
-        ("undeclared transport", format!("{ok}transport {{\n  order \"lan\" \"tor\"\n  lan\n}}\n"), "4:15"),
-        ("both tailnets", format!("{ok}transport {{\n  tailscale\n  headscale url=\"https://h\"\n}}\n"), "5:3"),
+        (
+            "unknown property",
+            format!("{ok}device \"a\" generaton=2\n"),
+            "3:12",
+        ),
+        (
+            "schema type",
+            "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port \"eighty\"\n}\n".into(),
+            "4:8",
+        ),
+        (
+            "schema range",
+            "stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port 0\n}\n".into(),
+            "4:8",
+        ),
+        (
+            "name pattern",
+            "stack \"Home\"\nsidecar \"x\" { image \"i\"; port 80; }\n".into(),
+            "1:7",
+        ),
+        (
+            "missing field",
+            "stack \"home\"\nsidecar \"x\" { port 80; }\n".into(),
+            "2:1",
+        ),
+        (
+            "literal secret",
+            format!("{ok}transport {{\n  tailscale authkey=\"tskey-x\"\n}}\n"),
+            "4:13",
+        ),
+        (
+            "duplicate",
+            format!("{ok}sidecar \"x\" {{ image \"i\"; port 81; }}\n"),
+            "3:9",
+        ),
+        (
+            "gate clash",
+            "stack \"home\"\nsidecar \"x\" { image \"i\"; port 8443; }\n".into(),
+            "2:",
+        ),
+        (
+            "undeclared transport",
+            format!("{ok}transport {{\n  order \"lan\" \"tor\"\n  lan\n}}\n"),
+            "4:15",
+        ),
+        (
+            "both tailnets",
+            format!("{ok}transport {{\n  tailscale\n  headscale url=\"https://h\"\n}}\n"),
+            "5:3",
+        ),
     ];
     for (what, src, at) in cases {
         let file = dir.join(format!("{}.kdl", what.replace(' ', "-")));
@@ -71,7 +114,10 @@ fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
             let o = soul_offline(&[cmd, "-f", path]);
             assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
             let err = String::from_utf8_lossy(&o.stderr);
-            assert!(err.contains(&format!("{path}:{at}")), "{what} / {cmd}: expected {path}:{at} in\n{err}");
+            assert!(
+                err.contains(&format!("{path}:{at}")),
+                "{what} / {cmd}: expected {path}:{at} in\n{err}"
+            );
             assert!(err.contains("help:"), "{what}: no hint in\n{err}");
             assert!(!err.contains("panicked"), "{what}: {err}");
         }
@@ -83,26 +129,42 @@ fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
 fn file_flag_works_before_or_after_the_command() {
     let path = repo().join("examples/one-service.kdl");
     let p = path.to_str().unwrap();
-    for args in [&["-f", p, "validate"][..], &["validate", "-f", p], &["validate", "--file", p]] {
+    for args in [
+        &["-f", p, "validate"][..],
+        &["validate", "-f", p],
+        &["validate", "--file", p],
+    ] {
         let o = soul_offline(args);
         assert!(o.status.success(), "{args:?}: {}", text(&o));
         assert!(String::from_utf8_lossy(&o.stdout).contains("stack `notes`"));
     }
     let o = soul_offline(&["validate", "-f", "/nonexistent/stack.kdl"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/stack.kdl"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/stack.kdl"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn every_command_explains_itself_with_an_example() {
     let o = soul_offline(&["--help"]);
     let top = String::from_utf8_lossy(&o.stdout);
-    assert!(top.contains("Exit codes:") && top.contains("3  the Docker engine"), "{top}");
-    for cmd in ["validate", "schema", "plan", "apply", "status", "down", "image"] {
+    assert!(
+        top.contains("Exit codes:") && top.contains("3  the Docker engine"),
+        "{top}"
+    );
+    for cmd in [
+        "validate", "schema", "plan", "apply", "status", "down", "image",
+    ] {
         let o = soul_offline(&[cmd, "--help"]);
         assert!(o.status.success());
         let help = String::from_utf8_lossy(&o.stdout);
-        assert!(help.contains("Example:"), "{cmd} --help has no example:\n{help}");
+        assert!(
+            help.contains("Example:"),
+            "{cmd} --help has no example:\n{help}"
+        );
         assert!(top.contains(cmd), "{cmd} missing from soul --help");
     }
 }

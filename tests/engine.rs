@@ -41,7 +41,8 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("create container"), "{out}");
 
-    let (code, body) = http_get(lan, "/", Duration::from_secs(20)).expect("nginx answers on the LAN port");
+    let (code, body) =
+        http_get(lan, "/", Duration::from_secs(20)).expect("nginx answers on the LAN port");
     assert_eq!(code, 200);
     assert!(body.contains("served by nginx in a soul pod"), "{body}");
     // The second sidecar follows on the next LAN port.
@@ -50,24 +51,59 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
 
     // The pod: the app shares the pause container's namespace; labels and restart policy.
     let pause = s.container_id("web", "pause").expect("pause exists");
-    let mode = docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &s.container("web", "app")]);
+    let mode = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.NetworkMode}}",
+        &s.container("web", "app"),
+    ]);
     assert_eq!(mode, format!("container:{pause}"));
-    let policy = docker(&["inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", &s.container("web", "app")]);
+    let policy = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.RestartPolicy.Name}}",
+        &s.container("web", "app"),
+    ]);
     assert_eq!(policy, "unless-stopped");
-    let labels = docker(&["inspect", "-f", "{{json .Config.Labels}}", &s.container("web", "app")]);
-    for key in ["dev.soul.stack", "dev.soul.sidecar", "dev.soul.role", "dev.soul.config-hash"] {
+    let labels = docker(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Labels}}",
+        &s.container("web", "app"),
+    ]);
+    for key in [
+        "dev.soul.stack",
+        "dev.soul.sidecar",
+        "dev.soul.role",
+        "dev.soul.config-hash",
+    ] {
         assert!(labels.contains(key), "{labels}");
     }
-    let nets = docker(&["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}", &s.container("web", "pause")]);
+    let nets = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
+        &s.container("web", "pause"),
+    ]);
     assert_eq!(nets, format!("soul-{}-web", s.name));
-    let health = docker(&["inspect", "-f", "{{json .Config.Healthcheck.Test}}", &s.container("web", "app")]);
+    let health = docker(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Healthcheck.Test}}",
+        &s.container("web", "app"),
+    ]);
     assert!(health.contains("curl"), "{health}");
     assert_eq!(s.volumes(), vec![format!("soul-{}-web-data", s.name)]);
 
     // The health check from `health` turns healthy.
     let mut healthy = false;
     for _ in 0..60 {
-        let h = docker(&["inspect", "-f", "{{.State.Health.Status}}", &s.container("web", "app")]);
+        let h = docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Health.Status}}",
+            &s.container("web", "app"),
+        ]);
         if h == "healthy" {
             healthy = true;
             break;
@@ -95,12 +131,22 @@ fn second_apply_makes_no_mutating_docker_call() {
     let o = s.apply();
     let until = now() + 0.5;
     std::thread::sleep(Duration::from_millis(700));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("0 changes"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("0 changes"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(s.containers(), before, "container IDs changed");
     let events = events_between(&s.name, since, until);
     let mutating: Vec<_> = events
         .iter()
-        .filter(|e| ["create", "start", "stop", "destroy", "kill", "die", "remove"].iter().any(|a| e.split(' ').nth(1) == Some(a)))
+        .filter(|e| {
+            [
+                "create", "start", "stop", "destroy", "kill", "die", "remove",
+            ]
+            .iter()
+            .any(|a| e.split(' ').nth(1) == Some(a))
+        })
         .collect();
     assert!(mutating.is_empty(), "second apply mutated: {mutating:?}");
     let plan = s.soul(&["plan", "--detailed-exitcode"]);
@@ -120,9 +166,18 @@ fn changing_one_env_value_recreates_only_that_container() {
     assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
     s.apply();
     let after = s.containers();
-    let changed: Vec<_> = after.iter().filter(|c| !before.contains(c)).map(|(n, _)| n.clone()).collect();
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|c| !before.contains(c))
+        .map(|(n, _)| n.clone())
+        .collect();
     assert_eq!(changed, vec![s.container("web", "app")]);
-    let env = docker(&["inspect", "-f", "{{json .Config.Env}}", &s.container("web", "app")]);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Env}}",
+        &s.container("web", "app"),
+    ]);
     assert!(env.contains("TZ=Europe/Berlin"), "{env}");
     assert!(http_get(lan, "/", Duration::from_secs(20)).is_some());
 }
@@ -139,13 +194,17 @@ fn changing_the_lan_port_recreates_the_pod_and_serves_on_the_new_port() {
     s.apply();
     let after = s.containers();
     for (name, id) in &after {
-        assert!(!before.iter().any(|(_, old)| old == id), "{name} was not recreated");
+        assert!(
+            !before.iter().any(|(_, old)| old == id),
+            "{name} was not recreated"
+        );
     }
     assert_eq!(after.len(), 4);
     let (code, body) = http_get(b, "/", Duration::from_secs(20)).expect("answers on the new port");
     assert_eq!(code, 200);
     assert!(body.contains("nginx"), "{body}");
-    let (_, body) = http_get(b + 1, "/", Duration::from_secs(20)).expect("demo app on the new port");
+    let (_, body) =
+        http_get(b + 1, "/", Duration::from_secs(20)).expect("demo app on the new port");
     assert!(body.contains("hi from hello"));
 }
 
@@ -164,9 +223,16 @@ fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() 
     s.write(&kdl);
     s.apply();
     let names: Vec<String> = s.containers().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, vec![s.container("hello", "app"), s.container("hello", "pause")]);
+    assert_eq!(
+        names,
+        vec![s.container("hello", "app"), s.container("hello", "pause")]
+    );
     assert_eq!(s.networks(), vec![format!("soul-{}-hello", s.name)]);
-    assert_eq!(s.volumes(), vec![format!("soul-{}-web-data", s.name)], "the named volume must stay");
+    assert_eq!(
+        s.volumes(),
+        vec![format!("soul-{}-web-data", s.name)],
+        "the named volume must stay"
+    );
     // `down` keeps it too; only `down --volumes` removes it.
     let o = s.soul(&["down"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -188,13 +254,25 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
     docker(&["rm", "-f", &s.container("web", "app")]);
     assert!(http_get(lan, "/", Duration::from_millis(300)).is_none());
     let o = s.apply();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("(missing)"), "{}", text(&o));
-    assert_eq!(s.container_id("web", "pause"), pause, "the pause container is untouched");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("(missing)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        s.container_id("web", "pause"),
+        pause,
+        "the pause container is untouched"
+    );
     assert!(http_get(lan, "/", Duration::from_secs(20)).is_some());
 
     docker(&["stop", &s.container("hello", "app")]);
     let o = s.apply();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("start container"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("start container"),
+        "{}",
+        text(&o)
+    );
     assert!(http_get(lan + 1, "/", Duration::from_secs(20)).is_some());
 }
 
@@ -207,12 +285,26 @@ fn things_without_soul_labels_are_never_touched() {
     let foreign = format!("{}-foreign", s.name);
     let _ = docker_ok(&["rm", "-f", &foreign]);
     docker(&["volume", "create", &foreign]);
-    docker(&["create", "--name", &foreign, "-v", &format!("{foreign}:/x"), "soul:latest", "pause"]);
+    docker(&[
+        "create",
+        "--name",
+        &foreign,
+        "-v",
+        &format!("{foreign}:/x"),
+        "soul:latest",
+        "pause",
+    ]);
     // Even a container named like one of the stack's, without its labels, is left alone.
     s.apply();
     s.soul(&["down", "--volumes"]);
-    assert!(docker_ok(&["inspect", &foreign]).is_some(), "foreign container removed");
-    assert!(docker_ok(&["volume", "inspect", &foreign]).is_some(), "foreign volume removed");
+    assert!(
+        docker_ok(&["inspect", &foreign]).is_some(),
+        "foreign container removed"
+    );
+    assert!(
+        docker_ok(&["volume", "inspect", &foreign]).is_some(),
+        "foreign volume removed"
+    );
     docker(&["rm", "-f", &foreign]);
     docker(&["volume", "rm", &foreign]);
 }
@@ -229,8 +321,14 @@ fn an_image_that_cannot_be_had_is_a_clear_error_and_nothing_is_torn_down() {
     let o = s.soul(&["apply"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("soul-test/does-not-exist:1") && err.contains("`web`"), "{err}");
-    assert!(err.contains("nothing that was running has been changed"), "{err}");
+    assert!(
+        err.contains("soul-test/does-not-exist:1") && err.contains("`web`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nothing that was running has been changed"),
+        "{err}"
+    );
     assert_eq!(s.containers(), before);
     assert!(http_get(lan, "/", Duration::from_secs(10)).is_some());
 }
@@ -241,10 +339,17 @@ fn a_missing_secret_file_is_an_error_before_any_docker_call() {
     s.write(&format!(
         "stack \"{{stack}}\"\nsidecar \"x\" {{ image \"{NGINX}\"; port 80; env \"DB\" file=\"/nonexistent/db\"; }}\n"
     ));
-    let o = s.command(&["apply"]).env("DOCKER_HOST", "unix:///nonexistent/docker.sock").output().unwrap();
+    let o = s
+        .command(&["apply"])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("/nonexistent/db") && err.contains("`x`") && err.contains("`DB`"), "{err}");
+    assert!(
+        err.contains("/nonexistent/db") && err.contains("`x`") && err.contains("`DB`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -252,9 +357,17 @@ fn an_unreachable_engine_has_its_own_exit_code() {
     let s = TestStack::new("noengine");
     s.write("stack \"{stack}\"\nsidecar \"x\" { image \"soul:latest\"; port 80; }\n");
     for cmd in [&["apply"][..], &["plan"], &["status"], &["down"]] {
-        let o = s.command(cmd).env("DOCKER_HOST", "unix:///nonexistent/docker.sock").output().unwrap();
+        let o = s
+            .command(cmd)
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .output()
+            .unwrap();
         assert_eq!(o.status.code(), Some(3), "{cmd:?}: {}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the Docker engine"), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("cannot reach the Docker engine"),
+            "{}",
+            text(&o)
+        );
     }
 }
 
@@ -265,10 +378,21 @@ fn a_second_apply_waits_for_the_first() {
     s.write(&two_sidecars(free_port(), "UTC"));
     let state = soul::state::StateDir::open(&s.state()).unwrap();
     let held = state.lock(|_| panic!("free")).unwrap();
-    let mut child = s.command(&["apply"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = s
+        .command(&["apply"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(child.try_wait().unwrap().is_none(), "apply ran while the lock was held");
-    assert!(s.containers().is_empty(), "apply touched the engine while the lock was held");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "apply ran while the lock was held"
+    );
+    assert!(
+        s.containers().is_empty(),
+        "apply touched the engine while the lock was held"
+    );
     drop(held);
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -288,16 +412,39 @@ fn plan_lists_steps_and_json_never_shows_secret_values() {
         secret.display(),
         free_port()
     ));
-    for args in [&["plan"][..], &["plan", "--output", "json"], &["apply"], &["status"], &["status", "--output", "json"]] {
-        let o = s.command(args).env("SOUL_TEST_TOKEN", "tok-9f8e7d").env("SOUL_LOG", "trace").output().unwrap();
+    for args in [
+        &["plan"][..],
+        &["plan", "--output", "json"],
+        &["apply"],
+        &["status"],
+        &["status", "--output", "json"],
+    ] {
+        let o = s
+            .command(args)
+            .env("SOUL_TEST_TOKEN", "tok-9f8e7d")
+            .env("SOUL_LOG", "trace")
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{args:?}: {}", text(&o));
         let all = text(&o);
-        assert!(!all.contains("correct-horse-battery") && !all.contains("tok-9f8e7d"), "{args:?} leaked a secret:\n{all}");
+        assert!(
+            !all.contains("correct-horse-battery") && !all.contains("tok-9f8e7d"),
+            "{args:?} leaked a secret:\n{all}"
+        );
     }
-    let plan = s.command(&["plan", "--output", "json"]).env("SOUL_TEST_TOKEN", "tok-9f8e7d").output().unwrap();
+    let plan = s
+        .command(&["plan", "--output", "json"])
+        .env("SOUL_TEST_TOKEN", "tok-9f8e7d")
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(v["changes"], 0);
     // The secret did reach the container, as the user asked.
-    let env = docker(&["inspect", "-f", "{{json .Config.Env}}", &s.container("x", "app")]);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Env}}",
+        &s.container("x", "app"),
+    ]);
     assert!(env.contains("DB_PASSWORD=correct-horse-battery"));
 }

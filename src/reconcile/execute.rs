@@ -12,8 +12,12 @@ pub trait Engine {
     async fn build_soul_image(&self, tags: &[String]) -> Result<(), Self::Error>;
     async fn pull_image(&self, image: &str) -> Result<(), Self::Error>;
     async fn create_volume(&self, name: &str, stack: &str) -> Result<(), Self::Error>;
-    async fn create_network(&self, name: &str, stack: &str, sidecar: &str)
-    -> Result<(), Self::Error>;
+    async fn create_network(
+        &self,
+        name: &str,
+        stack: &str,
+        sidecar: &str,
+    ) -> Result<(), Self::Error>;
     async fn create_container(&self, spec: &ContainerSpec) -> Result<(), Self::Error>;
     async fn start_container(&self, name: &str) -> Result<(), Self::Error>;
     async fn remove_container(&self, id: &str) -> Result<(), Self::Error>;

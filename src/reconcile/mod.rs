@@ -9,6 +9,6 @@ mod resolve;
 pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};
 pub use plan::{
-    Desired, ImageNeed, ImageSource, ObservedContainer, Observed, Plan, Reason, Step, plan,
+    Desired, ImageNeed, ImageSource, Observed, ObservedContainer, Plan, Reason, Step, plan,
 };
 pub use resolve::{Host, Machine, RESTART_POLICY, ResolveError, SoulImage, resolve};

@@ -63,7 +63,10 @@ impl Engine for Docker {
 
     async fn build_soul_image(&self, tags: &[String]) -> Result<(), RuntimeError> {
         // Always refresh the version tag the pause container uses, and `soul:latest`.
-        let mut all = vec![SoulImage::current().reference, format!("{}:latest", SoulImage::REPOSITORY)];
+        let mut all = vec![
+            SoulImage::current().reference,
+            format!("{}:latest", SoulImage::REPOSITORY),
+        ];
         for t in tags {
             if !all.contains(t) {
                 all.push(t.clone());
@@ -77,7 +80,12 @@ impl Engine for Docker {
     async fn create_volume(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
         Docker::create_volume(self, name, stack).await
     }
-    async fn create_network(&self, name: &str, stack: &str, sidecar: &str) -> Result<(), RuntimeError> {
+    async fn create_network(
+        &self,
+        name: &str,
+        stack: &str,
+        sidecar: &str,
+    ) -> Result<(), RuntimeError> {
         Docker::create_network(self, name, stack, sidecar).await
     }
     async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {

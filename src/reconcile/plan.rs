@@ -107,14 +107,36 @@ impl fmt::Display for Reason {
 #[serde(tag = "step", rename_all = "kebab-case")]
 pub enum Step {
     /// One build serves every missing reference to soul's own image.
-    BuildSoulImage { tags: Vec<String> },
-    PullImage { image: String, used_by: Vec<String> },
-    CreateVolume { name: String },
-    CreateNetwork { name: String, sidecar: String },
-    RemoveContainer { name: String, id: String, reason: Reason },
-    CreateContainer { spec: Box<ContainerSpec>, reason: Reason },
-    StartContainer { name: String, reason: Reason },
-    RemoveNetwork { name: String },
+    BuildSoulImage {
+        tags: Vec<String>,
+    },
+    PullImage {
+        image: String,
+        used_by: Vec<String>,
+    },
+    CreateVolume {
+        name: String,
+    },
+    CreateNetwork {
+        name: String,
+        sidecar: String,
+    },
+    RemoveContainer {
+        name: String,
+        id: String,
+        reason: Reason,
+    },
+    CreateContainer {
+        spec: Box<ContainerSpec>,
+        reason: Reason,
+    },
+    StartContainer {
+        name: String,
+        reason: Reason,
+    },
+    RemoveNetwork {
+        name: String,
+    },
 }
 
 impl Step {
@@ -140,7 +162,11 @@ impl fmt::Display for Step {
                 write!(f, "remove container {name} ({reason})")
             }
             Step::CreateContainer { spec, reason } => {
-                write!(f, "create container {} from {} ({reason})", spec.name, spec.image)
+                write!(
+                    f,
+                    "create container {} from {} ({reason})",
+                    spec.name, spec.image
+                )
             }
             Step::StartContainer { name, reason } => write!(f, "start container {name} ({reason})"),
             Step::RemoveNetwork { name } => write!(f, "remove network {name}"),

@@ -24,7 +24,10 @@ fn container(stack: &str, sidecar: &str, role: Role, image: &str, port: u16) -> 
             Role::App => NetworkMode::Container(pause),
         },
         ports: match role {
-            Role::Pause => vec![PortMap { host: port, container: 80 }],
+            Role::Pause => vec![PortMap {
+                host: port,
+                container: 80,
+            }],
             Role::App => vec![],
         },
         health: None,
@@ -50,13 +53,22 @@ fn desired(pods: Vec<PodSpec>) -> Desired {
             if !images.iter().any(|i| i.reference == c.image) {
                 images.push(ImageNeed {
                     reference: c.image.clone(),
-                    source: if c.image.starts_with("soul") { ImageSource::Soul } else { ImageSource::Registry },
+                    source: if c.image.starts_with("soul") {
+                        ImageSource::Soul
+                    } else {
+                        ImageSource::Registry
+                    },
                     used_by: vec![p.sidecar.clone()],
                 });
             }
         }
     }
-    Desired { stack: "home".into(), pods, volumes: vec!["soul-home-data".into()], images }
+    Desired {
+        stack: "home".into(),
+        pods,
+        volumes: vec!["soul-home-data".into()],
+        images,
+    }
 }
 
 /// A model of the engine: applies one step to what is observed.
@@ -83,8 +95,16 @@ fn simulate(o: &mut Observed, step: &Step) {
         }
         Step::RemoveContainer { id, .. } => o.containers.retain(|c| c.id != *id),
         Step::CreateContainer { spec, .. } => {
-            assert!(!o.containers.iter().any(|c| c.name == spec.name), "name clash creating {}", spec.name);
-            assert!(o.images.contains_key(&spec.image), "image {} not present at create", spec.image);
+            assert!(
+                !o.containers.iter().any(|c| c.name == spec.name),
+                "name clash creating {}",
+                spec.name
+            );
+            assert!(
+                o.images.contains_key(&spec.image),
+                "image {} not present at create",
+                spec.image
+            );
             o.containers.push(ObservedContainer {
                 id: format!("c{counter}"),
                 name: spec.name.clone(),
@@ -99,7 +119,11 @@ fn simulate(o: &mut Observed, step: &Step) {
             });
         }
         Step::StartContainer { name, .. } => {
-            let c = o.containers.iter_mut().find(|c| c.name == *name).expect("start of a container that exists");
+            let c = o
+                .containers
+                .iter_mut()
+                .find(|c| c.name == *name)
+                .expect("start of a container that exists");
             c.running = true;
             c.state = "running".into();
         }
@@ -149,57 +173,122 @@ fn converged_plans_nothing() {
 fn situations() {
     type Change = fn(&mut Desired, &mut Observed);
     let table: &[(&str, Change, &[&str])] = &[
-        ("app env changes: only the app is recreated",
-         |d, _| { d.pods[0].containers[1].env.insert("TZ".into(), EnvValue { value: "UTC".into(), sensitive: false }); },
-         &["remove container soul-home-notes-app (config changed)",
-           "create container soul-home-notes-app from nginx:1 (config changed)",
-           "start container soul-home-notes-app (config changed)"]),
-        ("LAN port changes: pause and its dependents are recreated, dependents removed first",
-         |d, _| { d.pods[0].containers[0].ports[0].host = 9000; },
-         &["remove container soul-home-notes-app (pod's pause container is new)",
-           "remove container soul-home-notes-pause (config changed)",
-           "create container soul-home-notes-pause from soul:0 (config changed)",
-           "start container soul-home-notes-pause (config changed)",
-           "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-           "start container soul-home-notes-app (pod's pause container is new)"]),
-        ("app removed by hand: created again",
-         |_, o| { o.containers.retain(|c| c.name != "soul-home-notes-app"); },
-         &["create container soul-home-notes-app from nginx:1 (missing)",
-           "start container soul-home-notes-app (missing)"]),
-        ("app stopped: started",
-         |_, o| { o.containers.iter_mut().filter(|c| c.name == "soul-home-notes-app").for_each(|c| c.running = false); },
-         &["start container soul-home-notes-app (not running)"]),
-        ("pause stopped: started, and the app recreated into its new namespace",
-         |_, o| { o.containers.iter_mut().filter(|c| c.name == "soul-home-notes-pause").for_each(|c| c.running = false); },
-         &["remove container soul-home-notes-app (pod's pause container is new)",
-           "start container soul-home-notes-pause (not running)",
-           "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-           "start container soul-home-notes-app (pod's pause container is new)"]),
-        ("sidecar removed: its containers and network go, the volume stays",
-         |d, _| { d.pods.pop(); },
-         &["remove container soul-home-wiki-pause (no longer declared)",
-           "remove container soul-home-wiki-app (no longer declared)",
-           "remove network soul-home-wiki"]),
-        ("image tag moved: the app is recreated, the pause container is not",
-         |_, o| { o.images.insert("nginx:1".into(), "sha256:new".into()); o.images.insert("soul:0".into(), "sha256:newsoul".into()); },
-         &["remove container soul-home-notes-app (image updated)",
-           "create container soul-home-notes-app from nginx:1 (image updated)",
-           "start container soul-home-notes-app (image updated)",
-           "remove container soul-home-wiki-app (image updated)",
-           "create container soul-home-wiki-app from nginx:1 (image updated)",
-           "start container soul-home-wiki-app (image updated)"]),
-        ("network removed by hand: recreated, and the pod with it",
-         |_, o| { o.networks.remove("soul-home-notes"); },
-         &["create network soul-home-notes",
-           "remove container soul-home-notes-app (pod's pause container is new)",
-           "remove container soul-home-notes-pause (pod network is new)",
-           "create container soul-home-notes-pause from soul:0 (pod network is new)",
-           "start container soul-home-notes-pause (pod network is new)",
-           "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-           "start container soul-home-notes-app (pod's pause container is new)"]),
-        ("a duplicate with a declared name is removed",
-         |_, o| { let mut c = o.containers[1].clone(); c.id = "dup".into(); o.containers.push(c); },
-         &["remove container soul-home-notes-app (no longer declared)"]),
+        (
+            "app env changes: only the app is recreated",
+            |d, _| {
+                d.pods[0].containers[1].env.insert(
+                    "TZ".into(),
+                    EnvValue {
+                        value: "UTC".into(),
+                        sensitive: false,
+                    },
+                );
+            },
+            &[
+                "remove container soul-home-notes-app (config changed)",
+                "create container soul-home-notes-app from nginx:1 (config changed)",
+                "start container soul-home-notes-app (config changed)",
+            ],
+        ),
+        (
+            "LAN port changes: pause and its dependents are recreated, dependents removed first",
+            |d, _| {
+                d.pods[0].containers[0].ports[0].host = 9000;
+            },
+            &[
+                "remove container soul-home-notes-app (pod's pause container is new)",
+                "remove container soul-home-notes-pause (config changed)",
+                "create container soul-home-notes-pause from soul:0 (config changed)",
+                "start container soul-home-notes-pause (config changed)",
+                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
+                "start container soul-home-notes-app (pod's pause container is new)",
+            ],
+        ),
+        (
+            "app removed by hand: created again",
+            |_, o| {
+                o.containers.retain(|c| c.name != "soul-home-notes-app");
+            },
+            &[
+                "create container soul-home-notes-app from nginx:1 (missing)",
+                "start container soul-home-notes-app (missing)",
+            ],
+        ),
+        (
+            "app stopped: started",
+            |_, o| {
+                o.containers
+                    .iter_mut()
+                    .filter(|c| c.name == "soul-home-notes-app")
+                    .for_each(|c| c.running = false);
+            },
+            &["start container soul-home-notes-app (not running)"],
+        ),
+        (
+            "pause stopped: started, and the app recreated into its new namespace",
+            |_, o| {
+                o.containers
+                    .iter_mut()
+                    .filter(|c| c.name == "soul-home-notes-pause")
+                    .for_each(|c| c.running = false);
+            },
+            &[
+                "remove container soul-home-notes-app (pod's pause container is new)",
+                "start container soul-home-notes-pause (not running)",
+                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
+                "start container soul-home-notes-app (pod's pause container is new)",
+            ],
+        ),
+        (
+            "sidecar removed: its containers and network go, the volume stays",
+            |d, _| {
+                d.pods.pop();
+            },
+            &[
+                "remove container soul-home-wiki-pause (no longer declared)",
+                "remove container soul-home-wiki-app (no longer declared)",
+                "remove network soul-home-wiki",
+            ],
+        ),
+        (
+            "image tag moved: the app is recreated, the pause container is not",
+            |_, o| {
+                o.images.insert("nginx:1".into(), "sha256:new".into());
+                o.images.insert("soul:0".into(), "sha256:newsoul".into());
+            },
+            &[
+                "remove container soul-home-notes-app (image updated)",
+                "create container soul-home-notes-app from nginx:1 (image updated)",
+                "start container soul-home-notes-app (image updated)",
+                "remove container soul-home-wiki-app (image updated)",
+                "create container soul-home-wiki-app from nginx:1 (image updated)",
+                "start container soul-home-wiki-app (image updated)",
+            ],
+        ),
+        (
+            "network removed by hand: recreated, and the pod with it",
+            |_, o| {
+                o.networks.remove("soul-home-notes");
+            },
+            &[
+                "create network soul-home-notes",
+                "remove container soul-home-notes-app (pod's pause container is new)",
+                "remove container soul-home-notes-pause (pod network is new)",
+                "create container soul-home-notes-pause from soul:0 (pod network is new)",
+                "start container soul-home-notes-pause (pod network is new)",
+                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
+                "start container soul-home-notes-app (pod's pause container is new)",
+            ],
+        ),
+        (
+            "a duplicate with a declared name is removed",
+            |_, o| {
+                let mut c = o.containers[1].clone();
+                c.id = "dup".into();
+                o.containers.push(c);
+            },
+            &["remove container soul-home-notes-app (no longer declared)"],
+        ),
     ];
     for (what, change, expect) in table {
         let mut d = desired(vec![pod("notes", 8443), pod("wiki", 8444)]);
@@ -219,7 +308,11 @@ fn a_missing_image_comes_before_anything_is_touched() {
     let mut o = Observed::default();
     converge(&d, &mut o);
     d.pods[0].containers[1].image = "nginx:2".into();
-    d.images.push(ImageNeed { reference: "nginx:2".into(), source: ImageSource::Registry, used_by: vec!["notes".into()] });
+    d.images.push(ImageNeed {
+        reference: "nginx:2".into(),
+        source: ImageSource::Registry,
+        used_by: vec!["notes".into()],
+    });
     let p = plan(&d, &o);
     assert!(matches!(&p.steps[0], Step::PullImage { image, .. } if image == "nginx:2"));
     assert!(p.steps[1..].iter().all(|s| !s.is_image()));
@@ -228,7 +321,13 @@ fn a_missing_image_comes_before_anything_is_touched() {
 #[test]
 fn plan_output_never_shows_env_values() {
     let mut d = desired(vec![pod("notes", 8443)]);
-    d.pods[0].containers[1].env.insert("DB_PASSWORD".into(), EnvValue { value: "hunter2".into(), sensitive: true });
+    d.pods[0].containers[1].env.insert(
+        "DB_PASSWORD".into(),
+        EnvValue {
+            value: "hunter2".into(),
+            sensitive: true,
+        },
+    );
     let p = plan(&d, &Observed::default());
     let text = summary(&p).join("\n");
     assert!(!text.contains("hunter2"));

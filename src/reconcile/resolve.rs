@@ -74,7 +74,9 @@ pub enum ResolveError {
         source: std::io::Error,
     },
     /// An `env … from-env=` names a variable soul's environment lacks.
-    #[error("sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file=")]
+    #[error(
+        "sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file="
+    )]
     EnvVar {
         sidecar: String,
         env: String,
@@ -89,8 +91,9 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
     let mut pods = Vec::new();
     let mut volumes = Vec::new();
     let mut images: Vec<ImageNeed> = Vec::new();
-    let mut need = |reference: &str, sidecar: &str| {
-        match images.iter_mut().find(|n| n.reference == reference) {
+    let mut need =
+        |reference: &str, sidecar: &str| match images.iter_mut().find(|n| n.reference == reference)
+        {
             Some(n) if !n.used_by.iter().any(|s| s == sidecar) => n.used_by.push(sidecar.into()),
             Some(_) => {}
             None => images.push(ImageNeed {
@@ -102,8 +105,7 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
                 },
                 used_by: vec![sidecar.into()],
             }),
-        }
-    };
+        };
 
     for (i, sidecar) in stack.sidecars.iter().enumerate() {
         let pause_name = container_name(&stack.stack, &sidecar.name, Role::Pause);
@@ -166,7 +168,10 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
             mounts,
             network_mode: NetworkMode::Container(pause_name),
             ports: Vec::new(),
-            health: sidecar.health.as_ref().map(|h| health_check(h, &sidecar.image)),
+            health: sidecar
+                .health
+                .as_ref()
+                .map(|h| health_check(h, &sidecar.image)),
             restart: RESTART_POLICY.into(),
         };
         need(&app.image, &sidecar.name);
@@ -196,15 +201,14 @@ fn env_of(
                 sensitive: false,
             },
             EnvSource::File(path) => {
-                let content =
-                    machine
-                        .read_file(path)
-                        .map_err(|source| ResolveError::EnvFile {
-                            sidecar: sidecar.name.clone(),
-                            env: e.name.clone(),
-                            path: path.into(),
-                            source,
-                        })?;
+                let content = machine
+                    .read_file(path)
+                    .map_err(|source| ResolveError::EnvFile {
+                        sidecar: sidecar.name.clone(),
+                        env: e.name.clone(),
+                        path: path.into(),
+                        source,
+                    })?;
                 // Secret files usually end with one newline that is not part of the secret.
                 let value = content
                     .strip_suffix('\n')
@@ -272,7 +276,10 @@ mod tests {
         fn read_file(&self, path: &str) -> std::io::Result<String> {
             match path {
                 "/run/secrets/db" => Ok("s3cret\n".into()),
-                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file",
+                )),
             }
         }
         fn env_var(&self, name: &str) -> Option<String> {
@@ -307,9 +314,18 @@ sidecar "demo" {
         assert_eq!(notes.network, "soul-home-notes");
         let (pause, app) = (&notes.containers[0], &notes.containers[1]);
         assert_eq!(pause.role, Role::Pause);
-        assert_eq!(pause.ports, vec![PortMap { host: 8443, container: 80 }]);
+        assert_eq!(
+            pause.ports,
+            vec![PortMap {
+                host: 8443,
+                container: 80
+            }]
+        );
         assert_eq!(d.pods[1].containers[0].ports[0].host, 8444);
-        assert_eq!(app.network_mode, NetworkMode::Container("soul-home-notes-pause".into()));
+        assert_eq!(
+            app.network_mode,
+            NetworkMode::Container("soul-home-notes-pause".into())
+        );
         assert_eq!(app.env["DB"].value, "s3cret");
         assert!(app.env["DB"].sensitive && app.env["API"].sensitive && !app.env["TZ"].sensitive);
         assert_eq!(app.mounts[0].source, "soul-home-data");
@@ -317,9 +333,15 @@ sidecar "demo" {
         assert_eq!(app.restart, "unless-stopped");
         assert!(app.health.as_ref().unwrap().test[1].contains("curl"));
         let demo_app = &d.pods[1].containers[1];
-        assert_eq!(demo_app.health.as_ref().unwrap().test[..3], ["CMD", "/soul", "probe"]);
-        let refs: Vec<(&str, ImageSource)> =
-            d.images.iter().map(|i| (i.reference.as_str(), i.source)).collect();
+        assert_eq!(
+            demo_app.health.as_ref().unwrap().test[..3],
+            ["CMD", "/soul", "probe"]
+        );
+        let refs: Vec<(&str, ImageSource)> = d
+            .images
+            .iter()
+            .map(|i| (i.reference.as_str(), i.source))
+            .collect();
         assert!(refs.contains(&("nginx:1", ImageSource::Registry)));
         assert!(refs.contains(&("soul:latest", ImageSource::Soul)));
         let soul = SoulImage::current().reference;
@@ -332,9 +354,14 @@ sidecar "demo" {
         let src = SRC.replace("/run/secrets/db", "/nope");
         let stack = parse("s", &src).unwrap();
         let e = resolve(&stack, &Fake).unwrap_err().to_string();
-        assert!(e.contains("notes") && e.contains("DB") && e.contains("/nope"), "{e}");
+        assert!(
+            e.contains("notes") && e.contains("DB") && e.contains("/nope"),
+            "{e}"
+        );
         let src = SRC.replace("from-env=\"KEY\"", "from-env=\"MISSING\"");
-        let e = resolve(&parse("s", &src).unwrap(), &Fake).unwrap_err().to_string();
+        let e = resolve(&parse("s", &src).unwrap(), &Fake)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MISSING") && e.contains("API"), "{e}");
     }
 

@@ -48,7 +48,10 @@ pub fn soul_rootfs() -> io::Result<Vec<(PathBuf, String)>> {
         }
     }
     if let Some(interp) = elf_interpreter(&exe)? {
-        files.push((PathBuf::from(&interp), interp.trim_start_matches('/').to_string()));
+        files.push((
+            PathBuf::from(&interp),
+            interp.trim_start_matches('/').to_string(),
+        ));
     }
     for lib in libs {
         files.push((PathBuf::from(&lib), lib.trim_start_matches('/').to_string()));
@@ -59,7 +62,11 @@ pub fn soul_rootfs() -> io::Result<Vec<(PathBuf, String)>> {
 /// The program interpreter (`PT_INTERP`) of a 64-bit little-endian ELF file, if it has one.
 fn elf_interpreter(path: &Path) -> io::Result<Option<String>> {
     let bytes = std::fs::read(path)?;
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |o: usize| {
         bytes
             .get(o..o + 4)
@@ -85,8 +92,12 @@ fn elf_interpreter(path: &Path) -> io::Result<Option<String>> {
             let (Some(off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
                 return Ok(None);
             };
-            let raw = bytes.get(off as usize..(off + size) as usize).unwrap_or(&[]);
-            let s = String::from_utf8_lossy(raw).trim_end_matches('\0').to_string();
+            let raw = bytes
+                .get(off as usize..(off + size) as usize)
+                .unwrap_or(&[]);
+            let s = String::from_utf8_lossy(raw)
+                .trim_end_matches('\0')
+                .to_string();
             return Ok((!s.is_empty()).then_some(s));
         }
     }
@@ -100,7 +111,11 @@ fn context() -> io::Result<Vec<u8>> {
     let lib_dirs: BTreeSet<String> = files
         .iter()
         .skip(1)
-        .filter_map(|(_, inside)| Path::new(inside).parent().map(|d| format!("/{}", d.display())))
+        .filter_map(|(_, inside)| {
+            Path::new(inside)
+                .parent()
+                .map(|d| format!("/{}", d.display()))
+        })
         .collect();
     let dockerfile = format!(
         "FROM scratch\nCOPY rootfs/ /\nENV LD_LIBRARY_PATH={}\nLABEL {SOUL_BINARY_LABEL}=\"{id}\" org.opencontainers.image.title=\"soul\"\nENTRYPOINT [\"/soul\"]\nCMD [\"pause\"]\n",
@@ -126,7 +141,8 @@ pub async fn build(docker: &Docker, tags: &[String]) -> Result<(), RuntimeError>
     let Some(first) = tags.first() else {
         return Ok(());
     };
-    let body = context().map_err(|e| RuntimeError::Build(format!("cannot pack this binary: {e}")))?;
+    let body =
+        context().map_err(|e| RuntimeError::Build(format!("cannot pack this binary: {e}")))?;
     let options = BuildImageOptionsBuilder::default()
         .t(first)
         .rm(true)
@@ -148,7 +164,6 @@ pub async fn build(docker: &Docker, tags: &[String]) -> Result<(), RuntimeError>
         let (r, tag) = extra.split_once(':').unwrap_or((extra, "latest"));
         let options = TagImageOptionsBuilder::default().repo(r).tag(tag).build();
         docker.tag_image(first, Some(options)).await?;
-
     }
     Ok(())
 }
@@ -162,8 +177,15 @@ mod tests {
         let files = soul_rootfs().expect("rootfs");
         assert_eq!(files[0].1, "soul");
         if let Some(interp) = elf_interpreter(&std::env::current_exe().unwrap()).unwrap() {
-            assert!(files.iter().any(|(_, inside)| format!("/{inside}") == interp));
-            assert!(files.iter().any(|(_, inside)| inside.contains("libc.so")), "{files:?}");
+            assert!(
+                files
+                    .iter()
+                    .any(|(_, inside)| format!("/{inside}") == interp)
+            );
+            assert!(
+                files.iter().any(|(_, inside)| inside.contains("libc.so")),
+                "{files:?}"
+            );
         }
         for (host, _) in &files {
             assert!(host.exists(), "{host:?}");

@@ -94,7 +94,8 @@ impl Docker {
     /// Connects and agrees on an API version; an engine that does not answer is
     /// [`RuntimeError::Unreachable`].
     pub async fn connect() -> Result<Docker, RuntimeError> {
-        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let host =
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
         let unreachable = |source| RuntimeError::Unreachable {
             host: host.clone(),
             source,
@@ -109,7 +110,10 @@ impl Docker {
     }
 
     fn stack_filter(stack: &str) -> HashMap<String, Vec<String>> {
-        HashMap::from([("label".to_string(), vec![format!("{}={stack}", label::STACK)])])
+        HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={stack}", label::STACK)],
+        )])
     }
 
     /// Lists this stack's containers (running or not), networks and volumes.
@@ -144,14 +148,22 @@ impl Docker {
             .collect();
         let networks = self
             .docker
-            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
             .await?
             .into_iter()
             .filter_map(|n| n.name)
             .collect();
         let volumes = self
             .docker
-            .list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filters).build()))
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
             .await?
             .volumes
             .unwrap_or_default()
@@ -190,7 +202,9 @@ impl Docker {
     /// Pulls an image, showing progress when stdout is a terminal.
     pub async fn pull_image(&self, reference: &str) -> Result<(), RuntimeError> {
         let tty = std::io::stdout().is_terminal();
-        let options = CreateImageOptionsBuilder::default().from_image(reference).build();
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(reference)
+            .build();
         let mut stream = self.docker.create_image(Some(options), None, None);
         let mut last = String::new();
         while let Some(item) = stream.next().await {
@@ -241,7 +255,12 @@ impl Docker {
         Ok(())
     }
 
-    pub async fn create_network(&self, name: &str, stack: &str, sidecar: &str) -> Result<(), RuntimeError> {
+    pub async fn create_network(
+        &self,
+        name: &str,
+        stack: &str,
+        sidecar: &str,
+    ) -> Result<(), RuntimeError> {
         self.docker
             .create_network(NetworkCreateRequest {
                 name: name.into(),
@@ -257,7 +276,9 @@ impl Docker {
     }
 
     pub async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-        let options = CreateContainerOptionsBuilder::default().name(&spec.name).build();
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
         self.docker
             .create_container(Some(options), create_body(spec))
             .await?;
@@ -324,7 +345,11 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                     )
                 })
                 .collect();
-            let exposed = spec.ports.iter().map(|p| format!("{}/tcp", p.container)).collect();
+            let exposed = spec
+                .ports
+                .iter()
+                .map(|p| format!("{}/tcp", p.container))
+                .collect();
             (net.clone(), Some(bindings), Some(exposed))
         }
         NetworkMode::Container(owner) => (format!("container:{owner}"), None, None),
@@ -393,8 +418,14 @@ mod tests {
 
     #[test]
     fn health_from_status_line() {
-        assert_eq!(health_of_status("Up 3 minutes (healthy)").as_deref(), Some("healthy"));
-        assert_eq!(health_of_status("Up 1 second (health: starting)").as_deref(), Some("starting"));
+        assert_eq!(
+            health_of_status("Up 3 minutes (healthy)").as_deref(),
+            Some("healthy")
+        );
+        assert_eq!(
+            health_of_status("Up 1 second (health: starting)").as_deref(),
+            Some("starting")
+        );
         assert_eq!(health_of_status("Up 3 minutes"), None);
         assert_eq!(health_of_status("Exited (0) 3 seconds ago"), None);
     }

@@ -92,7 +92,10 @@ impl Diagnostics {
             };
             if handler.render_report(&mut out, &report).is_err() {
                 let (line, col) = self.line_col(problem.span.offset);
-                out.push_str(&format!("{}:{line}:{col}: {}\n", self.path, problem.message));
+                out.push_str(&format!(
+                    "{}:{line}:{col}: {}\n",
+                    self.path, problem.message
+                ));
             }
             out.push('\n');
         }
@@ -158,10 +161,9 @@ impl MietteDiagnostic for Located<'_> {
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
         let label = self.problem.label.clone().unwrap_or_else(|| "here".into());
-        Some(Box::new(std::iter::once(miette::LabeledSpan::new_with_span(
-            Some(label),
-            self.problem.span,
-        ))))
+        Some(Box::new(std::iter::once(
+            miette::LabeledSpan::new_with_span(Some(label), self.problem.span),
+        )))
     }
 }
 

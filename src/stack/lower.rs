@@ -149,7 +149,14 @@ const TRANSPORT: &[Shape] = &[
     Shape {
         name: "headscale",
         args: Args::None,
-        props: &["url", "authkey-file", "tags", "hostname", "image", "userspace"],
+        props: &[
+            "url",
+            "authkey-file",
+            "tags",
+            "hostname",
+            "image",
+            "userspace",
+        ],
         children: OVERLAY_CHILDREN,
         into: Place::Object("headscale"),
         example: "headscale url=\"https://hs.example.com\" authkey-file=\"/run/secrets/hs\"",
@@ -323,14 +330,20 @@ fn lower_node(
     };
     spans.insert(here.clone(), name_span);
 
-    let args: Vec<&KdlEntry> = node.entries().iter().filter(|e| e.name().is_none()).collect();
-    let props: Vec<&KdlEntry> = node.entries().iter().filter(|e| e.name().is_some()).collect();
+    let args: Vec<&KdlEntry> = node
+        .entries()
+        .iter()
+        .filter(|e| e.name().is_none())
+        .collect();
+    let props: Vec<&KdlEntry> = node
+        .entries()
+        .iter()
+        .filter(|e| e.name().is_some())
+        .collect();
 
     if let Place::Value(_) = shape.into {
         let v = match shape.args {
-            Args::Rest => {
-                Value::Array(args.iter().map(|e| json_of(e.value())).collect())
-            }
+            Args::Rest => Value::Array(args.iter().map(|e| json_of(e.value())).collect()),
             _ => match args.as_slice() {
                 [one] => {
                     check_literal_secret(one, problems);
@@ -364,8 +377,11 @@ fn lower_node(
         }
         if let Some(children) = node.children() {
             problems.push(
-                Problem::new(Span::from(children.span()), format!("`{}` takes no children block", shape.name))
-                    .help(format!("write it as `{}`", shape.example)),
+                Problem::new(
+                    Span::from(children.span()),
+                    format!("`{}` takes no children block", shape.name),
+                )
+                .help(format!("write it as `{}`", shape.example)),
             );
         }
         parent.insert(key.to_string(), v);
@@ -377,8 +393,11 @@ fn lower_node(
         Args::None | Args::Rest => {
             if let Some(extra) = args.first() {
                 problems.push(
-                    Problem::new(Span::from(extra.span()), format!("`{}` takes no arguments", shape.name))
-                        .help(format!("write it as `{}`", shape.example)),
+                    Problem::new(
+                        Span::from(extra.span()),
+                        format!("`{}` takes no arguments", shape.name),
+                    )
+                    .help(format!("write it as `{}`", shape.example)),
                 );
             }
         }
@@ -418,11 +437,22 @@ fn lower_node(
     if let Some(children) = node.children() {
         if shape.children.is_empty() {
             problems.push(
-                Problem::new(Span::from(children.span()), format!("`{}` takes no children block", shape.name))
-                    .help(format!("write it as `{}`", shape.example)),
+                Problem::new(
+                    Span::from(children.span()),
+                    format!("`{}` takes no children block", shape.name),
+                )
+                .help(format!("write it as `{}`", shape.example)),
             );
         } else {
-            lower_children(children, shape.children, shape.name, &here, &mut obj, spans, problems);
+            lower_children(
+                children,
+                shape.children,
+                shape.name,
+                &here,
+                &mut obj,
+                spans,
+                problems,
+            );
         }
     }
 
@@ -452,17 +482,26 @@ fn unknown_prop(entry: &KdlEntry, shape: &Shape) -> Problem {
         } else {
             format!("{pname}-file")
         };
-        return Problem::new(span, format!("`{pname}=` would put a secret in stack.kdl, which is committed to git"))
-            .label("literal secret")
-            .help(format!(
-                "keep the secret in a file on the machine and use {file_form}=\"/run/secrets/…\""
-            ));
+        return Problem::new(
+            span,
+            format!("`{pname}=` would put a secret in stack.kdl, which is committed to git"),
+        )
+        .label("literal secret")
+        .help(format!(
+            "keep the secret in a file on the machine and use {file_form}=\"/run/secrets/…\""
+        ));
     }
-    let mut p = Problem::new(span, format!("unknown property `{pname}=` on `{}`", shape.name))
-        .label("not known");
+    let mut p = Problem::new(
+        span,
+        format!("unknown property `{pname}=` on `{}`", shape.name),
+    )
+    .label("not known");
     p = match did_you_mean(pname, shape.props) {
         Some(s) => p.help(format!("did you mean `{s}=`?")),
-        None if shape.props.is_empty() => p.help(format!("`{}` takes no properties; write it as `{}`", shape.name, shape.example)),
+        None if shape.props.is_empty() => p.help(format!(
+            "`{}` takes no properties; write it as `{}`",
+            shape.name, shape.example
+        )),
         None => p.help(format!("known here: {}", shape.props.join(", "))),
     };
     p

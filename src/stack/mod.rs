@@ -120,8 +120,10 @@ pub fn schema_json() -> String {
 fn schema_problems(value: &Value, spans: &lower::SpanMap) -> Vec<Problem> {
     static VALIDATOR: OnceLock<Option<jsonschema::Validator>> = OnceLock::new();
     let Some(validator) = VALIDATOR.get_or_init(|| jsonschema::validator_for(schema()).ok()) else {
-        return vec![Problem::new(Span::default(), "soul's own JSON Schema failed to compile")
-            .help("this is a bug in soul; please report it")];
+        return vec![
+            Problem::new(Span::default(), "soul's own JSON Schema failed to compile")
+                .help("this is a bug in soul; please report it"),
+        ];
     };
     validator
         .iter_errors(value)
@@ -147,7 +149,11 @@ fn schema_message(pointer: &str, message: &str) -> String {
         [] => String::new(),
         [field] => format!("`{field}`: "),
         ["sidecars", i, rest @ ..] | ["devices", i, rest @ ..] => {
-            let kind = if parts[0] == "sidecars" { "sidecar" } else { "device" };
+            let kind = if parts[0] == "sidecars" {
+                "sidecar"
+            } else {
+                "device"
+            };
             let n = i.parse::<usize>().map_or(0, |n| n + 1);
             if rest.is_empty() {
                 format!("{kind} #{n}: ")

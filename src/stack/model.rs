@@ -338,7 +338,8 @@ impl Stack {
     /// Whether a transport is declared (`lan` is implicit when `transport` is absent).
     pub fn declares(&self, kind: TransportKind) -> bool {
         let Some(t) = &self.transport else {
-            return kind == TransportKind::Lan || (kind == TransportKind::Relay && self.relay.is_some());
+            return kind == TransportKind::Lan
+                || (kind == TransportKind::Relay && self.relay.is_some());
         };
         match kind {
             TransportKind::Lan => t.lan.is_some(),
@@ -401,7 +402,10 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("90d"), Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(
+            parse_duration("90d"),
+            Some(Duration::from_secs(90 * 86_400))
+        );
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("3w"), None);

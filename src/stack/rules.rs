@@ -65,8 +65,11 @@ fn ports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
         };
         if s.lan_port.is_none() && *port == u16::MAX && i > 0 {
             problems.push(
-                Problem::new(spans.get(&pointer), format!("sidecar `{}` would get a LAN port above 65535", s.name))
-                    .help("lower `lan port=` or give this sidecar its own `lan-port`"),
+                Problem::new(
+                    spans.get(&pointer),
+                    format!("sidecar `{}` would get a LAN port above 65535", s.name),
+                )
+                .help("lower `lan port=` or give this sidecar its own `lan-port`"),
             );
         }
         if let Some(first) = seen.insert(*port, i) {
@@ -98,18 +101,32 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
         for (i, kind) in order.iter().enumerate() {
             let span = spans.get(&format!("/transport/order/{i}"));
             if seen.contains(kind) {
-                problems.push(Problem::new(span, format!("`{}` appears twice in `order`", kind.as_str())).help("list each transport once"));
+                problems.push(
+                    Problem::new(
+                        span,
+                        format!("`{}` appears twice in `order`", kind.as_str()),
+                    )
+                    .help("list each transport once"),
+                );
             }
             seen.push(*kind);
             if !stack.declares(*kind) {
                 let how = match kind {
-                    TransportKind::Relay => "add a top-level `relay \"host:port\" token-file=…`".to_string(),
-                    k => format!("declare `{}` inside `transport {{ … }}` or drop it from `order`", k.as_str()),
+                    TransportKind::Relay => {
+                        "add a top-level `relay \"host:port\" token-file=…`".to_string()
+                    }
+                    k => format!(
+                        "declare `{}` inside `transport {{ … }}` or drop it from `order`",
+                        k.as_str()
+                    ),
                 };
                 problems.push(
-                    Problem::new(span, format!("`order` names `{}`, which is not declared", kind.as_str()))
-                        .label("not declared")
-                        .help(how),
+                    Problem::new(
+                        span,
+                        format!("`order` names `{}`, which is not declared", kind.as_str()),
+                    )
+                    .label("not declared")
+                    .help(how),
                 );
             }
         }
@@ -164,9 +181,17 @@ fn sidecar_details(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) 
 
 fn looks_like_secret_name(name: &str) -> bool {
     let n = name.to_ascii_uppercase();
-    ["PASSWORD", "SECRET", "TOKEN", "AUTHKEY", "AUTH_KEY", "API_KEY", "PRIVATE_KEY"]
-        .iter()
-        .any(|s| n.contains(s))
+    [
+        "PASSWORD",
+        "SECRET",
+        "TOKEN",
+        "AUTHKEY",
+        "AUTH_KEY",
+        "API_KEY",
+        "PRIVATE_KEY",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
         && !n.ends_with("_FILE")
 }
 

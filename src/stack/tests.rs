@@ -58,14 +58,21 @@ fn the_format_example_parses_to_the_model() {
     assert_eq!(s.stack, "home");
     let notes = &s.sidecars[0];
     assert_eq!(notes.port, 8080);
-    assert_eq!(notes.command.as_deref(), Some(&["serve".to_string(), "--port=8080".into()][..]));
+    assert_eq!(
+        notes.command.as_deref(),
+        Some(&["serve".to_string(), "--port=8080".into()][..])
+    );
     assert_eq!(notes.env[1].source(), EnvSource::File("/run/secrets/db"));
     assert_eq!(notes.env[2].source(), EnvSource::FromEnv("NOTES_API_KEY"));
     assert!(notes.volumes[1].read_only && notes.volumes[1].is_bind());
     assert_eq!(notes.health.as_ref().and_then(|h| h.retries), Some(3));
     assert_eq!(
         s.transport_order(),
-        vec![TransportKind::Lan, TransportKind::Tailscale, TransportKind::Relay]
+        vec![
+            TransportKind::Lan,
+            TransportKind::Tailscale,
+            TransportKind::Relay
+        ]
     );
     assert_eq!(s.devices[1].generation, 2);
     assert_eq!(s.devices[0].generation, 1);
@@ -136,7 +143,8 @@ fn literal_secrets_are_refused_with_the_file_form() {
 
 #[test]
 fn schema_errors_point_at_the_value() {
-    let (l, c, m, h) = one_problem("stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port 70000\n}\n");
+    let (l, c, m, h) =
+        one_problem("stack \"home\"\nsidecar \"x\" {\n  image \"i\"\n  port 70000\n}\n");
     assert_eq!((l, c), (4, 8));
     assert!(m.contains("port") && m.contains("65535"), "{m}");
     assert_eq!(h, "ports are 1–65535");
@@ -150,7 +158,8 @@ fn schema_errors_point_at_the_value() {
     assert!(m.contains("image"), "{m}");
     assert!(h.contains("image \""), "{h}");
 
-    let (_, _, m, _) = one_problem("stack \"home\"\nsidecar \"x\" { image \"i\"; port \"eighty\"; }\n");
+    let (_, _, m, _) =
+        one_problem("stack \"home\"\nsidecar \"x\" { image \"i\"; port \"eighty\"; }\n");
     assert!(m.contains("integer"), "{m}");
 }
 
@@ -166,18 +175,51 @@ fn missing_stack_and_sidecars_are_both_reported() {
 fn semantic_rules() {
     let base = "stack \"home\"\n";
     let cases: &[(&str, &str)] = &[
-        ("sidecar \"x\" { image \"i\"; port 80; }\nsidecar \"x\" { image \"i\"; port 81; }\n", "declared twice"),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\nsidecar \"x\" { image \"i\"; port 81; }\n",
+            "declared twice",
+        ),
         ("sidecar \"x\" { image \"i\"; port 8443; }\n", "gate's port"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\nsidecar \"y\" { image \"i\"; port 81; lan-port 8443; }\n", "LAN port 8443"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\ntransport { order \"lan\" \"tor\"; lan; }\n", "not declared"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\ntransport { tailscale; headscale url=\"https://h\"; }\n", "cannot both"),
-        ("sidecar \"x\" { image \"i\"; port 80; env \"A\" \"v\" file=\"/f\"; }\n", "exactly one"),
-        ("sidecar \"x\" { image \"i\"; port 80; health; }\n", "either a URL"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\"\ndevice \"a\"\n", "declared twice"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\" expires=\"9y\"\n", "does not match"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\nstack \"again\"\n", "only once"),
-        ("sidecar \"x\" { image \"i\"; port 80; bogus 1; }\n", "unknown node"),
-        ("sidecar \"x\" { image \"i\"; port 80; }\ntransport { order \"lan\" \"carrier-pigeon\"; }\n", "carrier-pigeon"),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\nsidecar \"y\" { image \"i\"; port 81; lan-port 8443; }\n",
+            "LAN port 8443",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ntransport { order \"lan\" \"tor\"; lan; }\n",
+            "not declared",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ntransport { tailscale; headscale url=\"https://h\"; }\n",
+            "cannot both",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; env \"A\" \"v\" file=\"/f\"; }\n",
+            "exactly one",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; health; }\n",
+            "either a URL",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\"\ndevice \"a\"\n",
+            "declared twice",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\" expires=\"9y\"\n",
+            "does not match",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\nstack \"again\"\n",
+            "only once",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; bogus 1; }\n",
+            "unknown node",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ntransport { order \"lan\" \"carrier-pigeon\"; }\n",
+            "carrier-pigeon",
+        ),
     ];
     for (body, expect) in cases {
         let src = format!("{base}{body}");
@@ -187,7 +229,10 @@ fn semantic_rules() {
             "for {body:?} expected a problem containing {expect:?}, got {ps:#?}"
         );
         for (l, c, _, _) in &ps {
-            assert!(*l >= 2 && *c >= 1, "problem should point into the body: {ps:#?}");
+            assert!(
+                *l >= 2 && *c >= 1,
+                "problem should point into the body: {ps:#?}"
+            );
         }
     }
 }
@@ -202,8 +247,11 @@ fn every_error_is_reported_in_one_run() {
 
 #[test]
 fn rendering_shows_file_line_column_source_and_caret() {
-    let d = parse("stack.kdl", "stack \"home\"\nsidecar \"x\" { image \"i\"; port 80; }\ndevic \"a\"\n")
-        .expect_err("invalid");
+    let d = parse(
+        "stack.kdl",
+        "stack \"home\"\nsidecar \"x\" { image \"i\"; port 80; }\ndevic \"a\"\n",
+    )
+    .expect_err("invalid");
     let out = d.render(false);
     assert!(out.contains("stack.kdl:3:1"), "{out}");
     assert!(out.contains("devic \"a\""), "{out}");
@@ -214,12 +262,23 @@ fn rendering_shows_file_line_column_source_and_caret() {
 #[test]
 fn bad_input_never_panics() {
     let samples = [
-        "", "stack", "stack 1", "stack #null", "sidecar", "sidecar \"x\" 1 2 3 { }",
+        "",
+        "stack",
+        "stack 1",
+        "stack #null",
+        "sidecar",
+        "sidecar \"x\" 1 2 3 { }",
         "stack \"a\"\nsidecar \"x\" { image; port; command; env; volume; health 1 2; }",
-        "transport { lan 1 { x } }", "gate port=-1", "device \"a\" generation=99999999999999999999999",
-        "stack \"a\" { sidecar \"x\" }", "(t)stack \"a\"", "stack \"a\"\nsidecar \"x\" { port 1.5; image #true; }",
+        "transport { lan 1 { x } }",
+        "gate port=-1",
+        "device \"a\" generation=99999999999999999999999",
+        "stack \"a\" { sidecar \"x\" }",
+        "(t)stack \"a\"",
+        "stack \"a\"\nsidecar \"x\" { port 1.5; image #true; }",
     ];
     for s in samples {
-        let _ = parse("stack.kdl", s).map(|_| ()).map_err(|d| d.render(false));
+        let _ = parse("stack.kdl", s)
+            .map(|_| ())
+            .map_err(|d| d.render(false));
     }
 }

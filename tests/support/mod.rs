@@ -20,7 +20,8 @@ pub fn repo() -> PathBuf {
 
 /// Runs a command and returns its output, panicking with context if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 pub fn text(o: &Output) -> String {
@@ -62,11 +63,20 @@ pub fn ensure_images() {
     with_file_lock("images", || {
         if docker_ok(&["image", "inspect", NGINX]).is_none() {
             let o = run(Command::new("bash").arg(repo().join(".ci/test-images.sh")));
-            assert!(o.status.success(), "building test images failed:\n{}", text(&o));
+            assert!(
+                o.status.success(),
+                "building test images failed:\n{}",
+                text(&o)
+            );
         }
         // `soul apply` builds soul's image when it is missing or stale; building it once
         // here keeps parallel tests from all building it at the same time.
-        let o = run(Command::new(SOUL).arg("plan").arg("-f").arg(repo().join("stack.kdl")).arg("--output").arg("json"));
+        let o = run(Command::new(SOUL)
+            .arg("plan")
+            .arg("-f")
+            .arg(repo().join("stack.kdl"))
+            .arg("--output")
+            .arg("json"));
         let stale = String::from_utf8_lossy(&o.stdout).contains("build-soul-image");
         if stale {
             let o = run(Command::new(SOUL).arg("image"));
@@ -96,13 +106,21 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String
 }
 
 fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -143,7 +161,11 @@ impl TestStack {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(SOUL);
-        cmd.arg("-f").arg(self.file()).arg("--state-dir").arg(self.state()).args(args);
+        cmd.arg("-f")
+            .arg(self.file())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args);
         cmd
     }
 
@@ -166,29 +188,50 @@ impl TestStack {
     /// Every container carrying this stack's label: (name, id).
     pub fn containers(&self) -> Vec<(String, String)> {
         let out = docker(&[
-            "ps", "-a", "--filter", &format!("label=dev.soul.stack={}", self.name),
-            "--format", "{{.Names}} {{.ID}}",
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=dev.soul.stack={}", self.name),
+            "--format",
+            "{{.Names}} {{.ID}}",
         ]);
         let mut v: Vec<(String, String)> = out
             .lines()
-            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         v.sort();
         v
     }
 
     pub fn networks(&self) -> Vec<String> {
-        docker(&["network", "ls", "--filter", &format!("label=dev.soul.stack={}", self.name), "--format", "{{.Name}}"])
-            .lines()
-            .map(String::from)
-            .collect()
+        docker(&[
+            "network",
+            "ls",
+            "--filter",
+            &format!("label=dev.soul.stack={}", self.name),
+            "--format",
+            "{{.Name}}",
+        ])
+        .lines()
+        .map(String::from)
+        .collect()
     }
 
     pub fn volumes(&self) -> Vec<String> {
-        docker(&["volume", "ls", "--filter", &format!("label=dev.soul.stack={}", self.name), "--format", "{{.Name}}"])
-            .lines()
-            .map(String::from)
-            .collect()
+        docker(&[
+            "volume",
+            "ls",
+            "--filter",
+            &format!("label=dev.soul.stack={}", self.name),
+            "--format",
+            "{{.Name}}",
+        ])
+        .lines()
+        .map(String::from)
+        .collect()
     }
 }
 
@@ -209,10 +252,14 @@ impl Drop for TestStack {
 pub fn events_between(stack: &str, since: f64, until: f64) -> Vec<String> {
     docker(&[
         "events",
-        "--since", &format!("{since:.3}"),
-        "--until", &format!("{until:.3}"),
-        "--filter", &format!("label=dev.soul.stack={stack}"),
-        "--format", "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+        "--since",
+        &format!("{since:.3}"),
+        "--until",
+        &format!("{until:.3}"),
+        "--filter",
+        &format!("label=dev.soul.stack={stack}"),
+        "--format",
+        "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
     ])
     .lines()
     .map(String::from)
