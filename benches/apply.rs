@@ -16,7 +16,10 @@ const SIDECARS: usize = 10;
 const RUNS: usize = 10;
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     if wants("plan") {
         bench_plan();
@@ -53,9 +56,20 @@ fn bench_plan() {
     let plan = reconcile::plan(&desired, &Observed::default());
     let fresh = from_nothing.elapsed();
     println!("plan(): 100 sidecars, 1,000 devices");
-    println!("  converged plan: {:.3} ms per plan (goal < 5 ms: {})", ms(per_plan), verdict(per_plan < Duration::from_millis(5)));
-    println!("  plan from nothing ({} steps): {:.3} ms", plan.steps.len(), ms(fresh));
-    println!("  parse + validate of that stack.kdl: {:.3} ms", ms(parse_time));
+    println!(
+        "  converged plan: {:.3} ms per plan (goal < 5 ms: {})",
+        ms(per_plan),
+        verdict(per_plan < Duration::from_millis(5))
+    );
+    println!(
+        "  plan from nothing ({} steps): {:.3} ms",
+        plan.steps.len(),
+        ms(fresh)
+    );
+    println!(
+        "  parse + validate of that stack.kdl: {:.3} ms",
+        ms(parse_time)
+    );
 }
 
 /// What the engine would report once `desired` is applied.
@@ -100,12 +114,20 @@ fn bench_apply_vs_compose() {
     let state = dir.join("state");
     let soul = |args: &[&str]| {
         let mut c = Command::new(SOUL);
-        c.arg("-f").arg(&stack).arg("--state-dir").arg(&state).args(args);
+        c.arg("-f")
+            .arg(&stack)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args);
         c
     };
     let compose_cmd = |args: &[&str]| {
         let mut c = Command::new("docker-compose");
-        c.arg("-f").arg(&compose).arg("-p").arg("soulbench").args(args);
+        c.arg("-f")
+            .arg(&compose)
+            .arg("-p")
+            .arg("soulbench")
+            .args(args);
         c
     };
 
@@ -115,12 +137,19 @@ fn bench_apply_vs_compose() {
     must(soul(&["apply"]));
     must(compose_cmd(&["up", "-d"]));
     let soul_time = median((0..RUNS).map(|_| timed(soul(&["apply"]))).collect());
-    let compose_time = median((0..RUNS).map(|_| timed(compose_cmd(&["up", "-d"]))).collect());
+    let compose_time = median(
+        (0..RUNS)
+            .map(|_| timed(compose_cmd(&["up", "-d"])))
+            .collect(),
+    );
     let ratio = soul_time.as_secs_f64() / compose_time.as_secs_f64();
     println!("no-op apply of a converged {SIDECARS}-sidecar stack (median of {RUNS})");
     println!("  soul apply:           {:>8.1} ms", ms(soul_time));
     println!("  docker-compose up -d: {:>8.1} ms", ms(compose_time));
-    println!("  ratio soul/compose:   {ratio:.3} (goal <= 0.2: {})", verdict(ratio <= 0.2));
+    println!(
+        "  ratio soul/compose:   {ratio:.3} (goal <= 0.2: {})",
+        verdict(ratio <= 0.2)
+    );
 
     let _ = soul(&["down", "--volumes"]).output();
     let _ = compose_cmd(&["down", "-v"]).output();
@@ -155,14 +184,22 @@ fn compose_file(port: u16) -> String {
 
 fn must(mut c: Command) {
     let o = c.output().expect("run");
-    assert!(o.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn timed(mut c: Command) -> Duration {
     let start = Instant::now();
     let o = c.output().expect("run");
     let t = start.elapsed();
-    assert!(o.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     t
 }
 

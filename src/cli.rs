@@ -9,10 +9,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::pod::{Role, label};
-use crate::reconcile::{self, Desired, Host, Observed, Plan, ResolveError, SoulImage, Step};
+use crate::reconcile::{
+    self, Desired, Host, KeyChange, PairingInputs, Plan, ResolveError, SoulImage, Step,
+};
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{self, Stack, StackError};
-use crate::state::{self, StateDir, StateError};
+use crate::state::{self, StackKey, StateDir, StateError};
+use crate::transport;
 
 /// Exit codes, documented in README.md and `soul --help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +103,24 @@ Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  s
 soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone"
     )]
     Down(DownArgs),
+    /// List the devices of stack.kdl: generation, expiry, pairing files, and whether each
+    /// device's token is current.
+    #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
+    Devices(OutputArgs),
+    /// Show a device's pairing QR code (scan it with the phone), or write it to a file.
+    #[command(
+        after_help = "The QR code holds the pod's reachable addresses and the device's \
+token: treat it like a password.\n\nExample:\n  soul pair alice-phone\n  soul pair alice-phone \
+--sidecar notes --format png --out alice.png\n  soul pair alice-phone --format uri"
+    )]
+    Pair(PairArgs),
+    /// Re-issue tokens: bump `secret-generation` (every device) or one device's `generation=`
+    /// in stack.kdl, keeping its comments and layout, then apply. Commit the edit.
+    #[command(
+        after_help = "Example:\n  soul rotate                    # new stack key: every device re-pairs\n  \
+soul rotate --device bob-laptop  # only bob-laptop's token changes"
+    )]
+    Rotate(RotateArgs),
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
     #[command(
         after_help = "`apply` builds it when missing or older than this binary; this \
@@ -140,6 +161,37 @@ pub struct OutputArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PairArgs {
+    /// The device, as named in stack.kdl.
+    pub device: String,
+    /// Which sidecar's code (needed when the stack has several).
+    #[arg(long)]
+    pub sidecar: Option<String>,
+    #[arg(long, value_enum, default_value_t = PairFormat::Terminal)]
+    pub format: PairFormat,
+    /// Write to this file (0600) instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PairFormat {
+    /// A QR code drawn in the terminal, black on white whatever the terminal's colours.
+    Terminal,
+    /// The pairing URI itself.
+    Uri,
+    Png,
+    Svg,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Re-issue this device's token alone (bumps its `generation=`).
+    #[arg(long, value_name = "NAME")]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct DownArgs {
     /// Also remove this stack's named volumes (their data is deleted).
     #[arg(long)]
@@ -163,6 +215,16 @@ pub enum CliError {
     Execute(#[from] reconcile::ExecuteError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Token(#[from] crate::pairing::TokenError),
+    #[error(transparent)]
+    Edit(#[from] crate::stack::edit::EditError),
+    /// A file soul reads or writes for the user.
+    #[error("{0}")]
+    Io(String),
+    /// The request cannot be met as asked; the message says what to do.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
@@ -248,6 +310,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Status(args) => status(&cli, args.output).await,
         Command::Down(args) => down(&cli, args).await,
         Command::Image => image().await,
+        Command::Devices(args) => devices(&cli, args.output),
+        Command::Pair(args) => pair(&cli, args),
+        Command::Rotate(args) => rotate(&cli, args).await,
         Command::Pause => {
             crate::agent::pause()
                 .await
@@ -277,11 +342,7 @@ fn load(cli: &Cli) -> Result<Stack, CliError> {
 }
 
 fn state_dir(cli: &Cli, stack: &Stack) -> Result<StateDir, CliError> {
-    let path = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| state::default_dir(&stack.stack));
-    Ok(StateDir::open(&path)?)
+    Ok(StateDir::open(&state_path(cli, stack))?)
 }
 
 fn validate(cli: &Cli) -> Result<Exit, CliError> {
@@ -302,18 +363,77 @@ fn validate(cli: &Cli) -> Result<Exit, CliError> {
     Ok(Exit::Ok)
 }
 
-/// Load, resolve, connect, observe, plan: everything before the first mutation.
-async fn prepare(cli: &Cli) -> Result<(Stack, Desired, Docker, Observed, Plan), CliError> {
+/// Everything a pass knows before its first mutation.
+struct Pass {
+    stack: Stack,
+    desired: Desired,
+    docker: Docker,
+    plan: Plan,
+    state: StateDir,
+}
+
+/// Load, resolve (containers and the state dir's files), connect, observe, plan.
+async fn prepare(cli: &Cli, state: StateDir) -> Result<Pass, CliError> {
     let stack = load(cli)?;
-    let desired = reconcile::resolve(&stack, &Host)?;
+    let mut desired = reconcile::resolve(&stack, &Host)?;
+    let pairing = pairing_of(&stack, &state)?;
+    desired.files = pairing.files;
     let docker = Docker::connect().await?;
-    let observed = reconcile::observe(&docker, &desired).await?;
+    let observed = reconcile::observe(&docker, &desired, &state).await?;
     let plan = reconcile::plan(&desired, &observed);
-    Ok((stack, desired, docker, observed, plan))
+    Ok(Pass {
+        stack,
+        desired,
+        docker,
+        plan,
+        state,
+    })
+}
+
+/// The state dir's desired files, logging why the stack key changes when it does.
+fn pairing_of(stack: &Stack, state: &StateDir) -> Result<reconcile::Pairing, CliError> {
+    let fresh_key = StackKey::generate(stack.secret_generation)
+        .map_err(|e| CliError::Io(format!("cannot generate a key: {e}")))?;
+    let lan = transport::lan_host(stack);
+    let inputs = PairingInputs {
+        key: state.read_key(),
+        fresh_key,
+        registry: state.read_registry(),
+        renders: state.read_render_index(),
+        addresses: transport::addresses(stack, lan.as_deref()),
+        now: unix_now(),
+    };
+    let pairing = reconcile::desired_files(stack, inputs)?;
+    match &pairing.key_change {
+        Some(KeyChange::Replaced(why)) => tracing::warn!(
+            "stack key of `{}` is being replaced: {why}; every token and pairing code is re-issued",
+            stack.stack
+        ),
+        Some(KeyChange::Rotated { from, to }) => tracing::info!(
+            "rotating the stack key of `{}` (secret-generation {from} → {to})",
+            stack.stack
+        ),
+        Some(KeyChange::First) => tracing::info!("generating the stack key of `{}`", stack.stack),
+        None => {}
+    }
+    Ok(pairing)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn state_path(cli: &Cli, stack: &Stack) -> PathBuf {
+    cli.state_dir
+        .clone()
+        .unwrap_or_else(|| state::default_dir(&stack.stack))
 }
 
 async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
-    let (stack, _, _, _, plan) = prepare(cli).await?;
+    let stack = load(cli)?;
+    let Pass { stack, plan, .. } = prepare(cli, StateDir::at(&state_path(cli, &stack))).await?;
     match args.output {
         Output::Json => out(&format!(
             "{}\n",
@@ -368,7 +488,13 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
             stack.stack
         );
     })?;
-    let (stack, desired, docker, _, plan) = prepare(cli).await?;
+    let Pass {
+        stack,
+        desired,
+        docker,
+        plan,
+        state,
+    } = prepare(cli, dir).await?;
     if plan.is_empty() {
         out(&format!(
             "stack `{}` is up to date: 0 changes ({} ms)\n",
@@ -378,7 +504,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         return Ok(Exit::Ok);
     }
     let total = plan.steps.len();
-    reconcile::execute(&docker, &stack.stack, &plan, |i, step| {
+    reconcile::execute(&docker, &state, &stack.stack, &plan, |i, step| {
         tracing::info!(step = %step, "applying");
         out(&format!("  [{}/{total}] {} {step}\n", i + 1, sigil(step)));
     })
@@ -393,6 +519,13 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         for (pod, port) in desired.pods.iter().zip(ports) {
             summary.push_str(&format!("  {}: LAN port {port}\n", pod.sidecar));
         }
+    }
+    if let Some(d) = stack.devices.first() {
+        summary.push_str(&format!(
+            "  pairing codes: `soul pair {}` (and `soul devices` for all {})\n",
+            d.name,
+            stack.devices.len()
+        ));
     }
     out(&summary);
     Ok(Exit::Ok)
@@ -576,4 +709,208 @@ async fn image() -> Result<Exit, CliError> {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
+}
+
+fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let state = StateDir::at(&state_path(cli, &stack));
+    let key = state.read_key().ok();
+    let registry = state.read_registry();
+    let now = unix_now();
+    let rows: Vec<serde_json::Value> = stack
+        .devices
+        .iter()
+        .map(|d| {
+            let entry = registry.devices.get(&d.name);
+            let token_path = state.path().join(format!("tokens/{}.jwt", d.name));
+            let token = std::fs::read_to_string(&token_path).ok();
+            let current = match (&key, &token) {
+                (Some(k), Some(t)) => {
+                    crate::pairing::verify(t.trim(), &k.public_key(), &stack.stack, &registry, now)
+                        .is_ok_and(|c| c.jti == format!("{}.{}", d.name, d.generation))
+                }
+                _ => false,
+            };
+            let artifacts: Vec<String> = stack
+                .sidecars
+                .iter()
+                .flat_map(|s| {
+                    ["uri", "png", "svg", "txt"].map(|ext| {
+                        state
+                            .path()
+                            .join(format!("pairing/{}/{}.{ext}", d.name, s.name))
+                    })
+                })
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            json!({
+                "name": d.name,
+                "generation": d.generation,
+                "issued_at": entry.map(|e| e.issued_at),
+                "expires_at": entry.and_then(|e| e.expires_at),
+                "token": token_path.exists().then(|| token_path.display().to_string()),
+                "token_current": current,
+                "artifacts": artifacts,
+            })
+        })
+        .collect();
+    match output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({"stack": stack.stack, "devices": rows}))
+                .unwrap_or_default()
+        )),
+        Output::Human => {
+            let mut s = format!(
+                "devices of stack `{}` ({})\n",
+                stack.stack,
+                state.path().display()
+            );
+            if rows.is_empty() {
+                s.push_str("  none: add `device \"alice-phone\"` to stack.kdl and apply\n");
+            }
+            for r in &rows {
+                let expiry = match r["expires_at"].as_u64() {
+                    Some(t) if t <= now => "expired".to_string(),
+                    Some(t) => format!("expires in {}d", (t - now) / 86_400),
+                    None => "no expiry".into(),
+                };
+                let state = if r["token_current"] == true {
+                    "token current"
+                } else {
+                    "token not issued yet: run `soul apply`"
+                };
+                s.push_str(&format!(
+                    "  {:<20} generation {:<3} {:<18} {state}; {} pairing files\n",
+                    r["name"].as_str().unwrap_or(""),
+                    r["generation"],
+                    expiry,
+                    r["artifacts"].as_array().map_or(0, |a| a.len()),
+                ));
+            }
+            out(&s);
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    if !stack.devices.iter().any(|d| d.name == args.device) {
+        let names: Vec<&str> = stack.devices.iter().map(|d| d.name.as_str()).collect();
+        let hint = stack::did_you_mean(&args.device, &names)
+            .map(|n| format!("did you mean `{n}`?"))
+            .unwrap_or_else(|| {
+                format!(
+                    "add `device \"{}\"` to stack.kdl and run `soul apply`",
+                    args.device
+                )
+            });
+        return Err(CliError::Usage(format!(
+            "no device `{}` in {}: {hint}",
+            args.device,
+            cli.file.display()
+        )));
+    }
+    let sidecar = match (&args.sidecar, stack.sidecars.as_slice()) {
+        (Some(s), all) if all.iter().any(|x| &x.name == s) => s.clone(),
+        (Some(s), all) => {
+            return Err(CliError::Usage(format!(
+                "no sidecar `{s}`; the stack has: {}",
+                all.iter()
+                    .map(|x| x.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        (None, [only]) => only.name.clone(),
+        (None, all) => {
+            return Err(CliError::Usage(format!(
+                "the stack has several sidecars; choose one with --sidecar ({})",
+                all.iter()
+                    .map(|x| x.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    };
+    let state = StateDir::at(&state_path(cli, &stack));
+    let ext = match args.format {
+        PairFormat::Terminal => "txt",
+        PairFormat::Uri => "uri",
+        PairFormat::Png => "png",
+        PairFormat::Svg => "svg",
+    };
+    let rel = format!("pairing/{}/{sidecar}.{ext}", args.device);
+    let bytes = state.read(&rel).map_err(|_| {
+        CliError::Usage(format!(
+            "no pairing code for {}/{sidecar} in {} yet: run `soul apply` first",
+            args.device,
+            state.path().display()
+        ))
+    })?;
+    match &args.out {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| f.write_all(&bytes).map(|()| f))
+                .map_err(|e| CliError::Io(format!("cannot write {}: {e}", path.display())))?;
+            let _ = f.flush();
+            eprintln!(
+                "wrote the pairing code of {}/{sidecar} to {} (it holds a token: keep it private)",
+                args.device,
+                path.display()
+            );
+        }
+        None if matches!(args.format, PairFormat::Png) && std::io::stdout().is_terminal() => {
+            return Err(CliError::Usage(
+                "a PNG on a terminal is unreadable: add --out FILE".into(),
+            ));
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&bytes);
+            if matches!(args.format, PairFormat::Uri) {
+                let _ = stdout.write_all(b"\n");
+            }
+            if matches!(args.format, PairFormat::Terminal) {
+                let _ = writeln!(
+                    stdout,
+                    "scan with the soul app to pair {} with {sidecar}",
+                    args.device
+                );
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
+    let source = std::fs::read_to_string(&cli.file).map_err(|source| StackError::Read {
+        path: cli.file.clone(),
+        source,
+    })?;
+    // Validate first: never edit (or apply) a file that is already broken.
+    stack::parse(&cli.file.display().to_string(), &source).map_err(StackError::Invalid)?;
+    let bumped = stack::edit::bump_generation(&source, args.device.as_deref())?;
+    stack::parse(&cli.file.display().to_string(), &bumped.source).map_err(StackError::Invalid)?;
+    std::fs::write(&cli.file, &bumped.source)
+        .map_err(|e| CliError::Io(format!("cannot write {}: {e}", cli.file.display())))?;
+    let what = match &args.device {
+        Some(d) => format!("device `{d}` generation"),
+        None => "secret-generation".into(),
+    };
+    out(&format!(
+        "{}: {what} {} → {} (commit this edit)\n",
+        cli.file.display(),
+        bumped.from,
+        bumped.to
+    ));
+    apply(cli).await
 }

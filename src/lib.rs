@@ -6,13 +6,17 @@
 //! - [`pod`]: container and pod specs and their config hash.
 //! - [`reconcile`]: resolve → Desired, the pure `plan`, the executor.
 //! - [`runtime`]: the Docker engine through bollard, and soul's own image.
-//! - [`state`]: the state dir and the per-stack lock.
+//! - [`state`]: the state dir: atomic 0600 writes, the stack key, the device registry, the lock.
+//! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
+//! - [`transport`]: how each pod is reached, and discovery of the current addresses.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
 //! - [`cli`]: the commands, their output, and exit codes.
 pub mod agent;
 pub mod cli;
+pub mod pairing;
 pub mod pod;
 pub mod reconcile;
 pub mod runtime;
 pub mod stack;
 pub mod state;
+pub mod transport;

@@ -1,10 +1,28 @@
-//! The state dir of one stack (DESIGN §5): where it is, created 0700, and the lock that keeps
-//! two soul processes from reconciling the same stack at once. Imports nothing of soul's.
+//! The state dir of one stack (DESIGN §5): where it is, created 0700; atomic 0600 writes; the
+//! stack key and the device registry; and the lock that keeps two soul processes from
+//! reconciling the same stack at once. Imports nothing of soul's.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The stack signing key's file, relative to the state dir.
+pub const KEY_FILE: &str = "stack.key";
+/// The device registry's file.
+pub const REGISTRY_FILE: &str = "devices.json";
+/// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass
+/// need not render anything to know the files are right.
+pub const RENDER_INDEX_FILE: &str = "renders.json";
+/// Directories whose files soul owns entirely: anything there that is not desired goes.
+pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing"];
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +67,13 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// The state dir at `path`, without creating it (for commands that only read).
+    pub fn at(path: &Path) -> StateDir {
+        StateDir {
+            path: path.to_path_buf(),
+        }
+    }
+
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
         let err = |source| StateError::Dir {
             path: path.to_path_buf(),
@@ -63,6 +88,105 @@ impl StateDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes `bytes` to `rel` atomically (temp file in the same directory, fsync, rename,
+    /// fsync of the directory), mode 0600; parent directories are created 0700.
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let target = self.path.join(rel);
+        let parent = target.parent().unwrap_or(&self.path).to_path_buf();
+        create_private_dirs(&self.path, &parent)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".soul-")
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(&parent)?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&target).map_err(|e| e.error)?;
+        File::open(&parent)?.sync_all()
+    }
+
+    pub fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.path.join(rel))
+    }
+
+    /// Removes a file; a file that is already gone is fine. Empty managed directories go too.
+    pub fn remove(&self, rel: &str) -> std::io::Result<()> {
+        let target = self.path.join(rel);
+        match std::fs::remove_file(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut dir = target.parent();
+        while let Some(d) = dir {
+            if d == self.path || std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of every file soul manages here: the key, the registry, and everything under
+    /// [`MANAGED_DIRS`], by path relative to the state dir.
+    pub fn file_hashes(&self) -> BTreeMap<String, [u8; 32]> {
+        let mut out = BTreeMap::new();
+        let mut visit = vec![];
+        for f in [KEY_FILE, REGISTRY_FILE] {
+            visit.push(self.path.join(f));
+        }
+        for d in MANAGED_DIRS {
+            visit.push(self.path.join(d));
+        }
+        while let Some(p) = visit.pop() {
+            if p.is_dir() {
+                if let Ok(entries) = std::fs::read_dir(&p) {
+                    visit.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+                }
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && let Ok(rel) = p.strip_prefix(&self.path)
+            {
+                let name = rel.to_string_lossy().to_string();
+                if !name.rsplit('/').next().unwrap_or("").starts_with(".soul-") {
+                    out.insert(name, Sha256::digest(&bytes).into());
+                }
+            }
+        }
+        out
+    }
+
+    /// The stack key, or why it cannot be used (missing or unreadable: both are drift).
+    pub fn read_key(&self) -> Result<StackKey, KeyProblem> {
+        match self.read(KEY_FILE) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KeyProblem::Missing),
+            Err(e) => Err(KeyProblem::Unreadable(e.to_string())),
+            Ok(bytes) => {
+                StackKey::parse(&bytes).ok_or(KeyProblem::Unreadable("not a soul stack key".into()))
+            }
+        }
+    }
+
+    /// The render index; a missing or unreadable one is empty (everything is re-rendered).
+    pub fn read_render_index(&self) -> RenderIndex {
+        self.read(RENDER_INDEX_FILE)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn write_render_index(&self, index: &RenderIndex) -> std::io::Result<()> {
+        let mut v = serde_json::to_vec_pretty(index).unwrap_or_default();
+        v.push(b'\n');
+        self.write(RENDER_INDEX_FILE, &v)
+    }
+
+    /// The device registry; a missing or unreadable one is empty (every device is re-issued).
+    pub fn read_registry(&self) -> Registry {
+        self.read(REGISTRY_FILE)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Takes the stack's lock. When another process holds it, `on_wait` is told its pid and
@@ -100,6 +224,150 @@ impl StateDir {
     }
 }
 
+fn create_private_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && parent != root
+    {
+        create_private_dirs(root, parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why the stored stack key cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    Missing,
+    Unreadable(String),
+}
+
+/// The stack's Ed25519 signing key and the `secret-generation` it was made for. `Debug`
+/// never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StackKey {
+    pub generation: u64,
+    seed: [u8; 32],
+}
+
+impl fmt::Debug for StackKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StackKey(generation {}, MASKED)", self.generation)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct KeyFile {
+    secret_generation: u64,
+    ed25519_seed: String,
+}
+
+impl StackKey {
+    pub fn from_seed(generation: u64, seed: [u8; 32]) -> StackKey {
+        StackKey { generation, seed }
+    }
+
+    /// The same key material, marked for another `secret-generation`.
+    pub fn with_generation(self, generation: u64) -> StackKey {
+        StackKey { generation, ..self }
+    }
+
+    /// A new random key from the operating system's generator.
+    pub fn generate(generation: u64) -> std::io::Result<StackKey> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(StackKey { generation, seed })
+    }
+
+    /// The raw 32-byte Ed25519 public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        ed25519_dalek::SigningKey::from_bytes(&self.seed)
+            .verifying_key()
+            .to_bytes()
+    }
+
+    /// The private key as PKCS#8 v1 DER (what JWT libraries take).
+    pub fn pkcs8_der(&self) -> Vec<u8> {
+        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&self.seed);
+        der
+    }
+
+    /// The key file's bytes.
+    pub fn to_file(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(&KeyFile {
+            secret_generation: self.generation,
+            ed25519_seed: B64.encode(self.seed),
+        })
+        .unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    pub fn parse(bytes: &[u8]) -> Option<StackKey> {
+        let f: KeyFile = serde_json::from_slice(bytes).ok()?;
+        let seed: [u8; 32] = B64.decode(f.ed25519_seed).ok()?.try_into().ok()?;
+        Some(StackKey {
+            generation: f.secret_generation,
+            seed,
+        })
+    }
+}
+
+/// The device registry: who is paired, at which generation, since when, until when.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    pub devices: BTreeMap<String, DeviceEntry>,
+}
+
+/// See [`RENDER_INDEX_FILE`]: path → the rendering's source and result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderIndex {
+    pub files: BTreeMap<String, Rendered>,
+}
+
+/// Hex SHA-256 of what a file was rendered from, and of the file as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendered {
+    pub source: String,
+    pub sha256: String,
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One paired device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceEntry {
+    pub generation: u64,
+    /// Unix seconds; the token's `iat`.
+    pub issued_at: u64,
+    /// Unix seconds; the token's `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+impl Registry {
+    pub fn to_file(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
 /// Held while a process reconciles a stack; released on drop (or when the process dies).
 #[derive(Debug)]
 pub struct Lock {
@@ -123,6 +391,47 @@ mod tests {
         let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let _ = std::fs::remove_dir_all(&p);
+    }
+
+    #[test]
+    fn atomic_private_writes_and_removal() {
+        let p = tempdir("write");
+        let dir = StateDir::open(&p).unwrap();
+        dir.write("pairing/alice/notes.uri", b"soul://x").unwrap();
+        let file = p.join("pairing/alice/notes.uri");
+        assert_eq!(std::fs::read(&file).unwrap(), b"soul://x");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(p.join("pairing/alice"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        assert!(dir.file_hashes().contains_key("pairing/alice/notes.uri"));
+        dir.remove("pairing/alice/notes.uri").unwrap();
+        assert!(
+            !p.join("pairing").exists(),
+            "empty managed dirs are removed"
+        );
+        dir.remove("pairing/alice/notes.uri").unwrap();
+        let _ = std::fs::remove_dir_all(&p);
+    }
+
+    #[test]
+    fn key_round_trip_and_redaction() {
+        let k = StackKey::from_seed(3, [5u8; 32]);
+        assert_eq!(StackKey::parse(&k.to_file()), Some(k.clone()));
+        assert!(!format!("{k:?}").contains('5'));
+        assert_eq!(StackKey::parse(b"garbage"), None);
+        assert_ne!(
+            StackKey::generate(1).unwrap(),
+            StackKey::generate(1).unwrap()
+        );
     }
 
     #[test]

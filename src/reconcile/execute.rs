@@ -1,9 +1,13 @@
 //! The executor: carries out a [`Plan`] step by step against an [`Engine`]. It decides
 //! nothing; the plan already holds every decision.
 
-use crate::pod::ContainerSpec;
+use sha2::{Digest, Sha256};
 
-use super::plan::{Plan, Step};
+use crate::pairing::qr;
+use crate::pod::ContainerSpec;
+use crate::state::{RenderIndex, Rendered, StateDir, hex};
+
+use super::plan::{FileContent, Plan, QrFormat, Step};
 
 /// The mutating calls a plan needs. The Docker runtime implements it; unit tests use a fake.
 #[allow(async_fn_in_trait)]
@@ -38,28 +42,48 @@ pub struct ExecuteError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Runs every step in order; `on_step` hears about each one before it runs.
+/// Runs every step in order; `on_step` hears about each one before it runs. File steps go to
+/// `state`, whose render index is kept in step with the QR files written or removed.
 pub async fn execute<E: Engine>(
     engine: &E,
+    state: &StateDir,
     stack: &str,
     plan: &Plan,
     mut on_step: impl FnMut(usize, &Step),
 ) -> Result<(), ExecuteError> {
+    let mut renders = state.read_render_index();
+    let renders_before = renders.clone();
+    let result = run_steps(engine, state, stack, plan, &mut renders, &mut on_step).await;
+    if renders != renders_before {
+        // Losing the index only costs a re-render next pass; the steps' outcome matters more.
+        if let Err(e) = state.write_render_index(&renders) {
+            tracing::warn!("cannot update the render index: {e}");
+        }
+    }
+    result
+}
+
+async fn run_steps<E: Engine>(
+    engine: &E,
+    state: &StateDir,
+    stack: &str,
+    plan: &Plan,
+    renders: &mut RenderIndex,
+    on_step: &mut impl FnMut(usize, &Step),
+) -> Result<(), ExecuteError> {
     for (i, step) in plan.steps.iter().enumerate() {
         on_step(i, step);
-        let result = match step {
-            Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
-            Step::PullImage { image, .. } => engine.pull_image(image).await,
-            Step::CreateVolume { name } => engine.create_volume(name, stack).await,
-            Step::CreateNetwork { name, sidecar } => {
-                engine.create_network(name, stack, sidecar).await
+        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match step {
+            Step::WriteFile { path, content, .. } => write_file(state, path, content, renders),
+            Step::RemoveFile { path } => {
+                renders.files.remove(path);
+                state.remove(path).map_err(Into::into)
             }
-            Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
-            Step::CreateContainer { spec, .. } => engine.create_container(spec).await,
-            Step::StartContainer { name, .. } => engine.start_container(name).await,
-            Step::RemoveNetwork { name } => engine.remove_network(name).await,
+            other => run_engine_step(engine, stack, other)
+                .await
+                .map_err(Into::into),
         };
-        if let Err(e) = result {
+        if let Err(source) = result {
             let what = match step {
                 Step::PullImage { image, used_by } => format!(
                     "cannot get image `{image}` for sidecar {}",
@@ -75,9 +99,51 @@ pub async fn execute<E: Engine>(
                 what,
                 done: i,
                 untouched: plan.steps[..i].iter().all(Step::is_image),
-                source: Box::new(e),
+                source,
             });
         }
     }
     Ok(())
+}
+
+fn write_file(
+    state: &StateDir,
+    path: &str,
+    content: &FileContent,
+    renders: &mut RenderIndex,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match content {
+        FileContent::Bytes(bytes) => state.write(path, bytes)?,
+        FileContent::Qr { uri, format } => {
+            let code = qr::encode(uri)?;
+            let bytes = match format {
+                QrFormat::Png => qr::png(&code)?,
+                QrFormat::Svg => qr::svg(&code).into_bytes(),
+                QrFormat::Text => qr::terminal(&code).into_bytes(),
+            };
+            state.write(path, &bytes)?;
+            renders.files.insert(
+                path.to_string(),
+                Rendered {
+                    source: hex(&Sha256::digest(uri.as_bytes())),
+                    sha256: hex(&Sha256::digest(&bytes)),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_engine_step<E: Engine>(engine: &E, stack: &str, step: &Step) -> Result<(), E::Error> {
+    match step {
+        Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
+        Step::PullImage { image, .. } => engine.pull_image(image).await,
+        Step::CreateVolume { name } => engine.create_volume(name, stack).await,
+        Step::CreateNetwork { name, sidecar } => engine.create_network(name, stack, sidecar).await,
+        Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
+        Step::CreateContainer { spec, .. } => engine.create_container(spec).await,
+        Step::StartContainer { name, .. } => engine.start_container(name).await,
+        Step::RemoveNetwork { name } => engine.remove_network(name).await,
+        Step::WriteFile { .. } | Step::RemoveFile { .. } => Ok(()),
+    }
 }

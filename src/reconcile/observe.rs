@@ -5,17 +5,23 @@ use std::collections::BTreeSet;
 
 use crate::pod::{ContainerSpec, Role, label};
 use crate::runtime::{self, Docker, RuntimeError, SOUL_BINARY_LABEL};
+use crate::state::StateDir;
 
 use super::execute::Engine;
 use super::plan::{Desired, ImageSource, Observed, ObservedContainer};
 use super::resolve::SoulImage;
 
-/// Reads the engine: this stack's containers, networks and volumes, and which of the desired
-/// images are present. soul's own image counts as present only when it was built from this
-/// binary.
-pub async fn observe(docker: &Docker, desired: &Desired) -> Result<Observed, RuntimeError> {
+/// Reads the engine and the state dir: this stack's containers, networks and volumes, which of
+/// the desired images are present, and the hashes of the state dir's files. soul's own image
+/// counts as present only when it was built from this binary.
+pub async fn observe(
+    docker: &Docker,
+    desired: &Desired,
+    state: &StateDir,
+) -> Result<Observed, RuntimeError> {
     let snapshot = docker.snapshot(&desired.stack).await?;
     let mut observed = from_snapshot(snapshot);
+    observed.files = state.file_hashes();
     let this_binary = runtime::binary_id().ok();
     for need in &desired.images {
         let found = match need.source {
@@ -55,6 +61,7 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
         networks: snapshot.networks.into_iter().collect(),
         volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
         images: Default::default(),
+        files: Default::default(),
     }
 }
 

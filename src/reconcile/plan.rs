@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::pod::{ContainerSpec, PodSpec, Role};
 
@@ -18,6 +19,68 @@ pub struct Desired {
     pub volumes: Vec<String>,
     /// Every image the pods use, each once.
     pub images: Vec<ImageNeed>,
+    /// The state dir's files: key, registry, tokens, pairing artifacts.
+    pub files: Vec<DesiredFile>,
+}
+
+/// A file the state dir should hold, relative to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredFile {
+    pub path: String,
+    /// For people: "token for alice-phone". Never the content.
+    pub what: String,
+    #[serde(skip)]
+    pub content: FileContent,
+    /// SHA-256 of the content when known without rendering it.
+    #[serde(skip)]
+    pub hash: Option<[u8; 32]>,
+}
+
+impl DesiredFile {
+    pub fn bytes(path: &str, what: String, bytes: Vec<u8>) -> DesiredFile {
+        DesiredFile {
+            path: path.to_string(),
+            what,
+            hash: Some(Sha256::digest(&bytes).into()),
+            content: FileContent::Bytes(bytes),
+        }
+    }
+}
+
+/// A file's content: bytes, or a QR rendering made only when the file must be written.
+#[derive(Clone, PartialEq, Eq)]
+pub enum FileContent {
+    Bytes(Vec<u8>),
+    Qr { uri: String, format: QrFormat },
+}
+
+impl fmt::Debug for FileContent {
+    /// Contents carry secrets (keys, tokens): never shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileContent::Bytes(b) => write!(f, "Bytes({} bytes, MASKED)", b.len()),
+            FileContent::Qr { format, .. } => write!(f, "Qr({format:?}, MASKED)"),
+        }
+    }
+}
+
+/// The renderings of a pairing QR code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QrFormat {
+    Png,
+    Svg,
+    Text,
+}
+
+impl QrFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            QrFormat::Png => "png",
+            QrFormat::Svg => "svg",
+            QrFormat::Text => "txt",
+        }
+    }
 }
 
 /// An image a pod needs and how to get it when missing.
@@ -49,6 +112,8 @@ pub struct Observed {
     pub volumes: BTreeSet<String>,
     /// Desired image references present (and, for soul's image, current) → image ID.
     pub images: BTreeMap<String, String>,
+    /// SHA-256 of the state dir's managed files, by path relative to it.
+    pub files: BTreeMap<String, [u8; 32]>,
 }
 
 /// One container as the engine reports it.
@@ -137,6 +202,17 @@ pub enum Step {
     RemoveNetwork {
         name: String,
     },
+    /// Writes a state-dir file atomically, 0600.
+    WriteFile {
+        path: String,
+        what: String,
+        #[serde(skip)]
+        content: FileContent,
+    },
+    /// Removes a state-dir file that is no longer desired (a revoked device's artifacts).
+    RemoveFile {
+        path: String,
+    },
 }
 
 impl Step {
@@ -170,6 +246,8 @@ impl fmt::Display for Step {
             }
             Step::StartContainer { name, reason } => write!(f, "start container {name} ({reason})"),
             Step::RemoveNetwork { name } => write!(f, "remove network {name}"),
+            Step::WriteFile { what, path, .. } => write!(f, "write {path}: {what}"),
+            Step::RemoveFile { path } => write!(f, "remove {path}"),
         }
     }
 }
@@ -224,6 +302,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         });
     }
 
+    plan_files(desired, observed, &mut steps);
+
     let declared: BTreeSet<&str> = desired
         .pods
         .iter()
@@ -260,6 +340,27 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
     Plan { steps }
+}
+
+/// Writes every desired file whose bytes differ (or are unknown until rendered), then removes
+/// managed files no longer desired.
+fn plan_files(desired: &Desired, observed: &Observed, steps: &mut Vec<Step>) {
+    for f in &desired.files {
+        let current = observed.files.get(&f.path);
+        if f.hash.is_none() || current != f.hash.as_ref() {
+            steps.push(Step::WriteFile {
+                path: f.path.clone(),
+                what: f.what.clone(),
+                content: f.content.clone(),
+            });
+        }
+    }
+    let wanted: BTreeSet<&str> = desired.files.iter().map(|f| f.path.as_str()).collect();
+    for path in observed.files.keys() {
+        if !wanted.contains(path.as_str()) {
+            steps.push(Step::RemoveFile { path: path.clone() });
+        }
+    }
 }
 
 fn plan_pod(

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::pod::{EnvValue, NetworkMode, PortMap};
@@ -68,6 +69,19 @@ fn desired(pods: Vec<PodSpec>) -> Desired {
         pods,
         volumes: vec!["soul-home-data".into()],
         images,
+        files: vec![
+            DesiredFile::bytes("stack.key", "stack key".into(), b"k".to_vec()),
+            DesiredFile {
+                path: "pairing/a/notes.png".into(),
+                what: "pairing QR (png) for a/notes".into(),
+                content: FileContent::Qr {
+                    uri: "soul://pair?x".into(),
+                    format: QrFormat::Png,
+                },
+                // As the render index reports it once the file was rendered.
+                hash: Some(Sha256::digest(b"Png:soul://pair?x").into()),
+            },
+        ],
     }
 }
 
@@ -94,6 +108,16 @@ fn simulate(o: &mut Observed, step: &Step) {
             o.networks.remove(name);
         }
         Step::RemoveContainer { id, .. } => o.containers.retain(|c| c.id != *id),
+        Step::WriteFile { path, content, .. } => {
+            let bytes = match content {
+                FileContent::Bytes(b) => b.clone(),
+                FileContent::Qr { uri, format } => format!("{format:?}:{uri}").into_bytes(),
+            };
+            o.files.insert(path.clone(), Sha256::digest(&bytes).into());
+        }
+        Step::RemoveFile { path } => {
+            o.files.remove(path);
+        }
         Step::CreateContainer { spec, .. } => {
             assert!(
                 !o.containers.iter().any(|c| c.name == spec.name),
@@ -151,6 +175,8 @@ fn from_nothing_creates_everything_in_order() {
         [
             "build soul's image soul:0 from this binary",
             "pull image nginx:1 (for notes)",
+            "write stack.key: stack key",
+            "write pairing/a/notes.png: pairing QR (png) for a/notes",
             "create volume soul-home-data",
             "create network soul-home-notes",
             "create container soul-home-notes-pause from soul:0 (missing)",
@@ -300,6 +326,32 @@ fn situations() {
         converge(&d, &mut o);
         assert!(plan(&d, &o).is_empty(), "{what}: did not converge");
     }
+}
+
+#[test]
+fn files_are_written_when_their_bytes_differ_or_are_unknown_and_removed_when_undesired() {
+    let mut d = desired(vec![pod("notes", 8443)]);
+    let mut o = Observed::default();
+    converge(&d, &mut o);
+    // Deleted, corrupted, and stray files.
+    o.files.remove("pairing/a/notes.png");
+    o.files.insert("stack.key".into(), [0; 32]);
+    o.files.insert("pairing/bob/notes.uri".into(), [1; 32]);
+    assert_eq!(
+        summary(&plan(&d, &o)),
+        [
+            "write stack.key: stack key",
+            "write pairing/a/notes.png: pairing QR (png) for a/notes",
+            "remove pairing/bob/notes.uri",
+        ]
+    );
+    converge(&d, &mut o);
+    // A rendering whose result is not known yet is always written.
+    d.files[1].hash = None;
+    assert_eq!(
+        summary(&plan(&d, &o)),
+        ["write pairing/a/notes.png: pairing QR (png) for a/notes"]
+    );
 }
 
 #[test]

@@ -186,6 +186,7 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
         pods,
         volumes,
         images,
+        files: Vec::new(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! located diagnostics. Imports nothing else of soul's.
 
 mod diagnostic;
+pub mod edit;
 mod lower;
 mod model;
 mod rules;

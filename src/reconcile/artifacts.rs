@@ -1,0 +1,165 @@
+//! The state dir's desired files — stack key, device registry, device tokens, pairing URIs
+//! and their QR renderings — as a pure function of stack.kdl, the stored key and registry,
+//! the discovered addresses and the clock.
+
+use sha2::{Digest, Sha256};
+
+use crate::pairing::{Address, PairingUri, TokenError, claims_for, issue};
+use crate::stack::{Stack, parse_duration};
+use crate::state::{
+    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex,
+};
+
+use super::plan::{DesiredFile, FileContent, QrFormat};
+
+/// What the machine's state dir holds now, plus a fresh key to use if a new one is needed.
+#[derive(Debug, Clone)]
+pub struct PairingInputs {
+    pub key: Result<StackKey, KeyProblem>,
+    pub fresh_key: StackKey,
+    pub registry: Registry,
+    pub renders: RenderIndex,
+    /// Per sidecar, in stack order.
+    pub addresses: Vec<Vec<Address>>,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// Why the key is being replaced, if it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// The stack's first key.
+    First,
+    /// `secret-generation` was bumped.
+    Rotated { from: u64, to: u64 },
+    /// The stored key is gone or unreadable: drift, repaired by a new key.
+    Replaced(String),
+}
+
+/// The desired state dir.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    pub key: StackKey,
+    pub key_change: Option<KeyChange>,
+    pub registry: Registry,
+    pub files: Vec<DesiredFile>,
+}
+
+/// Computes every file the state dir should hold.
+pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, TokenError> {
+    let key_change = match &inputs.key {
+        Ok(k) if k.generation == stack.secret_generation => None,
+        Ok(k) => Some(KeyChange::Rotated {
+            from: k.generation,
+            to: stack.secret_generation,
+        }),
+        Err(KeyProblem::Missing) if inputs.registry.devices.is_empty() => Some(KeyChange::First),
+        Err(KeyProblem::Missing) => Some(KeyChange::Replaced("the stored key is missing".into())),
+        Err(KeyProblem::Unreadable(why)) => Some(KeyChange::Replaced(format!(
+            "the stored key is unreadable ({why})"
+        ))),
+    };
+    let key = match inputs.key {
+        Ok(k) if key_change.is_none() => k,
+        _ => inputs.fresh_key.with_generation(stack.secret_generation),
+    };
+
+    let mut registry = Registry::default();
+    for d in &stack.devices {
+        let issued_at = match inputs.registry.devices.get(&d.name) {
+            Some(e) if e.generation == d.generation => e.issued_at,
+            _ => inputs.now,
+        };
+        let expires_at = d
+            .expires
+            .as_deref()
+            .and_then(parse_duration)
+            .map(|ttl| issued_at.saturating_add(ttl.as_secs()));
+        registry.devices.insert(
+            d.name.clone(),
+            DeviceEntry {
+                generation: d.generation,
+                issued_at,
+                expires_at,
+            },
+        );
+    }
+
+    let key_what = match &key_change {
+        None => "stack key".to_string(),
+        Some(KeyChange::First) => "stack key (new)".to_string(),
+        Some(KeyChange::Rotated { from, to }) => {
+            format!("stack key (rotated: secret-generation {from} → {to})")
+        }
+        Some(KeyChange::Replaced(why)) => format!("stack key (regenerated: {why})"),
+    };
+    let mut files = vec![
+        DesiredFile::bytes(KEY_FILE, key_what, key.to_file()),
+        DesiredFile::bytes(REGISTRY_FILE, "device registry".into(), registry.to_file()),
+    ];
+    for (name, entry) in &registry.devices {
+        let claims = claims_for(
+            &stack.stack,
+            name,
+            entry.generation,
+            entry.issued_at,
+            entry.expires_at,
+        );
+        let token = issue(&key, &claims)?;
+        for (sidecar, addresses) in stack.sidecars.iter().zip(&inputs.addresses) {
+            let uri = PairingUri {
+                stack: &stack.stack,
+                sidecar: &sidecar.name,
+                device: name,
+                addresses,
+                token: &token,
+            }
+            .to_string();
+            let base = format!("pairing/{name}/{}", sidecar.name);
+            let pair = format!("{name}/{}", sidecar.name);
+            let source = hex(&Sha256::digest(uri.as_bytes()));
+            for format in [QrFormat::Png, QrFormat::Svg, QrFormat::Text] {
+                let path = format!("{base}.{}", format.extension());
+                let known = inputs
+                    .renders
+                    .files
+                    .get(&path)
+                    .filter(|r| r.source == source)
+                    .and_then(|r| unhex(&r.sha256));
+                files.push(DesiredFile {
+                    what: format!("pairing QR ({}) for {pair}", format.extension()),
+                    content: FileContent::Qr {
+                        uri: uri.clone(),
+                        format,
+                    },
+                    hash: known,
+                    path,
+                });
+            }
+            files.push(DesiredFile::bytes(
+                &format!("{base}.uri"),
+                format!("pairing URI for {pair}"),
+                uri.into_bytes(),
+            ));
+        }
+        files.push(DesiredFile::bytes(
+            &format!("tokens/{name}.jwt"),
+            format!("token for {name}"),
+            token.into_bytes(),
+        ));
+    }
+    Ok(Pairing {
+        key,
+        key_change,
+        registry,
+        files,
+    })
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
+}
