@@ -1,7 +1,9 @@
 //! Benchmarks with their anchors measured in the same run (run: `cargo bench`):
 //! - a no-op `soul apply` on a converged 10-sidecar stack vs `docker-compose up -d` on the
 //!   equivalent compose file (goal: soul takes at most 1/5 of Compose's wall time);
-//! - `plan()` for 100 sidecars and 1,000 devices (goal: under 5 ms).
+//! - `plan()` for 100 sidecars and 1,000 devices (goal: under 5 ms);
+//! - a converged pass over the state dir of a 1,000-device stack vs the first pass that renders
+//!   all their QR codes (goal: under 5%: nothing is re-rendered).
 //!
 //! Needs a Docker engine and Debian's docker-compose; builds soul's image itself.
 
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use soul::pod::ContainerSpec;
 use soul::reconcile::{self, Desired, Observed, ObservedContainer};
+use soul::state::{StackKey, StateDir};
 
 const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 const SIDECARS: usize = 10;
@@ -23,6 +26,9 @@ fn main() {
     let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     if wants("plan") {
         bench_plan();
+    }
+    if wants("pairing") {
+        bench_pairing();
     }
     if wants("apply") {
         bench_apply_vs_compose();
@@ -101,6 +107,86 @@ fn observed(c: &ContainerSpec) -> ObservedContainer {
         image: c.image.clone(),
         image_id: "sha256:x".into(),
     }
+}
+
+/// An engine that is never called: the pairing bench runs file steps only.
+struct NoEngine;
+
+impl reconcile::Engine for NoEngine {
+    type Error = std::io::Error;
+    async fn build_soul_image(&self, _: &[String]) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn pull_image(&self, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn create_volume(&self, _: &str, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn create_network(&self, _: &str, _: &str, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn create_container(&self, _: &ContainerSpec) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn start_container(&self, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn remove_container(&self, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+    async fn remove_network(&self, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
+}
+
+/// One pass over the state dir: compute the desired files, observe, plan, write.
+fn pairing_pass(stack: &soul::stack::Stack, state: &StateDir, rt: &tokio::runtime::Runtime) -> usize {
+    let addresses = soul::transport::addresses(stack, Some("192.168.1.20"));
+    let inputs = reconcile::PairingInputs {
+        key: state.read_key(),
+        fresh_key: StackKey::generate(stack.secret_generation).expect("key"),
+        registry: state.read_registry(),
+        renders: state.read_render_index(),
+        addresses,
+        now: 1_800_000_000,
+    };
+    let pairing = reconcile::desired_files(stack, inputs).expect("pairing");
+    let desired = Desired { stack: stack.stack.clone(), pods: vec![], volumes: vec![], images: vec![], files: pairing.files };
+    let observed = Observed { files: state.file_hashes(), ..Observed::default() };
+    let plan = reconcile::plan(&desired, &observed);
+    rt.block_on(reconcile::execute(&NoEngine, state, &stack.stack, &plan, |_, _| {})).expect("execute");
+    plan.steps.len()
+}
+
+fn bench_pairing() {
+    let mut src = String::from("stack \"bench\"\nsidecar \"notes\" { image \"soul:latest\"; port 8080; }\ntransport { lan port=8443; }\n");
+    for i in 0..1000 {
+        src.push_str(&format!("device \"device-{i}\"\n"));
+    }
+    let stack = soul::stack::parse("bench.kdl", &src).expect("valid");
+    let dir = std::env::temp_dir().join(format!("soul-bench-pairing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = StateDir::open(&dir).expect("state dir");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let start = Instant::now();
+    let first_steps = pairing_pass(&stack, &state, &rt);
+    let first = start.elapsed();
+    let converged = median(
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                assert_eq!(pairing_pass(&stack, &state, &rt), 0, "a converged pass wrote something");
+                start.elapsed()
+            })
+            .collect(),
+    );
+    let ratio = converged.as_secs_f64() / first.as_secs_f64();
+    println!("state dir pass, 1 sidecar x 1,000 devices");
+    println!("  first pass ({first_steps} files written): {:>8.1} ms", ms(first));
+    println!("  converged pass (0 written):    {:>8.1} ms", ms(converged));
+    println!("  ratio converged/first: {ratio:.3} (goal < 0.05: {})", verdict(ratio < 0.05));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn bench_apply_vs_compose() {

@@ -163,3 +163,76 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         .collect::<Option<_>>()?;
     bytes.try_into().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pairing::qr;
+    use crate::stack::{TransportKind, parse};
+    use crate::state::KeyProblem;
+
+    fn inputs(addresses: Vec<Vec<Address>>) -> PairingInputs {
+        PairingInputs {
+            key: Err(KeyProblem::Missing),
+            fresh_key: StackKey::from_seed(1, [3; 32]),
+            registry: Registry::default(),
+            renders: RenderIndex::default(),
+            addresses,
+            now: 1_800_000_000,
+        }
+    }
+
+    fn three_addresses() -> Vec<Address> {
+        vec![
+            Address { transport: TransportKind::Lan, host: "192.168.178.120".into(), port: 8443 },
+            Address { transport: TransportKind::Tailscale, host: "100.101.102.103".into(), port: 443 },
+            Address { transport: TransportKind::Relay, host: "relay.example.com".into(), port: 7000 },
+        ]
+    }
+
+    #[test]
+    fn a_one_sidecar_uri_with_three_addresses_fits_qr_version_20_at_level_m() {
+        for (stack, sidecar, device) in [
+            ("home", "notes", "alice-phone"),
+            ("family-services", "photo-library", "grandmas-tablet-2"),
+        ] {
+            let src = format!(
+                "stack \"{stack}\"\nsidecar \"{sidecar}\" {{ image \"i\"; port 80; }}\ndevice \"{device}\" expires=\"365d\" generation=12\n"
+            );
+            let s = parse("s", &src).unwrap_or_else(|d| panic!("{d}"));
+            let p = desired_files(&s, inputs(vec![three_addresses()])).unwrap();
+            let uri = p.files.iter().find(|f| f.path.ends_with(".uri")).unwrap();
+            let FileContent::Bytes(bytes) = &uri.content else { panic!("uri is bytes") };
+            let text = String::from_utf8(bytes.clone()).unwrap();
+            assert_eq!(text.matches("&addr=").count(), 3);
+            let code = qr::encode(&text).unwrap();
+            assert!(qr::version(&code) <= 20, "{} bytes need QR version {}", text.len(), qr::version(&code));
+            assert!(text.len() <= 666, "{} bytes", text.len());
+        }
+    }
+
+    #[test]
+    fn first_key_rotation_and_registry() {
+        let s = parse("s", "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\nsecret-generation 2\ndevice \"a\" expires=\"1d\"\n").unwrap();
+        let p = desired_files(&s, inputs(vec![vec![]])).unwrap();
+        assert_eq!(p.key_change, Some(KeyChange::First));
+        assert_eq!(p.key.generation, 2);
+        let e = p.registry.devices["a"];
+        assert_eq!((e.generation, e.issued_at, e.expires_at), (1, 1_800_000_000, Some(1_800_086_400)));
+        // Same inputs with the stored key and registry: nothing changes, issued-at is kept.
+        let mut again = inputs(vec![vec![]]);
+        again.key = Ok(p.key.clone());
+        again.registry = p.registry.clone();
+        again.now += 500;
+        again.fresh_key = StackKey::from_seed(2, [9; 32]);
+        let q = desired_files(&s, again).unwrap();
+        assert_eq!(q.key_change, None);
+        assert_eq!(q.files, p.files.iter().map(|f| DesiredFile { what: if f.path == KEY_FILE { "stack key".into() } else { f.what.clone() }, ..f.clone() }).collect::<Vec<_>>());
+        // An older stored generation is a rotation.
+        let mut rotated = inputs(vec![vec![]]);
+        rotated.key = Ok(StackKey::from_seed(1, [3; 32]));
+        rotated.registry = p.registry.clone();
+        let r = desired_files(&s, rotated).unwrap();
+        assert_eq!(r.key_change, Some(KeyChange::Rotated { from: 1, to: 2 }));
+    }
+}
