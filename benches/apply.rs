@@ -141,7 +141,11 @@ impl reconcile::Engine for NoEngine {
 }
 
 /// One pass over the state dir: compute the desired files, observe, plan, write.
-fn pairing_pass(stack: &soul::stack::Stack, state: &StateDir, rt: &tokio::runtime::Runtime) -> usize {
+fn pairing_pass(
+    stack: &soul::stack::Stack,
+    state: &StateDir,
+    rt: &tokio::runtime::Runtime,
+) -> usize {
     let addresses = soul::transport::addresses(stack, Some("192.168.1.20"));
     let inputs = reconcile::PairingInputs {
         key: state.read_key(),
@@ -152,15 +156,33 @@ fn pairing_pass(stack: &soul::stack::Stack, state: &StateDir, rt: &tokio::runtim
         now: 1_800_000_000,
     };
     let pairing = reconcile::desired_files(stack, inputs).expect("pairing");
-    let desired = Desired { stack: stack.stack.clone(), pods: vec![], volumes: vec![], images: vec![], files: pairing.files };
-    let observed = Observed { files: state.file_hashes(), ..Observed::default() };
+    let desired = Desired {
+        stack: stack.stack.clone(),
+        pods: vec![],
+        volumes: vec![],
+        images: vec![],
+        files: pairing.files,
+    };
+    let observed = Observed {
+        files: state.file_hashes(),
+        ..Observed::default()
+    };
     let plan = reconcile::plan(&desired, &observed);
-    rt.block_on(reconcile::execute(&NoEngine, state, &stack.stack, &plan, |_, _| {})).expect("execute");
+    rt.block_on(reconcile::execute(
+        &NoEngine,
+        state,
+        &stack.stack,
+        &plan,
+        |_, _| {},
+    ))
+    .expect("execute");
     plan.steps.len()
 }
 
 fn bench_pairing() {
-    let mut src = String::from("stack \"bench\"\nsidecar \"notes\" { image \"soul:latest\"; port 8080; }\ntransport { lan port=8443; }\n");
+    let mut src = String::from(
+        "stack \"bench\"\nsidecar \"notes\" { image \"soul:latest\"; port 8080; }\ntransport { lan port=8443; }\n",
+    );
     for i in 0..1000 {
         src.push_str(&format!("device \"device-{i}\"\n"));
     }
@@ -168,7 +190,9 @@ fn bench_pairing() {
     let dir = std::env::temp_dir().join(format!("soul-bench-pairing-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let state = StateDir::open(&dir).expect("state dir");
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let start = Instant::now();
     let first_steps = pairing_pass(&stack, &state, &rt);
     let first = start.elapsed();
@@ -176,16 +200,26 @@ fn bench_pairing() {
         (0..5)
             .map(|_| {
                 let start = Instant::now();
-                assert_eq!(pairing_pass(&stack, &state, &rt), 0, "a converged pass wrote something");
+                assert_eq!(
+                    pairing_pass(&stack, &state, &rt),
+                    0,
+                    "a converged pass wrote something"
+                );
                 start.elapsed()
             })
             .collect(),
     );
     let ratio = converged.as_secs_f64() / first.as_secs_f64();
     println!("state dir pass, 1 sidecar x 1,000 devices");
-    println!("  first pass ({first_steps} files written): {:>8.1} ms", ms(first));
+    println!(
+        "  first pass ({first_steps} files written): {:>8.1} ms",
+        ms(first)
+    );
     println!("  converged pass (0 written):    {:>8.1} ms", ms(converged));
-    println!("  ratio converged/first: {ratio:.3} (goal < 0.05: {})", verdict(ratio < 0.05));
+    println!(
+        "  ratio converged/first: {ratio:.3} (goal < 0.05: {})",
+        verdict(ratio < 0.05)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -9,13 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::pod::{Role, label};
-use crate::reconcile::{
-    self, Desired, Host, KeyChange, PairingInputs, Plan, ResolveError, SoulImage, Step,
-};
+use crate::reconcile::{self, Desired, Host, PassError, Plan, SoulImage, Step, unix_now};
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{self, Stack, StackError};
-use crate::state::{self, StackKey, StateDir, StateError};
-use crate::transport;
+use crate::state::{self, StateDir, StateError};
 
 /// Exit codes, documented in README.md and `soul --help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,15 +205,11 @@ pub enum CliError {
     #[error(transparent)]
     Stack(#[from] StackError),
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    Pass(#[from] PassError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
-    Execute(#[from] reconcile::ExecuteError),
-    #[error(transparent)]
     State(#[from] StateError),
-    #[error(transparent)]
-    Token(#[from] crate::pairing::TokenError),
     #[error(transparent)]
     Edit(#[from] crate::stack::edit::EditError),
     /// A file soul reads or writes for the user.
@@ -232,10 +225,7 @@ impl CliError {
     pub fn exit(&self) -> Exit {
         let unreachable = match self {
             CliError::Runtime(e) => e.is_unreachable(),
-            CliError::Execute(e) => e
-                .source
-                .downcast_ref::<RuntimeError>()
-                .is_some_and(RuntimeError::is_unreachable),
+            CliError::Pass(e) => e.is_unreachable(),
             _ => false,
         };
         if unreachable {
@@ -276,10 +266,10 @@ impl CliError {
             CliError::Stack(StackError::Read { .. }) => {
                 Some("pass the stack file with -f PATH (default ./stack.kdl)".into())
             }
-            CliError::Execute(e) if e.untouched => {
+            CliError::Pass(PassError::Execute(e)) if e.untouched => {
                 Some("nothing that was running has been changed".into())
             }
-            CliError::Execute(_) => Some(
+            CliError::Pass(PassError::Execute(_)) => Some(
                 "fix the cause and run `soul apply` again: it picks up where this one stopped".into(),
             ),
             _ => None,
@@ -372,57 +362,18 @@ struct Pass {
     state: StateDir,
 }
 
-/// Load, resolve (containers and the state dir's files), connect, observe, plan.
+/// Load, connect, then resolve, observe and plan.
 async fn prepare(cli: &Cli, state: StateDir) -> Result<Pass, CliError> {
     let stack = load(cli)?;
-    let mut desired = reconcile::resolve(&stack, &Host)?;
-    let pairing = pairing_of(&stack, &state)?;
-    desired.files = pairing.files;
     let docker = Docker::connect().await?;
-    let observed = reconcile::observe(&docker, &desired, &state).await?;
-    let plan = reconcile::plan(&desired, &observed);
+    let planned = reconcile::prepare(&docker, &stack, &state, &Host, unix_now()).await?;
     Ok(Pass {
         stack,
-        desired,
+        desired: planned.desired,
         docker,
-        plan,
+        plan: planned.plan,
         state,
     })
-}
-
-/// The state dir's desired files, logging why the stack key changes when it does.
-fn pairing_of(stack: &Stack, state: &StateDir) -> Result<reconcile::Pairing, CliError> {
-    let fresh_key = StackKey::generate(stack.secret_generation)
-        .map_err(|e| CliError::Io(format!("cannot generate a key: {e}")))?;
-    let lan = transport::lan_host(stack);
-    let inputs = PairingInputs {
-        key: state.read_key(),
-        fresh_key,
-        registry: state.read_registry(),
-        renders: state.read_render_index(),
-        addresses: transport::addresses(stack, lan.as_deref()),
-        now: unix_now(),
-    };
-    let pairing = reconcile::desired_files(stack, inputs)?;
-    match &pairing.key_change {
-        Some(KeyChange::Replaced(why)) => tracing::warn!(
-            "stack key of `{}` is being replaced: {why}; every token and pairing code is re-issued",
-            stack.stack
-        ),
-        Some(KeyChange::Rotated { from, to }) => tracing::info!(
-            "rotating the stack key of `{}` (secret-generation {from} → {to})",
-            stack.stack
-        ),
-        Some(KeyChange::First) => tracing::info!("generating the stack key of `{}`", stack.stack),
-        None => {}
-    }
-    Ok(pairing)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn state_path(cli: &Cli, stack: &Stack) -> PathBuf {
@@ -504,7 +455,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         return Ok(Exit::Ok);
     }
     let total = plan.steps.len();
-    reconcile::execute(&docker, &state, &stack.stack, &plan, |i, step| {
+    reconcile::run(&docker, &state, &stack, &plan, |i, step| {
         tracing::info!(step = %step, "applying");
         out(&format!("  [{}/{total}] {} {step}\n", i + 1, sigil(step)));
     })

@@ -39,7 +39,8 @@ secret-generation {secret_generation}
     )
 }
 
-const DEVICES: &str = "device \"alice-phone\"\ndevice \"bob-laptop\" expires=\"90d\"   // bob's\ndevice \"tablet\"\n";
+const DEVICES: &str =
+    "device \"alice-phone\"\ndevice \"bob-laptop\" expires=\"90d\"   // bob's\ndevice \"tablet\"\n";
 
 /// Every file of the state dir: path → (sha256, mtime).
 fn files(dir: &Path) -> BTreeMap<String, ([u8; 32], SystemTime)> {
@@ -53,7 +54,11 @@ fn files(dir: &Path) -> BTreeMap<String, ([u8; 32], SystemTime)> {
             } else if !path.ends_with("lock") {
                 let bytes = std::fs::read(&path).unwrap();
                 let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
                 out.insert(rel, (Sha256::digest(&bytes).into(), mtime));
             }
         }
@@ -69,7 +74,13 @@ fn token(s: &TestStack, device: &str) -> String {
 fn check(s: &TestStack, token: &str) -> Result<soul::pairing::Claims, TokenError> {
     let state = StateDir::at(&s.state());
     let key = state.read_key().expect("key");
-    verify(token, &key.public_key(), &s.name, &state.read_registry(), now() as u64)
+    verify(
+        token,
+        &key.public_key(),
+        &s.name,
+        &state.read_registry(),
+        now() as u64,
+    )
 }
 
 fn decode_png(path: &PathBuf) -> String {
@@ -96,7 +107,10 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
             let uri = std::fs::read_to_string(base.with_extension("uri")).unwrap();
             assert_eq!(decode_png(&base.with_extension("png")), uri);
             assert!(uri.starts_with(&format!("soul://pair?v=1&stack={}&sidecar={sidecar}&device={device}&addr=lan:192.168.1.20:", s.name)), "{uri}");
-            assert!(uri.contains("&addr=relay:relay.example.com:7000&token="), "{uri}");
+            assert!(
+                uri.contains("&addr=relay:relay.example.com:7000&token="),
+                "{uri}"
+            );
             let tok = uri.rsplit_once("&token=").unwrap().1;
             assert_eq!(tok, token(&s, device));
             let claims = check(&s, tok).expect("token verifies");
@@ -108,25 +122,61 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         }
     }
     // `soul pair` shows the same code; --format uri prints the URI; --out writes 0600.
-    let o = s.soul(&["pair", "alice-phone", "--sidecar", "notes", "--format", "uri"]);
+    let o = s.soul(&[
+        "pair",
+        "alice-phone",
+        "--sidecar",
+        "notes",
+        "--format",
+        "uri",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), std::fs::read_to_string(s.state().join("pairing/alice-phone/notes.uri")).unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        std::fs::read_to_string(s.state().join("pairing/alice-phone/notes.uri")).unwrap()
+    );
     let out = s.dir.join("alice.png");
-    let o = s.soul(&["pair", "alice-phone", "--sidecar", "wiki", "--format", "png", "--out", out.to_str().unwrap()]);
+    let o = s.soul(&[
+        "pair",
+        "alice-phone",
+        "--sidecar",
+        "wiki",
+        "--format",
+        "png",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(decode_png(&out).contains("sidecar=wiki"));
     let o = s.soul(&["pair", "alice-phone", "--sidecar", "notes"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains('█'));
     let o = s.soul(&["pair", "alice-phone"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--sidecar"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--sidecar"),
+        "{}",
+        text(&o)
+    );
     let o = s.soul(&["pair", "alice-phon"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean `alice-phone`"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("did you mean `alice-phone`"),
+        "{}",
+        text(&o)
+    );
     let o = s.soul(&["devices", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["devices"].as_array().unwrap().len(), 3);
-    assert!(v["devices"].as_array().unwrap().iter().all(|d| d["token_current"] == true && d["artifacts"].as_array().unwrap().len() == 8));
+    assert!(
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["token_current"] == true && d["artifacts"].as_array().unwrap().len() == 8)
+    );
 }
 
 #[test]
@@ -138,14 +188,21 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     let first = files(&s.state());
     std::thread::sleep(std::time::Duration::from_millis(20));
     s.apply();
-    assert_eq!(files(&s.state()), first, "a converged apply changed the state dir");
+    assert_eq!(
+        files(&s.state()),
+        first,
+        "a converged apply changed the state dir"
+    );
 
     // Delete one PNG: that file alone is rewritten, identical.
     let png = "pairing/tablet/wiki.png";
     std::fs::remove_file(s.state().join(png)).unwrap();
     let o = s.apply();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains(png) && out.matches("write ").count() == 1, "{out}");
+    assert!(
+        out.contains(png) && out.matches("write ").count() == 1,
+        "{out}"
+    );
     let after = files(&s.state());
     for (path, (hash, mtime)) in &first {
         assert_eq!(after[path].0, *hash, "{path} content changed");
@@ -161,17 +218,28 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     assert_eq!(token(&s, "alice-phone"), good);
 
     // Delete the key: a new key; every token changes; old tokens fail verification.
-    let old: Vec<String> = ["alice-phone", "bob-laptop", "tablet"].iter().map(|d| token(&s, d)).collect();
+    let old: Vec<String> = ["alice-phone", "bob-laptop", "tablet"]
+        .iter()
+        .map(|d| token(&s, d))
+        .collect();
     std::fs::remove_file(s.state().join("stack.key")).unwrap();
     let o = s.soul(&["apply", "-v"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("stack key of"), "a warning is logged: {}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stack key of"),
+        "a warning is logged: {}",
+        text(&o)
+    );
     for (d, old_token) in ["alice-phone", "bob-laptop", "tablet"].iter().zip(&old) {
         let new = token(&s, d);
         assert_ne!(&new, old_token);
         assert!(check(&s, &new).is_ok());
-        assert!(matches!(check(&s, old_token), Err(TokenError::Invalid(_))), "{d}'s old token still verifies");
-        let uri = std::fs::read_to_string(s.state().join(format!("pairing/{d}/notes.uri"))).unwrap();
+        assert!(
+            matches!(check(&s, old_token), Err(TokenError::Invalid(_))),
+            "{d}'s old token still verifies"
+        );
+        let uri =
+            std::fs::read_to_string(s.state().join(format!("pairing/{d}/notes.uri"))).unwrap();
         assert!(uri.ends_with(&new), "{d}'s QR was not re-issued");
     }
     // An unreadable key is drift too.
@@ -195,8 +263,14 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
     s.apply();
     assert!(!s.state().join("pairing/bob-laptop").exists());
     assert!(!s.state().join("tokens/bob-laptop.jwt").exists());
-    assert_eq!(check(&s, &bob), Err(TokenError::UnknownDevice("bob-laptop".into())));
-    assert_eq!((token(&s, "alice-phone"), token(&s, "tablet")), (alice.clone(), tablet.clone()));
+    assert_eq!(
+        check(&s, &bob),
+        Err(TokenError::UnknownDevice("bob-laptop".into()))
+    );
+    assert_eq!(
+        (token(&s, "alice-phone"), token(&s, "tablet")),
+        (alice.clone(), tablet.clone())
+    );
     assert!(check(&s, &alice).is_ok() && check(&s, &tablet).is_ok());
 
     // `soul rotate --device tablet` bumps its generation in stack.kdl (comments survive) and
@@ -205,25 +279,44 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
     let o = s.soul(&["rotate", "--device", "tablet"]);
     assert!(o.status.success(), "{}", text(&o));
     let after = std::fs::read_to_string(s.file()).unwrap();
-    assert_eq!(after, before.replace("device \"tablet\"", "device \"tablet\" generation=2"));
+    assert_eq!(
+        after,
+        before.replace("device \"tablet\"", "device \"tablet\" generation=2")
+    );
     assert!(after.contains("// a fixed LAN address keeps URIs predictable"));
     let new_tablet = token(&s, "tablet");
     assert_ne!(new_tablet, tablet);
-    assert_eq!(check(&s, &tablet), Err(TokenError::OldGeneration("tablet".into())));
+    assert_eq!(
+        check(&s, &tablet),
+        Err(TokenError::OldGeneration("tablet".into()))
+    );
     assert_eq!(check(&s, &new_tablet).unwrap().jti, "tablet.2");
     assert_eq!(token(&s, "alice-phone"), alice);
 
     // `soul rotate` bumps secret-generation: every token and QR is re-issued in one pass.
     let o = s.soul(&["rotate"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(std::fs::read_to_string(s.file()).unwrap().contains("secret-generation 2"));
+    assert!(
+        std::fs::read_to_string(s.file())
+            .unwrap()
+            .contains("secret-generation 2")
+    );
     assert_ne!(token(&s, "alice-phone"), alice);
     assert!(matches!(check(&s, &alice), Err(TokenError::Invalid(_))));
-    assert!(matches!(check(&s, &new_tablet), Err(TokenError::Invalid(_))));
+    assert!(matches!(
+        check(&s, &new_tablet),
+        Err(TokenError::Invalid(_))
+    ));
     for d in ["alice-phone", "tablet"] {
         let t = token(&s, d);
         assert!(check(&s, &t).is_ok());
-        assert_eq!(decode_png(&s.state().join(format!("pairing/{d}/wiki.png"))).rsplit_once("&token=").unwrap().1, t);
+        assert_eq!(
+            decode_png(&s.state().join(format!("pairing/{d}/wiki.png")))
+                .rsplit_once("&token=")
+                .unwrap()
+                .1,
+            t
+        );
     }
 }
 
@@ -236,14 +329,24 @@ fn state_dir_is_0700_and_every_file_0600() {
     let mut dirs = vec![s.state()];
     let mut seen = 0;
     while let Some(d) = dirs.pop() {
-        assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700, "{}", d.display());
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "{}",
+            d.display()
+        );
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
                 dirs.push(p);
             } else {
                 seen += 1;
-                assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+                assert_eq!(
+                    std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                    0o600,
+                    "{}",
+                    p.display()
+                );
             }
         }
     }
@@ -258,31 +361,57 @@ fn no_secret_appears_in_any_output_even_at_trace_level() {
     std::fs::write(&secret_file, "s3cr3t-db-password\n").unwrap();
     s.write(&stack_kdl(DEVICES, 1).replace(
         "    port 8080\n",
-        &format!("    port 8080\n    env \"DB_PASSWORD\" file=\"{}\"\n", secret_file.display()),
+        &format!(
+            "    port 8080\n    env \"DB_PASSWORD\" file=\"{}\"\n",
+            secret_file.display()
+        ),
     ));
     let mut outputs = String::new();
-    for args in [&["plan"][..], &["apply"], &["apply"], &["plan", "--output", "json"], &["status"], &["status", "--output", "json"], &["devices"], &["devices", "--output", "json"], &["validate"]] {
+    for args in [
+        &["plan"][..],
+        &["apply"],
+        &["apply"],
+        &["plan", "--output", "json"],
+        &["status"],
+        &["status", "--output", "json"],
+        &["devices"],
+        &["devices", "--output", "json"],
+        &["validate"],
+    ] {
         let o = s.command(args).env("SOUL_LOG", "trace").output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", text(&o));
         outputs.push_str(&text(&o));
     }
     // A failing apply's error output too.
     std::fs::remove_file(&secret_file).unwrap();
-    let o = s.command(&["apply"]).env("SOUL_LOG", "trace").output().unwrap();
+    let o = s
+        .command(&["apply"])
+        .env("SOUL_LOG", "trace")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     outputs.push_str(&text(&o));
     std::fs::write(&secret_file, "s3cr3t-db-password\n").unwrap();
 
     let key_file = std::fs::read_to_string(s.state().join("stack.key")).unwrap();
     let seed: serde_json::Value = serde_json::from_str(&key_file).unwrap();
-    let mut secrets = vec![seed["ed25519-seed"].as_str().unwrap().to_string(), "s3cr3t-db-password".to_string()];
+    let mut secrets = vec![
+        seed["ed25519-seed"].as_str().unwrap().to_string(),
+        "s3cr3t-db-password".to_string(),
+    ];
     for d in ["alice-phone", "bob-laptop", "tablet"] {
         let t = token(&s, d);
         secrets.push(t.rsplit('.').next().unwrap().to_string()); // the signature
         secrets.push(t);
     }
-    assert!(outputs.contains("TRACE") || outputs.contains("DEBUG"), "trace logging was not on");
+    assert!(
+        outputs.contains("TRACE") || outputs.contains("DEBUG"),
+        "trace logging was not on"
+    );
     for secret in &secrets {
-        assert!(!outputs.contains(secret.as_str()), "a secret leaked into the output");
+        assert!(
+            !outputs.contains(secret.as_str()),
+            "a secret leaked into the output"
+        );
     }
 }

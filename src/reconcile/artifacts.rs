@@ -184,9 +184,21 @@ mod tests {
 
     fn three_addresses() -> Vec<Address> {
         vec![
-            Address { transport: TransportKind::Lan, host: "192.168.178.120".into(), port: 8443 },
-            Address { transport: TransportKind::Tailscale, host: "100.101.102.103".into(), port: 443 },
-            Address { transport: TransportKind::Relay, host: "relay.example.com".into(), port: 7000 },
+            Address {
+                transport: TransportKind::Lan,
+                host: "192.168.178.120".into(),
+                port: 8443,
+            },
+            Address {
+                transport: TransportKind::Tailscale,
+                host: "100.101.102.103".into(),
+                port: 443,
+            },
+            Address {
+                transport: TransportKind::Relay,
+                host: "relay.example.com".into(),
+                port: 7000,
+            },
         ]
     }
 
@@ -202,11 +214,18 @@ mod tests {
             let s = parse("s", &src).unwrap_or_else(|d| panic!("{d}"));
             let p = desired_files(&s, inputs(vec![three_addresses()])).unwrap();
             let uri = p.files.iter().find(|f| f.path.ends_with(".uri")).unwrap();
-            let FileContent::Bytes(bytes) = &uri.content else { panic!("uri is bytes") };
+            let FileContent::Bytes(bytes) = &uri.content else {
+                panic!("uri is bytes")
+            };
             let text = String::from_utf8(bytes.clone()).unwrap();
             assert_eq!(text.matches("&addr=").count(), 3);
             let code = qr::encode(&text).unwrap();
-            assert!(qr::version(&code) <= 20, "{} bytes need QR version {}", text.len(), qr::version(&code));
+            assert!(
+                qr::version(&code) <= 20,
+                "{} bytes need QR version {}",
+                text.len(),
+                qr::version(&code)
+            );
             assert!(text.len() <= 666, "{} bytes", text.len());
         }
     }
@@ -218,7 +237,10 @@ mod tests {
         assert_eq!(p.key_change, Some(KeyChange::First));
         assert_eq!(p.key.generation, 2);
         let e = p.registry.devices["a"];
-        assert_eq!((e.generation, e.issued_at, e.expires_at), (1, 1_800_000_000, Some(1_800_086_400)));
+        assert_eq!(
+            (e.generation, e.issued_at, e.expires_at),
+            (1, 1_800_000_000, Some(1_800_086_400))
+        );
         // Same inputs with the stored key and registry: nothing changes, issued-at is kept.
         let mut again = inputs(vec![vec![]]);
         again.key = Ok(p.key.clone());
@@ -227,7 +249,20 @@ mod tests {
         again.fresh_key = StackKey::from_seed(2, [9; 32]);
         let q = desired_files(&s, again).unwrap();
         assert_eq!(q.key_change, None);
-        assert_eq!(q.files, p.files.iter().map(|f| DesiredFile { what: if f.path == KEY_FILE { "stack key".into() } else { f.what.clone() }, ..f.clone() }).collect::<Vec<_>>());
+        assert_eq!(
+            q.files,
+            p.files
+                .iter()
+                .map(|f| DesiredFile {
+                    what: if f.path == KEY_FILE {
+                        "stack key".into()
+                    } else {
+                        f.what.clone()
+                    },
+                    ..f.clone()
+                })
+                .collect::<Vec<_>>()
+        );
         // An older stored generation is a rotation.
         let mut rotated = inputs(vec![vec![]]);
         rotated.key = Ok(StackKey::from_seed(1, [3; 32]));
