@@ -55,8 +55,18 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace). SOUL_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines as text for people, or JSON for journald and log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -91,6 +101,16 @@ starts what stopped, removes what is no longer declared. Named volumes are never
 Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply"
     )]
     Apply,
+    /// Keep this machine on stack.kdl: re-apply on every edit, repair drift, follow git.
+    #[command(
+        after_help = "Every trigger runs the same whole pass: an edit of stack.kdl (also \
+when an editor or `git pull` replaces it), a Docker event of this stack (die, stop, destroy, \
+health), the resync timer, a change of this host's address, SIGHUP. An invalid edit is reported \
+and the last good config keeps running. The engine going away is retried with backoff. \
+SIGTERM/SIGINT stop soul; the containers keep running. `soul status` shows the last pass.\n\n\
+Example:\n  soul watch\n  soul watch --resync 5m --pull 1m --log-format json"
+    )]
+    Watch(WatchArgs),
     /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
     #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
     Status(OutputArgs),
@@ -158,6 +178,25 @@ pub struct OutputArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Run a whole pass at least this often, so missed events still converge.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub resync: Duration,
+    /// When stack.kdl is in a git work tree with an upstream: fetch and fast-forward this
+    /// often (never forced: a dirty tree or diverged history is reported).
+    #[arg(long, value_parser = parse_duration_arg, value_name = "INTERVAL")]
+    pub pull: Option<Duration>,
+    /// Restarts within --flap-window after which a container is reported degraded.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub flap_restarts: usize,
+    #[arg(long, default_value = "10m", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub flap_window: Duration,
+    /// How often this host's addresses are checked (pairing codes carry them).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub address_poll: Duration,
+}
+
+#[derive(Debug, Args)]
 pub struct PairArgs {
     /// The device, as named in stack.kdl.
     pub device: String,
@@ -212,6 +251,8 @@ pub enum CliError {
     State(#[from] StateError),
     #[error(transparent)]
     Edit(#[from] crate::stack::edit::EditError),
+    #[error(transparent)]
+    Watch(#[from] reconcile::WatchError),
     /// A file soul reads or writes for the user.
     #[error("{0}")]
     Io(String),
@@ -238,7 +279,10 @@ impl CliError {
     /// What the user reads on stderr.
     pub fn report(&self) -> String {
         match self {
-            CliError::Stack(StackError::Invalid(d)) => d.render(std::io::stderr().is_terminal()),
+            CliError::Stack(StackError::Invalid(d))
+            | CliError::Watch(reconcile::WatchError::Stack(StackError::Invalid(d))) => {
+                d.render(std::io::stderr().is_terminal())
+            }
             other => {
                 let mut s = format!("error: {other}");
                 let mut source = std::error::Error::source(other);
@@ -298,6 +342,20 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Plan(args) => plan(&cli, args).await,
         Command::Apply => apply(&cli).await,
         Command::Status(args) => status(&cli, args.output).await,
+        Command::Watch(args) => {
+            let opts = reconcile::WatchOptions {
+                file: cli.file.clone(),
+                state_dir: cli.state_dir.clone(),
+                resync: args.resync,
+                pull: args.pull,
+                flap_restarts: args.flap_restarts,
+                flap_window: args.flap_window,
+                address_poll: args.address_poll,
+                debounce: Duration::from_millis(50),
+            };
+            reconcile::watch(opts, terminated()).await?;
+            Ok(Exit::Ok)
+        }
         Command::Down(args) => down(&cli, args).await,
         Command::Image => image().await,
         Command::Devices(args) => devices(&cli, args.output),
@@ -324,6 +382,23 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
                 Ok(Exit::Failure)
             }
         },
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -483,7 +558,33 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
 }
 
 async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
+    let stack = match load(cli) {
+        Ok(s) => s,
+        // A running watch keeps the last good config; show what it runs, and why.
+        Err(CliError::Stack(StackError::Invalid(d))) => {
+            let last_good = reconcile::declared_name(&cli.file).and_then(|name| {
+                let state = StateDir::at(
+                    &cli.state_dir
+                        .clone()
+                        .unwrap_or_else(|| state::default_dir(&name)),
+                );
+                let src = state.read(reconcile::LAST_GOOD_FILE).ok()?;
+                stack::parse(reconcile::LAST_GOOD_FILE, &String::from_utf8_lossy(&src)).ok()
+            });
+            match last_good {
+                Some(s) => {
+                    eprintln!(
+                        "warning: {} is invalid; showing the last good config that soul runs:\n{}",
+                        cli.file.display(),
+                        d.render(std::io::stderr().is_terminal())
+                    );
+                    s
+                }
+                None => return Err(StackError::Invalid(d).into()),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let desired = match reconcile::resolve(&stack, &Host) {
         Ok(d) => Some(d),
         Err(e) => {
@@ -543,6 +644,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         .filter(|c| !declared.contains(&c.name))
         .map(|c| json!({"name": c.name, "state": c.state}))
         .collect();
+    let watch = reconcile::WatchStatus::read(&StateDir::at(&state_path(cli, &stack)));
     match output {
         Output::Json => out(&format!(
             "{}\n",
@@ -550,6 +652,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
                 "stack": stack.stack,
                 "pods": pods,
                 "undeclared": undeclared,
+                "watch": watch,
             }))
             .unwrap_or_default()
         )),
@@ -580,6 +683,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
                     ));
                 }
             }
+            s.push_str(&watch_lines(watch.as_ref()));
             for u in &undeclared {
                 s.push_str(&format!(
                     "  undeclared: {} ({}): `soul apply` removes it\n",
@@ -864,4 +968,43 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
         bumped.to
     ));
     apply(cli).await
+}
+
+/// `soul status`'s lines about a running `soul watch`.
+fn watch_lines(watch: Option<&reconcile::WatchStatus>) -> String {
+    let Some(w) = watch else {
+        return "  watch: not running (`soul watch` keeps this stack converged)\n".into();
+    };
+    let now = unix_now();
+    let ago = |t: u64| format!("{} s ago", now.saturating_sub(t));
+    let mut s = format!("  watch: running (pid {}), {} passes\n", w.pid, w.passes);
+    if let Some(at) = w.last_pass_at {
+        s.push_str(&format!(
+            "    last pass {} ({}), {} ms, {} changes\n",
+            ago(at),
+            w.last_pass_trigger.as_deref().unwrap_or("-"),
+            w.last_pass_ms.unwrap_or(0),
+            w.last_pass_changes.map_or("-".into(), |c| c.to_string())
+        ));
+    }
+    if let Some(next) = w.next_resync_at {
+        s.push_str(&format!(
+            "    next resync in {} s\n",
+            next.saturating_sub(now)
+        ));
+    }
+    if let Some(e) = &w.last_error {
+        s.push_str(&format!("    last pass failed: {e}\n"));
+    }
+    if !w.config_valid {
+        s.push_str(&format!(
+            "    config INVALID since {}: {}; running the last good config\n",
+            w.config_invalid_since.map_or("?".into(), ago),
+            w.config_error.as_deref().unwrap_or("?")
+        ));
+    }
+    for d in &w.degraded {
+        s.push_str(&format!("    degraded: {d} keeps restarting\n"));
+    }
+    s
 }

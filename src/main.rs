@@ -1,22 +1,30 @@
 //! The `soul` binary: parse arguments, set up logging, run one command, exit with its code.
 
 use clap::Parser;
-use soul::cli::{Cli, Exit, run};
+use soul::cli::{Cli, Command, Exit, LogFormat, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
+    let watching = matches!(cli.command, Command::Watch(_));
     let default = match cli.verbose {
+        // A long-running watch reports each pass; one-shot commands stay quiet.
+        0 if watching => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("SOUL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cli.log_format == LogFormat::Json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -106,6 +106,24 @@ impl StateDir {
         File::open(&parent)?.sync_all()
     }
 
+    /// Removes temp files left by a write that was interrupted (`kill -9` mid-write).
+    pub fn clean_temp_files(&self) {
+        let mut dirs = vec![self.path.clone()];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if e.file_name().to_string_lossy().starts_with(".soul-") {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    }
+
     pub fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
         std::fs::read(self.path.join(rel))
     }

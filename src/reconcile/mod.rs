@@ -1,14 +1,17 @@
-//! Reconcile: resolve stack.kdl into the Desired state, the pure planner, and the executor
-//! that carries a plan out against an [`Engine`].
+//! Reconcile: resolve stack.kdl into the Desired state, the pure planner, the executor that
+//! carries a plan out against an [`Engine`], and the watch loop.
 
 mod artifacts;
+mod backoff;
 mod execute;
 mod observe;
 mod pass;
 mod plan;
 mod resolve;
+mod watch;
 
 pub use artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
+pub use backoff::{Backoff, FlapTracker, jitter};
 pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};
 pub use pass::{PassError, Planned, pairing_of, prepare, run, unix_now};
@@ -17,3 +20,7 @@ pub use plan::{
     QrFormat, Reason, Step, plan,
 };
 pub use resolve::{Host, Machine, RESTART_POLICY, ResolveError, SoulImage, resolve};
+pub use watch::{
+    LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus, declared_name,
+    pull_once, watch,
+};

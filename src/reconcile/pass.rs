@@ -25,6 +25,11 @@ pub enum PassError {
     /// The machine could not give soul a random key.
     #[error("cannot generate a key: {0}")]
     Key(std::io::Error),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A bug in soul (a task panicked, a lock was poisoned).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl PassError {

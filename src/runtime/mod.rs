@@ -290,6 +290,28 @@ impl Docker {
         Ok(())
     }
 
+    /// This stack's container events as `(action, container name)`, e.g. `("die", "soul-…")`
+    /// or `("health_status: unhealthy", …)`. The stream ends when the engine goes away.
+    pub fn container_events(
+        &self,
+        stack: &str,
+    ) -> impl futures_util::Stream<Item = Result<(String, String), RuntimeError>> + use<> {
+        let mut filters = Self::stack_filter(stack);
+        filters.insert("type".into(), vec!["container".into()]);
+        let options = bollard::query_parameters::EventsOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        self.docker.events(Some(options)).map(|item| {
+            let e = item?;
+            let name = e
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|mut attrs| attrs.remove("name"))
+                .unwrap_or_default();
+            Ok((e.action.unwrap_or_default(), name))
+        })
+    }
+
     /// Removes a container (force: it may be running). Its volumes are kept.
     pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptionsBuilder::default()

@@ -1,0 +1,721 @@
+//! `soul watch`: keeps the machine on stack.kdl. Every trigger — a change of the file, a
+//! Docker event of this stack, the resync timer, a change of this host's address, SIGHUP, a
+//! git pull — runs the same whole pass (level-triggered); triggers that arrive during a pass
+//! coalesce into one more pass. An invalid edit keeps the last good config running; engine
+//! faults back off with jitter; containers that keep dying are reported degraded and repaired
+//! ever more slowly.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::runtime::Docker;
+use crate::stack::{self, Stack, StackError};
+use crate::state::{self, StateDir};
+use crate::transport;
+
+use super::backoff::{Backoff, FlapTracker, jitter};
+use super::pass::{PassError, prepare, run, unix_now};
+use super::plan::{Plan, Reason, Step};
+use super::resolve::Host;
+
+/// The file in the state dir where a running watch reports itself for `soul status`.
+pub const WATCH_STATUS_FILE: &str = "watch.json";
+/// The last valid stack.kdl, used when the file is invalid at start-up.
+pub const LAST_GOOD_FILE: &str = "last-good.kdl";
+
+/// How `soul watch` runs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub file: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    /// Periodic resync, so missed events still converge.
+    pub resync: Duration,
+    /// Fetch and fast-forward the file's git work tree this often.
+    pub pull: Option<Duration>,
+    /// Restarts within `flap_window` after which a container is reported degraded.
+    pub flap_restarts: usize,
+    pub flap_window: Duration,
+    /// How often this host's addresses are checked for changes.
+    pub address_poll: Duration,
+    /// Quiet time after a file event before the pass (editors write in several steps).
+    pub debounce: Duration,
+}
+
+/// Why watch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// stack.kdl is invalid and no last good copy exists.
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("cannot watch {path}: {source}")]
+    Notify {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
+}
+
+/// What a running watch tells `soul status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchStatus {
+    pub pid: u32,
+    pub started_at: u64,
+    pub passes: u64,
+    pub last_pass_at: Option<u64>,
+    pub last_pass_ms: Option<u64>,
+    pub last_pass_changes: Option<usize>,
+    pub last_pass_trigger: Option<String>,
+    pub last_error: Option<String>,
+    pub next_resync_at: Option<u64>,
+    pub config_valid: bool,
+    pub config_invalid_since: Option<u64>,
+    pub config_error: Option<String>,
+    pub degraded: Vec<String>,
+}
+
+impl WatchStatus {
+    /// The status of a watch that is running now, if any.
+    pub fn read(state: &StateDir) -> Option<WatchStatus> {
+        let s: WatchStatus = serde_json::from_slice(&state.read(WATCH_STATUS_FILE).ok()?).ok()?;
+        let alive = std::fs::read(format!("/proc/{}/cmdline", s.pid))
+            .map(|c| String::from_utf8_lossy(&c).contains("soul"))
+            .unwrap_or(false);
+        alive.then_some(s)
+    }
+}
+
+/// Trigger reasons waiting for the next pass; `notify` wakes the loop. A `Notify` holds at
+/// most one permit, so any number of triggers during a pass yields exactly one more pass.
+#[derive(Default)]
+pub struct Triggers {
+    notify: Notify,
+    reasons: Mutex<BTreeSet<String>>,
+}
+
+impl Triggers {
+    pub fn fire(&self, reason: &str) {
+        if let Ok(mut r) = self.reasons.lock() {
+            r.insert(reason.to_string());
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> String {
+        let reasons = self
+            .reasons
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        reasons.into_iter().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// stack.kdl as last read, and the last valid version of it.
+struct Config {
+    file: PathBuf,
+    good: Stack,
+    invalid_since: Option<u64>,
+    error: Option<String>,
+}
+
+impl Config {
+    /// Re-reads the file; an invalid one is reported and the last good config stays.
+    fn reload(&mut self, state: &StateDir) {
+        match stack::load(&self.file) {
+            Ok(s) => {
+                if self.invalid_since.take().is_some() {
+                    tracing::info!("{} is valid again", self.file.display());
+                }
+                self.error = None;
+                if let Ok(src) = std::fs::read(&self.file)
+                    && state.read(LAST_GOOD_FILE).ok().as_deref() != Some(src.as_slice())
+                    && let Err(e) = state.write(LAST_GOOD_FILE, &src)
+                {
+                    tracing::warn!("cannot keep a copy of the last good stack.kdl: {e}");
+                }
+                self.good = s;
+            }
+            Err(e) => {
+                let first = first_error(&e);
+                if self.error.as_deref() != Some(first.as_str()) {
+                    let report = match &e {
+                        StackError::Invalid(d) => d.render(false),
+                        other => other.to_string(),
+                    };
+                    tracing::error!(
+                        "{} is invalid; still running the last good config of stack `{}`:\n{report}",
+                        self.file.display(),
+                        self.good.stack
+                    );
+                }
+                self.invalid_since.get_or_insert_with(unix_now);
+                self.error = Some(first);
+            }
+        }
+    }
+}
+
+fn first_error(e: &StackError) -> String {
+    match e {
+        StackError::Invalid(d) => d
+            .problems
+            .first()
+            .map(|p| {
+                let (l, c) = d.line_col(p.span.offset);
+                format!("{}:{l}:{c}: {}", d.path, p.message)
+            })
+            .unwrap_or_else(|| e.to_string()),
+        other => other.to_string(),
+    }
+}
+
+/// The stack name a file declares, even when the file is otherwise invalid.
+pub fn declared_name(file: &Path) -> Option<String> {
+    let src = std::fs::read_to_string(file).ok()?;
+    let doc = kdl::KdlDocument::parse_v2(&src).ok()?;
+    let node = doc.nodes().iter().find(|n| n.name().value() == "stack")?;
+    node.entries()
+        .first()?
+        .value()
+        .as_string()
+        .map(String::from)
+}
+
+/// Runs until `shutdown` resolves. Containers are left running.
+pub async fn watch(
+    opts: WatchOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WatchError> {
+    let state_for = |name: &str| {
+        opts.state_dir
+            .clone()
+            .unwrap_or_else(|| state::default_dir(name))
+    };
+    let (good, state) = match stack::load(&opts.file) {
+        Ok(s) => {
+            let state = StateDir::open(&state_for(&s.stack))?;
+            (s, state)
+        }
+        Err(e) => {
+            // Start on the last good copy when there is one: a bad edit must not keep the
+            // machine from coming back after a reboot.
+            let Some(name) = declared_name(&opts.file)
+                .or_else(|| opts.state_dir.as_ref().map(|_| String::new()))
+            else {
+                return Err(e.into());
+            };
+            let state = StateDir::open(&state_for(&name))?;
+            let src = state
+                .read(LAST_GOOD_FILE)
+                .map_err(|_| WatchError::Stack(e))?;
+            let good = stack::parse(LAST_GOOD_FILE, &String::from_utf8_lossy(&src))
+                .map_err(StackError::Invalid)?;
+            (good, state)
+        }
+    };
+    state.clean_temp_files();
+    let mut config = Config {
+        file: opts.file.clone(),
+        good,
+        invalid_since: None,
+        error: None,
+    };
+    config.reload(&state);
+
+    let triggers = Arc::new(Triggers::default());
+    let flaps = Arc::new(Mutex::new(FlapTracker::new(
+        opts.flap_restarts,
+        opts.flap_window,
+    )));
+    let _file_watcher = watch_file(&opts.file, opts.debounce, triggers.clone())?;
+    let mut events = spawn_events(config.good.stack.clone(), triggers.clone(), flaps.clone());
+    let mut events_for = config.good.stack.clone();
+    let addresses = tokio::spawn(poll_addresses(
+        opts.file.clone(),
+        opts.address_poll,
+        triggers.clone(),
+    ));
+    let hup = tokio::spawn(on_sighup(triggers.clone()));
+    let pull = opts
+        .pull
+        .map(|every| tokio::spawn(git_pull(opts.file.clone(), every, triggers.clone())));
+
+    let mut status = WatchStatus {
+        pid: std::process::id(),
+        started_at: unix_now(),
+        ..Default::default()
+    };
+    let mut failures = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut retry_at: Option<Instant> = None;
+    let mut next_resync = Instant::now();
+    triggers.fire("start");
+    tokio::pin!(shutdown);
+
+    loop {
+        let reason = tokio::select! {
+            _ = &mut shutdown => break,
+            _ = triggers.notify.notified() => triggers.take(),
+            _ = tokio::time::sleep_until(next_resync) => "resync".to_string(),
+            _ = sleep_until_opt(retry_at) => "retry".to_string(),
+        };
+        config.reload(&state);
+        if config.good.stack != events_for {
+            events.abort();
+            events = spawn_events(config.good.stack.clone(), triggers.clone(), flaps.clone());
+            events_for = config.good.stack.clone();
+        }
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            // A pass is short; a signal during it lets the current step finish and stops at
+            // the next await point between steps.
+            r = one_pass(&config.good, &state, &flaps) => Some(r),
+            _ = &mut shutdown => None,
+        };
+        let Some(outcome) = outcome else { break };
+        let elapsed = started.elapsed();
+        status.passes += 1;
+        status.last_pass_at = Some(unix_now());
+        status.last_pass_ms = Some(elapsed.as_millis() as u64);
+        status.last_pass_trigger = Some(reason.clone());
+        match outcome {
+            Ok(PassReport {
+                changes,
+                deferred_until,
+            }) => {
+                failures.reset();
+                status.last_error = None;
+                status.last_pass_changes = Some(changes);
+                retry_at = deferred_until;
+                tracing::info!(trigger = %reason, "reconciled in {} ms: {changes} change{}", elapsed.as_millis(), if changes == 1 { "" } else { "s" });
+            }
+            Err(e) => {
+                let delay = failures.next_delay(jitter());
+                retry_at = Some(Instant::now() + delay);
+                let what = if e.is_unreachable() {
+                    "the Docker engine is unreachable"
+                } else {
+                    "pass failed"
+                };
+                tracing::warn!(trigger = %reason, "{what}: {e}; retrying in {:.1} s", delay.as_secs_f64());
+                status.last_error = Some(e.to_string());
+            }
+        }
+        next_resync = Instant::now() + opts.resync;
+        status.next_resync_at = Some(unix_now() + opts.resync.as_secs());
+        status.config_valid = config.error.is_none();
+        status.config_invalid_since = config.invalid_since;
+        status.config_error = config.error.clone();
+        let degraded = flaps
+            .lock()
+            .map(|mut f| f.degraded(Instant::now()))
+            .unwrap_or_default();
+        for d in degraded.iter().filter(|d| !status.degraded.contains(d)) {
+            tracing::warn!(
+                "container {d} is degraded: it restarted {}+ times within {:?}",
+                opts.flap_restarts,
+                opts.flap_window
+            );
+        }
+        status.degraded = degraded;
+        if let Ok(bytes) = serde_json::to_vec_pretty(&status)
+            && let Err(e) = state.write(WATCH_STATUS_FILE, &bytes)
+        {
+            tracing::warn!("cannot write {WATCH_STATUS_FILE}: {e}");
+        }
+    }
+    events.abort();
+    addresses.abort();
+    hup.abort();
+    if let Some(p) = pull {
+        p.abort();
+    }
+    let _ = state.remove(WATCH_STATUS_FILE);
+    tracing::info!("soul watch stopped; containers keep running");
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a successful pass did.
+struct PassReport {
+    changes: usize,
+    /// Repairs of flapping containers that were held back, and when to try again.
+    deferred_until: Option<Instant>,
+}
+
+async fn one_pass(
+    stack: &Stack,
+    state: &StateDir,
+    flaps: &Mutex<FlapTracker>,
+) -> Result<PassReport, PassError> {
+    let lock_dir = state.clone();
+    let name = stack.stack.clone();
+    let _lock = tokio::task::spawn_blocking(move || {
+        lock_dir.lock(|holder| {
+            tracing::info!(
+                "waiting: another soul process{} is applying stack `{name}`",
+                holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            );
+        })
+    })
+    .await
+    .map_err(|e| PassError::Internal(e.to_string()))??;
+    let docker = Docker::connect().await?;
+    let planned = prepare(&docker, stack, state, &Host, unix_now()).await?;
+    let now = Instant::now();
+    let (plan, deferred_until) = {
+        let mut f = flaps
+            .lock()
+            .map_err(|_| PassError::Internal("flap tracker poisoned".into()))?;
+        defer_flapping(planned.plan, |name| f.next_repair(name, now), now)
+    };
+    let changes = plan.steps.len();
+    run(
+        &docker,
+        state,
+        stack,
+        &plan,
+        |_, step| tracing::info!(step = %step, "applying"),
+    )
+    .await?;
+    if let Ok(mut f) = flaps.lock() {
+        for name in repairs(&plan) {
+            f.repaired(&name, Instant::now());
+        }
+    }
+    Ok(PassReport {
+        changes,
+        deferred_until,
+    })
+}
+
+/// App containers that this plan starts or creates because they were stopped or gone.
+fn repairs(plan: &Plan) -> Vec<String> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::StartContainer {
+                name,
+                reason: Reason::Stopped | Reason::Missing,
+            } if name.ends_with("-app") => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Holds back the repair of app containers that may not be repaired yet (they keep dying):
+/// their steps leave the plan, and the earliest time they may run is returned.
+fn defer_flapping(
+    plan: Plan,
+    mut next_repair: impl FnMut(&str) -> Instant,
+    now: Instant,
+) -> (Plan, Option<Instant>) {
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut until: Option<Instant> = None;
+    for name in repairs(&plan) {
+        let at = next_repair(&name);
+        if at > now {
+            until = Some(until.map_or(at, |u: Instant| u.min(at)));
+            tracing::info!(
+                "holding back the repair of {name} for {:.1} s: it keeps dying",
+                (at - now).as_secs_f64()
+            );
+            held.insert(name);
+        }
+    }
+    let steps = plan
+        .steps
+        .into_iter()
+        .filter(|s| {
+            let name = match s {
+                Step::RemoveContainer { name, .. } | Step::StartContainer { name, .. } => {
+                    name.as_str()
+                }
+                Step::CreateContainer { spec, .. } => spec.name.as_str(),
+                _ => return true,
+            };
+            !held.contains(name)
+        })
+        .collect();
+    (Plan { steps }, until)
+}
+
+/// Watches the file's directory (editors replace files by renaming; `git checkout` deletes and
+/// creates) and fires once the file has been quiet for `debounce`.
+fn watch_file(
+    file: &Path,
+    debounce: Duration,
+    triggers: Arc<Triggers>,
+) -> Result<notify::RecommendedWatcher, WatchError> {
+    use notify::Watcher;
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let name = file.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Reads of the file (soul's own, every pass) are not changes.
+        if let Ok(event) = res
+            && matches!(
+                event.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+            )
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|source| WatchError::Notify {
+        path: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError::Notify {
+            path: dir.clone(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Let the burst settle, then swallow it.
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            triggers.fire("stack.kdl changed");
+        }
+    });
+    Ok(watcher)
+}
+
+/// Follows this stack's container events; reconnects with backoff when the engine goes away.
+fn spawn_events(
+    stack: String,
+    triggers: Arc<Triggers>,
+    flaps: Arc<Mutex<FlapTracker>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut connected_before = false;
+        loop {
+            if let Ok(docker) = Docker::connect().await {
+                if connected_before {
+                    // The engine may have restarted: look at everything again.
+                    triggers.fire("engine back");
+                }
+                connected_before = true;
+                let mut stream = Box::pin(docker.container_events(&stack));
+                let mut got_one = false;
+                while let Some(item) = stream.next().await {
+                    let Ok((action, name)) = item else { break };
+                    got_one = true;
+                    backoff.reset();
+                    let relevant =
+                        matches!(action.as_str(), "die" | "destroy" | "stop" | "kill" | "oom")
+                            || action.starts_with("health_status");
+                    if action == "die"
+                        && let Ok(mut f) = flaps.lock()
+                    {
+                        f.died(&name, Instant::now());
+                    }
+                    if relevant {
+                        triggers.fire(&format!("docker {action} {name}"));
+                    }
+                }
+                if got_one {
+                    backoff.reset();
+                }
+            }
+            tokio::time::sleep(backoff.next_delay(jitter())).await;
+        }
+    })
+}
+
+/// Fires when this host's LAN address changes (pairing codes carry it).
+async fn poll_addresses(file: PathBuf, every: Duration, triggers: Arc<Triggers>) {
+    let current = || {
+        stack::load(&file)
+            .ok()
+            .and_then(|s| transport::lan_host(&s))
+    };
+    let mut last = current();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = current();
+        if now != last {
+            tracing::info!("this host's address changed: {:?} → {:?}", last, now);
+            last = now;
+            triggers.fire("address changed");
+        }
+    }
+}
+
+async fn on_sighup(triggers: Arc<Triggers>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        triggers.fire("SIGHUP");
+    }
+}
+
+/// Every `every`: when the file is in a git work tree with an upstream, fetch and
+/// fast-forward. A dirty tree or diverged history is reported, never forced.
+async fn git_pull(file: PathBuf, every: Duration, triggers: Arc<Triggers>) {
+    let dir = std::path::absolute(&file)
+        .ok()
+        .and_then(|f| f.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    loop {
+        tokio::time::sleep(every).await;
+        match pull_once(&dir).await {
+            Ok(true) => {
+                tracing::info!("git: fast-forwarded {}", dir.display());
+                triggers.fire("git pull");
+            }
+            Ok(false) => tracing::debug!("git: {} is up to date", dir.display()),
+            Err(why) => tracing::warn!("git pull in {}: {why}", dir.display()),
+        }
+    }
+}
+
+/// One fetch and fast-forward; `Ok(true)` when HEAD moved.
+pub async fn pull_once(dir: &Path) -> Result<bool, String> {
+    let git = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("git");
+        c.arg("-C").arg(dir).args(args).kill_on_drop(true);
+        c
+    };
+    let out = |o: std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let run = |mut c: tokio::process::Command| async move {
+        c.output().await.map_err(|e| format!("cannot run git: {e}"))
+    };
+    let upstream = run(git(&[
+        "rev-parse",
+        "--abbrev-ref",
+        "--symbolic-full-name",
+        "@{u}",
+    ]))
+    .await?;
+    if !upstream.status.success() {
+        return Err("not a git work tree with an upstream branch; nothing to pull".into());
+    }
+    let fetch = run(git(&["fetch", "--quiet"])).await?;
+    if !fetch.status.success() {
+        return Err(format!(
+            "fetch failed: {}",
+            String::from_utf8_lossy(&fetch.stderr).trim()
+        ));
+    }
+    let dirty = out(run(git(&["status", "--porcelain", "--untracked-files=no"])).await?);
+    if !dirty.is_empty() {
+        return Err(format!(
+            "the work tree has local changes; not pulling (commit or stash them):\n{dirty}"
+        ));
+    }
+    let before = out(run(git(&["rev-parse", "HEAD"])).await?);
+    let merge = run(git(&["merge", "--ff-only", "--quiet", "@{u}"])).await?;
+    if !merge.status.success() {
+        return Err(format!(
+            "cannot fast-forward to the upstream (history diverged); not forcing: {}",
+            String::from_utf8_lossy(&merge.stderr).trim()
+        ));
+    }
+    let after = out(run(git(&["rev-parse", "HEAD"])).await?);
+    Ok(before != after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::{ContainerSpec, NetworkMode, Role};
+
+    fn start(name: &str, reason: Reason) -> Step {
+        Step::StartContainer {
+            name: name.into(),
+            reason,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn triggers_during_a_pass_coalesce_into_one_more_pass() {
+        let t = Arc::new(Triggers::default());
+        for i in 0..100 {
+            t.fire(&format!("write {}", i % 3));
+        }
+        // One wake-up, all reasons at once.
+        t.notify.notified().await;
+        assert_eq!(t.take(), "write 0, write 1, write 2");
+        let again = tokio::time::timeout(Duration::from_secs(1), t.notify.notified()).await;
+        assert!(again.is_err(), "a burst must not queue more than one pass");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repairs_of_flapping_apps_are_held_back() {
+        let now = Instant::now();
+        let spec = ContainerSpec {
+            name: "soul-h-a-app".into(),
+            stack: "h".into(),
+            sidecar: "a".into(),
+            role: Role::App,
+            image: "i".into(),
+            command: None,
+            env: Default::default(),
+            mounts: vec![],
+            network_mode: NetworkMode::Container("soul-h-a-pause".into()),
+            ports: vec![],
+            health: None,
+            restart: "unless-stopped".into(),
+        };
+        let plan = Plan {
+            steps: vec![
+                Step::CreateContainer {
+                    spec: Box::new(spec),
+                    reason: Reason::Missing,
+                },
+                start("soul-h-a-app", Reason::Missing),
+                start("soul-h-b-app", Reason::Stopped),
+            ],
+        };
+        let later = now + Duration::from_secs(4);
+        let (kept, until) =
+            defer_flapping(plan, |n| if n == "soul-h-a-app" { later } else { now }, now);
+        assert_eq!(kept.steps, vec![start("soul-h-b-app", Reason::Stopped)]);
+        assert_eq!(until, Some(later));
+    }
+
+    #[test]
+    fn the_declared_name_is_found_in_an_invalid_file() {
+        let dir = std::env::temp_dir().join(format!("soul-watch-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("stack.kdl");
+        std::fs::write(&f, "stack \"home\"\nsidecar \"x\" { port 99999999; }\n").unwrap();
+        assert_eq!(declared_name(&f).as_deref(), Some("home"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,385 @@
+//! `soul watch` against the real engine: it follows edits, repairs drift, survives invalid
+//! edits, engine outages and `kill -9`, and coalesces bursts.
+
+mod support;
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn kdl(lan: u16, greeting: &str, sidecars: usize) -> String {
+    let mut s = String::from("stack \"{stack}\"\n");
+    for i in 0..sidecars {
+        s.push_str(&format!(
+            "sidecar \"s{i}\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n    env \"GREETING\" \"{greeting}\"\n}}\n"
+        ));
+    }
+    s.push_str(&format!("transport {{\n    lan port={lan}\n}}\n"));
+    s
+}
+
+/// A running `soul watch`, killed on drop; its stderr goes to a file.
+struct Watch {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Watch {
+    fn start(s: &TestStack, docker_host: Option<&str>) -> Watch {
+        let log = s.dir.join(format!("watch-{}.log", now()));
+        let mut cmd = s.command(&["watch", "--resync", "60s"]);
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(h) = docker_host {
+            cmd.env("DOCKER_HOST", h);
+        }
+        Watch {
+            child: cmd.spawn().expect("start soul watch"),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn passes(&self) -> usize {
+        self.log().matches("reconciled in").count()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn greeting(lan: u16) -> Option<String> {
+    http_get(lan, "/", Duration::from_millis(300)).map(|(_, b)| b.trim().to_string())
+}
+
+fn running(s: &TestStack, sidecar: &str) -> bool {
+    docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.State.Running}}",
+        &s.container(sidecar, "app"),
+    ])
+    .as_deref()
+        == Some("true")
+}
+
+#[test]
+fn follows_edits_and_repairs_removed_and_stopped_containers() {
+    ensure_images();
+    let s = TestStack::new("wfollow");
+    let lan = free_port();
+    s.write(&kdl(lan, "one", 1));
+    let w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(lan).as_deref() == Some("one")
+    });
+
+    // An edit is applied without any command; only the app is recreated.
+    let pause = s.container_id("s0", "pause");
+    s.write(&kdl(lan, "two", 1));
+    wait_for("the edit to be applied", Duration::from_secs(20), || {
+        greeting(lan).as_deref() == Some("two")
+    });
+    assert_eq!(s.container_id("s0", "pause"), pause);
+
+    // `docker rm -f` and `docker stop` are repaired.
+    docker(&["rm", "-f", &s.container("s0", "app")]);
+    wait_for(
+        "the removed app to come back",
+        Duration::from_secs(20),
+        || running(&s, "s0") && greeting(lan).is_some(),
+    );
+    docker(&["stop", "-t", "1", &s.container("s0", "app")]);
+    wait_for(
+        "the stopped app to run again",
+        Duration::from_secs(20),
+        || running(&s, "s0") && greeting(lan).is_some(),
+    );
+
+    // `soul status` works while watch runs and reports the last pass.
+    let o = s.soul(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["watch"]["passes"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(v["watch"]["config_valid"], true);
+    assert!(v["watch"]["next_resync_at"].is_u64());
+    assert!(w.log().contains("reconciled in"), "{}", w.log());
+}
+
+#[test]
+fn an_invalid_edit_keeps_the_pod_running_and_a_fix_converges() {
+    ensure_images();
+    let s = TestStack::new("winvalid");
+    let lan = free_port();
+    s.write(&kdl(lan, "good", 1));
+    let w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(lan).as_deref() == Some("good")
+    });
+    let before = s.containers();
+
+    s.write(&kdl(lan, "bad", 1).replace("port 8080\n", "port 99999\n"));
+    wait_for("the error to be reported", Duration::from_secs(20), || {
+        let o = s.soul(&["status", "--output", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .map(|v| v["watch"]["config_valid"] == false)
+            .unwrap_or(false)
+    });
+    let o = s.soul(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let err = v["watch"]["config_error"].as_str().unwrap();
+    assert!(err.contains(":5:10:") && err.contains("65535"), "{err}");
+    assert!(v["watch"]["config_invalid_since"].is_u64());
+    let human = s.soul(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("config INVALID since"),
+        "{}",
+        text(&human)
+    );
+    assert!(
+        w.log().contains("still running the last good config"),
+        "{}",
+        w.log()
+    );
+    assert_eq!(s.containers(), before, "an invalid edit touched the pod");
+    assert_eq!(greeting(lan).as_deref(), Some("good"));
+
+    s.write(&kdl(lan, "fixed", 1));
+    wait_for("the fix to converge", Duration::from_secs(20), || {
+        greeting(lan).as_deref() == Some("fixed")
+    });
+    let o = s.soul(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["watch"]["config_valid"], true);
+}
+
+/// A Unix-socket forwarder to the real engine that can be cut and restored.
+struct EngineProxy {
+    path: PathBuf,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl EngineProxy {
+    fn start(path: &Path) -> EngineProxy {
+        let p = EngineProxy {
+            path: path.to_path_buf(),
+            up: Arc::new(AtomicBool::new(false)),
+            conns: Arc::default(),
+        };
+        p.restore();
+        p
+    }
+
+    fn restore(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path).expect("bind proxy");
+        self.up.store(true, Ordering::SeqCst);
+        let (up, conns) = (self.up.clone(), self.conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if !up.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                conns
+                    .lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), engine.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), engine.try_clone().unwrap()),
+                    (engine, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+
+    /// The engine "goes away": the socket disappears and open connections drop.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        let _ = UnixStream::connect(&self.path); // wake the accept loop (fails: file is gone)
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
+    ensure_images();
+    let s = TestStack::new("wengine");
+    let lan = free_port();
+    s.write(&kdl(lan, "up", 1));
+    let proxy = EngineProxy::start(&s.dir.join("engine.sock"));
+    let host = format!("unix://{}", proxy.path.display());
+    let w = Watch::start(&s, Some(&host));
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(lan).as_deref() == Some("up")
+    });
+
+    proxy.cut();
+    docker(&["rm", "-f", &s.container("s0", "app")]);
+    s.write(&kdl(lan, "after the outage", 1)); // a trigger while the engine is away
+    wait_for("backoff warnings", Duration::from_secs(20), || {
+        w.log().matches("unreachable").count() >= 2
+    });
+    assert!(!running(&s, "s0"));
+    std::thread::sleep(Duration::from_secs(2));
+    let attempts = w.log().matches("unreachable").count();
+    assert!(
+        attempts < 15,
+        "no backoff: {attempts} attempts in a few seconds:\n{}",
+        w.log()
+    );
+
+    proxy.restore();
+    wait_for(
+        "recovery once the engine is back",
+        Duration::from_secs(40),
+        || greeting(lan).as_deref() == Some("after the outage"),
+    );
+    assert_eq!(s.containers().len(), 2, "duplicates after recovery");
+    assert!(w.child.id() > 0);
+}
+
+#[test]
+fn kill_9_mid_pass_then_restart_converges_without_duplicates() {
+    ensure_images();
+    let s = TestStack::new("wkill");
+    let lan = free_port();
+    s.write(&kdl(lan, "k", 4));
+    for delay_ms in [150u64, 400, 900] {
+        let mut w = Watch::start(&s, None);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        w.child.kill().unwrap(); // SIGKILL
+        w.child.wait().unwrap();
+        // Change something so the next start has work to do again.
+        s.write(&kdl(lan, &format!("k{delay_ms}"), 4));
+    }
+    let _w = Watch::start(&s, None);
+    wait_for(
+        "convergence after the kills",
+        Duration::from_secs(60),
+        || (0..4).all(|i| greeting(lan + i).as_deref() == Some("k900")),
+    );
+    let names: Vec<String> = s.containers().into_iter().map(|(n, _)| n).collect();
+    let mut expected: Vec<String> = (0..4)
+        .flat_map(|i| {
+            [
+                s.container(&format!("s{i}"), "app"),
+                s.container(&format!("s{i}"), "pause"),
+            ]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected, "duplicate or orphaned containers");
+    let leftovers: Vec<_> = walk(&s.state())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".soul-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temp files left behind: {leftovers:?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_burst_of_100_writes_coalesces_into_a_few_passes() {
+    ensure_images();
+    let s = TestStack::new("wburst");
+    let lan = free_port();
+    s.write(&kdl(lan, "start", 1));
+    let w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(lan).as_deref() == Some("start")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = w.passes();
+    for i in 0..100 {
+        s.write(&kdl(lan, &format!("burst {i}"), 1));
+    }
+    wait_for(
+        "the last write to be applied",
+        Duration::from_secs(30),
+        || greeting(lan).as_deref() == Some("burst 99"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let passes = w.passes() - before;
+    assert!(
+        (1..=6).contains(&passes),
+        "100 writes made {passes} passes:\n{}",
+        w.log()
+    );
+}
+
+#[test]
+fn sighup_reconciles_now_and_sigterm_leaves_containers_running() {
+    ensure_images();
+    let s = TestStack::new("wsignal");
+    let lan = free_port();
+    s.write(&kdl(lan, "sig", 1));
+    let mut w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(lan).as_deref() == Some("sig")
+    });
+    let pid = w.child.id().to_string();
+    run(std::process::Command::new("kill").args(["-HUP", &pid]));
+    wait_for("a SIGHUP pass", Duration::from_secs(10), || {
+        w.log().contains("trigger=SIGHUP")
+    });
+    run(std::process::Command::new("kill").args(["-TERM", &pid]));
+    let status = w.child.wait().unwrap();
+    assert!(status.success(), "watch exit: {status:?}");
+    assert!(running(&s, "s0"), "SIGTERM must leave containers running");
+    let mut log = String::new();
+    std::fs::File::open(&w.log)
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("containers keep running"), "{log}");
+}
