@@ -1,0 +1,81 @@
+# NixOS module: services.soul runs `soul watch` as a hardened systemd service after Docker.
+self:
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.soul;
+in
+{
+  options.services.soul = {
+    enable = lib.mkEnableOption "soul, which keeps this machine on a stack.kdl";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      defaultText = lib.literalExpression "soul.packages.\${system}.default";
+      description = "The soul package to run.";
+    };
+
+    stackFile = lib.mkOption {
+      type = lib.types.path;
+      example = "/etc/soul/stack.kdl";
+      description = "The stack.kdl to keep this machine on (passed as --file).";
+    };
+
+    stateDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/soul/stack";
+      description = "Where soul keeps the stack key, tokens and pairing codes (passed as --state-dir).";
+    };
+
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "A file of VAR=value lines for `from-env=` values; kept out of the Nix store.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    virtualisation.docker.enable = lib.mkDefault true;
+
+    systemd.services.soul = {
+      description = "soul: keep this machine on its stack.kdl";
+      after = [ "docker.service" "network-online.target" ];
+      requires = [ "docker.service" ];
+      wants = [ "network-online.target" ];
+      wantedBy = [ "multi-user.target" ];
+      path = [ pkgs.git ];
+      serviceConfig = {
+        ExecStart = "${lib.getExe cfg.package} --file ${cfg.stackFile} --state-dir ${cfg.stateDir} --log-format json watch";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        Restart = "always";
+        RestartSec = "2s";
+        KillMode = "process";
+        StateDirectory = "soul";
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = [ "/var/lib/soul" "/run/docker.sock" ];
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" ];
+        CapabilityBoundingSet = "";
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+      };
+    };
+  };
+}

@@ -1,0 +1,213 @@
+//! Deployment files: the Nix flake and module parse, and the flags they (and the systemd unit)
+//! pass to soul are flags soul has; `--pull`'s git logic against real repositories.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+fn nix_instantiate() -> &'static str {
+    let ok = Command::new("nix-instantiate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "nix-instantiate is missing: install Debian's nix-bin (.ci/run does)"
+    );
+    "nix-instantiate"
+}
+
+#[test]
+fn every_nix_file_parses() {
+    let nix = nix_instantiate();
+    for f in ["flake.nix", "nix/module.nix"] {
+        let o = run(Command::new(nix).arg("--parse").arg(repo().join(f)));
+        assert!(o.status.success(), "{f} does not parse:\n{}", text(&o));
+    }
+}
+
+/// The `--flag ${cfg.option}` pairs of an ExecStart line.
+fn flag_options(exec: &str) -> Vec<(String, String)> {
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0].starts_with("--") && w[1].starts_with("${cfg."))
+        .map(|w| {
+            (
+                w[0].to_string(),
+                w[1].trim_start_matches("${cfg.")
+                    .trim_end_matches('}')
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_module_options_match_the_flags_it_passes_and_soul_accepts_them() {
+    let module = read("nix/module.nix");
+    for option in [
+        "enable",
+        "package",
+        "stackFile",
+        "stateDir",
+        "environmentFile",
+    ] {
+        assert!(
+            module.contains(&format!("    {option} = lib.mk")),
+            "services.soul.{option} is not declared"
+        );
+    }
+    let exec = module
+        .lines()
+        .find(|l| l.contains("ExecStart ="))
+        .expect("ExecStart");
+    let pairs = flag_options(exec);
+    assert_eq!(
+        pairs,
+        vec![
+            ("--file".to_string(), "stackFile".to_string()),
+            ("--state-dir".into(), "stateDir".into())
+        ]
+    );
+    // soul parses exactly that command line (with real values in place of the options).
+    let dir = std::env::temp_dir().join(format!("soul-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = exec
+        .split("ExecStart = \"")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("\";")
+        .replace("${lib.getExe cfg.package}", "")
+        .replace(
+            "${cfg.stackFile}",
+            repo().join("stack.kdl").to_str().unwrap(),
+        )
+        .replace("${cfg.stateDir}", dir.to_str().unwrap());
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let o = run(Command::new(SOUL).args(&args).arg("--help"));
+    assert!(
+        o.status.success(),
+        "soul rejects the module's command line {args:?}:\n{}",
+        text(&o)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Keep this machine on stack.kdl"));
+
+    // The systemd unit's command line too.
+    let unit = read("examples/soul.service");
+    let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+    let args: Vec<&str> = exec
+        .trim_start_matches("ExecStart=")
+        .split_whitespace()
+        .skip(1)
+        .collect();
+    assert!(args.contains(&"watch"));
+    let o = run(Command::new(SOUL).args(&args).arg("--help"));
+    assert!(
+        o.status.success(),
+        "soul rejects the unit's command line {args:?}:\n{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let o = run(Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com"));
+    assert!(o.status.success(), "git {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn pull_fast_forwards_and_never_forces() {
+    let base = std::env::temp_dir().join(format!("soul-git-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (upstream, machine, laptop) = (
+        base.join("up.git"),
+        base.join("machine"),
+        base.join("laptop"),
+    );
+    std::fs::create_dir_all(&base).unwrap();
+    git(
+        &base,
+        &[
+            "init",
+            "--quiet",
+            "--bare",
+            "-b",
+            "main",
+            upstream.to_str().unwrap(),
+        ],
+    );
+    git(
+        &base,
+        &[
+            "clone",
+            "--quiet",
+            upstream.to_str().unwrap(),
+            laptop.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(laptop.join("stack.kdl"), "stack \"a\"\n").unwrap();
+    git(&laptop, &["add", "."]);
+    git(&laptop, &["commit", "--quiet", "-m", "one"]);
+    git(&laptop, &["push", "--quiet", "origin", "HEAD:main"]);
+    git(
+        &base,
+        &[
+            "clone",
+            "--quiet",
+            upstream.to_str().unwrap(),
+            machine.to_str().unwrap(),
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pull = |dir: &Path| rt.block_on(soul::reconcile::pull_once(dir));
+
+    assert_eq!(pull(&machine), Ok(false), "up to date");
+    std::fs::write(laptop.join("stack.kdl"), "stack \"b\"\n").unwrap();
+    git(&laptop, &["commit", "--quiet", "-am", "two"]);
+    git(&laptop, &["push", "--quiet", "origin", "HEAD:main"]);
+    assert_eq!(pull(&machine), Ok(true));
+    assert_eq!(
+        std::fs::read_to_string(machine.join("stack.kdl")).unwrap(),
+        "stack \"b\"\n"
+    );
+
+    // A dirty tree is reported, not overwritten.
+    std::fs::write(laptop.join("stack.kdl"), "stack \"c\"\n").unwrap();
+    git(&laptop, &["commit", "--quiet", "-am", "three"]);
+    git(&laptop, &["push", "--quiet", "origin", "HEAD:main"]);
+    std::fs::write(machine.join("stack.kdl"), "stack \"local edit\"\n").unwrap();
+    let e = pull(&machine).unwrap_err();
+    assert!(e.contains("local changes"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(machine.join("stack.kdl")).unwrap(),
+        "stack \"local edit\"\n"
+    );
+
+    // Diverged history is reported, not forced.
+    git(&machine, &["commit", "--quiet", "-am", "local"]);
+    let e = pull(&machine).unwrap_err();
+    assert!(e.contains("diverged"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(machine.join("stack.kdl")).unwrap(),
+        "stack \"local edit\"\n"
+    );
+
+    // Not a repository with an upstream.
+    assert!(pull(&base).is_err());
+    let _ = std::fs::remove_dir_all(&base);
+}
