@@ -318,35 +318,26 @@ impl Docker {
             .force(true)
             .v(false)
             .build();
-        match self.docker.remove_container(id, Some(options)).await {
-            Ok(()) => Ok(()),
-            // Already gone is what we wanted.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        gone_is_fine(self.docker.remove_container(id, Some(options)).await)
     }
 
     pub async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
-        match self.docker.remove_network(name).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        gone_is_fine(self.docker.remove_network(name).await)
     }
 
     pub async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
         let options = RemoveVolumeOptionsBuilder::default().force(false).build();
-        match self.docker.remove_volume(name, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        gone_is_fine(self.docker.remove_volume(name, Some(options)).await)
+    }
+}
+
+/// A removal of something already gone did what was asked.
+fn gone_is_fine(result: Result<(), bollard::errors::Error>) -> Result<(), RuntimeError> {
+    match result {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        other => Ok(other?),
     }
 }
 

@@ -31,11 +31,7 @@ pub fn bump_generation(source: &str, device: Option<&str>) -> Result<Bumped, Edi
                 .find(|n| n.name().value() == "secret-generation");
             match node.and_then(|n| n.entries().iter().find(|e| e.name().is_none())) {
                 Some(entry) => {
-                    let from = entry
-                        .value()
-                        .as_integer()
-                        .and_then(|i| u64::try_from(i).ok())
-                        .unwrap_or(1);
+                    let from = generation_of(entry);
                     Ok(replace_value(
                         source,
                         entry.span().offset(),
@@ -76,11 +72,7 @@ pub fn bump_generation(source: &str, device: Option<&str>) -> Result<Bumped, Edi
                 .find(|e| e.name().map(|n| n.value()) == Some("generation"))
             {
                 Some(entry) => {
-                    let from = entry
-                        .value()
-                        .as_integer()
-                        .and_then(|i| u64::try_from(i).ok())
-                        .unwrap_or(1);
+                    let from = generation_of(entry);
                     // The entry's span covers `generation=N`; replace the whole property.
                     let to = from + 1;
                     let (start, len) = (entry.span().offset(), entry.span().len());
@@ -116,6 +108,15 @@ pub fn bump_generation(source: &str, device: Option<&str>) -> Result<Bumped, Edi
             }
         }
     }
+}
+
+/// The generation a node's entry holds (1 when it is not a positive integer).
+fn generation_of(entry: &kdl::KdlEntry) -> u64 {
+    entry
+        .value()
+        .as_integer()
+        .and_then(|i| u64::try_from(i).ok())
+        .unwrap_or(1)
 }
 
 /// Replaces an argument's text (which may carry leading whitespace in its span) by from+1.

@@ -207,31 +207,20 @@ impl TestStack {
     }
 
     pub fn networks(&self) -> Vec<String> {
-        docker(&[
-            "network",
-            "ls",
-            "--filter",
-            &format!("label=dev.soul.stack={}", self.name),
-            "--format",
-            "{{.Name}}",
-        ])
-        .lines()
-        .map(String::from)
-        .collect()
+        self.labelled("network")
     }
 
     pub fn volumes(&self) -> Vec<String> {
-        docker(&[
-            "volume",
-            "ls",
-            "--filter",
-            &format!("label=dev.soul.stack={}", self.name),
-            "--format",
-            "{{.Name}}",
-        ])
-        .lines()
-        .map(String::from)
-        .collect()
+        self.labelled("volume")
+    }
+
+    /// Names of the networks or volumes carrying this stack's label.
+    fn labelled(&self, kind: &str) -> Vec<String> {
+        let filter = format!("label=dev.soul.stack={}", self.name);
+        docker(&[kind, "ls", "--filter", &filter, "--format", "{{.Name}}"])
+            .lines()
+            .map(String::from)
+            .collect()
     }
 }
 
