@@ -321,6 +321,37 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
 }
 
 #[test]
+fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
+    ensure_images();
+    let s = TestStack::new("addr");
+    let kdl = stack_kdl(DEVICES, 1);
+    s.write(&kdl);
+    s.apply();
+    let uri_path = s.state().join("pairing/alice-phone/notes.uri");
+    let png_path = s.state().join("pairing/alice-phone/notes.png");
+    let token_before = token(&s, "alice-phone");
+    s.write(&kdl.replace("192.168.1.20", "10.1.2.3"));
+    let o = s.apply();
+    let uri = std::fs::read_to_string(&uri_path).unwrap();
+    assert!(
+        uri.contains("&addr=lan:10.1.2.3:") && !uri.contains("192.168.1.20"),
+        "{uri}"
+    );
+    assert_eq!(
+        decode_png(&png_path),
+        uri,
+        "the QR must follow the URI in the same pass"
+    );
+    assert_eq!(
+        token(&s, "alice-phone"),
+        token_before,
+        "an address change is not a new token"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("tokens/"), "tokens were rewritten: {out}");
+}
+
+#[test]
 fn state_dir_is_0700_and_every_file_0600() {
     ensure_images();
     let s = TestStack::new("perms");
