@@ -1,38 +1,62 @@
 #!/usr/bin/env bash
-# Builds, offline from Debian's packages, the images soul's tests run: a real nginx (with curl
-# for its health check) as `soul-test/nginx:1`. No registry is involved: the rootfs comes
-# from debootstrap and is loaded with `docker import`. The rootfs tarball is cached in
-# $SOUL_CI_CACHE (default /var/cache/soul-ci) and rebuilt from nothing when absent.
+# Builds, offline from Debian's packages, the images soul's tests run. No registry is involved:
+# each rootfs comes from debootstrap and is loaded with `docker import`. Rootfs tarballs are
+# cached in $SOUL_CI_CACHE (default /var/cache/soul-ci) and rebuilt from nothing when absent.
+#   soul-test/nginx:1  a real nginx (with curl for its health check): the test app
+#   soul-test/tor:1    tor, for the Tor transport
 set -euo pipefail
 cache=${SOUL_CI_CACHE:-/var/cache/soul-ci}
 mirror=${SOUL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-image=soul-test/nginx:1
 mkdir -p "$cache"
 
-if docker image inspect "$image" >/dev/null 2>&1; then
-  echo "test image $image is present"
-  exit 0
-fi
-
-tarball="$cache/nginx-rootfs.tar"
-if [ ! -s "$tarball" ]; then
+# rootfs NAME PACKAGES SETUP: debootstrap a minbase bookworm with PACKAGES into the cache,
+# run SETUP (a function) on it, and leave it as $cache/NAME-rootfs.tar.
+rootfs() {
+  local name=$1 packages=$2 setup=$3
+  local tarball="$cache/$name-rootfs.tar"
+  [ -s "$tarball" ] && return 0
   command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+  local root
   root=$(mktemp -d "$cache/rootfs.XXXXXX")
-  trap 'rm -rf "$root"' EXIT
-  echo "debootstrap: bookworm minbase with nginx-light and curl (a few minutes, once)"
-  debootstrap --variant=minbase --include=nginx-light,curl bookworm "$root" "$mirror" >"$cache/debootstrap.log" 2>&1 \
-    || { tail -20 "$cache/debootstrap.log"; exit 1; }
-  # Keep the image small: no apt lists, docs or caches.
+  echo "debootstrap: bookworm minbase with $packages (about a minute, once)"
+  if ! debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror" >"$cache/$name-debootstrap.log" 2>&1; then
+    tail -20 "$cache/$name-debootstrap.log"
+    rm -rf "$root"
+    return 1
+  fi
   rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*
-  # nginx logs to the container's stdout/stderr, and answers on port 80.
-  ln -sf /dev/stdout "$root/var/log/nginx/access.log"
-  ln -sf /dev/stderr "$root/var/log/nginx/error.log"
-  echo "served by nginx in a soul pod" > "$root/var/www/html/index.html"
+  "$setup" "$root"
   tar -C "$root" -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
-fi
-docker import \
-  --change 'CMD ["nginx", "-g", "daemon off;"]' \
-  --change 'EXPOSE 80' \
-  "$tarball" "$image" >/dev/null
-echo "built test image $image"
+  rm -rf "$root"
+}
+
+nginx_setup() {
+  # nginx logs to the container's stdout/stderr, and answers on port 80.
+  ln -sf /dev/stdout "$1/var/log/nginx/access.log"
+  ln -sf /dev/stderr "$1/var/log/nginx/error.log"
+  echo "served by nginx in a soul pod" > "$1/var/www/html/index.html"
+}
+
+tor_setup() {
+  # soul mounts its own torrc; the package's default one would start a SOCKS port.
+  rm -f "$1/etc/tor/torrc"
+}
+
+# image NAME TAG PACKAGES SETUP CHANGES…
+image() {
+  local name=$1 tag=$2 packages=$3 setup=$4
+  shift 4
+  if docker image inspect "$tag" >/dev/null 2>&1; then
+    echo "test image $tag is present"
+    return 0
+  fi
+  rootfs "$name" "$packages" "$setup"
+  local changes=()
+  for c in "$@"; do changes+=(--change "$c"); done
+  docker import "${changes[@]}" "$cache/$name-rootfs.tar" "$tag" >/dev/null
+  echo "built test image $tag"
+}
+
+image nginx soul-test/nginx:1 nginx-light,curl nginx_setup 'CMD ["nginx", "-g", "daemon off;"]' 'EXPOSE 80'
+image tor soul-test/tor:1 tor tor_setup 'CMD ["tor", "-f", "/etc/soul/torrc"]'

@@ -49,7 +49,8 @@ fn bench_plan() {
     let parse_start = Instant::now();
     let stack = soul::stack::parse("bench.kdl", &src).expect("valid bench stack");
     let parse_time = parse_start.elapsed();
-    let desired = reconcile::resolve(&stack, &reconcile::Host).expect("resolves");
+    let desired = reconcile::resolve(&stack, &reconcile::Host, std::path::Path::new("/state"))
+        .expect("resolves");
     let observed = converged(&desired);
     let iterations = 200;
     let start = Instant::now();
@@ -85,7 +86,7 @@ fn bench_plan() {
         fresh_key: StackKey::from_seed(1, [1; 32]),
         registry: Default::default(),
         renders: Default::default(),
-        addresses: soul::transport::addresses(&stack, Some("192.168.1.20")),
+        addresses: soul::transport::addresses(&stack, Some("192.168.1.20"), &Default::default()),
         now: 1_800_000_000,
     };
     let files_start = Instant::now();
@@ -180,7 +181,7 @@ fn pairing_pass(
     state: &StateDir,
     rt: &tokio::runtime::Runtime,
 ) -> usize {
-    let addresses = soul::transport::addresses(stack, Some("192.168.1.20"));
+    let addresses = soul::transport::addresses(stack, Some("192.168.1.20"), &Default::default());
     let inputs = reconcile::PairingInputs {
         key: state.read_key(),
         fresh_key: StackKey::generate(stack.secret_generation).expect("key"),

@@ -529,12 +529,30 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         ));
         return Ok(Exit::Ok);
     }
-    let total = plan.steps.len();
+    let mut total = plan.steps.len();
     reconcile::run(&docker, &state, &stack, &plan, |i, step| {
         tracing::info!(step = %step, "applying");
         out(&format!("  [{}/{total}] {} {step}\n", i + 1, sigil(step)));
     })
     .await?;
+    // Transports that just started publish their addresses a moment later: wait for them, so
+    // the pairing codes this apply leaves behind carry every address.
+    let missing =
+        reconcile::await_addresses(&docker, &stack, &state, Duration::from_secs(30)).await?;
+    for m in &missing {
+        eprintln!(
+            "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"
+        );
+    }
+    let again = reconcile::prepare(&docker, &stack, &state, &Host, unix_now())
+        .await?
+        .plan;
+    let more = again.steps.len();
+    reconcile::run(&docker, &state, &stack, &again, |i, step| {
+        out(&format!("  [{}/{more}] {} {step}\n", i + 1, sigil(step)));
+    })
+    .await?;
+    total += more;
     let mut summary = format!(
         "applied {total} change{} to stack `{}` in {:.2} s\n",
         if total == 1 { "" } else { "s" },
@@ -585,7 +603,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         }
         Err(e) => return Err(e),
     };
-    let desired = match reconcile::resolve(&stack, &Host) {
+    let desired = match reconcile::resolve(&stack, &Host, &state_path(cli, &stack)) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("warning: cannot tell whether containers match stack.kdl: {e}");
@@ -605,7 +623,13 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     };
     let mut pods = Vec::new();
     for sidecar in &stack.sidecars {
-        let containers: Vec<_> = [Role::Pause, Role::App]
+        let roles = desired
+            .as_ref()
+            .and_then(|d| d.pods.iter().find(|p| p.sidecar == sidecar.name))
+            .map_or(vec![Role::Pause, Role::App], |p| {
+                p.containers.iter().map(|c| c.role).collect()
+            });
+        let containers: Vec<_> = roles
             .iter()
             .map(|role| {
                 let name = crate::pod::container_name(&stack.stack, &sidecar.name, *role);
@@ -631,13 +655,21 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
             "containers": containers,
         }));
     }
-    let declared: Vec<String> = stack
-        .sidecars
-        .iter()
-        .flat_map(|s| {
-            [Role::Pause, Role::App].map(|r| crate::pod::container_name(&stack.stack, &s.name, r))
-        })
-        .collect();
+    let declared: Vec<String> = match &desired {
+        Some(d) => d
+            .pods
+            .iter()
+            .flat_map(|p| p.containers.iter().map(|c| c.name.clone()))
+            .collect(),
+        None => stack
+            .sidecars
+            .iter()
+            .flat_map(|s| {
+                [Role::Pause, Role::App]
+                    .map(|r| crate::pod::container_name(&stack.stack, &s.name, r))
+            })
+            .collect(),
+    };
     let undeclared: Vec<_> = observed
         .containers
         .iter()

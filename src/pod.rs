@@ -23,6 +23,8 @@ pub enum Role {
     Pause,
     /// The user's service.
     App,
+    /// The Tor transport's onion service.
+    Tor,
 }
 
 impl Role {
@@ -30,6 +32,7 @@ impl Role {
         match self {
             Role::Pause => "pause",
             Role::App => "app",
+            Role::Tor => "tor",
         }
     }
 
@@ -37,6 +40,7 @@ impl Role {
         match s {
             "pause" => Some(Role::Pause),
             "app" => Some(Role::App),
+            "tor" => Some(Role::Tor),
             _ => None,
         }
     }

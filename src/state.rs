@@ -18,11 +18,13 @@ use sha2::{Digest, Sha256};
 pub const KEY_FILE: &str = "stack.key";
 /// The device registry's file.
 pub const REGISTRY_FILE: &str = "devices.json";
+/// The overlay addresses last read from the pods.
+pub const ADDRESSES_FILE: &str = "addresses.json";
 /// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass
 /// need not render anything to know the files are right.
 pub const RENDER_INDEX_FILE: &str = "renders.json";
 /// Directories whose files soul owns entirely: anything there that is not desired goes.
-pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing"];
+pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports"];
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -146,12 +148,12 @@ impl StateDir {
         Ok(())
     }
 
-    /// SHA-256 of every file soul manages here: the key, the registry, and everything under
+    /// SHA-256 of every file soul manages here: the key, the registry, the addresses, and everything under
     /// [`MANAGED_DIRS`], by path relative to the state dir.
     pub fn file_hashes(&self) -> BTreeMap<String, [u8; 32]> {
         let mut out = BTreeMap::new();
         let mut visit = vec![];
-        for f in [KEY_FILE, REGISTRY_FILE] {
+        for f in [KEY_FILE, REGISTRY_FILE, ADDRESSES_FILE] {
             visit.push(self.path.join(f));
         }
         for d in MANAGED_DIRS {

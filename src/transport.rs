@@ -1,11 +1,163 @@
-//! Transports: how a client reaches each pod, and how their current addresses are found.
-//! For now the LAN (this host's address, or `lan address=`) and the relay endpoint; the
-//! overlay drivers add theirs through the same [`addresses`] path.
+//! Transports: how a client reaches each pod. The LAN (this host's address, or
+//! `lan address=`) and the relay endpoint need no container; overlay transports are drivers
+//! that add containers to the pod, write the files they need into the state dir, and say
+//! where their current address can be read. Implemented overlay drivers: Tor.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, UdpSocket};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use crate::pairing::Address;
-use crate::stack::{Stack, TransportKind};
+use crate::pod::{ContainerSpec, Mount, MountKind, NetworkMode, Role, container_name, volume_name};
+use crate::stack::{Sidecar, Stack, TransportKind};
+
+/// The image the Tor transport runs when `tor image=` is not set.
+pub const DEFAULT_TOR_IMAGE: &str = "osminogin/tor-simple:latest";
+
+/// What a driver needs to know about the pod it joins.
+pub struct PodContext<'a> {
+    pub stack: &'a Stack,
+    pub sidecar: &'a Sidecar,
+    /// Absolute path of the stack's state dir (files are bind-mounted from it).
+    pub state_dir: &'a Path,
+    /// The port inside the pod that transports forward to.
+    pub target_port: u16,
+    /// The port clients dial on overlays.
+    pub service_port: u16,
+}
+
+/// Where a transport's current address can be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressSource {
+    /// A file inside one of the pod's containers, holding the host; clients use `port`.
+    ContainerFile {
+        container: String,
+        path: String,
+        port: u16,
+    },
+}
+
+/// What one overlay transport adds to one pod.
+#[derive(Debug, Clone, Default)]
+pub struct Contribution {
+    pub containers: Vec<ContainerSpec>,
+    /// State-dir files: (path relative to the state dir, bytes).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Named volumes (Docker names) its containers mount; state that apply never removes.
+    pub volumes: Vec<String>,
+    pub address: Option<AddressSource>,
+}
+
+/// One overlay transport.
+pub trait Driver {
+    fn kind(&self) -> TransportKind;
+    fn contribute(&self, ctx: &PodContext<'_>) -> Contribution;
+}
+
+/// The overlay drivers a stack declares (and soul implements).
+pub fn drivers(stack: &Stack) -> Vec<Box<dyn Driver>> {
+    let mut out: Vec<Box<dyn Driver>> = Vec::new();
+    if let Some(tor) = stack.transport.as_ref().and_then(|t| t.tor.as_ref()) {
+        out.push(Box::new(TorDriver {
+            image: tor
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TOR_IMAGE.to_string()),
+        }));
+    }
+    out
+}
+
+/// Tor: an onion service in the pod's namespace, with a torrc soul writes and its keys on a
+/// named volume (the onion address is state: never removed by apply).
+pub struct TorDriver {
+    pub image: String,
+}
+
+impl TorDriver {
+    const STATE: &str = "/var/lib/tor";
+    const HOSTNAME: &str = "/var/lib/tor/onion/hostname";
+    const TORRC: &str = "/etc/soul/torrc";
+
+    fn torrc(ctx: &PodContext<'_>) -> String {
+        format!(
+            "# Written by soul for stack `{}`, sidecar `{}`; soul rewrites it, edit stack.kdl instead.\n\
+             DataDirectory /var/lib/tor/data\n\
+             HiddenServiceDir /var/lib/tor/onion\n\
+             HiddenServicePort {} 127.0.0.1:{}\n\
+             SocksPort 0\n\
+             Log notice stdout\n",
+            ctx.stack.stack, ctx.sidecar.name, ctx.service_port, ctx.target_port
+        )
+    }
+}
+
+impl Driver for TorDriver {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tor
+    }
+
+    fn contribute(&self, ctx: &PodContext<'_>) -> Contribution {
+        let stack = &ctx.stack.stack;
+        let sidecar = &ctx.sidecar.name;
+        let torrc = Self::torrc(ctx);
+        let torrc_path = format!("transports/{sidecar}/torrc");
+        let volume = volume_name(stack, &format!("{sidecar}-tor"));
+        let name = container_name(stack, sidecar, Role::Tor);
+        let spec = ContainerSpec {
+            name: name.clone(),
+            stack: stack.clone(),
+            sidecar: sidecar.clone(),
+            role: Role::Tor,
+            image: self.image.clone(),
+            command: Some(vec!["tor".into(), "-f".into(), Self::TORRC.into()]),
+            // The torrc is a bind mount: its content is not in the spec, so its hash is, and a
+            // changed torrc recreates the container.
+            env: [(
+                "SOUL_TORRC_SHA256".to_string(),
+                crate::pod::EnvValue {
+                    value: crate::state::hex(&Sha256::digest(torrc.as_bytes())),
+                    sensitive: false,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            mounts: vec![
+                Mount {
+                    kind: MountKind::Bind,
+                    source: ctx.state_dir.join(&torrc_path).display().to_string(),
+                    target: Self::TORRC.into(),
+                    read_only: true,
+                },
+                Mount {
+                    kind: MountKind::Volume,
+                    source: volume.clone(),
+                    target: Self::STATE.into(),
+                    read_only: false,
+                },
+            ],
+            network_mode: NetworkMode::Container(container_name(stack, sidecar, Role::Pause)),
+            ports: vec![],
+            health: None,
+            restart: crate::reconcile::RESTART_POLICY.into(),
+        };
+        Contribution {
+            containers: vec![spec],
+            files: vec![(torrc_path, torrc.into_bytes())],
+            volumes: vec![volume],
+            address: Some(AddressSource::ContainerFile {
+                container: name,
+                path: Self::HOSTNAME.into(),
+                port: ctx.service_port,
+            }),
+        }
+    }
+}
+
+/// Overlay addresses read from the pods: (sidecar, transport) → (host, port).
+pub type Discovered = BTreeMap<(String, TransportKind), (String, u16)>;
 
 /// This host's primary non-loopback address: the source address the kernel would use for
 /// the default route. A UDP `connect` only consults the routing table; no packet is sent.
@@ -32,7 +184,11 @@ pub fn lan_host(stack: &Stack) -> Option<String> {
 
 /// Every sidecar's known addresses, in the stack's transport order. Transports whose address
 /// is not known (yet) are left out.
-pub fn addresses(stack: &Stack, lan_host: Option<&str>) -> Vec<Vec<Address>> {
+pub fn addresses(
+    stack: &Stack,
+    lan_host: Option<&str>,
+    discovered: &Discovered,
+) -> Vec<Vec<Address>> {
     let lan_ports = stack.lan_ports();
     let relay = stack.relay.as_ref().and_then(|r| {
         let (host, port) = r.endpoint.rsplit_once(':')?;
@@ -42,22 +198,21 @@ pub fn addresses(stack: &Stack, lan_host: Option<&str>) -> Vec<Vec<Address>> {
         .sidecars
         .iter()
         .enumerate()
-        .map(|(i, _)| {
+        .map(|(i, sidecar)| {
             stack
                 .transport_order()
                 .into_iter()
-                .filter_map(|kind| match kind {
-                    TransportKind::Lan => Some(Address {
+                .filter_map(|kind| {
+                    let (host, port) = match kind {
+                        TransportKind::Lan => (lan_host?.to_string(), lan_ports.as_ref()?[i]),
+                        TransportKind::Relay => relay.clone()?,
+                        overlay => discovered.get(&(sidecar.name.clone(), overlay))?.clone(),
+                    };
+                    Some(Address {
                         transport: kind,
-                        host: lan_host?.to_string(),
-                        port: lan_ports.as_ref()?[i],
-                    }),
-                    TransportKind::Relay => relay.as_ref().map(|(h, p)| Address {
-                        transport: kind,
-                        host: h.clone(),
-                        port: *p,
-                    }),
-                    _ => None,
+                        host,
+                        port,
+                    })
                 })
                 .collect()
         })
@@ -72,12 +227,14 @@ mod tests {
     fn addresses_follow_the_order_and_the_lan_ports() {
         let stack = crate::stack::parse(
             "s",
-            "stack \"h\"\nsidecar \"a\" { image \"i\"; port 1; }\nsidecar \"b\" { image \"i\"; port 1; }\ntransport { order \"relay\" \"lan\"; lan port=9000 address=\"10.0.0.5\"; }\nrelay \"r.example:7000\"\n",
+            "stack \"h\"\nsidecar \"a\" { image \"i\"; port 1; }\nsidecar \"b\" { image \"i\"; port 1; }\ntransport { order \"relay\" \"tor\" \"lan\"; lan port=9000 address=\"10.0.0.5\"; tor; }\nrelay \"r.example:7000\"\n",
         )
         .unwrap_or_else(|d| panic!("{d}"));
         let host = lan_host(&stack);
         assert_eq!(host.as_deref(), Some("10.0.0.5"));
-        let a = addresses(&stack, host.as_deref());
+        let mut found = Discovered::new();
+        found.insert(("b".into(), TransportKind::Tor), ("x.onion".into(), 8443));
+        let a = addresses(&stack, host.as_deref(), &found);
         let text: Vec<Vec<String>> = a
             .iter()
             .map(|v| v.iter().map(|x| x.to_string()).collect())
@@ -91,14 +248,60 @@ mod tests {
                 ],
                 vec![
                     "relay:r.example:7000".to_string(),
+                    "tor:x.onion:8443".into(),
                     "lan:10.0.0.5:9001".into()
                 ],
             ]
         );
         assert!(
-            addresses(&stack, None)[0]
+            addresses(&stack, None, &found)[0]
                 .iter()
                 .all(|x| x.transport != TransportKind::Lan)
+        );
+    }
+
+    #[test]
+    fn tor_joins_the_pod_with_its_torrc_and_a_state_volume() {
+        let stack = crate::stack::parse(
+            "s",
+            "stack \"h\"\nsidecar \"notes\" { image \"i\"; port 8080; }\ntransport { tor image=\"my/tor:1\"; }\n",
+        )
+        .unwrap();
+        let ctx = PodContext {
+            stack: &stack,
+            sidecar: &stack.sidecars[0],
+            state_dir: Path::new("/var/lib/soul/h"),
+            target_port: 8080,
+            service_port: 8443,
+        };
+        let drivers = drivers(&stack);
+        assert_eq!(drivers.len(), 1);
+        let c = drivers[0].contribute(&ctx);
+        let spec = &c.containers[0];
+        assert_eq!(spec.name, "soul-h-notes-tor");
+        assert_eq!(spec.image, "my/tor:1");
+        assert_eq!(
+            spec.network_mode,
+            NetworkMode::Container("soul-h-notes-pause".into())
+        );
+        assert_eq!(
+            spec.mounts[0].source,
+            "/var/lib/soul/h/transports/notes/torrc"
+        );
+        assert_eq!(c.volumes, vec!["soul-h-notes-tor".to_string()]);
+        let torrc = String::from_utf8(c.files[0].1.clone()).unwrap();
+        assert!(
+            torrc.contains("HiddenServicePort 8443 127.0.0.1:8080\n"),
+            "{torrc}"
+        );
+        assert!(torrc.contains("HiddenServiceDir /var/lib/tor/onion\n"));
+        assert_eq!(
+            c.address,
+            Some(AddressSource::ContainerFile {
+                container: "soul-h-notes-tor".into(),
+                path: "/var/lib/tor/onion/hostname".into(),
+                port: 8443
+            })
         );
     }
 }

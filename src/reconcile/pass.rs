@@ -2,13 +2,13 @@
 //! state-dir files), observe the engine and the state dir, plan; and executing that plan.
 
 use crate::runtime::{Docker, RuntimeError};
-use crate::stack::Stack;
-use crate::state::{StackKey, StateDir};
-use crate::transport;
+use crate::stack::{Stack, TransportKind};
+use crate::state::{ADDRESSES_FILE, StackKey, StateDir};
+use crate::transport::{self, AddressSource, Discovered, PodContext};
 
 use super::artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
 use super::execute::{ExecuteError, execute};
-use super::plan::{Desired, Plan, Step, plan};
+use super::plan::{Desired, DesiredFile, Plan, Step, plan};
 use super::resolve::{Machine, ResolveError, resolve};
 
 /// Why a pass could not be planned or carried out.
@@ -60,8 +60,16 @@ pub async fn prepare(
     machine: &dyn Machine,
     now: u64,
 ) -> Result<Planned, PassError> {
-    let mut desired = resolve(stack, machine)?;
-    desired.files = pairing_of(stack, state, now)?.files;
+    let mut desired = resolve(stack, machine, state.path())?;
+    let discovered = discover(docker, stack, state).await?;
+    desired
+        .files
+        .extend(pairing_of(stack, state, &discovered, now)?.files);
+    desired.files.push(DesiredFile::bytes(
+        ADDRESSES_FILE,
+        "discovered addresses".into(),
+        addresses_file(&discovered),
+    ));
     let observed = super::observe::observe(docker, &desired, state).await?;
     let plan = plan(&desired, &observed);
     Ok(Planned { desired, plan })
@@ -79,8 +87,126 @@ pub async fn run(
     Ok(())
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KnownAddress {
+    sidecar: String,
+    transport: TransportKind,
+    host: String,
+    port: u16,
+}
+
+fn addresses_file(found: &Discovered) -> Vec<u8> {
+    let list: Vec<KnownAddress> = found
+        .iter()
+        .map(|((sidecar, transport), (host, port))| KnownAddress {
+            sidecar: sidecar.clone(),
+            transport: *transport,
+            host: host.clone(),
+            port: *port,
+        })
+        .collect();
+    let mut v = serde_json::to_vec_pretty(&list).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+fn stored_addresses(state: &StateDir) -> Discovered {
+    let list: Vec<KnownAddress> = state
+        .read(ADDRESSES_FILE)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    list.into_iter()
+        .map(|a| ((a.sidecar, a.transport), (a.host, a.port)))
+        .collect()
+}
+
+/// Every overlay transport's current address, read from the pods. While a transport's
+/// container is being replaced its address is the one last read (the onion key, say, lives
+/// on a volume), so pairing codes do not flap; a transport never seen has none yet.
+pub async fn discover(
+    docker: &Docker,
+    stack: &Stack,
+    state: &StateDir,
+) -> Result<Discovered, PassError> {
+    let stored = stored_addresses(state);
+    let mut found = Discovered::new();
+    let state_dir =
+        std::path::absolute(state.path()).unwrap_or_else(|_| state.path().to_path_buf());
+    for driver in transport::drivers(stack) {
+        for sidecar in &stack.sidecars {
+            let ctx = PodContext {
+                stack,
+                sidecar,
+                state_dir: &state_dir,
+                target_port: sidecar.port,
+                service_port: stack.gate.port,
+            };
+            let Some(AddressSource::ContainerFile {
+                container,
+                path,
+                port,
+            }) = driver.contribute(&ctx).address
+            else {
+                continue;
+            };
+            let key = (sidecar.name.clone(), driver.kind());
+            let live = docker
+                .read_file(&container, &path)
+                .await?
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty());
+            if let Some(address) = live
+                .map(|h| (h, port))
+                .or_else(|| stored.get(&key).cloned())
+            {
+                found.insert(key, address);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The overlay addresses the stack declares but that no pod has published yet.
+pub fn missing_addresses(stack: &Stack, discovered: &Discovered) -> Vec<String> {
+    transport::drivers(stack)
+        .iter()
+        .flat_map(|d| {
+            stack
+                .sidecars
+                .iter()
+                .filter(|s| !discovered.contains_key(&(s.name.clone(), d.kind())))
+                .map(|s| format!("{} address of {}", d.kind().as_str(), s.name))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Waits (up to `timeout`) for the overlay addresses of freshly started transports, so one
+/// `apply` ends with pairing codes that carry every address.
+pub async fn await_addresses(
+    docker: &Docker,
+    stack: &Stack,
+    state: &StateDir,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PassError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let missing = missing_addresses(stack, &discover(docker, stack, state).await?);
+        if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(missing);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// The state dir's desired files, logging why the stack key changes when it does.
-pub fn pairing_of(stack: &Stack, state: &StateDir, now: u64) -> Result<Pairing, PassError> {
+pub fn pairing_of(
+    stack: &Stack,
+    state: &StateDir,
+    discovered: &Discovered,
+    now: u64,
+) -> Result<Pairing, PassError> {
     let fresh_key = StackKey::generate(stack.secret_generation).map_err(PassError::Key)?;
     let lan = transport::lan_host(stack);
     let inputs = PairingInputs {
@@ -88,7 +214,7 @@ pub fn pairing_of(stack: &Stack, state: &StateDir, now: u64) -> Result<Pairing, 
         fresh_key,
         registry: state.read_registry(),
         renders: state.read_render_index(),
-        addresses: transport::addresses(stack, lan.as_deref()),
+        addresses: transport::addresses(stack, lan.as_deref(), discovered),
         now,
     };
     let pairing = desired_files(stack, inputs)?;

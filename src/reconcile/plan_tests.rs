@@ -22,14 +22,14 @@ fn container(stack: &str, sidecar: &str, role: Role, image: &str, port: u16) -> 
         mounts: vec![],
         network_mode: match role {
             Role::Pause => NetworkMode::Bridge(crate::pod::network_name(stack, sidecar)),
-            Role::App => NetworkMode::Container(pause),
+            _ => NetworkMode::Container(pause),
         },
         ports: match role {
             Role::Pause => vec![PortMap {
                 host: port,
                 container: 80,
             }],
-            Role::App => vec![],
+            _ => vec![],
         },
         health: None,
         restart: "unless-stopped".into(),

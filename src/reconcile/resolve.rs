@@ -2,15 +2,16 @@
 //! environment, soul's own image) → the [`Desired`] state the planner works towards.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::pod::{
     ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NetworkMode, PodSpec, PortMap, Role,
     container_name, network_name, volume_name,
 };
 use crate::stack::{EnvSource, Health, Sidecar, Stack, parse_duration};
+use crate::transport::{self, PodContext};
 
-use super::plan::{Desired, ImageNeed, ImageSource};
+use super::plan::{Desired, DesiredFile, ImageNeed, ImageSource};
 
 /// Docker restart policy of every container soul makes.
 pub const RESTART_POLICY: &str = "unless-stopped";
@@ -84,8 +85,16 @@ pub enum ResolveError {
     },
 }
 
-/// Resolves the stack into the pods, volumes and images this machine should have.
-pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveError> {
+/// Resolves the stack into the pods, volumes, images and transport files this machine should
+/// have. `state_dir` is where transport files live (containers bind-mount them from there).
+pub fn resolve(
+    stack: &Stack,
+    machine: &dyn Machine,
+    state_dir: &Path,
+) -> Result<Desired, ResolveError> {
+    let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let drivers = transport::drivers(stack);
+    let mut files = Vec::new();
     let soul = SoulImage::current();
     let lan_ports = stack.lan_ports();
     let mut pods = Vec::new();
@@ -175,10 +184,35 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
             restart: RESTART_POLICY.into(),
         };
         need(&app.image, &sidecar.name);
+        let mut containers = vec![pause, app];
+        let ctx = PodContext {
+            stack,
+            sidecar,
+            state_dir: &state_dir,
+            // Until the gate exists, transports forward straight to the app.
+            target_port: sidecar.port,
+            service_port: stack.gate.port,
+        };
+        for driver in &drivers {
+            let c = driver.contribute(&ctx);
+            for spec in c.containers {
+                need(&spec.image, &sidecar.name);
+                containers.push(spec);
+            }
+            for v in c.volumes {
+                if !volumes.contains(&v) {
+                    volumes.push(v);
+                }
+            }
+            for (path, bytes) in c.files {
+                let what = format!("{} config for {}", driver.kind().as_str(), sidecar.name);
+                files.push(DesiredFile::bytes(&path, what, bytes));
+            }
+        }
         pods.push(PodSpec {
             sidecar: sidecar.name.clone(),
             network,
-            containers: vec![pause, app],
+            containers,
         });
     }
     Ok(Desired {
@@ -186,7 +220,7 @@ pub fn resolve(stack: &Stack, machine: &dyn Machine) -> Result<Desired, ResolveE
         pods,
         volumes,
         images,
-        files: Vec::new(),
+        files,
     })
 }
 
@@ -309,7 +343,7 @@ sidecar "demo" {
     #[test]
     fn pods_volumes_and_images() {
         let stack = parse("s", SRC).unwrap_or_else(|d| panic!("{d}"));
-        let d = resolve(&stack, &Fake).expect("resolves");
+        let d = resolve(&stack, &Fake, Path::new("/state")).expect("resolves");
         assert_eq!(d.pods.len(), 2);
         let notes = &d.pods[0];
         assert_eq!(notes.network, "soul-home-notes");
@@ -354,13 +388,15 @@ sidecar "demo" {
     fn missing_secret_file_names_sidecar_env_and_path() {
         let src = SRC.replace("/run/secrets/db", "/nope");
         let stack = parse("s", &src).unwrap();
-        let e = resolve(&stack, &Fake).unwrap_err().to_string();
+        let e = resolve(&stack, &Fake, Path::new("/state"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("notes") && e.contains("DB") && e.contains("/nope"),
             "{e}"
         );
         let src = SRC.replace("from-env=\"KEY\"", "from-env=\"MISSING\"");
-        let e = resolve(&parse("s", &src).unwrap(), &Fake)
+        let e = resolve(&parse("s", &src).unwrap(), &Fake, Path::new("/state"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("MISSING") && e.contains("API"), "{e}");

@@ -290,6 +290,41 @@ impl Docker {
         Ok(())
     }
 
+    /// The contents of a file inside a container (running or not), or `None` when the
+    /// container or the file does not exist yet.
+    pub async fn read_file(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Option<String>, RuntimeError> {
+        let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(container, Some(options));
+        let mut archive = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => archive.extend_from_slice(&bytes),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let Ok(mut entries) = tar.entries() else {
+            return Ok(None);
+        };
+        let Some(Ok(mut entry)) = entries.next() else {
+            return Ok(None);
+        };
+        let mut text = String::new();
+        use std::io::Read;
+        Ok(entry.read_to_string(&mut text).ok().map(|_| text))
+    }
+
     /// This stack's container events as `(action, container name)`, e.g. `("die", "soul-…")`
     /// or `("health_status: unhealthy", …)`. The stream ends when the engine goes away.
     pub fn container_events(

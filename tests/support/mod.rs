@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 /// A real nginx from Debian's packages, made by `.ci/test-images.sh` with `docker import`.
 pub const NGINX: &str = "soul-test/nginx:1";
+/// Debian's tor, made the same way.
+pub const TOR: &str = "soul-test/tor:1";
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -61,7 +63,9 @@ fn with_file_lock<T>(name: &str, f: impl FnOnce() -> T) -> T {
 /// Makes sure soul's own image (from this build) and the nginx test image exist.
 pub fn ensure_images() {
     with_file_lock("images", || {
-        if docker_ok(&["image", "inspect", NGINX]).is_none() {
+        if docker_ok(&["image", "inspect", NGINX]).is_none()
+            || docker_ok(&["image", "inspect", TOR]).is_none()
+        {
             let o = run(Command::new("bash").arg(repo().join(".ci/test-images.sh")));
             assert!(
                 o.status.success(),
