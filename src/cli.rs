@@ -440,8 +440,9 @@ struct Pass {
 /// Load, connect, then resolve, observe and plan.
 async fn prepare(cli: &Cli, state: StateDir) -> Result<Pass, CliError> {
     let stack = load(cli)?;
+    let desired = reconcile::desire(&stack, &Host, &state)?;
     let docker = Docker::connect().await?;
-    let planned = reconcile::prepare(&docker, &stack, &state, &Host, unix_now()).await?;
+    let planned = reconcile::prepare(&docker, &stack, &state, desired, unix_now()).await?;
     Ok(Pass {
         stack,
         desired: planned.desired,
@@ -544,7 +545,8 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
             "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"
         );
     }
-    let again = reconcile::prepare(&docker, &stack, &state, &Host, unix_now())
+    let again = reconcile::desire(&stack, &Host, &state)?;
+    let again = reconcile::prepare(&docker, &stack, &state, again, unix_now())
         .await?
         .plan;
     let more = again.steps.len();

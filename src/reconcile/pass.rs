@@ -52,15 +52,24 @@ pub struct Planned {
     pub plan: Plan,
 }
 
-/// Resolves, observes and plans, changing nothing.
+/// Resolves the stack on this machine (secret files, soul's environment): done before any
+/// Docker call, so a missing secret is reported without touching the engine.
+pub fn desire(
+    stack: &Stack,
+    machine: &dyn Machine,
+    state: &StateDir,
+) -> Result<Desired, PassError> {
+    Ok(resolve(stack, machine, state.path())?)
+}
+
+/// Discovers addresses, observes and plans against `desired`, changing nothing.
 pub async fn prepare(
     docker: &Docker,
     stack: &Stack,
     state: &StateDir,
-    machine: &dyn Machine,
+    mut desired: Desired,
     now: u64,
 ) -> Result<Planned, PassError> {
-    let mut desired = resolve(stack, machine, state.path())?;
     let discovered = discover(docker, stack, state).await?;
     desired
         .files

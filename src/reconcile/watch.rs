@@ -21,7 +21,7 @@ use crate::state::{self, StateDir};
 use crate::transport;
 
 use super::backoff::{Backoff, FlapTracker, jitter};
-use super::pass::{PassError, prepare, run, unix_now};
+use super::pass::{PassError, desire, prepare, run, unix_now};
 use super::plan::{Plan, Reason, Step};
 use super::resolve::Host;
 
@@ -374,8 +374,9 @@ async fn one_pass(
     })
     .await
     .map_err(|e| PassError::Internal(e.to_string()))??;
+    let desired = desire(stack, &Host, state)?;
     let docker = Docker::connect().await?;
-    let planned = prepare(&docker, stack, state, &Host, unix_now()).await?;
+    let planned = prepare(&docker, stack, state, desired, unix_now()).await?;
     let now = Instant::now();
     let (plan, deferred_until) = {
         let mut f = flaps
