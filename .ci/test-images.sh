@@ -4,6 +4,9 @@
 # cached in $SOUL_CI_CACHE (default /var/cache/soul-ci) and rebuilt from nothing when absent.
 #   soul-test/nginx:1  a real nginx (with curl for its health check): the test app
 #   soul-test/tor:1    tor, for the Tor transport
+#   soul-test/tailscale-standin:1
+#                      a STAND-IN for tailscale/tailscale: no tailnet can be reached here, so
+#                      it only answers `tailscale status --json` like the real CLI does
 set -euo pipefail
 cache=${SOUL_CI_CACHE:-/var/cache/soul-ci}
 mirror=${SOUL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -60,3 +63,21 @@ image() {
 
 image nginx soul-test/nginx:1 nginx-light,curl nginx_setup 'CMD ["nginx", "-g", "daemon off;"]' 'EXPOSE 80'
 image tor soul-test/tor:1 tor tor_setup 'CMD ["tor", "-f", "/etc/soul/torrc"]'
+
+standin=soul-test/tailscale-standin:1
+if docker image inspect "$standin" >/dev/null 2>&1; then
+  echo "test image $standin is present"
+else
+  docker build -q -t "$standin" - >/dev/null 2>&1 <<'DOCKERFILE'
+FROM soul-test/nginx:1
+RUN printf '%s\n' '#!/bin/sh' \
+  'if [ "$1" = status ] && [ "$2" = --json ]; then' \
+  '  printf "{\"BackendState\":\"Running\",\"Self\":{\"HostName\":\"%s\",\"TailscaleIPs\":[\"100.101.102.103\",\"fd7a:115c:a1e0::1\"]}}\n" "$TS_HOSTNAME"' \
+  '  exit 0' \
+  'fi' \
+  'echo "stand-in tailscale: only status --json" >&2; exit 1' > /usr/local/bin/tailscale \
+ && chmod 755 /usr/local/bin/tailscale
+CMD ["sleep", "infinity"]
+DOCKERFILE
+  echo "built test image $standin (a stand-in for tailscale/tailscale)"
+fi

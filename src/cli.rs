@@ -538,8 +538,22 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
     .await?;
     // Transports that just started publish their addresses a moment later: wait for them, so
     // the pairing codes this apply leaves behind carry every address.
-    let missing =
-        reconcile::await_addresses(&docker, &stack, &state, Duration::from_secs(30)).await?;
+    let overlays: Vec<&str> = desired
+        .pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .filter(|c| matches!(c.role, Role::Tor | Role::Tailscale))
+        .map(|c| c.name.as_str())
+        .collect();
+    let started_overlay = plan.steps.iter().any(
+        |s| matches!(s, Step::StartContainer { name, .. } if overlays.contains(&name.as_str())),
+    );
+    let wait = if started_overlay {
+        Duration::from_secs(30)
+    } else {
+        Duration::ZERO
+    };
+    let missing = reconcile::await_addresses(&docker, &stack, &state, wait).await?;
     for m in &missing {
         eprintln!(
             "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"

@@ -25,6 +25,8 @@ pub enum Role {
     App,
     /// The Tor transport's onion service.
     Tor,
+    /// The Tailscale (or Headscale) transport's node.
+    Tailscale,
 }
 
 impl Role {
@@ -33,6 +35,7 @@ impl Role {
             Role::Pause => "pause",
             Role::App => "app",
             Role::Tor => "tor",
+            Role::Tailscale => "tailscale",
         }
     }
 
@@ -41,6 +44,7 @@ impl Role {
             "pause" => Some(Role::Pause),
             "app" => Some(Role::App),
             "tor" => Some(Role::Tor),
+            "tailscale" => Some(Role::Tailscale),
             _ => None,
         }
     }
@@ -149,6 +153,10 @@ pub struct ContainerSpec {
     pub ports: Vec<PortMap>,
     pub health: Option<HealthCheck>,
     pub restart: String,
+    /// Linux capabilities added (`NET_ADMIN` for kernel-mode overlays).
+    pub cap_add: Vec<String>,
+    /// Host devices passed in (`/dev/net/tun`).
+    pub devices: Vec<String>,
 }
 
 impl ContainerSpec {
@@ -219,6 +227,8 @@ mod tests {
             ports: vec![],
             health: None,
             restart: "unless-stopped".into(),
+            cap_add: vec![],
+            devices: vec![],
         }
     }
 

@@ -15,6 +15,8 @@ use crate::stack::{Sidecar, Stack, TransportKind};
 
 /// The image the Tor transport runs when `tor image=` is not set.
 pub const DEFAULT_TOR_IMAGE: &str = "osminogin/tor-simple:latest";
+/// The image the Tailscale and Headscale transports run when `image=` is not set.
+pub const DEFAULT_TAILSCALE_IMAGE: &str = "tailscale/tailscale:stable";
 
 /// What a driver needs to know about the pod it joins.
 pub struct PodContext<'a> {
@@ -37,6 +39,22 @@ pub enum AddressSource {
         path: String,
         port: u16,
     },
+    /// A command run in one of the pod's containers that prints JSON; the host is the string
+    /// at `pointer` (RFC 6901), e.g. `tailscale status --json` → `/Self/TailscaleIPs/0`.
+    Exec {
+        container: String,
+        command: Vec<String>,
+        pointer: String,
+        port: u16,
+    },
+}
+
+impl AddressSource {
+    /// The host in a command's JSON output.
+    pub fn host_in_json(output: &str, pointer: &str) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(output).ok()?;
+        v.pointer(pointer)?.as_str().map(String::from)
+    }
 }
 
 /// What one overlay transport adds to one pod.
@@ -59,7 +77,36 @@ pub trait Driver {
 /// The overlay drivers a stack declares (and soul implements).
 pub fn drivers(stack: &Stack) -> Vec<Box<dyn Driver>> {
     let mut out: Vec<Box<dyn Driver>> = Vec::new();
-    if let Some(tor) = stack.transport.as_ref().and_then(|t| t.tor.as_ref()) {
+    let transport = stack.transport.as_ref();
+    if let Some(ts) = transport.and_then(|t| t.tailscale.as_ref()) {
+        out.push(Box::new(TailnetDriver {
+            kind: TransportKind::Tailscale,
+            image: ts
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TAILSCALE_IMAGE.to_string()),
+            authkey_file: ts.authkey_file.clone(),
+            tags: ts.tags.clone(),
+            hostname: ts.hostname.clone(),
+            userspace: ts.userspace,
+            login_server: None,
+        }));
+    }
+    if let Some(hs) = transport.and_then(|t| t.headscale.as_ref()) {
+        out.push(Box::new(TailnetDriver {
+            kind: TransportKind::Headscale,
+            image: hs
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TAILSCALE_IMAGE.to_string()),
+            authkey_file: hs.authkey_file.clone(),
+            tags: hs.tags.clone(),
+            hostname: hs.hostname.clone(),
+            userspace: hs.userspace,
+            login_server: Some(hs.url.clone()),
+        }));
+    }
+    if let Some(tor) = transport.and_then(|t| t.tor.as_ref()) {
         out.push(Box::new(TorDriver {
             image: tor
                 .image
@@ -142,6 +189,8 @@ impl Driver for TorDriver {
             ports: vec![],
             health: None,
             restart: crate::reconcile::RESTART_POLICY.into(),
+            cap_add: vec![],
+            devices: vec![],
         };
         Contribution {
             containers: vec![spec],
@@ -150,6 +199,166 @@ impl Driver for TorDriver {
             address: Some(AddressSource::ContainerFile {
                 container: name,
                 path: Self::HOSTNAME.into(),
+                port: ctx.service_port,
+            }),
+        }
+    }
+}
+
+/// Tailscale, or Headscale (the same client with `--login-server`): containerboot in the pod's
+/// namespace. The auth key goes in as a file (`TS_AUTHKEY=file:…`), never in the environment;
+/// the node's state lives on a named volume (else every restart makes a new node); a serve
+/// config soul writes forwards the tailnet port over TCP to the pod.
+pub struct TailnetDriver {
+    pub kind: TransportKind,
+    pub image: String,
+    pub authkey_file: Option<String>,
+    pub tags: Option<String>,
+    pub hostname: Option<String>,
+    pub userspace: bool,
+    /// Headscale's URL.
+    pub login_server: Option<String>,
+}
+
+impl TailnetDriver {
+    pub const AUTHKEY: &str = "/run/secrets/soul/authkey";
+    pub const STATE: &str = "/var/lib/tailscale";
+    pub const CONFIG_DIR: &str = "/config";
+    pub const HEALTH: &str = "127.0.0.1:41234";
+
+    /// The serve config: a TCP forward of the tailnet port to the pod.
+    pub fn serve_config(service_port: u16, target_port: u16) -> String {
+        let v = serde_json::json!({
+            "TCP": { service_port.to_string(): { "TCPForward": format!("127.0.0.1:{target_port}") } }
+        });
+        let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+impl Driver for TailnetDriver {
+    fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    fn contribute(&self, ctx: &PodContext<'_>) -> Contribution {
+        let stack = &ctx.stack.stack;
+        let sidecar = &ctx.sidecar.name;
+        let kind = self.kind.as_str();
+        let serve = Self::serve_config(ctx.service_port, ctx.target_port);
+        let config_dir = format!("transports/{sidecar}/{kind}");
+        let volume = volume_name(stack, &format!("{sidecar}-{kind}"));
+        let name = container_name(stack, sidecar, Role::Tailscale);
+        let mut extra = Vec::new();
+        if let Some(url) = &self.login_server {
+            extra.push(format!("--login-server={url}"));
+        }
+        if let Some(tags) = &self.tags {
+            extra.push(format!("--advertise-tags={tags}"));
+        }
+        let plain = |v: String| crate::pod::EnvValue {
+            value: v,
+            sensitive: false,
+        };
+        let mut env: std::collections::BTreeMap<String, crate::pod::EnvValue> = [
+            (
+                "TS_HOSTNAME",
+                self.hostname
+                    .clone()
+                    .unwrap_or_else(|| format!("{stack}-{sidecar}")),
+            ),
+            ("TS_STATE_DIR", Self::STATE.to_string()),
+            ("TS_AUTH_ONCE", "true".into()),
+            ("TS_USERSPACE", self.userspace.to_string()),
+            ("TS_ENABLE_HEALTH_CHECK", "true".into()),
+            ("TS_LOCAL_ADDR_PORT", Self::HEALTH.into()),
+            (
+                "TS_SERVE_CONFIG",
+                format!("{}/serve.json", Self::CONFIG_DIR),
+            ),
+            (
+                "SOUL_SERVE_CONFIG_SHA256",
+                crate::state::hex(&Sha256::digest(serve.as_bytes())),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), plain(v)))
+        .collect();
+        if !extra.is_empty() {
+            env.insert("TS_EXTRA_ARGS".into(), plain(extra.join(" ")));
+        }
+        let mut mounts = vec![
+            Mount {
+                kind: MountKind::Volume,
+                source: volume.clone(),
+                target: Self::STATE.into(),
+                read_only: false,
+            },
+            // The directory, not the file: containerboot watches it, and soul's atomic
+            // renames stay visible through a directory mount.
+            Mount {
+                kind: MountKind::Bind,
+                source: ctx.state_dir.join(&config_dir).display().to_string(),
+                target: Self::CONFIG_DIR.into(),
+                read_only: true,
+            },
+        ];
+        if let Some(file) = &self.authkey_file {
+            env.insert(
+                "TS_AUTHKEY".into(),
+                plain(format!("file:{}", Self::AUTHKEY)),
+            );
+            mounts.push(Mount {
+                kind: MountKind::Bind,
+                source: file.clone(),
+                target: Self::AUTHKEY.into(),
+                read_only: true,
+            });
+        }
+        let (cap_add, devices) = if self.userspace {
+            (vec![], vec![])
+        } else {
+            (
+                vec!["NET_ADMIN".to_string()],
+                vec!["/dev/net/tun".to_string()],
+            )
+        };
+        let spec = ContainerSpec {
+            name: name.clone(),
+            stack: stack.clone(),
+            sidecar: sidecar.clone(),
+            role: Role::Tailscale,
+            image: self.image.clone(),
+            command: None,
+            env,
+            mounts,
+            network_mode: NetworkMode::Container(container_name(stack, sidecar, Role::Pause)),
+            ports: vec![],
+            health: Some(crate::pod::HealthCheck {
+                test: vec![
+                    "CMD".into(),
+                    "wget".into(),
+                    "-q".into(),
+                    "--spider".into(),
+                    format!("http://{}/healthz", Self::HEALTH),
+                ],
+                interval_ms: 30_000,
+                timeout_ms: 10_000,
+                retries: 3,
+            }),
+            restart: crate::reconcile::RESTART_POLICY.into(),
+            cap_add,
+            devices,
+        };
+        Contribution {
+            containers: vec![spec],
+            files: vec![(format!("{config_dir}/serve.json"), serve.into_bytes())],
+            volumes: vec![volume],
+            address: Some(AddressSource::Exec {
+                container: name,
+                command: vec!["tailscale".into(), "status".into(), "--json".into()],
+                pointer: "/Self/TailscaleIPs/0".into(),
                 port: ctx.service_port,
             }),
         }

@@ -151,20 +151,28 @@ pub async fn discover(
                 target_port: sidecar.port,
                 service_port: stack.gate.port,
             };
-            let Some(AddressSource::ContainerFile {
-                container,
-                path,
-                port,
-            }) = driver.contribute(&ctx).address
-            else {
-                continue;
-            };
             let key = (sidecar.name.clone(), driver.kind());
-            let live = docker
-                .read_file(&container, &path)
-                .await?
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty());
+            let (live, port) = match driver.contribute(&ctx).address {
+                Some(AddressSource::ContainerFile {
+                    container,
+                    path,
+                    port,
+                }) => (docker.read_file(&container, &path).await?, port),
+                Some(AddressSource::Exec {
+                    container,
+                    command,
+                    pointer,
+                    port,
+                }) => (
+                    docker
+                        .exec_output(&container, &command)
+                        .await?
+                        .and_then(|out| AddressSource::host_in_json(&out, &pointer)),
+                    port,
+                ),
+                None => continue,
+            };
+            let live = live.map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
             if let Some(address) = live
                 .map(|h| (h, port))
                 .or_else(|| stored.get(&key).cloned())

@@ -33,6 +33,8 @@ fn container(stack: &str, sidecar: &str, role: Role, image: &str, port: u16) -> 
         },
         health: None,
         restart: "unless-stopped".into(),
+        cap_add: vec![],
+        devices: vec![],
     }
 }
 

@@ -22,6 +22,8 @@ pub trait Machine {
     fn read_file(&self, path: &str) -> std::io::Result<String>;
     /// A variable of soul's own environment named by `from-env=`.
     fn env_var(&self, name: &str) -> Option<String>;
+    /// Whether a host path exists (secret files named by transports, `/dev/net/tun`).
+    fn exists(&self, path: &str) -> bool;
 }
 
 /// The real machine.
@@ -33,6 +35,9 @@ impl Machine for Host {
     }
     fn env_var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+    fn exists(&self, path: &str) -> bool {
+        Path::new(path).exists()
     }
 }
 
@@ -74,6 +79,20 @@ pub enum ResolveError {
         #[source]
         source: std::io::Error,
     },
+    /// A transport's `*-file=` names a file this machine does not have.
+    #[error(
+        "transport `{node}`: {property} {path} does not exist on this machine; put the secret there (mode 0600) or fix the path in stack.kdl"
+    )]
+    TransportFile {
+        node: String,
+        property: String,
+        path: PathBuf,
+    },
+    /// A kernel-mode overlay needs /dev/net/tun, which the machine lacks.
+    #[error(
+        "transport `{node}` runs in kernel mode, which needs /dev/net/tun, and this machine has none; set `userspace #true` inside `{node} {{ … }}` in stack.kdl, or load the tun module (`modprobe tun`)"
+    )]
+    NoTun { node: String },
     /// An `env … from-env=` names a variable soul's environment lacks.
     #[error(
         "sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file="
@@ -94,6 +113,7 @@ pub fn resolve(
 ) -> Result<Desired, ResolveError> {
     let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let drivers = transport::drivers(stack);
+    check_transport_inputs(stack, machine)?;
     let mut files = Vec::new();
     let soul = SoulImage::current();
     let lan_ports = stack.lan_ports();
@@ -142,6 +162,8 @@ pub fn resolve(
             ports,
             health: None,
             restart: RESTART_POLICY.into(),
+            cap_add: vec![],
+            devices: vec![],
         };
         need(&pause.image, &sidecar.name);
 
@@ -182,6 +204,8 @@ pub fn resolve(
                 .as_ref()
                 .map(|h| health_check(h, &sidecar.image)),
             restart: RESTART_POLICY.into(),
+            cap_add: vec![],
+            devices: vec![],
         };
         need(&app.image, &sidecar.name);
         let mut containers = vec![pause, app];
@@ -222,6 +246,45 @@ pub fn resolve(
         images,
         files,
     })
+}
+
+/// Secret files named by transports are checked at apply time (not at validate time, so a
+/// stack validates on a laptop that lacks the server's secrets).
+fn check_transport_inputs(stack: &Stack, machine: &dyn Machine) -> Result<(), ResolveError> {
+    let Some(t) = &stack.transport else {
+        return Ok(());
+    };
+    let tailnets = [
+        (
+            "tailscale",
+            t.tailscale.as_ref().map(|x| (&x.authkey_file, x.userspace)),
+        ),
+        (
+            "headscale",
+            t.headscale.as_ref().map(|x| (&x.authkey_file, x.userspace)),
+        ),
+    ];
+    for (node, declared) in tailnets {
+        let Some((authkey, userspace)) = declared else {
+            continue;
+        };
+        if let Some(path) = authkey
+            && !machine.exists(path)
+        {
+            return Err(ResolveError::TransportFile {
+                node: node.into(),
+                property: "authkey-file".into(),
+                path: path.into(),
+            });
+        }
+        let local_engine = machine
+            .env_var("DOCKER_HOST")
+            .is_none_or(|h| h.starts_with("unix://"));
+        if !userspace && local_engine && !machine.exists("/dev/net/tun") {
+            return Err(ResolveError::NoTun { node: node.into() });
+        }
+    }
+    Ok(())
 }
 
 fn env_of(
@@ -320,6 +383,9 @@ mod tests {
         fn env_var(&self, name: &str) -> Option<String> {
             (name == "KEY").then(|| "k".into())
         }
+        fn exists(&self, path: &str) -> bool {
+            path == "/run/secrets/ts"
+        }
     }
 
     const SRC: &str = r#"stack "home"
@@ -400,6 +466,38 @@ sidecar "demo" {
             .unwrap_err()
             .to_string();
         assert!(e.contains("MISSING") && e.contains("API"), "{e}");
+    }
+
+    #[test]
+    fn transport_secret_files_and_tun_are_checked() {
+        let base = "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\n";
+        let ts = |body: &str| parse("s", &format!("{base}transport {{ {body} }}\n")).unwrap();
+        let e = resolve(
+            &ts("tailscale authkey-file=\"/nope\" { userspace #true; }"),
+            &Fake,
+            Path::new("/s"),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`tailscale`") && msg.contains("/nope") && msg.contains("authkey-file"),
+            "{msg}"
+        );
+        // Fake has no /dev/net/tun: kernel mode names the fix.
+        let e = resolve(
+            &ts("tailscale authkey-file=\"/run/secrets/ts\""),
+            &Fake,
+            Path::new("/s"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("userspace #true"), "{e}");
+        let d = resolve(
+            &ts("tailscale authkey-file=\"/run/secrets/ts\" { userspace #true; }"),
+            &Fake,
+            Path::new("/s"),
+        )
+        .unwrap();
+        assert_eq!(d.pods[0].containers[2].name, "soul-h-x-tailscale");
     }
 
     #[test]

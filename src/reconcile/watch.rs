@@ -692,6 +692,8 @@ mod tests {
             ports: vec![],
             health: None,
             restart: "unless-stopped".into(),
+            cap_add: vec![],
+            devices: vec![],
         };
         let plan = Plan {
             steps: vec![

@@ -325,6 +325,42 @@ impl Docker {
         Ok(entry.read_to_string(&mut text).ok().map(|_| text))
     }
 
+    /// Runs a command in a running container and returns its standard output, or `None`
+    /// when the container is not running or the command fails.
+    pub async fn exec_output(
+        &self,
+        container: &str,
+        cmd: &[String],
+    ) -> Result<Option<String>, RuntimeError> {
+        use bollard::exec::StartExecResults;
+        let config = bollard::models::ExecConfig {
+            cmd: Some(cmd.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(false),
+            ..Default::default()
+        };
+        let exec = match self.docker.create_exec(container, config).await {
+            Ok(e) => e,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = String::new();
+        if let StartExecResults::Attached { mut output, .. } =
+            self.docker.start_exec(&exec.id, None).await?
+        {
+            while let Some(chunk) = output.next().await {
+                if let bollard::container::LogOutput::StdOut { message } = chunk? {
+                    out.push_str(&String::from_utf8_lossy(&message));
+                }
+            }
+        }
+        let code = self.docker.inspect_exec(&exec.id).await?.exit_code;
+        Ok((code == Some(0)).then_some(out))
+    }
+
     /// This stack's container events as `(action, container name)`, e.g. `("die", "soul-…")`
     /// or `("health_status: unhealthy", …)`. The stream ends when the engine goes away.
     pub fn container_events(
@@ -439,6 +475,17 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             network_mode: Some(network_mode),
             port_bindings,
             mounts: Some(mounts),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            devices: (!spec.devices.is_empty()).then(|| {
+                spec.devices
+                    .iter()
+                    .map(|d| bollard::models::DeviceMapping {
+                        path_on_host: Some(d.clone()),
+                        path_in_container: Some(d.clone()),
+                        cgroup_permissions: Some("rwm".into()),
+                    })
+                    .collect()
+            }),
             restart_policy: Some(RestartPolicy {
                 name: Some(match spec.restart.as_str() {
                     "always" => RestartPolicyNameEnum::ALWAYS,

@@ -14,6 +14,9 @@ pub const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 pub const NGINX: &str = "soul-test/nginx:1";
 /// Debian's tor, made the same way.
 pub const TOR: &str = "soul-test/tor:1";
+/// A stand-in for tailscale/tailscale that answers `tailscale status --json` (no tailnet can
+/// be reached here).
+pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:1";
 
 /// The repository root.
 pub fn repo() -> PathBuf {
