@@ -138,6 +138,10 @@ token: treat it like a password.\n\nExample:\n  soul pair alice-phone\n  soul pa
 soul rotate --device bob-laptop  # only bob-laptop's token changes"
     )]
     Rotate(RotateArgs),
+    /// The transports that reach the pods: their state and current addresses. Also runs as
+    /// `soul-bridge` (a link named so behaves as `soul bridge`).
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
     #[command(
         after_help = "`apply` builds it when missing or older than this binary; this \
@@ -194,6 +198,29 @@ pub struct WatchArgs {
     /// How often this host's addresses are checked (pairing codes carry them).
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub address_poll: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BridgeCommand {
+    /// Per sidecar and transport: is it up (container running and healthy, address known)?
+    #[command(after_help = "Example:\n  soul bridge status\n  soul bridge status --output json")]
+    Status(OutputArgs),
+    /// The current best address in the stack's transport order (what pairing codes lead with).
+    #[command(
+        after_help = "Addresses print as <transport>:<host>:<port>, as in pairing codes.\n\n\
+Example:\n  soul bridge address\n  soul bridge address --sidecar notes --all\n  soul-bridge address"
+    )]
+    Address(AddressArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddressArgs {
+    /// Which sidecar (needed when the stack has several).
+    #[arg(long)]
+    pub sidecar: Option<String>,
+    /// Every known address, best first, one per line.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +388,8 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Devices(args) => devices(&cli, args.output),
         Command::Pair(args) => pair(&cli, args),
         Command::Rotate(args) => rotate(&cli, args).await,
+        Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
+        Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
         Command::Pause => {
             crate::agent::pause()
                 .await
@@ -898,6 +927,133 @@ fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     Ok(Exit::Ok)
 }
 
+/// The sidecar a command is about: the one named, or the only one.
+fn one_sidecar(stack: &Stack, named: Option<&str>) -> Result<String, CliError> {
+    let names = || {
+        stack
+            .sidecars
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (named, stack.sidecars.as_slice()) {
+        (Some(s), all) if all.iter().any(|x| x.name == s) => Ok(s.to_string()),
+        (Some(s), _) => Err(CliError::Usage(format!(
+            "no sidecar `{s}`; the stack has: {}",
+            names()
+        ))),
+        (None, [only]) => Ok(only.name.clone()),
+        (None, _) => Err(CliError::Usage(format!(
+            "the stack has several sidecars; choose one with --sidecar ({})",
+            names()
+        ))),
+    }
+}
+
+/// Every sidecar's known addresses, in the stack's order (overlays read from the pods).
+async fn current_addresses(
+    cli: &Cli,
+    stack: &Stack,
+) -> Result<(Docker, Vec<Vec<crate::pairing::Address>>), CliError> {
+    let state = StateDir::at(&state_path(cli, stack));
+    let docker = Docker::connect().await?;
+    let discovered = reconcile::discover(&docker, stack, &state).await?;
+    let lan = crate::transport::lan_host(stack);
+    Ok((
+        docker,
+        crate::transport::addresses(stack, lan.as_deref(), &discovered),
+    ))
+}
+
+async fn bridge_address(cli: &Cli, args: &AddressArgs) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let sidecar = one_sidecar(&stack, args.sidecar.as_deref())?;
+    let (_, all) = current_addresses(cli, &stack).await?;
+    let i = stack
+        .sidecars
+        .iter()
+        .position(|s| s.name == sidecar)
+        .unwrap_or(0);
+    let known = all.get(i).cloned().unwrap_or_default();
+    if known.is_empty() {
+        return Err(CliError::Usage(format!(
+            "no address of `{sidecar}` is known yet: run `soul apply`, and check `soul bridge status`"
+        )));
+    }
+    let shown = if args.all { &known[..] } else { &known[..1] };
+    out(&shown.iter().map(|a| format!("{a}\n")).collect::<String>());
+    Ok(Exit::Ok)
+}
+
+async fn bridge_status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let (docker, all) = current_addresses(cli, &stack).await?;
+    let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    let container = |name: &str| observed.containers.iter().find(|c| c.name == name);
+    let mut rows = Vec::new();
+    for (i, sidecar) in stack.sidecars.iter().enumerate() {
+        for kind in stack.transport_order() {
+            // The container that carries this transport: the pause container publishes the LAN
+            // port; overlays have their own; the relay has none yet.
+            let carrier = match kind {
+                crate::stack::TransportKind::Lan => Some(Role::Pause),
+                crate::stack::TransportKind::Tor => Some(Role::Tor),
+                crate::stack::TransportKind::Tailscale | crate::stack::TransportKind::Headscale => {
+                    Some(Role::Tailscale)
+                }
+                _ => None,
+            }
+            .map(|r| crate::pod::container_name(&stack.stack, &sidecar.name, r));
+            let seen = carrier.as_deref().and_then(container);
+            let running = seen.is_some_and(|c| c.running);
+            let healthy = seen.and_then(|c| c.health.clone());
+            let address = all
+                .get(i)
+                .and_then(|a| a.iter().find(|x| x.transport == kind))
+                .map(|a| a.to_string());
+            let up = (carrier.is_none() || running)
+                && healthy.as_deref() != Some("unhealthy")
+                && address.is_some();
+            rows.push(json!({
+                "sidecar": sidecar.name,
+                "transport": kind.as_str(),
+                "container": carrier,
+                "running": carrier.as_ref().map(|_| running),
+                "health": healthy,
+                "address": address,
+                "up": up,
+            }));
+        }
+    }
+    match output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({"stack": stack.stack, "transports": rows}))
+                .unwrap_or_default()
+        )),
+        Output::Human => {
+            let mut s = format!("transports of stack `{}`\n", stack.stack);
+            for r in &rows {
+                let state = match (r["up"].as_bool(), r["running"].as_bool()) {
+                    (Some(true), _) => "up".to_string(),
+                    (_, Some(false)) => "down: container not running (`soul apply`)".into(),
+                    _ if r["address"].is_null() => "down: address not known yet".into(),
+                    _ => format!("down: {}", r["health"].as_str().unwrap_or("unhealthy")),
+                };
+                s.push_str(&format!(
+                    "  {:<12} {:<10} {:<50} {state}\n",
+                    r["sidecar"].as_str().unwrap_or(""),
+                    r["transport"].as_str().unwrap_or(""),
+                    r["address"].as_str().unwrap_or("-"),
+                ));
+            }
+            out(&s);
+        }
+    }
+    Ok(Exit::Ok)
+}
+
 fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
     let stack = load(cli)?;
     if !stack.devices.iter().any(|d| d.name == args.device) {
@@ -916,28 +1072,7 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
             cli.file.display()
         )));
     }
-    let sidecar = match (&args.sidecar, stack.sidecars.as_slice()) {
-        (Some(s), all) if all.iter().any(|x| &x.name == s) => s.clone(),
-        (Some(s), all) => {
-            return Err(CliError::Usage(format!(
-                "no sidecar `{s}`; the stack has: {}",
-                all.iter()
-                    .map(|x| x.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        (None, [only]) => only.name.clone(),
-        (None, all) => {
-            return Err(CliError::Usage(format!(
-                "the stack has several sidecars; choose one with --sidecar ({})",
-                all.iter()
-                    .map(|x| x.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-    };
+    let sidecar = one_sidecar(&stack, args.sidecar.as_deref())?;
     let state = StateDir::at(&state_path(cli, &stack));
     let ext = match args.format {
         PairFormat::Terminal => "txt",

@@ -5,7 +5,16 @@ use soul::cli::{Cli, Command, Exit, LogFormat, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = Cli::parse();
+    // A link named `soul-bridge` runs `soul bridge …`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().to_string());
+    if invoked_as.as_deref() == Some("soul-bridge") {
+        args.insert(1, "bridge".into());
+    }
+    let cli = Cli::parse_from(args);
     let watching = matches!(cli.command, Command::Watch(_));
     let default = match cli.verbose {
         // A long-running watch reports each pass; one-shot commands stay quiet.
