@@ -142,6 +142,9 @@ soul rotate --device bob-laptop  # only bob-laptop's token changes"
     /// `soul-bridge` (a link named so behaves as `soul bridge`).
     #[command(subcommand)]
     Bridge(BridgeCommand),
+    /// Write the stack in another tool's format.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
     #[command(
         after_help = "`apply` builds it when missing or older than this binary; this \
@@ -211,6 +214,20 @@ pub enum BridgeCommand {
 Example:\n  soul bridge address\n  soul bridge address --sidecar notes --all\n  soul-bridge address"
     )]
     Address(AddressArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// The stack as a Compose file (ScaleTail's shape: each pod's containers join its
+    /// namespace owner with `network_mode: service:…`). Secrets become `${NAME}`.
+    #[command(
+        after_help = "Example:\n  soul export compose\n  soul export compose --out docker-compose.yml && docker-compose config"
+    )]
+    Compose {
+        /// Write to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -388,6 +405,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Devices(args) => devices(&cli, args.output),
         Command::Pair(args) => pair(&cli, args),
         Command::Rotate(args) => rotate(&cli, args).await,
+        Command::Export(ExportCommand::Compose { out: path }) => {
+            export_compose(&cli, path.as_deref())
+        }
         Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
         Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
         Command::Pause => {
@@ -923,6 +943,45 @@ fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
             }
             out(&s);
         }
+    }
+    Ok(Exit::Ok)
+}
+
+/// A machine that has every file and variable, all empty: exporting reads no secret.
+struct NoSecrets;
+
+impl reconcile::Machine for NoSecrets {
+    fn read_file(&self, _: &str) -> std::io::Result<String> {
+        Ok(String::new())
+    }
+    fn env_var(&self, _: &str) -> Option<String> {
+        Some(String::new())
+    }
+    fn exists(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn export_compose(cli: &Cli, path: Option<&Path>) -> Result<Exit, CliError> {
+    let stack = load(cli)?;
+    let desired = reconcile::resolve(&stack, &NoSecrets, &state_path(cli, &stack))
+        .map_err(PassError::from)?;
+    let text = crate::export::compose(&desired);
+    match path {
+        Some(p) => {
+            std::fs::write(p, &text)
+                .map_err(|e| CliError::Io(format!("cannot write {}: {e}", p.display())))?;
+            eprintln!(
+                "wrote {} ({} services)",
+                p.display(),
+                desired
+                    .pods
+                    .iter()
+                    .map(|p| p.containers.len())
+                    .sum::<usize>()
+            );
+        }
+        None => out(&text),
     }
     Ok(Exit::Ok)
 }

@@ -10,9 +10,11 @@
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
 //! - [`transport`]: how each pod is reached, and discovery of the current addresses.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
+//! - [`export`]: the stack as a Compose file.
 //! - [`cli`]: the commands, their output, and exit codes.
 pub mod agent;
 pub mod cli;
+pub mod export;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;

@@ -168,3 +168,63 @@ fn every_command_explains_itself_with_an_example() {
         assert!(top.contains(cmd), "{cmd} missing from soul --help");
     }
 }
+
+#[test]
+fn export_compose_is_accepted_by_docker_compose_and_holds_no_secret() {
+    let dir = std::env::temp_dir().join(format!("soul-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("db");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    let own = dir.join("stack.kdl");
+    std::fs::write(
+        &own,
+        format!(
+            "stack \"exp\"\nsidecar \"web\" {{ image \"nginx:1\"; port 80; env \"DB_PASSWORD\" file=\"{}\"; env \"PRICE\" \"$5\"; volume \"data\" \"/data\"; }}\ntransport {{ lan port=8080; tor; }}\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kdl"))
+        .collect();
+    files.push(own);
+    for f in files {
+        let out = dir.join("compose.yml");
+        let o = soul_offline(&[
+            "export",
+            "compose",
+            "-f",
+            f.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}: {}", f.display(), text(&o));
+        let yaml = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            !yaml.contains("s3cret-value"),
+            "a secret leaked into the compose file"
+        );
+        assert!(yaml.contains("network_mode: \"service:"), "{yaml}");
+        let config = run(Command::new("docker-compose")
+            .arg("-f")
+            .arg(&out)
+            .arg("config"));
+        assert!(
+            config.status.success(),
+            "docker-compose rejects the export of {}:\n{}\n{yaml}",
+            f.display(),
+            text(&config)
+        );
+        if f.ends_with("stack.kdl") {
+            let resolved = String::from_utf8_lossy(&config.stdout);
+            assert!(
+                resolved.contains("PRICE: $$5") || resolved.contains("PRICE: $5"),
+                "{resolved}"
+            );
+            assert!(yaml.contains("\"${DB_PASSWORD}\""));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
