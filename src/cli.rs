@@ -205,6 +205,15 @@ pub struct WatchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BridgeCommand {
+    /// Choose how the pods are reached and write it into stack.kdl (only the `transport`
+    /// block changes; comments survive). Prints the diff; commit it.
+    #[command(
+        after_help = "On a terminal it asks (Tailscale by default, then the auth-key file). \
+In scripts pass the choice and --yes.\n\nExample:\n  soul bridge init\n  soul bridge init --tailscale \
+--authkey-file /run/secrets/ts --yes\n  soul bridge init --headscale https://hs.example.com --yes\n  \
+soul bridge init --tor --yes\n  soul bridge init --lan-only --yes"
+    )]
+    Init(InitArgs),
     /// Per sidecar and transport: is it up (container running and healthy, address known)?
     #[command(after_help = "Example:\n  soul bridge status\n  soul bridge status --output json")]
     Status(OutputArgs),
@@ -228,6 +237,46 @@ pub enum ExportCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("choice").args(["tailscale", "headscale", "nebula", "tor", "lan_only"])))]
+pub struct InitArgs {
+    /// Reach the pods over Tailscale (the default).
+    #[arg(long)]
+    pub tailscale: bool,
+    /// Reach the pods over your own Headscale server at URL.
+    #[arg(long, value_name = "URL")]
+    pub headscale: Option<String>,
+    /// Reach the pods over Nebula, with this lighthouse (host:port); needs --nebula-ip,
+    /// --lighthouse-ip, --ca-file, --cert-file and --key-file.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["nebula_ip", "lighthouse_ip", "ca_file", "cert_file", "key_file"])]
+    pub nebula: Option<String>,
+    /// Reach the pods over a Tor onion service.
+    #[arg(long)]
+    pub tor: bool,
+    /// The LAN only: no overlay.
+    #[arg(long)]
+    pub lan_only: bool,
+    /// The Tailscale/Headscale auth key's file on this machine (never the key itself).
+    #[arg(long, value_name = "PATH")]
+    pub authkey_file: Option<String>,
+    /// Tailscale ACL tags to advertise, e.g. tag:soul.
+    #[arg(long)]
+    pub tags: Option<String>,
+    #[arg(long, value_name = "CIDR")]
+    pub nebula_ip: Option<String>,
+    #[arg(long, value_name = "IP")]
+    pub lighthouse_ip: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub cert_file: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<String>,
+    /// Write without asking.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -408,6 +457,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Export(ExportCommand::Compose { out: path }) => {
             export_compose(&cli, path.as_deref())
         }
+        Command::Bridge(BridgeCommand::Init(args)) => bridge_init(&cli, args),
         Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
         Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
         Command::Pause => {
@@ -944,6 +994,116 @@ fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
             out(&s);
         }
     }
+    Ok(Exit::Ok)
+}
+
+/// Asks one question on the terminal; an empty answer takes the default.
+fn ask(question: &str, default: &str) -> Result<String, CliError> {
+    eprint!("{question} [{default}]: ");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Io(format!("cannot read the answer: {e}")))?;
+    let answer = line.trim();
+    Ok(if answer.is_empty() {
+        default.to_string()
+    } else {
+        answer.to_string()
+    })
+}
+
+fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
+    use crate::bridge::{Choice, DEFAULT_AUTHKEY_FILE};
+    let source = std::fs::read_to_string(&cli.file).map_err(|source| StackError::Read {
+        path: cli.file.clone(),
+        source,
+    })?;
+    let path = cli.file.display().to_string();
+    let stack = stack::parse(&path, &source).map_err(StackError::Invalid)?;
+    let interactive = std::io::stdin().is_terminal() && !args.yes;
+    let authkey = |default: &str| -> Result<String, CliError> {
+        match &args.authkey_file {
+            Some(p) => Ok(p.clone()),
+            None if interactive => ask(
+                "Auth-key file on this machine (soul never reads it into stack.kdl)",
+                default,
+            ),
+            None => Ok(default.to_string()),
+        }
+    };
+    let choice = if let Some(url) = &args.headscale {
+        Choice::Headscale {
+            url: url.clone(),
+            authkey_file: authkey("/run/secrets/headscale-authkey")?,
+        }
+    } else if let Some(lighthouse) = &args.nebula {
+        let need = |v: &Option<String>| v.clone().unwrap_or_default();
+        Choice::Nebula {
+            lighthouse: lighthouse.clone(),
+            lighthouse_ip: need(&args.lighthouse_ip),
+            ip: need(&args.nebula_ip),
+            ca_file: need(&args.ca_file),
+            cert_file: need(&args.cert_file),
+            key_file: need(&args.key_file),
+        }
+    } else if args.tor {
+        Choice::Tor
+    } else if args.lan_only {
+        Choice::LanOnly
+    } else if args.tailscale || !interactive {
+        Choice::Tailscale {
+            authkey_file: authkey(DEFAULT_AUTHKEY_FILE)?,
+            tags: args.tags.clone(),
+        }
+    } else {
+        match ask(
+            "Transport: tailscale, headscale, tor or lan-only",
+            "tailscale",
+        )?
+        .as_str()
+        {
+            "tailscale" => Choice::Tailscale {
+                authkey_file: authkey(DEFAULT_AUTHKEY_FILE)?,
+                tags: args.tags.clone(),
+            },
+            "headscale" => Choice::Headscale {
+                url: ask("Headscale URL", "https://headscale.example.com")?,
+                authkey_file: authkey("/run/secrets/headscale-authkey")?,
+            },
+            "tor" => Choice::Tor,
+            "lan-only" | "lan" => Choice::LanOnly,
+            other => {
+                return Err(CliError::Usage(format!(
+                    "`{other}` is not a transport soul can set up here; pick tailscale, headscale, tor or lan-only (Nebula: --nebula …)"
+                )));
+            }
+        }
+    };
+    let lan_line = stack::edit::child_line(&source, "transport", "lan");
+    let block = crate::bridge::transport_block(&stack, &choice, lan_line.as_deref());
+    let new = stack::edit::replace_transport(&source, &block)?;
+    // Never write a file that would not validate.
+    stack::parse(&path, &new).map_err(StackError::Invalid)?;
+    let diff = crate::bridge::diff(&path, &source, &new);
+    if diff.is_empty() {
+        out(&format!("{path} already says that; nothing to change\n"));
+        return Ok(Exit::Ok);
+    }
+    out(&diff);
+    if interactive
+        && !matches!(
+            ask(&format!("Write {path}?"), "Y")?.as_str(),
+            "Y" | "y" | "yes"
+        )
+    {
+        out("nothing written\n");
+        return Ok(Exit::Ok);
+    }
+    std::fs::write(&cli.file, &new)
+        .map_err(|e| CliError::Io(format!("cannot write {path}: {e}")))?;
+    out(&format!(
+        "wrote {path}; commit it, then `soul apply` (or let `soul watch` pick it up)\n"
+    ));
     Ok(Exit::Ok)
 }
 

@@ -9,10 +9,12 @@
 //! - [`state`]: the state dir: atomic 0600 writes, the stack key, the device registry, the lock.
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
 //! - [`transport`]: how each pod is reached, and discovery of the current addresses.
+//! - [`bridge`]: `soul bridge init`: choosing transports, written into stack.kdl.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
 //! - [`export`]: the stack as a Compose file.
 //! - [`cli`]: the commands, their output, and exit codes.
 pub mod agent;
+pub mod bridge;
 pub mod cli;
 pub mod export;
 pub mod pairing;

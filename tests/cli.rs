@@ -228,3 +228,88 @@ fn export_compose_is_accepted_by_docker_compose_and_holds_no_secret() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
+    let dir = std::env::temp_dir().join(format!("soul-bridge-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stack.kdl");
+    let original = "// my stack: commit this file\nstack \"home\"   // the name\n\nsidecar \"notes\" {\n    image \"ghcr.io/example/notes:1.4\"   // pinned\n    port 8080\n}\n\n// reached on the LAN for now\ntransport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n}\n\ndevice \"alice-phone\"   // Alice\n";
+    std::fs::write(&file, original).unwrap();
+    let f = file.to_str().unwrap();
+    let o = soul_offline(&[
+        "bridge",
+        "init",
+        "-f",
+        f,
+        "--headscale",
+        "https://hs.example.com",
+        "--authkey-file",
+        "/run/secrets/hs",
+        "--yes",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let diff = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !diff.contains("lan port"),
+        "the LAN line did not change: {diff}"
+    );
+    assert!(
+        diff.contains(
+            "+    headscale url=\"https://hs.example.com\" authkey-file=\"/run/secrets/hs\""
+        ),
+        "{diff}"
+    );
+    let after = std::fs::read_to_string(&file).unwrap();
+    let expected = original.replace(
+        "transport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n}",
+        "transport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n    headscale url=\"https://hs.example.com\" authkey-file=\"/run/secrets/hs\"\n}",
+    );
+    assert_eq!(after, expected);
+    for comment in [
+        "// my stack: commit this file",
+        "// the name",
+        "// pinned",
+        "// reached on the LAN for now",
+        "// the NAS",
+        "// Alice",
+    ] {
+        assert!(after.contains(comment), "lost {comment}");
+    }
+    let o = soul_offline(&["validate", "-f", f]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("transports: lan, headscale"));
+
+    // Running it again changes nothing; another choice replaces the block again.
+    let o = soul_offline(&[
+        "bridge",
+        "init",
+        "-f",
+        f,
+        "--headscale",
+        "https://hs.example.com",
+        "--authkey-file",
+        "/run/secrets/hs",
+        "--yes",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nothing to change"),
+        "{}",
+        text(&o)
+    );
+    let o = soul_offline(&["bridge", "init", "-f", f, "--tor", "--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read_to_string(&file).unwrap().contains(
+        "transport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n    tor\n}"
+    ));
+    // `soul-bridge init` is the same command.
+    let link = dir.join("soul-bridge");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(SOUL, &link).unwrap();
+    let o = run(Command::new(&link)
+        .args(["init", "-f", f, "--lan-only", "--yes"])
+        .env("DOCKER_HOST", "unix:///nonexistent"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("tor"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -180,3 +180,84 @@ mod tests {
         ));
     }
 }
+
+/// Replaces the `transport { … }` node with `block` (or appends it when there is none),
+/// leaving every other byte of the file as it was. Returns the new source.
+pub fn replace_transport(source: &str, block: &str) -> Result<String, EditError> {
+    let doc = KdlDocument::parse_v2(source).map_err(|_| EditError::Parse)?;
+    let block = block.trim_end();
+    match doc.nodes().iter().find(|n| n.name().value() == "transport") {
+        Some(node) => {
+            // The node's span may include its leading whitespace; keep that, replace the rest
+            // up to the end of its line (a trailing comment on the closing brace goes too).
+            let span = node.span();
+            let (start, end) = (span.offset(), span.offset() + span.len());
+            let text = &source[start..end];
+            let start = start + (text.len() - text.trim_start().len());
+            let end = start + source[start..end].trim_end().len();
+            let mut s = String::with_capacity(source.len() + block.len());
+            s.push_str(&source[..start]);
+            s.push_str(block);
+            s.push_str(&source[end..]);
+            Ok(s)
+        }
+        None => {
+            let mut s = source.trim_end().to_string();
+            s.push_str("\n\n");
+            s.push_str(block);
+            s.push('\n');
+            Ok(s)
+        }
+    }
+}
+
+/// The whole source line (trimmed, trailing comment included) of the child `child` of the
+/// top-level node `parent`, so an edit can carry it over verbatim.
+pub fn child_line(source: &str, parent: &str, child: &str) -> Option<String> {
+    let doc = KdlDocument::parse_v2(source).ok()?;
+    let node = doc
+        .nodes()
+        .iter()
+        .find(|n| n.name().value() == parent)?
+        .children()?
+        .nodes()
+        .iter()
+        .find(|n| n.name().value() == child)?;
+    let offset = node.name().span().offset();
+    let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = source[offset..]
+        .find('\n')
+        .map_or(source.len(), |i| offset + i);
+    let line = source[start..end].trim();
+    // Only when the child has the line to itself (not `transport { lan; tor }`).
+    (line.starts_with(child) && !line.contains(['{', '}', ';'])).then(|| line.to_string())
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_transport_block_changes() {
+        let src = "// home\nstack \"h\"   // name\nsidecar \"x\" { image \"i\"; port 80; }\n\n// how to reach it\ntransport {\n    lan port=9000   // LAN\n}\n\ndevice \"a\"  // phone\n";
+        let out = replace_transport(src, "transport {\n    tor\n}").unwrap();
+        assert_eq!(
+            out,
+            src.replace(
+                "transport {\n    lan port=9000   // LAN\n}",
+                "transport {\n    tor\n}"
+            )
+        );
+        assert_eq!(
+            child_line(src, "transport", "lan").as_deref(),
+            Some("lan port=9000   // LAN")
+        );
+        assert_eq!(
+            child_line("transport { lan port=1; tor; }", "transport", "lan"),
+            None
+        );
+        let none = "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\n";
+        let out = replace_transport(none, "transport {\n    tor\n}\n").unwrap();
+        assert_eq!(out, format!("{none}\ntransport {{\n    tor\n}}\n"));
+    }
+}
