@@ -4,6 +4,7 @@
 # cached in $SOUL_CI_CACHE (default /var/cache/soul-ci) and rebuilt from nothing when absent.
 #   soul-test/nginx:1  a real nginx (with curl for its health check): the test app
 #   soul-test/tor:1    tor, for the Tor transport
+#   soul-test/nebula:1 nebula (and curl), for the Nebula transport and its test peers
 #   soul-test/tailscale-standin:1
 #                      a STAND-IN for tailscale/tailscale: no tailnet can be reached here, so
 #                      it only answers `tailscale status --json` like the real CLI does
@@ -41,6 +42,10 @@ nginx_setup() {
   echo "served by nginx in a soul pod" > "$1/var/www/html/index.html"
 }
 
+nebula_setup() {
+  mkdir -p "$1/etc/nebula"
+}
+
 tor_setup() {
   # soul mounts its own torrc; the package's default one would start a SOCKS port.
   rm -f "$1/etc/tor/torrc"
@@ -63,6 +68,7 @@ image() {
 
 image nginx soul-test/nginx:1 nginx-light,curl nginx_setup 'CMD ["nginx", "-g", "daemon off;"]' 'EXPOSE 80'
 image tor soul-test/tor:1 tor tor_setup 'CMD ["tor", "-f", "/etc/soul/torrc"]'
+image nebula soul-test/nebula:1 nebula,curl,iproute2 nebula_setup 'CMD ["nebula", "-config", "/etc/nebula/config.yml"]'
 
 standin=soul-test/tailscale-standin:1
 if docker image inspect "$standin" >/dev/null 2>&1; then

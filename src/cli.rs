@@ -641,7 +641,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         .pods
         .iter()
         .flat_map(|p| &p.containers)
-        .filter(|c| matches!(c.role, Role::Tor | Role::Tailscale))
+        .filter(|c| matches!(c.role, Role::Tor | Role::Tailscale | Role::Nebula))
         .map(|c| c.name.as_str())
         .collect();
     let started_overlay = plan.steps.iter().any(

@@ -27,6 +27,8 @@ pub enum Role {
     Tor,
     /// The Tailscale (or Headscale) transport's node.
     Tailscale,
+    /// The Nebula transport's node.
+    Nebula,
 }
 
 impl Role {
@@ -36,6 +38,7 @@ impl Role {
             Role::App => "app",
             Role::Tor => "tor",
             Role::Tailscale => "tailscale",
+            Role::Nebula => "nebula",
         }
     }
 
@@ -45,6 +48,7 @@ impl Role {
             "app" => Some(Role::App),
             "tor" => Some(Role::Tor),
             "tailscale" => Some(Role::Tailscale),
+            "nebula" => Some(Role::Nebula),
             _ => None,
         }
     }

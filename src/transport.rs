@@ -15,6 +15,8 @@ use crate::stack::{Sidecar, Stack, TransportKind};
 
 /// The image the Tor transport runs when `tor image=` is not set.
 pub const DEFAULT_TOR_IMAGE: &str = "osminogin/tor-simple:latest";
+/// The image the Nebula transport runs when `nebula image=` is not set.
+pub const DEFAULT_NEBULA_IMAGE: &str = "nebulaoss/nebula:latest";
 /// The image the Tailscale and Headscale transports run when `image=` is not set.
 pub const DEFAULT_TAILSCALE_IMAGE: &str = "tailscale/tailscale:stable";
 
@@ -47,6 +49,8 @@ pub enum AddressSource {
         pointer: String,
         port: u16,
     },
+    /// Known from the stack itself (Nebula's certificate IP).
+    Static { host: String, port: u16 },
 }
 
 impl AddressSource {
@@ -104,6 +108,20 @@ pub fn drivers(stack: &Stack) -> Vec<Box<dyn Driver>> {
             hostname: hs.hostname.clone(),
             userspace: hs.userspace,
             login_server: Some(hs.url.clone()),
+        }));
+    }
+    if let Some(n) = transport.and_then(|t| t.nebula.as_ref()) {
+        out.push(Box::new(NebulaDriver {
+            image: n
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NEBULA_IMAGE.to_string()),
+            lighthouse: n.lighthouse.clone(),
+            lighthouse_ip: n.lighthouse_ip.clone(),
+            ip: n.ip.clone(),
+            ca_file: n.ca_file.clone(),
+            cert_file: n.cert_file.clone(),
+            key_file: n.key_file.clone(),
         }));
     }
     if let Some(tor) = transport.and_then(|t| t.tor.as_ref()) {
@@ -360,6 +378,116 @@ impl Driver for TailnetDriver {
                 command: vec!["tailscale".into(), "status".into(), "--json".into()],
                 pointer: "/Self/TailscaleIPs/0".into(),
                 port: ctx.service_port,
+            }),
+        }
+    }
+}
+
+/// Nebula: the node joins the overlay with the certificate the stack names; soul writes its
+/// config (lighthouse, tun, and a firewall whose inbound rules admit only the pod's port).
+pub struct NebulaDriver {
+    pub image: String,
+    pub lighthouse: String,
+    pub lighthouse_ip: String,
+    /// The node's overlay address with its prefix, e.g. `10.42.0.2/24`.
+    pub ip: String,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl NebulaDriver {
+    pub const CONFIG_DIR: &str = "/etc/soul/nebula";
+    pub const PKI: &str = "/etc/soul/pki";
+
+    /// The overlay IP without its prefix.
+    pub fn host(&self) -> &str {
+        self.ip.split('/').next().unwrap_or(&self.ip)
+    }
+
+    pub fn config(&self, port: u16) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        format!(
+            "# Written by soul; soul rewrites it, edit stack.kdl instead.\n\
+             pki:\n  ca: {pki}/ca.crt\n  cert: {pki}/host.crt\n  key: {pki}/host.key\n\
+             static_host_map:\n  {lh_ip}: [{lh}]\n\
+             lighthouse:\n  am_lighthouse: false\n  interval: 60\n  hosts: [{lh_ip}]\n\
+             listen:\n  host: 0.0.0.0\n  port: 0\n\
+             punchy:\n  punch: true\n\
+             tun:\n  dev: nebula1\n  mtu: 1300\n\
+             logging:\n  level: info\n\
+             firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n\
+             \x20 inbound:\n    # Only the pod's own port: nothing else in the pod is reachable over Nebula.\n\
+             \x20   - port: {port}\n      proto: tcp\n      host: any\n",
+            pki = Self::PKI,
+            lh_ip = q(&self.lighthouse_ip),
+            lh = q(&self.lighthouse),
+        )
+    }
+}
+
+impl Driver for NebulaDriver {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Nebula
+    }
+
+    fn contribute(&self, ctx: &PodContext<'_>) -> Contribution {
+        let stack = &ctx.stack.stack;
+        let sidecar = &ctx.sidecar.name;
+        // Nebula has no port forwarding: clients dial the overlay IP at the pod's own port.
+        let port = ctx.target_port;
+        let config = self.config(port);
+        let config_dir = format!("transports/{sidecar}/nebula");
+        let name = container_name(stack, sidecar, Role::Nebula);
+        let bind = |source: &str, target: String| Mount {
+            kind: MountKind::Bind,
+            source: source.to_string(),
+            target,
+            read_only: true,
+        };
+        let spec = ContainerSpec {
+            name,
+            stack: stack.clone(),
+            sidecar: sidecar.clone(),
+            role: Role::Nebula,
+            image: self.image.clone(),
+            command: Some(vec![
+                "nebula".into(),
+                "-config".into(),
+                format!("{}/config.yml", Self::CONFIG_DIR),
+            ]),
+            env: [(
+                "SOUL_NEBULA_CONFIG_SHA256".to_string(),
+                crate::pod::EnvValue {
+                    value: crate::state::hex(&Sha256::digest(config.as_bytes())),
+                    sensitive: false,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            mounts: vec![
+                bind(
+                    &ctx.state_dir.join(&config_dir).display().to_string(),
+                    Self::CONFIG_DIR.into(),
+                ),
+                bind(&self.ca_file, format!("{}/ca.crt", Self::PKI)),
+                bind(&self.cert_file, format!("{}/host.crt", Self::PKI)),
+                bind(&self.key_file, format!("{}/host.key", Self::PKI)),
+            ],
+            network_mode: NetworkMode::Container(container_name(stack, sidecar, Role::Pause)),
+            ports: vec![],
+            health: None,
+            restart: crate::reconcile::RESTART_POLICY.into(),
+            cap_add: vec!["NET_ADMIN".into()],
+            devices: vec!["/dev/net/tun".into()],
+        };
+        Contribution {
+            containers: vec![spec],
+            files: vec![(format!("{config_dir}/config.yml"), config.into_bytes())],
+            volumes: vec![],
+            address: Some(AddressSource::Static {
+                host: self.host().to_string(),
+                port,
             }),
         }
     }

@@ -310,3 +310,202 @@ fn a_missing_auth_key_file_is_a_clear_error_before_any_docker_call() {
         "{err}"
     );
 }
+
+/// Removes the test's own peer containers on drop.
+struct Peers(Vec<String>);
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = docker_ok(&["rm", "-f", name]);
+        }
+    }
+}
+
+fn nebula_cert(dir: &std::path::Path, args: &[&str]) {
+    let o = run(std::process::Command::new("nebula-cert")
+        .args(args)
+        .current_dir(dir));
+    assert!(o.status.success(), "nebula-cert {args:?}: {}", text(&o));
+}
+
+/// A peer's nebula config: lighthouse or client, on the host's network (the test's own hosts).
+fn peer_config(name: &str, lighthouse: Option<u16>, lighthouse_at: &str) -> String {
+    let (am, listen, map) = match lighthouse {
+        Some(port) => ("true", port, String::new()),
+        None => (
+            "false",
+            0,
+            format!("static_host_map:\n  \"10.42.0.1\": [\"{lighthouse_at}\"]\n"),
+        ),
+    };
+    let hosts = if lighthouse.is_some() {
+        ""
+    } else {
+        "  hosts: [\"10.42.0.1\"]\n"
+    };
+    format!(
+        "pki:\n  ca: /etc/nebula/ca.crt\n  cert: /etc/nebula/{name}.crt\n  key: /etc/nebula/{name}.key\n{map}\
+         lighthouse:\n  am_lighthouse: {am}\n{hosts}listen:\n  host: 0.0.0.0\n  port: {listen}\npunchy:\n  punch: true\n\
+         tun:\n  dev: nebula-{name}\n  mtu: 1300\nlogging:\n  level: info\n\
+         firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n  inbound:\n    - port: any\n      proto: any\n      host: any\n"
+    )
+}
+
+#[test]
+fn nebula_end_to_end_the_pod_joins_and_only_its_port_is_reachable_over_the_overlay() {
+    ensure_images();
+    let s = TestStack::new("neb");
+    let pki = s.dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    nebula_cert(
+        &pki,
+        &[
+            "ca",
+            "-name",
+            "soul-test",
+            "-out-crt",
+            "ca.crt",
+            "-out-key",
+            "ca.key",
+        ],
+    );
+    for (name, ip) in [
+        ("lh", "10.42.0.1/24"),
+        ("pod", "10.42.0.2/24"),
+        ("client", "10.42.0.3/24"),
+    ] {
+        nebula_cert(
+            &pki,
+            &[
+                "sign",
+                "-ca-crt",
+                "ca.crt",
+                "-ca-key",
+                "ca.key",
+                "-name",
+                name,
+                "-ip",
+                ip,
+                "-out-crt",
+                &format!("{name}.crt"),
+                "-out-key",
+                &format!("{name}.key"),
+            ],
+        );
+    }
+    let host = soul::transport::discover_lan_address()
+        .expect("a LAN address")
+        .to_string();
+    let lh_port = std::net::UdpSocket::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(pki.join("lh.yml"), peer_config("lh", Some(lh_port), "")).unwrap();
+    std::fs::write(
+        pki.join("client.yml"),
+        peer_config("client", None, &format!("127.0.0.1:{lh_port}")),
+    )
+    .unwrap();
+    let peers = Peers(vec![
+        format!("{}-lighthouse", s.name),
+        format!("{}-client", s.name),
+    ]);
+    for (container, config) in peers.0.iter().zip(["lh.yml", "client.yml"]) {
+        let _ = docker_ok(&["rm", "-f", container]);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            container,
+            "--network",
+            "host",
+            "--cap-add",
+            "NET_ADMIN",
+            "--device",
+            "/dev/net/tun",
+            "-v",
+            &format!("{}:/etc/nebula:ro", pki.display()),
+            NEBULA,
+            "nebula",
+            "-config",
+            &format!("/etc/nebula/{config}"),
+        ]);
+    }
+
+    // The app listens on 80 (its declared port) and on 81 (which must stay private).
+    s.write(&format!(
+        r#"stack "{{stack}}"
+sidecar "web" {{
+    image "{NGINX}"
+    port 80
+    command "sh" "-c" "printf 'server {{ listen 81; location / {{ return 200 private; }} }}' > /etc/nginx/conf.d/private.conf && exec nginx -g 'daemon off;'"
+}}
+transport {{
+    order "lan" "nebula"
+    lan port={lan} address="192.168.1.20"
+    nebula lighthouse="{host}:{lh_port}" lighthouse-ip="10.42.0.1" ip="10.42.0.2/24" ca-file="{ca}" cert-file="{crt}" key-file="{key}" image="{NEBULA}"
+}}
+device "phone"
+"#,
+        lan = free_port(),
+        ca = pki.join("ca.crt").display(),
+        crt = pki.join("pod.crt").display(),
+        key = pki.join("pod.key").display(),
+    ));
+    s.apply();
+    let nebula = s.container("web", "nebula");
+    let pause = s.container_id("web", "pause").unwrap();
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &nebula]),
+        format!("container:{pause}")
+    );
+    let config =
+        std::fs::read_to_string(s.state().join("transports/web/nebula/config.yml")).unwrap();
+    assert!(
+        config.contains("inbound:\n    # Only the pod's own port")
+            && config.contains("- port: 80\n      proto: tcp"),
+        "{config}"
+    );
+    let u = std::fs::read_to_string(s.state().join("pairing/phone/web.uri")).unwrap();
+    assert!(u.contains("&addr=nebula:10.42.0.2:80&"), "{u}");
+
+    // The client reaches the pod's port over the overlay…
+    let client = &peers.0[1];
+    let curl = |url: &str, secs: &str| {
+        run(std::process::Command::new("docker")
+            .args(["exec", client, "curl", "-s", "-m", secs, url]))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = curl("http://10.42.0.2:80/", "3");
+        if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("served by nginx") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never reached the pod over nebula:\n{}\n{}",
+            text(&o),
+            docker(&["logs", "--tail", "20", &nebula])
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // …and cannot reach the port the pod keeps to itself, though it answers inside the pod.
+    let inside = run(std::process::Command::new("docker").args([
+        "exec",
+        &s.container("web", "app"),
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "http://127.0.0.1:81/",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&inside.stdout), "private");
+    let o = curl("http://10.42.0.2:81/", "4");
+    assert!(
+        !o.status.success(),
+        "port 81 answered over nebula: {}",
+        text(&o)
+    );
+}

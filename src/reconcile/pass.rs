@@ -170,6 +170,7 @@ pub async fn discover(
                         .and_then(|out| AddressSource::host_in_json(&out, &pointer)),
                     port,
                 ),
+                Some(AddressSource::Static { host, port }) => (Some(host), port),
                 None => continue,
             };
             let live = live.map(|h| h.trim().to_string()).filter(|h| !h.is_empty());

@@ -89,10 +89,8 @@ pub enum ResolveError {
         path: PathBuf,
     },
     /// A kernel-mode overlay needs /dev/net/tun, which the machine lacks.
-    #[error(
-        "transport `{node}` runs in kernel mode, which needs /dev/net/tun, and this machine has none; set `userspace #true` inside `{node} {{ … }}` in stack.kdl, or load the tun module (`modprobe tun`)"
-    )]
-    NoTun { node: String },
+    #[error("transport `{node}` needs /dev/net/tun, and this machine has none; {fix}")]
+    NoTun { node: String, fix: String },
     /// An `env … from-env=` names a variable soul's environment lacks.
     #[error(
         "sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file="
@@ -254,6 +252,27 @@ fn check_transport_inputs(stack: &Stack, machine: &dyn Machine) -> Result<(), Re
     let Some(t) = &stack.transport else {
         return Ok(());
     };
+    if let Some(n) = &t.nebula {
+        for (property, path) in [
+            ("ca-file", &n.ca_file),
+            ("cert-file", &n.cert_file),
+            ("key-file", &n.key_file),
+        ] {
+            if !machine.exists(path) {
+                return Err(ResolveError::TransportFile {
+                    node: "nebula".into(),
+                    property: property.into(),
+                    path: path.into(),
+                });
+            }
+        }
+        if !machine.exists("/dev/net/tun") {
+            return Err(ResolveError::NoTun {
+                node: "nebula".into(),
+                fix: "load the tun module (`modprobe tun`) on this machine".into(),
+            });
+        }
+    }
     let tailnets = [
         (
             "tailscale",
@@ -281,7 +300,12 @@ fn check_transport_inputs(stack: &Stack, machine: &dyn Machine) -> Result<(), Re
             .env_var("DOCKER_HOST")
             .is_none_or(|h| h.starts_with("unix://"));
         if !userspace && local_engine && !machine.exists("/dev/net/tun") {
-            return Err(ResolveError::NoTun { node: node.into() });
+            return Err(ResolveError::NoTun {
+                node: node.into(),
+                fix: format!(
+                    "set `userspace #true` inside `{node} {{ … }}` in stack.kdl, or load the tun module (`modprobe tun`)"
+                ),
+            });
         }
     }
     Ok(())

@@ -96,6 +96,13 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 .help("a pod joins one tailnet: keep `tailscale` for Tailscale's servers or `headscale url=…` for your own"),
         );
     }
+    if t.nebula.is_some() && stack.sidecars.len() > 1 {
+        problems.push(
+            Problem::new(spans.get("/transport/nebula"), "`nebula` gives a stack one overlay IP, but this stack has several sidecars")
+                .label("one certificate, several pods")
+                .help("a Nebula certificate names one host: keep one sidecar in a stack that uses nebula, or use tailscale"),
+        );
+    }
     if let Some(order) = &t.order {
         let mut seen = Vec::new();
         for (i, kind) in order.iter().enumerate() {

@@ -14,6 +14,8 @@ pub const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 pub const NGINX: &str = "soul-test/nginx:1";
 /// Debian's tor, made the same way.
 pub const TOR: &str = "soul-test/tor:1";
+/// Debian's nebula (with curl and iproute2), for the Nebula transport and its test peers.
+pub const NEBULA: &str = "soul-test/nebula:1";
 /// A stand-in for tailscale/tailscale that answers `tailscale status --json` (no tailnet can
 /// be reached here).
 pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:1";
