@@ -151,6 +151,27 @@ soul rotate --device bob-laptop  # only bob-laptop's token changes"
 command rebuilds it unconditionally.\n\nExample:\n  soul image"
     )]
     Image,
+    /// Run inside a pod: the front door. Only requests with a valid device token reach the app.
+    #[command(hide = true)]
+    Gate {
+        /// The stack whose tokens are accepted.
+        #[arg(long)]
+        stack: String,
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// The app inside the pod.
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        /// The directory with the stack's public key and device registry.
+        #[arg(long, default_value = "/soul/gate")]
+        keys: PathBuf,
+        /// How long a client may take to send its request headers.
+        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+        header_timeout: Duration,
+        /// Refused attempts per source address per minute before answering 429.
+        #[arg(long, default_value_t = 30)]
+        failures_per_minute: usize,
+    },
     /// Run inside a pod: hold the pod's network namespace until stopped.
     #[command(hide = true)]
     Pause,
@@ -460,6 +481,25 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Bridge(BridgeCommand::Init(args)) => bridge_init(&cli, args),
         Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
         Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
+        Command::Gate {
+            stack,
+            listen,
+            upstream,
+            keys,
+            header_timeout,
+            failures_per_minute,
+        } => {
+            let mut cfg = crate::gate::GateConfig::new(stack, *upstream, keys.clone());
+            cfg.header_timeout = *header_timeout;
+            cfg.failures_per_minute = *failures_per_minute;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| CliError::Io(format!("gate: cannot listen on {listen}: {e}")))?;
+            crate::gate::serve(cfg, listener, terminated())
+                .await
+                .map_err(|e| CliError::Io(format!("gate: {e}")))?;
+            Ok(Exit::Ok)
+        }
         Command::Pause => {
             crate::agent::pause()
                 .await

@@ -11,12 +11,14 @@
 //! - [`transport`]: how each pod is reached, and discovery of the current addresses.
 //! - [`bridge`]: `soul bridge init`: choosing transports, written into stack.kdl.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
+//! - [`gate`]: the authenticating proxy that runs in each pod (`soul gate`).
 //! - [`export`]: the stack as a Compose file.
 //! - [`cli`]: the commands, their output, and exit codes.
 pub mod agent;
 pub mod bridge;
 pub mod cli;
 pub mod export;
+pub mod gate;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;

@@ -24,7 +24,7 @@ pub const ADDRESSES_FILE: &str = "addresses.json";
 /// need not render anything to know the files are right.
 pub const RENDER_INDEX_FILE: &str = "renders.json";
 /// Directories whose files soul owns entirely: anything there that is not desired goes.
-pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports"];
+pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", "gate"];
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -93,9 +93,21 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
         }
         Some(KeyChange::Replaced(why)) => format!("stack key (regenerated: {why})"),
     };
+    let gate_dir = crate::gate::GATE_DIR;
     let mut files = vec![
         DesiredFile::bytes(KEY_FILE, key_what, key.to_file()),
         DesiredFile::bytes(REGISTRY_FILE, "device registry".into(), registry.to_file()),
+        // What the gate verifies tokens with: the public key only, and the registry.
+        DesiredFile::bytes(
+            &format!("{gate_dir}/{}", crate::gate::PUBLIC_KEY_FILE),
+            "gate's public key".into(),
+            format!("{}\n", hex(&key.public_key())).into_bytes(),
+        ),
+        DesiredFile::bytes(
+            &format!("{gate_dir}/{}", crate::gate::REGISTRY_FILE),
+            "gate's device registry".into(),
+            registry.to_file(),
+        ),
     ];
     for (name, entry) in &registry.devices {
         let claims = claims_for(

@@ -94,10 +94,27 @@ pub fn ensure_images() {
     })
 }
 
-/// A free TCP port on this machine (bound then released).
+/// A free TCP port on this machine whose next three ports are free too (stacks with several
+/// sidecars publish consecutive LAN ports); never the same block twice in one test process.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        if port > 65_000 {
+            continue;
+        }
+        let block: Vec<u16> = (port..port + 4).collect();
+        let mut used = HANDED_OUT.lock().unwrap();
+        let free = block
+            .iter()
+            .all(|p| !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok());
+        if free {
+            used.extend(block);
+            return port;
+        }
+    }
 }
 
 /// GET `path` on 127.0.0.1:`port`; retries until `timeout`. Returns (status code, body).

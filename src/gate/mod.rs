@@ -1,0 +1,402 @@
+//! `soul gate`: the pod's front door. It listens on the gate port, lets a request through only
+//! with a device token that the library's one verifier accepts (EdDSA pinned; iss, aud, exp,
+//! registry and generation checked), and proxies it to the app on 127.0.0.1 — HTTP/1.1 and
+//! h2c, streamed both ways, WebSocket upgrades included. It watches its key and registry
+//! files: a revoked device's next request is refused and its open connections are closed,
+//! without a restart. It must not touch the engine or the stack key (it has only the public key).
+
+mod keys;
+mod limits;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+pub use keys::{GATE_DIR, Keys, PUBLIC_KEY_FILE, REGISTRY_FILE, load};
+use limits::Failures;
+
+/// The cookie a browser gets in exchange for a pairing link's `?soul_token=`.
+pub const COOKIE: &str = "soul_token";
+/// The health endpoint Docker's health check calls; it reveals nothing.
+pub const HEALTH_PATH: &str = "/.soul/health";
+
+/// How the gate runs.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    pub stack: String,
+    /// The app, inside the pod.
+    pub upstream: SocketAddr,
+    /// The directory holding [`PUBLIC_KEY_FILE`] and [`REGISTRY_FILE`].
+    pub keys_dir: PathBuf,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// How long a client may take to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    /// Refused attempts per source address per minute before the gate answers 429.
+    pub failures_per_minute: usize,
+    /// How often the key and registry files are re-read.
+    pub reload_every: Duration,
+}
+
+impl GateConfig {
+    pub fn new(stack: &str, upstream: SocketAddr, keys_dir: PathBuf) -> GateConfig {
+        GateConfig {
+            stack: stack.to_string(),
+            upstream,
+            keys_dir,
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_timeout: Duration::from_secs(10),
+            failures_per_minute: 30,
+            reload_every: Duration::from_millis(200),
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+struct Shared {
+    cfg: GateConfig,
+    /// The current key and registry; `None` until the files are readable.
+    keys: watch::Receiver<Option<Arc<Keys>>>,
+    failures: Mutex<Failures>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: GateConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (keys_tx, keys_rx) = watch::channel(load(&cfg.keys_dir).ok().map(Arc::new));
+    tokio::spawn(keys::follow(
+        cfg.keys_dir.clone(),
+        cfg.reload_every,
+        keys_tx,
+    ));
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let shared = Arc::new(Shared {
+        failures: Mutex::new(Failures::new(
+            cfg.failures_per_minute,
+            Duration::from_secs(60),
+        )),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        keys: keys_rx,
+        cfg,
+    });
+    tracing::info!(
+        "gate of `{}` listening on {}, forwarding to {}",
+        shared.cfg.stack,
+        listener.local_addr()?,
+        shared.cfg.upstream
+    );
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One client connection: served until it ends, or until a device it authenticated as is
+/// revoked (then it is closed, WebSockets included).
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
+    let svc = {
+        let (shared, tokens) = (shared.clone(), tokens.clone());
+        hyper::service::service_fn(move |req| {
+            let (shared, tokens) = (shared.clone(), tokens.clone());
+            async move { Ok::<_, Infallible>(handle(req, peer, shared, tokens).await) }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.cfg.header_timeout)
+        .max_buf_size(shared.cfg.max_header_bytes.max(8192))
+        .max_headers(shared.cfg.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(shared.cfg.max_header_bytes as u32);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(source = %peer, "connection ended: {e}");
+            }
+        }
+        device = revoked(&shared, tokens) => {
+            tracing::info!(source = %peer, device = %device, "closing the connection of a revoked device");
+        }
+    }
+}
+
+/// Resolves with the device's name once any token in `tokens` stops verifying.
+async fn revoked(shared: &Shared, tokens: Arc<Mutex<Vec<String>>>) -> String {
+    let mut keys = shared.keys.clone();
+    loop {
+        if keys.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let current = keys.borrow().clone();
+        let held: Vec<String> = tokens.lock().map(|t| t.clone()).unwrap_or_default();
+        for t in held {
+            if let Err(e) = check(&shared.cfg.stack, current.as_deref(), &t) {
+                return device_of(&e);
+            }
+        }
+    }
+}
+
+fn check(
+    stack: &str,
+    keys: Option<&Keys>,
+    token: &str,
+) -> Result<crate::pairing::Claims, crate::pairing::TokenError> {
+    let Some(k) = keys else {
+        return Err(crate::pairing::TokenError::Invalid(
+            "the gate has no key yet".into(),
+        ));
+    };
+    crate::pairing::verify(
+        token,
+        &k.public_key,
+        stack,
+        &k.registry,
+        crate::reconcile::unix_now(),
+    )
+}
+
+fn device_of(e: &crate::pairing::TokenError) -> String {
+    use crate::pairing::TokenError as E;
+    match e {
+        E::Expired(d) | E::UnknownDevice(d) | E::OldGeneration(d) => d.clone(),
+        _ => "-".into(),
+    }
+}
+
+/// Where a request's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Bearer,
+    Cookie,
+    Query,
+}
+
+fn token_of<B>(req: &Request<B>) -> Option<(String, Source)> {
+    if let Some(v) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some(t) = v.strip_prefix("Bearer ")
+    {
+        return Some((t.trim().to_string(), Source::Bearer));
+    }
+    for v in req.headers().get_all(header::COOKIE) {
+        for pair in v.to_str().unwrap_or("").split(';') {
+            if let Some(t) = pair.trim().strip_prefix(&format!("{COOKIE}=")) {
+                return Some((t.to_string(), Source::Cookie));
+            }
+        }
+    }
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("soul_token="))
+            .map(|t| (t.to_string(), Source::Query))
+    })
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    tokens: Arc<Mutex<Vec<String>>>,
+) -> Response<Body> {
+    if req.uri().path() == HEALTH_PATH {
+        return plain(StatusCode::OK, "ok\n");
+    }
+    let ip = peer.ip();
+    let refuse = |reason: &str, device: &str| {
+        let limited = shared
+            .failures
+            .lock()
+            .map(|mut f| f.record(ip))
+            .unwrap_or(false);
+        tracing::warn!(source = %peer, device, reason, path = %req.uri().path(), "refused");
+        if limited {
+            let mut r = plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many refused attempts; slow down\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        let mut r = plain(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: pair this device with soul first\n",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"soul\""),
+        );
+        r
+    };
+    let Some((token, source)) = token_of(&req) else {
+        return refuse("no token", "-");
+    };
+    let keys = shared.keys.borrow().clone();
+    let claims = match check(&shared.cfg.stack, keys.as_deref(), &token) {
+        Ok(c) => c,
+        Err(e) => return refuse(&e.to_string(), &device_of(&e)),
+    };
+    if let Ok(mut t) = tokens.lock()
+        && !t.contains(&token)
+    {
+        tracing::info!(source = %peer, device = %claims.sub, "accepted");
+        t.push(token.clone());
+    }
+    if source == Source::Query {
+        // A pairing link opened in a browser: trade the token for a cookie and drop it from
+        // the address bar (and from history and Referer headers).
+        let path = req.uri().path().to_string();
+        let rest: Vec<&str> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.starts_with("soul_token=") && !kv.is_empty())
+            .collect();
+        let location = if rest.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", rest.join("&"))
+        };
+        let mut r = plain(StatusCode::SEE_OTHER, "paired\n");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+        )) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        return r;
+    }
+    // The app never sees soul's credentials.
+    if source == Source::Bearer {
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+    strip_cookie(req.headers_mut());
+    proxy(req, &shared, token).await.unwrap_or_else(|e| {
+        tracing::warn!(source = %peer, device = %claims.sub, "the app did not answer: {e}");
+        plain(StatusCode::BAD_GATEWAY, "the app is not answering\n")
+    })
+}
+
+fn strip_cookie(headers: &mut http::HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(';')
+                .map(str::trim)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| !p.is_empty() && !p.starts_with(&format!("{COOKIE}=")))
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Forwards a request to the app, streaming bodies both ways. Upgrades (WebSocket) get a
+/// connection of their own, spliced to the client's once the app answers 101.
+async fn proxy(
+    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    token: String,
+) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if !req.headers().contains_key(header::UPGRADE) {
+        *req.uri_mut() = format!("http://{}{path}", shared.cfg.upstream).parse()?;
+        // HTTP/2 from the client goes to the app as HTTP/1.1.
+        *req.version_mut() = http::Version::HTTP_11;
+        let resp = shared.client.request(req).await?;
+        return Ok(resp.map(|b| b.boxed()));
+    }
+    // A connection of our own speaks origin-form.
+    *req.uri_mut() = path.parse()?;
+    let client_side = hyper::upgrade::on(&mut req);
+    let stream = TcpStream::connect(shared.cfg.upstream).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let app_side = hyper::upgrade::on(&mut resp);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (Ok(client), Ok(app)) = (client_side.await, app_side.await) else {
+                return;
+            };
+            let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
+            let tokens = Arc::new(Mutex::new(vec![token]));
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut app) => {}
+                device = revoked(&shared, tokens) => {
+                    tracing::info!(device = %device, "closing the upgraded connection of a revoked device");
+                }
+            }
+        });
+    }
+    Ok(resp.map(|b| b.boxed()))
+}
