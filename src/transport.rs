@@ -32,6 +32,20 @@ pub struct PodContext<'a> {
     pub service_port: u16,
 }
 
+impl<'a> PodContext<'a> {
+    /// The context of one sidecar's pod. Until the gate is placed in the pods, transports
+    /// forward straight to the app's port; clients dial the gate port on overlays.
+    pub fn of(stack: &'a Stack, sidecar: &'a Sidecar, state_dir: &'a Path) -> PodContext<'a> {
+        PodContext {
+            stack,
+            sidecar,
+            state_dir,
+            target_port: sidecar.port,
+            service_port: stack.gate.port,
+        }
+    }
+}
+
 /// Where a transport's current address can be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddressSource {

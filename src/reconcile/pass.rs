@@ -144,13 +144,7 @@ pub async fn discover(
         std::path::absolute(state.path()).unwrap_or_else(|_| state.path().to_path_buf());
     for driver in transport::drivers(stack) {
         for sidecar in &stack.sidecars {
-            let ctx = PodContext {
-                stack,
-                sidecar,
-                state_dir: &state_dir,
-                target_port: sidecar.port,
-                service_port: stack.gate.port,
-            };
+            let ctx = PodContext::of(stack, sidecar, &state_dir);
             let key = (sidecar.name.clone(), driver.kind());
             let (live, port) = match driver.contribute(&ctx).address {
                 Some(AddressSource::ContainerFile {

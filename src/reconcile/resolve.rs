@@ -207,14 +207,7 @@ pub fn resolve(
         };
         need(&app.image, &sidecar.name);
         let mut containers = vec![pause, app];
-        let ctx = PodContext {
-            stack,
-            sidecar,
-            state_dir: &state_dir,
-            // Until the gate exists, transports forward straight to the app.
-            target_port: sidecar.port,
-            service_port: stack.gate.port,
-        };
+        let ctx = PodContext::of(stack, sidecar, &state_dir);
         for driver in &drivers {
             let c = driver.contribute(&ctx);
             for spec in c.containers {
