@@ -130,12 +130,7 @@ pub fn drivers(stack: &Stack) -> Vec<Box<dyn Driver>> {
                 .image
                 .clone()
                 .unwrap_or_else(|| DEFAULT_NEBULA_IMAGE.to_string()),
-            lighthouse: n.lighthouse.clone(),
-            lighthouse_ip: n.lighthouse_ip.clone(),
-            ip: n.ip.clone(),
-            ca_file: n.ca_file.clone(),
-            cert_file: n.cert_file.clone(),
-            key_file: n.key_file.clone(),
+            node: n.clone(),
         }));
     }
     if let Some(tor) = transport.and_then(|t| t.tor.as_ref()) {
@@ -401,13 +396,8 @@ impl Driver for TailnetDriver {
 /// config (lighthouse, tun, and a firewall whose inbound rules admit only the pod's port).
 pub struct NebulaDriver {
     pub image: String,
-    pub lighthouse: String,
-    pub lighthouse_ip: String,
-    /// The node's overlay address with its prefix, e.g. `10.42.0.2/24`.
-    pub ip: String,
-    pub ca_file: String,
-    pub cert_file: String,
-    pub key_file: String,
+    /// The `nebula` node as declared (lighthouse, overlay IP with prefix, pki files).
+    pub node: crate::stack::Nebula,
 }
 
 impl NebulaDriver {
@@ -416,7 +406,7 @@ impl NebulaDriver {
 
     /// The overlay IP without its prefix.
     pub fn host(&self) -> &str {
-        self.ip.split('/').next().unwrap_or(&self.ip)
+        self.node.ip.split('/').next().unwrap_or(&self.node.ip)
     }
 
     pub fn config(&self, port: u16) -> String {
@@ -434,8 +424,8 @@ impl NebulaDriver {
              \x20 inbound:\n    # Only the pod's own port: nothing else in the pod is reachable over Nebula.\n\
              \x20   - port: {port}\n      proto: tcp\n      host: any\n",
             pki = Self::PKI,
-            lh_ip = q(&self.lighthouse_ip),
-            lh = q(&self.lighthouse),
+            lh_ip = q(&self.node.lighthouse_ip),
+            lh = q(&self.node.lighthouse),
         )
     }
 }
@@ -484,9 +474,9 @@ impl Driver for NebulaDriver {
                     &ctx.state_dir.join(&config_dir).display().to_string(),
                     Self::CONFIG_DIR.into(),
                 ),
-                bind(&self.ca_file, format!("{}/ca.crt", Self::PKI)),
-                bind(&self.cert_file, format!("{}/host.crt", Self::PKI)),
-                bind(&self.key_file, format!("{}/host.key", Self::PKI)),
+                bind(&self.node.ca_file, format!("{}/ca.crt", Self::PKI)),
+                bind(&self.node.cert_file, format!("{}/host.crt", Self::PKI)),
+                bind(&self.node.key_file, format!("{}/host.key", Self::PKI)),
             ],
             network_mode: NetworkMode::Container(container_name(stack, sidecar, Role::Pause)),
             ports: vec![],
