@@ -124,11 +124,14 @@ soul down\n  soul down --volumes   # also deletes the stack's named volumes: the
     /// device's token is current.
     #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
     Devices(OutputArgs),
-    /// Show a device's pairing QR code (scan it with the phone), or write it to a file.
+    /// Show a device's pairing QR code (scan it with the phone), a link for its browser, or
+    /// write either to a file.
     #[command(
         after_help = "The QR code holds the pod's reachable addresses and the device's \
-token: treat it like a password.\n\nExample:\n  soul pair alice-phone\n  soul pair alice-phone \
---sidecar notes --format png --out alice.png\n  soul pair alice-phone --format uri"
+token: treat it like a password. A browser opens the pod through `--format link`: the pod's \
+gate trades the link's token for a cookie and drops it from the address bar.\n\nExample:\n  \
+soul pair alice-phone\n  soul pair alice-phone --sidecar notes --format png --out alice.png\n  \
+soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
     )]
     Pair(PairArgs),
     /// Re-issue tokens: bump `secret-generation` (every device) or one device's `generation=`
@@ -172,9 +175,17 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
         #[arg(long, default_value_t = 30)]
         failures_per_minute: usize,
     },
-    /// Run inside a pod: hold the pod's network namespace until stopped.
+    /// Run inside a pod: hold the pod's network namespace until stopped, keeping the app's
+    /// port private to the pod.
     #[command(hide = true)]
-    Pause,
+    Pause {
+        /// The app's port: refused unless the packet comes from inside the pod.
+        #[arg(long, value_name = "PORT")]
+        private_port: Option<u16>,
+        /// Only check that the port is guarded (the pause container's health check).
+        #[arg(long, requires = "private_port")]
+        check: bool,
+    },
     /// Run inside a pod: a small HTTP service for the repository's demo stack.
     #[command(hide = true)]
     DemoApp {
@@ -332,6 +343,9 @@ pub enum PairFormat {
     Uri,
     Png,
     Svg,
+    /// Links to open in a browser, one per address, best first
+    /// (`http://<host>:<port>/?soul_token=…`); the gate trades the token for a cookie.
+    Link,
 }
 
 #[derive(Debug, Args)]
@@ -500,7 +514,29 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
                 .map_err(|e| CliError::Io(format!("gate: {e}")))?;
             Ok(Exit::Ok)
         }
-        Command::Pause => {
+        Command::Pause {
+            private_port,
+            check,
+        } => {
+            if let (Some(port), true) = (private_port, check) {
+                return match crate::guard::installed(*port) {
+                    Ok(true) => Ok(Exit::Ok),
+                    Ok(false) => Err(CliError::Io(format!(
+                        "the app's port {port} is not guarded in this pod"
+                    ))),
+                    Err(e) => Err(CliError::Io(e.to_string())),
+                };
+            }
+            if let Some(port) = private_port {
+                // Never stop holding the namespace over this: the pod stays up, and the
+                // pause container's health check reports the port as unguarded.
+                match crate::guard::install(*port) {
+                    Ok(()) => tracing::info!(
+                        "port {port} answers only inside the pod; the gate is the way in"
+                    ),
+                    Err(e) => tracing::error!("the app's port {port} is NOT private: {e}"),
+                }
+            }
             crate::agent::pause()
                 .await
                 .map_err(|e| RuntimeError::Build(e.to_string()))?;
@@ -781,7 +817,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         let roles = desired
             .as_ref()
             .and_then(|d| d.pods.iter().find(|p| p.sidecar == sidecar.name))
-            .map_or(vec![Role::Pause, Role::App], |p| {
+            .map_or(vec![Role::Pause, Role::App, Role::Gate], |p| {
                 p.containers.iter().map(|c| c.role).collect()
             });
         let containers: Vec<_> = roles
@@ -820,7 +856,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
             .sidecars
             .iter()
             .flat_map(|s| {
-                [Role::Pause, Role::App]
+                [Role::Pause, Role::App, Role::Gate]
                     .map(|r| crate::pod::container_name(&stack.stack, &s.name, r))
             })
             .collect(),
@@ -1335,18 +1371,28 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
     let state = StateDir::at(&state_path(cli, &stack));
     let ext = match args.format {
         PairFormat::Terminal => "txt",
-        PairFormat::Uri => "uri",
+        PairFormat::Uri | PairFormat::Link => "uri",
         PairFormat::Png => "png",
         PairFormat::Svg => "svg",
     };
     let rel = format!("pairing/{}/{sidecar}.{ext}", args.device);
-    let bytes = state.read(&rel).map_err(|_| {
+    let mut bytes = state.read(&rel).map_err(|_| {
         CliError::Usage(format!(
             "no pairing code for {}/{sidecar} in {} yet: run `soul apply` first",
             args.device,
             state.path().display()
         ))
     })?;
+    if matches!(args.format, PairFormat::Link) {
+        let links = crate::pairing::browser_links(&String::from_utf8_lossy(&bytes));
+        if links.is_empty() {
+            return Err(CliError::Usage(format!(
+                "{}/{sidecar} has no known address yet: check `soul bridge status`",
+                args.device
+            )));
+        }
+        bytes = links.join("\n").into_bytes();
+    }
     match &args.out {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -1373,7 +1419,7 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
         None => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(&bytes);
-            if matches!(args.format, PairFormat::Uri) {
+            if matches!(args.format, PairFormat::Uri | PairFormat::Link) {
                 let _ = stdout.write_all(b"\n");
             }
             if matches!(args.format, PairFormat::Terminal) {

@@ -12,6 +12,7 @@
 //! - [`bridge`]: `soul bridge init`: choosing transports, written into stack.kdl.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
 //! - [`gate`]: the authenticating proxy that runs in each pod (`soul gate`).
+//! - [`guard`]: the rules that keep the app's port private to its pod (run by `soul pause`).
 //! - [`export`]: the stack as a Compose file.
 //! - [`cli`]: the commands, their output, and exit codes.
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod bridge;
 pub mod cli;
 pub mod export;
 pub mod gate;
+pub mod guard;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;

@@ -23,6 +23,9 @@ pub enum Role {
     Pause,
     /// The user's service.
     App,
+    /// `soul gate`: the pod's front door on the gate port; checks device tokens, forwards to
+    /// the app on 127.0.0.1.
+    Gate,
     /// The Tor transport's onion service.
     Tor,
     /// The Tailscale (or Headscale) transport's node.
@@ -36,6 +39,7 @@ impl Role {
         match self {
             Role::Pause => "pause",
             Role::App => "app",
+            Role::Gate => "gate",
             Role::Tor => "tor",
             Role::Tailscale => "tailscale",
             Role::Nebula => "nebula",
@@ -46,6 +50,7 @@ impl Role {
         match s {
             "pause" => Some(Role::Pause),
             "app" => Some(Role::App),
+            "gate" => Some(Role::Gate),
             "tor" => Some(Role::Tor),
             "tailscale" => Some(Role::Tailscale),
             "nebula" => Some(Role::Nebula),

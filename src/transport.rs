@@ -1,7 +1,8 @@
 //! Transports: how a client reaches each pod. The LAN (this host's address, or
 //! `lan address=`) and the relay endpoint need no container; overlay transports are drivers
 //! that add containers to the pod, write the files they need into the state dir, and say
-//! where their current address can be read. Implemented overlay drivers: Tor.
+//! where their current address can be read: Tailscale and Headscale, Nebula and Tor. Every
+//! transport leads to the pod's gate port, never to the app's.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, UdpSocket};
@@ -33,14 +34,14 @@ pub struct PodContext<'a> {
 }
 
 impl<'a> PodContext<'a> {
-    /// The context of one sidecar's pod. Until the gate is placed in the pods, transports
-    /// forward straight to the app's port; clients dial the gate port on overlays.
+    /// The context of one sidecar's pod: transports forward to the gate, never to the app,
+    /// and clients dial the gate port on overlays.
     pub fn of(stack: &'a Stack, sidecar: &'a Sidecar, state_dir: &'a Path) -> PodContext<'a> {
         PodContext {
             stack,
             sidecar,
             state_dir,
-            target_port: sidecar.port,
+            target_port: stack.gate.port,
             service_port: stack.gate.port,
         }
     }
@@ -421,7 +422,7 @@ impl NebulaDriver {
              tun:\n  dev: nebula1\n  mtu: 1300\n\
              logging:\n  level: info\n\
              firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n\
-             \x20 inbound:\n    # Only the pod's own port: nothing else in the pod is reachable over Nebula.\n\
+             \x20 inbound:\n    # Only the pod's gate port: nothing else in the pod is reachable over Nebula.\n\
              \x20   - port: {port}\n      proto: tcp\n      host: any\n",
             pki = Self::PKI,
             lh_ip = q(&self.node.lighthouse_ip),
@@ -438,7 +439,7 @@ impl Driver for NebulaDriver {
     fn contribute(&self, ctx: &PodContext<'_>) -> Contribution {
         let stack = &ctx.stack.stack;
         let sidecar = &ctx.sidecar.name;
-        // Nebula has no port forwarding: clients dial the overlay IP at the pod's own port.
+        // Nebula has no port forwarding: clients dial the overlay IP at the gate port.
         let port = ctx.target_port;
         let config = self.config(port);
         let config_dir = format!("transports/{sidecar}/nebula");
@@ -608,13 +609,7 @@ mod tests {
             "stack \"h\"\nsidecar \"notes\" { image \"i\"; port 8080; }\ntransport { tor image=\"my/tor:1\"; }\n",
         )
         .unwrap();
-        let ctx = PodContext {
-            stack: &stack,
-            sidecar: &stack.sidecars[0],
-            state_dir: Path::new("/var/lib/soul/h"),
-            target_port: 8080,
-            service_port: 8443,
-        };
+        let ctx = PodContext::of(&stack, &stack.sidecars[0], Path::new("/var/lib/soul/h"));
         let drivers = drivers(&stack);
         assert_eq!(drivers.len(), 1);
         let c = drivers[0].contribute(&ctx);
@@ -632,7 +627,7 @@ mod tests {
         assert_eq!(c.volumes, vec!["soul-h-notes-tor".to_string()]);
         let torrc = String::from_utf8(c.files[0].1.clone()).unwrap();
         assert!(
-            torrc.contains("HiddenServicePort 8443 127.0.0.1:8080\n"),
+            torrc.contains("HiddenServicePort 8443 127.0.0.1:8443\n"),
             "{torrc}"
         );
         assert!(torrc.contains("HiddenServiceDir /var/lib/tor/onion\n"));

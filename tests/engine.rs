@@ -27,8 +27,17 @@ sidecar "hello" {{
 transport {{
     lan port={lan}
 }}
+device "tester"
 "#
     )
+}
+
+/// The body the app answers with on `port` (through the gate, as the paired test device),
+/// or `None` when it does not answer 200 within `timeout`.
+fn served(s: &TestStack, port: u16, timeout: Duration) -> Option<String> {
+    http_get_as(port, "/", &s.token("tester"), timeout)
+        .filter(|(code, _)| *code == 200)
+        .map(|(_, body)| body)
 }
 
 #[test]
@@ -41,13 +50,15 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("create container"), "{out}");
 
-    let (code, body) =
-        http_get(lan, "/", Duration::from_secs(20)).expect("nginx answers on the LAN port");
-    assert_eq!(code, 200);
+    let body = served(&s, lan, Duration::from_secs(20)).expect("nginx answers on the LAN port");
     assert!(body.contains("served by nginx in a soul pod"), "{body}");
     // The second sidecar follows on the next LAN port.
-    let (_, body) = http_get(lan + 1, "/", Duration::from_secs(20)).expect("demo app answers");
+    let body = served(&s, lan + 1, Duration::from_secs(20)).expect("demo app answers");
     assert!(body.contains("hi from hello"), "{body}");
+    // The LAN port leads to the gate: without a token nothing reaches the app.
+    let (code, body) = http_get(lan, "/", Duration::from_secs(5)).expect("the gate answers");
+    assert_eq!(code, 401, "{body}");
+    assert!(!body.contains("nginx"), "{body}");
 
     // The pod: the app shares the pause container's namespace; labels and restart policy.
     let pause = s.container_id("web", "pause").expect("pause exists");
@@ -179,7 +190,7 @@ fn changing_one_env_value_recreates_only_that_container() {
         &s.container("web", "app"),
     ]);
     assert!(env.contains("TZ=Europe/Berlin"), "{env}");
-    assert!(http_get(lan, "/", Duration::from_secs(20)).is_some());
+    assert!(served(&s, lan, Duration::from_secs(20)).is_some());
 }
 
 #[test]
@@ -199,12 +210,10 @@ fn changing_the_lan_port_recreates_the_pod_and_serves_on_the_new_port() {
             "{name} was not recreated"
         );
     }
-    assert_eq!(after.len(), 4);
-    let (code, body) = http_get(b, "/", Duration::from_secs(20)).expect("answers on the new port");
-    assert_eq!(code, 200);
+    assert_eq!(after.len(), 6);
+    let body = served(&s, b, Duration::from_secs(20)).expect("answers on the new port");
     assert!(body.contains("nginx"), "{body}");
-    let (_, body) =
-        http_get(b + 1, "/", Duration::from_secs(20)).expect("demo app on the new port");
+    let body = served(&s, b + 1, Duration::from_secs(20)).expect("demo app on the new port");
     assert!(body.contains("hi from hello"));
 }
 
@@ -225,7 +234,11 @@ fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() 
     let names: Vec<String> = s.containers().into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
-        vec![s.container("hello", "app"), s.container("hello", "pause")]
+        vec![
+            s.container("hello", "app"),
+            s.container("hello", "gate"),
+            s.container("hello", "pause")
+        ]
     );
     assert_eq!(s.networks(), vec![format!("soul-{}-hello", s.name)]);
     assert_eq!(
@@ -252,7 +265,7 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
     s.apply();
     let pause = s.container_id("web", "pause");
     docker(&["rm", "-f", &s.container("web", "app")]);
-    assert!(http_get(lan, "/", Duration::from_millis(300)).is_none());
+    assert!(served(&s, lan, Duration::from_millis(300)).is_none());
     let o = s.apply();
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("(missing)"),
@@ -264,7 +277,7 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
         pause,
         "the pause container is untouched"
     );
-    assert!(http_get(lan, "/", Duration::from_secs(20)).is_some());
+    assert!(served(&s, lan, Duration::from_secs(20)).is_some());
 
     docker(&["stop", &s.container("hello", "app")]);
     let o = s.apply();
@@ -273,7 +286,7 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
         "{}",
         text(&o)
     );
-    assert!(http_get(lan + 1, "/", Duration::from_secs(20)).is_some());
+    assert!(served(&s, lan + 1, Duration::from_secs(20)).is_some());
 }
 
 #[test]
@@ -330,7 +343,7 @@ fn an_image_that_cannot_be_had_is_a_clear_error_and_nothing_is_torn_down() {
         "{err}"
     );
     assert_eq!(s.containers(), before);
-    assert!(http_get(lan, "/", Duration::from_secs(10)).is_some());
+    assert!(served(&s, lan, Duration::from_secs(10)).is_some());
 }
 
 #[test]
@@ -398,7 +411,7 @@ fn a_second_apply_waits_for_the_first() {
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("waiting: another soul process"), "{err}");
-    assert_eq!(s.containers().len(), 4);
+    assert_eq!(s.containers().len(), 6);
 }
 
 #[test]

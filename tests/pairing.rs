@@ -66,10 +66,6 @@ fn files(dir: &Path) -> BTreeMap<String, ([u8; 32], SystemTime)> {
     out
 }
 
-fn token(s: &TestStack, device: &str) -> String {
-    std::fs::read_to_string(s.state().join(format!("tokens/{device}.jwt"))).unwrap()
-}
-
 /// Verifies a token against what the state dir holds now.
 fn check(s: &TestStack, token: &str) -> Result<soul::pairing::Claims, TokenError> {
     let state = StateDir::at(&s.state());
@@ -112,7 +108,7 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
                 "{uri}"
             );
             let tok = uri.rsplit_once("&token=").unwrap().1;
-            assert_eq!(tok, token(&s, device));
+            assert_eq!(tok, s.token(device));
             let claims = check(&s, tok).expect("token verifies");
             assert_eq!(claims.sub, device);
             assert_eq!(claims.jti, format!("{device}.1"));
@@ -212,15 +208,15 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     }
 
     // Corrupt a token file: rewritten with the right bytes.
-    let good = token(&s, "alice-phone");
+    let good = s.token("alice-phone");
     std::fs::write(s.state().join("tokens/alice-phone.jwt"), "garbage").unwrap();
     s.apply();
-    assert_eq!(token(&s, "alice-phone"), good);
+    assert_eq!(s.token("alice-phone"), good);
 
     // Delete the key: a new key; every token changes; old tokens fail verification.
     let old: Vec<String> = ["alice-phone", "bob-laptop", "tablet"]
         .iter()
-        .map(|d| token(&s, d))
+        .map(|d| s.token(d))
         .collect();
     std::fs::remove_file(s.state().join("stack.key")).unwrap();
     let o = s.soul(&["apply", "-v"]);
@@ -231,7 +227,7 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
         text(&o)
     );
     for (d, old_token) in ["alice-phone", "bob-laptop", "tablet"].iter().zip(&old) {
-        let new = token(&s, d);
+        let new = s.token(d);
         assert_ne!(&new, old_token);
         assert!(check(&s, &new).is_ok());
         assert!(
@@ -245,7 +241,7 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     // An unreadable key is drift too.
     std::fs::write(s.state().join("stack.key"), "not a key").unwrap();
     s.apply();
-    assert!(check(&s, &token(&s, "tablet")).is_ok());
+    assert!(check(&s, &s.token("tablet")).is_ok());
 }
 
 #[test]
@@ -254,9 +250,9 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
     let s = TestStack::new("revoke");
     s.write(&stack_kdl(DEVICES, 1));
     s.apply();
-    let bob = token(&s, "bob-laptop");
-    let alice = token(&s, "alice-phone");
-    let tablet = token(&s, "tablet");
+    let bob = s.token("bob-laptop");
+    let alice = s.token("alice-phone");
+    let tablet = s.token("tablet");
 
     // Remove bob: his files go, his token fails, the others are untouched and verify.
     s.write(&stack_kdl("device \"alice-phone\"\ndevice \"tablet\"\n", 1));
@@ -268,7 +264,7 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
         Err(TokenError::UnknownDevice("bob-laptop".into()))
     );
     assert_eq!(
-        (token(&s, "alice-phone"), token(&s, "tablet")),
+        (s.token("alice-phone"), s.token("tablet")),
         (alice.clone(), tablet.clone())
     );
     assert!(check(&s, &alice).is_ok() && check(&s, &tablet).is_ok());
@@ -284,14 +280,14 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
         before.replace("device \"tablet\"", "device \"tablet\" generation=2")
     );
     assert!(after.contains("// a fixed LAN address keeps URIs predictable"));
-    let new_tablet = token(&s, "tablet");
+    let new_tablet = s.token("tablet");
     assert_ne!(new_tablet, tablet);
     assert_eq!(
         check(&s, &tablet),
         Err(TokenError::OldGeneration("tablet".into()))
     );
     assert_eq!(check(&s, &new_tablet).unwrap().jti, "tablet.2");
-    assert_eq!(token(&s, "alice-phone"), alice);
+    assert_eq!(s.token("alice-phone"), alice);
 
     // `soul rotate` bumps secret-generation: every token and QR is re-issued in one pass.
     let o = s.soul(&["rotate"]);
@@ -301,14 +297,14 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
             .unwrap()
             .contains("secret-generation 2")
     );
-    assert_ne!(token(&s, "alice-phone"), alice);
+    assert_ne!(s.token("alice-phone"), alice);
     assert!(matches!(check(&s, &alice), Err(TokenError::Invalid(_))));
     assert!(matches!(
         check(&s, &new_tablet),
         Err(TokenError::Invalid(_))
     ));
     for d in ["alice-phone", "tablet"] {
-        let t = token(&s, d);
+        let t = s.token(d);
         assert!(check(&s, &t).is_ok());
         assert_eq!(
             decode_png(&s.state().join(format!("pairing/{d}/wiki.png")))
@@ -329,7 +325,7 @@ fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
     s.apply();
     let uri_path = s.state().join("pairing/alice-phone/notes.uri");
     let png_path = s.state().join("pairing/alice-phone/notes.png");
-    let token_before = token(&s, "alice-phone");
+    let token_before = s.token("alice-phone");
     s.write(&kdl.replace("192.168.1.20", "10.1.2.3"));
     let o = s.apply();
     let uri = std::fs::read_to_string(&uri_path).unwrap();
@@ -343,7 +339,7 @@ fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
         "the QR must follow the URI in the same pass"
     );
     assert_eq!(
-        token(&s, "alice-phone"),
+        s.token("alice-phone"),
         token_before,
         "an address change is not a new token"
     );
@@ -431,7 +427,7 @@ fn no_secret_appears_in_any_output_even_at_trace_level() {
         "s3cr3t-db-password".to_string(),
     ];
     for d in ["alice-phone", "bob-laptop", "tablet"] {
-        let t = token(&s, d);
+        let t = s.token(d);
         secrets.push(t.rsplit('.').next().unwrap().to_string()); // the signature
         secrets.push(t);
     }

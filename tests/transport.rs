@@ -29,9 +29,13 @@ fn lan_the_uri_carries_this_hosts_address_and_the_port_answers() {
     let host = soul::transport::discover_lan_address().expect("this machine has a LAN address");
     let u = uri(&s, "phone", "web");
     assert!(u.contains(&format!("&addr=lan:{host}:{lan}&")), "{u}");
-    let (code, _) =
-        http_get(lan, "/", Duration::from_secs(20)).expect("the published port answers");
-    assert_eq!(code, 200);
+    // The published port is the gate's: the paired device is served, nobody else.
+    let (code, body) = http_get_as(lan, "/", &s.token("phone"), Duration::from_secs(20))
+        .expect("the published port answers");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("served by nginx"), "{body}");
+    let (code, _) = http_get(lan, "/", Duration::from_secs(5)).expect("the gate answers");
+    assert_eq!(code, 401);
 }
 
 #[test]
@@ -244,7 +248,8 @@ device "phone"
     .unwrap();
     assert_eq!(
         serve,
-        serde_json::json!({"TCP": {"8443": {"TCPForward": "127.0.0.1:80"}}})
+        serde_json::json!({"TCP": {"8443": {"TCPForward": "127.0.0.1:8443"}}}),
+        "the tailnet port must lead to the gate, never to the app's port 80"
     );
     // The address from `tailscale status --json` (.Self.TailscaleIPs[0]) is in the URI, after LAN.
     let u = uri(&s, "phone", "web");
@@ -353,7 +358,7 @@ fn peer_config(name: &str, lighthouse: Option<u16>, lighthouse_at: &str) -> Stri
 }
 
 #[test]
-fn nebula_end_to_end_the_pod_joins_and_only_its_port_is_reachable_over_the_overlay() {
+fn nebula_end_to_end_the_pod_joins_and_only_the_gate_port_is_reachable_over_the_overlay() {
     ensure_images();
     let s = TestStack::new("neb");
     let pki = s.dir.join("pki");
@@ -434,13 +439,12 @@ fn nebula_end_to_end_the_pod_joins_and_only_its_port_is_reachable_over_the_overl
         ]);
     }
 
-    // The app listens on 80 (its declared port) and on 81 (which must stay private).
+    // The app listens on 0.0.0.0:80; only the gate (8443) may answer over the overlay.
     s.write(&format!(
         r#"stack "{{stack}}"
 sidecar "web" {{
     image "{NGINX}"
     port 80
-    command "sh" "-c" "printf 'server {{ listen 81; location / {{ return 200 private; }} }}' > /etc/nginx/conf.d/private.conf && exec nginx -g 'daemon off;'"
 }}
 transport {{
     order "lan" "nebula"
@@ -464,22 +468,34 @@ device "phone"
     let config =
         std::fs::read_to_string(s.state().join("transports/web/nebula/config.yml")).unwrap();
     assert!(
-        config.contains("inbound:\n    # Only the pod's own port")
-            && config.contains("- port: 80\n      proto: tcp"),
+        config.contains("inbound:\n    # Only the pod's gate port")
+            && config.contains("- port: 8443\n      proto: tcp"),
         "{config}"
     );
     let u = std::fs::read_to_string(s.state().join("pairing/phone/web.uri")).unwrap();
-    assert!(u.contains("&addr=nebula:10.42.0.2:80&"), "{u}");
+    assert!(u.contains("&addr=nebula:10.42.0.2:8443&"), "{u}");
 
-    // The client reaches the pod's port over the overlay…
+    // The paired client reaches the app through the gate port over the overlay…
     let client = &peers.0[1];
-    let curl = |url: &str, secs: &str| {
-        run(std::process::Command::new("docker")
-            .args(["exec", client, "curl", "-s", "-m", secs, url]))
+    let auth = format!("Authorization: Bearer {}", s.token("phone"));
+    let curl = |url: &str, secs: &str, header: &str| {
+        run(std::process::Command::new("docker").args([
+            "exec",
+            client,
+            "curl",
+            "-s",
+            "-m",
+            secs,
+            "-H",
+            header,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ]))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let o = curl("http://10.42.0.2:80/", "3");
+        let o = curl("http://10.42.0.2:8443/", "3", &auth);
         if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("served by nginx") {
             break;
         }
@@ -491,7 +507,14 @@ device "phone"
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-    // …and cannot reach the port the pod keeps to itself, though it answers inside the pod.
+    // …an unpaired request over the same path gets 401…
+    let o = curl("http://10.42.0.2:8443/", "3", "X-Nothing: 1");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).ends_with("\n401"),
+        "{}",
+        text(&o)
+    );
+    // …and the app's own port, though it answers inside the pod, is unreachable over it.
     let inside = run(std::process::Command::new("docker").args([
         "exec",
         &s.container("web", "app"),
@@ -499,13 +522,13 @@ device "phone"
         "-s",
         "-m",
         "3",
-        "http://127.0.0.1:81/",
+        "http://127.0.0.1:80/",
     ]));
-    assert_eq!(String::from_utf8_lossy(&inside.stdout), "private");
-    let o = curl("http://10.42.0.2:81/", "4");
+    assert!(String::from_utf8_lossy(&inside.stdout).contains("served by nginx"));
+    let o = curl("http://10.42.0.2:80/", "4", "X-Nothing: 1");
     assert!(
         !o.status.success(),
-        "port 81 answered over nebula: {}",
+        "the app's port answered over nebula: {}",
         text(&o)
     );
 }

@@ -20,7 +20,9 @@ fn kdl(lan: u16, greeting: &str, sidecars: usize) -> String {
             "sidecar \"s{i}\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n    env \"GREETING\" \"{greeting}\"\n}}\n"
         ));
     }
-    s.push_str(&format!("transport {{\n    lan port={lan}\n}}\n"));
+    s.push_str(&format!(
+        "transport {{\n    lan port={lan}\n}}\ndevice \"tester\"\n"
+    ));
     s
 }
 
@@ -72,8 +74,12 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-fn greeting(lan: u16) -> Option<String> {
-    http_get(lan, "/", Duration::from_millis(300)).map(|(_, b)| b.trim().to_string())
+/// What the demo app on `lan` says to the paired test device (through the gate).
+fn greeting(s: &TestStack, lan: u16) -> Option<String> {
+    let token = std::fs::read_to_string(s.state().join("tokens/tester.jwt")).ok()?;
+    http_get_as(lan, "/", token.trim(), Duration::from_millis(300))
+        .filter(|(code, _)| *code == 200)
+        .map(|(_, b)| b.trim().to_string())
 }
 
 fn running(s: &TestStack, sidecar: &str) -> bool {
@@ -95,14 +101,14 @@ fn follows_edits_and_repairs_removed_and_stopped_containers() {
     s.write(&kdl(lan, "one", 1));
     let w = Watch::start(&s, None);
     wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(lan).as_deref() == Some("one")
+        greeting(&s, lan).as_deref() == Some("one")
     });
 
     // An edit is applied without any command; only the app is recreated.
     let pause = s.container_id("s0", "pause");
     s.write(&kdl(lan, "two", 1));
     wait_for("the edit to be applied", Duration::from_secs(20), || {
-        greeting(lan).as_deref() == Some("two")
+        greeting(&s, lan).as_deref() == Some("two")
     });
     assert_eq!(s.container_id("s0", "pause"), pause);
 
@@ -111,13 +117,13 @@ fn follows_edits_and_repairs_removed_and_stopped_containers() {
     wait_for(
         "the removed app to come back",
         Duration::from_secs(20),
-        || running(&s, "s0") && greeting(lan).is_some(),
+        || running(&s, "s0") && greeting(&s, lan).is_some(),
     );
     docker(&["stop", "-t", "1", &s.container("s0", "app")]);
     wait_for(
         "the stopped app to run again",
         Duration::from_secs(20),
-        || running(&s, "s0") && greeting(lan).is_some(),
+        || running(&s, "s0") && greeting(&s, lan).is_some(),
     );
 
     // `soul status` works while watch runs and reports the last pass.
@@ -137,7 +143,7 @@ fn an_invalid_edit_keeps_the_pod_running_and_a_fix_converges() {
     s.write(&kdl(lan, "good", 1));
     let w = Watch::start(&s, None);
     wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(lan).as_deref() == Some("good")
+        greeting(&s, lan).as_deref() == Some("good")
     });
     let before = s.containers();
 
@@ -165,11 +171,11 @@ fn an_invalid_edit_keeps_the_pod_running_and_a_fix_converges() {
         w.log()
     );
     assert_eq!(s.containers(), before, "an invalid edit touched the pod");
-    assert_eq!(greeting(lan).as_deref(), Some("good"));
+    assert_eq!(greeting(&s, lan).as_deref(), Some("good"));
 
     s.write(&kdl(lan, "fixed", 1));
     wait_for("the fix to converge", Duration::from_secs(20), || {
-        greeting(lan).as_deref() == Some("fixed")
+        greeting(&s, lan).as_deref() == Some("fixed")
     });
     let o = s.soul(&["status", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -246,7 +252,7 @@ fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
     let host = format!("unix://{}", proxy.path.display());
     let w = Watch::start(&s, Some(&host));
     wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(lan).as_deref() == Some("up")
+        greeting(&s, lan).as_deref() == Some("up")
     });
 
     proxy.cut();
@@ -268,9 +274,9 @@ fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
     wait_for(
         "recovery once the engine is back",
         Duration::from_secs(40),
-        || greeting(lan).as_deref() == Some("after the outage"),
+        || greeting(&s, lan).as_deref() == Some("after the outage"),
     );
-    assert_eq!(s.containers().len(), 2, "duplicates after recovery");
+    assert_eq!(s.containers().len(), 3, "duplicates after recovery");
     assert!(w.child.id() > 0);
 }
 
@@ -292,13 +298,14 @@ fn kill_9_mid_pass_then_restart_converges_without_duplicates() {
     wait_for(
         "convergence after the kills",
         Duration::from_secs(60),
-        || (0..4).all(|i| greeting(lan + i).as_deref() == Some("k900")),
+        || (0..4).all(|i| greeting(&s, lan + i).as_deref() == Some("k900")),
     );
     let names: Vec<String> = s.containers().into_iter().map(|(n, _)| n).collect();
     let mut expected: Vec<String> = (0..4)
         .flat_map(|i| {
             [
                 s.container(&format!("s{i}"), "app"),
+                s.container(&format!("s{i}"), "gate"),
                 s.container(&format!("s{i}"), "pause"),
             ]
         })
@@ -336,7 +343,7 @@ fn a_burst_of_100_writes_coalesces_into_a_few_passes() {
     s.write(&kdl(lan, "start", 1));
     let w = Watch::start(&s, None);
     wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(lan).as_deref() == Some("start")
+        greeting(&s, lan).as_deref() == Some("start")
     });
     std::thread::sleep(Duration::from_millis(300));
     let before = w.passes();
@@ -346,7 +353,7 @@ fn a_burst_of_100_writes_coalesces_into_a_few_passes() {
     wait_for(
         "the last write to be applied",
         Duration::from_secs(30),
-        || greeting(lan).as_deref() == Some("burst 99"),
+        || greeting(&s, lan).as_deref() == Some("burst 99"),
     );
     std::thread::sleep(Duration::from_millis(500));
     let passes = w.passes() - before;
@@ -365,7 +372,7 @@ fn sighup_reconciles_now_and_sigterm_leaves_containers_running() {
     s.write(&kdl(lan, "sig", 1));
     let mut w = Watch::start(&s, None);
     wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(lan).as_deref() == Some("sig")
+        greeting(&s, lan).as_deref() == Some("sig")
     });
     let pid = w.child.id().to_string();
     run(std::process::Command::new("kill").args(["-HUP", &pid]));

@@ -6,4 +6,4 @@ mod token;
 mod uri;
 
 pub use token::{Claims, TokenError, audience, claims_for, issue, verify};
-pub use uri::{Address, PairingUri};
+pub use uri::{Address, PairingUri, browser_links};

@@ -137,13 +137,13 @@ pub fn resolve(
     for (i, sidecar) in stack.sidecars.iter().enumerate() {
         let pause_name = container_name(&stack.stack, &sidecar.name, Role::Pause);
         let network = network_name(&stack.stack, &sidecar.name);
-        // Until the gate exists, the LAN port goes straight to the app's port.
+        // The LAN port leads to the gate, never to the app.
         let ports = lan_ports
             .as_ref()
             .map(|p| {
                 vec![PortMap {
                     host: p[i],
-                    container: sidecar.port,
+                    container: stack.gate.port,
                 }]
             })
             .unwrap_or_default();
@@ -153,14 +153,32 @@ pub fn resolve(
             sidecar: sidecar.name.clone(),
             role: Role::Pause,
             image: soul.reference.clone(),
-            command: Some(vec!["pause".into()]),
+            // It keeps the app's port private to the pod (crate::guard): the only container
+            // with NET_ADMIN that soul makes, and it runs nothing but soul.
+            command: Some(vec![
+                "pause".into(),
+                "--private-port".into(),
+                sidecar.port.to_string(),
+            ]),
             env: BTreeMap::new(),
             mounts: Vec::new(),
             network_mode: NetworkMode::Bridge(network.clone()),
             ports,
-            health: None,
+            health: Some(HealthCheck {
+                test: vec![
+                    "CMD".into(),
+                    "/soul".into(),
+                    "pause".into(),
+                    "--private-port".into(),
+                    sidecar.port.to_string(),
+                    "--check".into(),
+                ],
+                interval_ms: 30_000,
+                timeout_ms: 5_000,
+                retries: 1,
+            }),
             restart: RESTART_POLICY.into(),
-            cap_add: vec![],
+            cap_add: vec!["NET_ADMIN".into()],
             devices: vec![],
         };
         need(&pause.image, &sidecar.name);
@@ -206,7 +224,8 @@ pub fn resolve(
             devices: vec![],
         };
         need(&app.image, &sidecar.name);
-        let mut containers = vec![pause, app];
+        let gate = gate_container(stack, sidecar, &soul, &state_dir);
+        let mut containers = vec![pause, app, gate];
         let ctx = PodContext::of(stack, sidecar, &state_dir);
         for driver in &drivers {
             let c = driver.contribute(&ctx);
@@ -237,6 +256,68 @@ pub fn resolve(
         images,
         files,
     })
+}
+
+/// The pod's front door: `soul gate` from soul's image in the pod's namespace, listening on
+/// the gate port and forwarding to the app on 127.0.0.1. It reads the stack's public key and
+/// the device registry from the state dir's `gate/` directory, mounted read-only (a directory,
+/// so that soul's atomic renames reach it).
+fn gate_container(
+    stack: &Stack,
+    sidecar: &Sidecar,
+    soul: &SoulImage,
+    state_dir: &Path,
+) -> ContainerSpec {
+    const KEYS: &str = "/soul/gate";
+    let port = stack.gate.port;
+    ContainerSpec {
+        name: container_name(&stack.stack, &sidecar.name, Role::Gate),
+        stack: stack.stack.clone(),
+        sidecar: sidecar.name.clone(),
+        role: Role::Gate,
+        image: soul.reference.clone(),
+        command: Some(vec![
+            "gate".into(),
+            "--stack".into(),
+            stack.stack.clone(),
+            "--listen".into(),
+            format!("0.0.0.0:{port}"),
+            "--upstream".into(),
+            format!("127.0.0.1:{}", sidecar.port),
+            "--keys".into(),
+            KEYS.into(),
+        ]),
+        env: BTreeMap::new(),
+        mounts: vec![Mount {
+            kind: MountKind::Bind,
+            source: state_dir
+                .join(crate::gate::GATE_DIR)
+                .to_string_lossy()
+                .into_owned(),
+            target: KEYS.into(),
+            read_only: true,
+        }],
+        network_mode: NetworkMode::Container(container_name(
+            &stack.stack,
+            &sidecar.name,
+            Role::Pause,
+        )),
+        ports: Vec::new(),
+        health: Some(HealthCheck {
+            test: vec![
+                "CMD".into(),
+                "/soul".into(),
+                "probe".into(),
+                format!("http://127.0.0.1:{port}{}", crate::gate::HEALTH_PATH),
+            ],
+            interval_ms: 10_000,
+            timeout_ms: 2_000,
+            retries: 3,
+        }),
+        restart: RESTART_POLICY.into(),
+        cap_add: vec![],
+        devices: vec![],
+    }
 }
 
 /// Secret files named by transports are checked at apply time (not at validate time, so a
@@ -430,14 +511,35 @@ sidecar "demo" {
         assert_eq!(d.pods.len(), 2);
         let notes = &d.pods[0];
         assert_eq!(notes.network, "soul-home-notes");
-        let (pause, app) = (&notes.containers[0], &notes.containers[1]);
+        let (pause, app, gate) = (
+            &notes.containers[0],
+            &notes.containers[1],
+            &notes.containers[2],
+        );
         assert_eq!(pause.role, Role::Pause);
+        // The LAN port leads to the gate port, not to the app's port 80.
         assert_eq!(
             pause.ports,
             vec![PortMap {
                 host: 8443,
-                container: 80
+                container: 8443
             }]
+        );
+        assert_eq!(gate.role, Role::Gate);
+        assert_eq!(
+            gate.network_mode,
+            NetworkMode::Container("soul-home-notes-pause".into())
+        );
+        let cmd = gate.command.clone().unwrap().join(" ");
+        assert_eq!(
+            cmd,
+            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /soul/gate"
+        );
+        assert_eq!(gate.mounts[0].source, "/state/gate");
+        assert!(gate.mounts[0].read_only && gate.env.is_empty());
+        assert_eq!(
+            gate.health.as_ref().unwrap().test[3],
+            "http://127.0.0.1:8443/.soul/health"
         );
         assert_eq!(d.pods[1].containers[0].ports[0].host, 8444);
         assert_eq!(
@@ -514,7 +616,7 @@ sidecar "demo" {
             Path::new("/s"),
         )
         .unwrap();
-        assert_eq!(d.pods[0].containers[2].name, "soul-h-x-tailscale");
+        assert_eq!(d.pods[0].containers[3].name, "soul-h-x-tailscale");
     }
 
     #[test]

@@ -117,11 +117,28 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// GET `path` on 127.0.0.1:`port`; retries until `timeout`. Returns (status code, body).
+/// GET `path` on 127.0.0.1:`port` without credentials; retries until `timeout`. Returns
+/// (status code, body).
 pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    retry(timeout, || try_get(port, path, ""))
+}
+
+/// GET `path` on 127.0.0.1:`port` as a paired device (`Authorization: Bearer <token>`), the
+/// way a client passes a pod's gate; retries until `timeout` or a 200.
+pub fn http_get_as(port: u16, path: &str, token: &str, timeout: Duration) -> Option<(u16, String)> {
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut last = None;
+    let ok = retry(timeout, || {
+        last = try_get(port, path, &auth);
+        last.clone().filter(|(code, _)| *code == 200)
+    });
+    ok.or(last)
+}
+
+fn retry<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(r) = try_get(port, path) {
+        if let Some(r) = attempt() {
             return Some(r);
         }
         if Instant::now() > deadline {
@@ -131,13 +148,13 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String
     }
 }
 
-fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+fn try_get(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
     let mut s =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();
@@ -196,6 +213,13 @@ impl TestStack {
     }
 
     /// `soul apply`, asserting success.
+    /// The current token of `device`, as apply wrote it into the state dir.
+    pub fn token(&self, device: &str) -> String {
+        read(self.state().join(format!("tokens/{device}.jwt")))
+            .trim()
+            .to_string()
+    }
+
     pub fn apply(&self) -> Output {
         let o = self.soul(&["apply"]);
         assert!(o.status.success(), "soul apply failed:\n{}", text(&o));
