@@ -28,7 +28,7 @@ fn main() {
     let state = dir.join("state");
     let stack = |greeting: &str| {
         format!(
-            "stack \"wbench\"\nsidecar \"app\" {{\n  image \"soul:latest\"\n  command \"demo-app\" \"--port=8080\"\n  port 8080\n  env \"GREETING\" \"{greeting}\"\n}}\ntransport {{\n  lan port={port}\n}}\n"
+            "stack \"wbench\"\nsidecar \"app\" {{\n  image \"soul:latest\"\n  command \"demo-app\" \"--port=8080\"\n  port 8080\n  env \"GREETING\" \"{greeting}\"\n}}\ntransport {{\n  lan port={port}\n}}\ndevice \"bench\"\n"
         )
     };
     std::fs::write(&file, stack("g0")).unwrap();
@@ -51,7 +51,10 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_body(port, "g0", Duration::from_secs(30));
+    // The LAN port leads to the pod's gate: requests carry the paired device's token.
+    let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
+    let token = token.trim();
+    wait_body(port, token, "g0", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
 
     // Edit → converged.
@@ -60,7 +63,7 @@ fn main() {
         let want = format!("g{i}");
         let start = Instant::now();
         std::fs::write(&file, stack(&want)).unwrap();
-        wait_body(port, &want, Duration::from_secs(30));
+        wait_body(port, token, &want, Duration::from_secs(30));
         soul_edit.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -88,7 +91,7 @@ fn main() {
             "--port=8080",
         ]);
         docker(&["start", name]);
-        wait_body(anchor_port, &want, Duration::from_secs(30));
+        wait_body(anchor_port, "", &want, Duration::from_secs(30));
         anchor.push(start.elapsed());
     }
     docker(&["rm", "-f", name]);
@@ -98,7 +101,7 @@ fn main() {
     for _ in 0..RUNS {
         let start = Instant::now();
         docker(&["rm", "-f", "soul-wbench-app-app"]);
-        wait_body(port, &format!("g{RUNS}"), Duration::from_secs(30));
+        wait_body(port, token, &format!("g{RUNS}"), Duration::from_secs(30));
         repair.push(start.elapsed());
         std::thread::sleep(Duration::from_secs(2)); // stay clear of flap backoff
     }
@@ -153,23 +156,32 @@ fn docker(args: &[&str]) {
     );
 }
 
-fn body(port: u16) -> Option<String> {
+/// The body `port` answers `GET /` with, sending `token` as a Bearer token when not empty.
+fn body(port: u16, token: &str) -> Option<String> {
     let mut s =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
             .ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {token}\r\n")
+    };
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     buf.split_once("\r\n\r\n")
         .map(|(_, b)| b.trim().to_string())
 }
 
-fn wait_body(port: u16, want: &str, timeout: Duration) {
+fn wait_body(port: u16, token: &str, want: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if body(port).as_deref() == Some(want) {
+        if body(port, token).as_deref() == Some(want) {
             return;
         }
         std::thread::sleep(Duration::from_millis(2));

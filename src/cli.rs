@@ -166,7 +166,7 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
         #[arg(long)]
         upstream: std::net::SocketAddr,
         /// The directory with the stack's public key and device registry.
-        #[arg(long, default_value = "/soul/gate")]
+        #[arg(long, default_value = "/gate")]
         keys: PathBuf,
         /// How long a client may take to send its request headers.
         #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]

@@ -1,12 +1,15 @@
 //! `soul gate` as a process on loopback, in front of a small app this test runs: only valid
 //! device tokens get through; pairing links trade the token for a cookie; revocation closes a
-//! device's open (upgraded) connections within a second and leaves other devices alone.
+//! device's open (upgraded) connections within a second and leaves other devices alone; SSE,
+//! h2c and a 1 GiB download pass through without buffering. Then the gate in a real pod: the
+//! app's port answers only inside the pod, and `soul apply` revokes a device at once.
 
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,15 +17,29 @@ use soul::pairing::{claims_for, issue};
 use soul::state::{DeviceEntry, Registry, StackKey, hex};
 use support::*;
 
-/// An app that logs every request it sees; `/ws` upgrades and echoes.
-fn app() -> (u16, Arc<Mutex<Vec<String>>>) {
+/// The small app behind the gate, on loopback.
+struct App {
+    port: u16,
+    /// Every request head the app saw.
+    log: Arc<Mutex<Vec<String>>>,
+    /// Lets `/sse` send its second event.
+    release: Arc<AtomicBool>,
+}
+
+/// Bytes `/big` sends: 1 GiB.
+const BIG: u64 = 1 << 30;
+
+/// An app that logs every request it sees. `/ws` upgrades and echoes; `/sse` sends one event,
+/// then a second once released; `/big` sends [`BIG`] bytes; anything else answers `app`.
+fn app() -> App {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = log.clone();
+    let release = Arc::new(AtomicBool::new(false));
+    let (seen, released) = (log.clone(), release.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
-            let seen = seen.clone();
+            let (seen, released) = (seen.clone(), released.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut conn = conn;
@@ -40,22 +57,45 @@ fn app() -> (u16, Arc<Mutex<Vec<String>>>) {
                     }
                     let path = head[0].split_whitespace().nth(1).unwrap_or("").to_string();
                     seen.lock().unwrap().push(head.concat());
-                    if path == "/ws" {
-                        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
-                        let mut buf = [0u8; 1024];
-                        while let Ok(n) = reader.read(&mut buf) {
-                            if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                                return;
+                    match path.as_str() {
+                        "/ws" => {
+                            conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = reader.read(&mut buf) {
+                                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        "/sse" => {
+                            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n");
+                            let deadline = Instant::now() + Duration::from_secs(20);
+                            while !released.load(Ordering::SeqCst) && Instant::now() < deadline {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            let _ = conn.write_all(b"b\r\ndata: two\n\n\r\n0\r\n\r\n");
+                        }
+                        "/big" => {
+                            let _ =
+                                write!(conn, "HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                            let chunk = vec![b'x'; 1 << 20];
+                            for _ in 0..BIG >> 20 {
+                                if conn.write_all(&chunk).is_err() {
+                                    return;
+                                }
                             }
                         }
-                        return;
+                        _ => {
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\napp\n");
+                        }
                     }
-                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\napp\n");
                 }
             });
         }
     });
-    (port, log)
+    App { port, log, release }
 }
 
 struct Gate {
@@ -154,10 +194,10 @@ fn bearer(t: &str) -> String {
 fn only_valid_tokens_reach_the_app() {
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-    let (app_port, log) = app();
+    let App { port, log, .. } = app();
     let key = StackKey::from_seed(1, [4; 32]);
     let reg = registry(&[("alice", 2)]);
-    let gate = start_gate(app_port, &key, &reg, "auth");
+    let gate = start_gate(port, &key, &reg, "auth");
     let good = issue(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
     let parts: Vec<&str> = good.split('.').collect();
     let mut sig = B64.decode(parts[2]).unwrap();
@@ -273,6 +313,37 @@ fn only_valid_tokens_reach_the_app() {
         n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
         "slow client not cut off"
     );
+    // So is a client that connects and sends nothing, and an idle kept-alive connection.
+    let mut silent = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(6)))
+        .unwrap();
+    let started = Instant::now();
+    let n = silent.read(&mut buf).unwrap_or(usize::MAX);
+    assert!(
+        (n == 0 || String::from_utf8_lossy(&buf[..n.min(64)]).contains("408"))
+            && started.elapsed() < Duration::from_secs(5),
+        "a silent connection was kept {:?}",
+        started.elapsed()
+    );
+    let mut idle = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    write!(idle, "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", bearer(&good)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut answer = [0u8; 256];
+    let n = idle.read(&mut answer).unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    let started = Instant::now();
+    let n = loop {
+        match idle.read(&mut answer) {
+            Ok(n) if n > 0 && started.elapsed() < Duration::from_millis(500) => continue,
+            r => break r.unwrap_or(usize::MAX),
+        }
+    };
+    assert!(
+        n == 0 && started.elapsed() < Duration::from_secs(5),
+        "an idle kept-alive connection was kept {:?}",
+        started.elapsed()
+    );
 }
 
 /// An upgraded connection through the gate; returns the stream after the 101.
@@ -313,10 +384,10 @@ fn echoes(s: &mut TcpStream, text: &str) -> bool {
 
 #[test]
 fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one_elses() {
-    let (app_port, _) = app();
+    let app = app();
     let key = StackKey::from_seed(1, [6; 32]);
     let gate = start_gate(
-        app_port,
+        app.port,
         &key,
         &registry(&[("alice", 1), ("bob", 1)]),
         "revoke",
@@ -344,4 +415,285 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
         "bob's socket was disturbed"
     );
     assert!(request(gate.port, "/", &bearer(&bob)).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn an_sse_stream_passes_event_by_event() {
+    let app = app();
+    let key = StackKey::from_seed(1, [7; 32]);
+    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "sse");
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{}\r\n",
+        bearer(&alice)
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    // The app holds its second event back until released: a gate that buffered the response
+    // would show nothing here.
+    while !seen.contains("data: one") {
+        let n = s
+            .read(&mut buf)
+            .expect("the first event arrives before the stream ends");
+        assert!(n > 0, "closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    assert!(!seen.contains("data: two"), "{seen}");
+    app.release.store(true, Ordering::SeqCst);
+    while !seen.contains("data: two") {
+        let n = s.read(&mut buf).expect("the second event arrives");
+        assert!(n > 0, "closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+/// The peak resident memory of a process, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib / 1024.0
+}
+
+#[test]
+fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
+    let app = app();
+    let key = StackKey::from_seed(1, [8; 32]);
+    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "big");
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
+        bearer(&alice)
+    )
+    .unwrap();
+    let mut reader = BufReader::with_capacity(1 << 20, s);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(reader.read_line(&mut head).unwrap() > 0, "{head}");
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let received = std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
+    assert_eq!(received, BIG);
+    let peak = peak_rss_mib(gate.child.id());
+    eprintln!("gate peak RSS after streaming 1 GiB: {peak:.1} MiB");
+    assert!(
+        peak < 64.0,
+        "the gate held {peak:.1} MiB while streaming: it buffers"
+    );
+}
+
+#[test]
+fn h2c_clients_are_proxied_to_the_app() {
+    let app = app();
+    let key = StackKey::from_seed(1, [9; 32]);
+    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "h2c");
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers: Vec<(u16, String)> = rt.block_on(async {
+        use http_body_util::{BodyExt, Empty};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gate.port))
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 (prior knowledge) handshake with the gate");
+        tokio::spawn(conn);
+        let mut answers = vec![];
+        for auth in [None, Some(alice.as_str())] {
+            let mut req = http::Request::get(format!("http://127.0.0.1:{}/h2", gate.port));
+            if let Some(t) = auth {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = sender
+                .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            let code = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            answers.push((code, String::from_utf8_lossy(&body).to_string()));
+        }
+        answers
+    });
+    assert_eq!(answers[0].0, 401, "{answers:?}");
+    assert_eq!(answers[1], (200, "app\n".to_string()));
+    let seen = app.log.lock().unwrap().concat();
+    assert!(seen.starts_with("GET /h2 HTTP/1.1"), "{seen}");
+}
+
+/// A stack with one nginx pod on `lan`, and `devices`.
+fn pod_stack(lan: u16, devices: &[&str]) -> String {
+    let devices: String = devices
+        .iter()
+        .map(|d| format!("device \"{d}\"\n"))
+        .collect();
+    format!(
+        "stack \"{{stack}}\"\nsidecar \"web\" {{\n    image \"{NGINX}\"\n    port 80\n}}\ntransport {{\n    lan port={lan}\n}}\n{devices}"
+    )
+}
+
+/// `curl` from a throwaway container on `network` (`container:<id>` joins a pod's
+/// namespace): the status code, or `000` when nothing answered.
+fn curl_from(network: &str, url: &str, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--network",
+        network,
+        NEBULA,
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ];
+    if let Some(a) = &auth {
+        args.extend(["-H", a]);
+    }
+    args.push(url);
+    let o = run(Command::new("docker").args(&args));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn in_a_pod_the_apps_port_answers_only_from_inside_the_pod() {
+    ensure_images();
+    let s = TestStack::new("guard");
+    let lan = free_port();
+    s.write(&pod_stack(lan, &["alice"]));
+    s.apply();
+    let alice = s.token("alice");
+    assert_eq!(
+        http_get_as(lan, "/", &alice, Duration::from_secs(20)).map(|(c, _)| c),
+        Some(200)
+    );
+
+    // The LAN port leads only to the gate.
+    let pause = s.container("web", "pause");
+    let ports = docker(&["inspect", "-f", "{{json .NetworkSettings.Ports}}", &pause]);
+    let ports: serde_json::Value = serde_json::from_str(&ports).unwrap();
+    let published: Vec<&String> = ports
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, binding)| !binding.is_null())
+        .map(|(port, _)| port)
+        .collect();
+    assert_eq!(published, ["8443/tcp"], "{ports}");
+
+    // From another container on the pod's network: the gate answers, the app's port does not,
+    // although nginx binds 0.0.0.0.
+    let network = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{$v.IPAddress}}{{end}}",
+        &pause,
+    ]);
+    let (network, ip) = network
+        .split_once(' ')
+        .expect("the pod's network and address");
+    assert_eq!(
+        curl_from(network, &format!("http://{ip}:8443/"), None),
+        "401"
+    );
+    assert_eq!(
+        curl_from(network, &format!("http://{ip}:8443/"), Some(&alice)),
+        "200"
+    );
+    assert_eq!(curl_from(network, &format!("http://{ip}:80/"), None), "000");
+    // Nor from this host, which sits on the same bridge.
+    assert!(
+        TcpStream::connect_timeout(&format!("{ip}:80").parse().unwrap(), Duration::from_secs(3))
+            .is_err(),
+        "the app's port answered from the host"
+    );
+    // Inside the pod it does, on loopback and on the pod's own address.
+    let inside = format!("container:{pause}");
+    assert_eq!(curl_from(&inside, "http://127.0.0.1:80/", None), "200");
+    assert_eq!(curl_from(&inside, &format!("http://{ip}:80/"), None), "200");
+
+    // The pause container's health check is the guard's own check.
+    let o = run(Command::new("docker").args([
+        "exec",
+        &pause,
+        "/soul",
+        "pause",
+        "--private-port",
+        "80",
+        "--check",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let health = docker(&["inspect", "-f", "{{json .Config.Healthcheck.Test}}", &pause]);
+    assert!(health.contains("--check"), "{health}");
+}
+
+#[test]
+fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connection() {
+    ensure_images();
+    let s = TestStack::new("revoke");
+    let lan = free_port();
+    s.write(&pod_stack(lan, &["alice", "bob"]));
+    s.apply();
+    let (alice, bob) = (s.token("alice"), s.token("bob"));
+    for t in [&alice, &bob] {
+        assert_eq!(
+            http_get_as(lan, "/", t, Duration::from_secs(20)).map(|(c, _)| c),
+            Some(200)
+        );
+    }
+    // Bob holds a kept-alive connection open through the gate.
+    let mut held = TcpStream::connect(("127.0.0.1", lan)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(held, "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", bearer(&bob)).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = held.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let gate = s.container_id("web", "gate").expect("the gate runs");
+    s.write(&pod_stack(lan, &["alice"]));
+    s.apply();
+    let applied = Instant::now();
+    let closed = matches!(held.read(&mut buf), Ok(0) | Err(_));
+    assert!(
+        closed && applied.elapsed() < Duration::from_secs(1),
+        "bob's connection stayed open {:?} after apply",
+        applied.elapsed()
+    );
+    let r = request(lan, "/", &bearer(&bob));
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(applied.elapsed() < Duration::from_secs(1));
+    let r = request(lan, "/", &bearer(&alice));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // The gate was neither recreated nor restarted to do it.
+    assert_eq!(s.container_id("web", "gate"), Some(gate));
+    let restarts = docker(&[
+        "inspect",
+        "-f",
+        "{{.RestartCount}}",
+        &s.container("web", "gate"),
+    ]);
+    assert_eq!(restarts, "0");
 }

@@ -87,7 +87,7 @@ device "phone"
     );
     let torrc = std::fs::read_to_string(s.state().join("transports/notes/torrc")).unwrap();
     assert!(
-        torrc.contains("HiddenServicePort 8443 127.0.0.1:8080"),
+        torrc.contains("HiddenServicePort 8443 127.0.0.1:8443"),
         "{torrc}"
     );
     let mounts = docker(&["inspect", "-f", "{{json .Mounts}}", &tor]);

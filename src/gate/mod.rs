@@ -125,6 +125,16 @@ pub async fn serve(
 /// One client connection: served until it ends, or until a device it authenticated as is
 /// revoked (then it is closed, WebSockets included).
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    // A client that connects and sends nothing holds a connection slot: it gets as long as
+    // a request's headers would (hyper's header timer only starts at the first byte).
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(shared.cfg.header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => {
+            tracing::debug!(source = %peer, "closed a connection that sent nothing");
+            return;
+        }
+    }
     let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
     let svc = {
         let (shared, tokens) = (shared.clone(), tokens.clone());

@@ -268,7 +268,7 @@ fn gate_container(
     soul: &SoulImage,
     state_dir: &Path,
 ) -> ContainerSpec {
-    const KEYS: &str = "/soul/gate";
+    const KEYS: &str = "/gate";
     let port = stack.gate.port;
     ContainerSpec {
         name: container_name(&stack.stack, &sidecar.name, Role::Gate),
@@ -533,7 +533,7 @@ sidecar "demo" {
         let cmd = gate.command.clone().unwrap().join(" ");
         assert_eq!(
             cmd,
-            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /soul/gate"
+            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /gate"
         );
         assert_eq!(gate.mounts[0].source, "/state/gate");
         assert!(gate.mounts[0].read_only && gate.env.is_empty());

@@ -212,7 +212,6 @@ impl TestStack {
         cmd
     }
 
-    /// `soul apply`, asserting success.
     /// The current token of `device`, as apply wrote it into the state dir.
     pub fn token(&self, device: &str) -> String {
         read(self.state().join(format!("tokens/{device}.jwt")))
@@ -220,6 +219,7 @@ impl TestStack {
             .to_string()
     }
 
+    /// `soul apply`, asserting success.
     pub fn apply(&self) -> Output {
         let o = self.soul(&["apply"]);
         assert!(o.status.success(), "soul apply failed:\n{}", text(&o));
