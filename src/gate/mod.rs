@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use crate::pairing::{Claims, TokenError};
 pub use keys::{GATE_DIR, Keys, PUBLIC_KEY_FILE, REGISTRY_FILE, load};
 use limits::Failures;
 
@@ -135,12 +136,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     }
-    let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
+    let held: Arc<Mutex<Held>> = Arc::default();
     let svc = {
-        let (shared, tokens) = (shared.clone(), tokens.clone());
+        let (shared, held) = (shared.clone(), held.clone());
         hyper::service::service_fn(move |req| {
-            let (shared, tokens) = (shared.clone(), tokens.clone());
-            async move { Ok::<_, Infallible>(handle(req, peer, shared, tokens).await) }
+            let (shared, held) = (shared.clone(), held.clone());
+            async move { Ok::<_, Infallible>(handle(req, peer, shared, held).await) }
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -161,22 +162,55 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 tracing::debug!(source = %peer, "connection ended: {e}");
             }
         }
-        device = revoked(&shared, tokens) => {
+        device = revoked(&shared, held) => {
             tracing::info!(source = %peer, device = %device, "closing the connection of a revoked device");
         }
     }
 }
 
-/// Resolves with the device's name once any token in `tokens` stops verifying.
-async fn revoked(shared: &Shared, tokens: Arc<Mutex<Vec<String>>>) -> String {
+/// The tokens one client connection has presented, each with the keys it verified against.
+/// A request repeating a token under the same keys skips the signature check; when the keys
+/// change, [`revoked`] verifies every held token again and closes the connection if one fails.
+#[derive(Default)]
+struct Held(Vec<(String, Arc<Keys>, Claims)>);
+
+impl Held {
+    fn of(token: String, keys: Arc<Keys>, claims: Claims) -> Held {
+        Held(vec![(token, keys, claims)])
+    }
+
+    /// The claims of `token` if it verified against exactly `keys` and has not expired.
+    fn recall(&self, token: &str, keys: &Arc<Keys>, now: u64) -> Option<Claims> {
+        self.0
+            .iter()
+            .find(|(t, k, c)| t == token && Arc::ptr_eq(k, keys) && c.exp.is_none_or(|e| e > now))
+            .map(|(_, _, c)| c.clone())
+    }
+
+    /// Remembers a token that verified; true when this connection had not presented it before.
+    fn remember(&mut self, token: &str, keys: &Arc<Keys>, claims: &Claims) -> bool {
+        let fresh = !self.0.iter().any(|(t, _, _)| t == token);
+        self.0.retain(|(t, _, _)| t != token);
+        self.0
+            .push((token.to_string(), keys.clone(), claims.clone()));
+        fresh
+    }
+
+    fn tokens(&self) -> Vec<String> {
+        self.0.iter().map(|(t, _, _)| t.clone()).collect()
+    }
+}
+
+/// Resolves with the device's name once any token in `held` stops verifying.
+async fn revoked(shared: &Shared, held: Arc<Mutex<Held>>) -> String {
     let mut keys = shared.keys.clone();
     loop {
         if keys.changed().await.is_err() {
             return std::future::pending().await;
         }
         let current = keys.borrow().clone();
-        let held: Vec<String> = tokens.lock().map(|t| t.clone()).unwrap_or_default();
-        for t in held {
+        let tokens = held.lock().map(|h| h.tokens()).unwrap_or_default();
+        for t in tokens {
             if let Err(e) = check(&shared.cfg.stack, current.as_deref(), &t) {
                 return device_of(&e);
             }
@@ -184,15 +218,9 @@ async fn revoked(shared: &Shared, tokens: Arc<Mutex<Vec<String>>>) -> String {
     }
 }
 
-fn check(
-    stack: &str,
-    keys: Option<&Keys>,
-    token: &str,
-) -> Result<crate::pairing::Claims, crate::pairing::TokenError> {
+fn check(stack: &str, keys: Option<&Keys>, token: &str) -> Result<Claims, TokenError> {
     let Some(k) = keys else {
-        return Err(crate::pairing::TokenError::Invalid(
-            "the gate has no key yet".into(),
-        ));
+        return Err(TokenError::Invalid("the gate has no key yet".into()));
     };
     crate::pairing::verify(
         token,
@@ -203,8 +231,8 @@ fn check(
     )
 }
 
-fn device_of(e: &crate::pairing::TokenError) -> String {
-    use crate::pairing::TokenError as E;
+fn device_of(e: &TokenError) -> String {
+    use TokenError as E;
     match e {
         E::Expired(d) | E::UnknownDevice(d) | E::OldGeneration(d) => d.clone(),
         _ => "-".into(),
@@ -260,7 +288,7 @@ async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    tokens: Arc<Mutex<Vec<String>>>,
+    held: Arc<Mutex<Held>>,
 ) -> Response<Body> {
     if req.uri().path() == HEALTH_PATH {
         return plain(StatusCode::OK, "ok\n");
@@ -295,17 +323,23 @@ async fn handle(
     let Some((token, source)) = token_of(&req) else {
         return refuse("no token", "-");
     };
-    let keys = shared.keys.borrow().clone();
-    let claims = match check(&shared.cfg.stack, keys.as_deref(), &token) {
-        Ok(c) => c,
-        Err(e) => return refuse(&e.to_string(), &device_of(&e)),
+    let Some(keys) = shared.keys.borrow().clone() else {
+        return refuse("the gate has no key yet", "-");
     };
-    if let Ok(mut t) = tokens.lock()
-        && !t.contains(&token)
-    {
-        tracing::info!(source = %peer, device = %claims.sub, "accepted");
-        t.push(token.clone());
-    }
+    let now = crate::reconcile::unix_now();
+    let recalled = held.lock().ok().and_then(|h| h.recall(&token, &keys, now));
+    let claims = match recalled {
+        Some(c) => c,
+        None => match check(&shared.cfg.stack, Some(&keys), &token) {
+            Ok(c) => {
+                if held.lock().is_ok_and(|mut h| h.remember(&token, &keys, &c)) {
+                    tracing::info!(source = %peer, device = %c.sub, "accepted");
+                }
+                c
+            }
+            Err(e) => return refuse(&e.to_string(), &device_of(&e)),
+        },
+    };
     if source == Source::Query {
         // A pairing link opened in a browser: trade the token for a cookie and drop it from
         // the address bar (and from history and Referer headers).
@@ -338,10 +372,12 @@ async fn handle(
         req.headers_mut().remove(header::AUTHORIZATION);
     }
     strip_cookie(req.headers_mut());
-    proxy(req, &shared, token).await.unwrap_or_else(|e| {
-        tracing::warn!(source = %peer, device = %claims.sub, "the app did not answer: {e}");
-        plain(StatusCode::BAD_GATEWAY, "the app is not answering\n")
-    })
+    proxy(req, &shared, Held::of(token, keys, claims.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(source = %peer, device = %claims.sub, "the app did not answer: {e}");
+            plain(StatusCode::BAD_GATEWAY, "the app is not answering\n")
+        })
 }
 
 fn strip_cookie(headers: &mut http::HeaderMap) {
@@ -370,7 +406,7 @@ fn strip_cookie(headers: &mut http::HeaderMap) {
 async fn proxy(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
-    token: String,
+    held: Held,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
     let path = req
         .uri()
@@ -399,10 +435,10 @@ async fn proxy(
                 return;
             };
             let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-            let tokens = Arc::new(Mutex::new(vec![token]));
+            let held = Arc::new(Mutex::new(held));
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut app) => {}
-                device = revoked(&shared, tokens) => {
+                device = revoked(&shared, held) => {
                     tracing::info!(device = %device, "closing the upgraded connection of a revoked device");
                 }
             }

@@ -1,0 +1,166 @@
+//! The gate's cost, against the app directly, measured in the same run (run: `cargo bench
+//! --bench gate`). One nginx pod; `wrk` runs inside the pod's network namespace (entered with
+//! `nsenter`) with 64 connections, alternately straight at the app (127.0.0.1:80) and through
+//! the gate (127.0.0.1:8443, with a paired device's token). Prints requests/s and the ratio
+//! (goal ≥ 0.8× direct), p99 latency and the added p99 (goal < 1 ms), and the gate's peak RSS
+//! under that load (goal < 30 MB). Needs the test images (`.ci/test-images.sh`), `wrk` and
+//! `nsenter`, and root (to enter the namespace).
+
+use std::process::Command;
+use std::time::Duration;
+
+const SOUL: &str = env!("CARGO_BIN_EXE_soul");
+const ROUNDS: usize = 3;
+const SECONDS: u64 = 8;
+
+fn main() {
+    for tool in ["wrk", "nsenter"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "the gate benchmark needs `{tool}` (apt-get install wrk util-linux)"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("soul-bench-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lan = 25000 + (std::process::id() % 1000) as u16;
+    let file = dir.join("stack.kdl");
+    let state = dir.join("state");
+    std::fs::write(
+        &file,
+        format!(
+            "stack \"gbench\"\nsidecar \"web\" {{\n  image \"soul-test/nginx:1\"\n  port 80\n}}\ntransport {{\n  lan port={lan}\n}}\ndevice \"bench\"\n"
+        ),
+    )
+    .unwrap();
+    let soul = |args: &[&str]| {
+        let o = Command::new(SOUL)
+            .arg("-f")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "soul {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    soul(&["apply"]);
+    let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let pause = pid("soul-gbench-web-pause");
+    let gate = pid("soul-gbench-web-gate");
+    let netns = format!("--net=/proc/{pause}/ns/net");
+
+    let direct_url = "http://127.0.0.1:80/";
+    let gate_url = "http://127.0.0.1:8443/";
+    // Both answer before anything is measured; a short warm-up run each.
+    wrk(&netns, direct_url, None, 1);
+    wrk(&netns, gate_url, Some(&auth), 1);
+    let (mut direct, mut gated) = (vec![], vec![]);
+    for _ in 0..ROUNDS {
+        direct.push(wrk(&netns, direct_url, None, SECONDS));
+        gated.push(wrk(&netns, gate_url, Some(&auth), SECONDS));
+    }
+    let peak = peak_rss_mb(gate);
+    soul(&["down", "--volumes"]);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let best = |runs: &[Run]| runs.iter().map(|r| r.rps).fold(0.0, f64::max);
+    let median_p99 = |runs: &[Run]| {
+        let mut v: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (d, g) = (best(&direct), best(&gated));
+    let (dp, gp) = (median_p99(&direct), median_p99(&gated));
+    println!(
+        "gate vs app directly, 64 connections, wrk inside the pod, best of {ROUNDS} × {SECONDS} s:"
+    );
+    println!("  direct     {d:>10.0} req/s   p99 {dp:.2} ms");
+    println!("  via gate   {g:>10.0} req/s   p99 {gp:.2} ms");
+    println!(
+        "  ratio {:.2}× direct (goal ≥ 0.80×), added p99 {:.2} ms (goal < 1 ms), gate peak RSS {peak:.1} MB (goal < 30 MB)",
+        g / d,
+        gp - dp
+    );
+}
+
+/// One wrk run's requests/s and p99 latency.
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+}
+
+fn wrk(netns: &str, url: &str, header: Option<&str>, seconds: u64) -> Run {
+    let mut cmd = Command::new("nsenter");
+    cmd.args([netns, "wrk", "-t2", "-c64", "--latency"])
+        .arg(format!("-d{seconds}s"))
+        .arg("--timeout")
+        .arg("5s");
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
+    let o = cmd.arg(url).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "wrk {url}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !out.contains("Non-2xx"),
+        "wrk {url} got refused answers: {out}"
+    );
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in {out}"));
+    let p99 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| latency_ms(v.trim()))
+        .unwrap_or_else(|| panic!("no 99% latency in {out}"));
+    std::thread::sleep(Duration::from_millis(200));
+    Run { rps, p99_ms: p99 }
+}
+
+/// wrk's latency ("812.00us", "1.20ms", "2.01s") in milliseconds.
+fn latency_ms(v: &str) -> f64 {
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().unwrap_or_else(|_| panic!("latency {v}"));
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => panic!("latency unit in {v}"),
+    }
+}
+
+fn pid(container: &str) -> u32 {
+    let o = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Pid}}", container])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// Peak resident memory (`VmHWM`, in KiB) in megabytes.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib * 1024.0 / 1e6
+}
