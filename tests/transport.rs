@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -95,6 +96,39 @@ device "phone"
         mounts.contains(&format!("soul-{}-notes-tor", s.name)),
         "{mounts}"
     );
+
+    // `soul bridge address` leads with what the QR leads with, `--all` lists every address in
+    // the stack's order, and `soul-bridge address` says the same.
+    let stdout = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let best = stdout(s.soul(&["bridge", "address"]));
+    let all = stdout(s.soul(&["bridge", "address", "--all"]));
+    let listed: Vec<&str> = all.lines().collect();
+    assert_eq!(listed.len(), 2, "{all}");
+    assert_eq!(listed[0], best);
+    assert!(best.starts_with("lan:"), "{all}");
+    assert_eq!(listed[1], format!("tor:{address}"));
+    let link = s.dir.join("soul-bridge");
+    std::os::unix::fs::symlink(SOUL, &link).unwrap();
+    let mut via_link = Command::new(&link);
+    via_link
+        .arg("-f")
+        .arg(s.file())
+        .arg("--state-dir")
+        .arg(s.state())
+        .args(["address", "--all"]);
+    assert_eq!(stdout(run(&mut via_link)), all);
+    // `soul bridge status`: both transports up, with their addresses.
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(s.soul(&["bridge", "status", "--output", "json"]))).unwrap();
+    let rows = status["transports"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{status}");
+    for (row, want) in rows.iter().zip(&listed) {
+        assert_eq!(row["up"], true, "{status}");
+        assert_eq!(row["address"].as_str(), Some(*want), "{status}");
+    }
 
     // A second apply keeps the address and changes nothing.
     let o = s.apply();

@@ -95,7 +95,7 @@ pub async fn serve(
             cfg.failures_per_minute,
             Duration::from_secs(60),
         )),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(upstream_connector()),
         keys: keys_rx,
         cfg,
     });
@@ -112,15 +112,31 @@ pub async fn serve(
             _ = &mut shutdown => return Ok(()),
         };
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => r?,
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than stop serving.
+                    tracing::warn!("gate cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
             _ = &mut shutdown => return Ok(()),
         };
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             connection(stream, peer, shared).await;
             drop(permit);
         });
     }
+}
+
+/// Connections to the app: small requests go out at once (no Nagle delay).
+fn upstream_connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c
 }
 
 /// One client connection: served until it ends, or until a device it authenticated as is
@@ -360,8 +376,9 @@ async fn handle(
         if let Ok(v) = HeaderValue::from_str(&location) {
             r.headers_mut().insert(header::LOCATION, v);
         }
+        let secure = if over_tls(&req, peer) { "; Secure" } else { "" };
         if let Ok(v) = HeaderValue::from_str(&format!(
-            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"
         )) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
@@ -378,6 +395,18 @@ async fn handle(
             tracing::warn!(source = %peer, device = %claims.sub, "the app did not answer: {e}");
             plain(StatusCode::BAD_GATEWAY, "the app is not answering\n")
         })
+}
+
+/// Whether the client reached the pod over TLS: an `https` request (HTTP/2's `:scheme`), or one
+/// that a TLS-terminating proxy inside the pod (on loopback) marks `X-Forwarded-Proto: https`.
+/// The gate itself speaks plain HTTP; a cookie set over TLS must stay on TLS.
+fn over_tls<B>(req: &Request<B>, peer: SocketAddr) -> bool {
+    req.uri().scheme() == Some(&http::uri::Scheme::HTTPS)
+        || (peer.ip().is_loopback()
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
 }
 
 fn strip_cookie(headers: &mut http::HeaderMap) {
@@ -424,6 +453,7 @@ async fn proxy(
     *req.uri_mut() = path.parse()?;
     let client_side = hyper::upgrade::on(&mut req);
     let stream = TcpStream::connect(shared.cfg.upstream).await?;
+    stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());
     let mut resp = sender.send_request(req).await?;
@@ -445,4 +475,58 @@ async fn proxy(
         });
     }
     Ok(resp.map(|b| b.boxed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pairing::claims_for;
+
+    fn keys() -> Arc<Keys> {
+        Arc::new(Keys {
+            public_key: [1; 32],
+            registry: Default::default(),
+        })
+    }
+
+    #[test]
+    fn the_pairing_cookie_is_secure_only_over_tls() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+        let plain = Request::get("/").body(()).unwrap();
+        let https = Request::get("https://pod/").body(()).unwrap();
+        let marked = Request::get("/")
+            .header("x-forwarded-proto", "HTTPS")
+            .body(())
+            .unwrap();
+        assert!(!over_tls(&plain, local));
+        assert!(over_tls(&https, remote));
+        assert!(over_tls(&marked, local));
+        assert!(
+            !over_tls(&marked, remote),
+            "only a proxy inside the pod is believed"
+        );
+    }
+
+    #[test]
+    fn a_held_token_is_recalled_only_under_the_same_keys_and_before_it_expires() {
+        let (k, other) = (keys(), keys());
+        let mut held = Held::default();
+        let claims = claims_for("home", "alice", 1, 1000, Some(2000));
+        assert!(held.remember("t", &k, &claims));
+        assert!(!held.remember("t", &k, &claims), "already held");
+        assert_eq!(held.recall("t", &k, 1999), Some(claims.clone()));
+        assert_eq!(held.recall("t", &k, 2000), None, "expired");
+        assert_eq!(
+            held.recall("t", &other, 1500),
+            None,
+            "equal but reloaded keys"
+        );
+        assert_eq!(held.recall("u", &k, 1500), None);
+        // Verified again under new keys: recalled under those only.
+        held.remember("t", &other, &claims);
+        assert_eq!(held.recall("t", &k, 1500), None);
+        assert!(held.recall("t", &other, 1500).is_some());
+        assert_eq!(held.tokens(), ["t"]);
+    }
 }
