@@ -673,7 +673,9 @@ async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
 
 fn sigil(step: &Step) -> char {
     match step {
-        Step::RemoveContainer { .. } | Step::RemoveNetwork { .. } => '-',
+        Step::RemoveContainer { .. }
+        | Step::RemoveNetwork { .. }
+        | Step::RemoveDuplicateNetwork { .. } => '-',
         Step::StartContainer { .. } => '>',
         _ => '+',
     }
@@ -941,6 +943,12 @@ async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
     for c in &containers {
         docker.remove_container(&c.id).await?;
         out(&format!("  - removed container {}\n", c.name));
+        removed += 1;
+    }
+    // Unused copies of a name first (by ID): the name is ambiguous until they are gone.
+    for (name, id) in &snapshot.duplicate_networks {
+        docker.remove_network(id).await?;
+        out(&format!("  - removed a duplicate of network {name}\n"));
         removed += 1;
     }
     for n in &snapshot.networks {

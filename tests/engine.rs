@@ -461,3 +461,47 @@ fn plan_lists_steps_and_json_never_shows_secret_values() {
     ]);
     assert!(env.contains("DB_PASSWORD=correct-horse-battery"));
 }
+
+#[test]
+fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
+    ensure_images();
+    let s = TestStack::new("dupnet");
+    let lan = free_port();
+    s.write(&two_sidecars(lan, "UTC"));
+    s.apply();
+    // Two runs racing a create (one killed mid-call) can leave two networks of one name: the
+    // engine (API < 1.44) does not refuse the second. Make one the way soul does.
+    let network = format!("soul-{}-web", s.name);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let docker = soul::runtime::Docker::connect().await.unwrap();
+            docker
+                .create_network(&network, &s.name, "web")
+                .await
+                .unwrap();
+        });
+    let copies = || {
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=^{network}$"),
+        ])
+        .lines()
+        .count()
+    };
+    assert_eq!(copies(), 2);
+    // The pod's pause container must join the name again, which fails while it is ambiguous.
+    docker(&["rm", "-f", &s.container("web", "pause")]);
+    let o = s.apply();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("an unused duplicate of"), "{out}");
+    assert_eq!(copies(), 1);
+    assert!(served(&s, lan, Duration::from_secs(20)).is_some());
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

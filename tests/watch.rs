@@ -294,12 +294,23 @@ fn kill_9_mid_pass_then_restart_converges_without_duplicates() {
         // Change something so the next start has work to do again.
         s.write(&kdl(lan, &format!("k{delay_ms}"), 4));
     }
-    let _w = Watch::start(&s, None);
-    wait_for(
-        "convergence after the kills",
-        Duration::from_secs(60),
-        || (0..4).all(|i| greeting(&s, lan + i).as_deref() == Some("k900")),
-    );
+    let w = Watch::start(&s, None);
+    let converged = || (0..4).all(|i| greeting(&s, lan + i).as_deref() == Some("k900"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !converged() {
+        if Instant::now() > deadline {
+            let token = s.token("tester");
+            let answers: Vec<_> = (0..4)
+                .map(|i| http_get_as(lan + i, "/", &token, Duration::ZERO))
+                .collect();
+            panic!(
+                "timed out waiting for convergence after the kills: {answers:?}\n{}\ncontainers: {:?}",
+                w.log(),
+                s.containers()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let names: Vec<String> = s.containers().into_iter().map(|(n, _)| n).collect();
     let mut expected: Vec<String> = (0..4)
         .flat_map(|i| {

@@ -144,6 +144,7 @@ async fn run_engine_step<E: Engine>(engine: &E, stack: &str, step: &Step) -> Res
         Step::CreateContainer { spec, .. } => engine.create_container(spec).await,
         Step::StartContainer { name, .. } => engine.start_container(name).await,
         Step::RemoveNetwork { name } => engine.remove_network(name).await,
+        Step::RemoveDuplicateNetwork { id, .. } => engine.remove_network(id).await,
         Step::WriteFile { .. } | Step::RemoveFile { .. } => Ok(()),
     }
 }

@@ -59,6 +59,7 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
             })
             .collect(),
         networks: snapshot.networks.into_iter().collect(),
+        duplicate_networks: snapshot.duplicate_networks,
         volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
         images: Default::default(),
         files: Default::default(),

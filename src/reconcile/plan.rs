@@ -108,6 +108,8 @@ pub struct Observed {
     pub containers: Vec<ObservedContainer>,
     /// Networks labelled with this stack.
     pub networks: BTreeSet<String>,
+    /// (name, ID) of unused extra copies of a network name (see `runtime::Snapshot`).
+    pub duplicate_networks: Vec<(String, String)>,
     /// Volumes labelled with this stack.
     pub volumes: BTreeSet<String>,
     /// Desired image references present (and, for soul's image, current) → image ID.
@@ -202,6 +204,11 @@ pub enum Step {
     RemoveNetwork {
         name: String,
     },
+    /// Removes an unused copy of a network whose name another network of the stack has.
+    RemoveDuplicateNetwork {
+        name: String,
+        id: String,
+    },
     /// Writes a state-dir file atomically, 0600.
     WriteFile {
         path: String,
@@ -246,6 +253,10 @@ impl fmt::Display for Step {
             }
             Step::StartContainer { name, reason } => write!(f, "start container {name} ({reason})"),
             Step::RemoveNetwork { name } => write!(f, "remove network {name}"),
+            Step::RemoveDuplicateNetwork { name, id } => {
+                let short = id.get(..12).unwrap_or(id);
+                write!(f, "remove network {short}, an unused duplicate of {name}")
+            }
             Step::WriteFile { what, path, .. } => write!(f, "write {path}: {what}"),
             Step::RemoveFile { path } => write!(f, "remove {path}"),
         }
@@ -303,6 +314,14 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
 
     plan_files(desired, observed, &mut steps);
+
+    // An ambiguous network name stops every container that joins it: clear it first.
+    for (name, id) in &observed.duplicate_networks {
+        steps.push(Step::RemoveDuplicateNetwork {
+            name: name.clone(),
+            id: id.clone(),
+        });
+    }
 
     let declared: BTreeSet<&str> = desired
         .pods

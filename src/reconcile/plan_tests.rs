@@ -109,6 +109,7 @@ fn simulate(o: &mut Observed, step: &Step) {
         Step::RemoveNetwork { name } => {
             o.networks.remove(name);
         }
+        Step::RemoveDuplicateNetwork { id, .. } => o.duplicate_networks.retain(|(_, d)| d != id),
         Step::RemoveContainer { id, .. } => o.containers.retain(|c| c.id != *id),
         Step::WriteFile { path, content, .. } => {
             let bytes = match content {
@@ -307,6 +308,14 @@ fn situations() {
                 "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
                 "start container soul-home-notes-app (pod's pause container is new)",
             ],
+        ),
+        (
+            "a network name made twice by racing runs: the unused copy goes, nothing else",
+            |_, o| {
+                o.duplicate_networks
+                    .push(("soul-home-notes".into(), "0123456789abcdef".into()));
+            },
+            &["remove network 0123456789ab, an unused duplicate of soul-home-notes"],
         ),
         (
             "a duplicate with a declared name is removed",

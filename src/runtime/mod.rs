@@ -4,7 +4,7 @@
 
 mod image;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 
 use bollard::Docker as Bollard;
@@ -81,6 +81,11 @@ pub struct ContainerInfo {
 pub struct Snapshot {
     pub containers: Vec<ContainerInfo>,
     pub networks: Vec<String>,
+    /// (name, ID) of networks that repeat another network's name and that no container uses.
+    /// The engine does not refuse a second network of the same name (API < 1.44) when two
+    /// creates race, e.g. a run killed mid-create and the next run; the name is then ambiguous
+    /// and nothing can join it until the extra copies are removed.
+    pub duplicate_networks: Vec<(String, String)>,
     pub volumes: Vec<String>,
 }
 
@@ -146,17 +151,35 @@ impl Docker {
                 }
             })
             .collect();
-        let networks = self
+        let listed = self
             .docker
             .list_networks(Some(
                 ListNetworksOptionsBuilder::default()
                     .filters(&filters)
                     .build(),
             ))
-            .await?
-            .into_iter()
-            .filter_map(|n| n.name)
-            .collect();
+            .await?;
+        let mut by_name: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for n in listed {
+            if let (Some(name), Some(id)) = (n.name, n.id) {
+                by_name
+                    .entry(name)
+                    .or_default()
+                    .push((n.created.unwrap_or_default(), id));
+            }
+        }
+        let mut duplicate_networks = Vec::new();
+        for (name, copies) in &by_name {
+            if copies.len() > 1 {
+                duplicate_networks.extend(
+                    self.unused_copies(copies)
+                        .await?
+                        .into_iter()
+                        .map(|id| (name.clone(), id)),
+                );
+            }
+        }
+        let networks = by_name.into_keys().collect();
         let volumes = self
             .docker
             .list_volumes(Some(
@@ -173,8 +196,36 @@ impl Docker {
         Ok(Snapshot {
             containers,
             networks,
+            duplicate_networks,
             volumes,
         })
+    }
+
+    /// Of several networks sharing a name, (created, ID), the IDs to remove: every copy no
+    /// container uses, except the oldest when none is used.
+    async fn unused_copies(
+        &self,
+        copies: &[(String, String)],
+    ) -> Result<Vec<String>, RuntimeError> {
+        let mut used = Vec::new();
+        for (_, id) in copies {
+            let n = self.docker.inspect_network(id, None).await?;
+            used.push(n.containers.is_some_and(|c| !c.is_empty()));
+        }
+        let keep = match used.iter().position(|u| *u) {
+            Some(_) => None,
+            None => copies
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(i, _)| i),
+        };
+        Ok(copies
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !used[*i] && Some(*i) != keep)
+            .map(|(_, (_, id))| id.clone())
+            .collect())
     }
 
     /// The image ID `reference` points at, or `None` when the engine does not have it.
