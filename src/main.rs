@@ -15,10 +15,14 @@ fn main() {
         args.insert(1, "bridge".into());
     }
     let cli = Cli::parse_from(args);
-    let watching = matches!(cli.command, Command::Watch(_));
+    // Long-running commands report what they do (watch: each pass; the gate: its audit log);
+    // one-shot commands stay quiet.
+    let long_running = matches!(
+        cli.command,
+        Command::Watch(_) | Command::Gate { .. } | Command::Pause { .. }
+    );
     let default = match cli.verbose {
-        // A long-running watch reports each pass; one-shot commands stay quiet.
-        0 if watching => "info",
+        0 if long_running => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",

@@ -102,6 +102,14 @@ struct Gate {
     child: Child,
     port: u16,
     keys: std::path::PathBuf,
+    /// The gate's stderr: its audit log.
+    log: std::path::PathBuf,
+}
+
+impl Gate {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for Gate {
@@ -145,6 +153,7 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
     let _ = std::fs::remove_dir_all(&keys);
     write_keys(&keys, key, reg);
     let port = free_port();
+    let log = keys.with_extension("log");
     let child = Command::new(SOUL)
         .args([
             "gate",
@@ -159,7 +168,7 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
         .arg(&keys)
         .args(["--header-timeout", "2s", "--failures-per-minute", "20"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -169,7 +178,12 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
         assert!(Instant::now() < deadline, "gate did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Gate { child, port, keys }
+    Gate {
+        child,
+        port,
+        keys,
+        log,
+    }
 }
 
 /// One request; returns the whole raw response.
@@ -272,6 +286,37 @@ fn only_valid_tokens_reach_the_app() {
     );
     let r = request(gate.port, "/.soul/health", "");
     assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
+
+    // The audit log: a line per refused request with its reason (and the device when known),
+    // a line per accepted connection, and never a token.
+    let audit = gate.log();
+    let refused: Vec<&str> = audit.lines().filter(|l| l.contains("refused")).collect();
+    assert_eq!(refused.len(), bad.len(), "{audit}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.contains("reason=") && l.contains("source=127.0.0.1")),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("device=bob") && audit.contains("no token"),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("accepted") && l.contains("device=alice")),
+        "{audit}"
+    );
+    for (what, header) in bad.iter().filter(|(_, h)| !h.is_empty()) {
+        let token = header.trim().trim_start_matches("Authorization: Bearer ");
+        let signature = token.rsplit('.').next().unwrap_or(token);
+        assert!(
+            signature.is_empty() || !audit.contains(signature),
+            "{what}: the log shows a token"
+        );
+    }
+    assert!(!audit.contains(parts[2]), "the log shows alice's token");
 
     // A pairing link: the token is traded for a cookie and dropped from the address.
     let r = request(gate.port, &format!("/page?x=1&soul_token={good}"), "");
@@ -687,6 +732,22 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connection(
     assert!(applied.elapsed() < Duration::from_secs(1));
     let r = request(lan, "/", &bearer(&alice));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // The gate's audit log (its container's log) says who came in and who was cut off.
+    let o = run(Command::new("docker").args(["logs", &s.container("web", "gate")]));
+    let audit = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("accepted") && l.contains("device=bob")),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("revoked device") && l.contains("device=bob")),
+        "{audit}"
+    );
+    assert!(!audit.contains(&bob) && !audit.contains(&alice));
     // The gate was neither recreated nor restarted to do it.
     assert_eq!(s.container_id("web", "gate"), Some(gate));
     let restarts = docker(&[

@@ -29,6 +29,8 @@ use limits::Failures;
 
 /// The cookie a browser gets in exchange for a pairing link's `?soul_token=`.
 pub const COOKIE: &str = "soul_token";
+/// Concurrent requests one HTTP/2 connection may have in flight.
+const H2_MAX_STREAMS: u32 = 128;
 /// The health endpoint Docker's health check calls; it reveals nothing.
 pub const HEALTH_PATH: &str = "/.soul/health";
 
@@ -170,7 +172,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(shared.cfg.max_header_bytes as u32);
+        .max_header_list_size(shared.cfg.max_header_bytes as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        // A peer that stops answering pings is gone: free its slot.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::select! {
         r = conn => {
@@ -316,7 +322,7 @@ async fn handle(
             .lock()
             .map(|mut f| f.record(ip))
             .unwrap_or(false);
-        tracing::warn!(source = %peer, device, reason, path = %req.uri().path(), "refused");
+        tracing::warn!(source = %peer, device = %device, reason, path = %req.uri().path(), "refused");
         if limited {
             let mut r = plain(
                 StatusCode::TOO_MANY_REQUESTS,
