@@ -347,6 +347,22 @@ fn only_valid_tokens_reach_the_app() {
     assert!(limited > 0, "no rate limiting");
     assert!(request(gate.port, "/", &bearer(&good)).starts_with("HTTP/1.1 200"));
 
+    // Oversized requests are refused before any token check or the app: too many headers,
+    // or headers too large.
+    let many: String = (0..100).map(|i| format!("X-Filler-{i}: x\r\n")).collect();
+    let r = request(gate.port, "/", &format!("{many}{}", bearer(&good)));
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r}");
+    let huge = format!("X-Filler: {}\r\n", "x".repeat(64 * 1024));
+    let r = request(gate.port, "/", &format!("{huge}{}", bearer(&good)));
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r}");
+    let before = log.lock().unwrap().len();
+    assert!(request(gate.port, "/", &bearer(&good)).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        log.lock().unwrap().len(),
+        before + 1,
+        "oversized requests reached the app"
+    );
+
     // A slow client that never finishes its headers is cut off; others are served meanwhile.
     let mut slow = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -460,6 +476,22 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
         "bob's socket was disturbed"
     );
     assert!(request(gate.port, "/", &bearer(&bob)).starts_with("HTTP/1.1 200"));
+
+    // A new stack key (`soul rotate`): every old token stops, open sockets included,
+    // and the re-issued token works, without a restart.
+    let rotated = StackKey::from_seed(1, [7; 32]);
+    let rotated_at = Instant::now();
+    write_keys(&gate.keys, &rotated, &registry(&[("bob", 1)]));
+    b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let closed = matches!(b.read(&mut buf), Ok(0) | Err(_));
+    assert!(
+        closed && rotated_at.elapsed() < Duration::from_millis(1500),
+        "bob's socket outlived the key {:?}",
+        rotated_at.elapsed()
+    );
+    assert!(request(gate.port, "/", &bearer(&bob)).starts_with("HTTP/1.1 401"));
+    let reissued = issue(&rotated, &claims_for("home", "bob", 1, 1000, None)).unwrap();
+    assert!(request(gate.port, "/", &bearer(&reissued)).starts_with("HTTP/1.1 200"));
 }
 
 #[test]
