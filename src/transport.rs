@@ -252,16 +252,39 @@ impl TailnetDriver {
     pub const AUTHKEY: &str = "/run/secrets/soul/authkey";
     pub const STATE: &str = "/var/lib/tailscale";
     pub const CONFIG_DIR: &str = "/config";
-    pub const HEALTH: &str = "127.0.0.1:41234";
+    /// containerboot's health endpoint (`TS_LOCAL_ADDR_PORT`), on 127.0.0.1 in the pod.
+    pub const HEALTH_PORT: u16 = 41234;
 
-    /// The serve config: a TCP forward of the tailnet port to the pod.
-    pub fn serve_config(service_port: u16, target_port: u16) -> String {
-        let v = serde_json::json!({
-            "TCP": { service_port.to_string(): { "TCPForward": format!("127.0.0.1:{target_port}") } }
-        });
+    /// The serve config: a TCP forward of the tailnet port to the pod's gate, and of each of
+    /// `shadowed` to the gate as well (see [`Self::shadowed_ports`]).
+    pub fn serve_config(service_port: u16, target_port: u16, shadowed: &[u16]) -> String {
+        let to_gate = serde_json::json!({ "TCPForward": format!("127.0.0.1:{target_port}") });
+        let mut tcp = serde_json::Map::new();
+        for port in std::iter::once(service_port).chain(shadowed.iter().copied()) {
+            tcp.insert(port.to_string(), to_gate.clone());
+        }
+        let v = serde_json::json!({ "TCP": tcp });
         let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
         s.push('\n');
         s
+    }
+}
+
+impl TailnetDriver {
+    /// Ports of the pod a tailnet peer could otherwise reach around the gate. In userspace
+    /// mode tailscaled forwards every tailnet connection that serve does not handle to
+    /// `127.0.0.1:<same port>`, from inside the pod, where the pod's guard (which refuses only
+    /// traffic from outside the namespace) cannot tell it from the pod's own: so the app's port
+    /// and tailscaled's health port are served too, by the gate. Kernel mode needs none: its
+    /// packets arrive on `tailscale0` and the guard refuses them.
+    fn shadowed_ports(&self, ctx: &PodContext<'_>) -> Vec<u16> {
+        if !self.userspace {
+            return Vec::new();
+        }
+        [ctx.sidecar.port, Self::HEALTH_PORT]
+            .into_iter()
+            .filter(|p| *p != ctx.service_port)
+            .collect()
     }
 }
 
@@ -274,7 +297,8 @@ impl Driver for TailnetDriver {
         let stack = &ctx.stack.stack;
         let sidecar = &ctx.sidecar.name;
         let kind = self.kind.as_str();
-        let serve = Self::serve_config(ctx.service_port, ctx.target_port);
+        let serve =
+            Self::serve_config(ctx.service_port, ctx.target_port, &self.shadowed_ports(ctx));
         let config_dir = format!("transports/{sidecar}/{kind}");
         let volume = volume_name(stack, &format!("{sidecar}-{kind}"));
         let name = container_name(stack, sidecar, Role::Tailscale);
@@ -300,7 +324,10 @@ impl Driver for TailnetDriver {
             ("TS_AUTH_ONCE", "true".into()),
             ("TS_USERSPACE", self.userspace.to_string()),
             ("TS_ENABLE_HEALTH_CHECK", "true".into()),
-            ("TS_LOCAL_ADDR_PORT", Self::HEALTH.into()),
+            (
+                "TS_LOCAL_ADDR_PORT",
+                format!("127.0.0.1:{}", Self::HEALTH_PORT),
+            ),
             (
                 "TS_SERVE_CONFIG",
                 format!("{}/serve.json", Self::CONFIG_DIR),
@@ -369,7 +396,7 @@ impl Driver for TailnetDriver {
                     "wget".into(),
                     "-q".into(),
                     "--spider".into(),
-                    format!("http://{}/healthz", Self::HEALTH),
+                    format!("http://127.0.0.1:{}/healthz", Self::HEALTH_PORT),
                 ],
                 interval_ms: 30_000,
                 timeout_ms: 10_000,

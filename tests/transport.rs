@@ -325,6 +325,17 @@ transport {{
         "{env:?}"
     );
     assert!(env.contains(&"TS_USERSPACE=true".to_string()));
+    // Userspace tailscaled forwards unserved tailnet ports to 127.0.0.1 inside the pod, where
+    // the guard cannot refuse them: the app's port and the health port lead to the gate too.
+    let serve: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.state().join("transports/web/headscale/serve.json")).unwrap(),
+    )
+    .unwrap();
+    let to_gate = serde_json::json!({"TCPForward": "127.0.0.1:8443"});
+    assert_eq!(
+        serve,
+        serde_json::json!({"TCP": {"8443": to_gate, "80": to_gate, "41234": to_gate}})
+    );
     assert_eq!(inspect(&c, ".HostConfig.CapAdd"), serde_json::Value::Null);
     let devices = inspect(&c, ".HostConfig.Devices");
     assert!(
