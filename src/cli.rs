@@ -182,7 +182,10 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
         /// The app's port: refused unless the packet comes from inside the pod.
         #[arg(long, value_name = "PORT")]
         private_port: Option<u16>,
-        /// Only check that the port is guarded (the pause container's health check).
+        /// The gate's port: every other TCP service port is refused from outside the pod.
+        #[arg(long, value_name = "PORT", requires = "private_port")]
+        gate_port: Option<u16>,
+        /// Only check that the ports are guarded (the pause container's health check).
         #[arg(long, requires = "private_port")]
         check: bool,
     },
@@ -516,21 +519,28 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         }
         Command::Pause {
             private_port,
+            gate_port,
             check,
         } => {
-            if let (Some(port), true) = (private_port, check) {
-                return match crate::guard::installed(*port) {
+            let policy = private_port.map(|app_port| crate::guard::Policy {
+                app_port,
+                gate_port: *gate_port,
+            });
+            if let (Some(policy), true) = (policy, check) {
+                return match crate::guard::installed(policy) {
                     Ok(true) => Ok(Exit::Ok),
                     Ok(false) => Err(CliError::Io(format!(
-                        "the app's port {port} is not guarded in this pod"
+                        "the app's port {} is not guarded in this pod",
+                        policy.app_port
                     ))),
                     Err(e) => Err(CliError::Io(e.to_string())),
                 };
             }
-            if let Some(port) = private_port {
+            if let Some(policy) = policy {
                 // Never stop holding the namespace over this: the pod stays up, and the
                 // pause container's health check reports the port as unguarded.
-                match crate::guard::install(*port) {
+                let port = policy.app_port;
+                match crate::guard::install(policy) {
                     Ok(()) => tracing::info!(
                         "port {port} answers only inside the pod; the gate is the way in"
                     ),

@@ -1,21 +1,30 @@
-//! The pod's guard: keeps the app's port private to the pod. The pause container, which owns
-//! the pod's network namespace (and alone holds NET_ADMIN there), installs policy-routing
-//! rules so that a packet for the app's port that did not come from inside the pod is refused,
-//! even when the app binds 0.0.0.0. Only the gate (and whatever the overlays forward to it)
-//! answers from outside.
+//! The pod's guard: only the gate answers from outside the pod. The pause container, which
+//! owns the pod's network namespace (and alone holds NET_ADMIN there), installs
+//! policy-routing rules so that a packet that did not come from inside the pod is refused when
+//! it is for the app's port (TCP and UDP, even when the app binds 0.0.0.0) or for any other TCP
+//! service port but the gate's. Whatever the pod listens on stays reachable inside the pod, on
+//! `lo`; the overlays, which forward to the gate there, are unaffected.
 //!
-//! The rules, for IPv4 and IPv6, in the namespace's rule list (`ip rule`):
+//! The rules, for IPv4 and IPv6, in the namespace's rule list (`ip rule`), with the app on
+//! 8080 and the gate on 8443:
 //!
 //! ```text
-//! 10: from all iif lo goto 13                  # traffic from inside the pod: untouched
-//! 11: from all ipproto tcp dport <app> prohibit  # anything else for the app's port: refused
-//! 12: from all ipproto udp dport <app> prohibit
-//! 13: from all lookup local                     # the kernel's pref-0 local rule, moved here
+//! 10: from all iif lo goto 20                          # from inside the pod: untouched
+//! 11: from all ipproto tcp dport 8080 prohibit           # the app's port: refused
+//! 12: from all ipproto udp dport 8080 prohibit
+//! 13: from all ipproto tcp dport 1-8442 prohibit         # every other TCP service port…
+//! 14: from all ipproto tcp dport 8444-32767 prohibit     # …below the ephemeral range
+//! 20: from all lookup local                             # the kernel's pref-0 rule, moved here
 //! ```
 //!
-//! They carry soul's own rule protocol, so installing is idempotent (soul's rules are removed
-//! and written again) and never touches anyone else's. They are plain rtnetlink messages on a
-//! netlink socket: no iptables or nft binary is needed in soul's `FROM scratch` image.
+//! Ports from the namespace's ephemeral range (`net.ipv4.ip_local_port_range`) up stay open:
+//! the replies to the pod's own outbound connections (tor, the overlays' control planes)
+//! arrive there, and routing rules cannot tell a reply from a new connection.
+//!
+//! The rules carry soul's own rule protocol, so installing is idempotent (soul's rules are
+//! removed and written again) and never touches anyone else's. They are plain rtnetlink
+//! messages on a netlink socket: no iptables or nft binary is needed in soul's `FROM scratch`
+//! image.
 
 use std::io;
 
@@ -59,7 +68,49 @@ const AF_INET6: u8 = 10;
 const PREF_FROM_POD: u32 = 10;
 const PREF_TCP: u32 = 11;
 const PREF_UDP: u32 = 12;
-const PREF_LOCAL: u32 = 13;
+/// The first of the service-port range rules (one or two).
+const PREF_SERVICE_PORTS: u32 = 13;
+const PREF_LOCAL: u32 = 20;
+
+/// Where the ephemeral range starts when the namespace does not say.
+const DEFAULT_EPHEMERAL_START: u16 = 32768;
+
+/// What the guard keeps private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The app's port: refused from outside, TCP and UDP.
+    pub app_port: u16,
+    /// The gate's port: with it, every other TCP service port is refused from outside too.
+    pub gate_port: Option<u16>,
+}
+
+impl Policy {
+    /// The TCP port ranges refused besides the app's: every port below `ephemeral_start`
+    /// except the gate's.
+    fn service_ranges(&self, ephemeral_start: u16) -> Vec<(u16, u16)> {
+        let Some(gate) = self.gate_port else {
+            return Vec::new();
+        };
+        let last = ephemeral_start.saturating_sub(1);
+        let mut ranges = Vec::new();
+        let below = gate.saturating_sub(1).min(last);
+        if below >= 1 {
+            ranges.push((1, below));
+        }
+        if gate < last {
+            ranges.push((gate + 1, last));
+        }
+        ranges
+    }
+}
+
+/// The first port of this namespace's ephemeral range.
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(DEFAULT_EPHEMERAL_START)
+}
 
 /// Why the guard could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +127,13 @@ pub enum GuardError {
     },
 }
 
-/// Makes `port` (TCP and UDP) reachable only from inside this network namespace. Safe to run
-/// again: soul's earlier rules are replaced.
-pub fn install(port: u16) -> Result<(), GuardError> {
+/// Installs `policy` in this network namespace. Safe to run again: soul's earlier rules are
+/// replaced.
+pub fn install(policy: Policy) -> Result<(), GuardError> {
     let socket = Netlink::open()?;
+    let ranges = policy.service_ranges(ephemeral_start());
     for family in [AF_INET, AF_INET6] {
-        match install_family(&socket, family, port) {
+        match install_family(&socket, family, policy.app_port, &ranges) {
             // A kernel (or namespace) without IPv6 has nothing to guard there.
             Err(GuardError::Netlink { source, .. })
                 if family == AF_INET6
@@ -93,25 +145,35 @@ pub fn install(port: u16) -> Result<(), GuardError> {
     Ok(())
 }
 
-/// Whether soul's rules for `port` are in place (for the pause container's health check).
-pub fn installed(port: u16) -> Result<bool, GuardError> {
+/// Whether `policy`'s rules are in place (for the pause container's health check).
+pub fn installed(policy: Policy) -> Result<bool, GuardError> {
     let socket = Netlink::open()?;
     let rules = socket.dump_rules(AF_INET)?;
-    let has = |ip_proto: u8| {
+    let has = |ip_proto: u8, dport: (u16, u16)| {
         rules.iter().any(|r| {
             r.protocol == RULE_PROTOCOL
                 && r.action == FR_ACT_PROHIBIT
                 && r.ip_proto == Some(ip_proto)
-                && r.dport == Some((port, port))
+                && r.dport == Some(dport)
         })
     };
+    let app = (policy.app_port, policy.app_port);
+    let services = policy
+        .service_ranges(ephemeral_start())
+        .into_iter()
+        .all(|range| has(IPPROTO_TCP, range));
     let kernel_local_first = rules
         .iter()
         .any(|r| r.protocol == RTPROT_KERNEL && r.table == RT_TABLE_LOCAL && r.priority == 0);
-    Ok(has(IPPROTO_TCP) && has(IPPROTO_UDP) && !kernel_local_first)
+    Ok(has(IPPROTO_TCP, app) && has(IPPROTO_UDP, app) && services && !kernel_local_first)
 }
 
-fn install_family(socket: &Netlink, family: u8, port: u16) -> Result<(), GuardError> {
+fn install_family(
+    socket: &Netlink,
+    family: u8,
+    port: u16,
+    service_ranges: &[(u16, u16)],
+) -> Result<(), GuardError> {
     // Remove soul's rules from an earlier run (each delete removes one).
     for _ in 0..16 {
         let mut del = Rule::new(family, 0);
@@ -142,26 +204,38 @@ fn install_family(socket: &Netlink, family: u8, port: u16) -> Result<(), GuardEr
     local.attr_u32(FRA_PRIORITY, PREF_LOCAL);
     local.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
     add(local, "`lookup local`")?;
-    for (pref, ip_proto, name) in [
-        (PREF_TCP, IPPROTO_TCP, "tcp"),
-        (PREF_UDP, IPPROTO_UDP, "udp"),
-    ] {
+    let mut refused = vec![
+        (PREF_TCP, IPPROTO_TCP, (port, port)),
+        (PREF_UDP, IPPROTO_UDP, (port, port)),
+    ];
+    for (pref, range) in (PREF_SERVICE_PORTS..).zip(service_ranges) {
+        refused.push((pref, IPPROTO_TCP, *range));
+    }
+    for (pref, ip_proto, (first, last)) in refused {
         let mut refuse = Rule::new(family, FR_ACT_PROHIBIT);
         refuse.attr_u32(FRA_PRIORITY, pref);
         refuse.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
         refuse.attr_u8(FRA_IP_PROTO, ip_proto);
         let mut range = Vec::with_capacity(4);
-        range.extend_from_slice(&port.to_ne_bytes());
-        range.extend_from_slice(&port.to_ne_bytes());
+        range.extend_from_slice(&first.to_ne_bytes());
+        range.extend_from_slice(&last.to_ne_bytes());
         refuse.attr(FRA_DPORT_RANGE, &range);
-        add(refuse, &format!("`ipproto {name} dport {port} prohibit`"))?;
+        let name = if ip_proto == IPPROTO_TCP {
+            "tcp"
+        } else {
+            "udp"
+        };
+        add(
+            refuse,
+            &format!("`ipproto {name} dport {first}-{last} prohibit`"),
+        )?;
     }
     let mut from_pod = Rule::new(family, FR_ACT_GOTO);
     from_pod.attr_u32(FRA_PRIORITY, PREF_FROM_POD);
     from_pod.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
     from_pod.attr(FRA_IIFNAME, b"lo\0");
     from_pod.attr_u32(FRA_GOTO, PREF_LOCAL);
-    add(from_pod, "`iif lo goto 13`")?;
+    add(from_pod, &format!("`iif lo goto {PREF_LOCAL}`"))?;
     // Last, the kernel's own local rule at pref 0 goes: from now on ours decide.
     let mut kernel_local = Rule::new(family, FR_ACT_TO_TBL);
     kernel_local.header_table(RT_TABLE_LOCAL);
@@ -365,6 +439,26 @@ fn parse_rule(body: &[u8]) -> SeenRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tcp_service_port_but_the_gates_is_refused_below_the_ephemeral_range() {
+        let p = |gate| Policy {
+            app_port: 80,
+            gate_port: gate,
+        };
+        assert_eq!(
+            p(Some(8443)).service_ranges(32768),
+            [(1, 8442), (8444, 32767)]
+        );
+        assert_eq!(p(Some(1)).service_ranges(32768), [(2, 32767)]);
+        assert_eq!(p(Some(32767)).service_ranges(32768), [(1, 32766)]);
+        assert_eq!(p(Some(40000)).service_ranges(32768), [(1, 32767)]);
+        assert_eq!(
+            p(Some(8443)).service_ranges(10000),
+            [(1, 8442), (8444, 9999)]
+        );
+        assert!(p(None).service_ranges(32768).is_empty());
+    }
 
     #[test]
     fn a_rule_encodes_and_parses_back() {

@@ -186,15 +186,15 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
     }
 }
 
-/// One request; returns the whole raw response.
+/// One request; returns the whole raw response (empty when the gate closed the connection
+/// before answering, even while the request was still being sent).
 fn request(port: u16, path: &str, headers: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
+    let _ = write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
-    )
-    .unwrap();
+    );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -656,11 +656,24 @@ fn curl_from(network: &str, url: &str, token: Option<&str>) -> String {
 }
 
 #[test]
-fn in_a_pod_the_apps_port_answers_only_from_inside_the_pod() {
+fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
     ensure_images();
     let s = TestStack::new("guard");
     let lan = free_port();
-    s.write(&pod_stack(lan, &["alice"]));
+    // nginx serves the app on 80 and, like many apps, something else on 9000; both on 0.0.0.0.
+    let conf = s.dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        "events {}\nhttp {\n  server { listen 80; root /var/www/html; }\n  server { listen 9000; return 200 \"admin\\n\"; }\n}\n",
+    )
+    .unwrap();
+    s.write(&pod_stack(lan, &["alice"]).replace(
+        "    port 80\n",
+        &format!(
+            "    port 80\n    volume \"{}\" \"/etc/nginx/nginx.conf\" read-only=#true\n",
+            conf.display()
+        ),
+    ));
     s.apply();
     let alice = s.token("alice");
     assert_eq!(
@@ -701,6 +714,10 @@ fn in_a_pod_the_apps_port_answers_only_from_inside_the_pod() {
         "200"
     );
     assert_eq!(curl_from(network, &format!("http://{ip}:80/"), None), "000");
+    assert_eq!(
+        curl_from(network, &format!("http://{ip}:9000/"), None),
+        "000"
+    );
     // Nor from this host, which sits on the same bridge.
     assert!(
         TcpStream::connect_timeout(&format!("{ip}:80").parse().unwrap(), Duration::from_secs(3))
@@ -711,6 +728,26 @@ fn in_a_pod_the_apps_port_answers_only_from_inside_the_pod() {
     let inside = format!("container:{pause}");
     assert_eq!(curl_from(&inside, "http://127.0.0.1:80/", None), "200");
     assert_eq!(curl_from(&inside, &format!("http://{ip}:80/"), None), "200");
+    assert_eq!(curl_from(&inside, "http://127.0.0.1:9000/", None), "200");
+    // The pod's own outbound connections still work: their replies come back to ephemeral
+    // ports, which the guard leaves open (here: a server on the pod's network, by name).
+    let outside = format!("{}-outside", s.container("web", "peer"));
+    docker(&[
+        "run",
+        "-d",
+        "--rm",
+        "--name",
+        &outside,
+        "--network",
+        network,
+        NGINX,
+    ]);
+    let reached = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        curl_from(&inside, &format!("http://{outside}:80/"), None) == "200"
+    });
+    docker(&["rm", "-f", &outside]);
+    assert!(reached, "the pod could not reach a server outside it");
 
     // The pause container's health check is the guard's own check.
     let o = run(Command::new("docker").args([
@@ -720,6 +757,8 @@ fn in_a_pod_the_apps_port_answers_only_from_inside_the_pod() {
         "pause",
         "--private-port",
         "80",
+        "--gate-port",
+        "8443",
         "--check",
     ]));
     assert!(o.status.success(), "{}", text(&o));

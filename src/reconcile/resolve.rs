@@ -153,12 +153,15 @@ pub fn resolve(
             sidecar: sidecar.name.clone(),
             role: Role::Pause,
             image: soul.reference.clone(),
-            // It keeps the app's port private to the pod (crate::guard): the only container
-            // with NET_ADMIN that soul makes, and it runs nothing but soul.
+            // It keeps the app's port, and every service port but the gate's, private to the
+            // pod (crate::guard): the only container with NET_ADMIN that soul makes, and it
+            // runs nothing but soul.
             command: Some(vec![
                 "pause".into(),
                 "--private-port".into(),
                 sidecar.port.to_string(),
+                "--gate-port".into(),
+                stack.gate.port.to_string(),
             ]),
             env: BTreeMap::new(),
             mounts: Vec::new(),
@@ -171,6 +174,8 @@ pub fn resolve(
                     "pause".into(),
                     "--private-port".into(),
                     sidecar.port.to_string(),
+                    "--gate-port".into(),
+                    stack.gate.port.to_string(),
                     "--check".into(),
                 ],
                 interval_ms: 30_000,
@@ -525,6 +530,17 @@ sidecar "demo" {
                 container: 8443
             }]
         );
+        // The pause container guards the app's port and leaves only the gate's open.
+        assert_eq!(
+            pause.command.as_ref().unwrap().join(" "),
+            "pause --private-port 80 --gate-port 8443"
+        );
+        assert!(pause.health.as_ref().unwrap().test.ends_with(&[
+            "--gate-port".into(),
+            "8443".into(),
+            "--check".into()
+        ]));
+        assert_eq!(pause.cap_add, ["NET_ADMIN"]);
         assert_eq!(gate.role, Role::Gate);
         assert_eq!(
             gate.network_mode,
