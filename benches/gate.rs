@@ -9,6 +9,9 @@
 use std::process::Command;
 use std::time::Duration;
 
+#[path = "../tests/support/memory.rs"]
+mod memory;
+
 const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 const ROUNDS: usize = 3;
 const SECONDS: u64 = 8;
@@ -83,7 +86,8 @@ fn main() {
         direct_one.push(wrk(&netns, direct_url, None, 1, SECONDS / 2));
         gated_one.push(wrk(&netns, gate_url, Some(&auth), 1, SECONDS / 2));
     }
-    let peak = peak_rss_mb(gate);
+    // MiB → MB: the goal is in megabytes.
+    let peak = memory::status_mib(gate, "VmHWM") * 1.048_576;
     soul(&["down", "--volumes"]);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -176,16 +180,4 @@ fn pid(container: &str) -> u32 {
         .output()
         .unwrap();
     String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-}
-
-/// Peak resident memory (`VmHWM`, in KiB) in megabytes.
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib * 1024.0 / 1e6
 }

@@ -12,6 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/memory.rs"]
+mod memory;
+
 const SOUL: &str = env!("CARGO_BIN_EXE_soul");
 const RUNS: usize = 5;
 
@@ -128,7 +131,7 @@ fn main() {
     let cpu0 = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(idle_secs));
     let cpu = cpu_seconds(pid) - cpu0;
-    let rss = rss_mb(pid);
+    let rss = memory::status_mib(pid, "VmRSS");
     println!(
         "  idle {idle_secs} s: RSS {rss:.1} MB (goal < 20 MB: {}), CPU {cpu:.3} s (goal < 0.1 s: {})",
         verdict(rss < 20.0),
@@ -199,17 +202,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

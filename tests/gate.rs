@@ -530,18 +530,6 @@ fn an_sse_stream_passes_event_by_event() {
     }
 }
 
-/// The peak resident memory of a process, in MiB (`VmHWM`).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib / 1024.0
-}
-
 #[test]
 fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
     let app = app();
@@ -564,7 +552,7 @@ fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let received = std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
     assert_eq!(received, BIG);
-    let peak = peak_rss_mib(gate.child.id());
+    let peak = support::memory::status_mib(gate.child.id(), "VmHWM");
     eprintln!("gate peak RSS after streaming 1 GiB: {peak:.1} MiB");
     assert!(
         peak < 64.0,

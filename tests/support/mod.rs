@@ -3,6 +3,8 @@
 //! missing, and cleans up on drop.
 #![allow(dead_code)]
 
+pub mod memory;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
