@@ -155,11 +155,18 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
     )]
     Image,
     /// Run inside a pod: the front door. Only requests with a valid device token reach the app.
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        after_help = "`apply` runs it in every pod, with the state dir's gate/ mounted at /gate; it re-reads the key and registry there, so revoking a device needs no restart.
+
+Example:
+  soul gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate"
+    )]
     Gate {
         /// The stack whose tokens are accepted.
         #[arg(long)]
         stack: String,
+        /// Where to listen: the gate port, on every address of the pod.
         #[arg(long, default_value = "0.0.0.0:8443")]
         listen: std::net::SocketAddr,
         /// The app inside the pod.
@@ -177,7 +184,14 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
     },
     /// Run inside a pod: hold the pod's network namespace until stopped, keeping the app's
     /// port private to the pod.
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        after_help = "Needs NET_ADMIN in the pod's namespace (apply gives the pause container that and nothing else).
+
+Example:
+  soul pause --private-port 8080 --gate-port 8443
+  soul pause --private-port 8080 --gate-port 8443 --check   # exit 0 when the rules are in place"
+    )]
     Pause {
         /// The app's port: refused unless the packet comes from inside the pod.
         #[arg(long, value_name = "PORT")]
