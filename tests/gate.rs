@@ -258,6 +258,16 @@ fn only_valid_tokens_reach_the_app() {
             bearer(&issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap()),
         ),
         (
+            "another stack's token",
+            bearer(
+                &issue(
+                    &StackKey::from_seed(1, [5; 32]),
+                    &claims_for("work", "alice", 2, 1000, None),
+                )
+                .unwrap(),
+            ),
+        ),
+        (
             "another key",
             bearer(
                 &issue(
@@ -466,7 +476,7 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
     a.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let closed = matches!(a.read(&mut buf), Ok(0) | Err(_));
     assert!(
-        closed && revoked_at.elapsed() < Duration::from_millis(1500),
+        closed && revoked_at.elapsed() < Duration::from_secs(1),
         "alice's socket stayed open {:?}",
         revoked_at.elapsed()
     );
@@ -485,7 +495,7 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
     b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let closed = matches!(b.read(&mut buf), Ok(0) | Err(_));
     assert!(
-        closed && rotated_at.elapsed() < Duration::from_millis(1500),
+        closed && rotated_at.elapsed() < Duration::from_secs(1),
         "bob's socket outlived the key {:?}",
         rotated_at.elapsed()
     );
