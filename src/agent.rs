@@ -19,8 +19,9 @@ pub async fn pause() -> std::io::Result<()> {
     Ok(())
 }
 
-/// A tiny HTTP responder: `/healthz` answers `ok`, every other path a greeting that includes
-/// `$GREETING` when set. One access-log line per request on stdout.
+/// A tiny HTTP responder: `/healthz` answers `ok`, an upgrade on `/echo` echoes what it is
+/// sent, every other path a greeting that includes `$GREETING` when set. One access-log line
+/// per request on stdout.
 pub async fn demo_app(
     port: u16,
     shutdown: impl std::future::Future<Output = ()>,
@@ -65,6 +66,16 @@ async fn serve_one(mut stream: TcpStream, greeting: &str) -> std::io::Result<Opt
     }
     let text = String::from_utf8_lossy(&buf);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/echo" && text.to_ascii_lowercase().contains("\r\nupgrade:") {
+        // An upgraded connection (a WebSocket's handshake, minus the framing) that echoes
+        // every byte: what a live connection through the gate looks like.
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .await?;
+        let (mut from, mut to) = stream.split();
+        tokio::io::copy(&mut from, &mut to).await?;
+        return Ok(Some(path));
+    }
     let body = if path == "/healthz" {
         "ok\n".to_string()
     } else {

@@ -418,12 +418,12 @@ fn only_valid_tokens_reach_the_app() {
 }
 
 /// An upgraded connection through the gate; returns the stream after the 101.
-fn upgrade(port: u16, token: &str) -> TcpStream {
+fn upgrade(port: u16, path: &str, token: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{}\r\n",
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{}\r\n",
         bearer(token)
     )
     .unwrap();
@@ -465,8 +465,8 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
     );
     let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let bob = issue(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap();
-    let mut a = upgrade(gate.port, &alice);
-    let mut b = upgrade(gate.port, &bob);
+    let mut a = upgrade(gate.port, "/ws", &alice);
+    let mut b = upgrade(gate.port, "/ws", &bob);
     assert!(echoes(&mut a, "hello from alice") && echoes(&mut b, "hello from bob"));
 
     // soul apply removes alice: the gate's registry file changes.
@@ -765,11 +765,21 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
 }
 
 #[test]
-fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connection() {
+fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections() {
     ensure_images();
     let s = TestStack::new("revoke");
     let lan = free_port();
-    s.write(&pod_stack(lan, &["alice", "bob"]));
+    // soul's demo app: `/echo` upgrades the connection and echoes, like a WebSocket.
+    let stack = |devices: &[&str]| {
+        let devices: String = devices
+            .iter()
+            .map(|d| format!("device \"{d}\"\n"))
+            .collect();
+        format!(
+            "stack \"{{stack}}\"\nsidecar \"web\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan}\n}}\n{devices}"
+        )
+    };
+    s.write(&stack(&["alice", "bob"]));
     s.apply();
     let (alice, bob) = (s.token("alice"), s.token("bob"));
     for t in [&alice, &bob] {
@@ -778,7 +788,10 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connection(
             Some(200)
         );
     }
-    // Bob holds a kept-alive connection open through the gate.
+    // Both hold a WebSocket-style connection open through the gate; bob also a kept-alive one.
+    let mut alice_ws = upgrade(lan, "/echo", &alice);
+    let mut bob_ws = upgrade(lan, "/echo", &bob);
+    assert!(echoes(&mut alice_ws, "hi from alice") && echoes(&mut bob_ws, "hi from bob"));
     let mut held = TcpStream::connect(("127.0.0.1", lan)).unwrap();
     held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(held, "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", bearer(&bob)).unwrap();
@@ -787,18 +800,26 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connection(
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
 
     let gate = s.container_id("web", "gate").expect("the gate runs");
-    s.write(&pod_stack(lan, &["alice"]));
+    s.write(&stack(&["alice"]));
     s.apply();
     let applied = Instant::now();
-    let closed = matches!(held.read(&mut buf), Ok(0) | Err(_));
-    assert!(
-        closed && applied.elapsed() < Duration::from_secs(1),
-        "bob's connection stayed open {:?} after apply",
-        applied.elapsed()
-    );
+    for (what, conn) in [
+        ("WebSocket", &mut bob_ws),
+        ("kept-alive connection", &mut held),
+    ] {
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let closed = matches!(conn.read(&mut buf), Ok(0) | Err(_));
+        assert!(
+            closed && applied.elapsed() < Duration::from_secs(1),
+            "bob's {what} stayed open {:?} after apply",
+            applied.elapsed()
+        );
+    }
     let r = request(lan, "/", &bearer(&bob));
     assert!(r.starts_with("HTTP/1.1 401"), "{r}");
     assert!(applied.elapsed() < Duration::from_secs(1));
+    // Alice is not disturbed: her socket still echoes, her requests are served.
+    assert!(echoes(&mut alice_ws, "alice is still here"));
     let r = request(lan, "/", &bearer(&alice));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     // The gate's audit log (its container's log) says who came in and who was cut off.
