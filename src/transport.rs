@@ -27,22 +27,19 @@ pub struct PodContext<'a> {
     pub sidecar: &'a Sidecar,
     /// Absolute path of the stack's state dir (files are bind-mounted from it).
     pub state_dir: &'a Path,
-    /// The port inside the pod that transports forward to.
-    pub target_port: u16,
-    /// The port clients dial on overlays.
-    pub service_port: u16,
+    /// The pod's gate port: what every transport forwards to inside the pod, and the port
+    /// clients dial on overlays.
+    pub gate_port: u16,
 }
 
 impl<'a> PodContext<'a> {
-    /// The context of one sidecar's pod: transports forward to the gate, never to the app,
-    /// and clients dial the gate port on overlays.
+    /// The context of one sidecar's pod: transports lead to the gate, never to the app.
     pub fn of(stack: &'a Stack, sidecar: &'a Sidecar, state_dir: &'a Path) -> PodContext<'a> {
         PodContext {
             stack,
             sidecar,
             state_dir,
-            target_port: stack.gate.port,
-            service_port: stack.gate.port,
+            gate_port: stack.gate.port,
         }
     }
 }
@@ -161,10 +158,12 @@ impl TorDriver {
             "# Written by soul for stack `{}`, sidecar `{}`; soul rewrites it, edit stack.kdl instead.\n\
              DataDirectory /var/lib/tor/data\n\
              HiddenServiceDir /var/lib/tor/onion\n\
-             HiddenServicePort {} 127.0.0.1:{}\n\
+             HiddenServicePort {gate} 127.0.0.1:{gate}\n\
              SocksPort 0\n\
              Log notice stdout\n",
-            ctx.stack.stack, ctx.sidecar.name, ctx.service_port, ctx.target_port
+            ctx.stack.stack,
+            ctx.sidecar.name,
+            gate = ctx.gate_port
         )
     }
 }
@@ -227,7 +226,7 @@ impl Driver for TorDriver {
             address: Some(AddressSource::ContainerFile {
                 container: name,
                 path: Self::HOSTNAME.into(),
-                port: ctx.service_port,
+                port: ctx.gate_port,
             }),
         }
     }
@@ -255,12 +254,12 @@ impl TailnetDriver {
     /// containerboot's health endpoint (`TS_LOCAL_ADDR_PORT`), on 127.0.0.1 in the pod.
     pub const HEALTH_PORT: u16 = 41234;
 
-    /// The serve config: a TCP forward of the tailnet port to the pod's gate, and of each of
-    /// `shadowed` to the gate as well (see [`Self::shadowed_ports`]).
-    pub fn serve_config(service_port: u16, target_port: u16, shadowed: &[u16]) -> String {
-        let to_gate = serde_json::json!({ "TCPForward": format!("127.0.0.1:{target_port}") });
+    /// The serve config: a TCP forward of the tailnet's gate port to the pod's gate, and of
+    /// each of `shadowed` to the gate as well (see [`Self::shadowed_ports`]).
+    pub fn serve_config(gate_port: u16, shadowed: &[u16]) -> String {
+        let to_gate = serde_json::json!({ "TCPForward": format!("127.0.0.1:{gate_port}") });
         let mut tcp = serde_json::Map::new();
-        for port in std::iter::once(service_port).chain(shadowed.iter().copied()) {
+        for port in std::iter::once(gate_port).chain(shadowed.iter().copied()) {
             tcp.insert(port.to_string(), to_gate.clone());
         }
         let v = serde_json::json!({ "TCP": tcp });
@@ -268,9 +267,7 @@ impl TailnetDriver {
         s.push('\n');
         s
     }
-}
 
-impl TailnetDriver {
     /// Ports of the pod a tailnet peer could otherwise reach around the gate. In userspace
     /// mode tailscaled forwards every tailnet connection that serve does not handle to
     /// `127.0.0.1:<same port>`, from inside the pod, where the pod's guard (which refuses only
@@ -283,7 +280,7 @@ impl TailnetDriver {
         }
         [ctx.sidecar.port, Self::HEALTH_PORT]
             .into_iter()
-            .filter(|p| *p != ctx.service_port)
+            .filter(|p| *p != ctx.gate_port)
             .collect()
     }
 }
@@ -297,8 +294,7 @@ impl Driver for TailnetDriver {
         let stack = &ctx.stack.stack;
         let sidecar = &ctx.sidecar.name;
         let kind = self.kind.as_str();
-        let serve =
-            Self::serve_config(ctx.service_port, ctx.target_port, &self.shadowed_ports(ctx));
+        let serve = Self::serve_config(ctx.gate_port, &self.shadowed_ports(ctx));
         let config_dir = format!("transports/{sidecar}/{kind}");
         let volume = volume_name(stack, &format!("{sidecar}-{kind}"));
         let name = container_name(stack, sidecar, Role::Tailscale);
@@ -414,7 +410,7 @@ impl Driver for TailnetDriver {
                 container: name,
                 command: vec!["tailscale".into(), "status".into(), "--json".into()],
                 pointer: "/Self/TailscaleIPs/0".into(),
-                port: ctx.service_port,
+                port: ctx.gate_port,
             }),
         }
     }
@@ -467,7 +463,7 @@ impl Driver for NebulaDriver {
         let stack = &ctx.stack.stack;
         let sidecar = &ctx.sidecar.name;
         // Nebula has no port forwarding: clients dial the overlay IP at the gate port.
-        let port = ctx.target_port;
+        let port = ctx.gate_port;
         let config = self.config(port);
         let config_dir = format!("transports/{sidecar}/nebula");
         let name = container_name(stack, sidecar, Role::Nebula);

@@ -147,6 +147,13 @@ pub fn resolve(
                 }]
             })
             .unwrap_or_default();
+        let guard: Vec<String> = vec![
+            "pause".into(),
+            "--private-port".into(),
+            sidecar.port.to_string(),
+            "--gate-port".into(),
+            stack.gate.port.to_string(),
+        ];
         let pause = ContainerSpec {
             name: pause_name.clone(),
             stack: stack.stack.clone(),
@@ -155,29 +162,18 @@ pub fn resolve(
             image: soul.reference.clone(),
             // It keeps the app's port, and every service port but the gate's, private to the
             // pod (crate::guard): the only container with NET_ADMIN that soul makes, and it
-            // runs nothing but soul.
-            command: Some(vec![
-                "pause".into(),
-                "--private-port".into(),
-                sidecar.port.to_string(),
-                "--gate-port".into(),
-                stack.gate.port.to_string(),
-            ]),
+            // runs nothing but soul. Its health check asks the same command to check.
+            command: Some(guard.clone()),
             env: BTreeMap::new(),
             mounts: Vec::new(),
             network_mode: NetworkMode::Bridge(network.clone()),
             ports,
             health: Some(HealthCheck {
-                test: vec![
-                    "CMD".into(),
-                    "/soul".into(),
-                    "pause".into(),
-                    "--private-port".into(),
-                    sidecar.port.to_string(),
-                    "--gate-port".into(),
-                    stack.gate.port.to_string(),
-                    "--check".into(),
-                ],
+                test: ["CMD".into(), "/soul".into()]
+                    .into_iter()
+                    .chain(guard)
+                    .chain(["--check".into()])
+                    .collect(),
                 interval_ms: 30_000,
                 timeout_ms: 5_000,
                 retries: 1,

@@ -212,13 +212,10 @@ impl Docker {
             let n = self.docker.inspect_network(id, None).await?;
             used.push(n.containers.is_some_and(|c| !c.is_empty()));
         }
-        let keep = match used.iter().position(|u| *u) {
-            Some(_) => None,
-            None => copies
-                .iter()
-                .enumerate()
-                .min_by(|a, b| a.1.cmp(b.1))
-                .map(|(i, _)| i),
+        let keep = if used.contains(&true) {
+            None
+        } else {
+            (0..copies.len()).min_by_key(|&i| &copies[i])
         };
         Ok(copies
             .iter()
