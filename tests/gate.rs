@@ -186,15 +186,20 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
     }
 }
 
+/// Sends `GET path` with `headers` (each ending in CRLF) to 127.0.0.1:`port`; returns the
+/// connection to read the answer from (5 s read timeout). A failed send shows as a closed
+/// connection: the gate may close it while a request is still being sent.
+fn send_get(port: u16, path: &str, headers: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+    s
+}
+
 /// One request; returns the whole raw response (empty when the gate closed the connection
 /// before answering, even while the request was still being sent).
 fn request(port: u16, path: &str, headers: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
-    );
+    let mut s = send_get(port, path, &format!("Connection: close\r\n{headers}"));
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -397,8 +402,7 @@ fn only_valid_tokens_reach_the_app() {
         "a silent connection was kept {:?}",
         started.elapsed()
     );
-    let mut idle = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
-    write!(idle, "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", bearer(&good)).unwrap();
+    let mut idle = send_get(gate.port, "/", &bearer(&good));
     idle.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let mut answer = [0u8; 256];
     let n = idle.read(&mut answer).unwrap();
@@ -419,14 +423,14 @@ fn only_valid_tokens_reach_the_app() {
 
 /// An upgraded connection through the gate; returns the stream after the 101.
 fn upgrade(port: u16, path: &str, token: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{}\r\n",
-        bearer(token)
-    )
-    .unwrap();
+    let mut s = send_get(
+        port,
+        path,
+        &format!(
+            "Connection: Upgrade\r\nUpgrade: websocket\r\n{}",
+            bearer(token)
+        ),
+    );
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -510,34 +514,29 @@ fn an_sse_stream_passes_event_by_event() {
     let key = StackKey::from_seed(1, [7; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "sse");
     let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
-    let mut s = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{}\r\n",
-        bearer(&alice)
-    )
-    .unwrap();
+    let mut s = send_get(
+        gate.port,
+        "/sse",
+        &format!("Accept: text/event-stream\r\n{}", bearer(&alice)),
+    );
     let mut seen = String::new();
-    let mut buf = [0u8; 1024];
+    // Reads until `text` has arrived (or the read times out, failing the test).
+    let mut read_until = |seen: &mut String, text: &str| {
+        let mut buf = [0u8; 1024];
+        while !seen.contains(text) {
+            let n = s.read(&mut buf).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
     // The app holds its second event back until released: a gate that buffered the response
     // would show nothing here.
-    while !seen.contains("data: one") {
-        let n = s
-            .read(&mut buf)
-            .expect("the first event arrives before the stream ends");
-        assert!(n > 0, "closed early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    read_until(&mut seen, "data: one");
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
     assert!(seen.contains("text/event-stream"), "{seen}");
     assert!(!seen.contains("data: two"), "{seen}");
     app.release.store(true, Ordering::SeqCst);
-    while !seen.contains("data: two") {
-        let n = s.read(&mut buf).expect("the second event arrives");
-        assert!(n > 0, "closed early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    read_until(&mut seen, "data: two");
 }
 
 #[test]
@@ -546,14 +545,12 @@ fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
     let key = StackKey::from_seed(1, [8; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "big");
     let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
-    let mut s = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    let s = send_get(
+        gate.port,
+        "/big",
+        &format!("Connection: close\r\n{}", bearer(&alice)),
+    );
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
-        bearer(&alice)
-    )
-    .unwrap();
     let mut reader = BufReader::with_capacity(1 << 20, s);
     let mut head = String::new();
     while !head.ends_with("\r\n\r\n") {
@@ -792,9 +789,7 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections
     let mut alice_ws = upgrade(lan, "/echo", &alice);
     let mut bob_ws = upgrade(lan, "/echo", &bob);
     assert!(echoes(&mut alice_ws, "hi from alice") && echoes(&mut bob_ws, "hi from bob"));
-    let mut held = TcpStream::connect(("127.0.0.1", lan)).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(held, "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", bearer(&bob)).unwrap();
+    let mut held = send_get(lan, "/", &bearer(&bob));
     let mut buf = vec![0u8; 64 * 1024];
     let n = held.read(&mut buf).unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
