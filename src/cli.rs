@@ -128,8 +128,10 @@ soul down\n  soul down --volumes   # also deletes the stack's named volumes: the
     /// write either to a file.
     #[command(
         after_help = "The QR code holds the pod's reachable addresses and the device's \
-token: treat it like a password. A browser opens the pod through `--format link`: the pod's \
-gate trades the link's token for a cookie and drops it from the address bar.\n\nExample:\n  \
+token: treat it like a password. A browser opens the pod through `--format link`: the link \
+holds a one-time ticket, never the token; the pod's gate redeems it for a browser session of \
+that sidecar (a cookie that lasts as long as the device, at most 400 days). A used link does \
+not work again: bump the device's `generation=` (or `soul rotate --device D`) for a new one.\n\nExample:\n  \
 soul pair alice-phone\n  soul pair alice-phone --sidecar notes --format png --out alice.png\n  \
 soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
     )]
@@ -160,12 +162,20 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
         after_help = "`apply` runs it in every pod, with the state dir's gate/ mounted at /gate; it re-reads the key and registry there, so revoking a device needs no restart.
 
 Example:
-  soul gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate"
+  soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed"
     )]
     Gate {
         /// The stack whose tokens are accepted.
         #[arg(long)]
         stack: String,
+        /// The sidecar this gate fronts: its browser sessions and pairing links are good here
+        /// only.
+        #[arg(long)]
+        sidecar: Option<String>,
+        /// A writable directory where redeemed pairing links are recorded, so that a used link
+        /// stays used across restarts (in memory only without it).
+        #[arg(long, value_name = "DIR")]
+        redeemed: Option<PathBuf>,
         /// Where to listen: the gate port, on every address of the pod.
         #[arg(long, default_value = "0.0.0.0:8443")]
         listen: std::net::SocketAddr,
@@ -182,25 +192,26 @@ Example:
         #[arg(long, default_value_t = 30)]
         failures_per_minute: usize,
     },
-    /// Run inside a pod: hold the pod's network namespace until stopped, keeping the app's
-    /// port private to the pod.
+    /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
+    /// outside the pod only the gate's port (and replies to the pod's own connections).
     #[command(
         hide = true,
-        after_help = "Needs NET_ADMIN in the pod's namespace (apply gives the pause container that and nothing else).
+        after_help = "Needs NET_ADMIN in the pod's namespace (apply gives the pause container that and nothing else). \
+It installs the nftables table `inet soul_guard` there.
 
 Example:
-  soul pause --private-port 8080 --gate-port 8443
-  soul pause --private-port 8080 --gate-port 8443 --check   # exit 0 when the rules are in place"
+  soul pause --gate-port 8443
+  soul pause --gate-port 8443 --check   # exit 0 when the guard is in place"
     )]
     Pause {
-        /// The app's port: refused unless the packet comes from inside the pod.
+        /// The gate's port: every other TCP and UDP port of the pod is refused from outside.
         #[arg(long, value_name = "PORT")]
-        private_port: Option<u16>,
-        /// The gate's port: every other TCP service port is refused from outside the pod.
-        #[arg(long, value_name = "PORT", requires = "private_port")]
         gate_port: Option<u16>,
-        /// Only check that the ports are guarded (the pause container's health check).
-        #[arg(long, requires = "private_port")]
+        /// A UDP port an overlay in the pod receives its peers on (repeatable).
+        #[arg(long, value_name = "PORT", requires = "gate_port")]
+        open_udp: Vec<u16>,
+        /// Only check that the guard is in place (the pause container's health check).
+        #[arg(long, requires = "gate_port")]
         check: bool,
     },
     /// Run inside a pod: a small HTTP service for the repository's demo stack.
@@ -361,7 +372,7 @@ pub enum PairFormat {
     Png,
     Svg,
     /// Links to open in a browser, one per address, best first
-    /// (`http://<host>:<port>/?soul_token=…`); the gate trades the token for a cookie.
+    /// (`http://<host>:<port>/?soul_ticket=…`); each is good for one browser, once.
     Link,
 }
 
@@ -514,6 +525,8 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
         Command::Gate {
             stack,
+            sidecar,
+            redeemed,
             listen,
             upstream,
             keys,
@@ -521,6 +534,8 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             failures_per_minute,
         } => {
             let mut cfg = crate::gate::GateConfig::new(stack, *upstream, keys.clone());
+            cfg.sidecar = sidecar.clone();
+            cfg.redeemed_dir = redeemed.clone();
             cfg.header_timeout = *header_timeout;
             cfg.failures_per_minute = *failures_per_minute;
             let listener = tokio::net::TcpListener::bind(listen)
@@ -532,33 +547,33 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Pause {
-            private_port,
             gate_port,
+            open_udp,
             check,
         } => {
-            let policy = private_port.map(|app_port| crate::guard::Policy {
-                app_port,
-                gate_port: *gate_port,
+            let policy = gate_port.map(|gate_port| crate::guard::Policy {
+                gate_port,
+                open_udp: open_udp.clone(),
             });
-            if let (Some(policy), true) = (policy, check) {
+            if let (Some(policy), true) = (&policy, check) {
                 return match crate::guard::installed(policy) {
                     Ok(true) => Ok(Exit::Ok),
                     Ok(false) => Err(CliError::Io(format!(
-                        "the app's port {} is not guarded in this pod",
-                        policy.app_port
+                        "the pod is not guarded: only the gate's port {} should answer from outside",
+                        policy.gate_port
                     ))),
                     Err(e) => Err(CliError::Io(e.to_string())),
                 };
             }
             if let Some(policy) = policy {
                 // Never stop holding the namespace over this: the pod stays up, and the
-                // pause container's health check reports the port as unguarded.
-                let port = policy.app_port;
-                match crate::guard::install(policy) {
-                    Ok(()) => tracing::info!(
-                        "port {port} answers only inside the pod; the gate is the way in"
-                    ),
-                    Err(e) => tracing::error!("the app's port {port} is NOT private: {e}"),
+                // pause container's health check reports it as unguarded.
+                let port = policy.gate_port;
+                match crate::guard::install(&policy) {
+                    Ok(()) => {
+                        tracing::info!("only the gate's port {port} answers from outside the pod")
+                    }
+                    Err(e) => tracing::error!("the pod's ports are NOT private: {e}"),
                 }
             }
             crate::agent::pause()
@@ -1403,27 +1418,24 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
     let state = StateDir::at(&state_path(cli, &stack));
     let ext = match args.format {
         PairFormat::Terminal => "txt",
-        PairFormat::Uri | PairFormat::Link => "uri",
+        PairFormat::Uri => "uri",
+        PairFormat::Link => "link",
         PairFormat::Png => "png",
         PairFormat::Svg => "svg",
     };
     let rel = format!("pairing/{}/{sidecar}.{ext}", args.device);
-    let mut bytes = state.read(&rel).map_err(|_| {
+    let bytes = state.read(&rel).map_err(|_| {
         CliError::Usage(format!(
             "no pairing code for {}/{sidecar} in {} yet: run `soul apply` first",
             args.device,
             state.path().display()
         ))
     })?;
-    if matches!(args.format, PairFormat::Link) {
-        let links = crate::pairing::browser_links(&String::from_utf8_lossy(&bytes));
-        if links.is_empty() {
-            return Err(CliError::Usage(format!(
-                "{}/{sidecar} has no known address yet: check `soul bridge status`",
-                args.device
-            )));
-        }
-        bytes = links.join("\n").into_bytes();
+    if matches!(args.format, PairFormat::Link) && bytes.trim_ascii().is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}/{sidecar} has no known address yet: check `soul bridge status`",
+            args.device
+        )));
     }
     match &args.out {
         Some(path) => {
@@ -1451,7 +1463,7 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
         None => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(&bytes);
-            if matches!(args.format, PairFormat::Uri | PairFormat::Link) {
+            if matches!(args.format, PairFormat::Uri) {
                 let _ = stdout.write_all(b"\n");
             }
             if matches!(args.format, PairFormat::Terminal) {

@@ -1,124 +1,122 @@
 //! The pod's guard: only the gate answers from outside the pod. The pause container, which
-//! owns the pod's network namespace (and alone holds NET_ADMIN there), installs
-//! policy-routing rules so that a packet that did not come from inside the pod is refused when
-//! it is for the app's port (TCP and UDP, even when the app binds 0.0.0.0) or for any other TCP
-//! service port but the gate's. Whatever the pod listens on stays reachable inside the pod, on
-//! `lo`; the overlays, which forward to the gate there, are unaffected.
-//!
-//! The rules, for IPv4 and IPv6, in the namespace's rule list (`ip rule`), with the app on
-//! 8080 and the gate on 8443:
+//! owns the pod's network namespace (and alone holds NET_ADMIN there), installs an nftables
+//! table in that namespace whose input hook, with connection tracking, lets in:
 //!
 //! ```text
-//! 10: from all iif lo goto 20                          # from inside the pod: untouched
-//! 11: from all ipproto tcp dport 8080 prohibit           # the app's port: refused
-//! 12: from all ipproto udp dport 8080 prohibit
-//! 13: from all ipproto tcp dport 1-8442 prohibit         # every other TCP service port…
-//! 14: from all ipproto tcp dport 8444-32767 prohibit     # …below the ephemeral range
-//! 20: from all lookup local                             # the kernel's pref-0 rule, moved here
+//! table inet soul_guard {
+//!   chain input {
+//!     type filter hook input priority 0; policy drop;
+//!     iifname "lo" accept                      # from inside the pod: untouched
+//!     ct state established,related accept     # replies to the pod's own connections
+//!     meta l4proto { icmp, ipv6-icmp } accept  # ping, path MTU, IPv6 neighbour discovery
+//!     tcp dport 8443 accept                    # the gate
+//!     udp dport 4242 accept                    # only with nebula: its peers' handshakes
+//!     meta l4proto tcp reject with tcp reset   # every other TCP port: refused at once
+//!     reject with icmpx admin-prohibited       # UDP and the rest: refused
+//!   }
+//! }
 //! ```
 //!
-//! Ports from the namespace's ephemeral range (`net.ipv4.ip_local_port_range`) up stay open:
-//! the replies to the pod's own outbound connections (tor, the overlays' control planes)
-//! arrive there, and routing rules cannot tell a reply from a new connection.
+//! So every TCP or UDP port the pod listens on — the app's, an admin port, one in the
+//! ephemeral range — is refused from the pod's network, the host, the LAN port's proxy and the
+//! overlays, while every connection the pod opens (tor, the overlays' control planes and
+//! hole punching, the app's outbound requests) gets its replies. Inside the pod, on `lo`,
+//! everything answers; the overlays, which forward to the gate there, are unaffected.
 //!
-//! The rules carry soul's own rule protocol, so installing is idempotent (soul's rules are
-//! removed and written again) and never touches anyone else's. They are plain rtnetlink
-//! messages on a netlink socket: no iptables or nft binary is needed in soul's `FROM scratch`
-//! image.
+//! The table is sent as one nftables netlink batch (add, delete, add: idempotent and atomic,
+//! never touching another table), on a netlink socket whose every wait is bounded: no `nft` or
+//! `iptables` binary is needed in soul's `FROM scratch` image.
 
 use std::io;
+use std::time::Duration;
 
 use rustix::fd::OwnedFd;
-use rustix::net::netlink::SocketAddrNetlink;
+use rustix::net::netlink::{self, SocketAddrNetlink};
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType};
 
-/// The rule protocol soul's rules carry (`ip rule … protocol 83`), to find them again.
-pub const RULE_PROTOCOL: u8 = 83;
+/// The table soul's rules live in (family `inet`: IPv4 and IPv6).
+pub const TABLE: &str = "soul_guard";
+const CHAIN: &str = "input";
+/// How long the kernel may take to answer one netlink request.
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
 
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const RTM_GETRULE: u16 = 34;
+// Netlink and nfnetlink.
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFPROTO_UNSPEC: u8 = 0;
+const NFPROTO_INET: u8 = 1;
 
-const FRA_IIFNAME: u16 = 3;
-const FRA_GOTO: u16 = 4;
-const FRA_PRIORITY: u16 = 6;
-const FRA_TABLE: u16 = 15;
-const FRA_PROTOCOL: u16 = 21;
-const FRA_IP_PROTO: u16 = 22;
-const FRA_DPORT_RANGE: u16 = 24;
-
-const FR_ACT_TO_TBL: u8 = 1;
-const FR_ACT_GOTO: u8 = 2;
-const FR_ACT_PROHIBIT: u8 = 8;
-
-const RT_TABLE_LOCAL: u8 = 255;
-const RTPROT_KERNEL: u8 = 2;
+// nf_tables messages and attributes (linux/netfilter/nf_tables.h).
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+const NF_INET_LOCAL_IN: u32 = 1;
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_L4PROTO: u32 = 16;
+const NFT_CT_STATE: u32 = 0;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
+const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
+/// `ct state established,related` as conntrack's state bits.
+const CT_ESTABLISHED_RELATED: u32 = 0b110;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
-const PREF_FROM_POD: u32 = 10;
-const PREF_TCP: u32 = 11;
-const PREF_UDP: u32 = 12;
-/// The first of the service-port range rules (one or two).
-const PREF_SERVICE_PORTS: u32 = 13;
-const PREF_LOCAL: u32 = 20;
-
-/// Where the ephemeral range starts when the namespace does not say.
-const DEFAULT_EPHEMERAL_START: u16 = 32768;
-
-/// What the guard keeps private.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the guard lets in from outside the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// The app's port: refused from outside, TCP and UDP.
-    pub app_port: u16,
-    /// The gate's port: with it, every other TCP service port is refused from outside too.
-    pub gate_port: Option<u16>,
+    /// The gate's TCP port: the only TCP port that answers from outside.
+    pub gate_port: u16,
+    /// UDP ports an overlay in the pod receives its peers on (nebula's listen port).
+    pub open_udp: Vec<u16>,
 }
 
-impl Policy {
-    /// The TCP port ranges refused besides the app's: every port below `ephemeral_start`
-    /// except the gate's.
-    fn service_ranges(&self, ephemeral_start: u16) -> Vec<(u16, u16)> {
-        let Some(gate) = self.gate_port else {
-            return Vec::new();
-        };
-        let last = ephemeral_start.saturating_sub(1);
-        let mut ranges = Vec::new();
-        let below = gate.saturating_sub(1).min(last);
-        if below >= 1 {
-            ranges.push((1, below));
-        }
-        if gate < last {
-            ranges.push((gate + 1, last));
-        }
-        ranges
-    }
-}
-
-/// The first port of this namespace's ephemeral range.
-fn ephemeral_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(DEFAULT_EPHEMERAL_START)
-}
-
-/// Why the guard could not be installed.
+/// Why the guard could not be installed or checked.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
+    /// No netlink socket (the pause container lacks NET_ADMIN, or netlink is filtered).
     #[error(
         "cannot open a netlink socket: {0} (the pause container needs the NET_ADMIN capability)"
     )]
     Socket(io::Error),
+    /// The kernel refused or did not answer a request.
     #[error("{what}: {source}")]
     Netlink {
         what: String,
@@ -127,172 +125,221 @@ pub enum GuardError {
     },
 }
 
-/// Installs `policy` in this network namespace. Safe to run again: soul's earlier rules are
-/// replaced.
-pub fn install(policy: Policy) -> Result<(), GuardError> {
+/// Installs `policy` in this network namespace. Safe to run again: soul's table is replaced in
+/// the same transaction.
+pub fn install(policy: &Policy) -> Result<(), GuardError> {
     let socket = Netlink::open()?;
-    let ranges = policy.service_ranges(ephemeral_start());
-    for family in [AF_INET, AF_INET6] {
-        match install_family(&socket, family, policy.app_port, &ranges) {
-            // A kernel (or namespace) without IPv6 has nothing to guard there.
-            Err(GuardError::Netlink { source, .. })
-                if family == AF_INET6
-                    && source.raw_os_error()
-                        == Some(rustix::io::Errno::AFNOSUPPORT.raw_os_error()) => {}
-            r => r?,
-        }
-    }
-    Ok(())
-}
-
-/// Whether `policy`'s rules are in place (for the pause container's health check).
-pub fn installed(policy: Policy) -> Result<bool, GuardError> {
-    let socket = Netlink::open()?;
-    let rules = socket.dump_rules(AF_INET)?;
-    let has = |ip_proto: u8, dport: (u16, u16)| {
-        rules.iter().any(|r| {
-            r.protocol == RULE_PROTOCOL
-                && r.action == FR_ACT_PROHIBIT
-                && r.ip_proto == Some(ip_proto)
-                && r.dport == Some(dport)
+    socket
+        .transaction(&batch(policy))
+        .map_err(|source| GuardError::Netlink {
+            what: format!("installing the nftables table `inet {TABLE}`"),
+            source,
         })
-    };
-    let app = (policy.app_port, policy.app_port);
-    let services = policy
-        .service_ranges(ephemeral_start())
-        .into_iter()
-        .all(|range| has(IPPROTO_TCP, range));
-    let kernel_local_first = rules
-        .iter()
-        .any(|r| r.protocol == RTPROT_KERNEL && r.table == RT_TABLE_LOCAL && r.priority == 0);
-    Ok(has(IPPROTO_TCP, app) && has(IPPROTO_UDP, app) && services && !kernel_local_first)
 }
 
-fn install_family(
-    socket: &Netlink,
-    family: u8,
-    port: u16,
-    service_ranges: &[(u16, u16)],
-) -> Result<(), GuardError> {
-    // Remove soul's rules from an earlier run (each delete removes one).
-    for _ in 0..16 {
-        let mut del = Rule::new(family, 0);
-        del.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
-        match socket.request(RTM_DELRULE, 0, &del.bytes) {
-            Ok(()) => continue,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(source) => {
-                return Err(GuardError::Netlink {
-                    what: "removing soul's earlier rules".into(),
-                    source,
-                });
-            }
-        }
-    }
-    let add = |rule: Rule, what: &str| {
-        socket
-            .request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &rule.bytes)
-            .map_err(|source| GuardError::Netlink {
-                what: format!("adding the rule {what}"),
-                source,
-            })
-    };
-    // Added in an order that never leaves the pod without a local rule.
-    let mut local = Rule::new(family, FR_ACT_TO_TBL);
-    local.header_table(RT_TABLE_LOCAL);
-    local.attr_u32(FRA_TABLE, u32::from(RT_TABLE_LOCAL));
-    local.attr_u32(FRA_PRIORITY, PREF_LOCAL);
-    local.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
-    add(local, "`lookup local`")?;
-    let mut refused = vec![
-        (PREF_TCP, IPPROTO_TCP, (port, port)),
-        (PREF_UDP, IPPROTO_UDP, (port, port)),
+/// Whether `policy`'s table is in place with all its rules (the pause container's health check).
+pub fn installed(policy: &Policy) -> Result<bool, GuardError> {
+    let socket = Netlink::open()?;
+    let rules = socket.count_rules().map_err(|source| GuardError::Netlink {
+        what: format!("listing the rules of `inet {TABLE}`"),
+        source,
+    })?;
+    Ok(rules == rules_of(policy).len())
+}
+
+/// The messages of the batch that installs `policy`: add the table (so the delete cannot fail),
+/// delete it with whatever an earlier run left, add it again with its chain and rules.
+fn batch(policy: &Policy) -> Vec<(u16, u16, Vec<u8>)> {
+    let table = Attrs::new().string(NFTA_TABLE_NAME, TABLE);
+    let mut msgs = vec![
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, table.0.clone()),
+        (NFT_MSG_DELTABLE, 0, table.0.clone()),
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, table.0),
     ];
-    for (pref, range) in (PREF_SERVICE_PORTS..).zip(service_ranges) {
-        refused.push((pref, IPPROTO_TCP, *range));
+    let hook = Attrs::new()
+        .u32(NFTA_HOOK_HOOKNUM, NF_INET_LOCAL_IN)
+        .u32(NFTA_HOOK_PRIORITY, 0);
+    let chain = Attrs::new()
+        .string(NFTA_CHAIN_TABLE, TABLE)
+        .string(NFTA_CHAIN_NAME, CHAIN)
+        .nested(NFTA_CHAIN_HOOK, hook)
+        .u32(NFTA_CHAIN_POLICY, NF_DROP)
+        .string(NFTA_CHAIN_TYPE, "filter");
+    msgs.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain.0));
+    for exprs in rules_of(policy) {
+        let list = exprs
+            .into_iter()
+            .fold(Attrs::new(), |l, e| l.nested(NFTA_LIST_ELEM, e));
+        let rule = Attrs::new()
+            .string(NFTA_RULE_TABLE, TABLE)
+            .string(NFTA_RULE_CHAIN, CHAIN)
+            .nested(NFTA_RULE_EXPRESSIONS, list);
+        msgs.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule.0));
     }
-    for (pref, ip_proto, (first, last)) in refused {
-        let mut refuse = Rule::new(family, FR_ACT_PROHIBIT);
-        refuse.attr_u32(FRA_PRIORITY, pref);
-        refuse.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
-        refuse.attr_u8(FRA_IP_PROTO, ip_proto);
-        let mut range = Vec::with_capacity(4);
-        range.extend_from_slice(&first.to_ne_bytes());
-        range.extend_from_slice(&last.to_ne_bytes());
-        refuse.attr(FRA_DPORT_RANGE, &range);
-        let name = if ip_proto == IPPROTO_TCP {
-            "tcp"
-        } else {
-            "udp"
-        };
-        add(
-            refuse,
-            &format!("`ipproto {name} dport {first}-{last} prohibit`"),
-        )?;
-    }
-    let mut from_pod = Rule::new(family, FR_ACT_GOTO);
-    from_pod.attr_u32(FRA_PRIORITY, PREF_FROM_POD);
-    from_pod.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
-    from_pod.attr(FRA_IIFNAME, b"lo\0");
-    from_pod.attr_u32(FRA_GOTO, PREF_LOCAL);
-    add(from_pod, &format!("`iif lo goto {PREF_LOCAL}`"))?;
-    // Last, the kernel's own local rule at pref 0 goes: from now on ours decide.
-    let mut kernel_local = Rule::new(family, FR_ACT_TO_TBL);
-    kernel_local.header_table(RT_TABLE_LOCAL);
-    kernel_local.attr_u32(FRA_TABLE, u32::from(RT_TABLE_LOCAL));
-    kernel_local.attr_u8(FRA_PROTOCOL, RTPROT_KERNEL);
-    match socket.request(RTM_DELRULE, 0, &kernel_local.bytes) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(GuardError::Netlink {
-            what: "moving the kernel's `lookup local` rule".into(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
+    msgs
 }
 
-/// A `struct fib_rule_hdr` and its attributes.
-struct Rule {
-    bytes: Vec<u8>,
+/// The chain's rules, each a list of expressions (see the module's doc).
+fn rules_of(policy: &Policy) -> Vec<Vec<Attrs>> {
+    let mut lo = [0u8; 16]; // IFNAMSIZ
+    lo[..2].copy_from_slice(b"lo");
+    let mut rules = vec![
+        vec![
+            meta(NFT_META_IIFNAME),
+            cmp(NFT_CMP_EQ, &lo),
+            verdict(NF_ACCEPT),
+        ],
+        vec![
+            ct_state(),
+            bitwise(&CT_ESTABLISHED_RELATED.to_ne_bytes()),
+            cmp(NFT_CMP_NEQ, &0u32.to_ne_bytes()),
+            verdict(NF_ACCEPT),
+        ],
+        vec![
+            meta(NFT_META_L4PROTO),
+            cmp(NFT_CMP_EQ, &[IPPROTO_ICMP]),
+            verdict(NF_ACCEPT),
+        ],
+        vec![
+            meta(NFT_META_L4PROTO),
+            cmp(NFT_CMP_EQ, &[IPPROTO_ICMPV6]),
+            verdict(NF_ACCEPT),
+        ],
+        vec![
+            meta(NFT_META_L4PROTO),
+            cmp(NFT_CMP_EQ, &[IPPROTO_TCP]),
+            dport(),
+            cmp(NFT_CMP_EQ, &policy.gate_port.to_be_bytes()),
+            verdict(NF_ACCEPT),
+        ],
+    ];
+    for port in &policy.open_udp {
+        rules.push(vec![
+            meta(NFT_META_L4PROTO),
+            cmp(NFT_CMP_EQ, &[IPPROTO_UDP]),
+            dport(),
+            cmp(NFT_CMP_EQ, &port.to_be_bytes()),
+            verdict(NF_ACCEPT),
+        ]);
+    }
+    rules.push(vec![
+        meta(NFT_META_L4PROTO),
+        cmp(NFT_CMP_EQ, &[IPPROTO_TCP]),
+        reject_tcp(),
+    ]);
+    rules.push(vec![reject_other()]);
+    rules
 }
 
-impl Rule {
-    fn new(family: u8, action: u8) -> Rule {
-        // family, dst_len, src_len, tos, table, res1, res2, action, flags (u32)
-        Rule {
-            bytes: vec![family, 0, 0, 0, 0, 0, 0, action, 0, 0, 0, 0],
-        }
-    }
-
-    fn header_table(&mut self, table: u8) {
-        self.bytes[4] = table;
-    }
-
-    fn attr(&mut self, kind: u16, payload: &[u8]) {
-        let len = 4 + payload.len();
-        self.bytes.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.bytes.extend_from_slice(&kind.to_ne_bytes());
-        self.bytes.extend_from_slice(payload);
-        self.bytes.resize(self.bytes.len().next_multiple_of(4), 0);
-    }
-
-    fn attr_u8(&mut self, kind: u16, v: u8) {
-        self.attr(kind, &[v]);
-    }
-
-    fn attr_u32(&mut self, kind: u16, v: u32) {
-        self.attr(kind, &v.to_ne_bytes());
-    }
+fn expr(name: &str, data: Attrs) -> Attrs {
+    Attrs::new()
+        .string(NFTA_EXPR_NAME, name)
+        .nested(NFTA_EXPR_DATA, data)
 }
 
-/// One rule from a dump, as far as the guard cares.
-#[derive(Debug, Default)]
-struct SeenRule {
-    table: u8,
-    action: u8,
-    priority: u32,
-    protocol: u8,
-    ip_proto: Option<u8>,
-    dport: Option<(u16, u16)>,
+/// `meta load <key> => reg 1`.
+fn meta(key: u32) -> Attrs {
+    expr("meta", Attrs::new().u32(1, NFT_REG_1).u32(2, key)) // DREG, KEY
+}
+
+/// `cmp <op> reg 1 <value>`.
+fn cmp(op: u32, value: &[u8]) -> Attrs {
+    let data = Attrs::new().bytes(NFTA_DATA_VALUE, value);
+    expr(
+        "cmp",
+        Attrs::new().u32(1, NFT_REG_1).u32(2, op).nested(3, data),
+    ) // SREG, OP, DATA
+}
+
+/// `ct load state => reg 1`.
+fn ct_state() -> Attrs {
+    expr("ct", Attrs::new().u32(1, NFT_REG_1).u32(2, NFT_CT_STATE)) // DREG, KEY
+}
+
+/// `reg 1 = (reg 1 & mask) ^ 0`.
+fn bitwise(mask: &[u8]) -> Attrs {
+    let value = |v: &[u8]| Attrs::new().bytes(NFTA_DATA_VALUE, v);
+    expr(
+        "bitwise",
+        Attrs::new()
+            .u32(1, NFT_REG_1) // SREG
+            .u32(2, NFT_REG_1) // DREG
+            .u32(3, mask.len() as u32) // LEN
+            .nested(4, value(mask)) // MASK
+            .nested(5, value(&vec![0; mask.len()])), // XOR
+    )
+}
+
+/// `payload load 2b @ transport header + 2 => reg 1`: the destination port of TCP or UDP.
+fn dport() -> Attrs {
+    expr(
+        "payload",
+        Attrs::new()
+            .u32(1, NFT_REG_1) // DREG
+            .u32(2, NFT_PAYLOAD_TRANSPORT_HEADER) // BASE
+            .u32(3, 2) // OFFSET
+            .u32(4, 2), // LEN
+    )
+}
+
+fn verdict(code: u32) -> Attrs {
+    let v = Attrs::new().u32(NFTA_VERDICT_CODE, code);
+    let data = Attrs::new().nested(NFTA_DATA_VERDICT, v);
+    expr(
+        "immediate",
+        Attrs::new().u32(1, NFT_REG_VERDICT).nested(2, data),
+    ) // DREG, DATA
+}
+
+fn reject_tcp() -> Attrs {
+    expr("reject", Attrs::new().u32(1, NFT_REJECT_TCP_RST)) // TYPE
+}
+
+fn reject_other() -> Attrs {
+    expr(
+        "reject",
+        Attrs::new()
+            .u32(1, NFT_REJECT_ICMPX_UNREACH) // TYPE
+            .u8(2, NFT_REJECT_ICMPX_ADMIN_PROHIBITED), // ICMP_CODE
+    )
+}
+
+/// Netlink attributes (`struct nlattr`, each padded to 4 bytes), built by appending.
+#[derive(Debug, Clone, Default)]
+struct Attrs(Vec<u8>);
+
+impl Attrs {
+    fn new() -> Attrs {
+        Attrs(Vec::new())
+    }
+
+    fn bytes(mut self, kind: u16, payload: &[u8]) -> Attrs {
+        self.0
+            .extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(payload);
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
+        self
+    }
+
+    fn string(self, kind: u16, s: &str) -> Attrs {
+        let mut z = s.as_bytes().to_vec();
+        z.push(0);
+        self.bytes(kind, &z)
+    }
+
+    /// nftables wants its numbers in network byte order.
+    fn u32(self, kind: u16, v: u32) -> Attrs {
+        self.bytes(kind, &v.to_be_bytes())
+    }
+
+    fn u8(self, kind: u16, v: u8) -> Attrs {
+        self.bytes(kind, &[v])
+    }
+
+    fn nested(self, kind: u16, inner: Attrs) -> Attrs {
+        self.bytes(kind | NLA_F_NESTED, &inner.0)
+    }
 }
 
 struct Netlink {
@@ -302,86 +349,137 @@ struct Netlink {
 
 impl Netlink {
     fn open() -> Result<Netlink, GuardError> {
-        let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None)
-            .map_err(|e| GuardError::Socket(e.into()))?;
+        let fd = rustix::net::socket(
+            AddressFamily::NETLINK,
+            SocketType::RAW,
+            Some(netlink::NETFILTER),
+        )
+        .map_err(|e| GuardError::Socket(e.into()))?;
+        // Every wait for the kernel is bounded: a missing answer is an error, not a hang.
+        rustix::net::sockopt::set_socket_timeout(
+            &fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(NETLINK_TIMEOUT),
+        )
+        .map_err(|e| GuardError::Socket(e.into()))?;
         Ok(Netlink {
             fd,
             seq: std::cell::Cell::new(1),
         })
     }
 
-    fn send(&self, kind: u16, flags: u16, payload: &[u8]) -> io::Result<u32> {
+    /// One nfnetlink message: header, `struct nfgenmsg`, attributes.
+    fn message(
+        &self,
+        kind: u16,
+        flags: u16,
+        family: u8,
+        res_id: u16,
+        attrs: &[u8],
+    ) -> (u32, Vec<u8>) {
         let seq = self.seq.get();
         self.seq.set(seq.wrapping_add(1));
-        let mut msg = Vec::with_capacity(16 + payload.len());
-        msg.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        let len = 16 + 4 + attrs.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
         msg.extend_from_slice(&kind.to_ne_bytes());
         msg.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
         msg.extend_from_slice(&seq.to_ne_bytes());
         msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(payload);
+        msg.extend_from_slice(&[family, 0]);
+        msg.extend_from_slice(&res_id.to_be_bytes());
+        msg.extend_from_slice(attrs);
+        (seq, msg)
+    }
+
+    fn send(&self, datagram: &[u8]) -> io::Result<()> {
         rustix::net::sendto(
             &self.fd,
-            &msg,
+            datagram,
             SendFlags::empty(),
             &SocketAddrNetlink::new(0, 0),
         )?;
-        Ok(seq)
+        Ok(())
     }
 
-    /// Sends one request and waits for the kernel's acknowledgement.
-    fn request(&self, kind: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
-        let seq = self.send(kind, flags | NLM_F_ACK, payload)?;
-        let mut buf = vec![0u8; 8192];
-        loop {
+    /// Sends `msgs` as one batch (all or nothing) and waits for every acknowledgement.
+    fn transaction(&self, msgs: &[(u16, u16, Vec<u8>)]) -> io::Result<()> {
+        let subsys = NFNL_SUBSYS_NFTABLES << 8;
+        let (_, mut datagram) = self.message(
+            NFNL_MSG_BATCH_BEGIN,
+            0,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        let mut pending = Vec::new();
+        for (kind, flags, attrs) in msgs {
+            let (seq, m) = self.message(subsys | kind, flags | NLM_F_ACK, NFPROTO_INET, 0, attrs);
+            pending.push(seq);
+            datagram.extend_from_slice(&m);
+        }
+        let (_, end) = self.message(
+            NFNL_MSG_BATCH_END,
+            0,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        datagram.extend_from_slice(&end);
+        self.send(&datagram)?;
+        let mut buf = vec![0u8; 16 * 1024];
+        while !pending.is_empty() {
             let (n, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty())?;
-            for (kind, msg_seq, body) in messages(&buf[..n]) {
-                if msg_seq != seq || kind != NLMSG_ERROR {
+            for (kind, seq, body) in messages(&buf[..n]) {
+                if kind != NLMSG_ERROR {
                     continue;
                 }
-                let errno = body
-                    .get(..4)
-                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                return if errno == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::from_raw_os_error(-errno))
-                };
+                let errno = errno_of(body);
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                pending.retain(|s| *s != seq);
             }
         }
+        Ok(())
     }
 
-    fn dump_rules(&self, family: u8) -> Result<Vec<SeenRule>, GuardError> {
-        let failed = |source: io::Error| GuardError::Netlink {
-            what: "listing the rules".into(),
-            source,
-        };
-        let seq = self
-            .send(RTM_GETRULE, NLM_F_DUMP, &Rule::new(family, 0).bytes)
-            .map_err(failed)?;
-        let mut out = Vec::new();
+    /// How many rules soul's chain holds (0 when the table is missing).
+    fn count_rules(&self) -> io::Result<usize> {
+        let attrs = Attrs::new()
+            .string(NFTA_RULE_TABLE, TABLE)
+            .string(NFTA_RULE_CHAIN, CHAIN);
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+        let (seq, msg) = self.message(kind, NLM_F_DUMP, NFPROTO_INET, 0, &attrs.0);
+        self.send(&msg)?;
+        let mut count = 0;
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            let (n, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty())
-                .map_err(|e| failed(e.into()))?;
-            for (kind, msg_seq, body) in messages(&buf[..n]) {
-                if msg_seq != seq {
+            let (n, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty())?;
+            for (k, s, body) in messages(&buf[..n]) {
+                if s != seq {
                     continue;
                 }
-                match kind {
-                    NLMSG_DONE => return Ok(out),
+                match k {
+                    NLMSG_DONE => return Ok(count),
                     NLMSG_ERROR => {
-                        let errno = body
-                            .get(..4)
-                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                        return Err(failed(io::Error::from_raw_os_error(-errno)));
+                        return match errno_of(body) {
+                            0 => Ok(count),
+                            e if -e == rustix::io::Errno::NOENT.raw_os_error() => Ok(0),
+                            e => Err(io::Error::from_raw_os_error(-e)),
+                        };
                     }
-                    RTM_NEWRULE => out.push(parse_rule(body)),
+                    k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => count += 1,
                     _ => {}
                 }
             }
         }
     }
+}
+
+fn errno_of(body: &[u8]) -> i32 {
+    body.get(..4)
+        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// The (type, sequence, body) of each netlink message in a datagram.
@@ -400,101 +498,64 @@ fn messages(mut buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
     out
 }
 
-fn parse_rule(body: &[u8]) -> SeenRule {
-    let mut rule = SeenRule::default();
-    if body.len() < 12 {
-        return rule;
-    }
-    rule.table = body[4];
-    rule.action = body[7];
-    let mut attrs = &body[12..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let v = &attrs[4..len];
-        match (kind, v.len()) {
-            (FRA_PRIORITY, 4) => rule.priority = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
-            (FRA_TABLE, 4) => {
-                rule.table =
-                    u8::try_from(u32::from_ne_bytes([v[0], v[1], v[2], v[3]])).unwrap_or(0);
-            }
-            (FRA_PROTOCOL, 1) => rule.protocol = v[0],
-            (FRA_IP_PROTO, 1) => rule.ip_proto = Some(v[0]),
-            (FRA_DPORT_RANGE, 4) => {
-                rule.dport = Some((
-                    u16::from_ne_bytes([v[0], v[1]]),
-                    u16::from_ne_bytes([v[2], v[3]]),
-                ));
-            }
-            _ => {}
-        }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
-    }
-    rule
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_tcp_service_port_but_the_gates_is_refused_below_the_ephemeral_range() {
-        let p = |gate| Policy {
-            app_port: 80,
-            gate_port: gate,
-        };
-        assert_eq!(
-            p(Some(8443)).service_ranges(32768),
-            [(1, 8442), (8444, 32767)]
-        );
-        assert_eq!(p(Some(1)).service_ranges(32768), [(2, 32767)]);
-        assert_eq!(p(Some(32767)).service_ranges(32768), [(1, 32766)]);
-        assert_eq!(p(Some(40000)).service_ranges(32768), [(1, 32767)]);
-        assert_eq!(
-            p(Some(8443)).service_ranges(10000),
-            [(1, 8442), (8444, 9999)]
-        );
-        assert!(p(None).service_ranges(32768).is_empty());
+    fn attributes_are_padded_and_nested() {
+        let a = Attrs::new().string(1, "lo").u32(2, 0x0102_0304);
+        assert_eq!(a.0, [7, 0, 1, 0, b'l', b'o', 0, 0, 8, 0, 2, 0, 1, 2, 3, 4]);
+        let n = Attrs::new().nested(4, Attrs::new().u8(1, 9));
+        assert_eq!(n.0, [12, 0, 4, 0x80, 5, 0, 1, 0, 9, 0, 0, 0]);
     }
 
     #[test]
-    fn a_rule_encodes_and_parses_back() {
-        let mut r = Rule::new(AF_INET, FR_ACT_PROHIBIT);
-        r.attr_u32(FRA_PRIORITY, PREF_TCP);
-        r.attr_u8(FRA_PROTOCOL, RULE_PROTOCOL);
-        r.attr_u8(FRA_IP_PROTO, IPPROTO_TCP);
-        let mut range = 8080u16.to_ne_bytes().to_vec();
-        range.extend_from_slice(&8080u16.to_ne_bytes());
-        r.attr(FRA_DPORT_RANGE, &range);
-        // Every attribute is padded to 4 bytes.
-        assert_eq!(r.bytes.len(), 12 + 8 + 8 + 8 + 8);
-        let seen = parse_rule(&r.bytes);
-        assert_eq!(seen.action, FR_ACT_PROHIBIT);
-        assert_eq!(seen.priority, PREF_TCP);
-        assert_eq!(seen.protocol, RULE_PROTOCOL);
-        assert_eq!(seen.ip_proto, Some(IPPROTO_TCP));
-        assert_eq!(seen.dport, Some((8080, 8080)));
+    fn the_batch_replaces_the_table_and_admits_only_the_gate() {
+        let policy = Policy {
+            gate_port: 8443,
+            open_udp: vec![],
+        };
+        let msgs = batch(&policy);
+        let kinds: Vec<u16> = msgs.iter().map(|(k, _, _)| *k).collect();
+        assert_eq!(
+            kinds[..4],
+            [
+                NFT_MSG_NEWTABLE,
+                NFT_MSG_DELTABLE,
+                NFT_MSG_NEWTABLE,
+                NFT_MSG_NEWCHAIN
+            ]
+        );
+        assert_eq!(kinds.len(), 4 + rules_of(&policy).len());
+        let rules: Vec<&Vec<u8>> = msgs[4..].iter().map(|(_, _, a)| a).collect();
+        let port = 8443u16.to_be_bytes();
+        let with_port: Vec<usize> = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.windows(2).any(|w| w == port))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(with_port, [4], "only the gate's rule names its port");
+        assert!(
+            rules.last().unwrap().windows(6).any(|w| w == b"reject"),
+            "the last rule refuses"
+        );
     }
 
     #[test]
     fn messages_split_a_datagram() {
-        let mut buf = Vec::new();
-        for (kind, seq, body) in [(NLMSG_ERROR, 7u32, &[0u8; 4][..]), (NLMSG_DONE, 8, &[1, 2])] {
-            let len = 16 + body.len();
-            buf.extend_from_slice(&(len as u32).to_ne_bytes());
-            buf.extend_from_slice(&kind.to_ne_bytes());
-            buf.extend_from_slice(&0u16.to_ne_bytes());
-            buf.extend_from_slice(&seq.to_ne_bytes());
-            buf.extend_from_slice(&0u32.to_ne_bytes());
-            buf.extend_from_slice(body);
-            buf.resize(buf.len().next_multiple_of(4), 0);
+        let mut d = Vec::new();
+        for (kind, seq) in [(2u16, 7u32), (3, 8)] {
+            d.extend_from_slice(&20u32.to_ne_bytes());
+            d.extend_from_slice(&kind.to_ne_bytes());
+            d.extend_from_slice(&0u16.to_ne_bytes());
+            d.extend_from_slice(&seq.to_ne_bytes());
+            d.extend_from_slice(&0u32.to_ne_bytes());
+            d.extend_from_slice(&[0, 0, 0, 0]);
         }
-        let m = messages(&buf);
+        let m = messages(&d);
         assert_eq!(m.len(), 2);
-        assert_eq!((m[0].0, m[0].1, m[0].2.len()), (NLMSG_ERROR, 7, 4));
-        assert_eq!((m[1].0, m[1].1, m[1].2), (NLMSG_DONE, 8, &[1u8, 2][..]));
+        assert_eq!((m[0].0, m[0].1, m[1].0, m[1].1), (2, 7, 3, 8));
     }
 }

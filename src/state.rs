@@ -312,6 +312,17 @@ impl StackKey {
             .to_bytes()
     }
 
+    /// The key that signs pairing tickets and the gate's browser sessions: derived one way
+    /// from the stack key, so the gates can hold it without being able to issue device tokens,
+    /// and it rotates with the stack key.
+    pub fn link_key(&self) -> [u8; 32] {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.seed)
+            .expect("HMAC takes a key of any length");
+        mac.update(b"soul link key v1");
+        mac.finalize().into_bytes().into()
+    }
+
     /// The private key as PKCS#8 v1 DER (what JWT libraries take).
     pub fn pkcs8_der(&self) -> Vec<u8> {
         // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
@@ -366,6 +377,19 @@ pub struct Rendered {
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 32 bytes from 64 hex digits (surrounding whitespace ignored); `None` for anything else.
+pub fn unhex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
 }
 
 /// One paired device.

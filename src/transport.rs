@@ -427,6 +427,9 @@ pub struct NebulaDriver {
 impl NebulaDriver {
     pub const CONFIG_DIR: &str = "/etc/soul/nebula";
     pub const PKI: &str = "/etc/soul/pki";
+    /// Nebula's UDP port in the pod (nebula's default): fixed, so that the pod's guard can
+    /// admit peers' handshakes to it and nothing else.
+    pub const LISTEN_PORT: u16 = 4242;
 
     /// The overlay IP without its prefix.
     pub fn host(&self) -> &str {
@@ -440,7 +443,7 @@ impl NebulaDriver {
              pki:\n  ca: {pki}/ca.crt\n  cert: {pki}/host.crt\n  key: {pki}/host.key\n\
              static_host_map:\n  {lh_ip}: [{lh}]\n\
              lighthouse:\n  am_lighthouse: false\n  interval: 60\n  hosts: [{lh_ip}]\n\
-             listen:\n  host: 0.0.0.0\n  port: 0\n\
+             listen:\n  host: 0.0.0.0\n  port: {listen}\n\
              punchy:\n  punch: true\n\
              tun:\n  dev: nebula1\n  mtu: 1300\n\
              logging:\n  level: info\n\
@@ -448,6 +451,7 @@ impl NebulaDriver {
              \x20 inbound:\n    # Only the pod's gate port: nothing else in the pod is reachable over Nebula.\n\
              \x20   - port: {port}\n      proto: tcp\n      host: any\n",
             pki = Self::PKI,
+            listen = Self::LISTEN_PORT,
             lh_ip = q(&self.node.lighthouse_ip),
             lh = q(&self.node.lighthouse),
         )

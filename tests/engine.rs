@@ -104,7 +104,16 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
         &s.container("web", "app"),
     ]);
     assert!(health.contains("curl"), "{health}");
-    assert_eq!(s.volumes(), vec![format!("soul-{}-web-data", s.name)]);
+    // The app's named volume, and each gate's record of redeemed pairing links.
+    let n = &s.name;
+    assert_eq!(
+        s.volumes(),
+        [
+            format!("soul-{n}-hello-gate"),
+            format!("soul-{n}-web-data"),
+            format!("soul-{n}-web-gate")
+        ]
+    );
 
     // The health check from `health` turns healthy.
     let mut healthy = false;
@@ -241,16 +250,21 @@ fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() 
         ]
     );
     assert_eq!(s.networks(), vec![format!("soul-{}-hello", s.name)]);
+    let n = &s.name;
     assert_eq!(
         s.volumes(),
-        vec![format!("soul-{}-web-data", s.name)],
-        "the named volume must stay"
+        [
+            format!("soul-{n}-hello-gate"),
+            format!("soul-{n}-web-data"),
+            format!("soul-{n}-web-gate")
+        ],
+        "the named volumes must stay"
     );
     // `down` keeps it too; only `down --volumes` removes it.
     let o = s.soul(&["down"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(s.containers().is_empty() && s.networks().is_empty());
-    assert_eq!(s.volumes().len(), 1);
+    assert_eq!(s.volumes().len(), 3);
     let o = s.soul(&["down", "--volumes"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(s.volumes().is_empty());

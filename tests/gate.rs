@@ -146,6 +146,9 @@ fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {
         )
         .unwrap();
     state.write("devices.json", &reg.to_file()).unwrap();
+    state
+        .write("link.key", format!("{}\n", hex(&key.link_key())).as_bytes())
+        .unwrap();
 }
 
 fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate {
@@ -159,6 +162,8 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
             "gate",
             "--stack",
             "home",
+            "--sidecar",
+            "notes",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--upstream",
@@ -207,6 +212,32 @@ fn request(port: u16, path: &str, headers: &str) -> String {
 
 fn bearer(t: &str) -> String {
     format!("Authorization: Bearer {t}\r\n")
+}
+
+/// `name=value` of the session cookie a response sets.
+fn session_cookie(response: &str) -> String {
+    response
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("set-cookie")
+                .then(|| value.trim().split(';').next().unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| panic!("no session cookie set: {response}"))
+}
+
+/// One request with a method and a body; returns the whole raw response.
+fn send(port: u16, method: &str, path: &str, headers: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 #[test]
@@ -333,23 +364,16 @@ fn only_valid_tokens_reach_the_app() {
     }
     assert!(!audit.contains(parts[2]), "the log shows alice's token");
 
-    // A pairing link: the token is traded for a cookie and dropped from the address.
+    // A pairing link made before tickets (the token in the query): traded for a session of
+    // this sidecar, never for the token itself, and dropped from the address.
     let r = request(gate.port, &format!("/page?x=1&soul_token={good}"), "");
     assert!(r.starts_with("HTTP/1.1 303"), "{r}");
     let lower = r.to_lowercase();
     assert!(lower.contains("location: /page?x=1\r\n"), "{r}");
-    assert!(
-        lower.contains(&format!(
-            "set-cookie: soul_token={}; httponly; samesite=strict; path=/",
-            good.to_lowercase()
-        )),
-        "{r}"
-    );
-    let r = request(
-        gate.port,
-        "/page",
-        &format!("Cookie: soul_token={good}\r\n"),
-    );
+    let session = session_cookie(&r);
+    assert!(!session.contains(&good) && !r.contains(&good), "{r}");
+    assert!(lower.contains("; path=/; httponly; samesite=lax"), "{r}");
+    let r = request(gate.port, "/page", &format!("Cookie: {session}\r\n"));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 
     // A flood of bad tokens is answered 429 past the limit; a valid client is still served.
@@ -650,6 +674,31 @@ fn curl_from(network: &str, url: &str, token: Option<&str>) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// Listeners an app might open inside its pod: HTTP on TCP 8080, 32768 and 40000 (the
+/// ephemeral range), and UDP 53, 9090 and 40000 answering `pong`. Prints `ready`.
+const POD_LISTENERS: &str = r#"
+import http.server, socket, socketserver, threading
+def udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    while True:
+        _, peer = s.recvfrom(64)
+        s.sendto(b"pong", peer)
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+for port in (53, 9090, 40000):
+    threading.Thread(target=udp, args=(port,), daemon=True).start()
+for port in (8080, 32768, 40000):
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", port), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
 #[test]
 fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
     ensure_images();
@@ -724,8 +773,9 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
     assert_eq!(curl_from(&inside, "http://127.0.0.1:80/", None), "200");
     assert_eq!(curl_from(&inside, &format!("http://{ip}:80/"), None), "200");
     assert_eq!(curl_from(&inside, "http://127.0.0.1:9000/", None), "200");
-    // The pod's own outbound connections still work: their replies come back to ephemeral
-    // ports, which the guard leaves open (here: a server on the pod's network, by name).
+    // The pod's own outbound connections still work: connection tracking lets their replies
+    // in (here: a server on the pod's network, by name).
+
     let outside = format!("{}-outside", s.container("web", "peer"));
     docker(&[
         "run",
@@ -744,14 +794,63 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
     docker(&["rm", "-f", &outside]);
     assert!(reached, "the pod could not reach a server outside it");
 
+    // Listeners the app could open anywhere, the ephemeral range included, TCP and UDP: each
+    // answers inside the pod and none from the pod's network.
+    ensure_command("nsenter", "util-linux");
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &pause]);
+    let mut listeners = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["python3", "-c", POD_LISTENERS])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(listeners.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let udp = |network: &str, host: &str, port: u16| {
+        let o = run(Command::new("docker").args([
+            "run",
+            "--rm",
+            "--network",
+            network,
+            NEBULA,
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/udp/{host}/{port}; printf ping >&3; timeout 2 head -c 4 <&3"),
+        ]));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    for port in [8080, 32768, 40000] {
+        assert_eq!(
+            curl_from(&inside, &format!("http://127.0.0.1:{port}/"), None),
+            "200",
+            "tcp {port} inside"
+        );
+        assert_eq!(
+            curl_from(network, &format!("http://{ip}:{port}/"), None),
+            "000",
+            "tcp {port} answered from outside the pod"
+        );
+    }
+    for port in [53, 9090, 40000] {
+        assert_eq!(udp(&inside, "127.0.0.1", port), "pong", "udp {port} inside");
+        assert_eq!(
+            udp(network, ip, port),
+            "",
+            "udp {port} answered from outside the pod"
+        );
+    }
+    let _ = listeners.kill();
+    let _ = listeners.wait();
+
     // The pause container's health check is the guard's own check.
     let o = run(Command::new("docker").args([
         "exec",
         &pause,
         "/soul",
         "pause",
-        "--private-port",
-        "80",
         "--gate-port",
         "8443",
         "--check",
@@ -842,4 +941,590 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections
         &s.container("web", "gate"),
     ]);
     assert_eq!(restarts, "0");
+}
+
+/// A gate (sidecar `notes` of stack `home`) in front of a fresh app, with alice paired at
+/// generation 1 under a key made from `seed`; and alice's token.
+fn gate_with_alice(seed: u8, tag: &str) -> (App, StackKey, Gate, String) {
+    let app = app();
+    let key = StackKey::from_seed(1, [seed; 32]);
+    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), tag);
+    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    (app, key, gate, token)
+}
+
+/// The status line's code of a raw response.
+fn status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `conn` is closed by the other side within `within`.
+fn closed_within(conn: &mut TcpStream, within: Duration) -> bool {
+    let started = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 64];
+    matches!(conn.read(&mut buf), Ok(0) | Err(_)) && started.elapsed() < within
+}
+
+fn entry(generation: u64, expires_at: Option<u64>) -> DeviceEntry {
+    DeviceEntry {
+        generation,
+        issued_at: 1000,
+        expires_at,
+    }
+}
+
+#[test]
+fn expires_added_or_shortened_revokes_the_old_token_within_a_second() {
+    let app = app();
+    let key = StackKey::from_seed(1, [21; 32]);
+    let far = soul::reconcile::unix_now() + 90 * 86_400;
+    let mut reg = registry(&[("alice", 1)]);
+    reg.devices.insert("bob".into(), entry(1, Some(far)));
+    let gate = start_gate(app.port, &key, &reg, "expiry");
+    // alice has no expiry, bob 90 days; both hold an open socket.
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let bob = issue(&key, &claims_for("home", "bob", 1, 1000, Some(far))).unwrap();
+    let mut alice_ws = upgrade(gate.port, "/ws", &alice);
+    let mut bob_ws = upgrade(gate.port, "/ws", &bob);
+    assert!(echoes(&mut alice_ws, "a") && echoes(&mut bob_ws, "b"));
+
+    // `expires="1s"` added to alice and bob's "90d" shortened to "1s": apply writes their
+    // entries with expiries that have passed (issued long ago).
+    let mut shortened = reg.clone();
+    shortened
+        .devices
+        .insert("alice".into(), entry(1, Some(1001)));
+    shortened.devices.insert("bob".into(), entry(1, Some(1001)));
+    write_keys(&gate.keys, &key, &shortened);
+    let changed = Instant::now();
+    for (who, ws) in [("alice", &mut alice_ws), ("bob", &mut bob_ws)] {
+        assert!(
+            closed_within(ws, Duration::from_secs(1)),
+            "{who}'s socket outlived the new expiry: {:?}",
+            changed.elapsed()
+        );
+    }
+    for (who, token) in [("alice", &alice), ("bob", &bob)] {
+        let r = request(gate.port, "/", &bearer(token));
+        assert_eq!(status(&r), 401, "{who}'s old token still works: {r}");
+    }
+    assert!(changed.elapsed() < Duration::from_secs(1));
+    assert!(gate.log().contains("superseded"), "{}", gate.log());
+}
+
+#[test]
+fn an_open_socket_is_closed_when_its_token_expires() {
+    let app = app();
+    let key = StackKey::from_seed(1, [22; 32]);
+    let soon = soul::reconcile::unix_now() + 2;
+    let mut reg = Registry::default();
+    reg.devices.insert("alice".into(), entry(1, Some(soon)));
+    let gate = start_gate(app.port, &key, &reg, "expiring");
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, Some(soon))).unwrap();
+    let mut ws = upgrade(gate.port, "/ws", &alice);
+    assert!(echoes(&mut ws, "still valid"));
+    ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(ws.read(&mut buf), Ok(0) | Err(_)));
+    let now = soul::reconcile::unix_now();
+    assert!(
+        (soon..=soon + 1).contains(&now),
+        "closed at {now}, the token ran out at {soon}"
+    );
+}
+
+#[test]
+fn no_spelling_of_a_soul_credential_reaches_the_app() {
+    let (app, key, gate, token) = gate_with_alice(23, "strip");
+    let r = request(gate.port, &format!("/?soul_token={token}"), "");
+    let session = session_cookie(&r);
+    let ticket = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &registry(&[("alice", 1)]).devices["alice"],
+    );
+    // Every combination of credentials, each with the app's own cookie and parameters beside.
+    let combos = [
+        format!(
+            "Cookie: app=1; {session}; soul_home_photos=sibling\r\n{}",
+            bearer(&token)
+        ),
+        format!("Cookie: {session}\r\nAuthorization: bearer {token}\r\n"),
+        format!("Cookie: soul_token={token}; {session}\r\n"),
+        format!("Authorization: BEARER {token}\r\nCookie: soul_home_notes=x; app=2\r\n"),
+    ];
+    let mut answered = 0;
+    for headers in &combos {
+        for path in [
+            "/a?keep=1",
+            "/b?keep=1&soul%5Ftoken=x",
+            "/c?soul_ticket=zz&keep=1",
+        ] {
+            let r = request(gate.port, path, headers);
+            if status(&r) == 200 {
+                answered += 1;
+            }
+        }
+    }
+    assert!(answered >= 4, "the valid combinations were served");
+    let seen = app.log.lock().unwrap().concat();
+    for secret in [
+        token.as_str(),
+        session.split_once('=').unwrap().1,
+        ticket.as_str(),
+    ] {
+        assert!(
+            !seen.contains(secret),
+            "the app saw a soul credential: {seen}"
+        );
+    }
+    let lower = seen.to_lowercase();
+    for soul_part in ["soul_", "soul%5f", "authorization"] {
+        assert!(
+            !lower.contains(soul_part),
+            "the app saw `{soul_part}`: {seen}"
+        );
+    }
+    assert!(seen.contains("keep=1") && seen.contains("app=1"), "{seen}");
+}
+
+#[test]
+fn an_old_cookie_and_a_new_link_re_pair() {
+    let app = app();
+    let old_key = StackKey::from_seed(1, [24; 32]);
+    let reg = registry(&[("alice", 1)]);
+    let gate = start_gate(app.port, &old_key, &reg, "repair");
+    let old = issue(&old_key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let old_session = session_cookie(&request(gate.port, &format!("/?soul_token={old}"), ""));
+    // `soul rotate`: a new stack key; the old session stops working.
+    let new_key = StackKey::from_seed(2, [25; 32]);
+    write_keys(&gate.keys, &new_key, &reg);
+    std::thread::sleep(Duration::from_millis(600));
+    let cookie = format!("Cookie: {old_session}\r\n");
+    assert_eq!(status(&request(gate.port, "/", &cookie)), 401);
+    // The new link, opened by the browser that still holds the old cookie, pairs it again.
+    let ticket = soul::pairing::ticket(
+        &new_key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &reg.devices["alice"],
+    );
+    let page = request(gate.port, &format!("/notes?soul_ticket={ticket}"), &cookie);
+    assert_eq!(status(&page), 200, "{page}");
+    let post = send(
+        gate.port,
+        "POST",
+        "/.soul/pair",
+        &format!("{cookie}Content-Type: application/x-www-form-urlencoded\r\n"),
+        &format!("ticket={ticket}&to=%2Fnotes"),
+    );
+    assert_eq!(status(&post), 303, "{post}");
+    assert!(
+        post.to_lowercase().contains("location: /notes\r\n"),
+        "{post}"
+    );
+    let fresh = session_cookie(&post);
+    let r = request(gate.port, "/notes", &format!("Cookie: {fresh}\r\n"));
+    assert_eq!(status(&r), 200, "{r}");
+}
+
+#[test]
+fn a_pairing_link_pairs_one_browser_once_and_a_preview_does_not_spend_it() {
+    let app = app();
+    let key = StackKey::from_seed(1, [26; 32]);
+    let reg = registry(&[("alice", 1)]);
+    let gate = start_gate(app.port, &key, &reg, "ticket");
+    let ticket = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &reg.devices["alice"],
+    );
+    // A chat app's link preview GETs the link: it gets the page, nothing is redeemed.
+    for _ in 0..2 {
+        let page = request(gate.port, &format!("/?soul_ticket={ticket}"), "");
+        assert_eq!(status(&page), 200, "{page}");
+        assert!(
+            page.contains("method=post") && page.contains("no-referrer"),
+            "{page}"
+        );
+        assert!(!page.to_lowercase().contains("set-cookie"), "{page}");
+    }
+    let form = format!("ticket={ticket}&to=%2F");
+    let post = send(gate.port, "POST", "/.soul/pair", "", &form);
+    assert_eq!(status(&post), 303, "{post}");
+    let session = session_cookie(&post);
+    assert!(session.starts_with("soul_home_notes=alice.1."), "{session}");
+    let lower = post.to_lowercase();
+    let max_age: u64 = lower
+        .split("max-age=")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(
+        max_age,
+        soul::gate::SESSION_MAX_LIFETIME,
+        "a device without expiry: 400 days"
+    );
+    assert!(
+        lower.contains("cache-control: no-store") && lower.contains("referrer-policy: no-referrer")
+    );
+    // Used: the same link cannot pair another browser (the record survives a restart: see
+    // `gate::redeemed`)…
+    let again = send(gate.port, "POST", "/.soul/pair", "", &form);
+    assert_eq!(status(&again), 410, "{again}");
+    // …while the paired browser reopening it (from history) simply goes on.
+    let reopened = request(
+        gate.port,
+        &format!("/x?soul_ticket={ticket}"),
+        &format!("Cookie: {session}\r\n"),
+    );
+    assert_eq!(status(&reopened), 303, "{reopened}");
+    assert!(reopened.to_lowercase().contains("location: /x\r\n"));
+    assert_eq!(
+        status(&request(gate.port, &format!("/?soul_ticket={ticket}"), "")),
+        410
+    );
+    // A forged or another sidecar's ticket is refused.
+    let photos = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "photos",
+        "alice",
+        &reg.devices["alice"],
+    );
+    let r = send(
+        gate.port,
+        "POST",
+        "/.soul/pair",
+        "",
+        &format!("ticket={photos}"),
+    );
+    assert_eq!(status(&r), 401, "{r}");
+}
+
+#[test]
+fn a_cross_origin_page_cannot_ride_the_cookie() {
+    let (app, _key, gate, token) = gate_with_alice(27, "origin");
+    let session = session_cookie(&request(gate.port, &format!("/?soul_token={token}"), ""));
+    let ws = |origin: &str| {
+        request(
+            gate.port,
+            "/ws",
+            &format!(
+                "Cookie: {session}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: {origin}\r\n"
+            ),
+        )
+    };
+    // Host is `x` (see `send_get`): another port of the same host is another origin.
+    assert_eq!(status(&ws("http://x:8081")), 403);
+    assert_eq!(status(&ws("http://evil.example")), 403);
+    assert_eq!(status(&ws("http://x")), 101, "same origin");
+    let post = |origin: &str| {
+        send(
+            gate.port,
+            "POST",
+            "/save",
+            &format!("Cookie: {session}\r\nOrigin: {origin}\r\n"),
+            "a=1",
+        )
+    };
+    assert_eq!(status(&post("http://x:8081")), 403);
+    assert_eq!(status(&post("http://x")), 200);
+    let seen = app.log.lock().unwrap().concat();
+    assert_eq!(seen.matches("POST /save").count(), 1, "{seen}");
+    // A bearer token is a program's, not a page's: no Origin rule.
+    let r = send(
+        gate.port,
+        "POST",
+        "/save",
+        &format!("{}Origin: http://y\r\n", bearer(&token)),
+        "",
+    );
+    assert_eq!(status(&r), 200, "{r}");
+}
+
+#[test]
+fn open_redirect_paths_stay_on_the_gates_origin() {
+    let (_app, _key, gate, token) = gate_with_alice(28, "redirect");
+    for path in ["//evil.example/", "/\\evil.example/", "///evil.example/"] {
+        let r = request(gate.port, &format!("{path}?soul_token={token}"), "");
+        let location = r
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("location: ")
+                    .or_else(|| l.strip_prefix("Location: "))
+            })
+            .map(str::trim);
+        if let Some(l) = location {
+            assert!(
+                l.starts_with('/') && !l.starts_with("//") && !l.starts_with("/\\"),
+                "{path}: off-site Location {l}"
+            );
+        } else {
+            assert!(status(&r) == 400 || r.is_empty(), "{path}: {r}");
+        }
+    }
+}
+
+#[test]
+fn a_lower_case_bearer_scheme_is_accepted() {
+    let (_app, _key, gate, token) = gate_with_alice(29, "scheme");
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = request(
+            gate.port,
+            "/",
+            &format!("Authorization: {scheme} {token}\r\n"),
+        );
+        assert_eq!(status(&r), 200, "{scheme}: {r}");
+    }
+}
+
+#[test]
+fn a_spoofed_x_forwarded_for_never_reaches_the_app_and_hop_by_hop_headers_end_at_the_gate() {
+    let (app, _key, gate, token) = gate_with_alice(30, "hops");
+    let headers = format!(
+        "{}X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nKeep-Alive: timeout=99\r\nTE: trailers\r\nProxy-Authorization: Basic c2VjcmV0\r\nX-Hop: 1\r\n",
+        bearer(&token)
+    );
+    let r = request(gate.port, "/", &headers.replace("Host: x", ""));
+    // `request` adds `Connection: close`; name a custom header in it too.
+    let r2 = {
+        let mut s = send_get(
+            gate.port,
+            "/",
+            &format!("Connection: close, X-Hop\r\n{headers}"),
+        );
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(status(&r2), 200, "{r2}");
+    let seen = app.log.lock().unwrap().concat().to_lowercase();
+    assert!(!seen.contains("6.6.6.6"), "{seen}");
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\r\n"), "{seen}");
+    for hop in [
+        "keep-alive:",
+        "te:",
+        "proxy-authorization:",
+        "forwarded:",
+        "x-real-ip:",
+    ] {
+        assert!(
+            !seen.contains(&format!("\r\n{hop}")),
+            "{hop} reached the app: {seen}"
+        );
+    }
+    assert_eq!(
+        seen.matches("x-hop:").count(),
+        1,
+        "a header named in Connection reached the app: {seen}"
+    );
+}
+
+#[test]
+fn one_client_hammering_bad_tokens_does_not_lock_out_another_behind_the_same_address() {
+    let app = app();
+    let key = StackKey::from_seed(1, [31; 32]);
+    let reg = registry(&[("alice", 1)]);
+    let gate = start_gate(app.port, &key, &reg, "shared-address");
+    // Both clients come from 127.0.0.1, as every LAN client does behind Docker's proxy.
+    let mut limited = 0;
+    for i in 0..60 {
+        let r = request(gate.port, "/", &bearer(&format!("forged.{i}.x")));
+        if status(&r) == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "the hammering client was never slowed down");
+    // A fresh browser on the same address: told to pair (401, not 429), then pairs by link
+    // and is served.
+    let r = request(gate.port, "/", "");
+    assert_eq!(status(&r), 401, "{r}");
+    let ticket = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &reg.devices["alice"],
+    );
+    assert_eq!(
+        status(&request(gate.port, &format!("/?soul_ticket={ticket}"), "")),
+        200
+    );
+    let post = send(
+        gate.port,
+        "POST",
+        "/.soul/pair",
+        "",
+        &format!("ticket={ticket}"),
+    );
+    assert_eq!(status(&post), 303, "{post}");
+    let session = session_cookie(&post);
+    for _ in 0..5 {
+        let r = request(gate.port, "/", &format!("Cookie: {session}\r\n"));
+        assert_eq!(status(&r), 200, "{r}");
+    }
+    // A device with a token is served too, however much the other client keeps hammering.
+    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    for _ in 0..20 {
+        request(gate.port, "/", &bearer("forged.again.x"));
+    }
+    assert_eq!(status(&request(gate.port, "/", &bearer(&token))), 200);
+}
+
+/// Headless Chromium with its profile in `profile`, opening `url`; returns the DOM it ends on
+/// (`--virtual-time-budget` lets the page's form post and the redirects run first).
+fn chromium(profile: &std::path::Path, url: &str) -> String {
+    let o = run(Command::new("timeout").args(["90", "chromium"]).args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--virtual-time-budget=5000",
+        &format!("--user-data-dir={}", profile.display()),
+        "--dump-dom",
+        url,
+    ]));
+    assert!(o.status.success(), "chromium failed:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Every URL in a Chromium profile's History database, most recent visit last.
+fn history(profile: &std::path::Path) -> Vec<String> {
+    let db = profile.join("Default/History");
+    let o = run(Command::new("sqlite3")
+        .arg(&db)
+        .arg("select u.url from visits v join urls u on u.id = v.url order by v.visit_time"));
+    assert!(
+        o.status.success(),
+        "reading {}:\n{}",
+        db.display(),
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// A page on another site (`localhost`, not `127.0.0.1`) that follows `link` at once, as a
+/// click in a webmail or chat page would; serves until the test ends.
+fn other_site_page(link: &str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let html = format!(
+        "<!doctype html><a id=l href=\"{link}\">pair</a><script>document.getElementById('l').click()</script>"
+    );
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
+                html.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn a_real_browser_pairs_by_link_keeps_no_usable_credential_in_history_and_stays_paired() {
+    ensure_command("chromium", "chromium");
+    ensure_command("sqlite3", "sqlite3");
+    let app = app();
+    let key = StackKey::from_seed(1, [32; 32]);
+    let reg = registry(&[("alice", 1), ("bob", 1)]);
+    let gate = start_gate(app.port, &key, &reg, "browser");
+    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let ticket = |device: &str| {
+        soul::pairing::ticket(
+            &key.link_key(),
+            "home",
+            "notes",
+            device,
+            &reg.devices[device],
+        )
+    };
+    let profile = gate.keys.with_extension("chromium");
+    let _ = std::fs::remove_dir_all(&profile);
+
+    // The link `soul pair alice --format link` prints, opened in the browser: it lands on the
+    // app, paired.
+    let link = format!(
+        "http://127.0.0.1:{}/start?soul_ticket={}",
+        gate.port,
+        ticket("alice")
+    );
+    let dom = chromium(&profile, &link);
+    assert!(dom.contains("app"), "did not land on the app: {dom}");
+    let seen = app.log.lock().unwrap().concat();
+    assert!(seen.contains("GET /start HTTP/1.1"), "{seen}");
+    // The address it ended on holds no credential, and nothing in the History database is
+    // worth anything: the ticket there is spent, and the device token was never in a URL.
+    let visited = history(&profile);
+    let last = visited.last().expect("a history entry");
+    assert_eq!(
+        last,
+        &format!("http://127.0.0.1:{}/start", gate.port),
+        "{visited:?}"
+    );
+    assert!(visited.iter().all(|u| !u.contains(&token)), "{visited:?}");
+    for url in visited.iter().filter(|u| u.contains("soul_ticket=")) {
+        let path = url.split_once(&format!(":{}", gate.port)).unwrap().1;
+        let r = request(gate.port, path, "");
+        assert_eq!(
+            status(&r),
+            410,
+            "a ticket in the history still pairs: {url}"
+        );
+    }
+    assert!(
+        !seen.contains("soul_"),
+        "the app saw a soul credential: {seen}"
+    );
+
+    // Reload (and a browser restart: the cookie has a lifetime, it is not a session cookie).
+    let dom = chromium(&profile, &format!("http://127.0.0.1:{}/start", gate.port));
+    assert!(dom.contains("app"), "not paired after a restart: {dom}");
+
+    // A link clicked on another site's page pairs too (a SameSite=Strict cookie did not).
+    let elsewhere = gate.keys.with_extension("chromium-elsewhere");
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    let bob_link = format!(
+        "http://127.0.0.1:{}/?soul_ticket={}",
+        gate.port,
+        ticket("bob")
+    );
+    let site = other_site_page(&bob_link);
+    let dom = chromium(&elsewhere, &format!("http://localhost:{site}/"));
+    assert!(
+        dom.contains("app"),
+        "a link from another site did not pair: {dom}"
+    );
+    assert!(
+        gate.log()
+            .lines()
+            .any(|l| l.contains("paired a browser") && l.contains("device=bob")),
+        "{}",
+        gate.log()
+    );
+    let dom = chromium(&elsewhere, &format!("http://127.0.0.1:{}/", gate.port));
+    assert!(dom.contains("app"), "reload after a cross-site link: {dom}");
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_dir_all(&elsewhere);
 }

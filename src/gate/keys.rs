@@ -1,5 +1,6 @@
-//! The gate's view of the state dir: the stack's public key and the device registry, as
-//! files soul writes into `gate/` (mounted read-only into the pod), re-read when they change.
+//! The gate's view of the state dir: the stack's public key, the device registry and the link
+//! key, as files soul writes into `gate/` (mounted read-only into the pod), re-read when they
+//! change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::state::Registry;
+use crate::state::{Registry, unhex32};
 
 /// The gate's directory inside the state dir.
 pub const GATE_DIR: &str = "gate";
@@ -15,36 +16,35 @@ pub const GATE_DIR: &str = "gate";
 pub const PUBLIC_KEY_FILE: &str = "public.key";
 /// A copy of the device registry.
 pub const REGISTRY_FILE: &str = "devices.json";
+/// Hex of the key that signs pairing tickets and browser sessions ([`crate::state::StackKey::link_key`]).
+pub const LINK_KEY_FILE: &str = "link.key";
 
 /// What the gate verifies tokens with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     pub public_key: [u8; 32],
     pub registry: Registry,
+    /// Absent in a state dir written before browser sessions existed: links then cannot pair.
+    pub link_key: Option<[u8; 32]>,
 }
 
 /// Reads the key and registry files from `dir`.
 pub fn load(dir: &Path) -> std::io::Result<Keys> {
-    let hex = std::fs::read_to_string(dir.join(PUBLIC_KEY_FILE))?;
-    let bytes: Vec<u8> = (0..hex.trim().len())
-        .step_by(2)
-        .filter_map(|i| {
-            hex.trim()
-                .get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect();
-    let public_key: [u8; 32] = bytes.try_into().map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a 32-byte hex public key",
-        )
-    })?;
+    let not_a_key =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key");
+    let public_key =
+        unhex32(&std::fs::read_to_string(dir.join(PUBLIC_KEY_FILE))?).ok_or_else(not_a_key)?;
     let registry = serde_json::from_slice(&std::fs::read(dir.join(REGISTRY_FILE))?)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let link_key = match std::fs::read_to_string(dir.join(LINK_KEY_FILE)) {
+        Ok(hex) => Some(unhex32(&hex).ok_or_else(not_a_key)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
     Ok(Keys {
         public_key,
         registry,
+        link_key,
     })
 }
 

@@ -1,12 +1,20 @@
-//! `soul gate`: the pod's front door. It listens on the gate port, lets a request through only
-//! with a device token that the library's one verifier accepts (EdDSA pinned; iss, aud, exp,
-//! registry and generation checked), and proxies it to the app on 127.0.0.1 — HTTP/1.1 and
-//! h2c, streamed both ways, WebSocket upgrades included. It watches its key and registry
-//! files: a revoked device's next request is refused and its open connections are closed,
-//! without a restart. It must not touch the engine or the stack key (it has only the public key).
+//! `soul gate`: the pod's front door. It listens on the gate port and lets a request through
+//! only with a credential the gate verifies: a device token (`Authorization: Bearer`, checked
+//! by the library's one verifier against the device's current registry entry) or this
+//! sidecar's browser session (a cookie a one-time pairing link is redeemed for, see [`link`]).
+//! It proxies to the app on 127.0.0.1 — HTTP/1.1 and h2c, streamed both ways, WebSocket
+//! upgrades included — with soul's credentials and hop-by-hop headers removed. It watches its
+//! key and registry files: a revoked device's next request is refused and its open
+//! connections are closed, without a restart. It must not touch the engine or the stack key
+//! (it has the public key and the link key only).
 
+mod credential;
+mod forward;
 mod keys;
 mod limits;
+mod link;
+mod redeemed;
+mod session;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,20 +23,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::pairing::{Claims, TokenError};
-pub use keys::{GATE_DIR, Keys, PUBLIC_KEY_FILE, REGISTRY_FILE, load};
+use crate::pairing::TokenError;
+use credential::Presented;
+pub use credential::cookie_name;
+pub use keys::{GATE_DIR, Keys, LINK_KEY_FILE, PUBLIC_KEY_FILE, REGISTRY_FILE, load};
 use limits::Failures;
+pub use link::PAIR_PATH;
+use redeemed::Redeemed;
+pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
+use session::Scope;
 
-/// The cookie a browser gets in exchange for a pairing link's `?soul_token=`.
-pub const COOKIE: &str = "soul_token";
 /// Concurrent requests one HTTP/2 connection may have in flight.
 const H2_MAX_STREAMS: u32 = 128;
 /// The health endpoint Docker's health check calls; it reveals nothing.
@@ -38,16 +50,21 @@ pub const HEALTH_PATH: &str = "/.soul/health";
 #[derive(Debug, Clone)]
 pub struct GateConfig {
     pub stack: String,
+    /// The sidecar this gate fronts: its browser sessions are good here only.
+    pub sidecar: Option<String>,
     /// The app, inside the pod.
     pub upstream: SocketAddr,
-    /// The directory holding [`PUBLIC_KEY_FILE`] and [`REGISTRY_FILE`].
+    /// The directory holding [`PUBLIC_KEY_FILE`], [`REGISTRY_FILE`] and [`LINK_KEY_FILE`].
     pub keys_dir: PathBuf,
+    /// A writable directory recording redeemed pairing tickets across restarts (memory only
+    /// when `None`).
+    pub redeemed_dir: Option<PathBuf>,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     /// How long a client may take to send a request's headers (slowloris).
     pub header_timeout: Duration,
-    /// Refused attempts per source address per minute before the gate answers 429.
+    /// Refused credentials per source address per minute before the gate answers 429.
     pub failures_per_minute: usize,
     /// How often the key and registry files are re-read.
     pub reload_every: Duration,
@@ -57,8 +74,10 @@ impl GateConfig {
     pub fn new(stack: &str, upstream: SocketAddr, keys_dir: PathBuf) -> GateConfig {
         GateConfig {
             stack: stack.to_string(),
+            sidecar: None,
             upstream,
             keys_dir,
+            redeemed_dir: None,
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 64,
@@ -73,10 +92,24 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 struct Shared {
     cfg: GateConfig,
+    /// This gate's session cookie ([`cookie_name`]).
+    cookie: String,
     /// The current key and registry; `None` until the files are readable.
     keys: watch::Receiver<Option<Arc<Keys>>>,
     failures: Mutex<Failures>,
+    redeemed: Mutex<Redeemed>,
     client: Client<HttpConnector, Incoming>,
+}
+
+impl Shared {
+    /// The session scope of this gate under `keys` (none without a link key).
+    fn scope<'a>(&'a self, keys: &'a Keys) -> Option<Scope<'a>> {
+        Some(Scope {
+            key: keys.link_key.as_ref()?,
+            stack: &self.cfg.stack,
+            sidecar: self.cfg.sidecar.as_deref().unwrap_or(""),
+        })
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -99,6 +132,8 @@ pub async fn serve(
         )),
         client: Client::builder(TokioExecutor::new()).build(upstream_connector()),
         keys: keys_rx,
+        cookie: cookie_name(&cfg.stack, cfg.sidecar.as_deref()),
+        redeemed: Mutex::new(Redeemed::open(cfg.redeemed_dir.clone())),
         cfg,
     });
     tracing::info!(
@@ -190,106 +225,150 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-/// The tokens one client connection has presented, each with the keys it verified against.
-/// A request repeating a token under the same keys skips the signature check; when the keys
-/// change, [`revoked`] verifies every held token again and closes the connection if one fails.
+/// A credential a client presented on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Credential {
+    /// A device token (`Authorization: Bearer`).
+    Token(String),
+    /// This sidecar's browser session (its cookie's value).
+    Session(String),
+}
+
+/// Whom a credential let in, and until when (unix seconds; `None`: until revoked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    device: String,
+    until: Option<u64>,
+}
+
+/// Why a credential was refused: what the audit log says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    reason: String,
+    device: String,
+}
+
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Refusal {
+        use TokenError as E;
+        let device = match &e {
+            E::Expired(d) | E::UnknownDevice(d) | E::OldGeneration(d) | E::Superseded(d) => {
+                d.clone()
+            }
+            _ => "-".into(),
+        };
+        Refusal {
+            reason: e.to_string(),
+            device,
+        }
+    }
+}
+
+impl Refusal {
+    fn no_key() -> Refusal {
+        Refusal {
+            reason: "the gate has no key yet".into(),
+            device: "-".into(),
+        }
+    }
+}
+
+/// The credentials one client connection has presented, each with the keys it verified
+/// against. A request repeating one under the same keys skips the check; when the keys change
+/// or a grant runs out, [`revoked`] checks every held credential again and closes the
+/// connection if one fails.
 #[derive(Default)]
-struct Held(Vec<(String, Arc<Keys>, Claims)>);
+struct Held(Vec<(Credential, Arc<Keys>, Grant)>);
 
 impl Held {
-    fn of(token: String, keys: Arc<Keys>, claims: Claims) -> Held {
-        Held(vec![(token, keys, claims)])
+    fn of(credential: Credential, keys: Arc<Keys>, grant: Grant) -> Held {
+        Held(vec![(credential, keys, grant)])
     }
 
-    /// The claims of `token` if it verified against exactly `keys` and has not expired.
-    fn recall(&self, token: &str, keys: &Arc<Keys>, now: u64) -> Option<Claims> {
+    /// The grant of `credential` if it verified against exactly `keys` and has not run out.
+    fn recall(&self, credential: &Credential, keys: &Arc<Keys>, now: u64) -> Option<Grant> {
         self.0
             .iter()
-            .find(|(t, k, c)| t == token && Arc::ptr_eq(k, keys) && c.exp.is_none_or(|e| e > now))
-            .map(|(_, _, c)| c.clone())
+            .find(|(c, k, g)| {
+                c == credential && Arc::ptr_eq(k, keys) && g.until.is_none_or(|u| u > now)
+            })
+            .map(|(_, _, g)| g.clone())
     }
 
-    /// Remembers a token that verified; true when this connection had not presented it before.
-    fn remember(&mut self, token: &str, keys: &Arc<Keys>, claims: &Claims) -> bool {
-        let fresh = !self.0.iter().any(|(t, _, _)| t == token);
-        self.0.retain(|(t, _, _)| t != token);
+    /// Remembers a credential that verified; true when this connection had not presented it
+    /// before.
+    fn remember(&mut self, credential: &Credential, keys: &Arc<Keys>, grant: &Grant) -> bool {
+        let fresh = !self.0.iter().any(|(c, _, _)| c == credential);
+        self.0.retain(|(c, _, _)| c != credential);
         self.0
-            .push((token.to_string(), keys.clone(), claims.clone()));
+            .push((credential.clone(), keys.clone(), grant.clone()));
         fresh
     }
 
-    fn tokens(&self) -> Vec<String> {
-        self.0.iter().map(|(t, _, _)| t.clone()).collect()
+    fn credentials(&self) -> Vec<Credential> {
+        self.0.iter().map(|(c, _, _)| c.clone()).collect()
+    }
+
+    /// When the first held grant runs out.
+    fn first_end(&self) -> Option<u64> {
+        self.0.iter().filter_map(|(_, _, g)| g.until).min()
     }
 }
 
-/// Resolves with the device's name once any token in `held` stops verifying.
+/// Resolves with the device's name once any credential in `held` stops verifying: when the
+/// keys or registry change, or when a grant reaches its end.
 async fn revoked(shared: &Shared, held: Arc<Mutex<Held>>) -> String {
     let mut keys = shared.keys.clone();
     loop {
-        if keys.changed().await.is_err() {
-            return std::future::pending().await;
+        let first_end = held.lock().ok().and_then(|h| h.first_end());
+        let sleep = match first_end {
+            Some(end) => Duration::from_secs(end.saturating_sub(crate::reconcile::unix_now())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            changed = keys.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+            _ = tokio::time::sleep(sleep) => {}
         }
         let current = keys.borrow().clone();
-        let tokens = held.lock().map(|h| h.tokens()).unwrap_or_default();
-        for t in tokens {
-            if let Err(e) = check(&shared.cfg.stack, current.as_deref(), &t) {
-                return device_of(&e);
+        let credentials = held.lock().map(|h| h.credentials()).unwrap_or_default();
+        for c in credentials {
+            if let Err(r) = check(shared, current.as_deref(), &c) {
+                return r.device;
             }
         }
     }
 }
 
-fn check(stack: &str, keys: Option<&Keys>, token: &str) -> Result<Claims, TokenError> {
+fn check(shared: &Shared, keys: Option<&Keys>, credential: &Credential) -> Result<Grant, Refusal> {
     let Some(k) = keys else {
-        return Err(TokenError::Invalid("the gate has no key yet".into()));
+        return Err(Refusal::no_key());
     };
-    crate::pairing::verify(
-        token,
-        &k.public_key,
-        stack,
-        &k.registry,
-        crate::reconcile::unix_now(),
-    )
-}
-
-fn device_of(e: &TokenError) -> String {
-    use TokenError as E;
-    match e {
-        E::Expired(d) | E::UnknownDevice(d) | E::OldGeneration(d) => d.clone(),
-        _ => "-".into(),
-    }
-}
-
-/// Where a request's token came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Bearer,
-    Cookie,
-    Query,
-}
-
-fn token_of<B>(req: &Request<B>) -> Option<(String, Source)> {
-    if let Some(v) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        && let Some(t) = v.strip_prefix("Bearer ")
-    {
-        return Some((t.trim().to_string(), Source::Bearer));
-    }
-    for v in req.headers().get_all(header::COOKIE) {
-        for pair in v.to_str().unwrap_or("").split(';') {
-            if let Some(t) = pair.trim().strip_prefix(&format!("{COOKIE}=")) {
-                return Some((t.to_string(), Source::Cookie));
-            }
+    let now = crate::reconcile::unix_now();
+    match credential {
+        Credential::Token(t) => {
+            let claims =
+                crate::pairing::verify(t, &k.public_key, &shared.cfg.stack, &k.registry, now)?;
+            Ok(Grant {
+                device: claims.sub,
+                until: claims.exp,
+            })
+        }
+        Credential::Session(v) => {
+            let scope = shared.scope(k).ok_or_else(Refusal::no_key)?;
+            let (device, until) = scope.verify(v, &k.registry, now).map_err(|e| Refusal {
+                device: e.device().to_string(),
+                reason: e.to_string(),
+            })?;
+            Ok(Grant {
+                device,
+                until: Some(until),
+            })
         }
     }
-    req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("soul_token="))
-            .map(|t| (t.to_string(), Source::Query))
-    })
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -306,6 +385,40 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
+/// 401 for a request with no credential at all: never rate-limited (a browser that is not
+/// paired yet must always learn so, whoever shares its address).
+fn unpaired() -> Response<Body> {
+    let mut r = plain(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized: pair this device with soul first\n",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"soul\""),
+    );
+    r
+}
+
+/// Answers a refused credential: 401, or 429 once this source has had too many refused.
+fn refuse(shared: &Shared, peer: SocketAddr, path: &str, refusal: &Refusal) -> Response<Body> {
+    let limited = shared
+        .failures
+        .lock()
+        .map(|mut f| f.record(peer.ip()))
+        .unwrap_or(false);
+    tracing::warn!(source = %peer, device = %refusal.device, reason = %refusal.reason, path, "refused");
+    if limited {
+        let mut r = plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many refused attempts; slow down\n",
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    unpaired()
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -315,126 +428,206 @@ async fn handle(
     if req.uri().path() == HEALTH_PATH {
         return plain(StatusCode::OK, "ok\n");
     }
-    let ip = peer.ip();
-    let refuse = |reason: &str, device: &str| {
-        let limited = shared
-            .failures
-            .lock()
-            .map(|mut f| f.record(ip))
-            .unwrap_or(false);
-        tracing::warn!(source = %peer, device = %device, reason, path = %req.uri().path(), "refused");
-        if limited {
-            let mut r = plain(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many refused attempts; slow down\n",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
-        }
-        let mut r = plain(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized: pair this device with soul first\n",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"soul\""),
-        );
-        r
-    };
-    let Some((token, source)) = token_of(&req) else {
-        return refuse("no token", "-");
-    };
+    let path = req.uri().path().to_string();
     let Some(keys) = shared.keys.borrow().clone() else {
-        return refuse("the gate has no key yet", "-");
+        return refuse(&shared, peer, &path, &Refusal::no_key());
+    };
+    if path == PAIR_PATH && req.method() == Method::POST {
+        return redeem(req, peer, &shared, &keys).await;
+    }
+    let credential = match credential::presented(&req, &shared.cookie) {
+        Presented::Nothing => {
+            tracing::info!(source = %peer, device = "-", reason = "no token", path, "refused");
+            return unpaired();
+        }
+        Presented::Ticket(ticket) => return open_link(&req, peer, &shared, &keys, &ticket),
+        Presented::LinkToken(token) => {
+            // A link made before tickets: the token itself, traded for a session.
+            return match check(&shared, Some(&keys), &Credential::Token(token)) {
+                Ok(grant) => start_session(
+                    peer,
+                    &shared,
+                    &keys,
+                    &grant.device,
+                    &link::target(req.uri()),
+                ),
+                Err(r) => refuse(&shared, peer, &path, &r),
+            };
+        }
+        Presented::Bearer(t) => Credential::Token(t),
+        Presented::Session(v) => {
+            if credential::foreign_origin(&req) {
+                tracing::warn!(source = %peer, path, "refused: a cookie-authenticated upgrade or write from another origin");
+                return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
+            }
+            Credential::Session(v)
+        }
     };
     let now = crate::reconcile::unix_now();
-    let recalled = held.lock().ok().and_then(|h| h.recall(&token, &keys, now));
-    let claims = match recalled {
-        Some(c) => c,
-        None => match check(&shared.cfg.stack, Some(&keys), &token) {
-            Ok(c) => {
-                if held.lock().is_ok_and(|mut h| h.remember(&token, &keys, &c)) {
-                    tracing::info!(source = %peer, device = %c.sub, "accepted");
+    let recalled = held
+        .lock()
+        .ok()
+        .and_then(|h| h.recall(&credential, &keys, now));
+    let grant = match recalled {
+        Some(g) => g,
+        None => match check(&shared, Some(&keys), &credential) {
+            Ok(g) => {
+                if held
+                    .lock()
+                    .is_ok_and(|mut h| h.remember(&credential, &keys, &g))
+                {
+                    tracing::info!(source = %peer, device = %g.device, "accepted");
                 }
-                c
+                g
             }
-            Err(e) => return refuse(&e.to_string(), &device_of(&e)),
+            Err(r) => return refuse(&shared, peer, &path, &r),
         },
     };
-    if source == Source::Query {
-        // A pairing link opened in a browser: trade the token for a cookie and drop it from
-        // the address bar (and from history and Referer headers).
-        let path = req.uri().path().to_string();
-        let rest: Vec<&str> = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|kv| !kv.starts_with("soul_token=") && !kv.is_empty())
-            .collect();
-        let location = if rest.is_empty() {
-            path
-        } else {
-            format!("{path}?{}", rest.join("&"))
-        };
-        let mut r = plain(StatusCode::SEE_OTHER, "paired\n");
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        let secure = if over_tls(&req, peer) { "; Secure" } else { "" };
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"
-        )) {
-            r.headers_mut().insert(header::SET_COOKIE, v);
-        }
-        return r;
-    }
-    // The app never sees soul's credentials.
-    if source == Source::Bearer {
-        req.headers_mut().remove(header::AUTHORIZATION);
-    }
-    strip_cookie(req.headers_mut());
-    proxy(req, &shared, Held::of(token, keys, claims.clone()))
+    credential::strip(&mut req);
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    forward::request(req.headers_mut(), peer.ip(), CLIENTS_USE_TLS, upgrade);
+    let device = grant.device.clone();
+    proxy(req, &shared, Held::of(credential, keys, grant))
         .await
         .unwrap_or_else(|e| {
-            tracing::warn!(source = %peer, device = %claims.sub, "the app did not answer: {e}");
+            tracing::warn!(source = %peer, device = %device, "the app did not answer: {e}");
             plain(StatusCode::BAD_GATEWAY, "the app is not answering\n")
         })
 }
 
-/// Whether the client reached the pod over TLS: an `https` request (HTTP/2's `:scheme`), or one
-/// that a TLS-terminating proxy inside the pod (on loopback) marks `X-Forwarded-Proto: https`.
-/// The gate itself speaks plain HTTP; a cookie set over TLS must stay on TLS.
-fn over_tls<B>(req: &Request<B>, peer: SocketAddr) -> bool {
-    req.uri().scheme() == Some(&http::uri::Scheme::HTTPS)
-        || (peer.ip().is_loopback()
-            && req
-                .headers()
-                .get("x-forwarded-proto")
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
+/// A ticket link opened: the page that posts it back, or straight on for a browser this gate
+/// has already paired with that ticket.
+fn open_link(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    keys: &Keys,
+    ticket: &str,
+) -> Response<Body> {
+    let to = link::target(req.uri());
+    let used = shared.redeemed.lock().is_ok_and(|r| r.contains(ticket));
+    if used {
+        if let Some(v) = credential::session(req, &shared.cookie)
+            && check(shared, Some(keys), &Credential::Session(v)).is_ok()
+        {
+            return link::onward(&to);
+        }
+        tracing::warn!(source = %peer, "refused: a pairing link that was already used");
+        return link::refused_page(StatusCode::GONE, "it was already used");
+    }
+    link::ticket_page(ticket, &to)
 }
 
-fn strip_cookie(headers: &mut http::HeaderMap) {
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(';')
-                .map(str::trim)
-                .map(String::from)
-                .collect::<Vec<_>>()
-        })
-        .filter(|p| !p.is_empty() && !p.starts_with(&format!("{COOKIE}=")))
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
-    {
-        headers.insert(header::COOKIE, v);
+/// The pairing page's post: redeems its ticket once and starts a session.
+async fn redeem(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    keys: &Keys,
+) -> Response<Body> {
+    if credential::foreign_origin(&req) {
+        tracing::warn!(source = %peer, "refused: a pairing post from another origin");
+        return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
     }
+    let body = match Limited::new(req.into_body(), link::MAX_FORM)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "pairing form too large\n"),
+    };
+    let (Some(ticket), to) = link::form(&body) else {
+        return link::refused_page(StatusCode::BAD_REQUEST, "it holds no ticket");
+    };
+    let Some(scope) = shared.scope(keys) else {
+        return link::refused_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this gate has no link key yet",
+        );
+    };
+    let now = crate::reconcile::unix_now();
+    let verified = crate::pairing::verify_ticket(
+        &ticket,
+        scope.key,
+        scope.stack,
+        scope.sidecar,
+        &keys.registry,
+        now,
+    );
+    let t = match verified {
+        Ok(t) => t,
+        Err(e) => {
+            let device = match &e {
+                crate::pairing::TicketError::Invalid => "-".to_string(),
+                crate::pairing::TicketError::UnknownDevice(d)
+                | crate::pairing::TicketError::Superseded(d)
+                | crate::pairing::TicketError::Expired(d) => d.clone(),
+            };
+            let r = refuse(
+                shared,
+                peer,
+                PAIR_PATH,
+                &Refusal {
+                    reason: e.to_string(),
+                    device,
+                },
+            );
+            if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                return r;
+            }
+            return link::refused_page(StatusCode::UNAUTHORIZED, &e.to_string());
+        }
+    };
+    let first = match shared.redeemed.lock() {
+        Ok(mut r) if !r.contains(&ticket) => match r.insert(&ticket) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("cannot record a redeemed pairing ticket: {e}");
+                return link::refused_page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the gate cannot record it",
+                );
+            }
+        },
+        _ => false,
+    };
+    if !first {
+        tracing::warn!(source = %peer, device = %t.device, "refused: a pairing link that was already used");
+        return link::refused_page(StatusCode::GONE, "it was already used");
+    }
+    start_session(peer, shared, keys, &t.device, &to)
 }
+
+/// A session for `device`, then on to `to`.
+fn start_session(
+    peer: SocketAddr,
+    shared: &Shared,
+    keys: &Keys,
+    device: &str,
+    to: &str,
+) -> Response<Body> {
+    let Some(scope) = shared.scope(keys) else {
+        return link::refused_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this gate has no link key yet",
+        );
+    };
+    let minted = keys
+        .registry
+        .devices
+        .get(device)
+        .and_then(|entry| scope.mint(device, entry, crate::reconcile::unix_now()));
+    let Some((value, max_age)) = minted else {
+        return link::refused_page(StatusCode::UNAUTHORIZED, "the device has expired");
+    };
+    tracing::info!(source = %peer, device = %device, "paired a browser");
+    link::paired(to, &shared.cookie, &value, max_age, CLIENTS_USE_TLS)
+}
+
+/// Whether clients reach this gate over TLS. The gate speaks plain HTTP: whatever a client
+/// sends (`X-Forwarded-Proto`, an h2 `:scheme`) does not make it believe otherwise, since on
+/// loopback arrive the overlays' forwards of remote clients, not a trusted proxy.
+const CLIENTS_USE_TLS: bool = false;
 
 /// Forwards a request to the app, streaming bodies both ways. Upgrades (WebSocket) get a
 /// connection of their own, spliced to the client's once the app answers 101.
@@ -452,7 +645,8 @@ async fn proxy(
         *req.uri_mut() = format!("http://{}{path}", shared.cfg.upstream).parse()?;
         // HTTP/2 from the client goes to the app as HTTP/1.1.
         *req.version_mut() = http::Version::HTTP_11;
-        let resp = shared.client.request(req).await?;
+        let mut resp = shared.client.request(req).await?;
+        forward::response(resp.headers_mut(), false);
         return Ok(resp.map(|b| b.boxed()));
     }
     // A connection of our own speaks origin-form.
@@ -463,7 +657,9 @@ async fn proxy(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());
     let mut resp = sender.send_request(req).await?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    forward::response(resp.headers_mut(), switching);
+    if switching {
         let app_side = hyper::upgrade::on(&mut resp);
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -486,53 +682,42 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pairing::claims_for;
 
     fn keys() -> Arc<Keys> {
         Arc::new(Keys {
             public_key: [1; 32],
             registry: Default::default(),
+            link_key: None,
         })
     }
 
     #[test]
-    fn the_pairing_cookie_is_secure_only_over_tls() {
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let remote: SocketAddr = "192.0.2.9:5000".parse().unwrap();
-        let plain = Request::get("/").body(()).unwrap();
-        let https = Request::get("https://pod/").body(()).unwrap();
-        let marked = Request::get("/")
-            .header("x-forwarded-proto", "HTTPS")
-            .body(())
-            .unwrap();
-        assert!(!over_tls(&plain, local));
-        assert!(over_tls(&https, remote));
-        assert!(over_tls(&marked, local));
-        assert!(
-            !over_tls(&marked, remote),
-            "only a proxy inside the pod is believed"
-        );
-    }
-
-    #[test]
-    fn a_held_token_is_recalled_only_under_the_same_keys_and_before_it_expires() {
+    fn a_held_credential_is_recalled_only_under_the_same_keys_and_before_it_runs_out() {
         let (k, other) = (keys(), keys());
         let mut held = Held::default();
-        let claims = claims_for("home", "alice", 1, 1000, Some(2000));
-        assert!(held.remember("t", &k, &claims));
-        assert!(!held.remember("t", &k, &claims), "already held");
-        assert_eq!(held.recall("t", &k, 1999), Some(claims.clone()));
-        assert_eq!(held.recall("t", &k, 2000), None, "expired");
+        let t = Credential::Token("t".into());
+        let grant = Grant {
+            device: "alice".into(),
+            until: Some(2000),
+        };
+        assert!(held.remember(&t, &k, &grant));
+        assert!(!held.remember(&t, &k, &grant), "already held");
+        assert_eq!(held.recall(&t, &k, 1999), Some(grant.clone()));
+        assert_eq!(held.recall(&t, &k, 2000), None, "ran out");
         assert_eq!(
-            held.recall("t", &other, 1500),
+            held.recall(&t, &other, 1500),
             None,
             "equal but reloaded keys"
         );
-        assert_eq!(held.recall("u", &k, 1500), None);
+        assert_eq!(
+            held.recall(&Credential::Session("t".into()), &k, 1500),
+            None
+        );
         // Verified again under new keys: recalled under those only.
-        held.remember("t", &other, &claims);
-        assert_eq!(held.recall("t", &k, 1500), None);
-        assert!(held.recall("t", &other, 1500).is_some());
-        assert_eq!(held.tokens(), ["t"]);
+        held.remember(&t, &other, &grant);
+        assert_eq!(held.recall(&t, &k, 1500), None);
+        assert!(held.recall(&t, &other, 1500).is_some());
+        assert_eq!(held.credentials(), [t]);
+        assert_eq!(held.first_end(), Some(2000));
     }
 }

@@ -40,6 +40,10 @@ pub enum TokenError {
     /// The device's generation was bumped since this token was issued.
     #[error("token of `{0}` is from an old generation")]
     OldGeneration(String),
+    /// The device's registry entry changed (its expiry or issue time) since this token was
+    /// issued: a newer token replaces it.
+    #[error("token of `{0}` was superseded (its expiry changed)")]
+    Superseded(String),
 }
 
 /// `soul:<stack>`: issuer and audience of every token of a stack.
@@ -105,6 +109,11 @@ pub fn verify(
     };
     if claims.jti != format!("{}.{}", claims.sub, entry.generation) {
         return Err(TokenError::OldGeneration(claims.sub));
+    }
+    // The registry entry is the device's current grant: a token issued under an earlier one
+    // (another issued-at, or an expiry that was since added, shortened or lifted) is revoked.
+    if claims.iat != entry.issued_at || claims.exp != entry.expires_at {
+        return Err(TokenError::Superseded(claims.sub));
     }
     Ok(claims)
 }
@@ -185,7 +194,8 @@ mod tests {
     #[test]
     fn refusals() {
         let k = key();
-        let reg = registry(&[("alice", 2), ("bob", 1)]);
+        let mut reg = registry(&[("alice", 2), ("bob", 1)]);
+        reg.devices.get_mut("alice").unwrap().expires_at = Some(5000);
         let pk = k.public_key();
         let ok = issue(&k, &claims_for("home", "alice", 2, 1000, Some(5000))).unwrap();
         assert!(verify(&ok, &pk, "home", &reg, 4999).is_ok());
@@ -205,6 +215,25 @@ mod tests {
         assert_eq!(
             verify(&old, &pk, "home", &reg, 0),
             Err(TokenError::OldGeneration("alice".into()))
+        );
+        // The registry entry's expiry was added, shortened or lifted since the token was
+        // issued: the old token is superseded, even though its own `exp` is still ahead.
+        let mut expiring = reg.clone();
+        expiring.devices.get_mut("alice").unwrap().expires_at = Some(1001);
+        let unlimited = issue(&k, &claims_for("home", "alice", 2, 1000, None)).unwrap();
+        assert_eq!(
+            verify(&unlimited, &pk, "home", &expiring, 0),
+            Err(TokenError::Superseded("alice".into()))
+        );
+        assert_eq!(
+            verify(&ok, &pk, "home", &expiring, 0),
+            Err(TokenError::Superseded("alice".into()))
+        );
+        let lifted = registry(&[("alice", 2)]);
+        assert_eq!(
+            verify(&ok, &pk, "home", &lifted, 0),
+            Err(TokenError::Superseded("alice".into())),
+            "the expiry was lifted: a token that still carries one is superseded"
         );
         // Revoked device.
         let carol = issue(&k, &claims_for("home", "carol", 1, 1000, None)).unwrap();

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::stack::TransportKind;
 
@@ -74,25 +74,24 @@ impl fmt::Display for PairingUri<'_> {
     }
 }
 
-/// Links a browser can open from a pairing URI, one per address, best first:
-/// `http://<host>:<port>/?soul_token=<token>`. The pod's gate trades the token for an HttpOnly
-/// cookie and redirects to the same page without it.
-pub fn browser_links(uri: &str) -> Vec<String> {
-    let query = uri.split_once('?').map_or("", |(_, q)| q);
-    let values = |key: &str| -> Vec<String> {
-        query
-            .split('&')
-            .filter_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            .map(|v| percent_decode_str(v).decode_utf8_lossy().into_owned())
-            .collect()
-    };
-    let Some(token) = values("token").pop() else {
-        return Vec::new();
-    };
-    values("addr")
+/// Links a browser can open, one per address, best first:
+/// `http://<host>:<port>/?soul_ticket=<ticket>`. The pod's gate redeems the ticket once for a
+/// browser session of that sidecar; the device token itself never goes into a browser.
+pub fn browser_links(addresses: &[Address], ticket: &str) -> Vec<String> {
+    let ticket = utf8_percent_encode(ticket, QUERY_VALUE);
+    addresses
         .iter()
-        .filter_map(|a| a.split_once(':'))
-        .map(|(_, host_port)| format!("http://{host_port}/?soul_token={token}"))
+        .map(|a| {
+            let host = match a.host.parse::<IpAddr>() {
+                Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+                _ => a.host.clone(),
+            };
+            format!(
+                "http://{host}:{}/?{}={ticket}",
+                a.port,
+                super::ticket::TICKET_PARAM
+            )
+        })
         .collect()
 }
 
@@ -132,13 +131,13 @@ mod tests {
             "soul://pair?v=1&stack=home&sidecar=notes&device=alice-phone&addr=lan:192.168.1.20:8443&addr=tailscale:%5Bfd7a:115c::1%5D:443&addr=tor:abc.onion:80&token=a.b-c_d.e"
         );
         assert_eq!(
-            browser_links(&uri),
+            browser_links(&addrs, "alice-phone.1.x_y-z"),
             [
-                "http://192.168.1.20:8443/?soul_token=a.b-c_d.e",
-                "http://[fd7a:115c::1]:443/?soul_token=a.b-c_d.e",
-                "http://abc.onion:80/?soul_token=a.b-c_d.e",
+                "http://192.168.1.20:8443/?soul_ticket=alice-phone.1.x_y-z",
+                "http://[fd7a:115c::1]:443/?soul_ticket=alice-phone.1.x_y-z",
+                "http://abc.onion:80/?soul_ticket=alice-phone.1.x_y-z",
             ]
         );
-        assert!(browser_links("soul://pair?v=1&addr=lan:h:1").is_empty());
+        assert!(browser_links(&[], "t").is_empty());
     }
 }

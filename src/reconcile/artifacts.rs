@@ -4,10 +4,10 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::pairing::{Address, PairingUri, TokenError, claims_for, issue};
+use crate::pairing::{Address, PairingUri, TokenError, browser_links, claims_for, issue};
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
-    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex,
+    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex, unhex32,
 };
 
 use super::plan::{DesiredFile, FileContent, QrFormat};
@@ -94,6 +94,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
         Some(KeyChange::Replaced(why)) => format!("stack key (regenerated: {why})"),
     };
     let gate_dir = crate::gate::GATE_DIR;
+    let link_key = key.link_key();
     let mut files = vec![
         DesiredFile::bytes(KEY_FILE, key_what, key.to_file()),
         DesiredFile::bytes(REGISTRY_FILE, "device registry".into(), registry.to_file()),
@@ -107,6 +108,12 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
             &format!("{gate_dir}/{}", crate::gate::REGISTRY_FILE),
             "gate's device registry".into(),
             registry.to_file(),
+        ),
+        // What the gates check pairing tickets and sign browser sessions with.
+        DesiredFile::bytes(
+            &format!("{gate_dir}/{}", crate::gate::LINK_KEY_FILE),
+            "gate's link key".into(),
+            format!("{}\n", hex(&link_key)).into_bytes(),
         ),
     ];
     for (name, entry) in &registry.devices {
@@ -137,7 +144,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
                     .files
                     .get(&path)
                     .filter(|r| r.source == source)
-                    .and_then(|r| unhex(&r.sha256));
+                    .and_then(|r| unhex32(&r.sha256));
                 files.push(DesiredFile {
                     what: format!("pairing QR ({}) for {pair}", format.extension()),
                     content: FileContent::Qr {
@@ -153,6 +160,15 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
                 format!("pairing URI for {pair}"),
                 uri.into_bytes(),
             ));
+            let ticket =
+                crate::pairing::ticket(&link_key, &stack.stack, &sidecar.name, name, entry);
+            let mut links = browser_links(addresses, &ticket).join("\n");
+            links.push('\n');
+            files.push(DesiredFile::bytes(
+                &format!("{base}.link"),
+                format!("browser pairing links for {pair}"),
+                links.into_bytes(),
+            ));
         }
         files.push(DesiredFile::bytes(
             &format!("tokens/{name}.jwt"),
@@ -166,14 +182,6 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, To
         registry,
         files,
     })
-}
-
-fn unhex(s: &str) -> Option<[u8; 32]> {
-    let bytes: Vec<u8> = (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect::<Option<_>>()?;
-    bytes.try_into().ok()
 }
 
 #[cfg(test)]

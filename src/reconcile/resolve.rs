@@ -147,21 +147,26 @@ pub fn resolve(
                 }]
             })
             .unwrap_or_default();
-        let guard: Vec<String> = vec![
+        let mut guard: Vec<String> = vec![
             "pause".into(),
-            "--private-port".into(),
-            sidecar.port.to_string(),
             "--gate-port".into(),
             stack.gate.port.to_string(),
         ];
+        if stack.transport.as_ref().is_some_and(|t| t.nebula.is_some()) {
+            // Nebula's peers handshake with the pod on its fixed UDP port.
+            guard.extend([
+                "--open-udp".into(),
+                crate::transport::NebulaDriver::LISTEN_PORT.to_string(),
+            ]);
+        }
         let pause = ContainerSpec {
             name: pause_name.clone(),
             stack: stack.stack.clone(),
             sidecar: sidecar.name.clone(),
             role: Role::Pause,
             image: soul.reference.clone(),
-            // It keeps the app's port, and every service port but the gate's, private to the
-            // pod (crate::guard): the only container with NET_ADMIN that soul makes, and it
+            // It lets in from outside the pod only the gate's port and replies to the pod's
+            // own connections (crate::guard): the only container with NET_ADMIN that soul makes, and it
             // runs nothing but soul. Its health check asks the same command to check.
             command: Some(guard.clone()),
             env: BTreeMap::new(),
@@ -226,6 +231,10 @@ pub fn resolve(
         };
         need(&app.image, &sidecar.name);
         let gate = gate_container(stack, sidecar, &soul, &state_dir);
+        let gate_state = gate_volume(stack, sidecar);
+        if !volumes.contains(&gate_state) {
+            volumes.push(gate_state);
+        }
         let mut containers = vec![pause, app, gate];
         let ctx = PodContext::of(stack, sidecar, &state_dir);
         for driver in &drivers {
@@ -270,6 +279,7 @@ fn gate_container(
     state_dir: &Path,
 ) -> ContainerSpec {
     const KEYS: &str = "/gate";
+    const REDEEMED: &str = "/redeemed";
     let port = stack.gate.port;
     ContainerSpec {
         name: container_name(&stack.stack, &sidecar.name, Role::Gate),
@@ -287,17 +297,31 @@ fn gate_container(
             format!("127.0.0.1:{}", sidecar.port),
             "--keys".into(),
             KEYS.into(),
+            "--sidecar".into(),
+            sidecar.name.clone(),
+            "--redeemed".into(),
+            REDEEMED.into(),
         ]),
         env: BTreeMap::new(),
-        mounts: vec![Mount {
-            kind: MountKind::Bind,
-            source: state_dir
-                .join(crate::gate::GATE_DIR)
-                .to_string_lossy()
-                .into_owned(),
-            target: KEYS.into(),
-            read_only: true,
-        }],
+        mounts: vec![
+            Mount {
+                kind: MountKind::Bind,
+                source: state_dir
+                    .join(crate::gate::GATE_DIR)
+                    .to_string_lossy()
+                    .into_owned(),
+                target: KEYS.into(),
+                read_only: true,
+            },
+            // The pairing links it has redeemed: kept across a recreated gate, so a used link
+            // stays used.
+            Mount {
+                kind: MountKind::Volume,
+                source: gate_volume(stack, sidecar),
+                target: REDEEMED.into(),
+                read_only: false,
+            },
+        ],
         network_mode: NetworkMode::Container(container_name(
             &stack.stack,
             &sidecar.name,
@@ -319,6 +343,11 @@ fn gate_container(
         cap_add: vec![],
         devices: vec![],
     }
+}
+
+/// The gate's own volume in a pod (its record of redeemed pairing links).
+fn gate_volume(stack: &Stack, sidecar: &Sidecar) -> String {
+    volume_name(&stack.stack, &format!("{}-gate", sidecar.name))
 }
 
 /// Secret files named by transports are checked at apply time (not at validate time, so a
@@ -529,7 +558,7 @@ sidecar "demo" {
         // The pause container guards the app's port and leaves only the gate's open.
         assert_eq!(
             pause.command.as_ref().unwrap().join(" "),
-            "pause --private-port 80 --gate-port 8443"
+            "pause --gate-port 8443"
         );
         assert!(pause.health.as_ref().unwrap().test.ends_with(&[
             "--gate-port".into(),
@@ -545,10 +574,13 @@ sidecar "demo" {
         let cmd = gate.command.clone().unwrap().join(" ");
         assert_eq!(
             cmd,
-            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /gate"
+            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /gate --sidecar notes --redeemed /redeemed"
         );
         assert_eq!(gate.mounts[0].source, "/state/gate");
         assert!(gate.mounts[0].read_only && gate.env.is_empty());
+        // Redeemed pairing links are recorded on the gate's own volume, kept like app data.
+        assert_eq!(gate.mounts[1].source, "soul-home-notes-gate");
+        assert!(!gate.mounts[1].read_only);
         assert_eq!(
             gate.health.as_ref().unwrap().test[3],
             "http://127.0.0.1:8443/.soul/health"
@@ -561,7 +593,14 @@ sidecar "demo" {
         assert_eq!(app.env["DB"].value, "s3cret");
         assert!(app.env["DB"].sensitive && app.env["API"].sensitive && !app.env["TZ"].sensitive);
         assert_eq!(app.mounts[0].source, "soul-home-data");
-        assert_eq!(d.volumes, vec!["soul-home-data".to_string()]);
+        assert_eq!(
+            d.volumes,
+            [
+                "soul-home-data",
+                "soul-home-notes-gate",
+                "soul-home-demo-gate"
+            ]
+        );
         assert_eq!(app.restart, "unless-stopped");
         assert!(app.health.as_ref().unwrap().test[1].contains("curl"));
         let demo_app = &d.pods[1].containers[1];

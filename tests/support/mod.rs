@@ -67,6 +67,33 @@ fn with_file_lock<T>(name: &str, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// Makes sure `command` is on this machine, installing Debian's `package` when it is not: the
+/// suite installs what it needs (as root, from the machine's configured package sources).
+pub fn ensure_command(command: &str, package: &str) {
+    let have = || {
+        run(Command::new("sh").args(["-c", &format!("command -v {command}")]))
+            .status
+            .success()
+    };
+    with_file_lock("apt", || {
+        if have() {
+            return;
+        }
+        let o = run(Command::new("sh")
+            .args([
+                "-c",
+                &format!("apt-get update -qq && apt-get install -y -qq {package}"),
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        assert!(
+            o.status.success() && have(),
+            "this test needs `{command}` (Debian's `{package}`), and installing it failed \
+             (run the suite as root, or `apt-get install {package}` first):\n{}",
+            text(&o)
+        );
+    })
+}
+
 /// Makes sure soul's own image (from this build) and the nginx test image exist.
 pub fn ensure_images() {
     with_file_lock("images", || {

@@ -1,0 +1,323 @@
+//! soul's credentials on a request, and their removal before the app sees it. A client
+//! presents one of: a pairing link's query (`soul_ticket`, or `soul_token` in links made
+//! before tickets), an `Authorization: Bearer` header (the scheme in any case, RFC 9110
+//! §11.1), or this sidecar's session cookie. Whatever it presents, the app gets none of them:
+//! no bearer header, no `soul_*` cookie (this gate's or a sibling sidecar's), no `soul_*`
+//! query parameter however it is spelled.
+
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
+
+use crate::pairing::TICKET_PARAM;
+
+/// The query parameter of pairing links made before tickets: the device token itself.
+pub const TOKEN_PARAM: &str = "soul_token";
+/// Every cookie soul sets starts with this.
+const COOKIE_PREFIX: &str = "soul_";
+
+/// What a request presents, in the order the gate looks: a link re-pairs even a browser that
+/// holds an older session; a bearer header is a program's; the cookie is a browser's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented {
+    Ticket(String),
+    LinkToken(String),
+    Bearer(String),
+    Session(String),
+    Nothing,
+}
+
+/// The session cookie of one sidecar's gate. Cookies are scoped to a host, not a port, so
+/// every sidecar (and every stack) on one host needs a name of its own; `_` cannot occur in
+/// stack or sidecar names, so no two gates share one.
+pub fn cookie_name(stack: &str, sidecar: Option<&str>) -> String {
+    match sidecar {
+        Some(s) => format!("{COOKIE_PREFIX}{stack}_{s}"),
+        None => format!("{COOKIE_PREFIX}{stack}"),
+    }
+}
+
+pub fn presented<B>(req: &Request<B>, cookie: &str) -> Presented {
+    for (key, value) in query_pairs(req.uri()) {
+        if key == TICKET_PARAM {
+            return Presented::Ticket(value);
+        }
+        if key == TOKEN_PARAM {
+            return Presented::LinkToken(value);
+        }
+    }
+    if let Some(t) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+    {
+        return Presented::Bearer(t.to_string());
+    }
+    session(req, cookie).map_or(Presented::Nothing, Presented::Session)
+}
+
+/// The value of this gate's session cookie, whatever else the request presents.
+pub fn session<B>(req: &Request<B>, cookie: &str) -> Option<String> {
+    cookies(req.headers())
+        .find(|(name, _)| *name == cookie)
+        .map(|(_, v)| v.to_string())
+}
+
+/// The credentials of `Authorization: Bearer <token>`, the scheme compared without case.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .map(|(n, v)| (n.trim(), v.trim()))
+}
+
+/// The query's pairs, decoded (so `soul%5Fticket` is `soul_ticket` too).
+fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+}
+
+/// Whether one raw `key=value` of a query is soul's.
+fn is_soul_param(raw: &str) -> bool {
+    form_urlencoded::parse(raw.as_bytes())
+        .next()
+        .is_some_and(|(k, _)| k == TICKET_PARAM || k == TOKEN_PARAM)
+}
+
+/// The query without soul's parameters, the others exactly as sent; `None` when nothing is left.
+pub fn query_without_soul(uri: &Uri) -> Option<String> {
+    let kept: Vec<&str> = uri
+        .query()?
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !is_soul_param(kv))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// Removes every soul credential from a request that is about to reach the app.
+pub fn strip<B>(req: &mut Request<B>) {
+    let headers = req.headers_mut();
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| bearer(v).is_some())
+    {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let kept: Vec<String> = cookies(headers)
+        .filter(|(name, _)| !name.starts_with(COOKIE_PREFIX))
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+    if req.uri().query().is_some() {
+        let path = req.uri().path();
+        let pq = match query_without_soul(req.uri()) {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+}
+
+/// Whether a cookie-authenticated request must be refused as cross-origin: a WebSocket (or
+/// other) upgrade, or a method that changes state, sent by a page of another origin. Cookies
+/// do not tell ports apart, and SameSite does not either (a site ignores ports), so the gate
+/// compares the browser's `Origin` with the address the request was sent to.
+pub fn foreign_origin<B>(req: &Request<B>) -> bool {
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if safe && !req.headers().contains_key(header::UPGRADE) {
+        return false;
+    }
+    // Fetch Metadata, when the browser sends it, says who made the request, and a page
+    // cannot forge it (a page with `Referrer-Policy: no-referrer` posts with `Origin: null`).
+    if let Some(site) = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+    {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        // Browsers send Origin with every upgrade and cross-origin write; a program that
+        // sends none is not a page riding a cookie.
+        return false;
+    };
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+    else {
+        return true;
+    };
+    let Some(authority) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(scheme, authority)| (scheme.to_ascii_lowercase(), authority))
+    else {
+        return true; // `null` (a sandboxed or opaque origin), or garbage
+    };
+    let default_port = match authority.0.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return true,
+    };
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    let origin_host = authority.1;
+    !(same(origin_host, host)
+        || same(&format!("{origin_host}{default_port}"), host)
+        || same(origin_host, &format!("{host}{default_port}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_link_is_looked_at_before_a_bearer_header_and_the_cookie() {
+        let cookie = cookie_name("home", Some("notes"));
+        assert_eq!(cookie, "soul_home_notes");
+        let both = [
+            ("authorization", "Bearer tok"),
+            ("cookie", "a=1; soul_home_notes=sess"),
+        ];
+        assert_eq!(
+            presented(&req("/?soul_ticket=t1", &both), &cookie),
+            Presented::Ticket("t1".into())
+        );
+        assert_eq!(
+            presented(&req("/?x=1&soul%5Ftoken=old", &both), &cookie),
+            Presented::LinkToken("old".into())
+        );
+        assert_eq!(
+            presented(&req("/", &both), &cookie),
+            Presented::Bearer("tok".into())
+        );
+        assert_eq!(
+            presented(&req("/", &[("authorization", "bearer low")]), &cookie),
+            Presented::Bearer("low".into()),
+            "the scheme is case-insensitive"
+        );
+        assert_eq!(
+            presented(&req("/", &[("cookie", "soul_home_notes=sess")]), &cookie),
+            Presented::Session("sess".into())
+        );
+        assert_eq!(
+            presented(&req("/", &[("cookie", "soul_home_photos=x")]), &cookie),
+            Presented::Nothing,
+            "a sibling's cookie is not this gate's"
+        );
+    }
+
+    #[test]
+    fn no_soul_credential_survives_strip() {
+        let mut r = req(
+            "/p?a=1&soul_token=T&soul%5Fticket=U&b=2",
+            &[
+                ("authorization", "BEARER T"),
+                ("cookie", "app=1; soul_home_notes=S; soul_home_photos=P"),
+                ("cookie", "soul_token=T; other=2"),
+            ],
+        );
+        strip(&mut r);
+        assert_eq!(r.uri().to_string(), "/p?a=1&b=2");
+        assert!(r.headers().get("authorization").is_none());
+        assert_eq!(r.headers()["cookie"], "app=1; other=2");
+        let mut only = req("/?soul_ticket=U", &[("authorization", "Basic dTpw")]);
+        strip(&mut only);
+        assert_eq!(only.uri().to_string(), "/");
+        assert_eq!(
+            only.headers()["authorization"],
+            "Basic dTpw",
+            "the app's own"
+        );
+    }
+
+    #[test]
+    fn cross_origin_writes_and_upgrades_are_foreign() {
+        let ws = |origin: &str| {
+            req(
+                "/ws",
+                &[
+                    ("host", "192.168.1.20:8443"),
+                    ("upgrade", "websocket"),
+                    ("origin", origin),
+                ],
+            )
+        };
+        assert!(!foreign_origin(&ws("http://192.168.1.20:8443")));
+        assert!(
+            foreign_origin(&ws("http://192.168.1.20:8444")),
+            "another port"
+        );
+        assert!(foreign_origin(&ws("http://evil.example")));
+        assert!(foreign_origin(&ws("null")));
+        let default_port = req(
+            "/",
+            &[
+                ("host", "pod.lan"),
+                ("upgrade", "x"),
+                ("origin", "http://pod.lan"),
+            ],
+        );
+        assert!(!foreign_origin(&default_port));
+        let post = Request::post("/save")
+            .header("host", "h:1")
+            .header("origin", "http://h:2")
+            .body(())
+            .unwrap();
+        assert!(foreign_origin(&post));
+        let metadata = |site: &str| {
+            req(
+                "/ws",
+                &[
+                    ("host", "h:1"),
+                    ("upgrade", "websocket"),
+                    ("origin", "null"),
+                    ("sec-fetch-site", site),
+                ],
+            )
+        };
+        assert!(!foreign_origin(&metadata("same-origin")));
+        assert!(
+            foreign_origin(&metadata("same-site")),
+            "another port, same site"
+        );
+        assert!(foreign_origin(&metadata("cross-site")));
+        let get = req("/", &[("host", "h:1"), ("origin", "http://h:2")]);
+        assert!(!foreign_origin(&get), "a plain GET changes nothing");
+    }
+}

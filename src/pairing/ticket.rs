@@ -1,0 +1,184 @@
+//! Pairing tickets: what a browser link carries instead of the device token. A browser keeps
+//! every address it opens in its history (and may sync it to its vendor), so the link holds a
+//! short ticket that the pod's gate redeems once for a browser session of that one sidecar.
+//! A ticket is an HMAC, under the stack's link key, over the stack, the sidecar and the
+//! device's current registry entry: a new generation, a changed expiry or a rotated stack key
+//! makes every earlier ticket worthless, and the gate refuses one it has redeemed before.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::Mac as _;
+use sha2::Sha256;
+
+use crate::state::{DeviceEntry, Registry};
+
+/// The query parameter of a browser link: `http://<address>/?soul_ticket=<ticket>`.
+pub const TICKET_PARAM: &str = "soul_ticket";
+/// Bytes of the HMAC a ticket carries (128 bits: not guessable, short in a QR code).
+const TICKET_MAC: usize = 16;
+
+/// A ticket's verified contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub device: String,
+    pub generation: u64,
+}
+
+/// Why a ticket was refused. The messages never contain the ticket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    #[error("not a pairing ticket of this sidecar")]
+    Invalid,
+    #[error("device `{0}` is not paired (revoked or unknown)")]
+    UnknownDevice(String),
+    #[error("the pairing link of `{0}` is from an old generation or was re-issued")]
+    Superseded(String),
+    #[error("device `{0}` has expired")]
+    Expired(String),
+}
+
+/// HMAC-SHA256 under `key` over `parts`, each followed by a NUL (names hold no NUL, so the
+/// message is unambiguous).
+pub fn mac(key: &[u8; 32], parts: &[&str]) -> [u8; 32] {
+    let mut m = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    for p in parts {
+        m.update(p.as_bytes());
+        m.update(&[0]);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Whether two encoded MACs are equal, compared in constant time: a MAC that differs tells
+/// nothing about where.
+pub fn same_mac(expected: &str, given: &str) -> bool {
+    expected.len() == given.len()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn ticket_mac(key: &[u8; 32], stack: &str, sidecar: &str, device: &str, e: &DeviceEntry) -> String {
+    let expires = e.expires_at.map(|x| x.to_string()).unwrap_or_default();
+    let m = mac(
+        key,
+        &[
+            "ticket",
+            stack,
+            sidecar,
+            device,
+            &e.generation.to_string(),
+            &e.issued_at.to_string(),
+            &expires,
+        ],
+    );
+    B64.encode(&m[..TICKET_MAC])
+}
+
+/// The ticket for `device`'s current registry entry at one sidecar's gate:
+/// `<device>.<generation>.<mac>`. Deterministic, like every pairing artifact.
+pub fn ticket(
+    key: &[u8; 32],
+    stack: &str,
+    sidecar: &str,
+    device: &str,
+    entry: &DeviceEntry,
+) -> String {
+    format!(
+        "{device}.{}.{}",
+        entry.generation,
+        ticket_mac(key, stack, sidecar, device, entry)
+    )
+}
+
+/// Checks a ticket against the registry as it is now. Whether it was already redeemed is the
+/// gate's to know.
+pub fn verify_ticket(
+    ticket: &str,
+    key: &[u8; 32],
+    stack: &str,
+    sidecar: &str,
+    registry: &Registry,
+    now: u64,
+) -> Result<Ticket, TicketError> {
+    let mut parts = ticket.splitn(3, '.');
+    let (Some(device), Some(generation), Some(given)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TicketError::Invalid);
+    };
+    let generation: u64 = generation.parse().map_err(|_| TicketError::Invalid)?;
+    let Some(entry) = registry.devices.get(device) else {
+        return Err(TicketError::UnknownDevice(device.to_string()));
+    };
+    let expected = ticket_mac(key, stack, sidecar, device, entry);
+    if !same_mac(&expected, given) || entry.generation != generation {
+        return Err(TicketError::Superseded(device.to_string()));
+    }
+    if entry.expires_at.is_some_and(|e| e <= now) {
+        return Err(TicketError::Expired(device.to_string()));
+    }
+    Ok(Ticket {
+        device: device.to_string(),
+        generation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(generation: u64, expires_at: Option<u64>) -> Registry {
+        let mut r = Registry::default();
+        r.devices.insert(
+            "alice".into(),
+            DeviceEntry {
+                generation,
+                issued_at: 1000,
+                expires_at,
+            },
+        );
+        r
+    }
+
+    #[test]
+    fn a_ticket_verifies_only_for_its_sidecar_and_the_current_entry() {
+        let key = [3u8; 32];
+        let reg = registry(2, Some(5000));
+        let t = ticket(&key, "home", "notes", "alice", &reg.devices["alice"]);
+        assert!(t.starts_with("alice.2.") && t.len() < 40, "{t}");
+        let ok = verify_ticket(&t, &key, "home", "notes", &reg, 4000).unwrap();
+        assert_eq!(ok.device, "alice");
+        // Another sidecar, stack or key: not this gate's ticket.
+        assert!(verify_ticket(&t, &key, "home", "photos", &reg, 0).is_err());
+        assert!(verify_ticket(&t, &key, "work", "notes", &reg, 0).is_err());
+        assert!(verify_ticket(&t, &[4u8; 32], "home", "notes", &reg, 0).is_err());
+        // A new generation or a changed expiry supersedes it.
+        assert_eq!(
+            verify_ticket(&t, &key, "home", "notes", &registry(3, Some(5000)), 0),
+            Err(TicketError::Superseded("alice".into()))
+        );
+        assert_eq!(
+            verify_ticket(&t, &key, "home", "notes", &registry(2, None), 0),
+            Err(TicketError::Superseded("alice".into()))
+        );
+        assert_eq!(
+            verify_ticket(&t, &key, "home", "notes", &reg, 5000),
+            Err(TicketError::Expired("alice".into()))
+        );
+        assert_eq!(
+            verify_ticket(&t, &key, "home", "notes", &Registry::default(), 0),
+            Err(TicketError::UnknownDevice("alice".into()))
+        );
+        for garbage in [
+            "",
+            "alice",
+            "alice.2",
+            "alice.x.abc",
+            "alice.2.",
+            "bob.2.abc",
+        ] {
+            assert!(verify_ticket(garbage, &key, "home", "notes", &reg, 0).is_err());
+        }
+    }
+}
