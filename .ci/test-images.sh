@@ -10,8 +10,24 @@
 #                      it only answers `tailscale status --json` like the real CLI does
 set -euo pipefail
 cache=${SOUL_CI_CACHE:-/var/cache/soul-ci}
-mirror=${SOUL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$cache"
+
+# The Debian mirror this machine's apt already uses (deb822 .sources first, then the one-line
+# sources.list); SOUL_DEBIAN_MIRROR overrides. Empty when none is configured: debootstrap then
+# uses its own default.
+debian_mirror() {
+  local f uri=""
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    uri=$(awk 'BEGIN{RS=""} /Suites:[^\n]*bookworm([ \n]|$)/ && !/security/ { if (match($0, /URIs:[ \t]*[^ \t\n]+/)) { u=substr($0, RSTART, RLENGTH); sub(/URIs:[ \t]*/, "", u); print u; exit } }' "$f")
+    [ -n "$uri" ] && break
+  done
+  if [ -z "$uri" ] && [ -r /etc/apt/sources.list ]; then
+    uri=$(awk '$1 == "deb" && / bookworm / && !/security/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' /etc/apt/sources.list)
+  fi
+  printf '%s' "$uri"
+}
+mirror=${SOUL_DEBIAN_MIRROR:-$(debian_mirror)}
 
 # rootfs NAME PACKAGES SETUP: debootstrap a minbase bookworm with PACKAGES into the cache,
 # run SETUP (a function) on it, and leave it as $cache/NAME-rootfs.tar.
@@ -23,7 +39,7 @@ rootfs() {
   local root
   root=$(mktemp -d "$cache/rootfs.XXXXXX")
   echo "debootstrap: bookworm minbase with $packages (about a minute, once)"
-  if ! debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror" >"$cache/$name-debootstrap.log" 2>&1; then
+  if ! debootstrap --variant=minbase --include="$packages" bookworm "$root" ${mirror:+"$mirror"} >"$cache/$name-debootstrap.log" 2>&1; then
     tail -20 "$cache/$name-debootstrap.log"
     rm -rf "$root"
     return 1

@@ -460,6 +460,9 @@ impl CliError {
 
     fn hint(&self) -> Option<String> {
         match self {
+            _ if self.exit() == Exit::EngineUnreachable && permission_denied(self) => Some(
+                "the Docker socket refused this user: join the `docker` group (`sudo usermod -aG docker $USER`, then log in again), run soul as root, or use a rootless engine (DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock)".into(),
+            ),
             _ if self.exit() == Exit::EngineUnreachable => Some(
                 "is the Docker daemon running? soul talks to DOCKER_HOST, or unix:///var/run/docker.sock when unset".into(),
             ),
@@ -475,6 +478,21 @@ impl CliError {
             _ => None,
         }
     }
+}
+
+/// Whether an error was caused by the OS refusing access (the Docker socket's permissions).
+fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            || e.to_string().contains("Permission denied")
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Writes to stdout; a closed pipe (`soul plan | head`) ends the program quietly.
@@ -812,12 +830,12 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         Ok(s) => s,
         // A running watch keeps the last good config; show what it runs, and why.
         Err(CliError::Stack(StackError::Invalid(d))) => {
-            let last_good = reconcile::declared_name(&cli.file).and_then(|name| {
-                let state = StateDir::at(
-                    &cli.state_dir
-                        .clone()
-                        .unwrap_or_else(|| state::default_dir(&name)),
-                );
+            // The state dir: the one named by --state-dir, else the declared stack's.
+            let state_dir = cli.state_dir.clone().or_else(|| {
+                reconcile::declared_name(&cli.file).map(|name| state::default_dir(&name))
+            });
+            let last_good = state_dir.and_then(|dir| {
+                let state = StateDir::at(&dir);
                 let src = state.read(reconcile::LAST_GOOD_FILE).ok()?;
                 stack::parse(reconcile::LAST_GOOD_FILE, &String::from_utf8_lossy(&src)).ok()
             });
@@ -1137,10 +1155,7 @@ fn ask(question: &str, default: &str) -> Result<String, CliError> {
 
 fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
     use crate::bridge::{Choice, DEFAULT_AUTHKEY_FILE};
-    let source = std::fs::read_to_string(&cli.file).map_err(|source| StackError::Read {
-        path: cli.file.clone(),
-        source,
-    })?;
+    let source = stack::read_source(&cli.file)?;
     let path = cli.file.display().to_string();
     let stack = stack::parse(&path, &source).map_err(StackError::Invalid)?;
     let interactive = std::io::stdin().is_terminal() && !args.yes;
@@ -1479,10 +1494,7 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
 }
 
 async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
-    let source = std::fs::read_to_string(&cli.file).map_err(|source| StackError::Read {
-        path: cli.file.clone(),
-        source,
-    })?;
+    let source = stack::read_source(&cli.file)?;
     // Validate first: never edit (or apply) a file that is already broken.
     stack::parse(&cli.file.display().to_string(), &source).map_err(StackError::Invalid)?;
     let bumped = stack::edit::bump_generation(&source, args.device.as_deref())?;

@@ -14,7 +14,20 @@ fn main() {
     if invoked_as.as_deref() == Some("soul-bridge") {
         args.insert(1, "bridge".into());
     }
-    let cli = Cli::parse_from(args);
+    // Flag errors are invalid input: exit 1, as `soul --help` says (clap's own default is 2,
+    // which soul keeps for `plan --detailed-exitcode`'s "changes pending").
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let code = if e.use_stderr() {
+                Exit::Failure
+            } else {
+                Exit::Ok
+            };
+            std::process::exit(code as i32);
+        }
+    };
     // Long-running commands report what they do (watch: each pass; the gate: its audit log);
     // one-shot commands stay quiet.
     let long_running = matches!(

@@ -126,6 +126,166 @@ fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
 }
 
 #[test]
+fn pathological_stack_files_fail_fast_with_a_location_and_bounded_output() {
+    support::ensure_command("prlimit", "util-linux");
+    let dir = std::env::temp_dir().join(format!("soul-cli-patho-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = "stack \"home\"\nsidecar \"x\" {\n    image \"i\"\n    port 80\n}\n";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "wide column",
+            format!("{}x", "\t".repeat(16_384 * 4)).into_bytes(),
+            ":1:65537",
+        ),
+        (
+            "deep blocks",
+            "a{".repeat(1_270).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "deep comments",
+            "/*".repeat(3_591).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "ten thousand errors",
+            format!("{ok}{}", "bogus 1\n".repeat(10_000)).into_bytes(),
+            "… and 99",
+        ),
+        // 255 KiB of one-line errors: within the size limit, the worst the parser gets.
+        (
+            "a file of errors",
+            format!("{ok}{}", "b 1\n".repeat(65_000)).into_bytes(),
+            "… and ",
+        ),
+        (
+            "invalid UTF-8",
+            b"stack \"home\"\nsidecar \xff\n".to_vec(),
+            ":2:9",
+        ),
+        (
+            "float port",
+            ok.replace("port 80", "port 80.0").into_bytes(),
+            ":4:10",
+        ),
+        (
+            "retries past u32",
+            ok.replace(
+                "port 80\n",
+                "port 80\n    health cmd=\"true\" retries=4294967296\n",
+            )
+            .into_bytes(),
+            ":5:",
+        ),
+        (
+            "oversized file",
+            format!("{ok}//{}\n", "x".repeat(300 * 1024)).into_bytes(),
+            "larger than",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let file = dir.join(format!("{}.kdl", what.replace(' ', "-")));
+        std::fs::write(&file, bytes).unwrap();
+        // The data segment is capped at 512 MiB: an unbounded parse or rendering aborts.
+        let o = run(std::process::Command::new("prlimit")
+            .arg("--data=536870912")
+            .arg(SOUL)
+            .args(["validate", "-f", file.to_str().unwrap()]));
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(expected),
+            "{what}: expected {expected:?} in\n{err}"
+        );
+        assert!(
+            err.len() < 64 * 1024,
+            "{what}: {} bytes of diagnostics",
+            err.len()
+        );
+        let widest = err.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+        assert!(widest <= 300, "{what}: a line of {widest} characters");
+    }
+    let fifo = dir.join("fifo.kdl");
+    run(std::process::Command::new("mkfifo").arg(&fifo));
+    for (what, path) in [
+        ("/dev/zero", "/dev/zero"),
+        ("a FIFO", fifo.to_str().unwrap()),
+        ("a directory", dir.to_str().unwrap()),
+    ] {
+        // `timeout`: reading a FIFO used to block forever.
+        let o =
+            run(std::process::Command::new("timeout").args(["10", SOUL, "validate", "-f", path]));
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("is not a regular file"),
+            "{what}: {}",
+            text(&o)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flag_errors_exit_1_as_the_readme_says() {
+    for args in [
+        &["--bogus"][..],
+        &["plan", "--output", "yaml"],
+        &["nonsense"],
+    ] {
+        let o = soul_offline(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("error:"),
+            "{}",
+            text(&o)
+        );
+    }
+    for args in [&["--help"][..], &["--version"], &["plan", "--help"]] {
+        let o = soul_offline(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
+}
+
+#[test]
+fn permission_denied_on_the_docker_socket_says_what_to_do() {
+    // A socket this user may not open: mode 000, and (as root, who may open anything) soul
+    // runs as `nobody`.
+    let dir = std::env::temp_dir().join(format!("soul-cli-perm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("docker.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let example = repo().join("examples/one-service.kdl");
+    let state = dir.join("state");
+    let args = [
+        "status",
+        "-f",
+        example.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let root = run(Command::new("id").arg("-u")).stdout.starts_with(b"0\n");
+    let mut cmd = if root {
+        ensure_command("setpriv", "util-linux");
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", SOUL]);
+        c
+    } else {
+        Command::new(SOUL)
+    };
+    let o = run(cmd
+        .args(args)
+        .env("DOCKER_HOST", format!("unix://{}", socket.display())));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`docker` group"), "{err}");
+    assert!(!err.contains("is the Docker daemon running"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn file_flag_works_before_or_after_the_command() {
     let path = repo().join("examples/one-service.kdl");
     let p = path.to_str().unwrap();
@@ -207,6 +367,7 @@ fn export_compose_is_accepted_by_docker_compose_and_holds_no_secret() {
             "a secret leaked into the compose file"
         );
         assert!(yaml.contains("network_mode: \"service:"), "{yaml}");
+        ensure_command("docker-compose", "docker-compose");
         let config = run(Command::new("docker-compose")
             .arg("-f")
             .arg(&out)

@@ -8,15 +8,9 @@ use std::process::Command;
 
 use support::*;
 
+/// `nix-instantiate`, installed from Debian's nix-bin when missing.
 fn nix_instantiate() -> &'static str {
-    let ok = Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "nix-instantiate is missing: install Debian's nix-bin (.ci/run does)"
-    );
+    ensure_command("nix-instantiate", "nix-bin");
     "nix-instantiate"
 }
 

@@ -373,6 +373,7 @@ impl Drop for Peers {
 }
 
 fn nebula_cert(dir: &std::path::Path, args: &[&str]) {
+    ensure_command("nebula-cert", "nebula");
     let o = run(std::process::Command::new("nebula-cert")
         .args(args)
         .current_dir(dir));

@@ -182,6 +182,66 @@ fn an_invalid_edit_keeps_the_pod_running_and_a_fix_converges() {
     assert_eq!(v["watch"]["config_valid"], true);
 }
 
+#[test]
+fn watch_survives_edits_that_crashed_the_parser() {
+    ensure_images();
+    let s = TestStack::new("wcrash");
+    let lan = free_port();
+    s.write(&kdl(lan, "good", 1));
+    let mut w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(&s, lan).as_deref() == Some("good")
+    });
+    let before = s.containers();
+    // Each of these once panicked (a column past 65,535), overflowed the stack (deep nesting)
+    // or took exponential time (unclosed slashdashed blocks) in the parser, killing the watch.
+    let edits: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "wide column",
+            format!(
+                "{}{}bogus\n",
+                kdl(lan, "good", 1).replace("{stack}", &s.name),
+                "\t".repeat(70_000)
+            )
+            .into_bytes(),
+            ":70001:",
+        ),
+        (
+            "deep blocks",
+            "a{".repeat(1_270).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "deep comments",
+            "/*".repeat(3_591).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "slashdash blocks",
+            "\n/-{/**/'//x".repeat(40).into_bytes(),
+            "nest more than",
+        ),
+        ("invalid UTF-8", b"stack \"x\"\n\xff".to_vec(), ":2:1:"),
+    ];
+    for (what, bytes, expected) in edits {
+        std::fs::write(s.file(), bytes).unwrap();
+        wait_for(what, Duration::from_secs(20), || {
+            let o = s.soul(&["status", "--output", "json"]);
+            serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                .ok()
+                .and_then(|v| v["watch"]["config_error"].as_str().map(String::from))
+                .is_some_and(|e| e.contains(expected))
+        });
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "{what}: soul watch died:\n{}",
+            w.log()
+        );
+        assert_eq!(s.containers(), before, "{what}: the edit touched the pod");
+        assert_eq!(greeting(&s, lan).as_deref(), Some("good"), "{what}");
+    }
+}
+
 /// A Unix-socket forwarder to the real engine that can be cut and restored.
 struct EngineProxy {
     path: PathBuf,

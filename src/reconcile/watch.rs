@@ -130,15 +130,20 @@ struct Config {
 impl Config {
     /// Re-reads the file; an invalid one is reported and the last good config stays.
     fn reload(&mut self, state: &StateDir) {
-        match stack::load(&self.file) {
-            Ok(s) => {
+        // Read once: the copy kept as last good is the very text that was validated.
+        let loaded = stack::read_source(&self.file).and_then(|src| {
+            stack::parse(&self.file.display().to_string(), &src)
+                .map(|s| (s, src))
+                .map_err(StackError::Invalid)
+        });
+        match loaded {
+            Ok((s, src)) => {
                 if self.invalid_since.take().is_some() {
                     tracing::info!("{} is valid again", self.file.display());
                 }
                 self.error = None;
-                if let Ok(src) = std::fs::read(&self.file)
-                    && state.read(LAST_GOOD_FILE).ok().as_deref() != Some(src.as_slice())
-                    && let Err(e) = state.write(LAST_GOOD_FILE, &src)
+                if state.read(LAST_GOOD_FILE).ok().as_deref() != Some(src.as_bytes())
+                    && let Err(e) = state.write(LAST_GOOD_FILE, src.as_bytes())
                 {
                     tracing::warn!("cannot keep a copy of the last good stack.kdl: {e}");
                 }
@@ -180,14 +185,7 @@ fn first_error(e: &StackError) -> String {
 
 /// The stack name a file declares, even when the file is otherwise invalid.
 pub fn declared_name(file: &Path) -> Option<String> {
-    let src = std::fs::read_to_string(file).ok()?;
-    let doc = kdl::KdlDocument::parse_v2(&src).ok()?;
-    let node = doc.nodes().iter().find(|n| n.name().value() == "stack")?;
-    node.entries()
-        .first()?
-        .value()
-        .as_string()
-        .map(String::from)
+    stack::declared_name(&stack::read_source(file).ok()?)
 }
 
 /// Runs until `shutdown` resolves. Containers are left running.

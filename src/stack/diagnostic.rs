@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use miette::{Diagnostic as MietteDiagnostic, GraphicalReportHandler, GraphicalTheme, SourceSpan};
+use miette::SourceSpan;
 
 /// A byte range in the stack file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,37 +69,77 @@ pub struct Diagnostics {
     pub problems: Vec<Problem>,
 }
 
+/// How many problems are rendered; the rest are counted ("and N more").
+pub const MAX_RENDERED: usize = 50;
+
+/// The widest source excerpt rendered, in characters: longer lines are cut around the span.
+pub const MAX_EXCERPT: usize = 100;
+
+/// The longest message, label or hint rendered, in characters (they may quote the file).
+pub const MAX_MESSAGE: usize = 200;
+
 impl Diagnostics {
     /// `line:column` (1-based, columns in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         line_col(&self.source, offset)
     }
 
-    /// Renders every problem as `path:line:column`, the source line and a caret under the span.
-    /// `color` picks the unicode, coloured theme for terminals; otherwise plain ASCII.
+    /// Renders the first [`MAX_RENDERED`] problems as `path:line:column`, the source line (cut
+    /// to [`MAX_EXCERPT`] characters around the span) and a caret under the span, then the
+    /// count. `color` adds ANSI colours for terminals. Linear in the source's length.
     pub fn render(&self, color: bool) -> String {
-        let theme = if color {
-            GraphicalTheme::unicode()
-        } else {
-            GraphicalTheme::none()
+        let paint = |code: &str, text: &str| {
+            if color {
+                format!("\x1b[{code}m{text}\x1b[0m")
+            } else {
+                text.to_string()
+            }
         };
-        let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
         let mut out = String::new();
-        for problem in &self.problems {
-            let report = Located {
-                problem,
-                source: miette::NamedSource::new(&self.path, self.source.clone()),
-            };
-            if handler.render_report(&mut out, &report).is_err() {
-                let (line, col) = self.line_col(problem.span.offset);
+        let mut lines = LineIndex::new(&self.source);
+        for problem in self.problems.iter().take(MAX_RENDERED) {
+            let (line, col, text) = lines.locate(problem.span.offset);
+            let (excerpt, caret_at) = excerpt(text, col - 1);
+            let span_chars = self
+                .source
+                .get(problem.span.offset..)
+                .unwrap_or("")
+                .chars()
+                .take(problem.span.len.max(1))
+                .take_while(|c| *c != '\n')
+                .count();
+            let width =
+                span_chars.clamp(1, excerpt.chars().count().saturating_sub(caret_at).max(1));
+            let gutter = " ".repeat(line.to_string().len());
+            let bar = paint("34", "|");
+            out.push_str(&format!(
+                "{}: {}\n{gutter}{} {}:{line}:{col}\n{gutter} {bar}\n{} {bar} {excerpt}\n{gutter} {bar} {}{}",
+                paint("1;31", "error"),
+                clip(&problem.message),
+                paint("34", "-->"),
+                self.path,
+                paint("34", &line.to_string()),
+                " ".repeat(caret_at),
+                paint("1;31", &"^".repeat(width)),
+            ));
+            if let Some(label) = &problem.label {
+                out.push(' ');
+                out.push_str(&paint("1;31", &clip(label)));
+            }
+            out.push('\n');
+            if let Some(help) = &problem.help {
                 out.push_str(&format!(
-                    "{}:{line}:{col}: {}\n",
-                    self.path, problem.message
+                    "{gutter} = {}: {}\n",
+                    paint("1", "help"),
+                    clip(help)
                 ));
             }
             out.push('\n');
         }
         let n = self.problems.len();
+        if n > MAX_RENDERED {
+            out.push_str(&format!("… and {} more\n", n - MAX_RENDERED));
+        }
         out.push_str(&format!(
             "{} is invalid: {n} error{}\n",
             self.path,
@@ -119,52 +159,92 @@ impl std::error::Error for Diagnostics {}
 
 /// `line:column` (1-based) of a byte offset into `source`.
 pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(source.len());
-    let before = source.get(..offset).unwrap_or(source);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before[line_start..].chars().count() + 1;
+    let (line, col, _) = LineIndex::new(source).locate(offset);
     (line, col)
 }
 
-/// Adapts one [`Problem`] to miette for rendering.
-struct Located<'a> {
-    problem: &'a Problem,
-    source: miette::NamedSource<Arc<String>>,
+/// Locates offsets in a source, walking forward from the last one located, so locating
+/// problems sorted by offset costs one pass over the source in all.
+struct LineIndex<'a> {
+    source: &'a str,
+    /// The start of the line `line` (1-based).
+    line_start: usize,
+    line: usize,
 }
 
-impl fmt::Debug for Located<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problem.message)
+impl<'a> LineIndex<'a> {
+    fn new(source: &'a str) -> Self {
+        LineIndex {
+            source,
+            line_start: 0,
+            line: 1,
+        }
+    }
+
+    /// `(line, column, the line's text)` of a byte offset; columns count characters.
+    fn locate(&mut self, offset: usize) -> (usize, usize, &'a str) {
+        let src = self.source;
+        let mut offset = offset.min(src.len());
+        while !src.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        if offset < self.line_start {
+            *self = LineIndex::new(src);
+        }
+        let before = &src[self.line_start..offset];
+        if let Some(last) = before.rfind('\n') {
+            self.line += before.bytes().filter(|&b| b == b'\n').count();
+            self.line_start += last + 1;
+        }
+        let col = src[self.line_start..offset].chars().count() + 1;
+        let end = src[self.line_start..]
+            .find('\n')
+            .map_or(src.len(), |i| self.line_start + i);
+        (self.line, col, &src[self.line_start..end])
     }
 }
 
-impl fmt::Display for Located<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problem.message)
+/// One line of at most [`MAX_MESSAGE`] characters, `…` where cut.
+fn clip(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_MESSAGE)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(MAX_MESSAGE).is_some() {
+        out.push('…');
     }
+    out
 }
 
-impl std::error::Error for Located<'_> {}
-
-impl MietteDiagnostic for Located<'_> {
-    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
-        self.problem
-            .help
-            .as_ref()
-            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
+/// The line as shown: tabs and control characters as one space each (so the caret lines up),
+/// cut to [`MAX_EXCERPT`] characters around `col` (0-based) with `…` where cut. Returns the
+/// text and the caret's column in it.
+fn excerpt(line: &str, col: usize) -> (String, usize) {
+    let chars: Vec<char> = line
+        .trim_end_matches('\r')
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if chars.len() <= MAX_EXCERPT {
+        let caret = col.min(chars.len());
+        return (chars.into_iter().collect(), caret);
     }
-
-    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        Some(&self.source)
+    let start = col
+        .saturating_sub(MAX_EXCERPT / 3)
+        .min(chars.len() - MAX_EXCERPT);
+    let end = start + MAX_EXCERPT;
+    let mut text = String::new();
+    let mut caret = col - start;
+    if start > 0 {
+        text.push('…');
+        caret += 1;
     }
-
-    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
-        let label = self.problem.label.clone().unwrap_or_else(|| "here".into());
-        Some(Box::new(std::iter::once(
-            miette::LabeledSpan::new_with_span(Some(label), self.problem.span),
-        )))
+    text.extend(&chars[start..end]);
+    if end < chars.len() {
+        text.push('…');
     }
+    (text, caret)
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.

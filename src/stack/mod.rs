@@ -7,6 +7,7 @@ pub mod edit;
 mod lower;
 mod model;
 mod rules;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -14,8 +15,9 @@ use std::sync::{Arc, OnceLock};
 use kdl::KdlDocument;
 use serde_json::Value;
 
-pub use diagnostic::{Diagnostics, Problem, Span, did_you_mean, line_col};
+pub use diagnostic::{Diagnostics, MAX_RENDERED, Problem, Span, did_you_mean, line_col};
 pub use model::*;
+pub use source::{MAX_FILE_BYTES, MAX_NESTING, read as read_source};
 
 /// Why a stack file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,14 @@ pub enum StackError {
         #[source]
         source: std::io::Error,
     },
+    /// The path names a directory, a FIFO, a device or anything else that is not a file.
+    #[error("{path} is not a regular file: name the stack.kdl file itself")]
+    NotAFile { path: PathBuf },
+    /// The file is larger than any stack soul reads.
+    #[error(
+        "{path} is larger than {limit} bytes, far more than any stack.kdl needs: is it the right file?"
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
     /// The file was read but is not a valid stack; every problem found is inside.
     #[error("{0}")]
     Invalid(Diagnostics),
@@ -34,10 +44,7 @@ pub enum StackError {
 
 /// Reads and validates a stack file.
 pub fn load(path: &Path) -> Result<Stack, StackError> {
-    let source = std::fs::read_to_string(path).map_err(|source| StackError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let source = read_source(path)?;
     parse(&path.display().to_string(), &source).map_err(StackError::Invalid)
 }
 
@@ -52,38 +59,21 @@ pub fn parse(path: &str, source: &str) -> Result<Stack, Diagnostics> {
         path: path.to_string(),
         source: Arc::new(source.to_string()),
     };
-    let doc = match KdlDocument::parse_v2(source) {
-        Ok(doc) => doc,
-        Err(e) => {
-            let problems = e
-                .diagnostics
-                .iter()
-                .map(|d| {
-                    let mut p = Problem::new(
-                        Span::from(d.span),
-                        d.message.clone().unwrap_or_else(|| "invalid KDL".into()),
-                    );
-                    p.label = d.label.clone();
-                    p.help = Some(d.help.clone().unwrap_or_else(|| {
-                        "stack.kdl is KDL 2.0: strings in double quotes, booleans as #true/#false".into()
-                    }));
-                    p
-                })
-                .collect();
-            return Err(invalid(problems));
-        }
-    };
-
+    let doc = document(source).map_err(invalid)?;
     let mut problems = Vec::new();
     let (value, spans) = lower::lower(&doc, &mut problems);
     problems.extend(schema_problems(&value, &spans));
     if !problems.is_empty() {
         return Err(invalid(problems));
     }
-    let stack: Stack = match serde_json::from_value(value) {
+    // The schema cannot say everything the model's types do (`port 80.0`, a count past u32):
+    // such an error is reported where its value is.
+    let stack: Stack = match serde_path_to_error::deserialize(value) {
         Ok(s) => s,
         Err(e) => {
-            return Err(invalid(vec![Problem::new(Span::default(), e.to_string())]));
+            let pointer = pointer_of(e.path());
+            let message = schema_message(&pointer, &e.into_inner().to_string());
+            return Err(invalid(vec![Problem::new(spans.get(&pointer), message)]));
         }
     };
     let problems = rules::check(&stack, &spans);
@@ -92,6 +82,55 @@ pub fn parse(path: &str, source: &str) -> Result<Stack, Diagnostics> {
     } else {
         Err(invalid(problems))
     }
+}
+
+/// KDL's syntax tree of `source`, once its nesting is known to be within [`MAX_NESTING`] (the
+/// parser recurses, and would overflow the stack on a file of nothing but `{`).
+fn document(source: &str) -> Result<KdlDocument, Vec<Problem>> {
+    if let Some(p) = source::too_deep(source) {
+        return Err(vec![p]);
+    }
+    KdlDocument::parse_v2(source).map_err(|e| {
+        e.diagnostics
+            .iter()
+            .map(|d| {
+                let mut p = Problem::new(
+                    Span::from(d.span),
+                    d.message.clone().unwrap_or_else(|| "invalid KDL".into()),
+                );
+                p.label = d.label.clone();
+                p.help = Some(d.help.clone().unwrap_or_else(|| {
+                    "stack.kdl is KDL 2.0: strings in double quotes, booleans as #true/#false"
+                        .into()
+                }));
+                p
+            })
+            .collect()
+    })
+}
+
+/// The stack name a source declares, even when it is otherwise invalid.
+pub fn declared_name(source: &str) -> Option<String> {
+    let doc = document(source).ok()?;
+    let node = doc.nodes().iter().find(|n| n.name().value() == "stack")?;
+    node.entries()
+        .first()?
+        .value()
+        .as_string()
+        .map(String::from)
+}
+
+/// `sidecars[0].health.retries` → `/sidecars/0/health/retries`.
+fn pointer_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(format!("/{index}")),
+            Segment::Map { key } => Some(format!("/{key}")),
+            Segment::Enum { variant } => Some(format!("/{variant}")),
+            Segment::Unknown => None,
+        })
+        .collect()
 }
 
 /// The JSON Schema of the model, as committed in `schema/stack.schema.json`.

@@ -1,6 +1,7 @@
 //! Parsing and validation, as a table of files → model or located problems.
 
 use super::*;
+use proptest::strategy::Strategy;
 
 const FULL: &str = r#"
 // a comment
@@ -280,5 +281,119 @@ fn bad_input_never_panics() {
         let _ = parse("stack.kdl", s)
             .map(|_| ())
             .map_err(|d| d.render(false));
+    }
+}
+
+/// The widest line of a rendering, in characters.
+fn widest_line(out: &str) -> usize {
+    out.lines().map(|l| l.chars().count()).max().unwrap_or(0)
+}
+
+#[test]
+fn error_past_column_65535_renders_without_panic() {
+    let src = format!("{}x", "\t".repeat(16_384 * 4));
+    let d = parse("stack.kdl", &src).expect_err("invalid");
+    let out = d.render(false);
+    assert!(out.contains("stack.kdl:1:65537"), "{out}");
+    assert!(widest_line(&out) <= diagnostic::MAX_EXCERPT + 40, "{out}");
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_stack_overflow() {
+    for src in [
+        "a{".repeat(1_270),
+        "{ n".repeat(1_268),
+        format!("stack \"a\"\n{}", "/*".repeat(3_591)),
+        format!("x {}", "{ n ".repeat(100_000)),
+    ] {
+        let d = parse("stack.kdl", &src).expect_err("invalid");
+        assert!(
+            d.problems[0].message.contains("nest more than"),
+            "{:?}",
+            d.problems[0]
+        );
+        assert!(d.render(false).contains("stack.kdl:"));
+        assert_eq!(declared_name(&src), None);
+    }
+}
+
+#[test]
+fn unclosed_slashdash_blocks_do_not_take_exponential_time() {
+    // Found by the fuzz test below: each level doubled the KDL parser's work.
+    let src = "\n/-{/**/'//x".repeat(40);
+    let started = std::time::Instant::now();
+    let d = parse("stack.kdl", &src).expect_err("invalid");
+    assert!(
+        d.problems[0].message.contains("nest more than"),
+        "{:?}",
+        d.problems
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn ten_thousand_errors_render_the_first_fifty_and_a_count() {
+    let src = format!("stack \"a\"\n{}", "bogus 1\n".repeat(10_000));
+    let d = parse("stack.kdl", &src).expect_err("invalid");
+    let out = d.render(false);
+    assert!(out.contains("… and "), "{}", &out[out.len() - 200..]);
+    assert!(
+        out.lines().count() < MAX_RENDERED * 10,
+        "{} lines",
+        out.lines().count()
+    );
+}
+
+#[test]
+fn float_port_is_reported_at_its_own_position() {
+    let (l, c, msg, _) =
+        one_problem("stack \"a\"\nsidecar \"x\" {\n    image \"i\"\n    port 80.0\n}\n");
+    assert_eq!((l, c), (4, 10), "{msg}");
+    assert!(msg.contains("port"), "{msg}");
+}
+
+#[test]
+fn retries_past_u32_is_reported_at_its_own_position() {
+    let (l, c, msg, _) = one_problem(
+        "stack \"a\"\nsidecar \"x\" {\n    image \"i\"\n    port 80\n    health cmd=\"true\" retries=4294967296\n}\n",
+    );
+    assert_eq!(l, 5, "{msg}");
+    assert!(c > 5, "{msg} at column {c}");
+    assert!(msg.contains("retries"), "{msg}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Files stitched from KDL's delicate pieces (and the pieces of a real stack) never panic
+    /// the parser or the renderer, every problem points into the file, and the rendering stays
+    /// bounded in lines and width whatever the input.
+    #[test]
+    fn any_file_parses_or_fails_with_located_bounded_errors(
+        pieces in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::sample::select(vec![
+                    "{", "}", "/*", "*/", "//", "\"", "#\"", "\"#", "\"\"\"", "\\", "\n", "\t",
+                    " ", ";", "=", "#true", "#null", "80.0", "4294967296", "-1", "é", "\r\n",
+                    "/-", "(t)", "stack \"a\"\n", "sidecar \"x\" { image \"i\"; port 80; }\n",
+                    "device \"d\" expires=\"1s\"\n", "transport { lan port=8443; }\n",
+                    "env \"A\" \"\\u{0}\"", "volume \"v\" \"/\"", "health interval=\"106752d\"",
+                ]).prop_map(String::from),
+                "[ -~]{0,12}",
+            ],
+            0..200,
+        ),
+        repeat in 1usize..40,
+    ) {
+        let src = pieces.concat().repeat(repeat);
+        if let Err(d) = parse("stack.kdl", &src) {
+            proptest::prop_assert!(!d.problems.is_empty());
+            for p in &d.problems {
+                proptest::prop_assert!(p.span.offset <= src.len(), "{p:?}");
+            }
+            let out = d.render(false);
+            proptest::prop_assert!(widest_line(&out) <= diagnostic::MAX_MESSAGE + 20);
+            proptest::prop_assert!(out.lines().count() <= MAX_RENDERED * 12 + 2);
+        }
     }
 }
