@@ -119,7 +119,7 @@ fn converged(desired: &Desired) -> Observed {
     for need in &desired.images {
         o.images.insert(need.reference.clone(), "sha256:x".into());
     }
-    o.volumes = desired.volumes.iter().cloned().collect();
+    o.volumes = desired.volumes.iter().map(|v| v.name.clone()).collect();
     for pod in &desired.pods {
         o.networks.insert(pod.network.clone());
         for c in &pod.containers {
@@ -195,6 +195,7 @@ fn pairing_pass(
         stack: stack.stack.clone(),
         pods: vec![],
         volumes: vec![],
+        external_volumes: vec![],
         images: vec![],
         files: pairing.files,
     };

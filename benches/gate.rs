@@ -72,8 +72,8 @@ fn main() {
     soul(&["apply"]);
     let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
-    let pause = pid("soul-gbench-web-pause");
-    let gate = pid("soul-gbench-web-gate");
+    let pause = pid("soul_gbench_web_pause");
+    let gate = pid("soul_gbench_web_gate");
     let netns = format!("--net=/proc/{pause}/ns/net");
 
     let direct_url = "http://127.0.0.1:80/";

@@ -103,7 +103,7 @@ fn main() {
     let mut repair = vec![];
     for _ in 0..RUNS {
         let start = Instant::now();
-        docker(&["rm", "-f", "soul-wbench-app-app"]);
+        docker(&["rm", "-f", "soul_wbench_app_app"]);
         wait_body(port, token, &format!("g{RUNS}"), Duration::from_secs(30));
         repair.push(start.elapsed());
         std::thread::sleep(Duration::from_secs(2)); // stay clear of flap backoff

@@ -136,6 +136,9 @@ pub fn compose(desired: &Desired) -> String {
         y.push_str("volumes:\n");
         for v in named {
             let _ = writeln!(y, "  {v}:\n    name: {}", q(v));
+            if desired.external_volumes.iter().any(|e| e == v) {
+                y.push_str("    external: true\n");
+            }
         }
     }
     if !secrets.is_empty() {

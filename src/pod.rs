@@ -197,19 +197,68 @@ impl ContainerSpec {
     }
 }
 
-/// `soul-<stack>-<sidecar>-<role>`.
+/// The kinds of object soul names on the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObjectKind {
+    Container,
+    Network,
+    Volume,
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Container => "container",
+            ObjectKind::Network => "network",
+            ObjectKind::Volume => "volume",
+        })
+    }
+}
+
+// Names on the engine. Stack and sidecar names hold only `[a-z0-9-]`, so `_` cannot occur in
+// them and separates the parts unambiguously: no two (stack, sidecar, role) share a name, and no
+// two stacks share a volume (soul 0.1 joined them with `-`, so stack `a` sidecar `b-c` and stack
+// `a-b` sidecar `c` collided).
+
+/// `soul_<stack>_<sidecar>_<role>`.
 pub fn container_name(stack: &str, sidecar: &str, role: Role) -> String {
-    format!("soul-{stack}-{sidecar}-{role}")
+    format!("soul_{stack}_{sidecar}_{role}")
 }
 
-/// `soul-<stack>-<sidecar>`: the pod's bridge network.
+/// `soul_<stack>_<sidecar>`: the pod's bridge network.
 pub fn network_name(stack: &str, sidecar: &str) -> String {
-    format!("soul-{stack}-{sidecar}")
+    format!("soul_{stack}_{sidecar}")
 }
 
-/// `soul-<stack>-<name>`: a named volume of the stack, shared by the sidecars that name it.
-pub fn volume_name(stack: &str, name: &str) -> String {
-    format!("soul-{stack}-{name}")
+/// A named volume soul makes for a stack, and the name soul 0.1 gave it: a volume made under
+/// that name keeps being used (it holds the user's data) until it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamedVolume {
+    /// The Docker name.
+    pub name: String,
+    /// soul 0.1's name for the same volume.
+    pub legacy: String,
+}
+
+impl NamedVolume {
+    /// `soul_<stack>_<name>`: a volume stack.kdl names, shared by the sidecars that mount it.
+    /// The name may hold `_` and `.`; the stack cannot, so the stack part is unambiguous.
+    pub fn declared(stack: &str, name: &str) -> NamedVolume {
+        NamedVolume {
+            name: format!("soul_{stack}_{name}"),
+            legacy: format!("soul-{stack}-{name}"),
+        }
+    }
+
+    /// `soul-state_<stack>_<sidecar>_<what>`: a pod's own state (the gate's, an overlay's).
+    /// The prefix keeps these apart from every declared volume's name.
+    pub fn state(stack: &str, sidecar: &str, what: &str) -> NamedVolume {
+        NamedVolume {
+            name: format!("soul-state_{stack}_{sidecar}_{what}"),
+            legacy: format!("soul-{stack}-{sidecar}-{what}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -232,13 +281,35 @@ mod tests {
                 },
             )]),
             mounts: vec![],
-            network_mode: NetworkMode::Container("soul-home-notes-pause".into()),
+            network_mode: NetworkMode::Container("soul_home_notes_pause".into()),
             ports: vec![],
             health: None,
             restart: "unless-stopped".into(),
             cap_add: vec![],
             devices: vec![],
         }
+    }
+
+    #[test]
+    fn names_of_different_stacks_never_collide() {
+        // soul 0.1: stack `rel7` sidecar `x-y` and stack `rel7-x` sidecar `y` shared names.
+        assert_ne!(
+            container_name("rel7", "x-y", Role::App),
+            container_name("rel7-x", "y", Role::App)
+        );
+        assert_ne!(network_name("rel7", "x-y"), network_name("rel7-x", "y"));
+        assert_ne!(
+            NamedVolume::declared("rel7", "x-data").name,
+            NamedVolume::declared("rel7-x", "data").name
+        );
+        assert_ne!(
+            NamedVolume::declared("home", "notes_gate").name,
+            NamedVolume::state("home", "notes", "gate").name
+        );
+        assert_eq!(
+            NamedVolume::state("home", "notes", "gate").legacy,
+            "soul-home-notes-gate"
+        );
     }
 
     #[test]

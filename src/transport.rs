@@ -11,7 +11,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::pairing::Address;
-use crate::pod::{ContainerSpec, Mount, MountKind, NetworkMode, Role, container_name, volume_name};
+use crate::pod::{ContainerSpec, Mount, MountKind, NamedVolume, NetworkMode, Role, container_name};
 use crate::stack::{Sidecar, Stack, TransportKind};
 
 /// The image the Tor transport runs when `tor image=` is not set.
@@ -79,8 +79,8 @@ pub struct Contribution {
     pub containers: Vec<ContainerSpec>,
     /// State-dir files: (path relative to the state dir, bytes).
     pub files: Vec<(String, Vec<u8>)>,
-    /// Named volumes (Docker names) its containers mount; state that apply never removes.
-    pub volumes: Vec<String>,
+    /// Named volumes its containers mount; state that apply never removes.
+    pub volumes: Vec<NamedVolume>,
     pub address: Option<AddressSource>,
 }
 
@@ -178,7 +178,7 @@ impl Driver for TorDriver {
         let sidecar = &ctx.sidecar.name;
         let torrc = Self::torrc(ctx);
         let torrc_path = format!("transports/{sidecar}/torrc");
-        let volume = volume_name(stack, &format!("{sidecar}-tor"));
+        let volume = NamedVolume::state(stack, sidecar, "tor");
         let name = container_name(stack, sidecar, Role::Tor);
         let spec = ContainerSpec {
             name: name.clone(),
@@ -207,7 +207,7 @@ impl Driver for TorDriver {
                 },
                 Mount {
                     kind: MountKind::Volume,
-                    source: volume.clone(),
+                    source: volume.name.clone(),
                     target: Self::STATE.into(),
                     read_only: false,
                 },
@@ -296,7 +296,7 @@ impl Driver for TailnetDriver {
         let kind = self.kind.as_str();
         let serve = Self::serve_config(ctx.gate_port, &self.shadowed_ports(ctx));
         let config_dir = format!("transports/{sidecar}/{kind}");
-        let volume = volume_name(stack, &format!("{sidecar}-{kind}"));
+        let volume = NamedVolume::state(stack, sidecar, kind);
         let name = container_name(stack, sidecar, Role::Tailscale);
         let mut extra = Vec::new();
         if let Some(url) = &self.login_server {
@@ -342,7 +342,7 @@ impl Driver for TailnetDriver {
         let mut mounts = vec![
             Mount {
                 kind: MountKind::Volume,
-                source: volume.clone(),
+                source: volume.name.clone(),
                 target: Self::STATE.into(),
                 read_only: false,
             },
@@ -641,17 +641,18 @@ mod tests {
         assert_eq!(drivers.len(), 1);
         let c = drivers[0].contribute(&ctx);
         let spec = &c.containers[0];
-        assert_eq!(spec.name, "soul-h-notes-tor");
+        assert_eq!(spec.name, "soul_h_notes_tor");
         assert_eq!(spec.image, "my/tor:1");
         assert_eq!(
             spec.network_mode,
-            NetworkMode::Container("soul-h-notes-pause".into())
+            NetworkMode::Container("soul_h_notes_pause".into())
         );
         assert_eq!(
             spec.mounts[0].source,
             "/var/lib/soul/h/transports/notes/torrc"
         );
-        assert_eq!(c.volumes, vec!["soul-h-notes-tor".to_string()]);
+        assert_eq!(c.volumes, vec![NamedVolume::state("h", "notes", "tor")]);
+        assert_eq!(c.volumes[0].name, "soul-state_h_notes_tor");
         let torrc = String::from_utf8(c.files[0].1.clone()).unwrap();
         assert!(
             torrc.contains("HiddenServicePort 8443 127.0.0.1:8443\n"),
@@ -661,7 +662,7 @@ mod tests {
         assert_eq!(
             c.address,
             Some(AddressSource::ContainerFile {
-                container: "soul-h-notes-tor".into(),
+                container: "soul_h_notes_tor".into(),
                 path: "/var/lib/tor/onion/hostname".into(),
                 port: 8443
             })

@@ -96,7 +96,7 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
         "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
         &s.container("web", "pause"),
     ]);
-    assert_eq!(nets, format!("soul-{}-web", s.name));
+    assert_eq!(nets, format!("soul_{}_web", s.name));
     let health = docker(&[
         "inspect",
         "-f",
@@ -109,9 +109,9 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     assert_eq!(
         s.volumes(),
         [
-            format!("soul-{n}-hello-gate"),
-            format!("soul-{n}-web-data"),
-            format!("soul-{n}-web-gate")
+            format!("soul-state_{n}_hello_gate"),
+            format!("soul-state_{n}_web_gate"),
+            format!("soul_{n}_web-data")
         ]
     );
 
@@ -249,14 +249,14 @@ fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() 
             s.container("hello", "pause")
         ]
     );
-    assert_eq!(s.networks(), vec![format!("soul-{}-hello", s.name)]);
+    assert_eq!(s.networks(), vec![format!("soul_{}_hello", s.name)]);
     let n = &s.name;
     assert_eq!(
         s.volumes(),
         [
-            format!("soul-{n}-hello-gate"),
-            format!("soul-{n}-web-data"),
-            format!("soul-{n}-web-gate")
+            format!("soul-state_{n}_hello_gate"),
+            format!("soul-state_{n}_web_gate"),
+            format!("soul_{n}_web-data")
         ],
         "the named volumes must stay"
     );
@@ -485,7 +485,7 @@ fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
     s.apply();
     // Two runs racing a create (one killed mid-call) can leave two networks of one name: the
     // engine (API < 1.44) does not refuse the second. Make one the way soul does.
-    let network = format!("soul-{}-web", s.name);
+    let network = format!("soul_{}_web", s.name);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -518,4 +518,157 @@ fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
     assert!(served(&s, lan, Duration::from_secs(20)).is_some());
     let o = s.soul(&["plan", "--detailed-exitcode"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// A one-sidecar stack (nginx) with a named volume `volume` at /data, or an external one.
+fn with_volume(lan: u16, sidecar: &str, volume: &str, external: bool) -> String {
+    let external = if external { " external=#true" } else { "" };
+    format!(
+        "stack \"{{stack}}\"\nsidecar \"{sidecar}\" {{\n    image \"{NGINX}\"\n    port 80\n    volume \"{volume}\" \"/data\"{external}\n}}\ntransport {{\n    lan port={lan}\n}}\ndevice \"tester\"\n"
+    )
+}
+
+/// Reads /data/f in the sidecar's app container.
+fn data_file(s: &TestStack, sidecar: &str) -> Option<String> {
+    docker_ok(&["exec", &s.container(sidecar, "app"), "cat", "/data/f"])
+}
+
+#[test]
+fn stacks_whose_dashed_names_once_collided_keep_apart() {
+    ensure_images();
+    // soul 0.1 gave stack `a` sidecar `x-y` and stack `a-x` sidecar `y` the same container and
+    // network names, and volume `x-data` of `a` and `data` of `a-x` one volume: `down
+    // --volumes` of one deleted the other's data.
+    let a = TestStack::new("cx");
+    let b = TestStack {
+        name: format!("{}-x", a.name),
+        dir: a.dir.with_extension("x"),
+    };
+    std::fs::create_dir_all(&b.dir).unwrap();
+    a.write(&with_volume(free_port(), "x-y", "x-data", false));
+    b.write(&with_volume(free_port(), "y", "data", false));
+    a.apply();
+    b.apply();
+    docker(&[
+        "exec",
+        &b.container("y", "app"),
+        "sh",
+        "-c",
+        "echo b > /data/f",
+    ]);
+    assert_ne!(a.container("x-y", "app"), b.container("y", "app"));
+    assert_eq!(data_file(&a, "x-y"), None, "a sees b's data");
+    let o = a.soul(&["down", "--volumes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(data_file(&b, "y").as_deref(), Some("b"));
+    let o = b.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopted() {
+    ensure_images();
+    let s = TestStack::new("foreign");
+    let lan = free_port();
+    s.write(&with_volume(lan, "web", "data", false));
+    let volume = format!("soul_{}_data", s.name);
+    let network = format!("soul_{}_web", s.name);
+    docker(&["volume", "create", &volume]);
+    docker(&["network", "create", &network]);
+    let _cleanup = Cleanup(vec![
+        vec!["volume".into(), "rm".into(), volume.clone()],
+        vec!["network".into(), "rm".into(), network.clone()],
+    ]);
+    for cmd in ["plan", "apply"] {
+        let o = s.soul(&[cmd]);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!(
+                "volume `{volume}` exists but soul did not make it"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("external=#true"), "{err}");
+        assert!(
+            err.contains(&format!("network `{network}` exists")),
+            "{err}"
+        );
+        assert!(err.contains("nothing was changed"), "{err}");
+    }
+    assert!(s.containers().is_empty(), "apply changed something");
+    assert!(s.networks().is_empty() && s.volumes().iter().all(|v| !v.starts_with("soul_")));
+
+    // Adopting the volume is explicit: declared external under its own name, mounted as it
+    // is, never removed.
+    docker(&["network", "rm", &network]);
+    s.write(&with_volume(lan, "web", &volume, true));
+    s.apply();
+    docker(&[
+        "exec",
+        &s.container("web", "app"),
+        "sh",
+        "-c",
+        "echo kept > /data/f",
+    ]);
+    let o = s.soul(&["down", "--volumes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        docker_ok(&["volume", "inspect", &volume]).is_some(),
+        "down removed an external volume"
+    );
+
+    // A missing external volume is reported before anything is made.
+    s.write(&with_volume(lan, "web", "no-such-volume", true));
+    let o = s.soul(&["apply"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("docker volume create no-such-volume"));
+    assert!(s.containers().is_empty());
+}
+
+#[test]
+fn a_volume_made_by_soul_0_1_keeps_its_data_after_the_upgrade() {
+    ensure_images();
+    let s = TestStack::new("legacy");
+    let legacy = format!("soul-{}-data", s.name);
+    // What soul 0.1 left: the volume under its old name, labelled with the stack.
+    docker(&[
+        "volume",
+        "create",
+        "--label",
+        &format!("dev.soul.stack={}", s.name),
+        &legacy,
+    ]);
+    docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{legacy}:/d"),
+        NGINX,
+        "sh",
+        "-c",
+        "echo old > /d/f",
+    ]);
+    s.write(&with_volume(free_port(), "web", "data", false));
+    s.apply();
+    assert_eq!(data_file(&s, "web").as_deref(), Some("old"));
+    assert!(
+        !s.volumes().contains(&format!("soul_{}_data", s.name)),
+        "{:?}",
+        s.volumes()
+    );
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Docker commands run when the test ends, whatever happened.
+struct Cleanup(Vec<Vec<String>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for args in &self.0 {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = docker_ok(&args);
+        }
+    }
 }

@@ -93,7 +93,7 @@ device "phone"
     );
     let mounts = docker(&["inspect", "-f", "{{json .Mounts}}", &tor]);
     assert!(
-        mounts.contains(&format!("soul-{}-notes-tor", s.name)),
+        mounts.contains(&format!("soul-state_{}_notes_tor", s.name)),
         "{mounts}"
     );
 
@@ -159,7 +159,10 @@ device "phone"
     // `down` keeps the onion key's volume; apply after it brings back the same address.
     let o = s.soul(&["down"]);
     assert!(o.status.success());
-    assert!(s.volumes().contains(&format!("soul-{}-notes-tor", s.name)));
+    assert!(
+        s.volumes()
+            .contains(&format!("soul-state_{}_notes_tor", s.name))
+    );
     s.apply();
     assert_eq!(
         onion(&uri(&s, "phone", "notes")).as_deref(),
@@ -240,7 +243,7 @@ device "phone"
     assert_eq!(authkey["RW"], false);
     assert_eq!(
         mount("/var/lib/tailscale")["Name"],
-        format!("soul-{}-web-tailscale", s.name)
+        format!("soul-state_{}_web_tailscale", s.name)
     );
     let config = mount("/config");
     assert_eq!(config["RW"], false);

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeSet;
 
-use crate::pod::{ContainerSpec, Role, label};
+use crate::pod::{ContainerSpec, ObjectKind, Role, label};
 use crate::runtime::{self, Docker, RuntimeError, SOUL_BINARY_LABEL};
 use crate::state::StateDir;
 
 use super::execute::Engine;
-use super::plan::{Desired, ImageSource, Observed, ObservedContainer};
+use super::plan::{Desired, Foreign, ImageSource, Observed, ObservedContainer};
 use super::resolve::SoulImage;
 
 /// Reads the engine and the state dir: this stack's containers, networks and volumes, which of
@@ -22,6 +22,7 @@ pub async fn observe(
     let snapshot = docker.snapshot(&desired.stack).await?;
     let mut observed = from_snapshot(snapshot);
     observed.files = state.file_hashes();
+    observe_names(docker, desired, &mut observed).await?;
     let this_binary = runtime::binary_id().ok();
     for need in &desired.images {
         let found = match need.source {
@@ -37,6 +38,50 @@ pub async fn observe(
         }
     }
     Ok(observed)
+}
+
+/// Looks up, by name, each object the plan would create (a name not among this stack's labelled
+/// objects) and each external volume: a name held by anyone else is a conflict to report
+/// before changing anything. A converged stack makes no call here.
+async fn observe_names(
+    docker: &Docker,
+    desired: &Desired,
+    observed: &mut Observed,
+) -> Result<(), RuntimeError> {
+    let mut wanted: Vec<(ObjectKind, &str)> = Vec::new();
+    for pod in &desired.pods {
+        if !observed.networks.contains(&pod.network) {
+            wanted.push((ObjectKind::Network, &pod.network));
+        }
+        for c in &pod.containers {
+            if !observed.containers.iter().any(|o| o.name == c.name) {
+                wanted.push((ObjectKind::Container, &c.name));
+            }
+        }
+    }
+    for v in &desired.volumes {
+        if !observed.volumes.contains(&v.name) && !observed.volumes.contains(&v.legacy) {
+            wanted.push((ObjectKind::Volume, &v.name));
+        }
+    }
+    for (kind, name) in wanted {
+        if let Some(labels) = docker.labels_of(kind, name).await?
+            // Made for this stack since the snapshot (a create that was still finishing).
+            && labels.get(label::STACK) != Some(&desired.stack)
+        {
+            observed.foreign.push(Foreign {
+                kind,
+                name: name.to_string(),
+                owner: labels.get(label::STACK).cloned(),
+            });
+        }
+    }
+    for name in &desired.external_volumes {
+        if docker.labels_of(ObjectKind::Volume, name).await?.is_some() {
+            observed.external_volumes.insert(name.clone());
+        }
+    }
+    Ok(())
 }
 
 /// The containers, networks and volumes of a snapshot, without images.
@@ -61,6 +106,8 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
         networks: snapshot.networks.into_iter().collect(),
         duplicate_networks: snapshot.duplicate_networks,
         volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
+        external_volumes: Default::default(),
+        foreign: Vec::new(),
         images: Default::default(),
         files: Default::default(),
     }

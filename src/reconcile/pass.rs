@@ -8,7 +8,7 @@ use crate::transport::{self, AddressSource, Discovered, PodContext};
 
 use super::artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
 use super::execute::{ExecuteError, execute};
-use super::plan::{Desired, DesiredFile, Plan, Step, plan};
+use super::plan::{Conflict, Desired, DesiredFile, Plan, Step, plan};
 use super::resolve::{Machine, ResolveError, resolve};
 
 /// Why a pass could not be planned or carried out.
@@ -27,6 +27,10 @@ pub enum PassError {
     Key(std::io::Error),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// Names the plan needs are held by objects soul did not make for this stack, or an
+    /// external volume is missing. Found before anything was changed.
+    #[error("nothing was changed: {}", conflicts_text(.0))]
+    Conflicts(Vec<Conflict>),
     /// A bug in soul (a task panicked, a lock was poisoned).
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,7 +85,17 @@ pub async fn prepare(
     ));
     let observed = super::observe::observe(docker, &desired, state).await?;
     let plan = plan(&desired, &observed);
+    if !plan.conflicts.is_empty() {
+        return Err(PassError::Conflicts(plan.conflicts));
+    }
     Ok(Planned { desired, plan })
+}
+
+fn conflicts_text(conflicts: &[Conflict]) -> String {
+    conflicts
+        .iter()
+        .map(|c| format!("\n  - {c}"))
+        .collect::<String>()
 }
 
 /// Carries out a plan; `on_step` hears of each step before it runs.

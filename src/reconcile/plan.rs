@@ -2,21 +2,25 @@
 //! every decision about what to create, recreate, start or remove is made here, and a
 //! converged system plans to zero steps.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::pod::{ContainerSpec, PodSpec, Role};
+use crate::pod::{ContainerSpec, MountKind, NamedVolume, ObjectKind, PodSpec, Role};
 
 /// What the stack asks for on this machine.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Desired {
     pub stack: String,
     pub pods: Vec<PodSpec>,
-    /// Named volumes (Docker names) the pods mount.
-    pub volumes: Vec<String>,
+    /// Named volumes soul makes for the stack and the pods mount.
+    pub volumes: Vec<NamedVolume>,
+    /// Volumes the pods mount that soul did not make (`external=#true`): never created or
+    /// removed, and they must exist.
+    pub external_volumes: Vec<String>,
     /// Every image the pods use, each once.
     pub images: Vec<ImageNeed>,
     /// The state dir's files: key, registry, tokens, pairing artifacts.
@@ -112,6 +116,10 @@ pub struct Observed {
     pub duplicate_networks: Vec<(String, String)>,
     /// Volumes labelled with this stack.
     pub volumes: BTreeSet<String>,
+    /// The external volumes the stack names that exist.
+    pub external_volumes: BTreeSet<String>,
+    /// Objects that have a name this stack needs but are not this stack's.
+    pub foreign: Vec<Foreign>,
     /// Desired image references present (and, for soul's image, current) → image ID.
     pub images: BTreeMap<String, String>,
     /// SHA-256 of the state dir's managed files, by path relative to it.
@@ -263,10 +271,66 @@ impl fmt::Display for Step {
     }
 }
 
+/// An object on the engine that holds a name this stack needs without this stack's label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Foreign {
+    pub kind: ObjectKind,
+    pub name: String,
+    /// The stack its labels name, when another stack of soul's made it.
+    pub owner: Option<String>,
+}
+
+/// Why a plan cannot be carried out: found before anything is changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "conflict", rename_all = "kebab-case")]
+pub enum Conflict {
+    /// soul would create an object whose name another owner already holds.
+    Foreign(Foreign),
+    /// An `external=#true` volume does not exist.
+    MissingExternalVolume { name: String },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conflict::Foreign(Foreign {
+                kind,
+                name,
+                owner: Some(owner),
+            }) => write!(
+                f,
+                "{kind} `{name}` belongs to soul stack `{owner}`, not this one: rename one of the stacks, or remove it from stack `{owner}` (`soul down` there)"
+            ),
+            Conflict::Foreign(Foreign {
+                kind: ObjectKind::Volume,
+                name,
+                owner: None,
+            }) => write!(
+                f,
+                "volume `{name}` exists but soul did not make it, so soul will not mount or remove it: to use its data, declare it with `external=#true` under its own name (`volume \"{name}\" \"/data\" external=#true`); otherwise rename or remove it (`docker volume rm {name}`)"
+            ),
+            Conflict::Foreign(Foreign {
+                kind,
+                name,
+                owner: None,
+            }) => write!(
+                f,
+                "{kind} `{name}` exists but soul did not make it: rename or remove it (`docker {kind} rm {name}`); soul never adopts or removes what it did not make"
+            ),
+            Conflict::MissingExternalVolume { name } => write!(
+                f,
+                "external volume `{name}` does not exist: create it (`docker volume create {name}`) or drop `external=#true` to let soul make one"
+            ),
+        }
+    }
+}
+
 /// The ordered steps that take Observed to Desired.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Plan {
     pub steps: Vec<Step>,
+    /// What stops the plan from being carried out; nothing is changed while there are any.
+    pub conflicts: Vec<Conflict>,
 }
 
 impl Plan {
@@ -290,6 +354,7 @@ enum Action {
 /// is touched), then removal of undeclared containers (freeing their ports), volumes, then pod
 /// by pod: network, pause, dependents; undeclared networks last.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let desired = &*with_legacy_volumes(desired, observed);
     let mut steps = Vec::new();
 
     let missing: Vec<&ImageNeed> = desired
@@ -343,8 +408,10 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
 
     for v in &desired.volumes {
-        if !observed.volumes.contains(v) {
-            steps.push(Step::CreateVolume { name: v.clone() });
+        if !observed.volumes.contains(&v.name) {
+            steps.push(Step::CreateVolume {
+                name: v.name.clone(),
+            });
         }
     }
 
@@ -358,7 +425,73 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             steps.push(Step::RemoveNetwork { name: n.clone() });
         }
     }
-    Plan { steps }
+    Plan {
+        steps,
+        conflicts: conflicts(observed, desired),
+    }
+}
+
+/// `desired` with each volume that soul 0.1 made under its old name, and that has no
+/// new-named copy, mounted under the old name: the data it holds stays the stack's.
+pub fn with_legacy_volumes<'a>(desired: &'a Desired, observed: &Observed) -> Cow<'a, Desired> {
+    let legacy: BTreeMap<&str, &str> = desired
+        .volumes
+        .iter()
+        .filter(|v| !observed.volumes.contains(&v.name) && observed.volumes.contains(&v.legacy))
+        .map(|v| (v.name.as_str(), v.legacy.as_str()))
+        .collect();
+    if legacy.is_empty() {
+        return Cow::Borrowed(desired);
+    }
+    let mut d = desired.clone();
+    for v in &mut d.volumes {
+        if let Some(old) = legacy.get(v.name.as_str()) {
+            v.name = old.to_string();
+        }
+    }
+    for m in d
+        .pods
+        .iter_mut()
+        .flat_map(|p| &mut p.containers)
+        .flat_map(|c| &mut c.mounts)
+        .filter(|m| m.kind == MountKind::Volume)
+    {
+        if let Some(old) = legacy.get(m.source.as_str()) {
+            m.source = old.to_string();
+        }
+    }
+    Cow::Owned(d)
+}
+
+/// The names the plan would create that another owner holds, and missing external volumes.
+fn conflicts(observed: &Observed, desired: &Desired) -> Vec<Conflict> {
+    let needed: BTreeSet<(ObjectKind, &str)> = desired
+        .pods
+        .iter()
+        .flat_map(|p| {
+            p.containers
+                .iter()
+                .map(|c| (ObjectKind::Container, c.name.as_str()))
+                .chain([(ObjectKind::Network, p.network.as_str())])
+        })
+        .chain(
+            desired
+                .volumes
+                .iter()
+                .map(|v| (ObjectKind::Volume, v.name.as_str())),
+        )
+        .collect();
+    let foreign = observed
+        .foreign
+        .iter()
+        .filter(|f| needed.contains(&(f.kind, f.name.as_str())))
+        .map(|f| Conflict::Foreign(f.clone()));
+    let missing = desired
+        .external_volumes
+        .iter()
+        .filter(|v| !observed.external_volumes.contains(*v))
+        .map(|v| Conflict::MissingExternalVolume { name: v.clone() });
+    foreign.chain(missing).collect()
 }
 
 /// Writes every desired file whose bytes differ (or are unknown until rendered), then removes

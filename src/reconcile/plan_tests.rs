@@ -69,7 +69,8 @@ fn desired(pods: Vec<PodSpec>) -> Desired {
     Desired {
         stack: "home".into(),
         pods,
-        volumes: vec!["soul-home-data".into()],
+        volumes: vec![crate::pod::NamedVolume::declared("home", "data")],
+        external_volumes: vec![],
         images,
         files: vec![
             DesiredFile::bytes("stack.key", "stack key".into(), b"k".to_vec()),
@@ -180,12 +181,12 @@ fn from_nothing_creates_everything_in_order() {
             "pull image nginx:1 (for notes)",
             "write stack.key: stack key",
             "write pairing/a/notes.png: pairing QR (png) for a/notes",
-            "create volume soul-home-data",
-            "create network soul-home-notes",
-            "create container soul-home-notes-pause from soul:0 (missing)",
-            "start container soul-home-notes-pause (missing)",
-            "create container soul-home-notes-app from nginx:1 (missing)",
-            "start container soul-home-notes-app (missing)",
+            "create volume soul_home_data",
+            "create network soul_home_notes",
+            "create container soul_home_notes_pause from soul:0 (missing)",
+            "start container soul_home_notes_pause (missing)",
+            "create container soul_home_notes_app from nginx:1 (missing)",
+            "start container soul_home_notes_app (missing)",
         ]
     );
 }
@@ -214,9 +215,9 @@ fn situations() {
                 );
             },
             &[
-                "remove container soul-home-notes-app (config changed)",
-                "create container soul-home-notes-app from nginx:1 (config changed)",
-                "start container soul-home-notes-app (config changed)",
+                "remove container soul_home_notes_app (config changed)",
+                "create container soul_home_notes_app from nginx:1 (config changed)",
+                "start container soul_home_notes_app (config changed)",
             ],
         ),
         (
@@ -225,22 +226,22 @@ fn situations() {
                 d.pods[0].containers[0].ports[0].host = 9000;
             },
             &[
-                "remove container soul-home-notes-app (pod's pause container is new)",
-                "remove container soul-home-notes-pause (config changed)",
-                "create container soul-home-notes-pause from soul:0 (config changed)",
-                "start container soul-home-notes-pause (config changed)",
-                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-                "start container soul-home-notes-app (pod's pause container is new)",
+                "remove container soul_home_notes_app (pod's pause container is new)",
+                "remove container soul_home_notes_pause (config changed)",
+                "create container soul_home_notes_pause from soul:0 (config changed)",
+                "start container soul_home_notes_pause (config changed)",
+                "create container soul_home_notes_app from nginx:1 (pod's pause container is new)",
+                "start container soul_home_notes_app (pod's pause container is new)",
             ],
         ),
         (
             "app removed by hand: created again",
             |_, o| {
-                o.containers.retain(|c| c.name != "soul-home-notes-app");
+                o.containers.retain(|c| c.name != "soul_home_notes_app");
             },
             &[
-                "create container soul-home-notes-app from nginx:1 (missing)",
-                "start container soul-home-notes-app (missing)",
+                "create container soul_home_notes_app from nginx:1 (missing)",
+                "start container soul_home_notes_app (missing)",
             ],
         ),
         (
@@ -248,24 +249,24 @@ fn situations() {
             |_, o| {
                 o.containers
                     .iter_mut()
-                    .filter(|c| c.name == "soul-home-notes-app")
+                    .filter(|c| c.name == "soul_home_notes_app")
                     .for_each(|c| c.running = false);
             },
-            &["start container soul-home-notes-app (not running)"],
+            &["start container soul_home_notes_app (not running)"],
         ),
         (
             "pause stopped: started, and the app recreated into its new namespace",
             |_, o| {
                 o.containers
                     .iter_mut()
-                    .filter(|c| c.name == "soul-home-notes-pause")
+                    .filter(|c| c.name == "soul_home_notes_pause")
                     .for_each(|c| c.running = false);
             },
             &[
-                "remove container soul-home-notes-app (pod's pause container is new)",
-                "start container soul-home-notes-pause (not running)",
-                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-                "start container soul-home-notes-app (pod's pause container is new)",
+                "remove container soul_home_notes_app (pod's pause container is new)",
+                "start container soul_home_notes_pause (not running)",
+                "create container soul_home_notes_app from nginx:1 (pod's pause container is new)",
+                "start container soul_home_notes_app (pod's pause container is new)",
             ],
         ),
         (
@@ -274,9 +275,9 @@ fn situations() {
                 d.pods.pop();
             },
             &[
-                "remove container soul-home-wiki-pause (no longer declared)",
-                "remove container soul-home-wiki-app (no longer declared)",
-                "remove network soul-home-wiki",
+                "remove container soul_home_wiki_pause (no longer declared)",
+                "remove container soul_home_wiki_app (no longer declared)",
+                "remove network soul_home_wiki",
             ],
         ),
         (
@@ -286,36 +287,36 @@ fn situations() {
                 o.images.insert("soul:0".into(), "sha256:newsoul".into());
             },
             &[
-                "remove container soul-home-notes-app (image updated)",
-                "create container soul-home-notes-app from nginx:1 (image updated)",
-                "start container soul-home-notes-app (image updated)",
-                "remove container soul-home-wiki-app (image updated)",
-                "create container soul-home-wiki-app from nginx:1 (image updated)",
-                "start container soul-home-wiki-app (image updated)",
+                "remove container soul_home_notes_app (image updated)",
+                "create container soul_home_notes_app from nginx:1 (image updated)",
+                "start container soul_home_notes_app (image updated)",
+                "remove container soul_home_wiki_app (image updated)",
+                "create container soul_home_wiki_app from nginx:1 (image updated)",
+                "start container soul_home_wiki_app (image updated)",
             ],
         ),
         (
             "network removed by hand: recreated, and the pod with it",
             |_, o| {
-                o.networks.remove("soul-home-notes");
+                o.networks.remove("soul_home_notes");
             },
             &[
-                "create network soul-home-notes",
-                "remove container soul-home-notes-app (pod's pause container is new)",
-                "remove container soul-home-notes-pause (pod network is new)",
-                "create container soul-home-notes-pause from soul:0 (pod network is new)",
-                "start container soul-home-notes-pause (pod network is new)",
-                "create container soul-home-notes-app from nginx:1 (pod's pause container is new)",
-                "start container soul-home-notes-app (pod's pause container is new)",
+                "create network soul_home_notes",
+                "remove container soul_home_notes_app (pod's pause container is new)",
+                "remove container soul_home_notes_pause (pod network is new)",
+                "create container soul_home_notes_pause from soul:0 (pod network is new)",
+                "start container soul_home_notes_pause (pod network is new)",
+                "create container soul_home_notes_app from nginx:1 (pod's pause container is new)",
+                "start container soul_home_notes_app (pod's pause container is new)",
             ],
         ),
         (
             "a network name made twice by racing runs: the unused copy goes, nothing else",
             |_, o| {
                 o.duplicate_networks
-                    .push(("soul-home-notes".into(), "0123456789abcdef".into()));
+                    .push(("soul_home_notes".into(), "0123456789abcdef".into()));
             },
-            &["remove network 0123456789ab, an unused duplicate of soul-home-notes"],
+            &["remove network 0123456789ab, an unused duplicate of soul_home_notes"],
         ),
         (
             "a duplicate with a declared name is removed",
@@ -324,7 +325,7 @@ fn situations() {
                 c.id = "dup".into();
                 o.containers.push(c);
             },
-            &["remove container soul-home-notes-app (no longer declared)"],
+            &["remove container soul_home_notes_app (no longer declared)"],
         ),
     ];
     for (what, change, expect) in table {
@@ -438,4 +439,77 @@ proptest! {
         names.dedup();
         prop_assert_eq!(before, names.len());
     }
+}
+
+#[test]
+fn a_volume_soul_0_1_made_keeps_its_data_under_its_old_name() {
+    let mut d = desired(vec![pod("notes", 8443)]);
+    d.pods[0].containers[1].mounts.push(crate::pod::Mount {
+        kind: MountKind::Volume,
+        source: "soul_home_data".into(),
+        target: "/data".into(),
+        read_only: false,
+    });
+    // soul 0.1 made the volume under its old name (its containers go: their names changed).
+    let mut o = Observed {
+        volumes: BTreeSet::from(["soul-home-data".to_string()]),
+        ..Observed::default()
+    };
+    converge(&d, &mut o);
+    assert_eq!(
+        o.volumes,
+        BTreeSet::from(["soul-home-data".to_string()]),
+        "no new, empty volume"
+    );
+    let bound = with_legacy_volumes(&d, &o);
+    assert_eq!(
+        bound.pods[0].containers[1].mounts[0].source,
+        "soul-home-data"
+    );
+    assert!(plan(&d, &o).is_empty(), "{:?}", plan(&d, &o));
+    // Once the new name exists too, it is the one mounted.
+    o.volumes.insert("soul_home_data".into());
+    assert_eq!(
+        with_legacy_volumes(&d, &o).pods[0].containers[1].mounts[0].source,
+        "soul_home_data"
+    );
+}
+
+#[test]
+fn foreign_objects_with_a_needed_name_are_conflicts_not_adopted() {
+    let mut d = desired(vec![pod("notes", 8443)]);
+    d.external_volumes = vec!["compose_notes-data".into()];
+    let mut o = Observed {
+        foreign: vec![
+            Foreign {
+                kind: ObjectKind::Volume,
+                name: "soul_home_data".into(),
+                owner: None,
+            },
+            Foreign {
+                kind: ObjectKind::Network,
+                name: "soul_home_notes".into(),
+                owner: Some("other".into()),
+            },
+            // Not a name this stack needs: no conflict.
+            Foreign {
+                kind: ObjectKind::Container,
+                name: "unrelated".into(),
+                owner: None,
+            },
+        ],
+        ..Observed::default()
+    };
+    let p = plan(&d, &o);
+    let text: Vec<String> = p.conflicts.iter().map(|c| c.to_string()).collect();
+    assert_eq!(p.conflicts.len(), 3, "{text:#?}");
+    assert!(text[0].contains("external=#true"), "{}", text[0]);
+    assert!(text[1].contains("stack `other`"), "{}", text[1]);
+    assert!(
+        text[2].contains("docker volume create compose_notes-data"),
+        "{}",
+        text[2]
+    );
+    o.external_volumes.insert("compose_notes-data".into());
+    assert_eq!(plan(&d, &o).conflicts.len(), 2);
 }

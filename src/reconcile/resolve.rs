@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::pod::{
-    ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NetworkMode, PodSpec, PortMap, Role,
-    container_name, network_name, volume_name,
+    ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NamedVolume, NetworkMode, PodSpec,
+    PortMap, Role, container_name, network_name,
 };
 use crate::stack::{EnvSource, Health, Sidecar, Stack, parse_duration};
 use crate::transport::{self, PodContext};
@@ -117,6 +117,7 @@ pub fn resolve(
     let lan_ports = stack.lan_ports();
     let mut pods = Vec::new();
     let mut volumes = Vec::new();
+    let mut external_volumes = Vec::new();
     let mut images: Vec<ImageNeed> = Vec::new();
     let mut need =
         |reference: &str, sidecar: &str| match images.iter_mut().find(|n| n.reference == reference)
@@ -195,10 +196,16 @@ pub fn resolve(
             .map(|v| {
                 let (kind, source) = if v.is_bind() {
                     (MountKind::Bind, v.source.clone())
+                } else if v.external {
+                    if !external_volumes.contains(&v.source) {
+                        external_volumes.push(v.source.clone());
+                    }
+                    (MountKind::Volume, v.source.clone())
                 } else {
-                    let name = volume_name(&stack.stack, &v.source);
-                    if !volumes.contains(&name) {
-                        volumes.push(name.clone());
+                    let volume = NamedVolume::declared(&stack.stack, &v.source);
+                    let name = volume.name.clone();
+                    if !volumes.contains(&volume) {
+                        volumes.push(volume);
                     }
                     (MountKind::Volume, name)
                 };
@@ -263,6 +270,7 @@ pub fn resolve(
         stack: stack.stack.clone(),
         pods,
         volumes,
+        external_volumes,
         images,
         files,
     })
@@ -317,7 +325,7 @@ fn gate_container(
             // stays used.
             Mount {
                 kind: MountKind::Volume,
-                source: gate_volume(stack, sidecar),
+                source: gate_volume(stack, sidecar).name,
                 target: REDEEMED.into(),
                 read_only: false,
             },
@@ -346,8 +354,8 @@ fn gate_container(
 }
 
 /// The gate's own volume in a pod (its record of redeemed pairing links).
-fn gate_volume(stack: &Stack, sidecar: &Sidecar) -> String {
-    volume_name(&stack.stack, &format!("{}-gate", sidecar.name))
+fn gate_volume(stack: &Stack, sidecar: &Sidecar) -> NamedVolume {
+    NamedVolume::state(&stack.stack, &sidecar.name, "gate")
 }
 
 /// Secret files named by transports are checked at apply time (not at validate time, so a
@@ -540,7 +548,7 @@ sidecar "demo" {
         let d = resolve(&stack, &Fake, Path::new("/state")).expect("resolves");
         assert_eq!(d.pods.len(), 2);
         let notes = &d.pods[0];
-        assert_eq!(notes.network, "soul-home-notes");
+        assert_eq!(notes.network, "soul_home_notes");
         let (pause, app, gate) = (
             &notes.containers[0],
             &notes.containers[1],
@@ -569,7 +577,7 @@ sidecar "demo" {
         assert_eq!(gate.role, Role::Gate);
         assert_eq!(
             gate.network_mode,
-            NetworkMode::Container("soul-home-notes-pause".into())
+            NetworkMode::Container("soul_home_notes_pause".into())
         );
         let cmd = gate.command.clone().unwrap().join(" ");
         assert_eq!(
@@ -579,7 +587,7 @@ sidecar "demo" {
         assert_eq!(gate.mounts[0].source, "/state/gate");
         assert!(gate.mounts[0].read_only && gate.env.is_empty());
         // Redeemed pairing links are recorded on the gate's own volume, kept like app data.
-        assert_eq!(gate.mounts[1].source, "soul-home-notes-gate");
+        assert_eq!(gate.mounts[1].source, "soul-state_home_notes_gate");
         assert!(!gate.mounts[1].read_only);
         assert_eq!(
             gate.health.as_ref().unwrap().test[3],
@@ -588,17 +596,20 @@ sidecar "demo" {
         assert_eq!(d.pods[1].containers[0].ports[0].host, 8444);
         assert_eq!(
             app.network_mode,
-            NetworkMode::Container("soul-home-notes-pause".into())
+            NetworkMode::Container("soul_home_notes_pause".into())
         );
         assert_eq!(app.env["DB"].value, "s3cret");
         assert!(app.env["DB"].sensitive && app.env["API"].sensitive && !app.env["TZ"].sensitive);
-        assert_eq!(app.mounts[0].source, "soul-home-data");
+        assert_eq!(app.mounts[0].source, "soul_home_data");
         assert_eq!(
-            d.volumes,
+            d.volumes
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>(),
             [
-                "soul-home-data",
-                "soul-home-notes-gate",
-                "soul-home-demo-gate"
+                "soul_home_data",
+                "soul-state_home_notes_gate",
+                "soul-state_home_demo_gate"
             ]
         );
         assert_eq!(app.restart, "unless-stopped");
@@ -667,7 +678,7 @@ sidecar "demo" {
             Path::new("/s"),
         )
         .unwrap();
-        assert_eq!(d.pods[0].containers[3].name, "soul-h-x-tailscale");
+        assert_eq!(d.pods[0].containers[3].name, "soul_h_x_tailscale");
     }
 
     #[test]

@@ -450,7 +450,13 @@ fn defer_flapping(
             !held.contains(name)
         })
         .collect();
-    (Plan { steps }, until)
+    (
+        Plan {
+            steps,
+            conflicts: plan.conflicts,
+        },
+        until,
+    )
 }
 
 /// Watches the file's directory (editors replace files by renaming; `git checkout` deletes and
@@ -702,6 +708,7 @@ mod tests {
                 start("soul-h-a-app", Reason::Missing),
                 start("soul-h-b-app", Reason::Stopped),
             ],
+            conflicts: vec![],
         };
         let later = now + Duration::from_secs(4);
         let (kept, until) =

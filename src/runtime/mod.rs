@@ -19,7 +19,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use crate::pod::{ContainerSpec, MountKind, NetworkMode, label};
+use crate::pod::{ContainerSpec, MountKind, NetworkMode, ObjectKind, label};
 
 pub use image::{SOUL_BINARY_LABEL, binary_id, soul_rootfs};
 
@@ -240,6 +240,38 @@ impl Docker {
                 i.id.unwrap_or_default(),
                 i.config.and_then(|c| c.labels).unwrap_or_default(),
             ))),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The labels of the container, network or volume with exactly this name, if one exists,
+    /// whoever made it: soul checks a name is free (or its own) before creating anything.
+    pub async fn labels_of(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        let found = match kind {
+            ObjectKind::Container => self
+                .docker
+                .inspect_container(name, None)
+                .await
+                .map(|c| c.config.and_then(|c| c.labels).unwrap_or_default()),
+            // Looked up by the exact name: inspecting a network also matches ID prefixes.
+            ObjectKind::Network => self.docker.inspect_network(name, None).await.map(|n| {
+                if n.name.as_deref() == Some(name) {
+                    n.labels.unwrap_or_default()
+                } else {
+                    HashMap::new()
+                }
+            }),
+            ObjectKind::Volume => self.docker.inspect_volume(name).await.map(|v| v.labels),
+        };
+        match found {
+            Ok(labels) => Ok(Some(labels)),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),

@@ -98,7 +98,7 @@ const SIDECAR: &[Shape] = &[
     Shape {
         name: "volume",
         args: Args::Fields(&["source", "target"], 2),
-        props: &["read-only"],
+        props: &["read-only", "external"],
         children: &[],
         into: Place::Each("volumes"),
         example: "volume \"notes-data\" \"/data\"",

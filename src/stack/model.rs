@@ -119,6 +119,11 @@ pub struct Volume {
     pub target: String,
     #[serde(default)]
     pub read_only: bool,
+    /// `external=#true`: the source is an existing Docker volume that soul did not make (from
+    /// Compose, say). soul mounts it under exactly that name and never creates, labels or
+    /// removes it.
+    #[serde(default)]
+    pub external: bool,
 }
 
 impl Volume {

@@ -168,6 +168,18 @@ fn sidecar_details(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) 
             }
         }
         for (j, v) in s.volumes.iter().enumerate() {
+            if v.is_bind() && v.external {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/volumes/{j}/external")),
+                        format!(
+                            "`{}` is a host path: only a named volume can be external",
+                            v.source
+                        ),
+                    )
+                    .help("drop `external=#true`: host paths are always mounted as they are"),
+                );
+            }
             if !v.is_bind() && !is_volume_name(&v.source) {
                 problems.push(
                     Problem::new(spans.get(&format!("/sidecars/{i}/volumes/{j}/source")), format!("`{}` is neither a host path nor a volume name", v.source))

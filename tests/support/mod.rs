@@ -256,7 +256,7 @@ impl TestStack {
     }
 
     pub fn container(&self, sidecar: &str, role: &str) -> String {
-        format!("soul-{}-{sidecar}-{role}", self.name)
+        format!("soul_{}_{sidecar}_{role}", self.name)
     }
 
     /// The ID of a container, or None when it does not exist.
@@ -296,10 +296,13 @@ impl TestStack {
     /// Names of the networks or volumes carrying this stack's label.
     fn labelled(&self, kind: &str) -> Vec<String> {
         let filter = format!("label=dev.soul.stack={}", self.name);
-        docker(&[kind, "ls", "--filter", &filter, "--format", "{{.Name}}"])
-            .lines()
-            .map(String::from)
-            .collect()
+        let mut names: Vec<String> =
+            docker(&[kind, "ls", "--filter", &filter, "--format", "{{.Name}}"])
+                .lines()
+                .map(String::from)
+                .collect();
+        names.sort();
+        names
     }
 }
 
