@@ -140,7 +140,8 @@ soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
     /// in stack.kdl, keeping its comments and layout, then apply. Commit the edit.
     #[command(
         after_help = "Example:\n  soul rotate                    # new stack key: every device re-pairs\n  \
-soul rotate --device bob-laptop  # only bob-laptop's token changes"
+soul rotate --device bob-laptop  # only bob-laptop's token changes\n  \
+soul rotate --new-key            # the stack key was lost and cannot be restored: start over"
     )]
     Rotate(RotateArgs),
     /// The transports that reach the pods: their state and current addresses. Also runs as
@@ -379,8 +380,13 @@ pub enum PairFormat {
 #[derive(Debug, Args)]
 pub struct RotateArgs {
     /// Re-issue this device's token alone (bumps its `generation=`).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "new_key")]
     pub device: Option<String>,
+    /// Start over after the stack key was lost: what is left of the key and the device
+    /// registry is moved aside (`stack.key.lost-<time>`), a new key is made and every device
+    /// must scan a new pairing code. Without it, apply refuses to replace a lost key.
+    #[arg(long)]
+    pub new_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -465,6 +471,9 @@ impl CliError {
             ),
             _ if self.exit() == Exit::EngineUnreachable => Some(
                 "is the Docker daemon running? soul talks to DOCKER_HOST, or unix:///var/run/docker.sock when unset".into(),
+            ),
+            CliError::Pass(PassError::Pairing(reconcile::PairingError::KeyLost { .. })) => Some(
+                "soul will not make a new key by itself: every paired device would lose access. Restore stack.key from a backup into the state dir (the devices' tokens then keep working), or start over deliberately with `soul rotate --new-key` (every device scans a new pairing code)".into(),
             ),
             CliError::Stack(StackError::Read { .. }) => {
                 Some("pass the stack file with -f PATH (default ./stack.kdl)".into())
@@ -1505,6 +1514,16 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
         Some(d) => format!("device `{d}` generation"),
         None => "secret-generation".into(),
     };
+    if args.new_key {
+        let stack = stack::parse(&cli.file.display().to_string(), &bumped.source)
+            .map_err(StackError::Invalid)?;
+        for aside in state_dir(cli, &stack)?
+            .set_aside_lost_key(unix_now())
+            .map_err(|e| CliError::Io(format!("cannot move the lost stack key aside: {e}")))?
+        {
+            out(&format!("moved aside: {aside}\n"));
+        }
+    }
     out(&format!(
         "{}: {what} {} → {} (commit this edit)\n",
         cli.file.display(),

@@ -176,6 +176,23 @@ impl StateDir {
         out
     }
 
+    /// Starting over after the stack key was lost: moves what is left of the key and the
+    /// device registry aside (`<file>.lost-<unix time>`, never deleted), so the next apply
+    /// makes a first key and pairs every device anew. Returns the names moved.
+    pub fn set_aside_lost_key(&self, now: u64) -> std::io::Result<Vec<String>> {
+        let mut moved = Vec::new();
+        for f in [KEY_FILE, REGISTRY_FILE] {
+            let aside = format!("{f}.lost-{now}");
+            match std::fs::rename(self.path.join(f), self.path.join(&aside)) {
+                Ok(()) => moved.push(aside),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        File::open(&self.path)?.sync_all()?;
+        Ok(moved)
+    }
+
     /// The stack key, or why it cannot be used (missing or unreadable: both are drift).
     pub fn read_key(&self) -> Result<StackKey, KeyProblem> {
         match self.read(KEY_FILE) {

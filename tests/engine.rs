@@ -568,7 +568,7 @@ fn stacks_whose_dashed_names_once_collided_keep_apart() {
 #[test]
 fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopted() {
     ensure_images();
-    let s = TestStack::new("foreign");
+    let s = TestStack::new("unlabelled");
     let lan = free_port();
     s.write(&with_volume(lan, "web", "data", false));
     let volume = format!("soul_{}_data", s.name);

@@ -212,21 +212,60 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     std::fs::write(s.state().join("tokens/alice-phone.jwt"), "garbage").unwrap();
     s.apply();
     assert_eq!(s.token("alice-phone"), good);
+}
 
-    // Delete the key: a new key; every token changes; old tokens fail verification.
-    let old: Vec<String> = ["alice-phone", "bob-laptop", "tablet"]
-        .iter()
-        .map(|d| s.token(d))
-        .collect();
-    std::fs::remove_file(s.state().join("stack.key")).unwrap();
-    let o = s.soul(&["apply", "-v"]);
+#[test]
+fn a_lost_stack_key_stops_apply_instead_of_locking_out_every_device() {
+    ensure_images();
+    let s = TestStack::new("lostkey");
+    s.write(&stack_kdl(DEVICES, 1));
+    s.apply();
+    let devices = ["alice-phone", "bob-laptop", "tablet"];
+    let old: Vec<String> = devices.iter().map(|d| s.token(d)).collect();
+    let key = s.state().join("stack.key");
+    let backup = std::fs::read(&key).unwrap();
+
+    // Deleted, emptied, truncated or corrupt: apply and plan stop, and say what to do.
+    for (what, damage) in [
+        ("deleted", None),
+        ("empty", Some(Vec::new())),
+        ("truncated", Some(backup[..backup.len() / 2].to_vec())),
+        ("corrupt", Some(b"not a key".to_vec())),
+    ] {
+        match damage {
+            None => std::fs::remove_file(&key).unwrap(),
+            Some(bytes) => std::fs::write(&key, bytes).unwrap(),
+        }
+        for cmd in ["apply", "plan"] {
+            let o = s.soul(&[cmd]);
+            assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("3 paired device(s)"), "{what}: {err}");
+            assert!(err.contains("soul rotate --new-key"), "{what}: {err}");
+        }
+        // Nothing was re-keyed: the tokens in the state dir are the old ones.
+        assert_eq!(s.token("tablet"), old[2], "{what}");
+    }
+
+    // Restored from the backup: the same tokens keep working.
+    std::fs::write(&key, &backup).unwrap();
+    s.apply();
+    for (d, old_token) in devices.iter().zip(&old) {
+        assert_eq!(&s.token(d), old_token);
+        assert!(check(&s, old_token).is_ok());
+    }
+
+    // Starting over is deliberate: a new key, every token re-issued, the old ones refused, and
+    // the lost files kept aside.
+    std::fs::write(&key, "not a key").unwrap();
+    let o = s.soul(&["rotate", "--new-key"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("stack key of"),
-        "a warning is logged: {}",
+        String::from_utf8_lossy(&o.stdout).contains("stack.key.lost-"),
+        "{}",
         text(&o)
     );
-    for (d, old_token) in ["alice-phone", "bob-laptop", "tablet"].iter().zip(&old) {
+    for (d, old_token) in devices.iter().zip(&old) {
         let new = s.token(d);
         assert_ne!(&new, old_token);
         assert!(check(&s, &new).is_ok());
@@ -238,10 +277,6 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
             std::fs::read_to_string(s.state().join(format!("pairing/{d}/notes.uri"))).unwrap();
         assert!(uri.ends_with(&new), "{d}'s QR was not re-issued");
     }
-    // An unreadable key is drift too.
-    std::fs::write(s.state().join("stack.key"), "not a key").unwrap();
-    s.apply();
-    assert!(check(&s, &s.token("tablet")).is_ok());
 }
 
 #[test]

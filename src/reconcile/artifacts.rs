@@ -32,8 +32,19 @@ pub enum KeyChange {
     First,
     /// `secret-generation` was bumped.
     Rotated { from: u64, to: u64 },
-    /// The stored key is gone or unreadable: drift, repaired by a new key.
+    /// The stored key is gone or unreadable and no device was paired with it.
     Replaced(String),
+}
+
+/// Why the state dir's files cannot be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum PairingError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The stack key is gone or unreadable while devices hold tokens it signed: a new key would
+    /// lock every one of them out, so soul does not make one by itself.
+    #[error("the stack key is {why}, and {devices} paired device(s) hold tokens signed with it")]
+    KeyLost { why: String, devices: usize },
 }
 
 /// The desired state dir.
@@ -46,18 +57,30 @@ pub struct Pairing {
 }
 
 /// Computes every file the state dir should hold.
-pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, TokenError> {
+pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, PairingError> {
+    let devices = inputs.registry.devices.len();
     let key_change = match &inputs.key {
         Ok(k) if k.generation == stack.secret_generation => None,
         Ok(k) => Some(KeyChange::Rotated {
             from: k.generation,
             to: stack.secret_generation,
         }),
-        Err(KeyProblem::Missing) if inputs.registry.devices.is_empty() => Some(KeyChange::First),
-        Err(KeyProblem::Missing) => Some(KeyChange::Replaced("the stored key is missing".into())),
-        Err(KeyProblem::Unreadable(why)) => Some(KeyChange::Replaced(format!(
+        Err(KeyProblem::Missing) if devices == 0 => Some(KeyChange::First),
+        Err(KeyProblem::Unreadable(why)) if devices == 0 => Some(KeyChange::Replaced(format!(
             "the stored key is unreadable ({why})"
         ))),
+        Err(KeyProblem::Missing) => {
+            return Err(PairingError::KeyLost {
+                why: "missing".into(),
+                devices,
+            });
+        }
+        Err(KeyProblem::Unreadable(why)) => {
+            return Err(PairingError::KeyLost {
+                why: format!("unreadable ({why})"),
+                devices,
+            });
+        }
     };
     let key = match inputs.key {
         Ok(k) if key_change.is_none() => k,
@@ -289,5 +312,31 @@ mod tests {
         rotated.registry = p.registry.clone();
         let r = desired_files(&s, rotated).unwrap();
         assert_eq!(r.key_change, Some(KeyChange::Rotated { from: 1, to: 2 }));
+    }
+
+    #[test]
+    fn a_lost_key_with_paired_devices_is_an_error_not_a_new_key() {
+        let s = parse(
+            "s",
+            "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\"\n",
+        )
+        .unwrap();
+        let paired = desired_files(&s, inputs(vec![vec![]])).unwrap().registry;
+        for problem in [
+            KeyProblem::Missing,
+            KeyProblem::Unreadable("not a soul stack key".into()),
+        ] {
+            let mut lost = inputs(vec![vec![]]);
+            lost.key = Err(problem.clone());
+            lost.registry = paired.clone();
+            assert!(matches!(
+                desired_files(&s, lost),
+                Err(PairingError::KeyLost { devices: 1, .. })
+            ));
+            // With no device paired yet, nothing is lost: a key is made.
+            let mut fresh = inputs(vec![vec![]]);
+            fresh.key = Err(problem);
+            assert!(desired_files(&s, fresh).is_ok());
+        }
     }
 }

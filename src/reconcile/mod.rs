@@ -10,7 +10,7 @@ mod plan;
 mod resolve;
 mod watch;
 
-pub use artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
+pub use artifacts::{KeyChange, Pairing, PairingError, PairingInputs, desired_files};
 pub use backoff::{Backoff, FlapTracker, jitter};
 pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};

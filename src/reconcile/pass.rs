@@ -21,7 +21,7 @@ pub enum PassError {
     #[error(transparent)]
     Execute(#[from] ExecuteError),
     #[error(transparent)]
-    Token(#[from] crate::pairing::TokenError),
+    Pairing(#[from] super::artifacts::PairingError),
     /// The machine could not give soul a random key.
     #[error("cannot generate a key: {0}")]
     Key(std::io::Error),
