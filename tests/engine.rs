@@ -672,3 +672,53 @@ impl Drop for Cleanup {
         }
     }
 }
+
+#[test]
+fn inputs_docker_would_refuse_stop_plan_and_apply_before_any_change() {
+    ensure_images();
+    let s = TestStack::new("preflight");
+    let lan = free_port();
+    let big = s.dir.join("big-secret");
+    std::fs::write(&big, vec![b'x'; 100 * 1024 * 1024]).unwrap();
+    // Another program holds the LAN port.
+    let holder = std::net::TcpListener::bind(("0.0.0.0", lan)).unwrap();
+    let sidecar = |extra: &str| {
+        format!(
+            "stack \"{{stack}}\"\nsidecar \"web\" {{\n    image \"{NGINX}\"\n    port 80\n{extra}}}\ntransport {{\n    lan port={lan}\n}}\ndevice \"tester\"\n"
+        )
+    };
+    let cases = [
+        (
+            "LAN port in use",
+            sidecar(""),
+            format!("LAN port {lan} of sidecar `web` is already in use"),
+        ),
+        (
+            "missing bind path",
+            sidecar("    volume \"/nonexistent/soul-test\" \"/data\"\n"),
+            "volume `/nonexistent/soul-test`: no such path".to_string(),
+        ),
+        (
+            "100 MB env file",
+            sidecar(&format!("    env \"BIG\" file=\"{}\"\n", big.display())),
+            "larger than 64 KiB".to_string(),
+        ),
+    ];
+    for (what, kdl, expected) in cases {
+        s.write(&kdl);
+        for cmd in ["plan", "apply"] {
+            let o = s.soul(&[cmd]);
+            assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(&expected), "{what} / {cmd}: {err}");
+        }
+        assert!(
+            s.containers().is_empty(),
+            "{what}: apply created containers"
+        );
+        assert!(s.networks().is_empty(), "{what}: apply created a network");
+    }
+    drop(holder);
+    s.write(&sidecar(""));
+    s.apply();
+}

@@ -20,7 +20,13 @@ pub async fn observe(
     state: &StateDir,
 ) -> Result<Observed, RuntimeError> {
     let snapshot = docker.snapshot(&desired.stack).await?;
+    let held: BTreeSet<u16> = snapshot
+        .containers
+        .iter()
+        .flat_map(|c| c.host_ports.iter().copied())
+        .collect();
     let mut observed = from_snapshot(snapshot);
+    observed.ports_in_use = ports_taken_by_others(desired, &held);
     observed.files = state.file_hashes();
     observe_names(docker, desired, &mut observed).await?;
     let this_binary = runtime::binary_id().ok();
@@ -84,6 +90,28 @@ async fn observe_names(
     Ok(())
 }
 
+/// The LAN ports the pods publish that another program on this machine already holds (Docker
+/// would fail to start the pod half-way). Only a local engine publishes on this machine's
+/// ports, so only then are they checked; ports this stack's containers hold are its own.
+fn ports_taken_by_others(desired: &Desired, held: &BTreeSet<u16>) -> BTreeSet<u16> {
+    let local = std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://"));
+    if !local {
+        return BTreeSet::new();
+    }
+    desired
+        .pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .flat_map(|c| &c.ports)
+        .map(|p| p.host)
+        .filter(|port| !held.contains(port))
+        .filter(|port| {
+            std::net::TcpListener::bind(("0.0.0.0", *port))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+        })
+        .collect()
+}
+
 /// The containers, networks and volumes of a snapshot, without images.
 pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
     Observed {
@@ -108,6 +136,7 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
         volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
         external_volumes: Default::default(),
         foreign: Vec::new(),
+        ports_in_use: BTreeSet::new(),
         images: Default::default(),
         files: Default::default(),
     }

@@ -120,6 +120,8 @@ pub struct Observed {
     pub external_volumes: BTreeSet<String>,
     /// Objects that have a name this stack needs but are not this stack's.
     pub foreign: Vec<Foreign>,
+    /// Host ports the pods publish that another program already holds.
+    pub ports_in_use: BTreeSet<u16>,
     /// Desired image references present (and, for soul's image, current) → image ID.
     pub images: BTreeMap<String, String>,
     /// SHA-256 of the state dir's managed files, by path relative to it.
@@ -288,6 +290,8 @@ pub enum Conflict {
     Foreign(Foreign),
     /// An `external=#true` volume does not exist.
     MissingExternalVolume { name: String },
+    /// A LAN port the pod publishes is held by another program on this machine.
+    PortInUse { port: u16, sidecar: String },
 }
 
 impl fmt::Display for Conflict {
@@ -316,6 +320,10 @@ impl fmt::Display for Conflict {
             }) => write!(
                 f,
                 "{kind} `{name}` exists but soul did not make it: rename or remove it (`docker {kind} rm {name}`); soul never adopts or removes what it did not make"
+            ),
+            Conflict::PortInUse { port, sidecar } => write!(
+                f,
+                "LAN port {port} of sidecar `{sidecar}` is already in use on this machine by another program: stop it, or choose a free port with `lan port=` (or the sidecar's `lan-port`)"
             ),
             Conflict::MissingExternalVolume { name } => write!(
                 f,
@@ -491,7 +499,17 @@ fn conflicts(observed: &Observed, desired: &Desired) -> Vec<Conflict> {
         .iter()
         .filter(|v| !observed.external_volumes.contains(*v))
         .map(|v| Conflict::MissingExternalVolume { name: v.clone() });
-    foreign.chain(missing).collect()
+    let ports = desired.pods.iter().flat_map(|p| {
+        p.containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter(|port| observed.ports_in_use.contains(&port.host))
+            .map(|port| Conflict::PortInUse {
+                port: port.host,
+                sidecar: p.sidecar.clone(),
+            })
+    });
+    foreign.chain(missing).chain(ports).collect()
 }
 
 /// Writes every desired file whose bytes differ (or are unknown until rendered), then removes

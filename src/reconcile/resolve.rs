@@ -29,9 +29,27 @@ pub trait Machine {
 /// The real machine.
 pub struct Host;
 
+/// The largest file an `env … file=` may name: a secret, not a data set (a process's
+/// environment could not carry much more; mount large files as a volume).
+pub const MAX_ENV_FILE_BYTES: u64 = 64 * 1024;
+
 impl Machine for Host {
     fn read_file(&self, path: &str) -> std::io::Result<String> {
-        std::fs::read_to_string(path)
+        use std::io::Read;
+        let file = std::fs::File::open(path)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_ENV_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_ENV_FILE_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "larger than {} KiB: an environment variable carries a secret, not a file (mount large files with `volume`)",
+                    MAX_ENV_FILE_BYTES / 1024
+                ),
+            ));
+        }
+        String::from_utf8(bytes)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
     }
     fn env_var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
@@ -91,6 +109,16 @@ pub enum ResolveError {
     /// A kernel-mode overlay needs /dev/net/tun, which the machine lacks.
     #[error("transport `{node}` needs /dev/net/tun, and this machine has none; {fix}")]
     NoTun { node: String, fix: String },
+    /// An env value read from a file or soul's environment holds a NUL byte.
+    #[error(
+        "sidecar `{sidecar}`, env `{env}`: the value holds a NUL byte, which no process environment can carry; fix the file or variable it comes from"
+    )]
+    EnvNul { sidecar: String, env: String },
+    /// A bind mount names a host path this machine lacks (Docker would refuse the container).
+    #[error(
+        "sidecar `{sidecar}`, volume `{path}`: no such path on this machine; create it (`mkdir -p {path}`) or fix the path in stack.kdl"
+    )]
+    BindSource { sidecar: String, path: PathBuf },
     /// An `env … from-env=` names a variable soul's environment lacks.
     #[error(
         "sidecar `{sidecar}`, env `{env}`: soul's environment has no `{var}`; export it before running soul, or use file="
@@ -190,6 +218,16 @@ pub fn resolve(
         };
         need(&pause.image, &sidecar.name);
 
+        if let Some(v) = sidecar
+            .volumes
+            .iter()
+            .find(|v| v.is_bind() && !machine.exists(&v.source))
+        {
+            return Err(ResolveError::BindSource {
+                sidecar: sidecar.name.clone(),
+                path: v.source.clone().into(),
+            });
+        }
         let mounts: Vec<Mount> = sidecar
             .volumes
             .iter()
@@ -462,6 +500,12 @@ fn env_of(
                 sensitive: true,
             },
         };
+        if value.value.contains('\0') {
+            return Err(ResolveError::EnvNul {
+                sidecar: sidecar.name.clone(),
+                env: e.name.clone(),
+            });
+        }
         env.insert(e.name.clone(), value);
     }
     Ok(env)

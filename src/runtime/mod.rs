@@ -74,6 +74,8 @@ pub struct ContainerInfo {
     pub health: Option<String>,
     pub image: String,
     pub image_id: String,
+    /// The host ports it publishes (while it runs).
+    pub host_ports: Vec<u16>,
 }
 
 /// Everything on the engine that carries one stack's label.
@@ -148,6 +150,12 @@ impl Docker {
                     health: health_of_status(&status),
                     image: c.image.unwrap_or_default(),
                     image_id: c.image_id.unwrap_or_default(),
+                    host_ports: c
+                        .ports
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|p| p.public_port)
+                        .collect(),
                 }
             })
             .collect();

@@ -84,13 +84,34 @@ pub fn parse(path: &str, source: &str) -> Result<Stack, Diagnostics> {
     }
 }
 
+/// The KDL parser's own stack.
+const PARSER_STACK: usize = 64 * 1024 * 1024;
+
 /// KDL's syntax tree of `source`, once its nesting is known to be within [`MAX_NESTING`] (the
 /// parser recurses, and would overflow the stack on a file of nothing but `{`).
 fn document(source: &str) -> Result<KdlDocument, Vec<Problem>> {
     if let Some(p) = source::too_deep(source) {
         return Err(vec![p]);
     }
-    KdlDocument::parse_v2(source).map_err(|e| {
+    // The parser recurses: give it a stack of its own, roomier than a tokio worker's or a test
+    // thread's 2 MiB, so what the nesting bound lets through always fits.
+    let parsed = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("kdl-parse".into())
+            .stack_size(PARSER_STACK)
+            .spawn_scoped(scope, || KdlDocument::parse_v2(source))
+            .map(|t| t.join())
+    });
+    let parsed = match parsed {
+        Ok(Ok(parsed)) => parsed,
+        _ => {
+            return Err(vec![
+                Problem::new(Span::default(), "the KDL parser failed on this file")
+                    .help("this is a bug in soul; please report it with the file"),
+            ]);
+        }
+    };
+    parsed.map_err(|e| {
         e.diagnostics
             .iter()
             .map(|d| {

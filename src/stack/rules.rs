@@ -2,6 +2,7 @@
 //! clashes, transports that `order` names, one value source per env, durations.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::diagnostic::Problem;
 use super::lower::SpanMap;
@@ -14,6 +15,7 @@ pub fn check(stack: &Stack, spans: &SpanMap) -> Vec<Problem> {
     ports(stack, spans, &mut problems);
     transports(stack, spans, &mut problems);
     sidecar_details(stack, spans, &mut problems);
+    what_docker_refuses(stack, spans, &mut problems);
     durations(stack, spans, &mut problems);
     problems
 }
@@ -220,7 +222,106 @@ fn is_volume_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
+/// The longest volume name stack.kdl may give (Docker's limit less soul's prefix).
+pub const MAX_VOLUME_NAME: usize = 128;
+
+/// What Docker would refuse after soul had already changed something: caught here, where it is
+/// a property of the file.
+fn what_docker_refuses(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        for (j, e) in s.env.iter().enumerate() {
+            for (field, text) in [("name", Some(&e.name)), ("value", e.value.as_ref())] {
+                if text.is_some_and(|t| t.contains('\0')) {
+                    problems.push(
+                        Problem::new(spans.get(&format!("/sidecars/{i}/env/{j}/{field}")), format!("env `{}` holds a NUL character, which no process environment can carry", e.name.replace('\0', "\\0")))
+                            .help("remove the \\u{0} escape"),
+                    );
+                }
+            }
+        }
+        for (j, arg) in s.command.iter().flatten().enumerate() {
+            if arg.contains('\0') {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/command/{j}")),
+                        "a command argument holds a NUL character, which no process can receive",
+                    )
+                    .help("remove the \\u{0} escape"),
+                );
+            }
+        }
+        let mut targets: HashMap<&str, usize> = HashMap::new();
+        for (j, v) in s.volumes.iter().enumerate() {
+            let target = v.target.trim_end_matches('/');
+            if target.is_empty() {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/volumes/{j}/target")),
+                        "a volume cannot be mounted over `/`, the container's whole filesystem",
+                    )
+                    .help("mount it on a directory such as \"/data\""),
+                );
+            } else if let Some(first) = targets.insert(target, j) {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/volumes/{j}/target")),
+                        format!(
+                            "two volumes of sidecar `{}` are mounted at `{}`",
+                            s.name, v.target
+                        ),
+                    )
+                    .label("second mount here")
+                    .help(format!(
+                        "give each volume its own target (the first is volume #{})",
+                        first + 1
+                    )),
+                );
+            }
+            if !v.is_bind() && v.source.chars().count() > MAX_VOLUME_NAME {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/volumes/{j}/source")),
+                        format!("volume names are at most {MAX_VOLUME_NAME} characters"),
+                    )
+                    .help("choose a shorter name"),
+                );
+            }
+            if v.source.contains('\0') || v.target.contains('\0') {
+                problems.push(
+                    Problem::new(
+                        spans.get(&format!("/sidecars/{i}/volumes/{j}")),
+                        "a volume path holds a NUL character",
+                    )
+                    .help("remove the \\u{0} escape"),
+                );
+            }
+        }
+    }
+}
+
+/// Health check timing Docker accepts: 0 or at least 1 ms, and (as nanoseconds) within an i64;
+/// soul asks for at most a day, which no health check needs more than.
+const HEALTH_TIMING: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(86_400));
+
 fn durations(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    for (i, s) in stack.sidecars.iter().enumerate() {
+        let Some(h) = &s.health else { continue };
+        for (field, value) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+            let (min, max) = HEALTH_TIMING;
+            if let Some(d) = value.as_deref().and_then(parse_duration)
+                && !(min..=max).contains(&d)
+            {
+                problems.push(
+                    Problem::new(spans.get(&format!("/sidecars/{i}/health/{field}")), format!("health `{field}` must be between 1ms and 24h"))
+                        .help("a health check runs every few seconds: try interval=\"10s\" timeout=\"2s\""),
+                );
+            }
+        }
+    }
+    duration_syntax(stack, spans, problems);
+}
+
+fn duration_syntax(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
     let mut check = |pointer: String, value: &Option<String>| {
         if let Some(v) = value
             && parse_duration(v).is_none()

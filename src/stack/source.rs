@@ -143,9 +143,11 @@ pub fn too_deep(source: &str) -> Option<Problem> {
 
 /// The offset just past the string starting with the `"` at `start`: a raw string when
 /// `hashes > 0` (no escapes; ends at `"` followed by as many `#`), else a quoted one (with
-/// `\` escapes). Multi-line `"""` strings end at `"""` (and their hashes).
+/// `\` escapes). A multi-line string opens with `"""` and a newline, as KDL 2 requires, and
+/// ends at `"""` (and its hashes); `"""` without the newline is `""` and another string.
 fn skip_string(b: &[u8], start: usize, hashes: usize) -> usize {
-    let triple = b[start..].starts_with(b"\"\"\"");
+    let triple =
+        b[start..].starts_with(b"\"\"\"") && matches!(b.get(start + 3), Some(b'\n' | b'\r'));
     let quote: &[u8] = if triple { b"\"\"\"" } else { b"\"" };
     let mut i = start + quote.len();
     while i < b.len() {
