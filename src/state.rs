@@ -23,6 +23,9 @@ pub const ADDRESSES_FILE: &str = "addresses.json";
 /// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass
 /// need not render anything to know the files are right.
 pub const RENDER_INDEX_FILE: &str = "renders.json";
+/// A random name for this state dir, made with it: a state dir deleted and made anew gets
+/// another, so containers that bind-mount the old one (the gate) are recreated.
+pub const STATE_ID_FILE: &str = "state.id";
 /// Directories whose files soul owns entirely: anything there that is not desired goes.
 pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", "gate"];
 
@@ -43,6 +46,12 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// Another `soul watch` already keeps this stack.
+    #[error(
+        "soul watch already keeps the stack of state dir {path}{}: two watches would fight over it; stop that one first",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    WatchRunning { path: PathBuf, pid: Option<u32> },
 }
 
 /// The default state dir: `/var/lib/soul/<stack>` as root, `$XDG_STATE_HOME/soul/<stack>`
@@ -83,9 +92,17 @@ impl StateDir {
         };
         std::fs::create_dir_all(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        Ok(StateDir {
+        let state = StateDir {
             path: path.to_path_buf(),
-        })
+        };
+        if !path.join(STATE_ID_FILE).exists() {
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+            state
+                .write(STATE_ID_FILE, format!("{}\n", hex(&id)).as_bytes())
+                .map_err(err)?;
+        }
+        Ok(state)
     }
 
     pub fn path(&self) -> &Path {
@@ -229,7 +246,34 @@ impl StateDir {
     /// Takes the stack's lock. When another process holds it, `on_wait` is told its pid and
     /// this call waits until the lock is released.
     pub fn lock(&self, on_wait: impl FnOnce(Option<u32>)) -> Result<Lock, StateError> {
-        let path = self.path.join("lock");
+        self.take_lock("lock", |file, holder, path| {
+            on_wait(holder);
+            file.lock().map_err(|source| StateError::Lock {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+    }
+
+    /// Takes the lock only one `soul watch` of the stack may hold, for as long as it runs; a
+    /// second watch is refused, naming the first.
+    pub fn watch_lock(&self) -> Result<Lock, StateError> {
+        self.take_lock("watch.lock", |_, pid, _| {
+            Err(StateError::WatchRunning {
+                path: self.path.clone(),
+                pid,
+            })
+        })
+    }
+
+    /// Opens lock file `name` and takes it; when another process holds it, `held` is given
+    /// the file and the holder's pid and decides (wait for it, or fail).
+    fn take_lock(
+        &self,
+        name: &str,
+        held: impl FnOnce(&File, Option<u32>, &Path) -> Result<(), StateError>,
+    ) -> Result<Lock, StateError> {
+        let path = self.path.join(name);
         let err = |source| StateError::Lock {
             path: path.clone(),
             source,
@@ -247,8 +291,7 @@ impl StateDir {
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                on_wait(holder.trim().parse().ok());
-                file.lock().map_err(err)?;
+                held(&file, holder.trim().parse().ok(), &path)?;
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
         }

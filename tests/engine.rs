@@ -722,3 +722,34 @@ fn inputs_docker_would_refuse_stop_plan_and_apply_before_any_change() {
     s.write(&sidecar(""));
     s.apply();
 }
+
+#[test]
+fn a_deleted_state_dir_is_served_anew_by_the_gate() {
+    ensure_images();
+    let s = TestStack::new("rmstate");
+    let lan = free_port();
+    s.write(&with_volume(lan, "web", "data", false));
+    s.apply();
+    let old = s.token("tester");
+    let answer = |token: &str| http_get_as(lan, "/", token, Duration::from_secs(5)).map(|(c, _)| c);
+    assert_eq!(answer(&old), Some(200));
+    // The gate bind-mounted the old directory: once it is gone, plan reports the drift, and
+    // apply recreates the gate on the new one.
+    std::fs::remove_dir_all(s.state()).unwrap();
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    s.apply();
+    let new = s.token("tester");
+    assert_ne!(new, old);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while answer(&new) != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token is refused"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One try: refused tries in a row are rate-limited (429).
+    let once = http_get_as(lan, "/", &old, Duration::ZERO).map(|(c, _)| c);
+    assert_eq!(once, Some(401), "the old token still gets in");
+}

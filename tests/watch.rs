@@ -341,6 +341,72 @@ fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
 }
 
 #[test]
+fn apply_killed_at_any_instant_then_the_very_next_apply_converges() {
+    ensure_images();
+    let s = TestStack::new("akill");
+    let lan = free_port();
+    s.write(&kdl(lan, "a", 2));
+    // Each round changes the greeting (the apps are recreated) and kills apply part-way: before
+    // it starts, between its steps, right after a create request it sent. The next apply
+    // must succeed at once (it once failed with 409: the killed create was still finishing).
+    for (round, delay_ms) in [0u64, 20, 60, 120, 200, 300, 450, 650, 900, 1200]
+        .into_iter()
+        .enumerate()
+    {
+        let greeting_now = format!("a{round}");
+        s.write(&kdl(lan, &greeting_now, 2));
+        let mut apply = s
+            .command(&["apply"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = apply.kill(); // SIGKILL
+        apply.wait().unwrap();
+        let o = s.soul(&["apply"]);
+        assert!(
+            o.status.success(),
+            "round {round} (killed after {delay_ms} ms): {}",
+            text(&o)
+        );
+        let o = s.soul(&["plan", "--detailed-exitcode"]);
+        assert_eq!(o.status.code(), Some(0), "round {round}: {}", text(&o));
+        wait_for("the new greeting", Duration::from_secs(20), || {
+            (0..2).all(|i| greeting(&s, lan + i).as_deref() == Some(greeting_now.as_str()))
+        });
+    }
+}
+
+#[test]
+fn a_second_watch_of_the_same_stack_refuses_to_start() {
+    ensure_images();
+    let s = TestStack::new("wtwice");
+    let lan = free_port();
+    s.write(&kdl(lan, "one", 1));
+    let w = Watch::start(&s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(&s, lan).as_deref() == Some("one")
+    });
+    let o = run(std::process::Command::new("timeout")
+        .arg("20")
+        .arg(SOUL)
+        .args([
+            "-f",
+            s.file().to_str().unwrap(),
+            "--state-dir",
+            s.state().to_str().unwrap(),
+            "watch",
+        ]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("soul watch already keeps") && err.contains(&format!("pid {}", w.child.id())),
+        "{err}"
+    );
+}
+
+#[test]
 fn kill_9_mid_pass_then_restart_converges_without_duplicates() {
     ensure_images();
     let s = TestStack::new("wkill");

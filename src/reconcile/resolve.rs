@@ -275,7 +275,7 @@ pub fn resolve(
             devices: vec![],
         };
         need(&app.image, &sidecar.name);
-        let gate = gate_container(stack, sidecar, &soul, &state_dir);
+        let gate = gate_container(stack, sidecar, &soul, &state_dir, machine);
         let gate_state = gate_volume(stack, sidecar);
         if !volumes.contains(&gate_state) {
             volumes.push(gate_state);
@@ -323,10 +323,20 @@ fn gate_container(
     sidecar: &Sidecar,
     soul: &SoulImage,
     state_dir: &Path,
+    machine: &dyn Machine,
 ) -> ContainerSpec {
     const KEYS: &str = "/gate";
     const REDEEMED: &str = "/redeemed";
     let port = stack.gate.port;
+    // The gate bind-mounts the state dir: one deleted and made anew (another id) is a new
+    // mount source, and the gate must be recreated to see it.
+    let state_id = machine
+        .read_file(
+            &state_dir
+                .join(crate::state::STATE_ID_FILE)
+                .to_string_lossy(),
+        )
+        .unwrap_or_default();
     ContainerSpec {
         name: container_name(&stack.stack, &sidecar.name, Role::Gate),
         stack: stack.stack.clone(),
@@ -348,7 +358,19 @@ fn gate_container(
             "--redeemed".into(),
             REDEEMED.into(),
         ]),
-        env: BTreeMap::new(),
+        env: Some(state_id.trim())
+            .filter(|id| !id.is_empty())
+            .map(|id| {
+                (
+                    "SOUL_STATE_ID".to_string(),
+                    EnvValue {
+                        value: id.into(),
+                        sensitive: false,
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
         mounts: vec![
             Mount {
                 kind: MountKind::Bind,

@@ -220,6 +220,8 @@ pub async fn watch(
             (good, state)
         }
     };
+    // One watch per stack: a second would take turns with the first, each undoing the other.
+    let _watching = state.watch_lock()?;
     state.clean_temp_files();
     let mut config = Config {
         file: opts.file.clone(),

@@ -363,14 +363,40 @@ impl Docker {
         Ok(())
     }
 
+    /// Creates a container. When the name is taken by a container of the same stack that the
+    /// plan did not see (a create or removal by a run killed mid-call, finished by the engine
+    /// after this run looked), that leftover is removed and the create retried; a name held by
+    /// anything else stays an error.
     pub async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        self.docker
-            .create_container(Some(options), create_body(spec))
-            .await?;
-        Ok(())
+        // A removal still in progress holds the name a little longer than inspect shows it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let conflict = match self
+                .docker
+                .create_container(Some(options.clone()), create_body(spec))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(
+                    e @ bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409, ..
+                    },
+                ) if tokio::time::Instant::now() < deadline => e,
+                Err(e) => return Err(e.into()),
+            };
+            match self.labels_of(ObjectKind::Container, &spec.name).await? {
+                // Being removed: wait for the name to be free.
+                None => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Some(labels) if labels.get(label::STACK) == Some(&spec.stack) => {
+                    tracing::info!("removing {}: left behind by an interrupted run", spec.name);
+                    self.remove_container(&spec.name).await?;
+                }
+                Some(_) => return Err(conflict.into()),
+            }
+        }
     }
 
     pub async fn start_container(&self, name: &str) -> Result<(), RuntimeError> {
@@ -472,12 +498,34 @@ impl Docker {
     }
 
     /// Removes a container (force: it may be running). Its volumes are kept.
+    /// Removes a container (by ID or name). When a removal is already in progress (asked by
+    /// a run killed mid-call), waits for that one to finish instead.
     pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(false)
             .build();
-        gone_is_fine(self.docker.remove_container(id, Some(options)).await)
+        match self.docker.remove_container(id, Some(options)).await {
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) if message.contains("already in progress") => {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+                while self.labels_of(ObjectKind::Container, id).await?.is_some() {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(RuntimeError::Engine(
+                            bollard::errors::Error::DockerResponseServerError {
+                                status_code: 409,
+                                message,
+                            },
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Ok(())
+            }
+            other => gone_is_fine(other),
+        }
     }
 
     pub async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
