@@ -136,6 +136,7 @@ fn observed(c: &ContainerSpec) -> ObservedContainer {
         sidecar: Some(c.sidecar.clone()),
         role: Some(c.role),
         config_hash: Some(c.config_hash()),
+        owner: None,
         running: true,
         state: "running".into(),
         health: None,
@@ -161,7 +162,7 @@ impl reconcile::Engine for NoEngine {
     async fn create_network(&self, _: &str, _: &str, _: &str) -> Result<(), Self::Error> {
         unreachable!("file steps only")
     }
-    async fn create_container(&self, _: &ContainerSpec) -> Result<(), Self::Error> {
+    async fn create_container(&self, _: &ContainerSpec, _: &str) -> Result<(), Self::Error> {
         unreachable!("file steps only")
     }
     async fn start_container(&self, _: &str) -> Result<(), Self::Error> {

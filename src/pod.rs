@@ -13,6 +13,8 @@ pub mod label {
     pub const SIDECAR: &str = "dev.soul.sidecar";
     pub const ROLE: &str = "dev.soul.role";
     pub const CONFIG_HASH: &str = "dev.soul.config-hash";
+    /// The state dir (absolute path) of the run that made the container: its owner.
+    pub const STATE_DIR: &str = "dev.soul.state-dir";
 }
 
 /// What a container does in its pod.

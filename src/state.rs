@@ -109,6 +109,14 @@ impl StateDir {
         &self.path
     }
 
+    /// This state dir as the owner recorded on the containers it makes: its absolute path.
+    pub fn owner(&self) -> String {
+        std::path::absolute(&self.path)
+            .unwrap_or_else(|_| self.path.clone())
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Writes `bytes` to `rel` atomically (temp file in the same directory, fsync, rename,
     /// fsync of the directory), mode 0600; parent directories are created 0700.
     pub fn write(&self, rel: &str, bytes: &[u8]) -> std::io::Result<()> {

@@ -753,3 +753,35 @@ fn a_deleted_state_dir_is_served_anew_by_the_gate() {
     let once = http_get_as(lan, "/", &old, Duration::ZERO).map(|(c, _)| c);
     assert_eq!(once, Some(401), "the old token still gets in");
 }
+
+#[test]
+fn a_second_state_dir_cannot_take_over_a_running_stack() {
+    ensure_images();
+    let s = TestStack::new("owner");
+    s.write(&with_volume(free_port(), "web", "data", false));
+    s.apply();
+    let before = s.containers();
+    let other = s.dir.join("other-state");
+    let apply_from_other = || {
+        run(std::process::Command::new(SOUL)
+            .arg("-f")
+            .arg(s.file())
+            .arg("--state-dir")
+            .arg(&other)
+            .arg("apply"))
+    };
+    let o = apply_from_other();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let owner = std::path::absolute(s.state()).unwrap();
+    assert!(
+        err.contains(&format!("--state-dir {}", owner.display())),
+        "{err}"
+    );
+    assert!(!other.join("stack.key").exists(), "a second key was made");
+    assert_eq!(s.containers(), before, "the refused apply touched the pods");
+    // With the first state dir gone for good, another may take over.
+    std::fs::rename(s.state(), s.dir.join("retired-state")).unwrap();
+    let o = apply_from_other();
+    assert!(o.status.success(), "{}", text(&o));
+}

@@ -22,7 +22,8 @@ pub trait Engine {
         stack: &str,
         sidecar: &str,
     ) -> Result<(), Self::Error>;
-    async fn create_container(&self, spec: &ContainerSpec) -> Result<(), Self::Error>;
+    /// Creates a container, labelled with `owner`, the state dir it belongs to.
+    async fn create_container(&self, spec: &ContainerSpec, owner: &str) -> Result<(), Self::Error>;
     async fn start_container(&self, name: &str) -> Result<(), Self::Error>;
     async fn remove_container(&self, id: &str) -> Result<(), Self::Error>;
     async fn remove_network(&self, name: &str) -> Result<(), Self::Error>;
@@ -71,6 +72,7 @@ async fn run_steps<E: Engine>(
     renders: &mut RenderIndex,
     on_step: &mut impl FnMut(usize, &Step),
 ) -> Result<(), ExecuteError> {
+    let owner = state.owner();
     for (i, step) in plan.steps.iter().enumerate() {
         on_step(i, step);
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match step {
@@ -79,7 +81,7 @@ async fn run_steps<E: Engine>(
                 renders.files.remove(path);
                 state.remove(path).map_err(Into::into)
             }
-            other => run_engine_step(engine, stack, other)
+            other => run_engine_step(engine, stack, &owner, other)
                 .await
                 .map_err(Into::into),
         };
@@ -134,14 +136,19 @@ fn write_file(
     Ok(())
 }
 
-async fn run_engine_step<E: Engine>(engine: &E, stack: &str, step: &Step) -> Result<(), E::Error> {
+async fn run_engine_step<E: Engine>(
+    engine: &E,
+    stack: &str,
+    owner: &str,
+    step: &Step,
+) -> Result<(), E::Error> {
     match step {
         Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
         Step::PullImage { image, .. } => engine.pull_image(image).await,
         Step::CreateVolume { name } => engine.create_volume(name, stack).await,
         Step::CreateNetwork { name, sidecar } => engine.create_network(name, stack, sidecar).await,
         Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
-        Step::CreateContainer { spec, .. } => engine.create_container(spec).await,
+        Step::CreateContainer { spec, .. } => engine.create_container(spec, owner).await,
         Step::StartContainer { name, .. } => engine.start_container(name).await,
         Step::RemoveNetwork { name } => engine.remove_network(name).await,
         Step::RemoveDuplicateNetwork { id, .. } => engine.remove_network(id).await,

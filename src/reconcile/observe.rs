@@ -123,6 +123,7 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
                 sidecar: c.labels.get(label::SIDECAR).cloned(),
                 role: c.labels.get(label::ROLE).and_then(|r| Role::parse(r)),
                 config_hash: c.labels.get(label::CONFIG_HASH).cloned(),
+                owner: c.labels.get(label::STATE_DIR).cloned(),
                 id: c.id,
                 name: c.name,
                 state: c.state,
@@ -172,8 +173,12 @@ impl Engine for Docker {
     ) -> Result<(), RuntimeError> {
         Docker::create_network(self, name, stack, sidecar).await
     }
-    async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-        Docker::create_container(self, spec).await
+    async fn create_container(
+        &self,
+        spec: &ContainerSpec,
+        owner: &str,
+    ) -> Result<(), RuntimeError> {
+        Docker::create_container(self, spec, owner).await
     }
     async fn start_container(&self, name: &str) -> Result<(), RuntimeError> {
         Docker::start_container(self, name).await

@@ -3,12 +3,12 @@
 
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{Stack, TransportKind};
-use crate::state::{ADDRESSES_FILE, StackKey, StateDir};
+use crate::state::{ADDRESSES_FILE, KEY_FILE, StackKey, StateDir};
 use crate::transport::{self, AddressSource, Discovered, PodContext};
 
 use super::artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
 use super::execute::{ExecuteError, execute};
-use super::plan::{Conflict, Desired, DesiredFile, Plan, Step, plan};
+use super::plan::{Conflict, Desired, DesiredFile, Observed, Plan, Step, plan};
 use super::resolve::{Machine, ResolveError, resolve};
 
 /// Why a pass could not be planned or carried out.
@@ -31,6 +31,11 @@ pub enum PassError {
     /// external volume is missing. Found before anything was changed.
     #[error("nothing was changed: {}", conflicts_text(.0))]
     Conflicts(Vec<Conflict>),
+    /// The stack's containers were made from another state dir, which still holds its key.
+    #[error(
+        "the containers of stack `{stack}` were made from the state dir {owner}, which still holds its key: run soul with `--state-dir {owner}`; or, for this state dir to take over, move that one away first (two state dirs of one stack would issue two keys and fight over the pods)"
+    )]
+    OtherOwner { stack: String, owner: String },
     /// A bug in soul (a task panicked, a lock was poisoned).
     #[error("internal error: {0}")]
     Internal(String),
@@ -84,11 +89,31 @@ pub async fn prepare(
         addresses_file(&discovered),
     ));
     let observed = super::observe::observe(docker, &desired, state).await?;
+    check_owner(stack, state, &observed)?;
     let plan = plan(&desired, &observed);
     if !plan.conflicts.is_empty() {
         return Err(PassError::Conflicts(plan.conflicts));
     }
     Ok(Planned { desired, plan })
+}
+
+/// One state dir owns a stack's pods: a container made from another state dir that still
+/// exists (with its key) stops the pass. A state dir that is gone, or this one made anew, is no
+/// other owner; containers of soul 0.1 record none.
+fn check_owner(stack: &Stack, state: &StateDir, observed: &Observed) -> Result<(), PassError> {
+    let ours = state.owner();
+    let other = observed
+        .containers
+        .iter()
+        .filter_map(|c| c.owner.as_deref())
+        .find(|o| *o != ours && std::path::Path::new(o).join(KEY_FILE).exists());
+    match other {
+        Some(owner) => Err(PassError::OtherOwner {
+            stack: stack.stack.clone(),
+            owner: owner.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn conflicts_text(conflicts: &[Conflict]) -> String {

@@ -136,6 +136,8 @@ pub struct ObservedContainer {
     pub sidecar: Option<String>,
     pub role: Option<Role>,
     pub config_hash: Option<String>,
+    /// The state dir that made it (`dev.soul.state-dir`); none on containers of soul 0.1.
+    pub owner: Option<String>,
     pub running: bool,
     /// `running`, `exited`, `created`, …
     pub state: String,

@@ -139,6 +139,7 @@ fn simulate(o: &mut Observed, step: &Step) {
                 sidecar: Some(spec.sidecar.clone()),
                 role: Some(spec.role),
                 config_hash: Some(spec.config_hash()),
+                owner: None,
                 running: false,
                 state: "created".into(),
                 health: None,

@@ -367,7 +367,11 @@ impl Docker {
     /// plan did not see (a create or removal by a run killed mid-call, finished by the engine
     /// after this run looked), that leftover is removed and the create retried; a name held by
     /// anything else stays an error.
-    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+    pub async fn create_container(
+        &self,
+        spec: &ContainerSpec,
+        owner: &str,
+    ) -> Result<(), RuntimeError> {
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
@@ -376,7 +380,7 @@ impl Docker {
         loop {
             let conflict = match self
                 .docker
-                .create_container(Some(options.clone()), create_body(spec))
+                .create_container(Some(options.clone()), create_body(spec, owner))
                 .await
             {
                 Ok(_) => return Ok(()),
@@ -390,7 +394,11 @@ impl Docker {
             match self.labels_of(ObjectKind::Container, &spec.name).await? {
                 // Being removed: wait for the name to be free.
                 None => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-                Some(labels) if labels.get(label::STACK) == Some(&spec.stack) => {
+                // Left by a run of this stack and state dir (not by another owner's run).
+                Some(labels)
+                    if labels.get(label::STACK) == Some(&spec.stack)
+                        && labels.get(label::STATE_DIR).is_none_or(|o| o == owner) =>
+                {
                     tracing::info!("removing {}: left behind by an interrupted run", spec.name);
                     self.remove_container(&spec.name).await?;
                 }
@@ -549,7 +557,7 @@ fn gone_is_fine(result: Result<(), bollard::errors::Error>) -> Result<(), Runtim
 }
 
 /// The engine's create request for a container spec.
-fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+fn create_body(spec: &ContainerSpec, owner: &str) -> ContainerCreateBody {
     let (network_mode, port_bindings, exposed) = match &spec.network_mode {
         NetworkMode::Bridge(net) => {
             let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
@@ -604,7 +612,12 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                 .map(|(k, v)| format!("{k}={}", v.value))
                 .collect(),
         ),
-        labels: Some(spec.labels().into_iter().collect()),
+        labels: Some(
+            spec.labels()
+                .into_iter()
+                .chain([(label::STATE_DIR.to_string(), owner.to_string())])
+                .collect(),
+        ),
         exposed_ports: exposed,
         healthcheck,
         host_config: Some(HostConfig {
