@@ -1047,6 +1047,7 @@ async fn image() -> Result<Exit, CliError> {
     let docker = Docker::connect().await?;
     let tags = vec![
         SoulImage::current().reference,
+        format!("{}:{}", SoulImage::REPOSITORY, env!("CARGO_PKG_VERSION")),
         format!("{}:latest", SoulImage::REPOSITORY),
     ];
     docker.build_soul_image(&tags).await?;

@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -784,4 +784,71 @@ fn a_second_state_dir_cannot_take_over_a_running_stack() {
     std::fs::rename(s.state(), s.dir.join("retired-state")).unwrap();
     let o = apply_from_other();
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A copy of this build of soul at `path`; with `other_build`, its GNU build ID is changed, so
+/// it is, to soul, another build.
+fn soul_copy(path: &std::path::Path, other_build: bool) {
+    let mut bytes = std::fs::read(SOUL).unwrap();
+    if other_build {
+        let id = run(Command::new("readelf").args(["-n", SOUL]));
+        let id = String::from_utf8_lossy(&id.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_string))
+            .expect("the test binary has a GNU build ID");
+        let raw: Vec<u8> = (0..id.len() / 2)
+            .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let at = bytes
+            .windows(raw.len())
+            .position(|w| w == raw.as_slice())
+            .unwrap();
+        bytes[at] ^= 0xff;
+    }
+    std::fs::write(path, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn other_copies_and_builds_of_soul_never_recreate_a_stacks_containers() {
+    ensure_images();
+    ensure_command("readelf", "binutils");
+    let s = TestStack::new("builds");
+    s.write(&two_sidecars(free_port(), "UTC"));
+    s.apply();
+    let before = s.containers();
+    let with = |soul: &std::path::Path, stack: &TestStack, args: &[&str]| {
+        run(Command::new(soul)
+            .arg("-f")
+            .arg(stack.file())
+            .arg("--state-dir")
+            .arg(stack.state())
+            .args(args))
+    };
+    // A copy of the same build (another path, another mtime): the same image, nothing to do.
+    let copy = s.dir.join("soul-copy");
+    soul_copy(&copy, false);
+    let o = with(&copy, &s, &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Another build applies another stack: it builds its own image, and this stack's pods,
+    // planned by this build, have nothing to change.
+    let other = TestStack::new("builds2");
+    other.write(&two_sidecars(free_port(), "UTC"));
+    let build = s.dir.join("soul-other-build");
+    soul_copy(&build, true);
+    let o = with(&build, &other, &["apply"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(s.containers(), before);
+    let image = |stack: &TestStack| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.Config.Image}}",
+            &stack.container("web", "pause"),
+        ])
+    };
+    assert_ne!(image(&s), image(&other), "two builds share one tag");
 }

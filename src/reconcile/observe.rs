@@ -147,17 +147,10 @@ impl Engine for Docker {
     type Error = RuntimeError;
 
     async fn build_soul_image(&self, tags: &[String]) -> Result<(), RuntimeError> {
-        // Always refresh the version tag the pause container uses, and `soul:latest`.
-        let mut all = vec![
-            SoulImage::current().reference,
-            format!("{}:latest", SoulImage::REPOSITORY),
-        ];
-        for t in tags {
-            if !all.contains(t) {
-                all.push(t.clone());
-            }
-        }
-        Docker::build_soul_image(self, &all).await
+        Docker::build_soul_image(self, tags).await?;
+        // Images of earlier builds that no container runs any more: an hour's grace leaves
+        // alone one that another soul has just built and not yet started containers from.
+        Docker::remove_unused_soul_images(self, &SoulImage::current().reference).await
     }
     async fn pull_image(&self, image: &str) -> Result<(), RuntimeError> {
         Docker::pull_image(self, image).await

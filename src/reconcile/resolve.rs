@@ -63,7 +63,10 @@ impl Machine for Host {
 /// as soul's (built from the binary, never pulled).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SoulImage {
-    /// `soul:<version>`, used by the pause container.
+    /// `soul:<version>-<build>`: named by this binary's content (its build ID), so copies of
+    /// one build share it, and other builds on the same engine neither re-tag it nor disturb
+    /// the containers that run from it. The pause and gate containers, and apps whose stack
+    /// names `soul` or `soul:<anything>`, run from it.
     pub reference: String,
 }
 
@@ -71,9 +74,12 @@ impl SoulImage {
     pub const REPOSITORY: &str = "soul";
 
     pub fn current() -> Self {
-        SoulImage {
-            reference: format!("{}:{}", Self::REPOSITORY, env!("CARGO_PKG_VERSION")),
-        }
+        let version = env!("CARGO_PKG_VERSION");
+        let reference = match crate::runtime::binary_id() {
+            Ok(id) => format!("{}:{version}-{}", Self::REPOSITORY, &id[..id.len().min(12)]),
+            Err(_) => format!("{}:{version}", Self::REPOSITORY),
+        };
+        SoulImage { reference }
     }
 
     /// Whether `image` names soul's own image (`soul`, `soul:latest`, `soul:<version>`).
@@ -260,7 +266,12 @@ pub fn resolve(
             stack: stack.stack.clone(),
             sidecar: sidecar.name.clone(),
             role: Role::App,
-            image: sidecar.image.clone(),
+            // `soul:latest` in a stack means this soul's own image (the demo app).
+            image: if SoulImage::is_soul(&sidecar.image) {
+                soul.reference.clone()
+            } else {
+                sidecar.image.clone()
+            },
             command: sidecar.command.clone(),
             env: env_of(sidecar, machine)?,
             mounts,
@@ -691,8 +702,11 @@ sidecar "demo" {
             .map(|i| (i.reference.as_str(), i.source))
             .collect();
         assert!(refs.contains(&("nginx:1", ImageSource::Registry)));
-        assert!(refs.contains(&("soul:latest", ImageSource::Soul)));
+        // `soul:latest` in the stack is this soul's own image, by content.
         let soul = SoulImage::current().reference;
+        assert_eq!(demo_app.image, soul);
+        assert!(refs.contains(&(soul.as_str(), ImageSource::Soul)));
+        assert!(!refs.iter().any(|(r, _)| *r == "soul:latest"), "{refs:?}");
         let pause_need = d.images.iter().find(|i| i.reference == soul).unwrap();
         assert_eq!(pause_need.used_by, vec!["notes".to_string(), "demo".into()]);
     }

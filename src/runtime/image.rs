@@ -14,17 +14,95 @@ use super::RuntimeError;
 /// Image label holding [`binary_id`] of the binary an image was built from.
 pub const SOUL_BINARY_LABEL: &str = "dev.soul.binary";
 
-/// Identifies this binary cheaply (size and modification time), so an image built from an
-/// older soul is rebuilt without hashing a large file on every pass.
+/// Identifies this binary by its content: the linker's GNU build ID (a hash of the output it
+/// wrote), read from the ELF notes without reading the whole file; for a binary without one,
+/// a SHA-256 of the file. Two copies of one build share it; two builds do not. Computed once
+/// per process.
 pub fn binary_id() -> io::Result<String> {
-    let exe = std::env::current_exe()?;
-    let meta = std::fs::metadata(&exe)?;
-    let mtime = meta
-        .modified()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    Ok(format!("{}-{mtime}", meta.len()))
+    static ID: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        match gnu_build_id(&exe) {
+            Ok(Some(id)) => Ok(id),
+            _ => {
+                use sha2::Digest;
+                let bytes = std::fs::read(&exe).map_err(|e| e.to_string())?;
+                Ok(to_hex(&sha2::Sha256::digest(&bytes)[..20]))
+            }
+        }
+    })
+    .clone()
+    .map_err(io::Error::other)
+}
+
+/// Whether `tag` is a content tag soul gives its image, `soul:<version>-<12 hex digits>`.
+pub fn is_content_tag(tag: &str) -> bool {
+    tag.strip_prefix("soul:")
+        .and_then(|rest| rest.rsplit_once('-'))
+        .is_some_and(|(_, build)| build.len() == 12 && build.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The GNU build ID note of a 64-bit little-endian ELF file, as hex, if it has one.
+fn gnu_build_id(path: &Path) -> io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let read = |offset: u64, len: usize| -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    };
+    let header = read(0, 64)?;
+    if header.get(..4) != Some(b"\x7fELF") || header[4] != 2 || header[5] != 1 {
+        return Ok(None);
+    }
+    let le16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (phoff, phentsize, phnum) = (
+        le64(&header, 0x20),
+        le16(&header, 0x36),
+        le16(&header, 0x38),
+    );
+    let (phentsize, phnum) = (usize::from(phentsize), usize::from(phnum));
+    if phentsize < 56 || phnum > 256 {
+        return Ok(None);
+    }
+    let table = read(phoff, phentsize * phnum)?;
+    for ph in table.chunks(phentsize) {
+        // PT_NOTE: a list of (namesz, descsz, type, name, desc), each part 4-aligned.
+        if le32(ph, 0) != 4 {
+            continue;
+        }
+        let (offset, size) = (le64(ph, 8), le64(ph, 32));
+        if size > 64 * 1024 {
+            continue;
+        }
+        let notes = read(offset, size as usize)?;
+        let mut at = 0;
+        while at + 12 <= notes.len() {
+            let (namesz, descsz, kind) = (
+                le32(&notes, at) as usize,
+                le32(&notes, at + 4) as usize,
+                le32(&notes, at + 8),
+            );
+            let name_at = at + 12;
+            let desc_at = name_at + namesz.div_ceil(4) * 4;
+            let end = desc_at + descsz.div_ceil(4) * 4;
+            if end > notes.len() {
+                break;
+            }
+            // NT_GNU_BUILD_ID, owner "GNU\0".
+            if kind == 3 && notes[name_at..name_at + namesz] == *b"GNU\0" && descsz > 0 {
+                return Ok(Some(to_hex(&notes[desc_at..desc_at + descsz])));
+            }
+            at = end;
+        }
+    }
+    Ok(None)
 }
 
 /// The files of the image: (path on this host, path inside the image).
@@ -171,6 +249,30 @@ pub async fn build(docker: &Docker, tags: &[String]) -> Result<(), RuntimeError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_content_tags_are_candidates_for_removal() {
+        assert!(is_content_tag("soul:0.1.0-0c3536e2c45c"));
+        assert!(!is_content_tag("soul:latest"));
+        assert!(!is_content_tag("soul:0.1.0"));
+        assert!(!is_content_tag("soul:0.1.0-rc1"));
+        assert!(!is_content_tag("other:0.1.0-0c3536e2c45c"));
+    }
+
+    #[test]
+    fn the_binary_id_is_the_linkers_build_id() {
+        let exe = std::env::current_exe().unwrap();
+        let id = binary_id().unwrap();
+        assert_eq!(id, binary_id().unwrap());
+        if let Some(build_id) = gnu_build_id(&exe).unwrap() {
+            assert_eq!(id, build_id);
+            // The same bytes `readelf -n` shows: 20 (sha1) or more hex pairs.
+            assert!(
+                id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+    }
 
     #[test]
     fn rootfs_holds_the_binary_its_interpreter_and_libraries() {

@@ -327,6 +327,50 @@ impl Docker {
         Ok(())
     }
 
+    /// Removes the images soul built from other binaries (they carry [`SOUL_BINARY_LABEL`]) that
+    /// only content tags name (`soul:<version>-<build>`, never `soul:latest` or a version a
+    /// person tagged with `soul image`), that are over an hour old and that no container uses
+    /// (the engine refuses to remove those; that refusal is fine).
+    pub async fn remove_unused_soul_images(&self, keep: &str) -> Result<(), RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![SOUL_BINARY_LABEL.to_string()])]);
+        let images = self
+            .docker
+            .list_images(Some(
+                bollard::query_parameters::ListImagesOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?;
+        let an_hour_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            - 3600;
+        for image in images {
+            let stale = image.created < an_hour_ago
+                && !image.repo_tags.iter().any(|t| t == keep)
+                && image.repo_tags.iter().all(|t| image::is_content_tag(t));
+            if !stale {
+                continue;
+            }
+            let options = bollard::query_parameters::RemoveImageOptionsBuilder::default()
+                .force(false)
+                .build();
+            match self
+                .docker
+                .remove_image(&image.id, Some(options), None)
+                .await
+            {
+                Ok(_) => tracing::info!("removed unused soul image {}", image.repo_tags.join(", ")),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 409,
+                    ..
+                }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Builds soul's own image from this very binary and tags it with every reference given.
     pub async fn build_soul_image(&self, tags: &[String]) -> Result<(), RuntimeError> {
         image::build(&self.docker, tags).await
