@@ -159,7 +159,7 @@ impl reconcile::Engine for NoEngine {
     async fn create_volume(&self, _: &str, _: &str) -> Result<(), Self::Error> {
         unreachable!("file steps only")
     }
-    async fn create_network(&self, _: &str, _: &str, _: &str) -> Result<(), Self::Error> {
+    async fn create_network(&self, _: &str, _: &str) -> Result<(), Self::Error> {
         unreachable!("file steps only")
     }
     async fn create_container(&self, _: &ContainerSpec, _: &str) -> Result<(), Self::Error> {

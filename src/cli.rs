@@ -910,7 +910,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
             .collect();
         pods.push(json!({
             "sidecar": sidecar.name,
-            "network": crate::pod::network_name(&stack.stack, &sidecar.name),
+            "network": crate::pod::network_name(&stack.stack),
             "containers": containers,
         }));
     }
@@ -1017,9 +1017,9 @@ async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
         out(&format!("  - removed a duplicate of network {name}\n"));
         removed += 1;
     }
-    for n in &snapshot.networks {
-        docker.remove_network(n).await?;
-        out(&format!("  - removed network {n}\n"));
+    for (name, id) in &snapshot.network_ids {
+        docker.remove_network(id).await?;
+        out(&format!("  - removed network {name}\n"));
         removed += 1;
     }
     if args.volumes {

@@ -228,9 +228,12 @@ pub fn container_name(stack: &str, sidecar: &str, role: Role) -> String {
     format!("soul_{stack}_{sidecar}_{role}")
 }
 
-/// `soul_<stack>_<sidecar>`: the pod's bridge network.
-pub fn network_name(stack: &str, sidecar: &str) -> String {
-    format!("soul_{stack}_{sidecar}")
+/// `soul_<stack>`: the stack's bridge network, which every pause container joins. One per
+/// stack, as Compose makes one per project: a network per pod would take one of the engine's
+/// few address pools each (about 30 by default, shared by every project on the engine). Pods
+/// still share nothing but the bridge, and each pod's guard admits only its gate port.
+pub fn network_name(stack: &str) -> String {
+    format!("soul_{stack}")
 }
 
 /// A named volume soul makes for a stack, and the name soul 0.1 gave it: a volume made under
@@ -299,7 +302,7 @@ mod tests {
             container_name("rel7", "x-y", Role::App),
             container_name("rel7-x", "y", Role::App)
         );
-        assert_ne!(network_name("rel7", "x-y"), network_name("rel7-x", "y"));
+        assert_ne!(network_name("rel7"), network_name("rel7-x"));
         assert_ne!(
             NamedVolume::declared("rel7", "x-data").name,
             NamedVolume::declared("rel7-x", "data").name

@@ -96,7 +96,8 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
         "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
         &s.container("web", "pause"),
     ]);
-    assert_eq!(nets, format!("soul_{}_web", s.name));
+    // One network for the whole stack.
+    assert_eq!(nets, format!("soul_{}", s.name));
     let health = docker(&[
         "inspect",
         "-f",
@@ -227,7 +228,7 @@ fn changing_the_lan_port_recreates_the_pod_and_serves_on_the_new_port() {
 }
 
 #[test]
-fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() {
+fn removing_a_sidecar_removes_its_containers_but_keeps_its_volume() {
     ensure_images();
     let s = TestStack::new("remove");
     let lan = free_port();
@@ -249,7 +250,7 @@ fn removing_a_sidecar_removes_its_containers_and_network_but_keeps_its_volume() 
             s.container("hello", "pause")
         ]
     );
-    assert_eq!(s.networks(), vec![format!("soul_{}_hello", s.name)]);
+    assert_eq!(s.networks(), vec![format!("soul_{}", s.name)]);
     let n = &s.name;
     assert_eq!(
         s.volumes(),
@@ -485,17 +486,14 @@ fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
     s.apply();
     // Two runs racing a create (one killed mid-call) can leave two networks of one name: the
     // engine (API < 1.44) does not refuse the second. Make one the way soul does.
-    let network = format!("soul_{}_web", s.name);
+    let network = format!("soul_{}", s.name);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
         .block_on(async {
             let docker = soul::runtime::Docker::connect().await.unwrap();
-            docker
-                .create_network(&network, &s.name, "web")
-                .await
-                .unwrap();
+            docker.create_network(&network, &s.name).await.unwrap();
         });
     let copies = || {
         docker(&[
@@ -572,7 +570,7 @@ fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopt
     let lan = free_port();
     s.write(&with_volume(lan, "web", "data", false));
     let volume = format!("soul_{}_data", s.name);
-    let network = format!("soul_{}_web", s.name);
+    let network = format!("soul_{}", s.name);
     docker(&["volume", "create", &volume]);
     docker(&["network", "create", &network]);
     let _cleanup = Cleanup(vec![
@@ -851,4 +849,81 @@ fn other_copies_and_builds_of_soul_never_recreate_a_stacks_containers() {
         ])
     };
     assert_ne!(image(&s), image(&other), "two builds share one tag");
+}
+
+#[test]
+fn a_foreign_network_named_like_the_stacks_stops_apply_and_down_still_works() {
+    ensure_images();
+    let s = TestStack::new("ambiguous");
+    s.write(&with_volume(free_port(), "web", "data", false));
+    s.apply();
+    // Another tool makes a network of the same name (engines before API 1.44 allow it when
+    // the client does not ask them to check; the docker CLI asks): the name is ambiguous, and
+    // no pause container could join it.
+    let network = format!("soul_{}", s.name);
+    let socket = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(String::from))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    ensure_command("curl", "curl");
+    let created = run(Command::new("curl").args([
+        "-sS",
+        "--unix-socket",
+        &socket,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &format!("{{\"Name\":\"{network}\"}}"),
+        "http://localhost/v1.41/networks/create",
+    ]));
+    let reply: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap_or_default();
+    let Some(foreign) = reply["Id"].as_str().map(String::from) else {
+        println!("this engine refuses a second network of one name: nothing to test ({reply})");
+        return;
+    };
+    let _cleanup = Cleanup(vec![vec!["network".into(), "rm".into(), foreign.clone()]]);
+    let o = s.soul(&["apply"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!(
+            "network `{network}` exists but soul did not make it"
+        )),
+        "{}",
+        text(&o)
+    );
+    // down removes this stack's network by its ID, and leaves the other one alone.
+    let o = s.soul(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(s.networks().is_empty());
+    assert!(docker_ok(&["network", "inspect", &foreign]).is_some());
+}
+
+#[test]
+fn forty_sidecars_apply_on_default_address_pools_beside_another_network() {
+    ensure_images();
+    // One network per pod took one of the engine's ~30 default address pools each: a
+    // 30-sidecar stack failed to apply beside one other network.
+    let s = TestStack::new("forty");
+    let other = docker(&["network", "create", &format!("{}-other", s.name)]);
+    let _cleanup = Cleanup(vec![vec!["network".into(), "rm".into(), other]]);
+    let lan = free_ports(40);
+    let mut kdl = String::from("stack \"{stack}\"\n");
+    for i in 0..40 {
+        kdl.push_str(&format!(
+            "sidecar \"s{i}\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n    env \"GREETING\" \"hi {i}\"\n}}\n"
+        ));
+    }
+    kdl.push_str(&format!(
+        "transport {{\n    lan port={lan}\n}}\ndevice \"tester\"\n"
+    ));
+    s.write(&kdl);
+    s.apply();
+    assert_eq!(s.networks(), vec![format!("soul_{}", s.name)]);
+    let token = s.token("tester");
+    for i in [0u16, 39] {
+        let (code, body) =
+            http_get_as(lan + i, "/", &token, Duration::from_secs(30)).expect("the gate answers");
+        assert_eq!(code, 200, "s{i}: {body}");
+        assert!(body.contains(&format!("hi {i}")), "s{i}: {body}");
+    }
 }

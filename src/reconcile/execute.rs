@@ -16,12 +16,7 @@ pub trait Engine {
     async fn build_soul_image(&self, tags: &[String]) -> Result<(), Self::Error>;
     async fn pull_image(&self, image: &str) -> Result<(), Self::Error>;
     async fn create_volume(&self, name: &str, stack: &str) -> Result<(), Self::Error>;
-    async fn create_network(
-        &self,
-        name: &str,
-        stack: &str,
-        sidecar: &str,
-    ) -> Result<(), Self::Error>;
+    async fn create_network(&self, name: &str, stack: &str) -> Result<(), Self::Error>;
     /// Creates a container, labelled with `owner`, the state dir it belongs to.
     async fn create_container(&self, spec: &ContainerSpec, owner: &str) -> Result<(), Self::Error>;
     async fn start_container(&self, name: &str) -> Result<(), Self::Error>;
@@ -146,7 +141,7 @@ async fn run_engine_step<E: Engine>(
         Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
         Step::PullImage { image, .. } => engine.pull_image(image).await,
         Step::CreateVolume { name } => engine.create_volume(name, stack).await,
-        Step::CreateNetwork { name, sidecar } => engine.create_network(name, stack, sidecar).await,
+        Step::CreateNetwork { name } => engine.create_network(name, stack).await,
         Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
         Step::CreateContainer { spec, .. } => engine.create_container(spec, owner).await,
         Step::StartContainer { name, .. } => engine.start_container(name).await,

@@ -55,10 +55,21 @@ async fn observe_names(
     observed: &mut Observed,
 ) -> Result<(), RuntimeError> {
     let mut wanted: Vec<(ObjectKind, &str)> = Vec::new();
-    for pod in &desired.pods {
-        if !observed.networks.contains(&pod.network) {
-            wanted.push((ObjectKind::Network, &pod.network));
+    // The stack's network, even when it exists: a network of the same name that is not this
+    // stack's makes the name ambiguous, and no pause container could join it.
+    let networks: BTreeSet<&str> = desired.pods.iter().map(|p| p.network.as_str()).collect();
+    for name in networks {
+        for labels in docker.networks_named(name).await? {
+            if labels.get(label::STACK) != Some(&desired.stack) {
+                observed.foreign.push(Foreign {
+                    kind: ObjectKind::Network,
+                    name: name.to_string(),
+                    owner: labels.get(label::STACK).cloned(),
+                });
+            }
         }
+    }
+    for pod in &desired.pods {
         for c in &pod.containers {
             if !observed.containers.iter().any(|o| o.name == c.name) {
                 wanted.push((ObjectKind::Container, &c.name));
@@ -158,13 +169,8 @@ impl Engine for Docker {
     async fn create_volume(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
         Docker::create_volume(self, name, stack).await
     }
-    async fn create_network(
-        &self,
-        name: &str,
-        stack: &str,
-        sidecar: &str,
-    ) -> Result<(), RuntimeError> {
-        Docker::create_network(self, name, stack, sidecar).await
+    async fn create_network(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
+        Docker::create_network(self, name, stack).await
     }
     async fn create_container(
         &self,

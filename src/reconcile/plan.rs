@@ -198,7 +198,6 @@ pub enum Step {
     },
     CreateNetwork {
         name: String,
-        sidecar: String,
     },
     RemoveContainer {
         name: String,
@@ -425,8 +424,16 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
 
+    let mut new_networks = BTreeSet::new();
     for pod in &desired.pods {
-        plan_pod(pod, observed, &by_name, &refreshed, &mut steps);
+        plan_pod(
+            pod,
+            observed,
+            &by_name,
+            &refreshed,
+            &mut new_networks,
+            &mut steps,
+        );
     }
 
     let networks: BTreeSet<&str> = desired.pods.iter().map(|p| p.network.as_str()).collect();
@@ -540,13 +547,14 @@ fn plan_pod(
     observed: &Observed,
     by_name: &BTreeMap<&str, &ObservedContainer>,
     refreshed: &BTreeSet<&str>,
+    new_networks: &mut BTreeSet<String>,
     steps: &mut Vec<Step>,
 ) {
+    // Pods share the stack's network: the first pod that needs it makes it.
     let network_new = !observed.networks.contains(&pod.network);
-    if network_new {
+    if network_new && new_networks.insert(pod.network.clone()) {
         steps.push(Step::CreateNetwork {
             name: pod.network.clone(),
-            sidecar: pod.sidecar.clone(),
         });
     }
 

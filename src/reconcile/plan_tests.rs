@@ -21,7 +21,7 @@ fn container(stack: &str, sidecar: &str, role: Role, image: &str, port: u16) -> 
         env: BTreeMap::new(),
         mounts: vec![],
         network_mode: match role {
-            Role::Pause => NetworkMode::Bridge(crate::pod::network_name(stack, sidecar)),
+            Role::Pause => NetworkMode::Bridge(crate::pod::network_name(stack)),
             _ => NetworkMode::Container(pause),
         },
         ports: match role {
@@ -41,7 +41,7 @@ fn container(stack: &str, sidecar: &str, role: Role, image: &str, port: u16) -> 
 fn pod(sidecar: &str, lan_port: u16) -> PodSpec {
     PodSpec {
         sidecar: sidecar.into(),
-        network: crate::pod::network_name("home", sidecar),
+        network: crate::pod::network_name("home"),
         containers: vec![
             container("home", sidecar, Role::Pause, "soul:0", lan_port),
             container("home", sidecar, Role::App, "nginx:1", lan_port),
@@ -183,7 +183,7 @@ fn from_nothing_creates_everything_in_order() {
             "write stack.key: stack key",
             "write pairing/a/notes.png: pairing QR (png) for a/notes",
             "create volume soul_home_data",
-            "create network soul_home_notes",
+            "create network soul_home",
             "create container soul_home_notes_pause from soul:0 (missing)",
             "start container soul_home_notes_pause (missing)",
             "create container soul_home_notes_app from nginx:1 (missing)",
@@ -271,14 +271,13 @@ fn situations() {
             ],
         ),
         (
-            "sidecar removed: its containers and network go, the volume stays",
+            "sidecar removed: its containers go; the stack's network and the volume stay",
             |d, _| {
                 d.pods.pop();
             },
             &[
                 "remove container soul_home_wiki_pause (no longer declared)",
                 "remove container soul_home_wiki_app (no longer declared)",
-                "remove network soul_home_wiki",
             ],
         ),
         (
@@ -297,27 +296,33 @@ fn situations() {
             ],
         ),
         (
-            "network removed by hand: recreated, and the pod with it",
+            "network removed by hand: recreated once, and every pod with it",
             |_, o| {
-                o.networks.remove("soul_home_notes");
+                o.networks.remove("soul_home");
             },
             &[
-                "create network soul_home_notes",
+                "create network soul_home",
                 "remove container soul_home_notes_app (pod's pause container is new)",
                 "remove container soul_home_notes_pause (pod network is new)",
                 "create container soul_home_notes_pause from soul:0 (pod network is new)",
                 "start container soul_home_notes_pause (pod network is new)",
                 "create container soul_home_notes_app from nginx:1 (pod's pause container is new)",
                 "start container soul_home_notes_app (pod's pause container is new)",
+                "remove container soul_home_wiki_app (pod's pause container is new)",
+                "remove container soul_home_wiki_pause (pod network is new)",
+                "create container soul_home_wiki_pause from soul:0 (pod network is new)",
+                "start container soul_home_wiki_pause (pod network is new)",
+                "create container soul_home_wiki_app from nginx:1 (pod's pause container is new)",
+                "start container soul_home_wiki_app (pod's pause container is new)",
             ],
         ),
         (
             "a network name made twice by racing runs: the unused copy goes, nothing else",
             |_, o| {
                 o.duplicate_networks
-                    .push(("soul_home_notes".into(), "0123456789abcdef".into()));
+                    .push(("soul_home".into(), "0123456789abcdef".into()));
             },
-            &["remove network 0123456789ab, an unused duplicate of soul_home_notes"],
+            &["remove network 0123456789ab, an unused duplicate of soul_home"],
         ),
         (
             "a duplicate with a declared name is removed",
@@ -489,7 +494,7 @@ fn foreign_objects_with_a_needed_name_are_conflicts_not_adopted() {
             },
             Foreign {
                 kind: ObjectKind::Network,
-                name: "soul_home_notes".into(),
+                name: "soul_home".into(),
                 owner: Some("other".into()),
             },
             // Not a name this stack needs: no conflict.
@@ -513,4 +518,20 @@ fn foreign_objects_with_a_needed_name_are_conflicts_not_adopted() {
     );
     o.external_volumes.insert("compose_notes-data".into());
     assert_eq!(plan(&d, &o).conflicts.len(), 2);
+}
+
+#[test]
+fn a_hundred_sidecars_make_one_network() {
+    // One network per pod took one of the engine's ~30 default address pools each: a
+    // 30-sidecar stack failed to apply beside one other network.
+    let pods: Vec<PodSpec> = (0..100)
+        .map(|i| pod(&format!("s{i}"), 9000 + i as u16))
+        .collect();
+    let p = plan(&desired(pods), &Observed::default());
+    let networks: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::CreateNetwork { .. }))
+        .collect();
+    assert_eq!(networks.len(), 1, "{networks:?}");
 }

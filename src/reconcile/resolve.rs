@@ -171,7 +171,7 @@ pub fn resolve(
 
     for (i, sidecar) in stack.sidecars.iter().enumerate() {
         let pause_name = container_name(&stack.stack, &sidecar.name, Role::Pause);
-        let network = network_name(&stack.stack, &sidecar.name);
+        let network = network_name(&stack.stack);
         // The LAN port leads to the gate, never to the app.
         let ports = lan_ports
             .as_ref()
@@ -625,7 +625,7 @@ sidecar "demo" {
         let d = resolve(&stack, &Fake, Path::new("/state")).expect("resolves");
         assert_eq!(d.pods.len(), 2);
         let notes = &d.pods[0];
-        assert_eq!(notes.network, "soul_home_notes");
+        assert_eq!(notes.network, "soul_home");
         let (pause, app, gate) = (
             &notes.containers[0],
             &notes.containers[1],

@@ -88,6 +88,9 @@ pub struct Snapshot {
     /// creates race, e.g. a run killed mid-create and the next run; the name is then ambiguous
     /// and nothing can join it until the extra copies are removed.
     pub duplicate_networks: Vec<(String, String)>,
+    /// (name, ID) of every other labelled network: what `down` removes, by ID, since a
+    /// network of the same name that is not this stack's would make the name ambiguous.
+    pub network_ids: Vec<(String, String)>,
     pub volumes: Vec<String>,
 }
 
@@ -187,6 +190,11 @@ impl Docker {
                 );
             }
         }
+        let network_ids = by_name
+            .iter()
+            .flat_map(|(name, copies)| copies.iter().map(move |(_, id)| (name.clone(), id.clone())))
+            .filter(|(_, id)| !duplicate_networks.iter().any(|(_, d)| d == id))
+            .collect();
         let networks = by_name.into_keys().collect();
         let volumes = self
             .docker
@@ -205,6 +213,7 @@ impl Docker {
             containers,
             networks,
             duplicate_networks,
+            network_ids,
             volumes,
         })
     }
@@ -285,6 +294,27 @@ impl Docker {
             }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The labels of every network named exactly `name` (the engine allows several).
+    pub async fn networks_named(
+        &self,
+        name: &str,
+    ) -> Result<Vec<HashMap<String, String>>, RuntimeError> {
+        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
+        Ok(self
+            .docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?
+            .into_iter()
+            // The engine's name filter matches substrings.
+            .filter(|n| n.name.as_deref() == Some(name))
+            .map(|n| n.labels.unwrap_or_default())
+            .collect())
     }
 
     /// Pulls an image, showing progress when stdout is a terminal.
@@ -387,20 +417,12 @@ impl Docker {
         Ok(())
     }
 
-    pub async fn create_network(
-        &self,
-        name: &str,
-        stack: &str,
-        sidecar: &str,
-    ) -> Result<(), RuntimeError> {
+    pub async fn create_network(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
         self.docker
             .create_network(NetworkCreateRequest {
                 name: name.into(),
                 driver: Some("bridge".into()),
-                labels: Some(HashMap::from([
-                    (label::STACK.into(), stack.into()),
-                    (label::SIDECAR.into(), sidecar.into()),
-                ])),
+                labels: Some(HashMap::from([(label::STACK.into(), stack.into())])),
                 ..Default::default()
             })
             .await?;

@@ -126,15 +126,20 @@ pub fn ensure_images() {
 /// A free TCP port on this machine whose next three ports are free too (stacks with several
 /// sidecars publish consecutive LAN ports); never the same block twice in one test process.
 pub fn free_port() -> u16 {
+    free_ports(4)
+}
+
+/// The first of `n` consecutive free TCP ports, never handed out twice in one test process.
+pub fn free_ports(n: u16) -> u16 {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let l = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
         drop(l);
-        if port > 65_000 {
+        if port > 65_000 - n {
             continue;
         }
-        let block: Vec<u16> = (port..port + 4).collect();
+        let block: Vec<u16> = (port..port + n).collect();
         let mut used = HANDED_OUT.lock().unwrap();
         let free = block
             .iter()
