@@ -28,6 +28,9 @@ pub enum Exit {
 }
 
 const EXIT_CODES: &str = "\
+Not built yet: the relay. A `relay` node validates and its address goes into pairing codes, but
+no relay server or pod agent exists, so that address leads nowhere; leave it out for now.
+
 Exit codes:
   0  success (for `plan --detailed-exitcode`: nothing to change)
   1  invalid input or a failed operation
@@ -750,6 +753,12 @@ fn sigil(step: &Step) -> char {
 async fn apply(cli: &Cli) -> Result<Exit, CliError> {
     let started = Instant::now();
     let stack = load(cli)?;
+    if let Some(relay) = &stack.relay {
+        eprintln!(
+            "warning: the relay is not built yet: `relay` {} goes into pairing codes, but nothing serves it (see `soul --help`)",
+            relay.endpoint
+        );
+    }
     let dir = state_dir(cli, &stack)?;
     let _lock = dir.lock(|holder| {
         eprintln!(
