@@ -312,6 +312,11 @@ fn things_without_soul_labels_are_never_touched() {
     s.write(&two_sidecars(lan, "UTC"));
     let foreign = format!("{}-foreign", s.name);
     let _ = docker_ok(&["rm", "-f", &foreign]);
+    // Removed however the test ends.
+    let _cleanup = Cleanup(vec![
+        vec!["rm".into(), "-f".into(), foreign.clone()],
+        vec!["volume".into(), "rm".into(), foreign.clone()],
+    ]);
     docker(&["volume", "create", &foreign]);
     docker(&[
         "create",
@@ -333,8 +338,6 @@ fn things_without_soul_labels_are_never_touched() {
         docker_ok(&["volume", "inspect", &foreign]).is_some(),
         "foreign volume removed"
     );
-    docker(&["rm", "-f", &foreign]);
-    docker(&["volume", "rm", &foreign]);
 }
 
 #[test]

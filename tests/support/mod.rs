@@ -320,6 +320,15 @@ impl Drop for TestStack {
                 let _ = docker_ok(&["rm", "-f", id]);
             }
         }
+        // `down` cannot read a stack.kdl a test left invalid: what carries the label goes too,
+        // so no network is left to take an address pool on the shared engine.
+        for kind in ["network", "volume"] {
+            if let Some(ids) = docker_ok(&[kind, "ls", "-q", "--filter", &filter]) {
+                for id in ids.lines() {
+                    let _ = docker_ok(&[kind, "rm", id]);
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
