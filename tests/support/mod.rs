@@ -94,6 +94,28 @@ pub fn ensure_command(command: &str, package: &str) {
     })
 }
 
+/// Files that once overflowed the parser's stack (deep nesting) or took it exponential time
+/// (unclosed slashdashed blocks), with what soul's diagnostic for each must say.
+pub fn files_that_broke_the_parser() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    vec![
+        (
+            "deep blocks",
+            "a{".repeat(1_270).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "deep comments",
+            "/*".repeat(3_591).into_bytes(),
+            "nest more than",
+        ),
+        (
+            "slashdash blocks",
+            "\n/-{/**/'//x".repeat(40).into_bytes(),
+            "nest more than",
+        ),
+    ]
+}
+
 /// Makes sure soul's own image (from this build) and the nginx test image exist.
 pub fn ensure_images() {
     with_file_lock("images", || {
