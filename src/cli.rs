@@ -880,6 +880,8 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     };
     let docker = Docker::connect().await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    // Compared as the planner compares: a soul 0.1 volume is mounted under its old name.
+    let desired = desired.map(|d| reconcile::with_legacy_volumes(&d, &observed).into_owned());
     let want = |name: &str| {
         desired.as_ref().and_then(|d| {
             d.pods

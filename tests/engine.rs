@@ -660,6 +660,13 @@ fn a_volume_made_by_soul_0_1_keeps_its_data_after_the_upgrade() {
     );
     let o = s.soul(&["plan", "--detailed-exitcode"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // status agrees with plan: the app on the old volume is what stack.kdl asks for.
+    let st = s.soul(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
+    assert_eq!(
+        status["pods"][0]["containers"][1]["current"], true,
+        "{status}"
+    );
 }
 
 /// Docker commands run when the test ends, whatever happened.

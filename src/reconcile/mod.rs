@@ -20,7 +20,7 @@ pub use pass::{
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
-    QrFormat, Reason, Step, plan,
+    QrFormat, Reason, Step, plan, with_legacy_volumes,
 };
 pub use resolve::{Host, Machine, RESTART_POLICY, ResolveError, SoulImage, resolve};
 pub use watch::{

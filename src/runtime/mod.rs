@@ -277,14 +277,8 @@ impl Docker {
                 .inspect_container(name, None)
                 .await
                 .map(|c| c.config.and_then(|c| c.labels).unwrap_or_default()),
-            // Looked up by the exact name: inspecting a network also matches ID prefixes.
-            ObjectKind::Network => self.docker.inspect_network(name, None).await.map(|n| {
-                if n.name.as_deref() == Some(name) {
-                    n.labels.unwrap_or_default()
-                } else {
-                    HashMap::new()
-                }
-            }),
+            // By exact name (inspecting a network also matches ID prefixes); the first of several.
+            ObjectKind::Network => return Ok(self.networks_named(name).await?.into_iter().next()),
             ObjectKind::Volume => self.docker.inspect_volume(name).await.map(|v| v.labels),
         };
         match found {
