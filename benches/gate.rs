@@ -1,11 +1,24 @@
 //! The gate's cost, against the app directly, measured in the same run (run: `cargo bench
-//! --bench gate`). One nginx pod (static page, no access log); `wrk` runs inside the pod's network namespace (entered with
-//! `nsenter`) with 64 connections, in turn straight at the app (127.0.0.1:80), through the
-//! gate (127.0.0.1:8443, with a paired device's token) and through nginx as a reverse proxy in
-//! the same pod (the anchor: upstream keep-alive, a static `Authorization` check). Prints requests/s and the ratio
-//! (goal ≥ 0.8× direct), p99 latency and the added p99 (goal < 1 ms), and the gate's peak RSS
-//! under that load (goal < 30 MB). Needs the test images (`.ci/test-images.sh`), `wrk` and
-//! `nsenter`, and root (to enter the namespace).
+//! --bench gate`). One nginx pod (static page, no access log); `wrk` runs inside the pod's
+//! network namespace (entered with `nsenter`) with 64 connections, in turn straight at the app
+//! (127.0.0.1:80), through the gate (127.0.0.1:8443, with a paired device's token) and through
+//! the anchor: nginx as a reverse proxy (upstream keep-alive, a static `Authorization` check)
+//! in a container of its own in the pod, as a Compose user would put one in front of an app,
+//! and as the gate runs. For reference it also measures nginx proxying from inside the app's
+//! own nginx, a front door no separate container can be: there a worker often serves the
+//! proxied request itself, with no hop to another process.
+//!
+//! The runs go back to back in each round, so each round gives ratios under the same
+//! conditions; it prints the median ratios over the rounds (goals: ≥ 0.9× direct, ≥ 1.0×
+//! nginx-as-proxy), best requests/s, p99 latency, the p99 the gate adds to one connection's
+//! requests (goal < 1 ms), and the gate's peak RSS under that load (goal < 30 MB).
+//!
+//! wrk runs in a CPU cgroup of its own beside the engine's, so that the load generator gets
+//! the same share of this machine in every run and the pod the rest, however many containers
+//! it has: in the root group wrk's threads would outweigh the engine's one group, and each
+//! container in front of the app would take its CPU from the pod's side only. Without a cgroup
+//! file system it says so and runs unconfined. Needs the test images (`.ci/test-images.sh`),
+//! `wrk` and `nsenter`, and root (to enter the namespace and make the cgroup).
 
 use std::process::Command;
 use std::time::Duration;
@@ -14,12 +27,30 @@ use std::time::Duration;
 mod memory;
 
 const SOUL: &str = env!("CARGO_BIN_EXE_soul");
-const ROUNDS: usize = 3;
-/// The anchor: nginx as a reverse proxy in the same pod, with upstream keep-alive and a static
-/// `Authorization` check (what a Compose user would put in front of an app by hand).
-const NGINX_PROXY_PORT: u16 = 8081;
+const ROUNDS: usize = 5;
+/// The anchor, nginx as a reverse proxy in a container of its own in the pod.
+const NGINX_PROXY_PORT: u16 = 8082;
+/// nginx proxying from inside the app's own nginx (for reference).
+const NGINX_SAME_PROCESS_PORT: u16 = 8081;
 const NGINX_PROXY_TOKEN: &str = "static-bench-token";
-const SECONDS: u64 = 8;
+const SECONDS: u64 = 6;
+
+/// An nginx configuration: worker processes, no access log (the test image logs to stdout,
+/// through Docker's log pipeline, which would be the bottleneck of every run instead of what
+/// is measured), and `servers`.
+fn nginx_conf(servers: &str) -> String {
+    format!(
+        "worker_processes auto;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n{servers}}}\n"
+    )
+}
+
+/// A reverse proxy on `port` to the app on 127.0.0.1:80, with upstream keep-alive and a static
+/// `Authorization` check.
+fn proxy_server(port: u16) -> String {
+    format!(
+        "  upstream app {{ server 127.0.0.1:80; keepalive 64; }}\n  server {{\n    listen {port};\n    location / {{\n      if ($http_authorization != \"Bearer {NGINX_PROXY_TOKEN}\") {{ return 401; }}\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n    }}\n  }}\n"
+    )
+}
 
 fn main() {
     for tool in ["wrk", "nsenter"] {
@@ -31,26 +62,29 @@ fn main() {
             "the gate benchmark needs `{tool}` (apt-get install wrk util-linux)"
         );
     }
-    let dir = std::env::temp_dir().join(format!("soul-bench-gate-{}", std::process::id()));
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("soul-bench-gate-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let lan = 25000 + (std::process::id() % 1000) as u16;
+    let lan = 25000 + (id % 1000) as u16;
+    let stack = format!("gbench{}", id % 100_000);
     let file = dir.join("stack.kdl");
     let state = dir.join("state");
-    // nginx without its access log: the test image logs every request to stdout, through
-    // Docker's log pipeline, which would be the bottleneck of both runs instead of the gate.
-    let conf = dir.join("nginx.conf");
+    let app_conf = dir.join("app.conf");
+    let proxy_conf = dir.join("proxy.conf");
     std::fs::write(
-        &conf,
-        format!(
-            "worker_processes auto;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  server {{ listen 80; root /var/www/html; }}\n  upstream app {{ server 127.0.0.1:80; keepalive 64; }}\n  server {{\n    listen {NGINX_PROXY_PORT};\n    location / {{\n      if ($http_authorization != \"Bearer {NGINX_PROXY_TOKEN}\") {{ return 401; }}\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n    }}\n  }}\n}}\n"
-        ),
+        &app_conf,
+        nginx_conf(&format!(
+            "  server {{ listen 80; root /var/www/html; }}\n{}",
+            proxy_server(NGINX_SAME_PROCESS_PORT)
+        )),
     )
     .unwrap();
+    std::fs::write(&proxy_conf, nginx_conf(&proxy_server(NGINX_PROXY_PORT))).unwrap();
     std::fs::write(
         &file,
         format!(
-            "stack \"gbench\"\nsidecar \"web\" {{\n  image \"soul-test/nginx:1\"\n  port 80\n  volume \"{}\" \"/etc/nginx/nginx.conf\" read-only=#true\n}}\ntransport {{\n  lan port={lan}\n}}\ndevice \"bench\"\n",
-            conf.display()
+            "stack \"{stack}\"\nsidecar \"web\" {{\n  image \"soul-test/nginx:1\"\n  port 80\n  volume \"{}\" \"/etc/nginx/nginx.conf\" read-only=#true\n}}\ntransport {{\n  lan port={lan}\n}}\ndevice \"bench\"\n",
+            app_conf.display()
         ),
     )
     .unwrap();
@@ -70,63 +104,85 @@ fn main() {
         );
     };
     soul(&["apply"]);
+    let pause = format!("soul_{stack}_web_pause");
+    let proxy = ProxyContainer::start(&format!("soul-bench-{stack}-proxy"), &pause, &proxy_conf);
     let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
-    let pause = pid("soul_gbench_web_pause");
-    let gate = pid("soul_gbench_web_gate");
-    let netns = format!("--net=/proc/{pause}/ns/net");
+    let gate = pid(&format!("soul_{stack}_web_gate"));
+    let netns = format!("--net=/proc/{}/ns/net", pid(&pause));
 
     let direct_url = "http://127.0.0.1:80/";
     let gate_url = "http://127.0.0.1:8443/";
     let proxy_url = format!("http://127.0.0.1:{NGINX_PROXY_PORT}/");
+    let same_process_url = format!("http://127.0.0.1:{NGINX_SAME_PROCESS_PORT}/");
     let proxy_auth = format!("Authorization: Bearer {NGINX_PROXY_TOKEN}");
+    let load = LoadGroup::new();
+    let wrk = |url: &str, header: Option<&str>, connections: u32, seconds: u64| {
+        wrk(load.0.as_deref(), &netns, url, header, connections, seconds)
+    };
     // All answer before anything is measured; a short warm-up run each.
-    wrk(&netns, direct_url, None, 64, 1);
-    wrk(&netns, gate_url, Some(&auth), 64, 1);
-    wrk(&netns, &proxy_url, Some(&proxy_auth), 64, 1);
-    let (mut direct, mut gated, mut proxied) = (vec![], vec![], vec![]);
+    wrk(direct_url, None, 64, 1);
+    wrk(gate_url, Some(&auth), 64, 1);
+    wrk(&proxy_url, Some(&proxy_auth), 64, 1);
+    wrk(&same_process_url, Some(&proxy_auth), 64, 1);
+    let (mut direct, mut gated, mut proxied, mut same_process) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
-        direct.push(wrk(&netns, direct_url, None, 64, SECONDS));
-        gated.push(wrk(&netns, gate_url, Some(&auth), 64, SECONDS));
-        proxied.push(wrk(&netns, &proxy_url, Some(&proxy_auth), 64, SECONDS));
+        direct.push(wrk(direct_url, None, 64, SECONDS));
+        gated.push(wrk(gate_url, Some(&auth), 64, SECONDS));
+        proxied.push(wrk(&proxy_url, Some(&proxy_auth), 64, SECONDS));
+        same_process.push(wrk(&same_process_url, Some(&proxy_auth), 64, SECONDS));
     }
     // Under 64 connections both sides saturate this machine's cores, so latency there is
     // mostly queueing (Little's law); one connection shows what the gate adds to a request.
     let (mut direct_one, mut gated_one) = (vec![], vec![]);
     for _ in 0..ROUNDS {
-        direct_one.push(wrk(&netns, direct_url, None, 1, SECONDS / 2));
-        gated_one.push(wrk(&netns, gate_url, Some(&auth), 1, SECONDS / 2));
+        direct_one.push(wrk(direct_url, None, 1, SECONDS / 2));
+        gated_one.push(wrk(gate_url, Some(&auth), 1, SECONDS / 2));
     }
     // MiB → MB: the goal is in megabytes.
     let peak = memory::status_mib(gate, "VmHWM") * 1.048_576;
+    drop(proxy);
     soul(&["down", "--volumes"]);
     let _ = std::fs::remove_dir_all(&dir);
 
     let best = |runs: &[Run]| runs.iter().map(|r| r.rps).fold(0.0, f64::max);
-    let median_p99 = |runs: &[Run]| {
-        let mut v: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (d, g, n) = (best(&direct), best(&gated), best(&proxied));
-    let (dp, gp, np) = (
-        median_p99(&direct),
-        median_p99(&gated),
-        median_p99(&proxied),
-    );
+    let median_p99 = |runs: &[Run]| median(runs.iter().map(|r| r.p99_ms).collect());
+    let ratio = |num: &[Run], den: &[Run]| {
+        median(num.iter().zip(den).map(|(n, d)| n.rps / d.rps).collect())
+    };
     let (dp1, gp1) = (median_p99(&direct_one), median_p99(&gated_one));
-    println!("gate vs app directly (nginx, static page), wrk inside the pod, {ROUNDS} runs each:");
-    println!("  64 connections, best req/s, median p99:");
-    println!("    direct     {d:>10.0} req/s   p99 {dp:.2} ms");
-    println!("    via gate   {g:>10.0} req/s   p99 {gp:.2} ms");
     println!(
-        "    via nginx  {n:>10.0} req/s   p99 {np:.2} ms   (reverse proxy, keep-alive, static auth)"
+        "gate vs app directly (nginx, static page), wrk inside the pod{}, {ROUNDS} rounds:",
+        if load.0.is_some() {
+            " in a CPU cgroup of its own"
+        } else {
+            " (unconfined: no cgroup file system)"
+        }
     );
+    println!("  64 connections, best req/s, median p99, median ratio to direct:");
+    for (what, runs) in [
+        ("direct", &direct),
+        ("via gate", &gated),
+        ("via nginx (own container, the anchor)", &proxied),
+        ("via nginx (inside the app's nginx)", &same_process),
+    ] {
+        println!(
+            "    {what:<40} {:>7.0} req/s   p99 {:>6.2} ms   {:.2}×",
+            best(runs),
+            median_p99(runs),
+            ratio(runs, &direct)
+        );
+    }
     println!(
-        "    gate: {:.2}× direct (goal ≥ 0.90×), {:.2}× nginx-as-proxy (goal ≥ 1.0×); added p99 {:.2} ms",
-        g / d,
-        g / n,
-        gp - dp
+        "    gate: {:.2}× direct (goal ≥ 0.90×), {:.2}× nginx-as-proxy (goal ≥ 1.0×), {:.2}× nginx inside the app; added p99 {:.2} ms",
+        ratio(&gated, &direct),
+        ratio(&gated, &proxied),
+        ratio(&gated, &same_process),
+        median_p99(&gated) - median_p99(&direct)
     );
     println!("  1 connection, median p99:");
     println!(
@@ -136,16 +192,86 @@ fn main() {
     println!("  gate peak RSS {peak:.1} MB (goal < 30 MB)");
 }
 
+/// nginx as a reverse proxy in the pod's network namespace, in a container of its own;
+/// removed when dropped.
+struct ProxyContainer(String);
+
+impl ProxyContainer {
+    fn start(name: &str, pause: &str, conf: &std::path::Path) -> ProxyContainer {
+        let _ = Command::new("docker").args(["rm", "-f", name]).output();
+        let o = Command::new("docker")
+            .args(["run", "-d", "--name", name])
+            .arg(format!("--network=container:{pause}"))
+            .arg("-v")
+            .arg(format!("{}:/etc/nginx/nginx.conf:ro", conf.display()))
+            .arg("soul-test/nginx:1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "starting the anchor nginx: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ProxyContainer(name.to_string())
+    }
+}
+
+impl Drop for ProxyContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+/// A CPU cgroup for the load generator, beside the engine's group (cgroup v1's `cpu`
+/// hierarchy, or v2's root); removed when dropped.
+struct LoadGroup(Option<std::path::PathBuf>);
+
+impl LoadGroup {
+    fn new() -> LoadGroup {
+        let name = format!("soul-bench-load-{}", std::process::id());
+        for base in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup"] {
+            let base = std::path::Path::new(base);
+            if base.join("cgroup.procs").exists() && std::fs::create_dir(base.join(&name)).is_ok() {
+                return LoadGroup(Some(base.join(name)));
+            }
+        }
+        eprintln!("note: no CPU cgroup for wrk; it competes with the pod unconfined");
+        LoadGroup(None)
+    }
+}
+
+impl Drop for LoadGroup {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// One wrk run's requests/s and p99 latency.
 struct Run {
     rps: f64,
     p99_ms: f64,
 }
 
-fn wrk(netns: &str, url: &str, header: Option<&str>, connections: u32, seconds: u64) -> Run {
+fn wrk(
+    group: Option<&std::path::Path>,
+    netns: &str,
+    url: &str,
+    header: Option<&str>,
+    connections: u32,
+    seconds: u64,
+) -> Run {
     let threads = connections.min(2);
-    let mut cmd = Command::new("nsenter");
-    cmd.args([netns, "wrk", "--latency"])
+    let mut cmd = Command::new("sh");
+    // The shell joins the group, then becomes nsenter (and wrk): both stay in it.
+    match group {
+        Some(g) => cmd
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(g),
+        None => cmd.args(["-c", "exec \"$@\"", "sh"]),
+    };
+    cmd.args(["nsenter", netns, "wrk", "--latency"])
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))

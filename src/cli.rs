@@ -195,6 +195,10 @@ Example:
         /// Refused attempts per source address per minute before answering 429.
         #[arg(long, default_value_t = 30)]
         failures_per_minute: usize,
+        /// Threads serving connections, each with a connection from accept to close (default:
+        /// one per CPU the gate may use).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
     /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
     /// outside the pod only the gate's port (and replies to the pod's own connections).
@@ -562,17 +566,33 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             keys,
             header_timeout,
             failures_per_minute,
+            threads,
         } => {
             let mut cfg = crate::gate::GateConfig::new(stack, *upstream, keys.clone());
             cfg.sidecar = sidecar.clone();
             cfg.redeemed_dir = redeemed.clone();
             cfg.header_timeout = *header_timeout;
             cfg.failures_per_minute = *failures_per_minute;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
+            let listener = std::net::TcpListener::bind(listen)
                 .map_err(|e| CliError::Io(format!("gate: cannot listen on {listen}: {e}")))?;
-            crate::gate::serve(cfg, listener, terminated())
-                .await
+            let threads = threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            );
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let gate = tokio::task::spawn_blocking(move || {
+                crate::gate::serve(cfg, listener, threads, stopped)
+            });
+            tokio::pin!(gate);
+            let served = tokio::select! {
+                r = &mut gate => r,
+                () = terminated() => {
+                    let _ = stop.send(true);
+                    gate.await
+                }
+            };
+            served
+                .map_err(|e| CliError::Io(format!("gate: {e}")))?
                 .map_err(|e| CliError::Io(format!("gate: {e}")))?;
             Ok(Exit::Ok)
         }

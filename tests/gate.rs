@@ -1254,6 +1254,34 @@ fn a_cross_origin_page_cannot_ride_the_cookie() {
     assert_eq!(status(&r), 200, "{r}");
 }
 
+/// The attack corpus found it: `Origin: https://x` passed as the origin of a gate clients
+/// reach at `http://x`, so a page served over HTTPS on the same host could write with the
+/// cookie.
+#[test]
+fn an_https_page_on_the_same_host_cannot_ride_the_cookie() {
+    let (app, _key, gate, token) = gate_with_alice(32, "scheme-origin");
+    let session = session_cookie(&request(gate.port, &format!("/?soul_token={token}"), ""));
+    for origin in ["https://x", "https://x:80", "HTTPS://x"] {
+        let r = send(
+            gate.port,
+            "DELETE",
+            "/item",
+            &format!("Cookie: {session}\r\nOrigin: {origin}\r\n"),
+            "",
+        );
+        assert_eq!(status(&r), 403, "{origin}: {r}");
+    }
+    let r = send(
+        gate.port,
+        "DELETE",
+        "/item",
+        &format!("Cookie: {session}\r\nOrigin: http://x\r\n"),
+        "",
+    );
+    assert_eq!(status(&r), 200, "same origin: {r}");
+    assert_eq!(app.log.lock().unwrap().concat().matches("DELETE").count(), 1);
+}
+
 #[test]
 fn open_redirect_paths_stay_on_the_gates_origin() {
     let (_app, _key, gate, token) = gate_with_alice(28, "redirect");
@@ -1527,4 +1555,406 @@ fn a_real_browser_pairs_by_link_keeps_no_usable_credential_in_history_and_stays_
     assert!(dom.contains("app"), "reload after a cross-site link: {dom}");
     let _ = std::fs::remove_dir_all(&profile);
     let _ = std::fs::remove_dir_all(&elsewhere);
+}
+
+/// Sends `raw` bytes as they are on a fresh connection; returns everything the gate answers
+/// until it closes (3 s read timeout).
+fn raw(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a raw answer refused: the connection closed unanswered, or every status line in it
+/// is a 4xx.
+fn refused(answer: &str) -> bool {
+    let codes: Vec<u16> = answer
+        .split("\r\n")
+        .filter(|l| l.starts_with("HTTP/1."))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    codes.iter().all(|c| (400..500).contains(c))
+}
+
+/// The hostile requests an outside attacker sent, as one corpus: forged, tampered, re-signed,
+/// wrong-key, wrong-stack, revoked, superseded and oversized tokens; forged and re-scoped
+/// session cookies; forged pairing tickets; request smuggling; h2c by upgrade and by prior
+/// knowledge; oversized heads; odd methods and paths; a valid cookie ridden from another
+/// origin. Every one is refused and none reaches the app; the counts are printed for the
+/// record (`cargo test --test gate attack_corpus -- --nocapture`).
+#[test]
+fn attack_corpus_is_refused_and_never_reaches_the_app() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let app = app();
+    let key = StackKey::from_seed(1, [33; 32]);
+    let reg = registry(&[("alice", 2)]);
+    let gate = start_gate(app.port, &key, &reg, "corpus");
+    let good = issue(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
+    let other_key = StackKey::from_seed(1, [34; 32]);
+    let [head, body, sig]: [&str; 3] = good.split('.').collect::<Vec<_>>().try_into().unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&B64.decode(body).unwrap()).unwrap();
+    let with_claim = |k: &str, v: serde_json::Value| {
+        let mut c = claims.clone();
+        c[k] = v;
+        B64.encode(serde_json::to_vec(&c).unwrap())
+    };
+    let header_alg = |alg: &str| B64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
+    let hs = |alg: jsonwebtoken::Algorithm, secret: &[u8]| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            &claims_for("home", "alice", 2, 1000, None),
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    };
+
+    // Forged and tampered device tokens, each as `Authorization: Bearer`.
+    let mut tokens: Vec<String> = vec![
+        String::new(),
+        "x".into(),
+        "x.y.z".into(),
+        "..".into(),
+        format!("{good}x"),
+        format!("x{good}"),
+        good[..good.len() - 1].to_string(),
+        format!("{head}.{body}"),
+        format!("{head}.{body}."),
+        format!("{head}..{sig}"),
+        format!(".{body}.{sig}"),
+        format!("{head}.{}.{sig}", with_claim("sub", "admin".into())),
+        format!("{head}.{}.{sig}", with_claim("aud", "soul:work".into())),
+        format!("{head}.{}.{sig}", with_claim("exp", 1.into())),
+        format!("{head}.{}.{sig}", with_claim("gen", 3.into())),
+        format!("{head}.{}.{sig}", with_claim("iat", 999.into())),
+        format!("{}.{body}.", header_alg("none")),
+        format!("{}.{body}.", header_alg("None")),
+        format!("{}.{body}.", header_alg("NONE")),
+        format!("{}.{body}.{sig}", header_alg("HS256")),
+        format!("{}.{body}.{sig}", header_alg("RS256")),
+        format!("{}.{body}.{sig}", header_alg("ES256")),
+        format!(
+            "{}.{body}.{sig}",
+            B64.encode(r#"{"alg":"EdDSA","typ":"JWT","kid":"../../etc/passwd"}"#)
+        ),
+        format!(
+            "{}.{body}.{sig}",
+            B64.encode(r#"{"alg":"EdDSA","jwk":{"kty":"OKP","crv":"Ed25519","x":"AAAA"}}"#)
+        ),
+        hs(jsonwebtoken::Algorithm::HS256, &key.public_key()),
+        hs(jsonwebtoken::Algorithm::HS384, &key.public_key()),
+        hs(jsonwebtoken::Algorithm::HS512, &key.public_key()),
+        hs(jsonwebtoken::Algorithm::HS256, b""),
+        issue(&key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
+        issue(&key, &claims_for("home", "alice", 2, 1000, Some(2000))).unwrap(),
+        issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap(),
+        issue(&key, &claims_for("home", "alice", 3, 1000, None)).unwrap(),
+        issue(&key, &claims_for("home", "alice", 2, 1001, None)).unwrap(),
+        issue(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap(),
+        issue(&key, &claims_for("home", "", 2, 1000, None)).unwrap(),
+        issue(&other_key, &claims_for("home", "alice", 2, 1000, None)).unwrap(),
+        issue(&other_key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
+        "A".repeat(8000),
+    ];
+    // The signature with one bit flipped, at eight places.
+    let sig_bytes = B64.decode(sig).unwrap();
+    for i in (0..sig_bytes.len()).step_by(8) {
+        let mut s = sig_bytes.clone();
+        s[i] ^= 0x80;
+        tokens.push(format!("{head}.{body}.{}", B64.encode(&s)));
+    }
+    let mut requests: Vec<(String, Vec<u8>)> = vec![];
+    let get = |path: &str, headers: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").into_bytes()
+    };
+    for (i, t) in tokens.iter().enumerate() {
+        requests.push((format!("token {i}"), get("/secret", &bearer(t))));
+    }
+    for (i, auth) in [
+        "Basic YWxpY2U6cGFzc3dvcmQ=".to_string(),
+        "Bearer".into(),
+        "Bearer    ".into(),
+        format!("Token {good}"),
+        format!("Bearerx {good}"),
+        format!("JWT {good}"),
+        good.clone(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((
+            format!("authorization {i}"),
+            get("/secret", &format!("Authorization: {auth}\r\n")),
+        ));
+    }
+    requests.push(("no credential".into(), get("/secret", "")));
+    // The token where only a proxy would read it, or folded onto another line.
+    requests.push((
+        "proxy-authorization".into(),
+        get("/", &format!("Proxy-Authorization: Bearer {good}\r\n")),
+    ));
+    requests.push((
+        "obs-fold".into(),
+        get(
+            "/",
+            &format!("X-Note: a\r\n Authorization: Bearer {good}\r\n"),
+        ),
+    ));
+
+    // Forged session cookies, pairing links and tickets.
+    let link_key = key.link_key();
+    let alice = &reg.devices["alice"];
+    let ticket = soul::pairing::ticket(&link_key, "home", "notes", "alice", alice);
+    let forged_tickets = [
+        soul::pairing::ticket(&other_key.link_key(), "home", "notes", "alice", alice),
+        soul::pairing::ticket(&link_key, "home", "other", "alice", alice),
+        soul::pairing::ticket(&link_key, "work", "notes", "alice", alice),
+        soul::pairing::ticket(&link_key, "home", "notes", "alice", &entry(1, None)),
+        soul::pairing::ticket(&link_key, "home", "notes", "bob", alice),
+        "alice.2.".into(),
+        "alice".into(),
+        format!("{ticket}x"),
+    ];
+    for (i, t) in forged_tickets.iter().enumerate() {
+        let form = format!("ticket={t}&to=/");
+        requests.push((
+            format!("forged ticket {i}"),
+            format!(
+                "POST /.soul/pair HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+                form.len()
+            )
+            .into_bytes(),
+        ));
+    }
+    requests.push((
+        "a pairing post from another origin".into(),
+        format!(
+            "POST /.soul/pair HTTP/1.1\r\nHost: x\r\nConnection: close\r\nOrigin: http://evil.example\r\nContent-Length: {}\r\n\r\nticket={ticket}",
+            ticket.len() + 7
+        )
+        .into_bytes(),
+    ));
+    for (i, t) in ["x.y.z", "", &tokens[13], &tokens[34]].iter().enumerate() {
+        requests.push((
+            format!("link token {i}"),
+            get(&format!("/?soul_token={t}"), ""),
+        ));
+    }
+    for (i, cookie) in [
+        "soul_home_notes=garbage".to_string(),
+        "soul_home_notes=alice.2.99999999999.AAAA".into(),
+        "soul_home_notes=alice.2.99999999999".into(),
+        "soul_home_notes=".into(),
+        format!("soul_home_notes={good}"),
+        format!("soul_home={good}"),
+        format!("soul_token={good}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((
+            format!("forged cookie {i}"),
+            get("/", &format!("Cookie: {cookie}\r\n")),
+        ));
+    }
+
+    // Smuggling: a second request hidden in the first one's body or framing.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (i, framing) in [
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        format!(
+            "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n5c\r\n{smuggled}\r\n0\r\n\r\n"
+        ),
+        format!("Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!(
+            "Content-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        ),
+        format!("Content-Length: +{}\r\n\r\n{smuggled}", smuggled.len()),
+        format!("Transfer-Encoding: chunked\r\n\r\nzz\r\n{smuggled}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((
+            format!("smuggling {i}"),
+            format!("POST / HTTP/1.1\r\nHost: x\r\n{framing}").into_bytes(),
+        ));
+    }
+    requests.push((
+        "pipelined".into(),
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+    ));
+    requests.push((
+        "h2c upgrade".into(),
+        get(
+            "/",
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        ),
+    ));
+    requests.push((
+        "websocket without a credential".into(),
+        get(
+            "/ws",
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        ),
+    ));
+
+    // Odd methods, targets and paths.
+    for (i, line) in [
+        "CONNECT evil.example:443 HTTP/1.1",
+        "OPTIONS * HTTP/1.1",
+        "TRACE / HTTP/1.1",
+        "GET http://evil.example/ HTTP/1.1",
+        "GET /.soul/health/../secret HTTP/1.1",
+        "GET /.soul/healthz HTTP/1.1",
+        "GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1",
+        "GET /.soul/pair HTTP/1.1",
+        "GET / HTTP/1.0",
+        "GET / HTTP/0.9",
+        "GET / HTTP/2.0",
+        "get / HTTP/1.1",
+        "GET  / HTTP/1.1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((
+            format!("request line {i}"),
+            format!("{line}\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes(),
+        ));
+    }
+    // Oversized heads, with a valid token: refused before any check.
+    let many: String = (0..100).map(|i| format!("X-Filler-{i}: x\r\n")).collect();
+    requests.push((
+        "100 headers".into(),
+        get("/", &format!("{many}{}", bearer(&good))),
+    ));
+    requests.push((
+        "a 64 KiB header".into(),
+        get(
+            "/",
+            &format!("X-Filler: {}\r\n{}", "x".repeat(64 * 1024), bearer(&good)),
+        ),
+    ));
+    requests.push((
+        "a 32 KiB target".into(),
+        get(&format!("/{}", "a".repeat(32 * 1024)), &bearer(&good)),
+    ));
+    requests.push(("NUL in a header".into(), {
+        let mut r = get("/", &bearer(&good));
+        let at = r.len() - 2;
+        r.splice(at..at, b"X-Nul: a\0b\r\n".iter().copied());
+        r
+    }));
+
+    // A valid session cookie ridden from another origin: upgrades and writes are refused.
+    let session = session_cookie(&request(gate.port, &format!("/?soul_token={good}"), ""));
+    for (i, (method, origin)) in [
+        ("POST", "http://evil.example"),
+        ("POST", "http://x:8081"),
+        ("PUT", "null"),
+        ("DELETE", "https://x"),
+        ("PATCH", "http://x.evil.example"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((
+            format!("cross-origin write {i}"),
+            format!(
+                "{method} /save HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: {session}\r\nOrigin: {origin}\r\nContent-Length: 3\r\n\r\na=1"
+            )
+            .into_bytes(),
+        ));
+    }
+    for (i, origin) in ["http://evil.example", "http://x:8081", "null"]
+        .iter()
+        .enumerate()
+    {
+        requests.push((
+            format!("cross-origin websocket {i}"),
+            get(
+                "/ws",
+                &format!(
+                    "Cookie: {session}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: {origin}\r\n"
+                ),
+            ),
+        ));
+    }
+
+    let mut let_through = vec![];
+    for (what, bytes) in &requests {
+        let answer = raw(gate.port, bytes);
+        if !refused(&answer) {
+            let_through.push(format!("{what}: {}", answer.lines().next().unwrap_or("")));
+        }
+    }
+    // The same forgeries over HTTP/2 (prior knowledge).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let h2: Vec<u16> = rt.block_on(async {
+        use http_body_util::Empty;
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gate.port))
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut codes = vec![];
+        for t in tokens.iter().filter(|t| !t.is_empty() && t.len() < 4096) {
+            let req = http::Request::get(format!("http://127.0.0.1:{}/h2", gate.port))
+                .header("authorization", format!("Bearer {t}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            codes.push(match sender.send_request(req).await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            });
+        }
+        codes
+    });
+    let h2_refused = h2
+        .iter()
+        .filter(|c| **c == 0 || (400..500).contains(*c))
+        .count();
+    let sent = requests.len() + h2.len();
+    let refused_count = requests.len() - let_through.len() + h2_refused;
+    println!(
+        "attack corpus: {sent} hostile requests sent ({} over HTTP/1.1, {} over HTTP/2), {refused_count} refused",
+        requests.len(),
+        h2.len()
+    );
+    assert!(let_through.is_empty(), "let through: {let_through:#?}");
+    assert_eq!(h2_refused, h2.len(), "over HTTP/2: {h2:?}");
+    assert!(sent >= 100, "the corpus shrank: {sent}");
+    let seen = app.log.lock().unwrap().concat();
+    assert!(seen.is_empty(), "hostile requests reached the app: {seen}");
+    // And the gate still serves the device (from another address than the hammering one's
+    // limit would matter for: a valid token is never limited).
+    assert_eq!(status(&request(gate.port, "/after", &bearer(&good))), 200);
+    let seen = app.log.lock().unwrap().concat();
+    assert!(
+        seen.starts_with("GET /after ") && !seen.contains("smuggled"),
+        "{seen}"
+    );
 }

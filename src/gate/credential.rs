@@ -143,8 +143,9 @@ pub fn strip<B>(req: &mut Request<B>) {
 /// Whether a cookie-authenticated request must be refused as cross-origin: a WebSocket (or
 /// other) upgrade, or a method that changes state, sent by a page of another origin. Cookies
 /// do not tell ports apart, and SameSite does not either (a site ignores ports), so the gate
-/// compares the browser's `Origin` with the address the request was sent to.
-pub fn foreign_origin<B>(req: &Request<B>) -> bool {
+/// compares the browser's `Origin` with the address the request was sent to, and with the
+/// scheme its clients use (`tls`): a page on `https://host` is not the gate's `http://host`.
+pub fn foreign_origin<B>(req: &Request<B>, tls: bool) -> bool {
     let safe = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -182,11 +183,14 @@ pub fn foreign_origin<B>(req: &Request<B>) -> bool {
     else {
         return true; // `null` (a sandboxed or opaque origin), or garbage
     };
-    let default_port = match authority.0.as_str() {
-        "http" => ":80",
-        "https" => ":443",
-        _ => return true,
+    let (scheme, default_port) = if tls {
+        ("https", ":443")
+    } else {
+        ("http", ":80")
     };
+    if authority.0 != scheme {
+        return true;
+    }
     let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
     let origin_host = authority.1;
     !(same(origin_host, host)
@@ -278,13 +282,18 @@ mod tests {
                 ],
             )
         };
-        assert!(!foreign_origin(&ws("http://192.168.1.20:8443")));
+        assert!(!foreign_origin(&ws("http://192.168.1.20:8443"), false));
         assert!(
-            foreign_origin(&ws("http://192.168.1.20:8444")),
+            foreign_origin(&ws("http://192.168.1.20:8444"), false),
             "another port"
         );
-        assert!(foreign_origin(&ws("http://evil.example")));
-        assert!(foreign_origin(&ws("null")));
+        assert!(foreign_origin(&ws("http://evil.example"), false));
+        assert!(foreign_origin(&ws("null"), false));
+        assert!(
+            foreign_origin(&ws("https://192.168.1.20:8443"), false),
+            "another scheme"
+        );
+        assert!(!foreign_origin(&ws("https://192.168.1.20:8443"), true));
         let default_port = req(
             "/",
             &[
@@ -293,13 +302,13 @@ mod tests {
                 ("origin", "http://pod.lan"),
             ],
         );
-        assert!(!foreign_origin(&default_port));
+        assert!(!foreign_origin(&default_port, false));
         let post = Request::post("/save")
             .header("host", "h:1")
             .header("origin", "http://h:2")
             .body(())
             .unwrap();
-        assert!(foreign_origin(&post));
+        assert!(foreign_origin(&post, false));
         let metadata = |site: &str| {
             req(
                 "/ws",
@@ -311,13 +320,13 @@ mod tests {
                 ],
             )
         };
-        assert!(!foreign_origin(&metadata("same-origin")));
+        assert!(!foreign_origin(&metadata("same-origin"), false));
         assert!(
-            foreign_origin(&metadata("same-site")),
+            foreign_origin(&metadata("same-site"), false),
             "another port, same site"
         );
-        assert!(foreign_origin(&metadata("cross-site")));
+        assert!(foreign_origin(&metadata("cross-site"), false));
         let get = req("/", &[("host", "h:1"), ("origin", "http://h:2")]);
-        assert!(!foreign_origin(&get), "a plain GET changes nothing");
+        assert!(!foreign_origin(&get, false), "a plain GET changes nothing");
     }
 }

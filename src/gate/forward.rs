@@ -7,25 +7,30 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
 /// proxy-only ones a client may send to the wrong hop).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Names made once, at compile time: every request removes each of them.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Forwarding headers a client could forge.
-const FORWARDING: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
+static FORWARDING: [HeaderName; 5] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-real-ip"),
 ];
 
 /// Drops hop-by-hop headers: those in [`HOP_BY_HOP`] and every header `Connection` names.
@@ -37,6 +42,8 @@ fn drop_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // `Connection: keep-alive` (and `close`) names no header of its own.
+        .filter(|n| !HOP_BY_HOP.contains(n))
         .collect();
     let kept_upgrade = if upgrade {
         headers.get(header::UPGRADE).cloned()
@@ -46,8 +53,8 @@ fn drop_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     if let Some(u) = kept_upgrade {
         headers.insert(header::UPGRADE, u);
@@ -55,23 +62,27 @@ fn drop_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// A request on its way to the app: no hop-by-hop headers, and `X-Forwarded-For`,
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` set from the connection the gate accepted.
-pub fn request(headers: &mut HeaderMap, client: IpAddr, tls: bool, upgrade: bool) {
+/// A client's address as an `X-Forwarded-For` value.
+pub fn client_address(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+}
+
+/// A request on its way to the app: no hop-by-hop headers, and `X-Forwarded-For` (`client`,
+/// from [`client_address`]), `X-Forwarded-Proto` and `X-Forwarded-Host` set from the
+/// connection the gate accepted.
+pub fn request(headers: &mut HeaderMap, client: HeaderValue, tls: bool, upgrade: bool) {
     drop_hop_by_hop(headers, upgrade);
     let host = headers.get(header::HOST).cloned();
-    for name in FORWARDING {
-        headers.remove(*name);
+    for name in &FORWARDING {
+        headers.remove(name);
     }
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert(&X_FORWARDED_FOR, client);
     headers.insert(
-        "x-forwarded-proto",
+        &X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
     if let Some(h) = host {
-        headers.insert("x-forwarded-host", h);
+        headers.insert(&X_FORWARDED_HOST, h);
     }
 }
 
@@ -109,7 +120,12 @@ mod tests {
             ("forwarded", "for=6.6.6.6"),
             ("accept", "*/*"),
         ]);
-        request(&mut h, "192.0.2.7".parse().unwrap(), false, false);
+        request(
+            &mut h,
+            client_address("192.0.2.7".parse().unwrap()),
+            false,
+            false,
+        );
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         for gone in [
             "connection",
@@ -131,7 +147,12 @@ mod tests {
     #[test]
     fn an_upgrade_keeps_what_it_needs() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        request(&mut h, "127.0.0.1".parse().unwrap(), true, true);
+        request(
+            &mut h,
+            client_address("127.0.0.1".parse().unwrap()),
+            true,
+            true,
+        );
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["x-forwarded-proto"], "https");

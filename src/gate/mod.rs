@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -99,6 +100,8 @@ struct Shared {
     failures: Mutex<Failures>,
     redeemed: Mutex<Redeemed>,
     client: Client<HttpConnector, Incoming>,
+    /// Connections open, across all threads, up to `cfg.max_connections`.
+    slots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -112,19 +115,18 @@ impl Shared {
     }
 }
 
-/// Serves until `shutdown` resolves.
-pub async fn serve(
+/// Serves on `threads` threads until `shutdown` is set. Each thread runs a single-threaded
+/// runtime of its own that accepts from the one listening socket, so a connection lives on
+/// one thread from accept to close and its requests never wake another core (the model of
+/// nginx's worker processes). Blocks until every thread has stopped.
+pub fn serve(
     cfg: GateConfig,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
+    listener: std::net::TcpListener,
+    threads: usize,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
     let (keys_tx, keys_rx) = watch::channel(load(&cfg.keys_dir).ok().map(Arc::new));
-    tokio::spawn(keys::follow(
-        cfg.keys_dir.clone(),
-        cfg.reload_every,
-        keys_tx,
-    ));
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let shared = Arc::new(Shared {
         failures: Mutex::new(Failures::new(
             cfg.failures_per_minute,
@@ -134,6 +136,7 @@ pub async fn serve(
         keys: keys_rx,
         cookie: cookie_name(&cfg.stack, cfg.sidecar.as_deref()),
         redeemed: Mutex::new(Redeemed::open(cfg.redeemed_dir.clone())),
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg,
     });
     tracing::info!(
@@ -142,10 +145,51 @@ pub async fn serve(
         listener.local_addr()?,
         shared.cfg.upstream
     );
+    let mut keys_tx = Some(keys_tx);
+    let workers = (0..threads.max(1))
+        .map(|i| {
+            let listener = listener.try_clone()?;
+            let (shared, mut shutdown) = (shared.clone(), shutdown.clone());
+            // The first thread also follows the key and registry files.
+            let follow = keys_tx.take();
+            std::thread::Builder::new().name(format!("gate-{i}")).spawn(
+                move || -> std::io::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        if let Some(tx) = follow {
+                            let (dir, every) =
+                                (shared.cfg.keys_dir.clone(), shared.cfg.reload_every);
+                            tokio::spawn(keys::follow(dir, every, tx));
+                        }
+                        let listener = TcpListener::from_std(listener)?;
+                        accept(&listener, shared, async move {
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        })
+                        .await
+                    })
+                },
+            )
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for w in workers {
+        w.join()
+            .map_err(|_| std::io::Error::other("a gate thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Accepts connections on this thread until `shutdown` resolves.
+async fn accept(
+    listener: &TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+            p = shared.slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
             _ = &mut shutdown => return Ok(()),
         };
         let (stream, peer) = tokio::select! {
@@ -189,12 +233,18 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     }
-    let held: Arc<Mutex<Held>> = Arc::default();
+    let client = Arc::new(ClientConnection {
+        peer,
+        forwarded_for: forward::client_address(peer.ip()),
+        held: Arc::default(),
+        app: AppConnection::default(),
+    });
+    let held = client.held.clone();
     let svc = {
-        let (shared, held) = (shared.clone(), held.clone());
+        let shared = shared.clone();
         hyper::service::service_fn(move |req| {
-            let (shared, held) = (shared.clone(), held.clone());
-            async move { Ok::<_, Infallible>(handle(req, peer, shared, held).await) }
+            let (shared, client) = (shared.clone(), client.clone());
+            async move { Ok::<_, Infallible>(handle(req, &shared, &client).await) }
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -419,44 +469,49 @@ fn refuse(shared: &Shared, peer: SocketAddr, path: &str, refusal: &Refusal) -> R
     unpaired()
 }
 
+/// One client connection, as its requests see it.
+struct ClientConnection {
+    peer: SocketAddr,
+    /// The peer's address as the app's `X-Forwarded-For`, made once.
+    forwarded_for: HeaderValue,
+    held: Arc<Mutex<Held>>,
+    app: AppConnection,
+}
+
 async fn handle(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    held: Arc<Mutex<Held>>,
+    shared: &Arc<Shared>,
+    client: &ClientConnection,
 ) -> Response<Body> {
+    let (peer, held) = (client.peer, &client.held);
     if req.uri().path() == HEALTH_PATH {
         return plain(StatusCode::OK, "ok\n");
     }
     let path = req.uri().path().to_string();
     let Some(keys) = shared.keys.borrow().clone() else {
-        return refuse(&shared, peer, &path, &Refusal::no_key());
+        return refuse(shared, peer, &path, &Refusal::no_key());
     };
     if path == PAIR_PATH && req.method() == Method::POST {
-        return redeem(req, peer, &shared, &keys).await;
+        return redeem(req, peer, shared, &keys).await;
     }
     let credential = match credential::presented(&req, &shared.cookie) {
         Presented::Nothing => {
             tracing::info!(source = %peer, device = "-", reason = "no token", path, "refused");
             return unpaired();
         }
-        Presented::Ticket(ticket) => return open_link(&req, peer, &shared, &keys, &ticket),
+        Presented::Ticket(ticket) => return open_link(&req, peer, shared, &keys, &ticket),
         Presented::LinkToken(token) => {
             // A link made before tickets: the token itself, traded for a session.
-            return match check(&shared, Some(&keys), &Credential::Token(token)) {
-                Ok(grant) => start_session(
-                    peer,
-                    &shared,
-                    &keys,
-                    &grant.device,
-                    &link::target(req.uri()),
-                ),
-                Err(r) => refuse(&shared, peer, &path, &r),
+            return match check(shared, Some(&keys), &Credential::Token(token)) {
+                Ok(grant) => {
+                    start_session(peer, shared, &keys, &grant.device, &link::target(req.uri()))
+                }
+                Err(r) => refuse(shared, peer, &path, &r),
             };
         }
         Presented::Bearer(t) => Credential::Token(t),
         Presented::Session(v) => {
-            if credential::foreign_origin(&req) {
+            if credential::foreign_origin(&req, CLIENTS_USE_TLS) {
                 tracing::warn!(source = %peer, path, "refused: a cookie-authenticated upgrade or write from another origin");
                 return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
             }
@@ -470,7 +525,7 @@ async fn handle(
         .and_then(|h| h.recall(&credential, &keys, now));
     let grant = match recalled {
         Some(g) => g,
-        None => match check(&shared, Some(&keys), &credential) {
+        None => match check(shared, Some(&keys), &credential) {
             Ok(g) => {
                 if held
                     .lock()
@@ -480,14 +535,19 @@ async fn handle(
                 }
                 g
             }
-            Err(r) => return refuse(&shared, peer, &path, &r),
+            Err(r) => return refuse(shared, peer, &path, &r),
         },
     };
     credential::strip(&mut req);
     let upgrade = req.headers().contains_key(header::UPGRADE);
-    forward::request(req.headers_mut(), peer.ip(), CLIENTS_USE_TLS, upgrade);
+    forward::request(
+        req.headers_mut(),
+        client.forwarded_for.clone(),
+        CLIENTS_USE_TLS,
+        upgrade,
+    );
     let device = grant.device.clone();
-    proxy(req, &shared, Held::of(credential, keys, grant))
+    proxy(req, shared, &client.app, Held::of(credential, keys, grant))
         .await
         .unwrap_or_else(|e| {
             tracing::warn!(source = %peer, device = %device, "the app did not answer: {e}");
@@ -525,7 +585,7 @@ async fn redeem(
     shared: &Shared,
     keys: &Keys,
 ) -> Response<Body> {
-    if credential::foreign_origin(&req) {
+    if credential::foreign_origin(&req, CLIENTS_USE_TLS) {
         tracing::warn!(source = %peer, "refused: a pairing post from another origin");
         return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
     }
@@ -629,32 +689,96 @@ fn start_session(
 /// loopback arrive the overlays' forwards of remote clients, not a trusted proxy.
 const CLIENTS_USE_TLS: bool = false;
 
+/// The connection to the app of one client connection. An HTTP/1.1 client sends one request
+/// at a time, so it gets a connection to the app of its own, reused for its next request: no
+/// pool to look up and no lock shared with other clients on the hot path. HTTP/2 clients, whose
+/// streams run side by side, share the pool.
+#[derive(Default)]
+struct AppConnection(Mutex<Option<http1::SendRequest<Incoming>>>);
+
+impl AppConnection {
+    /// Sends `req` (origin-form) on this client's connection to the app, opening one when there
+    /// is none or the app closed it. A request that was not sent because the app had just
+    /// closed the connection is sent once more on a new one.
+    async fn send(
+        &self,
+        shared: &Shared,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut idle = self.0.lock().ok().and_then(|mut c| c.take());
+        if let Some(s) = &mut idle
+            && s.ready().await.is_err()
+        {
+            idle = None;
+        }
+        let mut sender = match idle {
+            Some(s) => s,
+            None => open_app_connection(shared).await?,
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    sender = open_app_connection(shared).await?;
+                    sender.send_request(req).await?
+                }
+                None => return Err(e.into_error().into()),
+            },
+        };
+        // Ready again once this response's body has been read to its end.
+        if let Ok(mut c) = self.0.lock() {
+            *c = Some(sender);
+        }
+        Ok(resp)
+    }
+}
+
+async fn open_app_connection(
+    shared: &Shared,
+) -> Result<http1::SendRequest<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = TcpStream::connect(shared.cfg.upstream).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("a connection to the app ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
 /// Forwards a request to the app, streaming bodies both ways. Upgrades (WebSocket) get a
 /// connection of their own, spliced to the client's once the app answers 101.
 async fn proxy(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
+    app: &AppConnection,
     held: Held,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    if !req.headers().contains_key(header::UPGRADE) {
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    if req.version() == http::Version::HTTP_2 && !upgrade {
+        // HTTP/2 from the client goes to the app as HTTP/1.1, through the shared pool.
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = format!("http://{}{path}", shared.cfg.upstream).parse()?;
-        // HTTP/2 from the client goes to the app as HTTP/1.1.
         *req.version_mut() = http::Version::HTTP_11;
         let mut resp = shared.client.request(req).await?;
         forward::response(resp.headers_mut(), false);
         return Ok(resp.map(|b| b.boxed()));
     }
-    // A connection of our own speaks origin-form.
-    *req.uri_mut() = path.parse()?;
+    // A connection of our own speaks origin-form, whatever form the client used.
+    if req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = path.parse()?;
+    }
+    if !upgrade {
+        let mut resp = app.send(shared, req).await?;
+        forward::response(resp.headers_mut(), false);
+        return Ok(resp.map(|b| b.boxed()));
+    }
     let client_side = hyper::upgrade::on(&mut req);
     let stream = TcpStream::connect(shared.cfg.upstream).await?;
     stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());
     let mut resp = sender.send_request(req).await?;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
