@@ -49,7 +49,7 @@ fn bench_plan() {
     let parse_start = Instant::now();
     let stack = soul::stack::parse("bench.kdl", &src).expect("valid bench stack");
     let parse_time = parse_start.elapsed();
-    let desired = reconcile::resolve(&stack, &reconcile::Host, std::path::Path::new("/state"))
+    let desired = reconcile::resolve(&stack, &soul::machine::Host, std::path::Path::new("/state"))
         .expect("resolves");
     let observed = converged(&desired);
     let iterations = 200;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+use crate::machine::Host;
 use crate::pod::{Role, label};
-use crate::reconcile::{self, Desired, Host, PassError, Plan, SoulImage, Step, unix_now};
+use crate::reconcile::{self, Desired, PassError, Plan, SoulImage, Step, unix_now};
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{self, Stack, StackError};
 use crate::state::{self, StateDir, StateError};
@@ -810,11 +811,15 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
     .await?;
     // Transports that just started publish their addresses a moment later: wait for them, so
     // the pairing codes this apply leaves behind carry every address.
+    let carriers: Vec<Role> = crate::transport::drivers(&stack)
+        .iter()
+        .map(|d| d.role())
+        .collect();
     let overlays: Vec<&str> = desired
         .pods
         .iter()
         .flat_map(|p| &p.containers)
-        .filter(|c| matches!(c.role, Role::Tor | Role::Tailscale | Role::Nebula))
+        .filter(|c| carriers.contains(&c.role))
         .map(|c| c.name.as_str())
         .collect();
     let started_overlay = plan.steps.iter().any(
@@ -1106,7 +1111,7 @@ fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         .iter()
         .map(|d| {
             let entry = registry.devices.get(&d.name);
-            let token_path = state.path().join(format!("tokens/{}.jwt", d.name));
+            let token_path = state.path().join(crate::state::layout::token(&d.name));
             let token = std::fs::read_to_string(&token_path).ok();
             let current = match (&key, &token) {
                 (Some(k), Some(t)) => {
@@ -1120,9 +1125,10 @@ fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
                 .iter()
                 .flat_map(|s| {
                     ["uri", "png", "svg", "txt"].map(|ext| {
-                        state
-                            .path()
-                            .join(format!("pairing/{}/{}.{ext}", d.name, s.name))
+                        state.path().join(format!(
+                            "{}.{ext}",
+                            crate::state::layout::pairing(&d.name, &s.name)
+                        ))
                     })
                 })
                 .filter(|p| p.exists())
@@ -1289,7 +1295,7 @@ fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
 /// A machine that has every file and variable, all empty: exporting reads no secret.
 struct NoSecrets;
 
-impl reconcile::Machine for NoSecrets {
+impl crate::machine::Machine for NoSecrets {
     fn read_file(&self, _: &str) -> std::io::Result<String> {
         Ok(String::new())
     }
@@ -1392,17 +1398,8 @@ async fn bridge_status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let mut rows = Vec::new();
     for (i, sidecar) in stack.sidecars.iter().enumerate() {
         for kind in stack.transport_order() {
-            // The container that carries this transport: the pause container publishes the LAN
-            // port; overlays have their own; the relay has none yet.
-            let carrier = match kind {
-                crate::stack::TransportKind::Lan => Some(Role::Pause),
-                crate::stack::TransportKind::Tor => Some(Role::Tor),
-                crate::stack::TransportKind::Tailscale | crate::stack::TransportKind::Headscale => {
-                    Some(Role::Tailscale)
-                }
-                _ => None,
-            }
-            .map(|r| crate::pod::container_name(&stack.stack, &sidecar.name, r));
+            let carrier = crate::transport::carrier(&stack, kind)
+                .map(|r| crate::pod::container_name(&stack.stack, &sidecar.name, r));
             let seen = carrier.as_deref().and_then(container);
             let running = seen.is_some_and(|c| c.running);
             let healthy = seen.and_then(|c| c.health.clone());
@@ -1479,7 +1476,10 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
         PairFormat::Png => "png",
         PairFormat::Svg => "svg",
     };
-    let rel = format!("pairing/{}/{sidecar}.{ext}", args.device);
+    let rel = format!(
+        "{}.{ext}",
+        crate::state::layout::pairing(&args.device, &sidecar)
+    );
     let bytes = state.read(&rel).map_err(|_| {
         CliError::Usage(format!(
             "no pairing code for {}/{sidecar} in {} yet: run `soul apply` first",

@@ -3,28 +3,36 @@
 //!
 //! # Layout
 //! - [`stack`]: the typed model of stack.kdl, parsing, schema and validation.
-//! - [`pod`]: container and pod specs and their config hash.
-//! - [`reconcile`]: resolve → Desired, the pure `plan`, the executor.
+//! - [`pod`]: container and pod specs, their config hash, and the container builder.
+//! - [`reconcile`]: resolve → Desired, the pure `plan`, the executor, the watch loop.
 //! - [`runtime`]: the Docker engine through bollard, and soul's own image.
-//! - [`state`]: the state dir: atomic 0600 writes, the stack key, the device registry, the lock.
+//! - [`state`]: the state dir: atomic 0600 writes, the stack key, the device registry, the
+//!   lock, and its layout.
+//! - [`machine`]: what resolving reads from the machine.
+//! - [`secret`]: secrets that print as `[redacted]`.
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
-//! - [`transport`]: how each pod is reached, and discovery of the current addresses.
+//! - [`transport`]: how each pod is reached, one driver per overlay, and address discovery.
 //! - [`bridge`]: `soul bridge init`: choosing transports, written into stack.kdl.
 //! - [`agent`]: the programs soul runs inside pods (pause, demo-app, probe).
 //! - [`gate`]: the authenticating proxy that runs in each pod (`soul gate`).
 //! - [`guard`]: the rules that keep the app's port private to its pod (run by `soul pause`).
 //! - [`export`]: the stack as a Compose file.
 //! - [`cli`]: the commands, their output, and exit codes.
+//!
+//! `docs/architecture.md` draws the map: which module imports which, and where a new
+//! transport goes.
 pub mod agent;
 pub mod bridge;
 pub mod cli;
 pub mod export;
 pub mod gate;
 pub mod guard;
+pub mod machine;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;
 pub mod runtime;
+pub mod secret;
 pub mod stack;
 pub mod state;
 pub mod transport;

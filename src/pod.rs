@@ -170,6 +170,102 @@ pub struct ContainerSpec {
     pub devices: Vec<String>,
 }
 
+/// How Docker restarts every container soul makes.
+pub const RESTART_POLICY: &str = "unless-stopped";
+
+/// Builds the [`ContainerSpec`]s of a pod, one call per thing a container needs. Field values
+/// (and the order of mounts) are what the spec, and so its config hash, is made of: a builder
+/// call that changes them recreates the containers it builds.
+impl ContainerSpec {
+    /// A container of `role` in `sidecar`'s pod: named by [`container_name`], joined to the
+    /// pause container's namespace, restarted unless stopped, and nothing else yet.
+    pub fn in_pod(stack: &str, sidecar: &str, role: Role, image: impl Into<String>) -> Self {
+        ContainerSpec {
+            name: container_name(stack, sidecar, role),
+            stack: stack.to_string(),
+            sidecar: sidecar.to_string(),
+            role,
+            image: image.into(),
+            command: None,
+            env: BTreeMap::new(),
+            mounts: Vec::new(),
+            network_mode: NetworkMode::Container(container_name(stack, sidecar, Role::Pause)),
+            ports: Vec::new(),
+            health: None,
+            restart: RESTART_POLICY.into(),
+            cap_add: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// On the bridge network `network` instead (the pause container), publishing `ports`.
+    pub fn on_network(mut self, network: &str, ports: Vec<PortMap>) -> Self {
+        self.network_mode = NetworkMode::Bridge(network.to_string());
+        self.ports = ports;
+        self
+    }
+
+    /// Replaces the image's CMD.
+    pub fn command<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.command = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// A plain (not sensitive) environment variable.
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.insert(
+            name.to_string(),
+            EnvValue {
+                value: value.into(),
+                sensitive: false,
+            },
+        );
+        self
+    }
+
+    /// The SHA-256 of a file the container reads through a bind mount, in the variable `name`:
+    /// the file's content is not in the spec, so its hash is, and a changed file recreates
+    /// the container.
+    pub fn file_hash(self, name: &str, content: &[u8]) -> Self {
+        let hash = crate::state::hex(&Sha256::digest(content));
+        self.env(name, hash)
+    }
+
+    /// A host path bind-mounted at `target`.
+    pub fn bind(mut self, source: impl Into<String>, target: &str, read_only: bool) -> Self {
+        self.mounts.push(Mount {
+            kind: MountKind::Bind,
+            source: source.into(),
+            target: target.to_string(),
+            read_only,
+        });
+        self
+    }
+
+    /// The named volume `name` mounted read-write at `target`.
+    pub fn volume(mut self, name: &str, target: &str) -> Self {
+        self.mounts.push(Mount {
+            kind: MountKind::Volume,
+            source: name.to_string(),
+            target: target.to_string(),
+            read_only: false,
+        });
+        self
+    }
+
+    pub fn health(mut self, check: HealthCheck) -> Self {
+        self.health = Some(check);
+        self
+    }
+
+    /// A Linux capability and the host devices a kernel-mode overlay needs with it.
+    pub fn privileges(mut self, capability: &str, devices: &[&str]) -> Self {
+        self.cap_add.push(capability.to_string());
+        self.devices.extend(devices.iter().map(|d| d.to_string()));
+        self
+    }
+}
+
 impl ContainerSpec {
     /// SHA-256 over the whole spec (image reference, command, env, mounts, network mode,
     /// ports, health check, restart policy), hex-encoded and cut to 16 bytes. Sensitive env

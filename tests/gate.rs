@@ -1279,7 +1279,10 @@ fn an_https_page_on_the_same_host_cannot_ride_the_cookie() {
         "",
     );
     assert_eq!(status(&r), 200, "same origin: {r}");
-    assert_eq!(app.log.lock().unwrap().concat().matches("DELETE").count(), 1);
+    assert_eq!(
+        app.log.lock().unwrap().concat().matches("DELETE").count(),
+        1
+    );
 }
 
 #[test]

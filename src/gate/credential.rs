@@ -8,6 +8,7 @@
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 
 use crate::pairing::TICKET_PARAM;
+use crate::secret::Secret;
 
 /// The query parameter of pairing links made before tickets: the device token itself.
 pub const TOKEN_PARAM: &str = "soul_token";
@@ -18,10 +19,10 @@ const COOKIE_PREFIX: &str = "soul_";
 /// holds an older session; a bearer header is a program's; the cookie is a browser's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Presented {
-    Ticket(String),
-    LinkToken(String),
-    Bearer(String),
-    Session(String),
+    Ticket(Secret),
+    LinkToken(Secret),
+    Bearer(Secret),
+    Session(Secret),
     Nothing,
 }
 
@@ -38,10 +39,10 @@ pub fn cookie_name(stack: &str, sidecar: Option<&str>) -> String {
 pub fn presented<B>(req: &Request<B>, cookie: &str) -> Presented {
     for (key, value) in query_pairs(req.uri()) {
         if key == TICKET_PARAM {
-            return Presented::Ticket(value);
+            return Presented::Ticket(value.into());
         }
         if key == TOKEN_PARAM {
-            return Presented::LinkToken(value);
+            return Presented::LinkToken(value.into());
         }
     }
     if let Some(t) = req
@@ -50,16 +51,16 @@ pub fn presented<B>(req: &Request<B>, cookie: &str) -> Presented {
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
     {
-        return Presented::Bearer(t.to_string());
+        return Presented::Bearer(t.into());
     }
     session(req, cookie).map_or(Presented::Nothing, Presented::Session)
 }
 
 /// The value of this gate's session cookie, whatever else the request presents.
-pub fn session<B>(req: &Request<B>, cookie: &str) -> Option<String> {
+pub fn session<B>(req: &Request<B>, cookie: &str) -> Option<Secret> {
     cookies(req.headers())
         .find(|(name, _)| *name == cookie)
-        .map(|(_, v)| v.to_string())
+        .map(|(_, v)| v.into())
 }
 
 /// The credentials of `Authorization: Bearer <token>`, the scheme compared without case.

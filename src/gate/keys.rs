@@ -8,16 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::state::layout::{GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE};
 use crate::state::{Registry, unhex32};
-
-/// The gate's directory inside the state dir.
-pub const GATE_DIR: &str = "gate";
-/// Hex of the stack's Ed25519 public key.
-pub const PUBLIC_KEY_FILE: &str = "public.key";
-/// A copy of the device registry.
-pub const REGISTRY_FILE: &str = "devices.json";
-/// Hex of the key that signs pairing tickets and browser sessions ([`crate::state::StackKey::link_key`]).
-pub const LINK_KEY_FILE: &str = "link.key";
 
 /// What the gate verifies tokens with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +25,10 @@ pub fn load(dir: &Path) -> std::io::Result<Keys> {
     let not_a_key =
         || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key");
     let public_key =
-        unhex32(&std::fs::read_to_string(dir.join(PUBLIC_KEY_FILE))?).ok_or_else(not_a_key)?;
-    let registry = serde_json::from_slice(&std::fs::read(dir.join(REGISTRY_FILE))?)
+        unhex32(&std::fs::read_to_string(dir.join(GATE_PUBLIC_KEY_FILE))?).ok_or_else(not_a_key)?;
+    let registry = serde_json::from_slice(&std::fs::read(dir.join(GATE_REGISTRY_FILE))?)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let link_key = match std::fs::read_to_string(dir.join(LINK_KEY_FILE)) {
+    let link_key = match std::fs::read_to_string(dir.join(GATE_LINK_KEY_FILE)) {
         Ok(hex) => Some(unhex32(&hex).ok_or_else(not_a_key)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),

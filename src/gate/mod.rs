@@ -33,9 +33,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::pairing::TokenError;
+use crate::secret::Secret;
 use credential::Presented;
 pub use credential::cookie_name;
-pub use keys::{GATE_DIR, Keys, LINK_KEY_FILE, PUBLIC_KEY_FILE, REGISTRY_FILE, load};
+pub use keys::{Keys, load};
 use limits::Failures;
 pub use link::PAIR_PATH;
 use redeemed::Redeemed;
@@ -55,7 +56,7 @@ pub struct GateConfig {
     pub sidecar: Option<String>,
     /// The app, inside the pod.
     pub upstream: SocketAddr,
-    /// The directory holding [`PUBLIC_KEY_FILE`], [`REGISTRY_FILE`] and [`LINK_KEY_FILE`].
+    /// The directory holding the files of the state dir's [`crate::state::layout::GATE_DIR`].
     pub keys_dir: PathBuf,
     /// A writable directory recording redeemed pairing tickets across restarts (memory only
     /// when `None`).
@@ -279,9 +280,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Credential {
     /// A device token (`Authorization: Bearer`).
-    Token(String),
+    Token(Secret),
     /// This sidecar's browser session (its cookie's value).
-    Session(String),
+    Session(Secret),
 }
 
 /// Whom a credential let in, and until when (unix seconds; `None`: until revoked).
@@ -372,7 +373,7 @@ async fn revoked(shared: &Shared, held: Arc<Mutex<Held>>) -> String {
     loop {
         let first_end = held.lock().ok().and_then(|h| h.first_end());
         let sleep = match first_end {
-            Some(end) => Duration::from_secs(end.saturating_sub(crate::reconcile::unix_now())),
+            Some(end) => Duration::from_secs(end.saturating_sub(crate::pairing::unix_now())),
             None => Duration::from_secs(3600),
         };
         tokio::select! {
@@ -397,11 +398,16 @@ fn check(shared: &Shared, keys: Option<&Keys>, credential: &Credential) -> Resul
     let Some(k) = keys else {
         return Err(Refusal::no_key());
     };
-    let now = crate::reconcile::unix_now();
+    let now = crate::pairing::unix_now();
     match credential {
         Credential::Token(t) => {
-            let claims =
-                crate::pairing::verify(t, &k.public_key, &shared.cfg.stack, &k.registry, now)?;
+            let claims = crate::pairing::verify(
+                t.expose(),
+                &k.public_key,
+                &shared.cfg.stack,
+                &k.registry,
+                now,
+            )?;
             Ok(Grant {
                 device: claims.sub,
                 until: claims.exp,
@@ -409,10 +415,13 @@ fn check(shared: &Shared, keys: Option<&Keys>, credential: &Credential) -> Resul
         }
         Credential::Session(v) => {
             let scope = shared.scope(k).ok_or_else(Refusal::no_key)?;
-            let (device, until) = scope.verify(v, &k.registry, now).map_err(|e| Refusal {
-                device: e.device().to_string(),
-                reason: e.to_string(),
-            })?;
+            let (device, until) =
+                scope
+                    .verify(v.expose(), &k.registry, now)
+                    .map_err(|e| Refusal {
+                        device: e.device().to_string(),
+                        reason: e.to_string(),
+                    })?;
             Ok(Grant {
                 device,
                 until: Some(until),
@@ -499,7 +508,7 @@ async fn handle(
             tracing::info!(source = %peer, device = "-", reason = "no token", path, "refused");
             return unpaired();
         }
-        Presented::Ticket(ticket) => return open_link(&req, peer, shared, &keys, &ticket),
+        Presented::Ticket(ticket) => return open_link(&req, peer, shared, &keys, ticket.expose()),
         Presented::LinkToken(token) => {
             // A link made before tickets: the token itself, traded for a session.
             return match check(shared, Some(&keys), &Credential::Token(token)) {
@@ -518,7 +527,7 @@ async fn handle(
             Credential::Session(v)
         }
     };
-    let now = crate::reconcile::unix_now();
+    let now = crate::pairing::unix_now();
     let recalled = held
         .lock()
         .ok()
@@ -605,7 +614,7 @@ async fn redeem(
             "this gate has no link key yet",
         );
     };
-    let now = crate::reconcile::unix_now();
+    let now = crate::pairing::unix_now();
     let verified = crate::pairing::verify_ticket(
         &ticket,
         scope.key,
@@ -676,7 +685,7 @@ fn start_session(
         .registry
         .devices
         .get(device)
-        .and_then(|entry| scope.mint(device, entry, crate::reconcile::unix_now()));
+        .and_then(|entry| scope.mint(device, entry, crate::pairing::unix_now()));
     let Some((value, max_age)) = minted else {
         return link::refused_page(StatusCode::UNAUTHORIZED, "the device has expired");
     };

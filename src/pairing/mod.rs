@@ -7,5 +7,5 @@ mod token;
 mod uri;
 
 pub use ticket::{TICKET_PARAM, Ticket, TicketError, mac, same_mac, ticket, verify_ticket};
-pub use token::{Claims, TokenError, audience, claims_for, issue, verify};
+pub use token::{Claims, TokenError, audience, claims_for, issue, unix_now, verify};
 pub use uri::{Address, PairingUri, browser_links};

@@ -137,6 +137,13 @@ impl KindDescription for jsonwebtoken::errors::Error {
     }
 }
 
+/// Now, in the unix seconds tokens count in (`iat`, `exp`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -47,14 +47,27 @@ impl fmt::Display for Address {
     }
 }
 
-/// A pairing URI's parts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A pairing URI's parts. Its `Debug` leaves the token out; its `Display` is the URI itself,
+/// token and all, which soul writes only into the device's artifacts.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PairingUri<'a> {
     pub stack: &'a str,
     pub sidecar: &'a str,
     pub device: &'a str,
     pub addresses: &'a [Address],
     pub token: &'a str,
+}
+
+impl fmt::Debug for PairingUri<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PairingUri")
+            .field("stack", &self.stack)
+            .field("sidecar", &self.sidecar)
+            .field("device", &self.device)
+            .field("addresses", &self.addresses)
+            .field("token", &crate::secret::Secret::default())
+            .finish()
+    }
 }
 
 impl fmt::Display for PairingUri<'_> {
@@ -98,6 +111,25 @@ pub fn browser_links(addresses: &[Address], ticket: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `PairingUri` derived `Debug`, and with it printed the device's token.
+    #[test]
+    fn a_pairing_uri_debug_print_leaves_the_token_out() {
+        let uri = PairingUri {
+            stack: "home",
+            sidecar: "notes",
+            device: "alice",
+            addresses: &[],
+            token: "eyJ.secret.token",
+        };
+        let shown = format!("{uri:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("alice") && shown.contains("[redacted]"),
+            "{shown}"
+        );
+        assert!(uri.to_string().contains("eyJ.secret.token"));
+    }
 
     #[test]
     fn format_of_the_contract() {

@@ -7,7 +7,8 @@ use sha2::{Digest, Sha256};
 use crate::pairing::{Address, PairingUri, TokenError, browser_links, claims_for, issue};
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
-    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex, unhex32,
+    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex, layout,
+    unhex32,
 };
 
 use super::plan::{DesiredFile, FileContent, QrFormat};
@@ -116,25 +117,24 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         }
         Some(KeyChange::Replaced(why)) => format!("stack key (regenerated: {why})"),
     };
-    let gate_dir = crate::gate::GATE_DIR;
     let link_key = key.link_key();
     let mut files = vec![
         DesiredFile::bytes(KEY_FILE, key_what, key.to_file()),
         DesiredFile::bytes(REGISTRY_FILE, "device registry".into(), registry.to_file()),
         // What the gate verifies tokens with: the public key only, and the registry.
         DesiredFile::bytes(
-            &format!("{gate_dir}/{}", crate::gate::PUBLIC_KEY_FILE),
+            &layout::gate_file(layout::GATE_PUBLIC_KEY_FILE),
             "gate's public key".into(),
             format!("{}\n", hex(&key.public_key())).into_bytes(),
         ),
         DesiredFile::bytes(
-            &format!("{gate_dir}/{}", crate::gate::REGISTRY_FILE),
+            &layout::gate_file(layout::GATE_REGISTRY_FILE),
             "gate's device registry".into(),
             registry.to_file(),
         ),
         // What the gates check pairing tickets and sign browser sessions with.
         DesiredFile::bytes(
-            &format!("{gate_dir}/{}", crate::gate::LINK_KEY_FILE),
+            &layout::gate_file(layout::GATE_LINK_KEY_FILE),
             "gate's link key".into(),
             format!("{}\n", hex(&link_key)).into_bytes(),
         ),
@@ -157,7 +157,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 token: &token,
             }
             .to_string();
-            let base = format!("pairing/{name}/{}", sidecar.name);
+            let base = layout::pairing(name, &sidecar.name);
             let pair = format!("{name}/{}", sidecar.name);
             let source = hex(&Sha256::digest(uri.as_bytes()));
             for format in [QrFormat::Png, QrFormat::Svg, QrFormat::Text] {
@@ -194,7 +194,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             ));
         }
         files.push(DesiredFile::bytes(
-            &format!("tokens/{name}.jwt"),
+            &layout::token(name),
             format!("token for {name}"),
             token.into_bytes(),
         ));

@@ -22,7 +22,7 @@ pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
     QrFormat, Reason, Step, plan, with_legacy_volumes,
 };
-pub use resolve::{Host, Machine, RESTART_POLICY, ResolveError, SoulImage, resolve};
+pub use resolve::{ResolveError, SoulImage, resolve};
 pub use watch::{
     LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus, declared_name,
     pull_once, watch,

@@ -9,7 +9,8 @@ use crate::transport::{self, AddressSource, Discovered, PodContext};
 use super::artifacts::{KeyChange, Pairing, PairingInputs, desired_files};
 use super::execute::{ExecuteError, execute};
 use super::plan::{Conflict, Desired, DesiredFile, Observed, Plan, Step, plan};
-use super::resolve::{Machine, ResolveError, resolve};
+use super::resolve::{ResolveError, resolve};
+use crate::machine::Machine;
 
 /// Why a pass could not be planned or carried out.
 #[derive(Debug, thiserror::Error)]
@@ -284,9 +285,4 @@ pub fn pairing_of(
     Ok(pairing)
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::pairing::unix_now;

@@ -4,60 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::machine::Machine;
 use crate::pod::{
-    ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NamedVolume, NetworkMode, PodSpec,
-    PortMap, Role, container_name, network_name,
+    ContainerSpec, EnvValue, HealthCheck, Mount, MountKind, NamedVolume, PodSpec, PortMap, Role,
+    network_name,
 };
 use crate::stack::{EnvSource, Health, Sidecar, Stack, parse_duration};
 use crate::transport::{self, PodContext};
 
 use super::plan::{Desired, DesiredFile, ImageNeed, ImageSource};
-
-/// Docker restart policy of every container soul makes.
-pub const RESTART_POLICY: &str = "unless-stopped";
-
-/// What resolving needs from the machine: read by the real CLI, faked in unit tests.
-pub trait Machine {
-    /// The contents of a host file named by `file=`.
-    fn read_file(&self, path: &str) -> std::io::Result<String>;
-    /// A variable of soul's own environment named by `from-env=`.
-    fn env_var(&self, name: &str) -> Option<String>;
-    /// Whether a host path exists (secret files named by transports, `/dev/net/tun`).
-    fn exists(&self, path: &str) -> bool;
-}
-
-/// The real machine.
-pub struct Host;
-
-/// The largest file an `env … file=` may name: a secret, not a data set (a process's
-/// environment could not carry much more; mount large files as a volume).
-pub const MAX_ENV_FILE_BYTES: u64 = 64 * 1024;
-
-impl Machine for Host {
-    fn read_file(&self, path: &str) -> std::io::Result<String> {
-        use std::io::Read;
-        let file = std::fs::File::open(path)?;
-        let mut bytes = Vec::new();
-        file.take(MAX_ENV_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-        if bytes.len() as u64 > MAX_ENV_FILE_BYTES {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "larger than {} KiB: an environment variable carries a secret, not a file (mount large files with `volume`)",
-                    MAX_ENV_FILE_BYTES / 1024
-                ),
-            ));
-        }
-        String::from_utf8(bytes)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
-    }
-    fn env_var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-    fn exists(&self, path: &str) -> bool {
-        Path::new(path).exists()
-    }
-}
 
 /// soul's own image: the tag soul's parts run from, and the repository that marks an image
 /// as soul's (built from the binary, never pulled).
@@ -103,18 +58,9 @@ pub enum ResolveError {
         #[source]
         source: std::io::Error,
     },
-    /// A transport's `*-file=` names a file this machine does not have.
-    #[error(
-        "transport `{node}`: {property} {path} does not exist on this machine; put the secret there (mode 0600) or fix the path in stack.kdl"
-    )]
-    TransportFile {
-        node: String,
-        property: String,
-        path: PathBuf,
-    },
-    /// A kernel-mode overlay needs /dev/net/tun, which the machine lacks.
-    #[error("transport `{node}` needs /dev/net/tun, and this machine has none; {fix}")]
-    NoTun { node: String, fix: String },
+    /// A transport needs a file or device this machine lacks.
+    #[error(transparent)]
+    Transport(#[from] transport::MachineError),
     /// An env value read from a file or soul's environment holds a NUL byte.
     #[error(
         "sidecar `{sidecar}`, env `{env}`: the value holds a NUL byte, which no process environment can carry; fix the file or variable it comes from"
@@ -145,7 +91,9 @@ pub fn resolve(
 ) -> Result<Desired, ResolveError> {
     let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let drivers = transport::drivers(stack);
-    check_transport_inputs(stack, machine)?;
+    for driver in &drivers {
+        driver.check_machine(machine)?;
+    }
     let mut files = Vec::new();
     let soul = SoulImage::current();
     let lan_ports = stack.lan_ports();
@@ -170,7 +118,6 @@ pub fn resolve(
         };
 
     for (i, sidecar) in stack.sidecars.iter().enumerate() {
-        let pause_name = container_name(&stack.stack, &sidecar.name, Role::Pause);
         let network = network_name(&stack.stack);
         // The LAN port leads to the gate, never to the app.
         let ports = lan_ports
@@ -187,41 +134,27 @@ pub fn resolve(
             "--gate-port".into(),
             stack.gate.port.to_string(),
         ];
-        if stack.transport.as_ref().is_some_and(|t| t.nebula.is_some()) {
-            // Nebula's peers handshake with the pod on its fixed UDP port.
-            guard.extend([
-                "--open-udp".into(),
-                crate::transport::NebulaDriver::LISTEN_PORT.to_string(),
-            ]);
+        for port in drivers.iter().flat_map(|d| d.guard_udp()) {
+            guard.extend(["--open-udp".into(), port.to_string()]);
         }
-        let pause = ContainerSpec {
-            name: pause_name.clone(),
-            stack: stack.stack.clone(),
-            sidecar: sidecar.name.clone(),
-            role: Role::Pause,
-            image: soul.reference.clone(),
-            // It lets in from outside the pod only the gate's port and replies to the pod's
-            // own connections (crate::guard): the only container with NET_ADMIN that soul makes, and it
-            // runs nothing but soul. Its health check asks the same command to check.
-            command: Some(guard.clone()),
-            env: BTreeMap::new(),
-            mounts: Vec::new(),
-            network_mode: NetworkMode::Bridge(network.clone()),
-            ports,
-            health: Some(HealthCheck {
-                test: ["CMD".into(), "/soul".into()]
-                    .into_iter()
-                    .chain(guard)
-                    .chain(["--check".into()])
-                    .collect(),
-                interval_ms: 30_000,
-                timeout_ms: 5_000,
-                retries: 1,
-            }),
-            restart: RESTART_POLICY.into(),
-            cap_add: vec!["NET_ADMIN".into()],
-            devices: vec![],
-        };
+        // It lets in from outside the pod only the gate's port and replies to the pod's own
+        // connections (crate::guard): the only container with NET_ADMIN that soul makes, and
+        // it runs nothing but soul. Its health check asks the same command to check.
+        let pause =
+            ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::Pause, &soul.reference)
+                .on_network(&network, ports)
+                .command(guard.clone())
+                .health(HealthCheck {
+                    test: ["CMD".into(), "/soul".into()]
+                        .into_iter()
+                        .chain(guard)
+                        .chain(["--check".into()])
+                        .collect(),
+                    interval_ms: 30_000,
+                    timeout_ms: 5_000,
+                    retries: 1,
+                })
+                .privileges("NET_ADMIN", &[]);
         need(&pause.image, &sidecar.name);
 
         if let Some(v) = sidecar
@@ -261,30 +194,20 @@ pub fn resolve(
                 }
             })
             .collect();
-        let app = ContainerSpec {
-            name: container_name(&stack.stack, &sidecar.name, Role::App),
-            stack: stack.stack.clone(),
-            sidecar: sidecar.name.clone(),
-            role: Role::App,
-            // `soul:latest` in a stack means this soul's own image (the demo app).
-            image: if SoulImage::is_soul(&sidecar.image) {
-                soul.reference.clone()
-            } else {
-                sidecar.image.clone()
-            },
-            command: sidecar.command.clone(),
-            env: env_of(sidecar, machine)?,
-            mounts,
-            network_mode: NetworkMode::Container(pause_name),
-            ports: Vec::new(),
-            health: sidecar
-                .health
-                .as_ref()
-                .map(|h| health_check(h, &sidecar.image)),
-            restart: RESTART_POLICY.into(),
-            cap_add: vec![],
-            devices: vec![],
+        // `soul:latest` in a stack means this soul's own image (the demo app).
+        let image = if SoulImage::is_soul(&sidecar.image) {
+            &soul.reference
+        } else {
+            &sidecar.image
         };
+        let mut app = ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::App, image);
+        app.command = sidecar.command.clone();
+        app.env = env_of(sidecar, machine)?;
+        app.mounts = mounts;
+        app.health = sidecar
+            .health
+            .as_ref()
+            .map(|h| health_check(h, &sidecar.image));
         need(&app.image, &sidecar.name);
         let gate = gate_container(stack, sidecar, &soul, &state_dir, machine);
         let gate_state = gate_volume(stack, sidecar);
@@ -348,14 +271,9 @@ fn gate_container(
                 .to_string_lossy(),
         )
         .unwrap_or_default();
-    ContainerSpec {
-        name: container_name(&stack.stack, &sidecar.name, Role::Gate),
-        stack: stack.stack.clone(),
-        sidecar: sidecar.name.clone(),
-        role: Role::Gate,
-        image: soul.reference.clone(),
-        command: Some(vec![
-            "gate".into(),
+    let mut gate = ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::Gate, &soul.reference)
+        .command([
+            "gate".to_string(),
             "--stack".into(),
             stack.stack.clone(),
             "--listen".into(),
@@ -368,46 +286,19 @@ fn gate_container(
             sidecar.name.clone(),
             "--redeemed".into(),
             REDEEMED.into(),
-        ]),
-        env: Some(state_id.trim())
-            .filter(|id| !id.is_empty())
-            .map(|id| {
-                (
-                    "SOUL_STATE_ID".to_string(),
-                    EnvValue {
-                        value: id.into(),
-                        sensitive: false,
-                    },
-                )
-            })
-            .into_iter()
-            .collect(),
-        mounts: vec![
-            Mount {
-                kind: MountKind::Bind,
-                source: state_dir
-                    .join(crate::gate::GATE_DIR)
-                    .to_string_lossy()
-                    .into_owned(),
-                target: KEYS.into(),
-                read_only: true,
-            },
-            // The pairing links it has redeemed: kept across a recreated gate, so a used link
-            // stays used.
-            Mount {
-                kind: MountKind::Volume,
-                source: gate_volume(stack, sidecar).name,
-                target: REDEEMED.into(),
-                read_only: false,
-            },
-        ],
-        network_mode: NetworkMode::Container(container_name(
-            &stack.stack,
-            &sidecar.name,
-            Role::Pause,
-        )),
-        ports: Vec::new(),
-        health: Some(HealthCheck {
+        ])
+        .bind(
+            state_dir
+                .join(crate::state::layout::GATE_DIR)
+                .to_string_lossy()
+                .into_owned(),
+            KEYS,
+            true,
+        )
+        // The pairing links it has redeemed: kept across a recreated gate, so a used link
+        // stays used.
+        .volume(&gate_volume(stack, sidecar).name, REDEEMED)
+        .health(HealthCheck {
             test: vec![
                 "CMD".into(),
                 "/soul".into(),
@@ -417,81 +308,17 @@ fn gate_container(
             interval_ms: 10_000,
             timeout_ms: 2_000,
             retries: 3,
-        }),
-        restart: RESTART_POLICY.into(),
-        cap_add: vec![],
-        devices: vec![],
+        });
+    let state_id = state_id.trim();
+    if !state_id.is_empty() {
+        gate = gate.env("SOUL_STATE_ID", state_id);
     }
+    gate
 }
 
 /// The gate's own volume in a pod (its record of redeemed pairing links).
 fn gate_volume(stack: &Stack, sidecar: &Sidecar) -> NamedVolume {
     NamedVolume::state(&stack.stack, &sidecar.name, "gate")
-}
-
-/// Secret files named by transports are checked at apply time (not at validate time, so a
-/// stack validates on a laptop that lacks the server's secrets).
-fn check_transport_inputs(stack: &Stack, machine: &dyn Machine) -> Result<(), ResolveError> {
-    let Some(t) = &stack.transport else {
-        return Ok(());
-    };
-    if let Some(n) = &t.nebula {
-        for (property, path) in [
-            ("ca-file", &n.ca_file),
-            ("cert-file", &n.cert_file),
-            ("key-file", &n.key_file),
-        ] {
-            if !machine.exists(path) {
-                return Err(ResolveError::TransportFile {
-                    node: "nebula".into(),
-                    property: property.into(),
-                    path: path.into(),
-                });
-            }
-        }
-        if !machine.exists("/dev/net/tun") {
-            return Err(ResolveError::NoTun {
-                node: "nebula".into(),
-                fix: "load the tun module (`modprobe tun`) on this machine".into(),
-            });
-        }
-    }
-    let tailnets = [
-        (
-            "tailscale",
-            t.tailscale.as_ref().map(|x| (&x.authkey_file, x.userspace)),
-        ),
-        (
-            "headscale",
-            t.headscale.as_ref().map(|x| (&x.authkey_file, x.userspace)),
-        ),
-    ];
-    for (node, declared) in tailnets {
-        let Some((authkey, userspace)) = declared else {
-            continue;
-        };
-        if let Some(path) = authkey
-            && !machine.exists(path)
-        {
-            return Err(ResolveError::TransportFile {
-                node: node.into(),
-                property: "authkey-file".into(),
-                path: path.into(),
-            });
-        }
-        let local_engine = machine
-            .env_var("DOCKER_HOST")
-            .is_none_or(|h| h.starts_with("unix://"));
-        if !userspace && local_engine && !machine.exists("/dev/net/tun") {
-            return Err(ResolveError::NoTun {
-                node: node.into(),
-                fix: format!(
-                    "set `userspace #true` inside `{node} {{ … }}` in stack.kdl, or load the tun module (`modprobe tun`)"
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn env_of(
@@ -580,6 +407,7 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pod::NetworkMode;
     use crate::stack::parse;
 
     struct Fake;
@@ -767,5 +595,61 @@ sidecar "demo" {
         assert!(SoulImage::is_soul("soul:latest"));
         assert!(!SoulImage::is_soul("soulful:1"));
         assert!(!SoulImage::is_soul("ghcr.io/x/soul:1"));
+    }
+
+    /// Every container keeps the config hash it had before the container builder and the
+    /// transport rooms (soul 0.1's specs): a refactor that changed a spec would recreate every
+    /// user's containers on upgrade.
+    const EXPECTED_HASHES: [&str; 12] = [
+        "pause b5c47e1482b475c7639cde711fedf31f",
+        "app c35aa7bb8dddabcc2045da8ef225a9a7",
+        "gate 661f13a618baec098098888801a96773",
+        "tailscale d7dd4696f5b51954196670dbccc6d6be",
+        "nebula e4a78ec799166aa01770cf98babb447e",
+        "tor 3e410b0c7ad1a43253c58e1520ee371c",
+        "pause b5c47e1482b475c7639cde711fedf31f",
+        "app c35aa7bb8dddabcc2045da8ef225a9a7",
+        "gate 661f13a618baec098098888801a96773",
+        "tailscale 6d6e9852022499b3cb29e87f513cb858",
+        "nebula e4a78ec799166aa01770cf98babb447e",
+        "tor 3e410b0c7ad1a43253c58e1520ee371c",
+    ];
+
+    #[test]
+    fn config_hashes_of_every_transport_are_what_they_were() {
+        struct Everything;
+        impl Machine for Everything {
+            fn read_file(&self, _: &str) -> std::io::Result<String> {
+                Ok("secret".into())
+            }
+            fn env_var(&self, _: &str) -> Option<String> {
+                None
+            }
+            fn exists(&self, _: &str) -> bool {
+                true
+            }
+        }
+        let kdl = |tailnet: &str| {
+            format!(
+                "stack \"allt\"\nsidecar \"web\" {{\n  image \"nginx:1\"\n  port 80\n  volume \"data\" \"/data\"\n  env \"K\" file=\"/s\"\n}}\ntransport {{\n  lan port=9000\n  {tailnet}\n  nebula lighthouse=\"1.2.3.4:4242\" lighthouse-ip=\"10.9.0.1\" ip=\"10.9.0.5/24\" ca-file=\"/etc/n/ca.crt\" cert-file=\"/etc/n/h.crt\" key-file=\"/etc/n/h.key\"\n  tor\n}}\n"
+            )
+        };
+        let mut hashes = vec![];
+        for tailnet in [
+            "tailscale authkey-file=\"/run/secrets/ts\" tags=\"tag:x\" userspace=#true",
+            "headscale url=\"https://hs.example\" authkey-file=\"/run/secrets/hs\"",
+        ] {
+            let stack = parse("s", &kdl(tailnet)).unwrap_or_else(|d| panic!("{d}"));
+            let d = resolve(&stack, &Everything, Path::new("/var/lib/soul/allt")).unwrap();
+            for c in d.pods.iter().flat_map(|p| &p.containers) {
+                // soul's own image names this build: the rest of those specs is compared.
+                let mut c = c.clone();
+                if matches!(c.role, Role::Gate | Role::Pause) {
+                    c.image = "soul".into();
+                }
+                hashes.push(format!("{} {}", c.role, c.config_hash()));
+            }
+        }
+        assert_eq!(hashes, EXPECTED_HASHES);
     }
 }

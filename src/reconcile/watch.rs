@@ -23,12 +23,9 @@ use crate::transport;
 use super::backoff::{Backoff, FlapTracker, jitter};
 use super::pass::{PassError, desire, prepare, run, unix_now};
 use super::plan::{Plan, Reason, Step};
-use super::resolve::Host;
+use crate::machine::Host;
 
-/// The file in the state dir where a running watch reports itself for `soul status`.
-pub const WATCH_STATUS_FILE: &str = "watch.json";
-/// The last valid stack.kdl, used when the file is invalid at start-up.
-pub const LAST_GOOD_FILE: &str = "last-good.kdl";
+pub use crate::state::layout::{LAST_GOOD_FILE, WATCH_STATUS_FILE};
 
 /// How `soul watch` runs.
 #[derive(Debug, Clone)]

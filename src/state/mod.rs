@@ -1,6 +1,6 @@
-//! The state dir of one stack (DESIGN §5): where it is, created 0700; atomic 0600 writes; the
-//! stack key and the device registry; and the lock that keeps two soul processes from
-//! reconciling the same stack at once. Imports nothing of soul's.
+//! The state dir of one stack: where it is, created 0700; atomic 0600 writes; the stack key
+//! and the device registry; and the lock that keeps two soul processes from reconciling the
+//! same stack at once. What lives where inside it is [`layout`]'s. Imports nothing of soul's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,20 +14,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The stack signing key's file, relative to the state dir.
-pub const KEY_FILE: &str = "stack.key";
-/// The device registry's file.
-pub const REGISTRY_FILE: &str = "devices.json";
-/// The overlay addresses last read from the pods.
-pub const ADDRESSES_FILE: &str = "addresses.json";
-/// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass
-/// need not render anything to know the files are right.
-pub const RENDER_INDEX_FILE: &str = "renders.json";
-/// A random name for this state dir, made with it: a state dir deleted and made anew gets
-/// another, so containers that bind-mount the old one (the gate) are recreated.
-pub const STATE_ID_FILE: &str = "state.id";
-/// Directories whose files soul owns entirely: anything there that is not desired goes.
-pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", "gate"];
+pub mod layout;
+
+pub use layout::{
+    ADDRESSES_FILE, KEY_FILE, MANAGED_DIRS, REGISTRY_FILE, RENDER_INDEX_FILE, STATE_ID_FILE,
+};
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]

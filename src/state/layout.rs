@@ -1,0 +1,53 @@
+//! Where everything lives in a state dir: the one place that spells its paths, for the
+//! artifacts soul writes, the gate that reads its part, the transports that mount theirs and
+//! the commands that show them. Paths are relative to the state dir.
+
+/// The stack signing key.
+pub const KEY_FILE: &str = "stack.key";
+/// The device registry.
+pub const REGISTRY_FILE: &str = "devices.json";
+/// The overlay addresses last read from the pods.
+pub const ADDRESSES_FILE: &str = "addresses.json";
+/// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass
+/// need not render anything to know the files are right.
+pub const RENDER_INDEX_FILE: &str = "renders.json";
+/// A random name for this state dir, made with it: a state dir deleted and made anew gets
+/// another, so containers that bind-mount the old one (the gate) are recreated.
+pub const STATE_ID_FILE: &str = "state.id";
+/// What `soul watch` is doing, for `soul status`.
+pub const WATCH_STATUS_FILE: &str = "watch.json";
+/// The last stack.kdl that validated, which a watch keeps running while the file is invalid.
+pub const LAST_GOOD_FILE: &str = "last-good.kdl";
+
+/// The gate's directory, mounted read-only into every pod's gate as its `--keys` directory.
+pub const GATE_DIR: &str = "gate";
+/// In [`GATE_DIR`]: hex of the stack's Ed25519 public key.
+pub const GATE_PUBLIC_KEY_FILE: &str = "public.key";
+/// In [`GATE_DIR`]: a copy of the device registry.
+pub const GATE_REGISTRY_FILE: &str = "devices.json";
+/// In [`GATE_DIR`]: hex of the key that signs pairing tickets and browser sessions
+/// ([`super::StackKey::link_key`]).
+pub const GATE_LINK_KEY_FILE: &str = "link.key";
+
+/// Directories whose files soul owns entirely: anything there that is not desired goes.
+pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", GATE_DIR];
+
+/// A file in the gate's directory.
+pub fn gate_file(name: &str) -> String {
+    format!("{GATE_DIR}/{name}")
+}
+
+/// A device's token.
+pub fn token(device: &str) -> String {
+    format!("tokens/{device}.jwt")
+}
+
+/// A device's pairing artifacts for one sidecar, without the extension (`.uri`, `.png`, …).
+pub fn pairing(device: &str, sidecar: &str) -> String {
+    format!("pairing/{device}/{sidecar}")
+}
+
+/// A file or directory a transport writes for one sidecar's pod (its config).
+pub fn transport(sidecar: &str, name: &str) -> String {
+    format!("transports/{sidecar}/{name}")
+}
