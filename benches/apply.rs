@@ -174,6 +174,9 @@ impl reconcile::Engine for NoEngine {
     async fn remove_network(&self, _: &str) -> Result<(), Self::Error> {
         unreachable!("file steps only")
     }
+    async fn remove_volume(&self, _: &str) -> Result<(), Self::Error> {
+        unreachable!("file steps only")
+    }
 }
 
 /// One pass over the state dir: compute the desired files, observe, plan, write.

@@ -21,7 +21,9 @@ pub trait Engine {
     async fn create_container(&self, spec: &ContainerSpec, owner: &str) -> Result<(), Self::Error>;
     async fn start_container(&self, name: &str) -> Result<(), Self::Error>;
     async fn remove_container(&self, id: &str) -> Result<(), Self::Error>;
-    async fn remove_network(&self, name: &str) -> Result<(), Self::Error>;
+    /// Removes a network by its name or ID.
+    async fn remove_network(&self, name_or_id: &str) -> Result<(), Self::Error>;
+    async fn remove_volume(&self, name: &str) -> Result<(), Self::Error>;
 }
 
 /// A step that failed, and how far the plan got.
@@ -145,8 +147,197 @@ async fn run_engine_step<E: Engine>(
         Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
         Step::CreateContainer { spec, .. } => engine.create_container(spec, owner).await,
         Step::StartContainer { name, .. } => engine.start_container(name).await,
-        Step::RemoveNetwork { name } => engine.remove_network(name).await,
+        Step::RemoveNetwork { name, id } => {
+            engine.remove_network(id.as_ref().unwrap_or(name)).await
+        }
+        Step::RemoveVolume { name } => engine.remove_volume(name).await,
         Step::RemoveDuplicateNetwork { id, .. } => engine.remove_network(id).await,
         Step::WriteFile { .. } | Step::RemoveFile { .. } => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::Role;
+    use crate::reconcile::plan::Reason;
+    use std::sync::Mutex;
+
+    /// An engine that records each call, and fails the one named `fail`.
+    #[derive(Default)]
+    struct FakeEngine {
+        calls: Mutex<Vec<String>>,
+        fail: Option<&'static str>,
+    }
+
+    impl FakeEngine {
+        fn call(&self, what: String) -> Result<(), std::io::Error> {
+            let failed = self.fail.is_some_and(|f| what.starts_with(f));
+            self.calls.lock().unwrap().push(what);
+            if failed {
+                return Err(std::io::Error::other("the engine said no"));
+            }
+            Ok(())
+        }
+    }
+
+    impl Engine for FakeEngine {
+        type Error = std::io::Error;
+        async fn build_soul_image(&self, tags: &[String]) -> Result<(), Self::Error> {
+            self.call(format!("build {}", tags.join(",")))
+        }
+        async fn pull_image(&self, image: &str) -> Result<(), Self::Error> {
+            self.call(format!("pull {image}"))
+        }
+        async fn create_volume(&self, name: &str, stack: &str) -> Result<(), Self::Error> {
+            self.call(format!("volume {name} of {stack}"))
+        }
+        async fn create_network(&self, name: &str, stack: &str) -> Result<(), Self::Error> {
+            self.call(format!("network {name} of {stack}"))
+        }
+        async fn create_container(
+            &self,
+            spec: &ContainerSpec,
+            owner: &str,
+        ) -> Result<(), Self::Error> {
+            self.call(format!(
+                "create {} owned by {}",
+                spec.name,
+                !owner.is_empty()
+            ))
+        }
+        async fn start_container(&self, name: &str) -> Result<(), Self::Error> {
+            self.call(format!("start {name}"))
+        }
+        async fn remove_container(&self, id: &str) -> Result<(), Self::Error> {
+            self.call(format!("rm {id}"))
+        }
+        async fn remove_network(&self, name_or_id: &str) -> Result<(), Self::Error> {
+            self.call(format!("rm-network {name_or_id}"))
+        }
+        async fn remove_volume(&self, name: &str) -> Result<(), Self::Error> {
+            self.call(format!("rm-volume {name}"))
+        }
+    }
+
+    fn plan() -> Plan {
+        let spec = ContainerSpec::in_pod("s", "web", Role::App, "nginx:1");
+        Plan {
+            steps: vec![
+                Step::PullImage {
+                    image: "nginx:1".into(),
+                    used_by: vec!["web".into()],
+                },
+                Step::CreateNetwork {
+                    name: "soul_s".into(),
+                },
+                Step::WriteFile {
+                    path: "pairing/a/web.uri".into(),
+                    what: "pairing URI".into(),
+                    content: FileContent::Bytes(b"soul://pair?x".to_vec()),
+                },
+                Step::WriteFile {
+                    path: "pairing/a/web.png".into(),
+                    what: "pairing QR".into(),
+                    content: FileContent::Qr {
+                        uri: "soul://pair?x".into(),
+                        format: QrFormat::Png,
+                    },
+                },
+                Step::CreateContainer {
+                    spec: Box::new(spec),
+                    reason: Reason::Missing,
+                },
+                Step::StartContainer {
+                    name: "soul_s_web_app".into(),
+                    reason: Reason::Missing,
+                },
+                Step::RemoveNetwork {
+                    name: "soul_old".into(),
+                    id: Some("net-id".into()),
+                },
+            ],
+            conflicts: Vec::new(),
+        }
+    }
+
+    fn run(engine: &FakeEngine, state: &StateDir, plan: &Plan) -> Result<Vec<usize>, ExecuteError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut heard = vec![];
+        rt.block_on(execute(engine, state, "s", plan, |i, _| heard.push(i)))
+            .map(|()| heard)
+    }
+
+    #[test]
+    fn steps_run_in_order_engine_steps_on_the_engine_and_files_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let engine = FakeEngine::default();
+        let heard = run(&engine, &state, &plan()).unwrap();
+        assert_eq!(heard, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            *engine.calls.lock().unwrap(),
+            [
+                "pull nginx:1",
+                "network soul_s of s",
+                "create soul_s_web_app owned by true",
+                "start soul_s_web_app",
+                "rm-network net-id",
+            ]
+        );
+        assert_eq!(state.read("pairing/a/web.uri").unwrap(), b"soul://pair?x");
+        let png = state.read("pairing/a/web.png").unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        // The render index knows which URI the PNG was rendered from, so the next pass need
+        // not render it again to know it is right.
+        let index = state.read_render_index();
+        let rendered = &index.files["pairing/a/web.png"];
+        assert_eq!(rendered.source, hex(&Sha256::digest(b"soul://pair?x")));
+        assert_eq!(rendered.sha256, hex(&Sha256::digest(&png)));
+    }
+
+    #[test]
+    fn a_failed_step_stops_the_plan_and_says_how_far_it_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let engine = FakeEngine {
+            fail: Some("pull"),
+            ..FakeEngine::default()
+        };
+        let e = run(&engine, &state, &plan()).unwrap_err();
+        assert_eq!((e.done, e.untouched), (0, true), "nothing running touched");
+        assert_eq!(
+            e.what, "cannot get image `nginx:1` for sidecar `web`",
+            "says what and for whom"
+        );
+        assert_eq!(
+            engine.calls.lock().unwrap().len(),
+            1,
+            "nothing after it ran"
+        );
+        assert!(state.read("pairing/a/web.uri").is_err());
+
+        let engine = FakeEngine {
+            fail: Some("create"),
+            ..FakeEngine::default()
+        };
+        let e = run(&engine, &state, &plan()).unwrap_err();
+        assert_eq!((e.done, e.untouched), (4, false));
+        assert!(
+            e.what.starts_with("cannot create container soul_s_web_app"),
+            "{}",
+            e.what
+        );
+        assert!(e.to_string().contains("the engine said no"));
+        // Files written before the failure stay, and the index says so.
+        assert!(state.read("pairing/a/web.png").is_ok());
+        assert!(
+            state
+                .read_render_index()
+                .files
+                .contains_key("pairing/a/web.png")
+        );
     }
 }

@@ -3,15 +3,21 @@
 
 mod artifacts;
 mod backoff;
+mod devices;
+mod down;
 mod execute;
 mod observe;
 mod pass;
 mod plan;
 mod resolve;
+mod status;
+mod transports;
 mod watch;
 
 pub use artifacts::{KeyChange, Pairing, PairingError, PairingInputs, desired_files};
 pub use backoff::{Backoff, FlapTracker, jitter};
+pub use devices::{DeviceStatus, DevicesReport, report as devices_report};
+pub use down::plan_down;
 pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};
 pub use pass::{
@@ -23,6 +29,10 @@ pub use plan::{
     QrFormat, Reason, Step, plan, with_legacy_volumes,
 };
 pub use resolve::{ResolveError, SoulImage, resolve};
+pub use status::{
+    ContainerStatus, PodStatus, StatusReport, UndeclaredContainer, report as status_report,
+};
+pub use transports::{TransportStatus, TransportsReport, report as transports_report};
 pub use watch::{
     LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus, declared_name,
     pull_once, watch,

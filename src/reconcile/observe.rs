@@ -144,6 +144,7 @@ pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
             })
             .collect(),
         networks: snapshot.networks.into_iter().collect(),
+        network_ids: snapshot.network_ids.into_iter().collect(),
         duplicate_networks: snapshot.duplicate_networks,
         volumes: snapshot.volumes.into_iter().collect::<BTreeSet<_>>(),
         external_volumes: Default::default(),
@@ -185,7 +186,10 @@ impl Engine for Docker {
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
         Docker::remove_container(self, id).await
     }
-    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
-        Docker::remove_network(self, name).await
+    async fn remove_network(&self, name_or_id: &str) -> Result<(), RuntimeError> {
+        Docker::remove_network(self, name_or_id).await
+    }
+    async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        Docker::remove_volume(self, name).await
     }
 }

@@ -112,6 +112,8 @@ pub struct Observed {
     pub containers: Vec<ObservedContainer>,
     /// Networks labelled with this stack.
     pub networks: BTreeSet<String>,
+    /// Each of those networks' ID.
+    pub network_ids: BTreeMap<String, String>,
     /// (name, ID) of unused extra copies of a network name (see `runtime::Snapshot`).
     pub duplicate_networks: Vec<(String, String)>,
     /// Volumes labelled with this stack.
@@ -165,6 +167,8 @@ pub enum Reason {
     Stopped,
     /// Carries this stack's label but is no longer declared.
     Undeclared,
+    /// `soul down`.
+    TakenDown,
 }
 
 impl fmt::Display for Reason {
@@ -177,6 +181,7 @@ impl fmt::Display for Reason {
             Reason::NetworkRecreated => "pod network is new",
             Reason::Stopped => "not running",
             Reason::Undeclared => "no longer declared",
+            Reason::TakenDown => "the stack is taken down",
         })
     }
 }
@@ -212,7 +217,14 @@ pub enum Step {
         name: String,
         reason: Reason,
     },
+    /// Removes a network of the stack: by its ID when it is known (a name can be ambiguous).
     RemoveNetwork {
+        name: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// Removes a named volume of the stack, and the data on it (only `soul down --volumes`).
+    RemoveVolume {
         name: String,
     },
     /// Removes an unused copy of a network whose name another network of the stack has.
@@ -263,7 +275,8 @@ impl fmt::Display for Step {
                 )
             }
             Step::StartContainer { name, reason } => write!(f, "start container {name} ({reason})"),
-            Step::RemoveNetwork { name } => write!(f, "remove network {name}"),
+            Step::RemoveNetwork { name, .. } => write!(f, "remove network {name}"),
+            Step::RemoveVolume { name } => write!(f, "remove volume {name} (its data is gone)"),
             Step::RemoveDuplicateNetwork { name, id } => {
                 let short = id.get(..12).unwrap_or(id);
                 write!(f, "remove network {short}, an unused duplicate of {name}")
@@ -439,7 +452,10 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let networks: BTreeSet<&str> = desired.pods.iter().map(|p| p.network.as_str()).collect();
     for n in &observed.networks {
         if !networks.contains(n.as_str()) {
-            steps.push(Step::RemoveNetwork { name: n.clone() });
+            steps.push(Step::RemoveNetwork {
+                name: n.clone(),
+                id: observed.network_ids.get(n).cloned(),
+            });
         }
     }
     Plan {

@@ -107,10 +107,13 @@ fn simulate(o: &mut Observed, step: &Step) {
         Step::CreateNetwork { name, .. } => {
             o.networks.insert(name.clone());
         }
-        Step::RemoveNetwork { name } => {
+        Step::RemoveNetwork { name, .. } => {
             o.networks.remove(name);
         }
         Step::RemoveDuplicateNetwork { id, .. } => o.duplicate_networks.retain(|(_, d)| d != id),
+        Step::RemoveVolume { name } => {
+            o.volumes.remove(name);
+        }
         Step::RemoveContainer { id, .. } => o.containers.retain(|c| c.id != *id),
         Step::WriteFile { path, content, .. } => {
             let bytes = match content {

@@ -1,15 +1,18 @@
-//! The command line: clap definitions, one library call per command, output formatting, and
-//! the one place where errors become exit codes.
+//! The command line: the dispatch to one library call per command, output formatting, and
+//! the one place where errors become exit codes. The arguments are [`args`]'s.
+
+mod args;
+
+pub use args::*;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::machine::Host;
-use crate::pod::{Role, label};
+use crate::pod::Role;
 use crate::reconcile::{self, Desired, PassError, Plan, SoulImage, Step, unix_now};
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{self, Stack, StackError};
@@ -26,386 +29,6 @@ pub enum Exit {
     ChangesPending = 2,
     /// The Docker engine could not be reached (check DOCKER_HOST and the daemon).
     EngineUnreachable = 3,
-}
-
-const EXIT_CODES: &str = "\
-Not built yet: the relay. A `relay` node validates and its address goes into pairing codes, but
-no relay server or pod agent exists, so that address leads nowhere; leave it out for now.
-
-Exit codes:
-  0  success (for `plan --detailed-exitcode`: nothing to change)
-  1  invalid input or a failed operation
-  2  `plan --detailed-exitcode`: changes are pending
-  3  the Docker engine cannot be reached (check DOCKER_HOST and that the daemon runs)";
-
-/// soul drives a Docker engine to the state declared in stack.kdl: your service in a pod, the
-/// transports that reach it, and the devices allowed in.
-#[derive(Debug, Parser)]
-#[command(name = "soul", version, about, after_help = EXIT_CODES, propagate_version = true)]
-pub struct Cli {
-    /// The stack file.
-    #[arg(
-        short = 'f',
-        long = "file",
-        global = true,
-        default_value = "stack.kdl",
-        value_name = "PATH"
-    )]
-    pub file: PathBuf,
-    /// Where this stack's state lives [default: /var/lib/soul/<stack> as root,
-    /// $XDG_STATE_HOME/soul/<stack> otherwise].
-    #[arg(long, global = true, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// More log output on stderr (-v info, -vv debug, -vvv trace). SOUL_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Log lines as text for people, or JSON for journald and log shippers.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    pub log_format: LogFormat,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-pub enum Output {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Check stack.kdl: KDL syntax, the JSON Schema, then every rule of the format.
-    #[command(
-        after_help = "Every problem is reported in one run as file:line:column with the \
-source line and a hint.\n\nExample:\n  soul validate\n  soul -f examples/jellyfin.kdl validate"
-    )]
-    Validate,
-    /// Print the JSON Schema of stack.kdl (as committed in schema/stack.schema.json).
-    #[command(after_help = "Example:\n  soul schema > stack.schema.json")]
-    Schema,
-    /// Show the steps `apply` would take, without changing anything.
-    #[command(
-        after_help = "Never prints a secret. With --detailed-exitcode the exit code says \
-whether anything would change: 0 nothing, 2 changes pending, 1 error.\n\nExample:\n  soul plan\n  \
-soul plan --output json | jq '.steps[].step'\n  soul plan --detailed-exitcode || echo drifted"
-    )]
-    Plan(PlanArgs),
-    /// Drive the Docker engine to stack.kdl: pods, networks, volumes, images.
-    #[command(
-        after_help = "Creates what is missing, recreates what changed (and only that), \
-starts what stopped, removes what is no longer declared. Named volumes are never removed. \
-Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply"
-    )]
-    Apply,
-    /// Keep this machine on stack.kdl: re-apply on every edit, repair drift, follow git.
-    #[command(
-        after_help = "Every trigger runs the same whole pass: an edit of stack.kdl (also \
-when an editor or `git pull` replaces it), a Docker event of this stack (die, stop, destroy, \
-health), the resync timer, a change of this host's address, SIGHUP. An invalid edit is reported \
-and the last good config keeps running. The engine going away is retried with backoff. \
-SIGTERM/SIGINT stop soul; the containers keep running. `soul status` shows the last pass.\n\n\
-Example:\n  soul watch\n  soul watch --resync 5m --pull 1m --log-format json"
-    )]
-    Watch(WatchArgs),
-    /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
-    #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
-    Status(OutputArgs),
-    /// Remove this stack's containers and networks (named volumes only with --volumes).
-    #[command(
-        after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
-soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone"
-    )]
-    Down(DownArgs),
-    /// List the devices of stack.kdl: generation, expiry, pairing files, and whether each
-    /// device's token is current.
-    #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
-    Devices(OutputArgs),
-    /// Show a device's pairing QR code (scan it with the phone), a link for its browser, or
-    /// write either to a file.
-    #[command(
-        after_help = "The QR code holds the pod's reachable addresses and the device's \
-token: treat it like a password. A browser opens the pod through `--format link`: the link \
-holds a one-time ticket, never the token; the pod's gate redeems it for a browser session of \
-that sidecar (a cookie that lasts as long as the device, at most 400 days). A used link does \
-not work again: bump the device's `generation=` (or `soul rotate --device D`) for a new one.\n\nExample:\n  \
-soul pair alice-phone\n  soul pair alice-phone --sidecar notes --format png --out alice.png\n  \
-soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
-    )]
-    Pair(PairArgs),
-    /// Re-issue tokens: bump `secret-generation` (every device) or one device's `generation=`
-    /// in stack.kdl, keeping its comments and layout, then apply. Commit the edit.
-    #[command(
-        after_help = "Example:\n  soul rotate                    # new stack key: every device re-pairs\n  \
-soul rotate --device bob-laptop  # only bob-laptop's token changes\n  \
-soul rotate --new-key            # the stack key was lost and cannot be restored: start over"
-    )]
-    Rotate(RotateArgs),
-    /// The transports that reach the pods: their state and current addresses. Also runs as
-    /// `soul-bridge` (a link named so behaves as `soul bridge`).
-    #[command(subcommand)]
-    Bridge(BridgeCommand),
-    /// Write the stack in another tool's format.
-    #[command(subcommand)]
-    Export(ExportCommand),
-    /// Build soul's own image from this binary, offline (used by each pod's pause container).
-    #[command(
-        after_help = "`apply` builds it when missing or older than this binary; this \
-command rebuilds it unconditionally.\n\nExample:\n  soul image"
-    )]
-    Image,
-    /// Run inside a pod: the front door. Only requests with a valid device token reach the app.
-    #[command(
-        hide = true,
-        after_help = "`apply` runs it in every pod, with the state dir's gate/ mounted at /gate; it re-reads the key and registry there, so revoking a device needs no restart.
-
-Example:
-  soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed"
-    )]
-    Gate {
-        /// The stack whose tokens are accepted.
-        #[arg(long)]
-        stack: String,
-        /// The sidecar this gate fronts: its browser sessions and pairing links are good here
-        /// only.
-        #[arg(long)]
-        sidecar: Option<String>,
-        /// A writable directory where redeemed pairing links are recorded, so that a used link
-        /// stays used across restarts (in memory only without it).
-        #[arg(long, value_name = "DIR")]
-        redeemed: Option<PathBuf>,
-        /// Where to listen: the gate port, on every address of the pod.
-        #[arg(long, default_value = "0.0.0.0:8443")]
-        listen: std::net::SocketAddr,
-        /// The app inside the pod.
-        #[arg(long)]
-        upstream: std::net::SocketAddr,
-        /// The directory with the stack's public key and device registry.
-        #[arg(long, default_value = "/gate")]
-        keys: PathBuf,
-        /// How long a client may take to send its request headers.
-        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
-        header_timeout: Duration,
-        /// Refused attempts per source address per minute before answering 429.
-        #[arg(long, default_value_t = 30)]
-        failures_per_minute: usize,
-        /// Threads serving connections, each with a connection from accept to close (default:
-        /// one per CPU the gate may use).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
-        threads: Option<u16>,
-    },
-    /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
-    /// outside the pod only the gate's port (and replies to the pod's own connections).
-    #[command(
-        hide = true,
-        after_help = "Needs NET_ADMIN in the pod's namespace (apply gives the pause container that and nothing else). \
-It installs the nftables table `inet soul_guard` there.
-
-Example:
-  soul pause --gate-port 8443
-  soul pause --gate-port 8443 --check   # exit 0 when the guard is in place"
-    )]
-    Pause {
-        /// The gate's port: every other TCP and UDP port of the pod is refused from outside.
-        #[arg(long, value_name = "PORT")]
-        gate_port: Option<u16>,
-        /// A UDP port an overlay in the pod receives its peers on (repeatable).
-        #[arg(long, value_name = "PORT", requires = "gate_port")]
-        open_udp: Vec<u16>,
-        /// Only check that the guard is in place (the pause container's health check).
-        #[arg(long, requires = "gate_port")]
-        check: bool,
-    },
-    /// Run inside a pod: a small HTTP service for the repository's demo stack.
-    #[command(hide = true)]
-    DemoApp {
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-    },
-    /// Run inside a pod: GET an http:// URL; exit 0 on a 2xx/3xx answer (a health check).
-    #[command(hide = true)]
-    Probe {
-        url: String,
-        #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
-        timeout: Duration,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct PlanArgs {
-    /// Exit 2 when changes are pending, 0 when there are none.
-    #[arg(long)]
-    pub detailed_exitcode: bool,
-    #[arg(long, value_enum, default_value_t = Output::Human)]
-    pub output: Output,
-}
-
-#[derive(Debug, Args)]
-pub struct OutputArgs {
-    #[arg(long, value_enum, default_value_t = Output::Human)]
-    pub output: Output,
-}
-
-#[derive(Debug, Args)]
-pub struct WatchArgs {
-    /// Run a whole pass at least this often, so missed events still converge.
-    #[arg(long, default_value = "60s", value_parser = parse_duration_arg, value_name = "DURATION")]
-    pub resync: Duration,
-    /// When stack.kdl is in a git work tree with an upstream: fetch and fast-forward this
-    /// often (never forced: a dirty tree or diverged history is reported).
-    #[arg(long, value_parser = parse_duration_arg, value_name = "INTERVAL")]
-    pub pull: Option<Duration>,
-    /// Restarts within --flap-window after which a container is reported degraded.
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    pub flap_restarts: usize,
-    #[arg(long, default_value = "10m", value_parser = parse_duration_arg, value_name = "DURATION")]
-    pub flap_window: Duration,
-    /// How often this host's addresses are checked (pairing codes carry them).
-    #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
-    pub address_poll: Duration,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BridgeCommand {
-    /// Choose how the pods are reached and write it into stack.kdl (only the `transport`
-    /// block changes; comments survive). Prints the diff; commit it.
-    #[command(
-        after_help = "On a terminal it asks (Tailscale by default, then the auth-key file). \
-In scripts pass the choice and --yes.\n\nExample:\n  soul bridge init\n  soul bridge init --tailscale \
---authkey-file /run/secrets/ts --yes\n  soul bridge init --headscale https://hs.example.com --yes\n  \
-soul bridge init --tor --yes\n  soul bridge init --lan-only --yes"
-    )]
-    Init(InitArgs),
-    /// Per sidecar and transport: is it up (container running and healthy, address known)?
-    #[command(after_help = "Example:\n  soul bridge status\n  soul bridge status --output json")]
-    Status(OutputArgs),
-    /// The current best address in the stack's transport order (what pairing codes lead with).
-    #[command(
-        after_help = "Addresses print as <transport>:<host>:<port>, as in pairing codes.\n\n\
-Example:\n  soul bridge address\n  soul bridge address --sidecar notes --all\n  soul-bridge address"
-    )]
-    Address(AddressArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ExportCommand {
-    /// The stack as a Compose file (ScaleTail's shape: each pod's containers join its
-    /// namespace owner with `network_mode: service:…`). Secrets become `${NAME}`.
-    #[command(
-        after_help = "Example:\n  soul export compose\n  soul export compose --out docker-compose.yml && docker-compose config"
-    )]
-    Compose {
-        /// Write to this file instead of stdout.
-        #[arg(long, value_name = "FILE")]
-        out: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("choice").args(["tailscale", "headscale", "nebula", "tor", "lan_only"])))]
-pub struct InitArgs {
-    /// Reach the pods over Tailscale (the default).
-    #[arg(long)]
-    pub tailscale: bool,
-    /// Reach the pods over your own Headscale server at URL.
-    #[arg(long, value_name = "URL")]
-    pub headscale: Option<String>,
-    /// Reach the pods over Nebula, with this lighthouse (host:port); needs --nebula-ip,
-    /// --lighthouse-ip, --ca-file, --cert-file and --key-file.
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["nebula_ip", "lighthouse_ip", "ca_file", "cert_file", "key_file"])]
-    pub nebula: Option<String>,
-    /// Reach the pods over a Tor onion service.
-    #[arg(long)]
-    pub tor: bool,
-    /// The LAN only: no overlay.
-    #[arg(long)]
-    pub lan_only: bool,
-    /// The Tailscale/Headscale auth key's file on this machine (never the key itself).
-    #[arg(long, value_name = "PATH")]
-    pub authkey_file: Option<String>,
-    /// Tailscale ACL tags to advertise, e.g. tag:soul.
-    #[arg(long)]
-    pub tags: Option<String>,
-    #[arg(long, value_name = "CIDR")]
-    pub nebula_ip: Option<String>,
-    #[arg(long, value_name = "IP")]
-    pub lighthouse_ip: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub ca_file: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub cert_file: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub key_file: Option<String>,
-    /// Write without asking.
-    #[arg(long)]
-    pub yes: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct AddressArgs {
-    /// Which sidecar (needed when the stack has several).
-    #[arg(long)]
-    pub sidecar: Option<String>,
-    /// Every known address, best first, one per line.
-    #[arg(long)]
-    pub all: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct PairArgs {
-    /// The device, as named in stack.kdl.
-    pub device: String,
-    /// Which sidecar's code (needed when the stack has several).
-    #[arg(long)]
-    pub sidecar: Option<String>,
-    #[arg(long, value_enum, default_value_t = PairFormat::Terminal)]
-    pub format: PairFormat,
-    /// Write to this file (0600) instead of stdout.
-    #[arg(long, value_name = "PATH")]
-    pub out: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PairFormat {
-    /// A QR code drawn in the terminal, black on white whatever the terminal's colours.
-    Terminal,
-    /// The pairing URI itself.
-    Uri,
-    Png,
-    Svg,
-    /// Links to open in a browser, one per address, best first
-    /// (`http://<host>:<port>/?soul_ticket=…`); each is good for one browser, once.
-    Link,
-}
-
-#[derive(Debug, Args)]
-pub struct RotateArgs {
-    /// Re-issue this device's token alone (bumps its `generation=`).
-    #[arg(long, value_name = "NAME", conflicts_with = "new_key")]
-    pub device: Option<String>,
-    /// Start over after the stack key was lost: what is left of the key and the device
-    /// registry is moved aside (`stack.key.lost-<time>`), a new key is made and every device
-    /// must scan a new pairing code. Without it, apply refuses to replace a lost key.
-    #[arg(long)]
-    pub new_key: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct DownArgs {
-    /// Also remove this stack's named volumes (their data is deleted).
-    #[arg(long)]
-    pub volumes: bool,
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    stack::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 500ms, 5s or 1m"))
 }
 
 /// Everything a command can fail with.
@@ -764,6 +387,7 @@ async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
 fn sigil(step: &Step) -> char {
     match step {
         Step::RemoveContainer { .. }
+        | Step::RemoveVolume { .. }
         | Step::RemoveNetwork { .. }
         | Step::RemoveDuplicateNetwork { .. } => '-',
         Step::StartContainer { .. } => '>',
@@ -907,121 +531,54 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     // Compared as the planner compares: a soul 0.1 volume is mounted under its old name.
     let desired = desired.map(|d| reconcile::with_legacy_volumes(&d, &observed).into_owned());
-    let want = |name: &str| {
-        desired.as_ref().and_then(|d| {
-            d.pods
-                .iter()
-                .flat_map(|p| &p.containers)
-                .find(|c| c.name == name)
-                .map(|c| c.config_hash())
-        })
-    };
-    let mut pods = Vec::new();
-    for sidecar in &stack.sidecars {
-        let roles = desired
-            .as_ref()
-            .and_then(|d| d.pods.iter().find(|p| p.sidecar == sidecar.name))
-            .map_or(vec![Role::Pause, Role::App, Role::Gate], |p| {
-                p.containers.iter().map(|c| c.role).collect()
-            });
-        let containers: Vec<_> = roles
-            .iter()
-            .map(|role| {
-                let name = crate::pod::container_name(&stack.stack, &sidecar.name, *role);
-                let seen = observed.containers.iter().find(|c| c.name == name);
-                let desired_hash = want(&name);
-                json!({
-                    "role": role.as_str(),
-                    "name": name,
-                    "id": seen.map(|c| c.id.chars().take(12).collect::<String>()),
-                    "state": seen.map_or("missing", |c| c.state.as_str()),
-                    "health": seen.and_then(|c| c.health.clone()),
-                    "image": seen.map(|c| c.image.clone()),
-                    "current": match (seen, desired_hash) {
-                        (Some(c), Some(h)) => json!(c.config_hash.as_deref() == Some(h.as_str())),
-                        _ => json!(null),
-                    },
-                })
-            })
-            .collect();
-        pods.push(json!({
-            "sidecar": sidecar.name,
-            "network": crate::pod::network_name(&stack.stack),
-            "containers": containers,
-        }));
-    }
-    let declared: Vec<String> = match &desired {
-        Some(d) => d
-            .pods
-            .iter()
-            .flat_map(|p| p.containers.iter().map(|c| c.name.clone()))
-            .collect(),
-        None => stack
-            .sidecars
-            .iter()
-            .flat_map(|s| {
-                [Role::Pause, Role::App, Role::Gate]
-                    .map(|r| crate::pod::container_name(&stack.stack, &s.name, r))
-            })
-            .collect(),
-    };
-    let undeclared: Vec<_> = observed
-        .containers
-        .iter()
-        .filter(|c| !declared.contains(&c.name))
-        .map(|c| json!({"name": c.name, "state": c.state}))
-        .collect();
     let watch = reconcile::WatchStatus::read(&StateDir::at(&state_path(cli, &stack)));
+    let report = reconcile::status_report(&stack, desired.as_ref(), &observed, watch);
     match output {
-        Output::Json => out(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&json!({
-                "stack": stack.stack,
-                "pods": pods,
-                "undeclared": undeclared,
-                "watch": watch,
-            }))
-            .unwrap_or_default()
-        )),
-        Output::Human => {
-            let mut s = format!("stack `{}` ({})\n", stack.stack, cli.file.display());
-            for pod in &pods {
-                s.push_str(&format!(
-                    "  pod {}\n",
-                    pod["sidecar"].as_str().unwrap_or("")
-                ));
-                for c in pod["containers"].as_array().into_iter().flatten() {
-                    let state = c["state"].as_str().unwrap_or("");
-                    let health = c["health"]
-                        .as_str()
-                        .map(|h| format!(" ({h})"))
-                        .unwrap_or_default();
-                    let current = match c["current"].as_bool() {
-                        Some(true) => "up to date",
-                        Some(false) => "differs from stack.kdl: `soul apply` recreates it",
-                        None if state == "missing" => "`soul apply` creates it",
-                        None => "unknown",
-                    };
-                    s.push_str(&format!(
-                        "    {:<6} {:<22} {:<28} {current}\n",
-                        c["role"].as_str().unwrap_or(""),
-                        format!("{state}{health}"),
-                        c["image"].as_str().unwrap_or("-"),
-                    ));
-                }
-            }
-            s.push_str(&watch_lines(watch.as_ref()));
-            for u in &undeclared {
-                s.push_str(&format!(
-                    "  undeclared: {} ({}): `soul apply` removes it\n",
-                    u["name"].as_str().unwrap_or(""),
-                    u["state"].as_str().unwrap_or("")
-                ));
-            }
-            out(&s);
-        }
+        Output::Json => out(&json_text(&report)),
+        Output::Human => out(&render_status(&report, &cli.file)),
     }
     Ok(Exit::Ok)
+}
+
+/// A report as pretty JSON, with a final newline.
+fn json_text(report: &impl serde::Serialize) -> String {
+    let mut s = serde_json::to_string_pretty(report).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
+    let mut s = format!("stack `{}` ({})\n", report.stack, file.display());
+    for pod in &report.pods {
+        s.push_str(&format!("  pod {}\n", pod.sidecar));
+        for c in &pod.containers {
+            let health = c
+                .health
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            let current = match c.current {
+                Some(true) => "up to date",
+                Some(false) => "differs from stack.kdl: `soul apply` recreates it",
+                None if c.state == "missing" => "`soul apply` creates it",
+                None => "unknown",
+            };
+            s.push_str(&format!(
+                "    {:<6} {:<22} {:<28} {current}\n",
+                c.role.as_str(),
+                format!("{}{health}", c.state),
+                c.image.as_deref().unwrap_or("-"),
+            ));
+        }
+    }
+    s.push_str(&watch_lines(report.watch.as_ref()));
+    for u in &report.undeclared {
+        s.push_str(&format!(
+            "  undeclared: {} ({}): `soul apply` removes it\n",
+            u.name, u.state
+        ));
+    }
+    s
 }
 
 async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
@@ -1035,41 +592,20 @@ async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
         );
     })?;
     let docker = Docker::connect().await?;
-    let snapshot = docker.snapshot(&stack.stack).await?;
-    let mut containers = snapshot.containers;
-    // Dependents before the pause container whose namespace they share.
-    containers.sort_by_key(|c| {
-        c.labels.get(label::ROLE).map(String::as_str) == Some(Role::Pause.as_str())
-    });
-    let mut removed = 0;
-    for c in &containers {
-        docker.remove_container(&c.id).await?;
-        out(&format!("  - removed container {}\n", c.name));
-        removed += 1;
-    }
-    // Unused copies of a name first (by ID): the name is ambiguous until they are gone.
-    for (name, id) in &snapshot.duplicate_networks {
-        docker.remove_network(id).await?;
-        out(&format!("  - removed a duplicate of network {name}\n"));
-        removed += 1;
-    }
-    for (name, id) in &snapshot.network_ids {
-        docker.remove_network(id).await?;
-        out(&format!("  - removed network {name}\n"));
-        removed += 1;
-    }
-    if args.volumes {
-        for v in &snapshot.volumes {
-            docker.remove_volume(v).await?;
-            out(&format!("  - removed volume {v} (its data is gone)\n"));
-            removed += 1;
-        }
-    } else if !snapshot.volumes.is_empty() {
+    let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    let plan = reconcile::plan_down(&observed, args.volumes);
+    let removed = plan.steps.len();
+    reconcile::run(&docker, &dir, &stack, &plan, |i, step| {
+        out(&format!("  [{}/{removed}] - {step}\n", i + 1));
+    })
+    .await?;
+    if !args.volumes && !observed.volumes.is_empty() {
+        let kept: Vec<&str> = observed.volumes.iter().map(String::as_str).collect();
         out(&format!(
             "  kept {} named volume{} ({}); `soul down --volumes` removes them\n",
-            snapshot.volumes.len(),
-            if snapshot.volumes.len() == 1 { "" } else { "s" },
-            snapshot.volumes.join(", ")
+            kept.len(),
+            if kept.len() == 1 { "" } else { "s" },
+            kept.join(", ")
         ));
     }
     out(&format!(
@@ -1103,86 +639,44 @@ fn display(p: &Path) -> String {
 fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let stack = load(cli)?;
     let state = StateDir::at(&state_path(cli, &stack));
-    let key = state.read_key().ok();
-    let registry = state.read_registry();
     let now = unix_now();
-    let rows: Vec<serde_json::Value> = stack
-        .devices
-        .iter()
-        .map(|d| {
-            let entry = registry.devices.get(&d.name);
-            let token_path = state.path().join(crate::state::layout::token(&d.name));
-            let token = std::fs::read_to_string(&token_path).ok();
-            let current = match (&key, &token) {
-                (Some(k), Some(t)) => {
-                    crate::pairing::verify(t.trim(), &k.public_key(), &stack.stack, &registry, now)
-                        .is_ok_and(|c| c.jti == format!("{}.{}", d.name, d.generation))
-                }
-                _ => false,
-            };
-            let artifacts: Vec<String> = stack
-                .sidecars
-                .iter()
-                .flat_map(|s| {
-                    ["uri", "png", "svg", "txt"].map(|ext| {
-                        state.path().join(format!(
-                            "{}.{ext}",
-                            crate::state::layout::pairing(&d.name, &s.name)
-                        ))
-                    })
-                })
-                .filter(|p| p.exists())
-                .map(|p| p.display().to_string())
-                .collect();
-            json!({
-                "name": d.name,
-                "generation": d.generation,
-                "issued_at": entry.map(|e| e.issued_at),
-                "expires_at": entry.and_then(|e| e.expires_at),
-                "token": token_path.exists().then(|| token_path.display().to_string()),
-                "token_current": current,
-                "artifacts": artifacts,
-            })
-        })
-        .collect();
+    let report = reconcile::devices_report(&stack, &state, now);
     match output {
-        Output::Json => out(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&json!({"stack": stack.stack, "devices": rows}))
-                .unwrap_or_default()
-        )),
-        Output::Human => {
-            let mut s = format!(
-                "devices of stack `{}` ({})\n",
-                stack.stack,
-                state.path().display()
-            );
-            if rows.is_empty() {
-                s.push_str("  none: add `device \"alice-phone\"` to stack.kdl and apply\n");
-            }
-            for r in &rows {
-                let expiry = match r["expires_at"].as_u64() {
-                    Some(t) if t <= now => "expired".to_string(),
-                    Some(t) => format!("expires in {}d", (t - now) / 86_400),
-                    None => "no expiry".into(),
-                };
-                let state = if r["token_current"] == true {
-                    "token current"
-                } else {
-                    "token not issued yet: run `soul apply`"
-                };
-                s.push_str(&format!(
-                    "  {:<20} generation {:<3} {:<18} {state}; {} pairing files\n",
-                    r["name"].as_str().unwrap_or(""),
-                    r["generation"],
-                    expiry,
-                    r["artifacts"].as_array().map_or(0, |a| a.len()),
-                ));
-            }
-            out(&s);
-        }
+        Output::Json => out(&json_text(&report)),
+        Output::Human => out(&render_devices(&report, &state, now)),
     }
     Ok(Exit::Ok)
+}
+
+fn render_devices(report: &reconcile::DevicesReport, state: &StateDir, now: u64) -> String {
+    let mut s = format!(
+        "devices of stack `{}` ({})\n",
+        report.stack,
+        state.path().display()
+    );
+    if report.devices.is_empty() {
+        s.push_str("  none: add `device \"alice-phone\"` to stack.kdl and apply\n");
+    }
+    for d in &report.devices {
+        let expiry = match d.expires_at {
+            Some(t) if t <= now => "expired".to_string(),
+            Some(t) => format!("expires in {}d", (t - now) / 86_400),
+            None => "no expiry".into(),
+        };
+        let token = if d.token_current {
+            "token current"
+        } else {
+            "token not issued yet: run `soul apply`"
+        };
+        s.push_str(&format!(
+            "  {:<20} generation {:<3} {:<18} {token}; {} pairing files\n",
+            d.name,
+            d.generation,
+            expiry,
+            d.artifacts.len(),
+        ));
+    }
+    s
 }
 
 /// Asks one question on the terminal; an empty answer takes the default.
@@ -1394,59 +888,31 @@ async fn bridge_status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let stack = load(cli)?;
     let (docker, all) = current_addresses(cli, &stack).await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
-    let container = |name: &str| observed.containers.iter().find(|c| c.name == name);
-    let mut rows = Vec::new();
-    for (i, sidecar) in stack.sidecars.iter().enumerate() {
-        for kind in stack.transport_order() {
-            let carrier = crate::transport::carrier(&stack, kind)
-                .map(|r| crate::pod::container_name(&stack.stack, &sidecar.name, r));
-            let seen = carrier.as_deref().and_then(container);
-            let running = seen.is_some_and(|c| c.running);
-            let healthy = seen.and_then(|c| c.health.clone());
-            let address = all
-                .get(i)
-                .and_then(|a| a.iter().find(|x| x.transport == kind))
-                .map(|a| a.to_string());
-            let up = (carrier.is_none() || running)
-                && healthy.as_deref() != Some("unhealthy")
-                && address.is_some();
-            rows.push(json!({
-                "sidecar": sidecar.name,
-                "transport": kind.as_str(),
-                "container": carrier,
-                "running": carrier.as_ref().map(|_| running),
-                "health": healthy,
-                "address": address,
-                "up": up,
-            }));
-        }
-    }
+    let report = reconcile::transports_report(&stack, &all, &observed);
     match output {
-        Output::Json => out(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&json!({"stack": stack.stack, "transports": rows}))
-                .unwrap_or_default()
-        )),
-        Output::Human => {
-            let mut s = format!("transports of stack `{}`\n", stack.stack);
-            for r in &rows {
-                let state = match (r["up"].as_bool(), r["running"].as_bool()) {
-                    (Some(true), _) => "up".to_string(),
-                    (_, Some(false)) => "down: container not running (`soul apply`)".into(),
-                    _ if r["address"].is_null() => "down: address not known yet".into(),
-                    _ => format!("down: {}", r["health"].as_str().unwrap_or("unhealthy")),
-                };
-                s.push_str(&format!(
-                    "  {:<12} {:<10} {:<50} {state}\n",
-                    r["sidecar"].as_str().unwrap_or(""),
-                    r["transport"].as_str().unwrap_or(""),
-                    r["address"].as_str().unwrap_or("-"),
-                ));
-            }
-            out(&s);
-        }
+        Output::Json => out(&json_text(&report)),
+        Output::Human => out(&render_transports(&report)),
     }
     Ok(Exit::Ok)
+}
+
+fn render_transports(report: &reconcile::TransportsReport) -> String {
+    let mut s = format!("transports of stack `{}`\n", report.stack);
+    for t in &report.transports {
+        let state = match (t.up, t.running) {
+            (true, _) => "up".to_string(),
+            (_, Some(false)) => "down: container not running (`soul apply`)".into(),
+            _ if t.address.is_none() => "down: address not known yet".into(),
+            _ => format!("down: {}", t.health.as_deref().unwrap_or("unhealthy")),
+        };
+        s.push_str(&format!(
+            "  {:<12} {:<10} {:<50} {state}\n",
+            t.sidecar,
+            t.transport,
+            t.address.as_deref().unwrap_or("-"),
+        ));
+    }
+    s
 }
 
 fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {

@@ -1,0 +1,389 @@
+//! soul's arguments: the clap definitions of every command and its flags, and the help text
+//! they print. Nothing here runs anything.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::stack;
+
+const EXIT_CODES: &str = "\
+Not built yet: the relay. A `relay` node validates and its address goes into pairing codes, but
+no relay server or pod agent exists, so that address leads nowhere; leave it out for now.
+
+Exit codes:
+  0  success (for `plan --detailed-exitcode`: nothing to change)
+  1  invalid input or a failed operation
+  2  `plan --detailed-exitcode`: changes are pending
+  3  the Docker engine cannot be reached (check DOCKER_HOST and that the daemon runs)";
+
+/// soul drives a Docker engine to the state declared in stack.kdl: your service in a pod, the
+/// transports that reach it, and the devices allowed in.
+#[derive(Debug, Parser)]
+#[command(name = "soul", version, about, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// The stack file.
+    #[arg(
+        short = 'f',
+        long = "file",
+        global = true,
+        default_value = "stack.kdl",
+        value_name = "PATH"
+    )]
+    pub file: PathBuf,
+    /// Where this stack's state lives [default: /var/lib/soul/<stack> as root,
+    /// $XDG_STATE_HOME/soul/<stack> otherwise].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). SOUL_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log lines as text for people, or JSON for journald and log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check stack.kdl: KDL syntax, the JSON Schema, then every rule of the format.
+    #[command(
+        after_help = "Every problem is reported in one run as file:line:column with the \
+source line and a hint.\n\nExample:\n  soul validate\n  soul -f examples/jellyfin.kdl validate"
+    )]
+    Validate,
+    /// Print the JSON Schema of stack.kdl (as committed in schema/stack.schema.json).
+    #[command(after_help = "Example:\n  soul schema > stack.schema.json")]
+    Schema,
+    /// Show the steps `apply` would take, without changing anything.
+    #[command(
+        after_help = "Never prints a secret. With --detailed-exitcode the exit code says \
+whether anything would change: 0 nothing, 2 changes pending, 1 error.\n\nExample:\n  soul plan\n  \
+soul plan --output json | jq '.steps[].step'\n  soul plan --detailed-exitcode || echo drifted"
+    )]
+    Plan(PlanArgs),
+    /// Drive the Docker engine to stack.kdl: pods, networks, volumes, images.
+    #[command(
+        after_help = "Creates what is missing, recreates what changed (and only that), \
+starts what stopped, removes what is no longer declared. Named volumes are never removed. \
+Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply"
+    )]
+    Apply,
+    /// Keep this machine on stack.kdl: re-apply on every edit, repair drift, follow git.
+    #[command(
+        after_help = "Every trigger runs the same whole pass: an edit of stack.kdl (also \
+when an editor or `git pull` replaces it), a Docker event of this stack (die, stop, destroy, \
+health), the resync timer, a change of this host's address, SIGHUP. An invalid edit is reported \
+and the last good config keeps running. The engine going away is retried with backoff. \
+SIGTERM/SIGINT stop soul; the containers keep running. `soul status` shows the last pass.\n\n\
+Example:\n  soul watch\n  soul watch --resync 5m --pull 1m --log-format json"
+    )]
+    Watch(WatchArgs),
+    /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
+    #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
+    Status(OutputArgs),
+    /// Remove this stack's containers and networks (named volumes only with --volumes).
+    #[command(
+        after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
+soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone"
+    )]
+    Down(DownArgs),
+    /// List the devices of stack.kdl: generation, expiry, pairing files, and whether each
+    /// device's token is current.
+    #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
+    Devices(OutputArgs),
+    /// Show a device's pairing QR code (scan it with the phone), a link for its browser, or
+    /// write either to a file.
+    #[command(
+        after_help = "The QR code holds the pod's reachable addresses and the device's \
+token: treat it like a password. A browser opens the pod through `--format link`: the link \
+holds a one-time ticket, never the token; the pod's gate redeems it for a browser session of \
+that sidecar (a cookie that lasts as long as the device, at most 400 days). A used link does \
+not work again: bump the device's `generation=` (or `soul rotate --device D`) for a new one.\n\nExample:\n  \
+soul pair alice-phone\n  soul pair alice-phone --sidecar notes --format png --out alice.png\n  \
+soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
+    )]
+    Pair(PairArgs),
+    /// Re-issue tokens: bump `secret-generation` (every device) or one device's `generation=`
+    /// in stack.kdl, keeping its comments and layout, then apply. Commit the edit.
+    #[command(
+        after_help = "Example:\n  soul rotate                    # new stack key: every device re-pairs\n  \
+soul rotate --device bob-laptop  # only bob-laptop's token changes\n  \
+soul rotate --new-key            # the stack key was lost and cannot be restored: start over"
+    )]
+    Rotate(RotateArgs),
+    /// The transports that reach the pods: their state and current addresses. Also runs as
+    /// `soul-bridge` (a link named so behaves as `soul bridge`).
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
+    /// Write the stack in another tool's format.
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Build soul's own image from this binary, offline (used by each pod's pause container).
+    #[command(
+        after_help = "`apply` builds it when missing or older than this binary; this \
+command rebuilds it unconditionally.\n\nExample:\n  soul image"
+    )]
+    Image,
+    /// Run inside a pod: the front door. Only requests with a valid device token reach the app.
+    #[command(
+        hide = true,
+        after_help = "`apply` runs it in every pod, with the state dir's gate/ mounted at /gate; it re-reads the key and registry there, so revoking a device needs no restart.
+
+Example:
+  soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed"
+    )]
+    Gate {
+        /// The stack whose tokens are accepted.
+        #[arg(long)]
+        stack: String,
+        /// The sidecar this gate fronts: its browser sessions and pairing links are good here
+        /// only.
+        #[arg(long)]
+        sidecar: Option<String>,
+        /// A writable directory where redeemed pairing links are recorded, so that a used link
+        /// stays used across restarts (in memory only without it).
+        #[arg(long, value_name = "DIR")]
+        redeemed: Option<PathBuf>,
+        /// Where to listen: the gate port, on every address of the pod.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// The app inside the pod.
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        /// The directory with the stack's public key and device registry.
+        #[arg(long, default_value = "/gate")]
+        keys: PathBuf,
+        /// How long a client may take to send its request headers.
+        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+        header_timeout: Duration,
+        /// Refused attempts per source address per minute before answering 429.
+        #[arg(long, default_value_t = 30)]
+        failures_per_minute: usize,
+        /// Threads serving connections, each with a connection from accept to close (default:
+        /// one per CPU the gate may use).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
+    },
+    /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
+    /// outside the pod only the gate's port (and replies to the pod's own connections).
+    #[command(
+        hide = true,
+        after_help = "Needs NET_ADMIN in the pod's namespace (apply gives the pause container that and nothing else). \
+It installs the nftables table `inet soul_guard` there.
+
+Example:
+  soul pause --gate-port 8443
+  soul pause --gate-port 8443 --check   # exit 0 when the guard is in place"
+    )]
+    Pause {
+        /// The gate's port: every other TCP and UDP port of the pod is refused from outside.
+        #[arg(long, value_name = "PORT")]
+        gate_port: Option<u16>,
+        /// A UDP port an overlay in the pod receives its peers on (repeatable).
+        #[arg(long, value_name = "PORT", requires = "gate_port")]
+        open_udp: Vec<u16>,
+        /// Only check that the guard is in place (the pause container's health check).
+        #[arg(long, requires = "gate_port")]
+        check: bool,
+    },
+    /// Run inside a pod: a small HTTP service for the repository's demo stack.
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Run inside a pod: GET an http:// URL; exit 0 on a 2xx/3xx answer (a health check).
+    #[command(hide = true)]
+    Probe {
+        url: String,
+        #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Exit 2 when changes are pending, 0 when there are none.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Run a whole pass at least this often, so missed events still converge.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub resync: Duration,
+    /// When stack.kdl is in a git work tree with an upstream: fetch and fast-forward this
+    /// often (never forced: a dirty tree or diverged history is reported).
+    #[arg(long, value_parser = parse_duration_arg, value_name = "INTERVAL")]
+    pub pull: Option<Duration>,
+    /// Restarts within --flap-window after which a container is reported degraded.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub flap_restarts: usize,
+    #[arg(long, default_value = "10m", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub flap_window: Duration,
+    /// How often this host's addresses are checked (pairing codes carry them).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub address_poll: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BridgeCommand {
+    /// Choose how the pods are reached and write it into stack.kdl (only the `transport`
+    /// block changes; comments survive). Prints the diff; commit it.
+    #[command(
+        after_help = "On a terminal it asks (Tailscale by default, then the auth-key file). \
+In scripts pass the choice and --yes.\n\nExample:\n  soul bridge init\n  soul bridge init --tailscale \
+--authkey-file /run/secrets/ts --yes\n  soul bridge init --headscale https://hs.example.com --yes\n  \
+soul bridge init --tor --yes\n  soul bridge init --lan-only --yes"
+    )]
+    Init(InitArgs),
+    /// Per sidecar and transport: is it up (container running and healthy, address known)?
+    #[command(after_help = "Example:\n  soul bridge status\n  soul bridge status --output json")]
+    Status(OutputArgs),
+    /// The current best address in the stack's transport order (what pairing codes lead with).
+    #[command(
+        after_help = "Addresses print as <transport>:<host>:<port>, as in pairing codes.\n\n\
+Example:\n  soul bridge address\n  soul bridge address --sidecar notes --all\n  soul-bridge address"
+    )]
+    Address(AddressArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// The stack as a Compose file (ScaleTail's shape: each pod's containers join its
+    /// namespace owner with `network_mode: service:…`). Secrets become `${NAME}`.
+    #[command(
+        after_help = "Example:\n  soul export compose\n  soul export compose --out docker-compose.yml && docker-compose config"
+    )]
+    Compose {
+        /// Write to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("choice").args(["tailscale", "headscale", "nebula", "tor", "lan_only"])))]
+pub struct InitArgs {
+    /// Reach the pods over Tailscale (the default).
+    #[arg(long)]
+    pub tailscale: bool,
+    /// Reach the pods over your own Headscale server at URL.
+    #[arg(long, value_name = "URL")]
+    pub headscale: Option<String>,
+    /// Reach the pods over Nebula, with this lighthouse (host:port); needs --nebula-ip,
+    /// --lighthouse-ip, --ca-file, --cert-file and --key-file.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["nebula_ip", "lighthouse_ip", "ca_file", "cert_file", "key_file"])]
+    pub nebula: Option<String>,
+    /// Reach the pods over a Tor onion service.
+    #[arg(long)]
+    pub tor: bool,
+    /// The LAN only: no overlay.
+    #[arg(long)]
+    pub lan_only: bool,
+    /// The Tailscale/Headscale auth key's file on this machine (never the key itself).
+    #[arg(long, value_name = "PATH")]
+    pub authkey_file: Option<String>,
+    /// Tailscale ACL tags to advertise, e.g. tag:soul.
+    #[arg(long)]
+    pub tags: Option<String>,
+    #[arg(long, value_name = "CIDR")]
+    pub nebula_ip: Option<String>,
+    #[arg(long, value_name = "IP")]
+    pub lighthouse_ip: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub cert_file: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<String>,
+    /// Write without asking.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AddressArgs {
+    /// Which sidecar (needed when the stack has several).
+    #[arg(long)]
+    pub sidecar: Option<String>,
+    /// Every known address, best first, one per line.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PairArgs {
+    /// The device, as named in stack.kdl.
+    pub device: String,
+    /// Which sidecar's code (needed when the stack has several).
+    #[arg(long)]
+    pub sidecar: Option<String>,
+    #[arg(long, value_enum, default_value_t = PairFormat::Terminal)]
+    pub format: PairFormat,
+    /// Write to this file (0600) instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PairFormat {
+    /// A QR code drawn in the terminal, black on white whatever the terminal's colours.
+    Terminal,
+    /// The pairing URI itself.
+    Uri,
+    Png,
+    Svg,
+    /// Links to open in a browser, one per address, best first
+    /// (`http://<host>:<port>/?soul_ticket=…`); each is good for one browser, once.
+    Link,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Re-issue this device's token alone (bumps its `generation=`).
+    #[arg(long, value_name = "NAME", conflicts_with = "new_key")]
+    pub device: Option<String>,
+    /// Start over after the stack key was lost: what is left of the key and the device
+    /// registry is moved aside (`stack.key.lost-<time>`), a new key is made and every device
+    /// must scan a new pairing code. Without it, apply refuses to replace a lost key.
+    #[arg(long)]
+    pub new_key: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Also remove this stack's named volumes (their data is deleted).
+    #[arg(long)]
+    pub volumes: bool,
+}
+
+pub(super) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    stack::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 500ms, 5s or 1m"))
+}

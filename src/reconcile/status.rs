@@ -1,0 +1,125 @@
+//! `soul status` as a report: each pod's containers as the engine has them, whether each
+//! matches stack.kdl (compared as the planner compares), the containers that carry the stack's
+//! label but are no longer declared, and what a running watch is doing. Pure: built from
+//! what resolve and observe found; the CLI renders it.
+
+use serde::Serialize;
+
+use super::plan::{Desired, Observed};
+use super::watch::WatchStatus;
+use crate::pod::{Role, container_name, network_name};
+use crate::stack::Stack;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusReport {
+    pub stack: String,
+    pub pods: Vec<PodStatus>,
+    pub undeclared: Vec<UndeclaredContainer>,
+    pub watch: Option<WatchStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PodStatus {
+    pub sidecar: String,
+    pub network: String,
+    pub containers: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContainerStatus {
+    pub role: Role,
+    pub name: String,
+    /// The first 12 characters of its ID, when it exists.
+    pub id: Option<String>,
+    /// `running`, `exited`, …, or `missing`.
+    pub state: String,
+    pub health: Option<String>,
+    pub image: Option<String>,
+    /// Whether its config hash is stack.kdl's; unknown (`None`) when it is missing or the
+    /// stack cannot be resolved on this machine.
+    pub current: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UndeclaredContainer {
+    pub name: String,
+    pub state: String,
+}
+
+/// The roles every pod has, whatever its transports.
+const BASE_ROLES: [Role; 3] = [Role::Pause, Role::App, Role::Gate];
+
+/// The report for `stack`. `desired` is `None` when the stack cannot be resolved here (a
+/// secret file missing, say): the base roles are listed, and whether they are current is not
+/// known.
+pub fn report(
+    stack: &Stack,
+    desired: Option<&Desired>,
+    observed: &Observed,
+    watch: Option<WatchStatus>,
+) -> StatusReport {
+    let desired_hash = |name: &str| {
+        desired.and_then(|d| {
+            d.pods
+                .iter()
+                .flat_map(|p| &p.containers)
+                .find(|c| c.name == name)
+                .map(|c| c.config_hash())
+        })
+    };
+    let pods: Vec<PodStatus> = stack
+        .sidecars
+        .iter()
+        .map(|sidecar| {
+            let roles = desired
+                .and_then(|d| d.pods.iter().find(|p| p.sidecar == sidecar.name))
+                .map_or(BASE_ROLES.to_vec(), |p| {
+                    p.containers.iter().map(|c| c.role).collect()
+                });
+            let containers = roles
+                .into_iter()
+                .map(|role| {
+                    let name = container_name(&stack.stack, &sidecar.name, role);
+                    let seen = observed.containers.iter().find(|c| c.name == name);
+                    let current = match (seen, desired_hash(&name)) {
+                        (Some(c), Some(h)) => Some(c.config_hash.as_deref() == Some(h.as_str())),
+                        _ => None,
+                    };
+                    ContainerStatus {
+                        role,
+                        id: seen.map(|c| c.id.chars().take(12).collect()),
+                        state: seen.map_or("missing".into(), |c| c.state.clone()),
+                        health: seen.and_then(|c| c.health.clone()),
+                        image: seen.map(|c| c.image.clone()),
+                        current,
+                        name,
+                    }
+                })
+                .collect();
+            PodStatus {
+                sidecar: sidecar.name.clone(),
+                network: network_name(&stack.stack),
+                containers,
+            }
+        })
+        .collect();
+    let declared: Vec<&str> = pods
+        .iter()
+        .flat_map(|p| p.containers.iter().map(|c| c.name.as_str()))
+        .collect();
+    let undeclared = observed
+        .containers
+        .iter()
+        .filter(|c| !declared.contains(&c.name.as_str()))
+        .map(|c| UndeclaredContainer {
+            name: c.name.clone(),
+            state: c.state.clone(),
+        })
+        .collect();
+    StatusReport {
+        stack: stack.stack.clone(),
+        pods,
+        undeclared,
+        watch,
+    }
+}
