@@ -28,8 +28,10 @@ fn every_example_and_the_repository_stack_validate() {
     );
     files.push(repo().join("stack.kdl"));
     for f in files {
-        let o = soul_offline(&["validate", "-f", f.to_str().unwrap()]);
-        assert!(o.status.success(), "{}:\n{}", f.display(), text(&o));
+        Soul::offline()
+            .args(["validate", "-f", f.to_str().unwrap()])
+            .run()
+            .success();
     }
 }
 
@@ -223,17 +225,14 @@ fn flag_errors_exit_1_as_the_readme_says() {
         &["plan", "--output", "yaml"],
         &["nonsense"],
     ] {
-        let o = soul_offline(args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("error:"),
-            "{}",
-            text(&o)
-        );
+        Soul::offline()
+            .args(args)
+            .run()
+            .code(1)
+            .stderr_has("error:");
     }
     for args in [&["--help"][..], &["--version"], &["plan", "--help"]] {
-        let o = soul_offline(args);
-        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        Soul::offline().args(args).run().code(0);
     }
 }
 
@@ -285,17 +284,17 @@ fn file_flag_works_before_or_after_the_command() {
         &["validate", "-f", p],
         &["validate", "--file", p],
     ] {
-        let o = soul_offline(args);
-        assert!(o.status.success(), "{args:?}: {}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stdout).contains("stack `notes`"));
+        Soul::offline()
+            .args(args)
+            .run()
+            .success()
+            .stdout_has("stack `notes`");
     }
-    let o = soul_offline(&["validate", "-f", "/nonexistent/stack.kdl"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/stack.kdl"),
-        "{}",
-        text(&o)
-    );
+    Soul::offline()
+        .args(["validate", "-f", "/nonexistent/stack.kdl"])
+        .run()
+        .code(1)
+        .stderr_has("/nonexistent/stack.kdl");
 }
 
 #[test]
@@ -428,9 +427,11 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
     ] {
         assert!(after.contains(comment), "lost {comment}");
     }
-    let o = soul_offline(&["validate", "-f", f]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("transports: lan, headscale"));
+    Soul::offline()
+        .args(["validate", "-f", f])
+        .run()
+        .success()
+        .stdout_has("transports: lan, headscale");
 
     // Running it again changes nothing; another choice replaces the block again.
     let o = soul_offline(&[

@@ -591,19 +591,17 @@ fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
     );
 }
 
-#[test]
-fn h2c_clients_are_proxied_to_the_app() {
-    let app = app();
-    let key = StackKey::from_seed(1, [9; 32]);
-    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "h2c");
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+/// GETs `path` from the gate over one HTTP/2 connection (prior knowledge), once per entry of
+/// `tokens` (a bearer token, or none); returns each answer's status and body (status 0: the
+/// stream was reset).
+fn h2_get(port: u16, path: &str, tokens: &[Option<&str>]) -> Vec<(u16, String)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let answers: Vec<(u16, String)> = rt.block_on(async {
+    rt.block_on(async {
         use http_body_util::{BodyExt, Empty};
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gate.port))
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -614,22 +612,34 @@ fn h2c_clients_are_proxied_to_the_app() {
         .expect("an HTTP/2 (prior knowledge) handshake with the gate");
         tokio::spawn(conn);
         let mut answers = vec![];
-        for auth in [None, Some(alice.as_str())] {
-            let mut req = http::Request::get(format!("http://127.0.0.1:{}/h2", gate.port));
-            if let Some(t) = auth {
+        for token in tokens {
+            let mut req = http::Request::get(format!("http://127.0.0.1:{port}{path}"));
+            if let Some(t) = token {
                 req = req.header("authorization", format!("Bearer {t}"));
             }
-            let resp = sender
+            let Ok(resp) = sender
                 .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
                 .await
-                .unwrap();
+            else {
+                answers.push((0, String::new()));
+                continue;
+            };
             assert_eq!(resp.version(), http::Version::HTTP_2);
             let code = resp.status().as_u16();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             answers.push((code, String::from_utf8_lossy(&body).to_string()));
         }
         answers
-    });
+    })
+}
+
+#[test]
+fn h2c_clients_are_proxied_to_the_app() {
+    let app = app();
+    let key = StackKey::from_seed(1, [9; 32]);
+    let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "h2c");
+    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let answers = h2_get(gate.port, "/h2", &[None, Some(alice.as_str())]);
     assert_eq!(answers[0].0, 401, "{answers:?}");
     assert_eq!(answers[1], (200, "app\n".to_string()));
     let seen = app.log.lock().unwrap().concat();
@@ -1907,35 +1917,15 @@ fn attack_corpus_is_refused_and_never_reaches_the_app() {
         }
     }
     // The same forgeries over HTTP/2 (prior knowledge).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let h2: Vec<u16> = rt.block_on(async {
-        use http_body_util::Empty;
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gate.port))
-            .await
-            .unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let mut codes = vec![];
-        for t in tokens.iter().filter(|t| !t.is_empty() && t.len() < 4096) {
-            let req = http::Request::get(format!("http://127.0.0.1:{}/h2", gate.port))
-                .header("authorization", format!("Bearer {t}"))
-                .body(Empty::<bytes::Bytes>::new())
-                .unwrap();
-            codes.push(match sender.send_request(req).await {
-                Ok(r) => r.status().as_u16(),
-                Err(_) => 0,
-            });
-        }
-        codes
-    });
+    let h2_tokens: Vec<Option<&str>> = tokens
+        .iter()
+        .filter(|t| !t.is_empty() && t.len() < 4096)
+        .map(|t| Some(t.as_str()))
+        .collect();
+    let h2: Vec<u16> = h2_get(gate.port, "/h2", &h2_tokens)
+        .into_iter()
+        .map(|(code, _)| code)
+        .collect();
     let h2_refused = h2
         .iter()
         .filter(|c| **c == 0 || (400..500).contains(*c))

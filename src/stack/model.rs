@@ -281,6 +281,19 @@ pub struct Headscale {
     pub userspace: bool,
 }
 
+impl Headscale {
+    /// Its node as `tailscale` declares one: the properties the two share (the URL aside).
+    pub fn node(&self) -> Tailscale {
+        Tailscale {
+            authkey_file: self.authkey_file.clone(),
+            tags: self.tags.clone(),
+            hostname: self.hostname.clone(),
+            image: self.image.clone(),
+            userspace: self.userspace,
+        }
+    }
+}
+
 /// `nebula lighthouse=… lighthouse-ip=… ip=… ca-file=… cert-file=… key-file=…`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

@@ -6,7 +6,7 @@
 use super::{AddressSource, Contribution, Driver, MachineError, PodContext};
 use crate::machine::Machine;
 use crate::pod::{ContainerSpec, HealthCheck, NamedVolume, Role};
-use crate::stack::{Stack, TransportKind};
+use crate::stack::{Stack, Tailscale, TransportKind};
 
 /// The image the Tailscale and Headscale transports run when `image=` is not set.
 pub const DEFAULT_TAILSCALE_IMAGE: &str = "tailscale/tailscale:stable";
@@ -34,29 +34,30 @@ impl TailnetDriver {
         let Some(t) = stack.transport.as_ref() else {
             return Vec::new();
         };
-        let image = |i: &Option<String>| {
-            i.clone()
-                .unwrap_or_else(|| DEFAULT_TAILSCALE_IMAGE.to_string())
-        };
-        let tailscale = t.tailscale.as_ref().map(|ts| TailnetDriver {
-            kind: TransportKind::Tailscale,
-            image: image(&ts.image),
-            authkey_file: ts.authkey_file.clone(),
-            tags: ts.tags.clone(),
-            hostname: ts.hostname.clone(),
-            userspace: ts.userspace,
-            login_server: None,
-        });
-        let headscale = t.headscale.as_ref().map(|hs| TailnetDriver {
-            kind: TransportKind::Headscale,
-            image: image(&hs.image),
-            authkey_file: hs.authkey_file.clone(),
-            tags: hs.tags.clone(),
-            hostname: hs.hostname.clone(),
-            userspace: hs.userspace,
-            login_server: Some(hs.url.clone()),
-        });
+        let tailscale = t
+            .tailscale
+            .as_ref()
+            .map(|ts| Self::of(TransportKind::Tailscale, ts, None));
+        let headscale = t
+            .headscale
+            .as_ref()
+            .map(|hs| Self::of(TransportKind::Headscale, &hs.node(), Some(hs.url.clone())));
         tailscale.into_iter().chain(headscale).collect()
+    }
+
+    fn of(kind: TransportKind, node: &Tailscale, login_server: Option<String>) -> TailnetDriver {
+        TailnetDriver {
+            kind,
+            image: node
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TAILSCALE_IMAGE.to_string()),
+            authkey_file: node.authkey_file.clone(),
+            tags: node.tags.clone(),
+            hostname: node.hostname.clone(),
+            userspace: node.userspace,
+            login_server,
+        }
     }
 
     /// The serve config: a TCP forward of the tailnet's gate port to the pod's gate, and of

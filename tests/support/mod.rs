@@ -42,6 +42,82 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// One `soul` run, built and asserted on in a line (as just's and ripgrep's tests do):
+/// `Soul::offline().args(["validate", "-f", f]).run().success().stdout_has("stack `notes`")`.
+pub struct Soul(Command);
+
+impl Soul {
+    pub fn new() -> Soul {
+        Soul(Command::new(SOUL))
+    }
+
+    /// With DOCKER_HOST pointing at nothing, from the repository root: any Docker call would
+    /// exit 3.
+    pub fn offline() -> Soul {
+        let mut soul = Soul::new();
+        soul.0
+            .current_dir(repo())
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+        soul
+    }
+
+    pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Soul {
+        self.0.args(args);
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Soul {
+        self.0.env(name, value);
+        self
+    }
+
+    pub fn run(mut self) -> Ran {
+        Ran(run(&mut self.0))
+    }
+}
+
+/// A finished `soul` run; each assertion shows the whole run when it fails.
+pub struct Ran(pub Output);
+
+impl Ran {
+    pub fn success(self) -> Ran {
+        assert!(self.0.status.success(), "soul failed:\n{}", text(&self.0));
+        self
+    }
+
+    /// Exited with `code` (1: invalid input, 3: engine unreachable, …).
+    pub fn code(self, code: i32) -> Ran {
+        assert_eq!(self.0.status.code(), Some(code), "{}", text(&self.0));
+        self
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    pub fn stdout_has(self, part: &str) -> Ran {
+        assert!(
+            self.stdout().contains(part),
+            "no {part:?} on stdout:\n{}",
+            text(&self.0)
+        );
+        self
+    }
+
+    pub fn stderr_has(self, part: &str) -> Ran {
+        assert!(
+            self.stderr().contains(part),
+            "no {part:?} on stderr:\n{}",
+            text(&self.0)
+        );
+        self
+    }
+}
+
 /// `docker …`, returning trimmed stdout; panics on failure.
 pub fn docker(args: &[&str]) -> String {
     let o = run(Command::new("docker").args(args));
