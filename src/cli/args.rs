@@ -149,38 +149,7 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
 Example:
   soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed"
     )]
-    Gate {
-        /// The stack whose tokens are accepted.
-        #[arg(long)]
-        stack: String,
-        /// The sidecar this gate fronts: its browser sessions and pairing links are good here
-        /// only.
-        #[arg(long)]
-        sidecar: Option<String>,
-        /// A writable directory where redeemed pairing links are recorded, so that a used link
-        /// stays used across restarts (in memory only without it).
-        #[arg(long, value_name = "DIR")]
-        redeemed: Option<PathBuf>,
-        /// Where to listen: the gate port, on every address of the pod.
-        #[arg(long, default_value = "0.0.0.0:8443")]
-        listen: std::net::SocketAddr,
-        /// The app inside the pod.
-        #[arg(long)]
-        upstream: std::net::SocketAddr,
-        /// The directory with the stack's public key and device registry.
-        #[arg(long, default_value = "/gate")]
-        keys: PathBuf,
-        /// How long a client may take to send its request headers.
-        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
-        header_timeout: Duration,
-        /// Refused attempts per source address per minute before answering 429.
-        #[arg(long, default_value_t = 30)]
-        failures_per_minute: usize,
-        /// Threads serving connections, each with a connection from accept to close (default:
-        /// one per CPU the gate may use).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
-        threads: Option<u16>,
-    },
+    Gate(GateArgs),
     /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
     /// outside the pod only the gate's port (and replies to the pod's own connections).
     #[command(
@@ -192,17 +161,7 @@ Example:
   soul pause --gate-port 8443
   soul pause --gate-port 8443 --check   # exit 0 when the guard is in place"
     )]
-    Pause {
-        /// The gate's port: every other TCP and UDP port of the pod is refused from outside.
-        #[arg(long, value_name = "PORT")]
-        gate_port: Option<u16>,
-        /// A UDP port an overlay in the pod receives its peers on (repeatable).
-        #[arg(long, value_name = "PORT", requires = "gate_port")]
-        open_udp: Vec<u16>,
-        /// Only check that the guard is in place (the pause container's health check).
-        #[arg(long, requires = "gate_port")]
-        check: bool,
-    },
+    Pause(PauseArgs),
     /// Run inside a pod: a small HTTP service for the repository's demo stack.
     #[command(hide = true)]
     DemoApp {
@@ -386,4 +345,53 @@ pub struct DownArgs {
 
 pub(super) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     stack::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 500ms, 5s or 1m"))
+}
+
+/// `soul gate`'s flags.
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    /// The stack whose tokens are accepted.
+    #[arg(long)]
+    pub stack: String,
+    /// The sidecar this gate fronts: its browser sessions and pairing links are good here
+    /// only.
+    #[arg(long)]
+    pub sidecar: Option<String>,
+    /// A writable directory where redeemed pairing links are recorded, so that a used link
+    /// stays used across restarts (in memory only without it).
+    #[arg(long, value_name = "DIR")]
+    pub redeemed: Option<PathBuf>,
+    /// Where to listen: the gate port, on every address of the pod.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: std::net::SocketAddr,
+    /// The app inside the pod.
+    #[arg(long)]
+    pub upstream: std::net::SocketAddr,
+    /// The directory with the stack's public key and device registry.
+    #[arg(long, default_value = "/gate")]
+    pub keys: PathBuf,
+    /// How long a client may take to send its request headers.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    pub header_timeout: Duration,
+    /// Refused attempts per source address per minute before answering 429.
+    #[arg(long, default_value_t = 30)]
+    pub failures_per_minute: usize,
+    /// Threads serving connections, each with a connection from accept to close (default:
+    /// one per CPU the gate may use).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
+}
+
+/// `soul pause`'s flags.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// The gate's port: every other TCP and UDP port of the pod is refused from outside.
+    #[arg(long, value_name = "PORT")]
+    pub gate_port: Option<u16>,
+    /// A UDP port an overlay in the pod receives its peers on (repeatable).
+    #[arg(long, value_name = "PORT", requires = "gate_port")]
+    pub open_udp: Vec<u16>,
+    /// Only check that the guard is in place (the pause container's health check).
+    #[arg(long, requires = "gate_port")]
+    pub check: bool,
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::machine::Host;
-use crate::pod::Role;
 use crate::reconcile::{self, Desired, PassError, Plan, SoulImage, Step, unix_now};
 use crate::runtime::{Docker, RuntimeError};
 use crate::stack::{self, Stack, StackError};
@@ -46,6 +45,20 @@ pub enum CliError {
     Edit(#[from] crate::stack::edit::EditError),
     #[error(transparent)]
     Watch(#[from] reconcile::WatchError),
+    #[error(transparent)]
+    Gate(#[from] crate::gate::GateError),
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
+    /// `soul pause --check`: the pod's guard is not in place.
+    #[error("the pod is not guarded: only the gate's port {gate_port} should answer from outside")]
+    Unguarded { gate_port: u16 },
+    /// One of soul's programs in a pod (pause, demo-app) stopped with an error.
+    #[error("{program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// A file soul reads or writes for the user.
     #[error("{0}")]
     Io(String),
@@ -156,20 +169,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Plan(args) => plan(&cli, args).await,
         Command::Apply => apply(&cli).await,
         Command::Status(args) => status(&cli, args.output).await,
-        Command::Watch(args) => {
-            let opts = reconcile::WatchOptions {
-                file: cli.file.clone(),
-                state_dir: cli.state_dir.clone(),
-                resync: args.resync,
-                pull: args.pull,
-                flap_restarts: args.flap_restarts,
-                flap_window: args.flap_window,
-                address_poll: args.address_poll,
-                debounce: Duration::from_millis(50),
-            };
-            reconcile::watch(opts, terminated()).await?;
-            Ok(Exit::Ok)
-        }
+        Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&cli, args).await,
         Command::Image => image().await,
         Command::Devices(args) => devices(&cli, args.output),
@@ -181,86 +181,17 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Bridge(BridgeCommand::Init(args)) => bridge_init(&cli, args),
         Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
         Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
-        Command::Gate {
-            stack,
-            sidecar,
-            redeemed,
-            listen,
-            upstream,
-            keys,
-            header_timeout,
-            failures_per_minute,
-            threads,
-        } => {
-            let mut cfg = crate::gate::GateConfig::new(stack, *upstream, keys.clone());
-            cfg.sidecar = sidecar.clone();
-            cfg.redeemed_dir = redeemed.clone();
-            cfg.header_timeout = *header_timeout;
-            cfg.failures_per_minute = *failures_per_minute;
-            let listener = std::net::TcpListener::bind(listen)
-                .map_err(|e| CliError::Io(format!("gate: cannot listen on {listen}: {e}")))?;
-            let threads = threads.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                usize::from,
-            );
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let gate = tokio::task::spawn_blocking(move || {
-                crate::gate::serve(cfg, listener, threads, stopped)
-            });
-            tokio::pin!(gate);
-            let served = tokio::select! {
-                r = &mut gate => r,
-                () = terminated() => {
-                    let _ = stop.send(true);
-                    gate.await
-                }
-            };
-            served
-                .map_err(|e| CliError::Io(format!("gate: {e}")))?
-                .map_err(|e| CliError::Io(format!("gate: {e}")))?;
-            Ok(Exit::Ok)
-        }
-        Command::Pause {
-            gate_port,
-            open_udp,
-            check,
-        } => {
-            let policy = gate_port.map(|gate_port| crate::guard::Policy {
-                gate_port,
-                open_udp: open_udp.clone(),
-            });
-            if let (Some(policy), true) = (&policy, check) {
-                return match crate::guard::installed(policy) {
-                    Ok(true) => Ok(Exit::Ok),
-                    Ok(false) => Err(CliError::Io(format!(
-                        "the pod is not guarded: only the gate's port {} should answer from outside",
-                        policy.gate_port
-                    ))),
-                    Err(e) => Err(CliError::Io(e.to_string())),
-                };
-            }
-            if let Some(policy) = policy {
-                // Never stop holding the namespace over this: the pod stays up, and the
-                // pause container's health check reports it as unguarded.
-                let port = policy.gate_port;
-                match crate::guard::install(&policy) {
-                    Ok(()) => {
-                        tracing::info!("only the gate's port {port} answers from outside the pod")
-                    }
-                    Err(e) => tracing::error!("the pod's ports are NOT private: {e}"),
-                }
-            }
-            crate::agent::pause()
-                .await
-                .map_err(|e| RuntimeError::Build(e.to_string()))?;
-            Ok(Exit::Ok)
-        }
+        Command::Gate(args) => gate(args).await,
+        Command::Pause(args) => pause(args).await,
         Command::DemoApp { port } => {
             crate::agent::demo_app(*port, async {
                 let _ = crate::agent::pause().await;
             })
             .await
-            .map_err(|e| RuntimeError::Build(format!("demo-app: {e}")))?;
+            .map_err(|source| CliError::Program {
+                program: "demo-app",
+                source,
+            })?;
             Ok(Exit::Ok)
         }
         Command::Probe { url, timeout } => match crate::agent::probe(url, *timeout).await {
@@ -271,6 +202,65 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             }
         },
     }
+}
+
+async fn watch(cli: &Cli, args: &WatchArgs) -> Result<Exit, CliError> {
+    let opts = reconcile::WatchOptions {
+        file: cli.file.clone(),
+        state_dir: cli.state_dir.clone(),
+        resync: args.resync,
+        pull: args.pull,
+        flap_restarts: args.flap_restarts,
+        flap_window: args.flap_window,
+        address_poll: args.address_poll,
+        debounce: Duration::from_millis(50),
+    };
+    reconcile::watch(opts, terminated()).await?;
+    Ok(Exit::Ok)
+}
+
+async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
+    let mut cfg = crate::gate::GateConfig::new(&args.stack, args.upstream, args.keys.clone());
+    cfg.sidecar = args.sidecar.clone();
+    cfg.redeemed_dir = args.redeemed.clone();
+    cfg.header_timeout = args.header_timeout;
+    cfg.failures_per_minute = args.failures_per_minute;
+    let threads = args.threads.map(usize::from);
+    crate::gate::run(cfg, args.listen, threads, terminated()).await?;
+    Ok(Exit::Ok)
+}
+
+/// Holds the pod's namespace until stopped, after installing its guard (or, with `--check`,
+/// only checks that the guard is in place).
+async fn pause(args: &PauseArgs) -> Result<Exit, CliError> {
+    let policy = args.gate_port.map(|gate_port| crate::guard::Policy {
+        gate_port,
+        open_udp: args.open_udp.clone(),
+    });
+    if let (Some(policy), true) = (&policy, args.check) {
+        return match crate::guard::installed(policy)? {
+            true => Ok(Exit::Ok),
+            false => Err(CliError::Unguarded {
+                gate_port: policy.gate_port,
+            }),
+        };
+    }
+    if let Some(policy) = policy {
+        // Never stop holding the namespace over this: the pod stays up, and the pause
+        // container's health check reports it as unguarded.
+        let port = policy.gate_port;
+        match crate::guard::install(&policy) {
+            Ok(()) => tracing::info!("only the gate's port {port} answers from outside the pod"),
+            Err(e) => tracing::error!("the pod's ports are NOT private: {e}"),
+        }
+    }
+    crate::agent::pause()
+        .await
+        .map_err(|source| CliError::Program {
+            program: "pause",
+            source,
+        })?;
+    Ok(Exit::Ok)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -427,49 +417,32 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         ));
         return Ok(Exit::Ok);
     }
-    let mut total = plan.steps.len();
-    reconcile::run(&docker, &state, &stack, &plan, |i, step| {
-        tracing::info!(step = %step, "applying");
-        out(&format!("  [{}/{total}] {} {step}\n", i + 1, sigil(step)));
-    })
+    let applied = reconcile::converge(
+        &docker,
+        &stack,
+        &state,
+        &Host,
+        &desired,
+        &plan,
+        |at, step| {
+            if at.pass == 0 {
+                tracing::info!(step = %step, "applying");
+            }
+            out(&format!(
+                "  [{}/{}] {} {step}\n",
+                at.index + 1,
+                at.of,
+                sigil(step)
+            ));
+        },
+    )
     .await?;
-    // Transports that just started publish their addresses a moment later: wait for them, so
-    // the pairing codes this apply leaves behind carry every address.
-    let carriers: Vec<Role> = crate::transport::drivers(&stack)
-        .iter()
-        .map(|d| d.role())
-        .collect();
-    let overlays: Vec<&str> = desired
-        .pods
-        .iter()
-        .flat_map(|p| &p.containers)
-        .filter(|c| carriers.contains(&c.role))
-        .map(|c| c.name.as_str())
-        .collect();
-    let started_overlay = plan.steps.iter().any(
-        |s| matches!(s, Step::StartContainer { name, .. } if overlays.contains(&name.as_str())),
-    );
-    let wait = if started_overlay {
-        Duration::from_secs(30)
-    } else {
-        Duration::ZERO
-    };
-    let missing = reconcile::await_addresses(&docker, &stack, &state, wait).await?;
-    for m in &missing {
+    for m in &applied.missing_addresses {
         eprintln!(
             "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"
         );
     }
-    let again = reconcile::desire(&stack, &Host, &state)?;
-    let again = reconcile::prepare(&docker, &stack, &state, again, unix_now())
-        .await?
-        .plan;
-    let more = again.steps.len();
-    reconcile::run(&docker, &state, &stack, &again, |i, step| {
-        out(&format!("  [{}/{more}] {} {step}\n", i + 1, sigil(step)));
-    })
-    .await?;
-    total += more;
+    let total = applied.changes;
     let mut summary = format!(
         "applied {total} change{} to stack `{}` in {:.2} s\n",
         if total == 1 { "" } else { "s" },

@@ -116,6 +116,48 @@ impl Shared {
     }
 }
 
+/// Why the gate stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("gate: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gate: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// `soul gate`: listens on `listen` and serves on `threads` threads (one per CPU it may use
+/// when `None`) until `shutdown` resolves.
+pub async fn run(
+    cfg: GateConfig,
+    listen: SocketAddr,
+    threads: Option<usize>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), GateError> {
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| GateError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (stop, stopped) = watch::channel(false);
+    let gate = tokio::task::spawn_blocking(move || serve(cfg, listener, threads, stopped));
+    tokio::pin!(gate);
+    let served = tokio::select! {
+        r = &mut gate => r,
+        () = shutdown => {
+            let _ = stop.send(true);
+            gate.await
+        }
+    };
+    served
+        .map_err(|e| GateError::Serve(std::io::Error::other(e)))?
+        .map_err(GateError::Serve)
+}
+
 /// Serves on `threads` threads until `shutdown` is set. Each thread runs a single-threaded
 /// runtime of its own that accepts from the one listening socket, so a connection lives on
 /// one thread from accept to close and its requests never wake another core (the model of

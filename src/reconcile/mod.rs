@@ -1,6 +1,7 @@
 //! Reconcile: resolve stack.kdl into the Desired state, the pure planner, the executor that
 //! carries a plan out against an [`Engine`], and the watch loop.
 
+mod apply;
 mod artifacts;
 mod backoff;
 mod devices;
@@ -14,6 +15,7 @@ mod status;
 mod transports;
 mod watch;
 
+pub use apply::{ADDRESS_WAIT, Applied, Progress, converge};
 pub use artifacts::{KeyChange, Pairing, PairingError, PairingInputs, desired_files};
 pub use backoff::{Backoff, FlapTracker, jitter};
 pub use devices::{DeviceStatus, DevicesReport, report as devices_report};
