@@ -48,6 +48,8 @@ pub enum CliError {
     #[error(transparent)]
     Gate(#[from] crate::gate::GateError),
     #[error(transparent)]
+    Code(#[from] reconcile::CodeError),
+    #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),
     /// `soul pause --check`: the pod's guard is not in place.
     #[error("the pod is not guarded: only the gate's port {gate_port} should answer from outside")]
@@ -799,29 +801,6 @@ fn export_compose(cli: &Cli, path: Option<&Path>) -> Result<Exit, CliError> {
 }
 
 /// The sidecar a command is about: the one named, or the only one.
-fn one_sidecar(stack: &Stack, named: Option<&str>) -> Result<String, CliError> {
-    let names = || {
-        stack
-            .sidecars
-            .iter()
-            .map(|x| x.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match (named, stack.sidecars.as_slice()) {
-        (Some(s), all) if all.iter().any(|x| x.name == s) => Ok(s.to_string()),
-        (Some(s), _) => Err(CliError::Usage(format!(
-            "no sidecar `{s}`; the stack has: {}",
-            names()
-        ))),
-        (None, [only]) => Ok(only.name.clone()),
-        (None, _) => Err(CliError::Usage(format!(
-            "the stack has several sidecars; choose one with --sidecar ({})",
-            names()
-        ))),
-    }
-}
-
 /// Every sidecar's known addresses, in the stack's order (overlays read from the pods).
 async fn current_addresses(
     cli: &Cli,
@@ -839,7 +818,7 @@ async fn current_addresses(
 
 async fn bridge_address(cli: &Cli, args: &AddressArgs) -> Result<Exit, CliError> {
     let stack = load(cli)?;
-    let sidecar = one_sidecar(&stack, args.sidecar.as_deref())?;
+    let sidecar = reconcile::one_sidecar(&stack, args.sidecar.as_deref())?;
     let (_, all) = current_addresses(cli, &stack).await?;
     let i = stack
         .sidecars
@@ -890,23 +869,6 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
 
 fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
     let stack = load(cli)?;
-    if !stack.devices.iter().any(|d| d.name == args.device) {
-        let names: Vec<&str> = stack.devices.iter().map(|d| d.name.as_str()).collect();
-        let hint = stack::did_you_mean(&args.device, &names)
-            .map(|n| format!("did you mean `{n}`?"))
-            .unwrap_or_else(|| {
-                format!(
-                    "add `device \"{}\"` to stack.kdl and run `soul apply`",
-                    args.device
-                )
-            });
-        return Err(CliError::Usage(format!(
-            "no device `{}` in {}: {hint}",
-            args.device,
-            cli.file.display()
-        )));
-    }
-    let sidecar = one_sidecar(&stack, args.sidecar.as_deref())?;
     let state = StateDir::at(&state_path(cli, &stack));
     let ext = match args.format {
         PairFormat::Terminal => "txt",
@@ -915,23 +877,8 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
         PairFormat::Png => "png",
         PairFormat::Svg => "svg",
     };
-    let rel = format!(
-        "{}.{ext}",
-        crate::state::layout::pairing(&args.device, &sidecar)
-    );
-    let bytes = state.read(&rel).map_err(|_| {
-        CliError::Usage(format!(
-            "no pairing code for {}/{sidecar} in {} yet: run `soul apply` first",
-            args.device,
-            state.path().display()
-        ))
-    })?;
-    if matches!(args.format, PairFormat::Link) && bytes.trim_ascii().is_empty() {
-        return Err(CliError::Usage(format!(
-            "{}/{sidecar} has no known address yet: check `soul bridge status`",
-            args.device
-        )));
-    }
+    let (sidecar, bytes) =
+        reconcile::pairing_code(&stack, &state, &args.device, args.sidecar.as_deref(), ext)?;
     match &args.out {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;
