@@ -2,7 +2,40 @@
 //! changing only the `transport { … }` block so comments and layout survive, and shows the
 //! diff the user will commit. (`bridge status`/`address` report through `transport`.)
 
-use crate::stack::Stack;
+use crate::stack::{Diagnostics, Stack, edit::EditError};
+
+/// Why stack.kdl could not take the chosen transports.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// The edited file would not validate: soul never writes one.
+    #[error("the edited stack.kdl would not validate:\n{0}")]
+    Invalid(Diagnostics),
+}
+
+/// stack.kdl with its `transport { … }` block replaced by `choice`'s (the `lan` line kept as
+/// it was), validated; and the unified diff against `source` (empty when nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edited {
+    pub text: String,
+    pub diff: String,
+}
+
+/// Puts `choice` into the stack file at `path` (for messages), whose text is `source`.
+pub fn edit(
+    path: &str,
+    source: &str,
+    stack: &Stack,
+    choice: &Choice,
+) -> Result<Edited, BridgeError> {
+    let lan_line = crate::stack::edit::child_line(source, "transport", "lan");
+    let block = transport_block(stack, choice, lan_line.as_deref());
+    let text = crate::stack::edit::replace_transport(source, &block)?;
+    crate::stack::parse(path, &text).map_err(BridgeError::Invalid)?;
+    let diff = diff(path, source, &text);
+    Ok(Edited { text, diff })
+}
 
 /// The transport a user picks.
 #[derive(Debug, Clone, PartialEq, Eq)]

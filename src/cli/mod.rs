@@ -48,6 +48,8 @@ pub enum CliError {
     #[error(transparent)]
     Gate(#[from] crate::gate::GateError),
     #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
+    #[error(transparent)]
     Code(#[from] reconcile::CodeError),
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),
@@ -444,12 +446,22 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
             "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"
         );
     }
-    let total = applied.changes;
+    out(&render_applied(
+        &stack,
+        &desired,
+        applied.changes,
+        started.elapsed(),
+    ));
+    Ok(Exit::Ok)
+}
+
+/// What apply says when it is done: how much it changed, the LAN ports, how to pair.
+fn render_applied(stack: &Stack, desired: &Desired, total: usize, took: Duration) -> String {
     let mut summary = format!(
         "applied {total} change{} to stack `{}` in {:.2} s\n",
         if total == 1 { "" } else { "s" },
         stack.stack,
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     if let Some(ports) = stack.lan_ports() {
         for (pod, port) in desired.pods.iter().zip(ports) {
@@ -463,8 +475,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
             stack.devices.len()
         ));
     }
-    out(&summary);
-    Ok(Exit::Ok)
+    summary
 }
 
 async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
@@ -669,12 +680,10 @@ fn ask(question: &str, default: &str) -> Result<String, CliError> {
     })
 }
 
-fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
+/// The transport `bridge init` writes: the flags' choice, else the user's answer on a
+/// terminal, else Tailscale.
+fn choose_transport(args: &InitArgs, interactive: bool) -> Result<crate::bridge::Choice, CliError> {
     use crate::bridge::{Choice, DEFAULT_AUTHKEY_FILE};
-    let source = stack::read_source(&cli.file)?;
-    let path = cli.file.display().to_string();
-    let stack = stack::parse(&path, &source).map_err(StackError::Invalid)?;
-    let interactive = std::io::stdin().is_terminal() && !args.yes;
     let authkey = |default: &str| -> Result<String, CliError> {
         match &args.authkey_file {
             Some(p) => Ok(p.clone()),
@@ -733,12 +742,17 @@ fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
             }
         }
     };
-    let lan_line = stack::edit::child_line(&source, "transport", "lan");
-    let block = crate::bridge::transport_block(&stack, &choice, lan_line.as_deref());
-    let new = stack::edit::replace_transport(&source, &block)?;
-    // Never write a file that would not validate.
-    stack::parse(&path, &new).map_err(StackError::Invalid)?;
-    let diff = crate::bridge::diff(&path, &source, &new);
+    Ok(choice)
+}
+
+fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
+    let source = stack::read_source(&cli.file)?;
+    let path = cli.file.display().to_string();
+    let stack = stack::parse(&path, &source).map_err(StackError::Invalid)?;
+    let interactive = std::io::stdin().is_terminal() && !args.yes;
+    let choice = choose_transport(args, interactive)?;
+    let crate::bridge::Edited { text: new, diff } =
+        crate::bridge::edit(&path, &source, &stack, &choice)?;
     if diff.is_empty() {
         out(&format!("{path} already says that; nothing to change\n"));
         return Ok(Exit::Ok);
@@ -753,7 +767,7 @@ fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
         out("nothing written\n");
         return Ok(Exit::Ok);
     }
-    std::fs::write(&cli.file, &new)
+    stack::write_source(&cli.file, &new)
         .map_err(|e| CliError::Io(format!("cannot write {path}: {e}")))?;
     out(&format!(
         "wrote {path}; commit it, then `soul apply` (or let `soul watch` pick it up)\n"
@@ -926,7 +940,7 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
     stack::parse(&cli.file.display().to_string(), &source).map_err(StackError::Invalid)?;
     let bumped = stack::edit::bump_generation(&source, args.device.as_deref())?;
     stack::parse(&cli.file.display().to_string(), &bumped.source).map_err(StackError::Invalid)?;
-    std::fs::write(&cli.file, &bumped.source)
+    stack::write_source(&cli.file, &bumped.source)
         .map_err(|e| CliError::Io(format!("cannot write {}: {e}", cli.file.display())))?;
     let what = match &args.device {
         Some(d) => format!("device `{d}` generation"),

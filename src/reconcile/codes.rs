@@ -113,7 +113,9 @@ mod tests {
         assert!(matches!(e, CodeError::UnknownSidecar { .. }), "{e}");
         let e = code("alice-phone", Some("a"), "uri").unwrap_err();
         assert!(e.to_string().ends_with("run `soul apply` first"), "{e}");
-        state.write("pairing/alice-phone/a.uri", b"soul://pair?x").unwrap();
+        state
+            .write("pairing/alice-phone/a.uri", b"soul://pair?x")
+            .unwrap();
         state.write("pairing/alice-phone/a.link", b"\n").unwrap();
         assert_eq!(
             code("alice-phone", Some("a"), "uri").unwrap(),

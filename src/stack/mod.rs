@@ -17,7 +17,7 @@ use serde_json::Value;
 
 pub use diagnostic::{Diagnostics, MAX_RENDERED, Problem, Span, did_you_mean, line_col};
 pub use model::*;
-pub use source::{MAX_FILE_BYTES, MAX_NESTING, read as read_source};
+pub use source::{MAX_FILE_BYTES, MAX_NESTING, read as read_source, write as write_source};
 
 /// Why a stack file could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,8 @@
-//! Getting stack.kdl's text safely: only a regular file, at most [`MAX_FILE_BYTES`], valid
-//! UTF-8 (or an error at the first bad byte's line and column), and nesting no deeper than
-//! [`MAX_NESTING`] before the KDL parser, which recurses, ever sees it. These bounds are far
-//! above any real stack and keep `soul watch` alive whatever an edit leaves in the file.
+//! stack.kdl's text, read and written safely. Read: only a regular file, at most
+//! [`MAX_FILE_BYTES`], valid UTF-8 (or an error at the first bad byte's line and column), and
+//! nesting no deeper than [`MAX_NESTING`] before the KDL parser, which recurses, ever sees it.
+//! These bounds are far above any real stack and keep `soul watch` alive whatever an edit
+//! leaves in the file. Written (by soul's own edits): atomically, with the file's permissions.
 
 use std::io::Read;
 use std::path::Path;
@@ -49,6 +50,32 @@ pub fn read(path: &Path) -> Result<String, StackError> {
         return Err(too_large());
     }
     text(&path.display().to_string(), bytes).map_err(StackError::Invalid)
+}
+
+/// Replaces the file at `path` with `text` atomically: written beside it, flushed, given the
+/// old file's permissions, then renamed over it, so an interrupted edit (`bridge init`,
+/// `rotate`) leaves either the old file or the new one, never half of it, and a running
+/// `soul watch` never reads a torn file.
+pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("not a file path"))?
+        .to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.soul-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        if let Ok(old) = std::fs::metadata(path) {
+            std::fs::set_permissions(&temp, old.permissions())?;
+        }
+        std::fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }
 
 /// The bytes as text, or a diagnostic at the first byte that is not UTF-8.
@@ -170,6 +197,24 @@ fn skip_string(b: &[u8], start: usize, hashes: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_replaces_the_file_at_once_and_keeps_its_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stack.kdl");
+        std::fs::write(&path, "stack \"a\"\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write(&path, "stack \"b\"\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "stack \"b\"\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["stack.kdl"], "no temporary file left");
+    }
 
     #[test]
     fn nesting_is_counted_outside_strings_and_comments_only() {
