@@ -324,6 +324,13 @@ pub fn container_name(stack: &str, sidecar: &str, role: Role) -> String {
     format!("soul_{stack}_{sidecar}_{role}")
 }
 
+/// The role a [`container_name`] names (`_` occurs in no stack or sidecar name, so the last
+/// part is the role).
+pub fn role_in_name(name: &str) -> Option<Role> {
+    let (_, role) = name.strip_prefix("soul_")?.rsplit_once('_')?;
+    Role::parse(role)
+}
+
 /// `soul_<stack>`: the stack's bridge network, which every pause container joins. One per
 /// stack, as Compose makes one per project: a network per pod would take one of the engine's
 /// few address pools each (about 30 by default, shared by every project on the engine). Pods

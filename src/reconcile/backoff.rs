@@ -37,10 +37,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
 }
 
 /// A random fraction in [0, 1) from the operating system (0.5 if it cannot give one).

@@ -253,6 +253,8 @@ pub async fn watch(
     };
     let mut failures = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at: Option<Instant> = None;
+    // One Docker client for the whole watch (see `pass_with`).
+    let mut docker: Option<Docker> = None;
     let mut next_resync = Instant::now();
     triggers.fire("start");
     tokio::pin!(shutdown);
@@ -274,7 +276,7 @@ pub async fn watch(
         let outcome = tokio::select! {
             // A pass is short; a signal during it lets the current step finish and stops at
             // the next await point between steps.
-            r = one_pass(&config.good, &state, &flaps) => Some(r),
+            r = pass_with(&mut docker, &config.good, &state, &flaps) => Some(r),
             _ = &mut shutdown => None,
         };
         let Some(outcome) = outcome else { break };
@@ -354,7 +356,29 @@ struct PassReport {
     deferred_until: Option<Instant>,
 }
 
+/// One pass on the watch's Docker client, connecting first when it has none. After a failed
+/// pass the client is dropped and the next pass connects anew: that is what tells an engine
+/// that is away (the connection fails: "unreachable") from one that refused a step, and an
+/// engine that came back may speak another API version.
+async fn pass_with(
+    docker: &mut Option<Docker>,
+    stack: &Stack,
+    state: &StateDir,
+    flaps: &Mutex<FlapTracker>,
+) -> Result<PassReport, PassError> {
+    let client = match docker.take() {
+        Some(client) => client,
+        None => Docker::connect().await?,
+    };
+    let report = one_pass(&client, stack, state, flaps).await;
+    if report.is_ok() {
+        *docker = Some(client);
+    }
+    report
+}
+
 async fn one_pass(
+    docker: &Docker,
     stack: &Stack,
     state: &StateDir,
     flaps: &Mutex<FlapTracker>,
@@ -372,8 +396,7 @@ async fn one_pass(
     .await
     .map_err(|e| PassError::Internal(e.to_string()))??;
     let desired = desire(stack, &Host, state)?;
-    let docker = Docker::connect().await?;
-    let planned = prepare(&docker, stack, state, desired, unix_now()).await?;
+    let planned = prepare(docker, stack, state, desired, unix_now()).await?;
     let now = Instant::now();
     let (plan, deferred_until) = {
         let mut f = flaps
@@ -383,7 +406,7 @@ async fn one_pass(
     };
     let changes = plan.steps.len();
     run(
-        &docker,
+        docker,
         state,
         stack,
         &plan,
@@ -409,7 +432,9 @@ fn repairs(plan: &Plan) -> Vec<String> {
             Step::StartContainer {
                 name,
                 reason: Reason::Stopped | Reason::Missing,
-            } if name.ends_with("-app") => Some(name.clone()),
+            } if crate::pod::role_in_name(name) == Some(crate::pod::Role::App) => {
+                Some(name.clone())
+            }
             _ => None,
         })
         .collect()
@@ -657,7 +682,7 @@ pub async fn pull_once(dir: &Path) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::{ContainerSpec, NetworkMode, Role};
+    use crate::pod::{ContainerSpec, Role, container_name};
 
     fn start(name: &str, reason: Reason) -> Step {
         Step::StartContainer {
@@ -679,41 +704,40 @@ mod tests {
         assert!(again.is_err(), "a burst must not queue more than one pass");
     }
 
+    /// The flap guard looked for names ending in `-app`, soul 0.1's; since containers are
+    /// named `soul_<stack>_<sidecar>_app` it held nothing back, and a crash-looping app was
+    /// repaired at every event.
     #[tokio::test(start_paused = true)]
-    async fn repairs_of_flapping_apps_are_held_back() {
+    async fn repairs_of_flapping_apps_are_held_back_under_their_real_container_names() {
         let now = Instant::now();
-        let spec = ContainerSpec {
-            name: "soul-h-a-app".into(),
-            stack: "h".into(),
-            sidecar: "a".into(),
-            role: Role::App,
-            image: "i".into(),
-            command: None,
-            env: Default::default(),
-            mounts: vec![],
-            network_mode: NetworkMode::Container("soul-h-a-pause".into()),
-            ports: vec![],
-            health: None,
-            restart: "unless-stopped".into(),
-            cap_add: vec![],
-            devices: vec![],
-        };
+        let spec = ContainerSpec::in_pod("h", "a", Role::App, "i");
+        let (a, b) = (spec.name.clone(), container_name("h", "b", Role::App));
+        assert_eq!(a, "soul_h_a_app");
+        let gate = container_name("h", "a", Role::Gate);
         let plan = Plan {
             steps: vec![
                 Step::CreateContainer {
                     spec: Box::new(spec),
                     reason: Reason::Missing,
                 },
-                start("soul-h-a-app", Reason::Missing),
-                start("soul-h-b-app", Reason::Stopped),
+                start(&a, Reason::Missing),
+                start(&b, Reason::Stopped),
+                start(&gate, Reason::Stopped),
             ],
             conflicts: vec![],
         };
         let later = now + Duration::from_secs(4);
-        let (kept, until) =
-            defer_flapping(plan, |n| if n == "soul-h-a-app" { later } else { now }, now);
-        assert_eq!(kept.steps, vec![start("soul-h-b-app", Reason::Stopped)]);
+        let (kept, until) = defer_flapping(plan, |n| if n == a { later } else { now }, now);
+        assert_eq!(
+            kept.steps,
+            vec![start(&b, Reason::Stopped), start(&gate, Reason::Stopped)]
+        );
         assert_eq!(until, Some(later));
+        assert_eq!(
+            repairs(&kept),
+            vec![b.clone()],
+            "only apps are flap-guarded"
+        );
     }
 
     #[test]

@@ -115,10 +115,6 @@ impl Docker {
         Ok(Docker { docker })
     }
 
-    pub fn bollard(&self) -> &Bollard {
-        &self.docker
-    }
-
     fn stack_filter(stack: &str) -> HashMap<String, Vec<String>> {
         HashMap::from([(
             "label".to_string(),
