@@ -334,6 +334,18 @@ async fn prepare(cli: &Cli, state: StateDir) -> Result<Pass, CliError> {
     })
 }
 
+/// Takes the stack's lock, saying on stderr what it waits for while another soul process
+/// (`doing` the stack: "is applying", "holds") has it.
+fn lock(dir: &StateDir, stack: &Stack, doing: &str) -> Result<state::Lock, CliError> {
+    Ok(dir.lock(|holder| {
+        eprintln!(
+            "waiting: another soul process{} {doing} stack `{}`…",
+            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            stack.stack
+        );
+    })?)
+}
+
 fn state_path(cli: &Cli, stack: &Stack) -> PathBuf {
     cli.state_dir
         .clone()
@@ -344,16 +356,12 @@ async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let stack = load(cli)?;
     let Pass { stack, plan, .. } = prepare(cli, StateDir::at(&state_path(cli, &stack))).await?;
     match args.output {
-        Output::Json => out(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&json!({
-                "stack": stack.stack,
-                "file": cli.file,
-                "changes": plan.steps.len(),
-                "steps": plan.steps,
-            }))
-            .unwrap_or_default()
-        )),
+        Output::Json => out(&json_text(&json!({
+            "stack": stack.stack,
+            "file": cli.file,
+            "changes": plan.steps.len(),
+            "steps": plan.steps,
+        }))),
         Output::Human if plan.is_empty() => out(&format!(
             "stack `{}` is up to date: nothing to do\n",
             stack.stack
@@ -399,13 +407,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         );
     }
     let dir = state_dir(cli, &stack)?;
-    let _lock = dir.lock(|holder| {
-        eprintln!(
-            "waiting: another soul process{} is applying stack `{}`…",
-            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-            stack.stack
-        );
-    })?;
+    let _lock = lock(&dir, &stack, "is applying")?;
     let Pass {
         stack,
         desired,
@@ -570,13 +572,7 @@ fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
 async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
     let stack = load(cli)?;
     let dir = state_dir(cli, &stack)?;
-    let _lock = dir.lock(|holder| {
-        eprintln!(
-            "waiting: another soul process{} holds stack `{}`…",
-            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-            stack.stack
-        );
-    })?;
+    let _lock = lock(&dir, &stack, "holds")?;
     let docker = Docker::connect().await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     let plan = reconcile::plan_down(&observed, args.volumes);

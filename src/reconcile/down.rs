@@ -25,10 +25,7 @@ pub fn plan_down(observed: &Observed, volumes: bool) -> Plan {
             id: id.clone(),
         }
     }));
-    steps.extend(observed.networks.iter().map(|name| Step::RemoveNetwork {
-        name: name.clone(),
-        id: observed.network_ids.get(name).cloned(),
-    }));
+    steps.extend(observed.networks.iter().map(|n| observed.remove_network(n)));
     if volumes {
         steps.extend(
             observed

@@ -130,6 +130,16 @@ pub struct Observed {
     pub files: BTreeMap<String, [u8; 32]>,
 }
 
+impl Observed {
+    /// The step that removes the stack's network `name`: by its ID when known.
+    pub fn remove_network(&self, name: &str) -> Step {
+        Step::RemoveNetwork {
+            name: name.to_string(),
+            id: self.network_ids.get(name).cloned(),
+        }
+    }
+}
+
 /// One container as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ObservedContainer {
@@ -452,10 +462,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let networks: BTreeSet<&str> = desired.pods.iter().map(|p| p.network.as_str()).collect();
     for n in &observed.networks {
         if !networks.contains(n.as_str()) {
-            steps.push(Step::RemoveNetwork {
-                name: n.clone(),
-                id: observed.network_ids.get(n).cloned(),
-            });
+            steps.push(observed.remove_network(n));
         }
     }
     Plan {
