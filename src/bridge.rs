@@ -128,35 +128,14 @@ pub fn transport_block(stack: &Stack, choice: &Choice, lan_line: Option<&str>) -
     block
 }
 
-/// The changed lines between two versions of a file, as a unified diff hunk.
+/// The changes between two versions of a file as a unified diff, with three lines of context
+/// (what `diff -u` and `git diff` show); empty when nothing changes.
 pub fn diff(path: &str, old: &str, new: &str) -> String {
-    let a: Vec<&str> = old.lines().collect();
-    let b: Vec<&str> = new.lines().collect();
-    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let suffix = a[prefix..]
-        .iter()
-        .rev()
-        .zip(b[prefix..].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    if prefix == a.len() && prefix == b.len() {
-        return String::new();
-    }
-    let (old_mid, new_mid) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
-    let mut out = format!(
-        "--- {path}\n+++ {path}\n@@ -{},{} +{},{} @@\n",
-        prefix + 1,
-        old_mid.len(),
-        prefix + 1,
-        new_mid.len()
-    );
-    for l in old_mid {
-        out.push_str(&format!("-{l}\n"));
-    }
-    for l in new_mid {
-        out.push_str(&format!("+{l}\n"));
-    }
-    out
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(3)
+        .header(path, path)
+        .to_string()
 }
 
 #[cfg(test)]
@@ -194,11 +173,12 @@ mod tests {
     }
 
     #[test]
-    fn diff_shows_only_the_changed_lines() {
-        let d = diff("stack.kdl", "a\nb\nc\nd\n", "a\nB\nB2\nd\n");
+    fn diff_shows_the_changed_lines_with_three_lines_of_context() {
+        let old = "1\n2\n3\n4\n5\nb\nc\nd\n";
+        let d = diff("stack.kdl", old, "1\n2\n3\n4\n5\nB\nB2\nd\n");
         assert_eq!(
             d,
-            "--- stack.kdl\n+++ stack.kdl\n@@ -2,2 +2,2 @@\n-b\n-c\n+B\n+B2\n"
+            "--- stack.kdl\n+++ stack.kdl\n@@ -3,6 +3,6 @@\n 3\n 4\n 5\n-b\n-c\n+B\n+B2\n d\n"
         );
         assert_eq!(diff("f", "x\n", "x\n"), "");
     }

@@ -227,7 +227,7 @@ impl ContainerSpec {
     /// the file's content is not in the spec, so its hash is, and a changed file recreates
     /// the container.
     pub fn file_hash(self, name: &str, content: &[u8]) -> Self {
-        let hash = crate::state::hex(&Sha256::digest(content));
+        let hash = hex::encode(Sha256::digest(content));
         self.env(name, hash)
     }
 
@@ -281,7 +281,7 @@ impl ContainerSpec {
             hasher.update([0]);
         }
         let digest = hasher.finalize();
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&digest[..16])
     }
 
     /// The labels soul sets on this container, the config hash among them.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use soul::pairing::{claims_for, issue};
-use soul::state::{DeviceEntry, Registry, StackKey, hex};
+use soul::state::{DeviceEntry, Registry, StackKey};
 use support::*;
 
 /// The small app behind the gate, on loopback.
@@ -142,12 +142,15 @@ fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {
     state
         .write(
             "public.key",
-            format!("{}\n", hex(&key.public_key())).as_bytes(),
+            format!("{}\n", hex::encode(key.public_key())).as_bytes(),
         )
         .unwrap();
     state.write("devices.json", &reg.to_file()).unwrap();
     state
-        .write("link.key", format!("{}\n", hex(&key.link_key())).as_bytes())
+        .write(
+            "link.key",
+            format!("{}\n", hex::encode(key.link_key())).as_bytes(),
+        )
         .unwrap();
 }
 

@@ -49,7 +49,7 @@ impl Redeemed {
                 .create(true)
                 .append(true)
                 .open(path)?;
-            writeln!(f, "{}", crate::state::hex(&id))?;
+            writeln!(f, "{}", hex::encode(id))?;
             f.sync_data()?;
         }
         self.seen.insert(id);

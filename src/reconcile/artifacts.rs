@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use crate::pairing::{Address, PairingUri, TokenError, browser_links, claims_for, issue};
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
-    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, hex, layout,
+    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, layout,
     unhex32,
 };
 
@@ -125,7 +125,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         DesiredFile::bytes(
             &layout::gate_file(layout::GATE_PUBLIC_KEY_FILE),
             "gate's public key".into(),
-            format!("{}\n", hex(&key.public_key())).into_bytes(),
+            format!("{}\n", hex::encode(key.public_key())).into_bytes(),
         ),
         DesiredFile::bytes(
             &layout::gate_file(layout::GATE_REGISTRY_FILE),
@@ -136,7 +136,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         DesiredFile::bytes(
             &layout::gate_file(layout::GATE_LINK_KEY_FILE),
             "gate's link key".into(),
-            format!("{}\n", hex(&link_key)).into_bytes(),
+            format!("{}\n", hex::encode(link_key)).into_bytes(),
         ),
     ];
     for (name, entry) in &registry.devices {
@@ -159,7 +159,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             .to_string();
             let base = layout::pairing(name, &sidecar.name);
             let pair = format!("{name}/{}", sidecar.name);
-            let source = hex(&Sha256::digest(uri.as_bytes()));
+            let source = hex::encode(Sha256::digest(uri.as_bytes()));
             for format in [QrFormat::Png, QrFormat::Svg, QrFormat::Text] {
                 let path = format!("{base}.{}", format.extension());
                 let known = inputs

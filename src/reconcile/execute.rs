@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::pairing::qr;
 use crate::pod::ContainerSpec;
-use crate::state::{RenderIndex, Rendered, StateDir, hex};
+use crate::state::{RenderIndex, Rendered, StateDir};
 
 use super::plan::{FileContent, Plan, QrFormat, Step};
 
@@ -124,8 +124,8 @@ fn write_file(
             renders.files.insert(
                 path.to_string(),
                 Rendered {
-                    source: hex(&Sha256::digest(uri.as_bytes())),
-                    sha256: hex(&Sha256::digest(&bytes)),
+                    source: hex::encode(Sha256::digest(uri.as_bytes())),
+                    sha256: hex::encode(Sha256::digest(&bytes)),
                 },
             );
         }
@@ -294,8 +294,11 @@ mod tests {
         // not render it again to know it is right.
         let index = state.read_render_index();
         let rendered = &index.files["pairing/a/web.png"];
-        assert_eq!(rendered.source, hex(&Sha256::digest(b"soul://pair?x")));
-        assert_eq!(rendered.sha256, hex(&Sha256::digest(&png)));
+        assert_eq!(
+            rendered.source,
+            hex::encode(Sha256::digest(b"soul://pair?x"))
+        );
+        assert_eq!(rendered.sha256, hex::encode(Sha256::digest(&png)));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! `soul watch`: keeps the machine on stack.kdl. Every trigger — a change of the file, a
+//! `soul watch`: keeps the machine on stack.kdl. Every [`Trigger`] — a change of the file, a
 //! Docker event of this stack, the resync timer, a change of this host's address, SIGHUP, a
 //! git pull — runs the same whole pass (level-triggered); triggers that arrive during a pass
-//! coalesce into one more pass. An invalid edit keeps the last good config running; engine
-//! faults back off with jitter; containers that keep dying are reported degraded and repaired
-//! ever more slowly.
+//! coalesce into one more pass. A pass ends in an [`Action`]: wait, or run again at a given
+//! time (a held-back repair, or [`error_policy`]'s backoff with jitter after any failure). An
+//! invalid edit keeps the last good config running; containers that keep dying are reported
+//! degraded and repaired ever more slowly.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -90,30 +91,107 @@ impl WatchStatus {
     }
 }
 
-/// Trigger reasons waiting for the next pass; `notify` wakes the loop. A `Notify` holds at
-/// most one permit, so any number of triggers during a pass yields exactly one more pass.
+/// What woke the loop. Every trigger runs the same whole pass; the trigger is only logged and
+/// recorded in the watch status.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trigger {
+    Start,
+    /// stack.kdl was written (after the debounce).
+    StackFile,
+    /// The engine answered again after the event stream broke.
+    EngineBack,
+    /// A container of this stack died, stopped, was removed or changed health.
+    Container {
+        action: String,
+        name: String,
+    },
+    /// This host's LAN address changed (pairing codes carry it).
+    AddressChanged,
+    Hangup,
+    /// `--pull` fast-forwarded the repository.
+    GitPull,
+    /// The periodic resync: drift that no event reported.
+    Resync,
+    /// The retry after a failed pass, or when a held-back repair is due.
+    Retry,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Start => f.write_str("start"),
+            Trigger::StackFile => f.write_str("stack.kdl changed"),
+            Trigger::EngineBack => f.write_str("engine back"),
+            Trigger::Container { action, name } => write!(f, "docker {action} {name}"),
+            Trigger::AddressChanged => f.write_str("address changed"),
+            Trigger::Hangup => f.write_str("SIGHUP"),
+            Trigger::GitPull => f.write_str("git pull"),
+            Trigger::Resync => f.write_str("resync"),
+            Trigger::Retry => f.write_str("retry"),
+        }
+    }
+}
+
+/// Triggers waiting for the next pass; `notify` wakes the loop. A `Notify` holds at most one
+/// permit, so any number of triggers during a pass yields exactly one more pass.
 #[derive(Default)]
 pub struct Triggers {
     notify: Notify,
-    reasons: Mutex<BTreeSet<String>>,
+    waiting: Mutex<BTreeSet<Trigger>>,
 }
 
 impl Triggers {
-    pub fn fire(&self, reason: &str) {
-        if let Ok(mut r) = self.reasons.lock() {
-            r.insert(reason.to_string());
+    pub fn fire(&self, trigger: Trigger) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(trigger);
         }
         self.notify.notify_one();
     }
 
-    fn take(&self) -> String {
-        let reasons = self
-            .reasons
+    fn take(&self) -> Vec<Trigger> {
+        self.waiting
             .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        reasons.into_iter().collect::<Vec<_>>().join(", ")
+            .map(|mut w| std::mem::take(&mut *w).into_iter().collect())
+            .unwrap_or_default()
     }
+}
+
+/// What the loop does after a pass (kube-runtime's `Action`): wait for the next trigger, or
+/// also run again at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    AwaitChange,
+    RequeueAt(Instant),
+}
+
+impl Action {
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Action::AwaitChange => None,
+            Action::RequeueAt(at) => Some(at),
+        }
+    }
+}
+
+/// The one error policy of the loop: a failed pass, whatever failed, is retried after a
+/// jittered, growing delay (0.5 s up to 30 s); a successful pass resets it.
+fn error_policy(failures: &mut Backoff, e: &PassError, trigger: &str) -> Action {
+    let delay = failures.next_delay(jitter());
+    let what = if e.is_unreachable() {
+        "the Docker engine is unreachable"
+    } else {
+        "pass failed"
+    };
+    tracing::warn!(%trigger, "{what}: {e}; retrying in {:.1} s", delay.as_secs_f64());
+    Action::RequeueAt(Instant::now() + delay)
+}
+
+fn joined(triggers: &[Trigger]) -> String {
+    triggers
+        .iter()
+        .map(Trigger::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// stack.kdl as last read, and the last valid version of it.
@@ -252,20 +330,21 @@ pub async fn watch(
         ..Default::default()
     };
     let mut failures = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut retry_at: Option<Instant> = None;
+    let mut action = Action::AwaitChange;
     // One Docker client for the whole watch (see `pass_with`).
     let mut docker: Option<Docker> = None;
     let mut next_resync = Instant::now();
-    triggers.fire("start");
+    triggers.fire(Trigger::Start);
     tokio::pin!(shutdown);
 
     loop {
-        let reason = tokio::select! {
+        let fired = tokio::select! {
             _ = &mut shutdown => break,
             _ = triggers.notify.notified() => triggers.take(),
-            _ = tokio::time::sleep_until(next_resync) => "resync".to_string(),
-            _ = sleep_until_opt(retry_at) => "retry".to_string(),
+            _ = tokio::time::sleep_until(next_resync) => vec![Trigger::Resync],
+            _ = sleep_until_opt(action.deadline()) => vec![Trigger::Retry],
         };
+        let reason = joined(&fired);
         config.reload(&state);
         if config.good.stack != events_for {
             events.abort();
@@ -293,18 +372,11 @@ pub async fn watch(
                 failures.reset();
                 status.last_error = None;
                 status.last_pass_changes = Some(changes);
-                retry_at = deferred_until;
+                action = deferred_until.map_or(Action::AwaitChange, Action::RequeueAt);
                 tracing::info!(trigger = %reason, "reconciled in {} ms: {changes} change{}", elapsed.as_millis(), if changes == 1 { "" } else { "s" });
             }
             Err(e) => {
-                let delay = failures.next_delay(jitter());
-                retry_at = Some(Instant::now() + delay);
-                let what = if e.is_unreachable() {
-                    "the Docker engine is unreachable"
-                } else {
-                    "pass failed"
-                };
-                tracing::warn!(trigger = %reason, "{what}: {e}; retrying in {:.1} s", delay.as_secs_f64());
+                action = error_policy(&mut failures, &e, &reason);
                 status.last_error = Some(e.to_string());
             }
         }
@@ -535,7 +607,7 @@ fn watch_file(
                     Err(_) => break,
                 }
             }
-            triggers.fire("stack.kdl changed");
+            triggers.fire(Trigger::StackFile);
         }
     });
     Ok(watcher)
@@ -554,7 +626,7 @@ fn spawn_events(
             if let Ok(docker) = Docker::connect().await {
                 if connected_before {
                     // The engine may have restarted: look at everything again.
-                    triggers.fire("engine back");
+                    triggers.fire(Trigger::EngineBack);
                 }
                 connected_before = true;
                 let mut stream = Box::pin(docker.container_events(&stack));
@@ -572,7 +644,7 @@ fn spawn_events(
                         f.died(&name, Instant::now());
                     }
                     if relevant {
-                        triggers.fire(&format!("docker {action} {name}"));
+                        triggers.fire(Trigger::Container { action, name });
                     }
                 }
                 if got_one {
@@ -598,7 +670,7 @@ async fn poll_addresses(file: PathBuf, every: Duration, triggers: Arc<Triggers>)
         if now != last {
             tracing::info!("this host's address changed: {:?} → {:?}", last, now);
             last = now;
-            triggers.fire("address changed");
+            triggers.fire(Trigger::AddressChanged);
         }
     }
 }
@@ -609,7 +681,7 @@ async fn on_sighup(triggers: Arc<Triggers>) {
         return;
     };
     while hup.recv().await.is_some() {
-        triggers.fire("SIGHUP");
+        triggers.fire(Trigger::Hangup);
     }
 }
 
@@ -625,7 +697,7 @@ async fn git_pull(file: PathBuf, every: Duration, triggers: Arc<Triggers>) {
         match pull_once(&dir).await {
             Ok(true) => {
                 tracing::info!("git: fast-forwarded {}", dir.display());
-                triggers.fire("git pull");
+                triggers.fire(Trigger::GitPull);
             }
             Ok(false) => tracing::debug!("git: {} is up to date", dir.display()),
             Err(why) => tracing::warn!("git pull in {}: {why}", dir.display()),
@@ -695,11 +767,17 @@ mod tests {
     async fn triggers_during_a_pass_coalesce_into_one_more_pass() {
         let t = Arc::new(Triggers::default());
         for i in 0..100 {
-            t.fire(&format!("write {}", i % 3));
+            t.fire(Trigger::Container {
+                action: "die".into(),
+                name: format!("c{}", i % 3),
+            });
         }
         // One wake-up, all reasons at once.
         t.notify.notified().await;
-        assert_eq!(t.take(), "write 0, write 1, write 2");
+        assert_eq!(
+            joined(&t.take()),
+            "docker die c0, docker die c1, docker die c2"
+        );
         let again = tokio::time::timeout(Duration::from_secs(1), t.notify.notified()).await;
         assert!(again.is_err(), "a burst must not queue more than one pass");
     }

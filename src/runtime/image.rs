@@ -27,7 +27,7 @@ pub fn binary_id() -> io::Result<String> {
             _ => {
                 use sha2::Digest;
                 let bytes = std::fs::read(&exe).map_err(|e| e.to_string())?;
-                Ok(to_hex(&sha2::Sha256::digest(&bytes)[..20]))
+                Ok(hex::encode(&sha2::Sha256::digest(&bytes)[..20]))
             }
         }
     })
@@ -42,67 +42,15 @@ pub fn is_content_tag(tag: &str) -> bool {
         .is_some_and(|(_, build)| build.len() == 12 && build.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The GNU build ID note of a 64-bit little-endian ELF file, as hex, if it has one.
+/// The GNU build ID note of the ELF file at `path`, as hex, if it has one. Reads the headers
+/// and notes only, not the whole file.
 fn gnu_build_id(path: &Path) -> io::Result<Option<String>> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
-    let read = |offset: u64, len: usize| -> io::Result<Vec<u8>> {
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+    use object::Object;
+    let cache = object::ReadCache::new(std::fs::File::open(path)?);
+    let Ok(elf) = object::File::parse(&cache) else {
+        return Ok(None);
     };
-    let header = read(0, 64)?;
-    if header.get(..4) != Some(b"\x7fELF") || header[4] != 2 || header[5] != 1 {
-        return Ok(None);
-    }
-    let le16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    let le32 = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-    let (phoff, phentsize, phnum) = (
-        le64(&header, 0x20),
-        le16(&header, 0x36),
-        le16(&header, 0x38),
-    );
-    let (phentsize, phnum) = (usize::from(phentsize), usize::from(phnum));
-    if phentsize < 56 || phnum > 256 {
-        return Ok(None);
-    }
-    let table = read(phoff, phentsize * phnum)?;
-    for ph in table.chunks(phentsize) {
-        // PT_NOTE: a list of (namesz, descsz, type, name, desc), each part 4-aligned.
-        if le32(ph, 0) != 4 {
-            continue;
-        }
-        let (offset, size) = (le64(ph, 8), le64(ph, 32));
-        if size > 64 * 1024 {
-            continue;
-        }
-        let notes = read(offset, size as usize)?;
-        let mut at = 0;
-        while at + 12 <= notes.len() {
-            let (namesz, descsz, kind) = (
-                le32(&notes, at) as usize,
-                le32(&notes, at + 4) as usize,
-                le32(&notes, at + 8),
-            );
-            let name_at = at + 12;
-            let desc_at = name_at + namesz.div_ceil(4) * 4;
-            let end = desc_at + descsz.div_ceil(4) * 4;
-            if end > notes.len() {
-                break;
-            }
-            // NT_GNU_BUILD_ID, owner "GNU\0".
-            if kind == 3 && notes[name_at..name_at + namesz] == *b"GNU\0" && descsz > 0 {
-                return Ok(Some(to_hex(&notes[desc_at..desc_at + descsz])));
-            }
-            at = end;
-        }
-    }
-    Ok(None)
+    Ok(elf.build_id().ok().flatten().map(hex::encode))
 }
 
 /// The files of the image: (path on this host, path inside the image).
@@ -139,47 +87,23 @@ pub fn soul_rootfs() -> io::Result<Vec<(PathBuf, String)>> {
 
 /// The program interpreter (`PT_INTERP`) of a 64-bit little-endian ELF file, if it has one.
 fn elf_interpreter(path: &Path) -> io::Result<Option<String>> {
-    let bytes = std::fs::read(path)?;
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
-        return Ok(None);
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    let cache = object::ReadCache::new(std::fs::File::open(path)?);
+    let Ok(elf) = ElfFile64::<object::LittleEndian, _>::parse(&cache) else {
         return Ok(None);
     };
-    for i in 0..usize::from(phnum) {
-        let ph = phoff as usize + i * usize::from(phentsize);
-        if u32_at(ph) == Some(3) {
-            let (Some(off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
-                return Ok(None);
-            };
-            let raw = bytes
-                .get(off as usize..(off + size) as usize)
-                .unwrap_or(&[]);
-            let s = String::from_utf8_lossy(raw)
+    let endian = elf.endian();
+    let interp = elf
+        .elf_program_headers()
+        .iter()
+        .find(|ph| ph.p_type(endian) == object::elf::PT_INTERP)
+        .and_then(|ph| ph.data(endian, elf.data()).ok())
+        .map(|raw| {
+            String::from_utf8_lossy(raw)
                 .trim_end_matches('\0')
-                .to_string();
-            return Ok((!s.is_empty()).then_some(s));
-        }
-    }
-    Ok(None)
+                .to_string()
+        });
+    Ok(interp.filter(|s| !s.is_empty()))
 }
 
 /// The build context: a Dockerfile and the rootfs, as a tar archive.
@@ -259,19 +183,48 @@ mod tests {
         assert!(!is_content_tag("other:0.1.0-0c3536e2c45c"));
     }
 
+    /// What binutils' `readelf` (the linker's own toolchain, always beside cargo) says.
+    fn readelf(flag: &str) -> String {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("readelf")
+            .arg(flag)
+            .arg(&exe)
+            .output()
+            .expect("readelf (binutils) runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     #[test]
     fn the_binary_id_is_the_linkers_build_id() {
-        let exe = std::env::current_exe().unwrap();
         let id = binary_id().unwrap();
         assert_eq!(id, binary_id().unwrap());
-        if let Some(build_id) = gnu_build_id(&exe).unwrap() {
-            assert_eq!(id, build_id);
-            // The same bytes `readelf -n` shows: 20 (sha1) or more hex pairs.
-            assert!(
-                id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
-                "{id}"
-            );
+        let notes = readelf("-n");
+        let expected = notes
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .map(str::to_string);
+        match expected {
+            Some(build_id) => assert_eq!(id, build_id),
+            // Linked without a build ID: a SHA-256 of the file, cut to 20 bytes.
+            None => assert_eq!(id.len(), 40, "{id}"),
         }
+    }
+
+    #[test]
+    fn the_interpreter_is_the_one_readelf_names() {
+        let exe = std::env::current_exe().unwrap();
+        let headers = readelf("-l");
+        let expected = headers.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("[Requesting program interpreter: ")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .map(str::to_string)
+        });
+        assert_eq!(elf_interpreter(&exe).unwrap(), expected);
+        let not_elf = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_elf.path(), b"#!/bin/sh\n").unwrap();
+        assert_eq!(elf_interpreter(not_elf.path()).unwrap(), None);
+        assert_eq!(gnu_build_id(not_elf.path()).unwrap(), None);
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl StateDir {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| err(std::io::Error::other(e.to_string())))?;
             state
-                .write(STATE_ID_FILE, format!("{}\n", hex(&id)).as_bytes())
+                .write(STATE_ID_FILE, format!("{}\n", hex::encode(id)).as_bytes())
                 .map_err(err)?;
         }
         Ok(state)
@@ -382,15 +382,13 @@ impl StackKey {
         mac.finalize().into_bytes().into()
     }
 
-    /// The private key as PKCS#8 v1 DER (what JWT libraries take).
+    /// The private key as PKCS#8 DER (what JWT libraries take).
     pub fn pkcs8_der(&self) -> Vec<u8> {
-        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
-        let mut der = vec![
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
-        der.extend_from_slice(&self.seed);
-        der
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        ed25519_dalek::SigningKey::from_bytes(&self.seed)
+            .to_pkcs8_der()
+            .map(|der| der.as_bytes().to_vec())
+            .expect("an Ed25519 key always encodes as PKCS#8")
     }
 
     /// The key file's bytes.
@@ -433,22 +431,11 @@ pub struct Rendered {
     pub sha256: String,
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// 32 bytes from 64 hex digits (surrounding whitespace ignored); `None` for anything else.
-pub fn unhex32(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect::<Option<_>>()?;
-    bytes.try_into().ok()
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
+    let mut bytes = [0; 32];
+    hex::decode_to_slice(text.trim(), &mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// One paired device.

@@ -40,6 +40,10 @@ impl NebulaDriver {
         self.node.ip.split('/').next().unwrap_or(&self.node.ip)
     }
 
+    /// Nebula's config.yml. A template with the two values from stack.kdl quoted as JSON strings
+    /// (which YAML reads as the same strings), kept byte-for-byte so the config hash, and with it
+    /// the running nebula container, survives upgrades of soul; the test below reads it back
+    /// with a YAML parser.
     pub fn config(&self, port: u16) -> String {
         let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
         format!(
@@ -142,5 +146,43 @@ impl Driver for NebulaDriver {
                 port,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_template_is_yaml_that_admits_only_the_gate_port() {
+        let driver = NebulaDriver {
+            image: DEFAULT_NEBULA_IMAGE.into(),
+            node: crate::stack::Nebula {
+                lighthouse: "lh.example.com:4242".into(),
+                lighthouse_ip: "192.168.100.1".into(),
+                ip: "192.168.100.7/24".into(),
+                ca_file: "/ca".into(),
+                cert_file: "/cert".into(),
+                key_file: "/key".into(),
+                image: None,
+            },
+        };
+        let config: serde_json::Value = serde_saphyr::from_str(&driver.config(8443)).unwrap();
+        assert_eq!(
+            config["static_host_map"]["192.168.100.1"][0].as_str(),
+            Some("lh.example.com:4242")
+        );
+        assert_eq!(
+            config["lighthouse"]["hosts"][0].as_str(),
+            Some("192.168.100.1")
+        );
+        assert_eq!(
+            config["pki"]["key"].as_str(),
+            Some("/etc/soul/pki/host.key")
+        );
+        let inbound = config["firewall"]["inbound"].as_array().unwrap();
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0]["port"].as_u64(), Some(8443));
+        assert_eq!(inbound[0]["proto"].as_str(), Some("tcp"));
     }
 }
