@@ -8,8 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use std::path::Path;
+
+use crate::machine::NoSecrets;
 use crate::pod::{ContainerSpec, MountKind, NetworkMode, Role};
-use crate::reconcile::Desired;
+use crate::reconcile::{Desired, ResolveError};
+use crate::stack::Stack;
 
 /// A Compose file, format 2.4 (read by docker-compose v1 and v2).
 #[derive(Serialize)]
@@ -76,6 +80,23 @@ impl<T: Serialize> Serialize for InOrder<T> {
         }
         map.end()
     }
+}
+
+/// A stack as a Compose file.
+pub struct Export {
+    pub text: String,
+    /// How many services (containers) it holds.
+    pub services: usize,
+}
+
+/// `soul export compose`: the stack resolved without reading any secret (their values become
+/// `${NAME}`), with the state dir it would use for its bind-mounted files.
+pub fn compose_of(stack: &Stack, state_dir: &Path) -> Result<Export, ResolveError> {
+    let desired = crate::reconcile::resolve(stack, &NoSecrets, state_dir)?;
+    Ok(Export {
+        text: compose(&desired),
+        services: desired.pods.iter().map(|p| p.containers.len()).sum(),
+    })
 }
 
 /// Renders the pods of `desired` as a Compose file (format 2.4, read by docker-compose v1 and v2).

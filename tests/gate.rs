@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use soul::pairing::{claims_for, issue};
+use soul::pairing::{Claims, TokenError, claims_for, issue};
 use soul::state::{DeviceEntry, Registry, StackKey};
 use support::*;
 
@@ -31,6 +31,11 @@ const BIG: u64 = 1 << 30;
 
 /// An app that logs every request it sees. `/ws` upgrades and echoes; `/sse` sends one event,
 /// then a second once released; `/big` sends [`BIG`] bytes; anything else answers `app`.
+/// A device token as the text a client sends.
+fn signed(key: &StackKey, claims: &Claims) -> Result<String, TokenError> {
+    issue(key, claims).map(|token| token.expose().to_string())
+}
+
 fn app() -> App {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -251,7 +256,7 @@ fn only_valid_tokens_reach_the_app() {
     let key = StackKey::from_seed(1, [4; 32]);
     let reg = registry(&[("alice", 2)]);
     let gate = start_gate(port, &key, &reg, "auth");
-    let good = issue(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
+    let good = signed(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
     let parts: Vec<&str> = good.split('.').collect();
     let mut sig = B64.decode(parts[2]).unwrap();
     sig[0] ^= 1;
@@ -259,11 +264,11 @@ fn only_valid_tokens_reach_the_app() {
         ("no token", String::new()),
         (
             "wrong audience",
-            bearer(&issue(&key, &claims_for("work", "alice", 2, 1000, None)).unwrap()),
+            bearer(&signed(&key, &claims_for("work", "alice", 2, 1000, None)).unwrap()),
         ),
         (
             "expired",
-            bearer(&issue(&key, &claims_for("home", "alice", 2, 1000, Some(2000))).unwrap()),
+            bearer(&signed(&key, &claims_for("home", "alice", 2, 1000, Some(2000))).unwrap()),
         ),
         (
             "alg none",
@@ -290,16 +295,16 @@ fn only_valid_tokens_reach_the_app() {
         ),
         (
             "revoked device",
-            bearer(&issue(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap()),
+            bearer(&signed(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap()),
         ),
         (
             "old generation",
-            bearer(&issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap()),
+            bearer(&signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap()),
         ),
         (
             "another stack's token",
             bearer(
-                &issue(
+                &signed(
                     &StackKey::from_seed(1, [5; 32]),
                     &claims_for("work", "alice", 2, 1000, None),
                 )
@@ -309,7 +314,7 @@ fn only_valid_tokens_reach_the_app() {
         (
             "another key",
             bearer(
-                &issue(
+                &signed(
                     &StackKey::from_seed(1, [5; 32]),
                     &claims_for("home", "alice", 2, 1000, None),
                 )
@@ -494,8 +499,8 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
         &registry(&[("alice", 1), ("bob", 1)]),
         "revoke",
     );
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
-    let bob = issue(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let bob = signed(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap();
     let mut a = upgrade(gate.port, "/ws", &alice);
     let mut b = upgrade(gate.port, "/ws", &bob);
     assert!(echoes(&mut a, "hello from alice") && echoes(&mut b, "hello from bob"));
@@ -531,7 +536,7 @@ fn revocation_closes_the_devices_upgraded_connections_within_a_second_and_no_one
         rotated_at.elapsed()
     );
     assert!(request(gate.port, "/", &bearer(&bob)).starts_with("HTTP/1.1 401"));
-    let reissued = issue(&rotated, &claims_for("home", "bob", 1, 1000, None)).unwrap();
+    let reissued = signed(&rotated, &claims_for("home", "bob", 1, 1000, None)).unwrap();
     assert!(request(gate.port, "/", &bearer(&reissued)).starts_with("HTTP/1.1 200"));
 }
 
@@ -540,7 +545,7 @@ fn an_sse_stream_passes_event_by_event() {
     let app = app();
     let key = StackKey::from_seed(1, [7; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "sse");
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let mut s = send_get(
         gate.port,
         "/sse",
@@ -571,7 +576,7 @@ fn a_gigabyte_download_streams_through_with_bounded_gate_memory() {
     let app = app();
     let key = StackKey::from_seed(1, [8; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "big");
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let s = send_get(
         gate.port,
         "/big",
@@ -641,7 +646,7 @@ fn h2c_clients_are_proxied_to_the_app() {
     let app = app();
     let key = StackKey::from_seed(1, [9; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), "h2c");
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let answers = h2_get(gate.port, "/h2", &[None, Some(alice.as_str())]);
     assert_eq!(answers[0].0, 401, "{answers:?}");
     assert_eq!(answers[1], (200, "app\n".to_string()));
@@ -962,7 +967,7 @@ fn gate_with_alice(seed: u8, tag: &str) -> (App, StackKey, Gate, String) {
     let app = app();
     let key = StackKey::from_seed(1, [seed; 32]);
     let gate = start_gate(app.port, &key, &registry(&[("alice", 1)]), tag);
-    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     (app, key, gate, token)
 }
 
@@ -1000,8 +1005,8 @@ fn expires_added_or_shortened_revokes_the_old_token_within_a_second() {
     reg.devices.insert("bob".into(), entry(1, Some(far)));
     let gate = start_gate(app.port, &key, &reg, "expiry");
     // alice has no expiry, bob 90 days; both hold an open socket.
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
-    let bob = issue(&key, &claims_for("home", "bob", 1, 1000, Some(far))).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let bob = signed(&key, &claims_for("home", "bob", 1, 1000, Some(far))).unwrap();
     let mut alice_ws = upgrade(gate.port, "/ws", &alice);
     let mut bob_ws = upgrade(gate.port, "/ws", &bob);
     assert!(echoes(&mut alice_ws, "a") && echoes(&mut bob_ws, "b"));
@@ -1038,7 +1043,7 @@ fn an_open_socket_is_closed_when_its_token_expires() {
     let mut reg = Registry::default();
     reg.devices.insert("alice".into(), entry(1, Some(soon)));
     let gate = start_gate(app.port, &key, &reg, "expiring");
-    let alice = issue(&key, &claims_for("home", "alice", 1, 1000, Some(soon))).unwrap();
+    let alice = signed(&key, &claims_for("home", "alice", 1, 1000, Some(soon))).unwrap();
     let mut ws = upgrade(gate.port, "/ws", &alice);
     assert!(echoes(&mut ws, "still valid"));
     ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1114,7 +1119,7 @@ fn an_old_cookie_and_a_new_link_re_pair() {
     let old_key = StackKey::from_seed(1, [24; 32]);
     let reg = registry(&[("alice", 1)]);
     let gate = start_gate(app.port, &old_key, &reg, "repair");
-    let old = issue(&old_key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let old = signed(&old_key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let old_session = session_cookie(&request(gate.port, &format!("/?soul_token={old}"), ""));
     // `soul rotate`: a new stack key; the old session stops working.
     let new_key = StackKey::from_seed(2, [25; 32]);
@@ -1422,7 +1427,7 @@ fn one_client_hammering_bad_tokens_does_not_lock_out_another_behind_the_same_add
         assert_eq!(status(&r), 200, "{r}");
     }
     // A device with a token is served too, however much the other client keeps hammering.
-    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     for _ in 0..20 {
         request(gate.port, "/", &bearer("forged.again.x"));
     }
@@ -1494,7 +1499,7 @@ fn a_real_browser_pairs_by_link_keeps_no_usable_credential_in_history_and_stays_
     let key = StackKey::from_seed(1, [32; 32]);
     let reg = registry(&[("alice", 1), ("bob", 1)]);
     let gate = start_gate(app.port, &key, &reg, "browser");
-    let token = issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
     let ticket = |device: &str| {
         soul::pairing::ticket(
             &key.link_key(),
@@ -1614,7 +1619,7 @@ fn attack_corpus_is_refused_and_never_reaches_the_app() {
     let key = StackKey::from_seed(1, [33; 32]);
     let reg = registry(&[("alice", 2)]);
     let gate = start_gate(app.port, &key, &reg, "corpus");
-    let good = issue(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
+    let good = signed(&key, &claims_for("home", "alice", 2, 1000, None)).unwrap();
     let other_key = StackKey::from_seed(1, [34; 32]);
     let [head, body, sig]: [&str; 3] = good.split('.').collect::<Vec<_>>().try_into().unwrap();
     let claims: serde_json::Value = serde_json::from_slice(&B64.decode(body).unwrap()).unwrap();
@@ -1669,15 +1674,15 @@ fn attack_corpus_is_refused_and_never_reaches_the_app() {
         hs(jsonwebtoken::Algorithm::HS384, &key.public_key()),
         hs(jsonwebtoken::Algorithm::HS512, &key.public_key()),
         hs(jsonwebtoken::Algorithm::HS256, b""),
-        issue(&key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
-        issue(&key, &claims_for("home", "alice", 2, 1000, Some(2000))).unwrap(),
-        issue(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap(),
-        issue(&key, &claims_for("home", "alice", 3, 1000, None)).unwrap(),
-        issue(&key, &claims_for("home", "alice", 2, 1001, None)).unwrap(),
-        issue(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap(),
-        issue(&key, &claims_for("home", "", 2, 1000, None)).unwrap(),
-        issue(&other_key, &claims_for("home", "alice", 2, 1000, None)).unwrap(),
-        issue(&other_key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
+        signed(&key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
+        signed(&key, &claims_for("home", "alice", 2, 1000, Some(2000))).unwrap(),
+        signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap(),
+        signed(&key, &claims_for("home", "alice", 3, 1000, None)).unwrap(),
+        signed(&key, &claims_for("home", "alice", 2, 1001, None)).unwrap(),
+        signed(&key, &claims_for("home", "bob", 1, 1000, None)).unwrap(),
+        signed(&key, &claims_for("home", "", 2, 1000, None)).unwrap(),
+        signed(&other_key, &claims_for("home", "alice", 2, 1000, None)).unwrap(),
+        signed(&other_key, &claims_for("work", "alice", 2, 1000, None)).unwrap(),
         "A".repeat(8000),
     ];
     // The signature with one bit flipped, at eight places.

@@ -71,6 +71,17 @@ pub enum CliError {
     Usage(String),
 }
 
+impl From<stack::edit::RotateError> for CliError {
+    fn from(e: stack::edit::RotateError) -> CliError {
+        use stack::edit::RotateError;
+        match e {
+            RotateError::Stack(e) => CliError::Stack(e),
+            RotateError::Edit(e) => CliError::Edit(e),
+            write @ RotateError::Write { .. } => CliError::Io(write.to_string()),
+        }
+    }
+}
+
 impl CliError {
     /// The one place errors become exit codes.
     pub fn exit(&self) -> Exit {
@@ -165,26 +176,30 @@ fn out(s: &str) {
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<Exit, CliError> {
     match &cli.command {
-        Command::Validate => validate(&cli),
+        Command::Validate => validate(&Context::load(&cli)?),
         Command::Schema => {
             out(&stack::schema_json());
             Ok(Exit::Ok)
         }
-        Command::Plan(args) => plan(&cli, args).await,
-        Command::Apply => apply(&cli).await,
+        Command::Plan(args) => plan(&Context::load(&cli)?, args).await,
+        Command::Apply => apply(&Context::load(&cli)?).await,
         Command::Status(args) => status(&cli, args.output).await,
         Command::Watch(args) => watch(&cli, args).await,
-        Command::Down(args) => down(&cli, args).await,
+        Command::Down(args) => down(&Context::load(&cli)?, args).await,
         Command::Image => image().await,
-        Command::Devices(args) => devices(&cli, args.output),
-        Command::Pair(args) => pair(&cli, args),
+        Command::Devices(args) => devices(&Context::load(&cli)?, args.output),
+        Command::Pair(args) => pair(&Context::load(&cli)?, args),
         Command::Rotate(args) => rotate(&cli, args).await,
         Command::Export(ExportCommand::Compose { out: path }) => {
-            export_compose(&cli, path.as_deref())
+            export_compose(&Context::load(&cli)?, path.as_deref())
         }
         Command::Bridge(BridgeCommand::Init(args)) => bridge_init(&cli, args),
-        Command::Bridge(BridgeCommand::Status(args)) => bridge_status(&cli, args.output).await,
-        Command::Bridge(BridgeCommand::Address(args)) => bridge_address(&cli, args).await,
+        Command::Bridge(BridgeCommand::Status(args)) => {
+            bridge_status(&Context::load(&cli)?, args.output).await
+        }
+        Command::Bridge(BridgeCommand::Address(args)) => {
+            bridge_address(&Context::load(&cli)?, args).await
+        }
         Command::Gate(args) => gate(args).await,
         Command::Pause(args) => pause(args).await,
         Command::DemoApp { port } => {
@@ -284,20 +299,50 @@ async fn terminated() {
     }
 }
 
-fn load(cli: &Cli) -> Result<Stack, CliError> {
-    Ok(stack::load(&cli.file)?)
+/// The flags resolved once (ripgrep's second stage): the stack file, the stack it declares and
+/// the state dir that stack uses. Commands that work on a stack take this, not the flags.
+struct Context {
+    file: PathBuf,
+    stack: Stack,
+    state: PathBuf,
 }
 
-fn state_dir(cli: &Cli, stack: &Stack) -> Result<StateDir, CliError> {
-    Ok(StateDir::open(&state_path(cli, stack))?)
+impl Context {
+    /// Reads and validates `--file`.
+    fn load(cli: &Cli) -> Result<Context, CliError> {
+        Ok(Context::of(cli, stack::load(&cli.file)?))
+    }
+
+    /// `stack` as the flags place it: its state dir is `--state-dir`, else the stack's own.
+    fn of(cli: &Cli, stack: Stack) -> Context {
+        let state = cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| state::default_dir(&stack.stack));
+        Context {
+            file: cli.file.clone(),
+            stack,
+            state,
+        }
+    }
+
+    /// The state dir, for reading: nothing is created.
+    fn state(&self) -> StateDir {
+        StateDir::at(&self.state)
+    }
+
+    /// The state dir, made (private) when it is missing.
+    fn open_state(&self) -> Result<StateDir, CliError> {
+        Ok(StateDir::open(&self.state)?)
+    }
 }
 
-fn validate(cli: &Cli) -> Result<Exit, CliError> {
-    let s = load(cli)?;
+fn validate(ctx: &Context) -> Result<Exit, CliError> {
+    let s = &ctx.stack;
     let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
     out(&format!(
         "{} is valid: stack `{}`, {}, {}, transports: {}\n",
-        cli.file.display(),
+        ctx.file.display(),
         s.stack,
         plural(s.sidecars.len(), "sidecar"),
         plural(s.devices.len(), "device"),
@@ -312,25 +357,20 @@ fn validate(cli: &Cli) -> Result<Exit, CliError> {
 
 /// Everything a pass knows before its first mutation.
 struct Pass {
-    stack: Stack,
     desired: Desired,
     docker: Docker,
     plan: Plan,
-    state: StateDir,
 }
 
-/// Load, connect, then resolve, observe and plan.
-async fn prepare(cli: &Cli, state: StateDir) -> Result<Pass, CliError> {
-    let stack = load(cli)?;
-    let desired = reconcile::desire(&stack, &Host, &state)?;
+/// Resolve, connect, observe and plan.
+async fn prepare(ctx: &Context, state: &StateDir) -> Result<Pass, CliError> {
+    let desired = reconcile::desire(&ctx.stack, &Host, state)?;
     let docker = Docker::connect().await?;
-    let planned = reconcile::prepare(&docker, &stack, &state, desired, unix_now()).await?;
+    let planned = reconcile::prepare(&docker, &ctx.stack, state, desired, unix_now()).await?;
     Ok(Pass {
-        stack,
         desired: planned.desired,
         docker,
         plan: planned.plan,
-        state,
     })
 }
 
@@ -346,19 +386,13 @@ fn lock(dir: &StateDir, stack: &Stack, doing: &str) -> Result<state::Lock, CliEr
     })?)
 }
 
-fn state_path(cli: &Cli, stack: &Stack) -> PathBuf {
-    cli.state_dir
-        .clone()
-        .unwrap_or_else(|| state::default_dir(&stack.stack))
-}
-
-async fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let Pass { stack, plan, .. } = prepare(cli, StateDir::at(&state_path(cli, &stack))).await?;
+async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliError> {
+    let Pass { plan, .. } = prepare(ctx, &ctx.state()).await?;
+    let stack = &ctx.stack;
     match args.output {
         Output::Json => out(&json_text(&json!({
             "stack": stack.stack,
-            "file": cli.file,
+            "file": ctx.file,
             "changes": plan.steps.len(),
             "steps": plan.steps,
         }))),
@@ -397,24 +431,22 @@ fn sigil(step: &Step) -> char {
     }
 }
 
-async fn apply(cli: &Cli) -> Result<Exit, CliError> {
+async fn apply(ctx: &Context) -> Result<Exit, CliError> {
     let started = Instant::now();
-    let stack = load(cli)?;
+    let stack = &ctx.stack;
     if let Some(relay) = &stack.relay {
         eprintln!(
             "warning: the relay is not built yet: `relay` {} goes into pairing codes, but nothing serves it (see `soul --help`)",
             relay.endpoint
         );
     }
-    let dir = state_dir(cli, &stack)?;
-    let _lock = lock(&dir, &stack, "is applying")?;
+    let state = ctx.open_state()?;
+    let _lock = lock(&state, stack, "is applying")?;
     let Pass {
-        stack,
         desired,
         docker,
         plan,
-        state,
-    } = prepare(cli, dir).await?;
+    } = prepare(ctx, &state).await?;
     if plan.is_empty() {
         out(&format!(
             "stack `{}` is up to date: 0 changes ({} ms)\n",
@@ -425,7 +457,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
     }
     let applied = reconcile::converge(
         &docker,
-        &stack,
+        stack,
         &state,
         &Host,
         &desired,
@@ -449,7 +481,7 @@ async fn apply(cli: &Cli) -> Result<Exit, CliError> {
         );
     }
     out(&render_applied(
-        &stack,
+        stack,
         &desired,
         applied.changes,
         started.elapsed(),
@@ -481,7 +513,7 @@ fn render_applied(stack: &Stack, desired: &Desired, total: usize, took: Duration
 }
 
 async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
-    let stack = match load(cli) {
+    let stack = match stack::load(&cli.file).map_err(CliError::from) {
         Ok(s) => s,
         // A running watch keeps the last good config; show what it runs, and why.
         Err(CliError::Stack(StackError::Invalid(d))) => {
@@ -508,7 +540,9 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
         }
         Err(e) => return Err(e),
     };
-    let desired = match reconcile::resolve(&stack, &Host, &state_path(cli, &stack)) {
+    let ctx = Context::of(cli, stack);
+    let stack = &ctx.stack;
+    let desired = match reconcile::resolve(stack, &Host, &ctx.state) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("warning: cannot tell whether containers match stack.kdl: {e}");
@@ -519,8 +553,8 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     // Compared as the planner compares: a soul 0.1 volume is mounted under its old name.
     let desired = desired.map(|d| reconcile::with_legacy_volumes(&d, &observed).into_owned());
-    let watch = reconcile::WatchStatus::read(&StateDir::at(&state_path(cli, &stack)));
-    let report = reconcile::status_report(&stack, desired.as_ref(), &observed, watch);
+    let watch = reconcile::WatchStatus::read(&ctx.state());
+    let report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -569,15 +603,15 @@ fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
     s
 }
 
-async fn down(cli: &Cli, args: &DownArgs) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let dir = state_dir(cli, &stack)?;
-    let _lock = lock(&dir, &stack, "holds")?;
+async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliError> {
+    let stack = &ctx.stack;
+    let dir = ctx.open_state()?;
+    let _lock = lock(&dir, stack, "holds")?;
     let docker = Docker::connect().await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     let plan = reconcile::plan_down(&observed, args.volumes);
     let removed = plan.steps.len();
-    reconcile::run(&docker, &dir, &stack, &plan, |i, step| {
+    reconcile::run(&docker, &dir, stack, &plan, |i, step| {
         out(&format!("  [{}/{removed}] - {step}\n", i + 1));
     })
     .await?;
@@ -618,11 +652,10 @@ fn display(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn devices(cli: &Cli, output: Output) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let state = StateDir::at(&state_path(cli, &stack));
+fn devices(ctx: &Context, output: Output) -> Result<Exit, CliError> {
+    let state = ctx.state();
     let now = unix_now();
-    let report = reconcile::devices_report(&stack, &state, now);
+    let report = reconcile::devices_report(&ctx.stack, &state, now);
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_devices(&report, &state, now)),
@@ -771,41 +804,15 @@ fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
     Ok(Exit::Ok)
 }
 
-/// A machine that has every file and variable, all empty: exporting reads no secret.
-struct NoSecrets;
-
-impl crate::machine::Machine for NoSecrets {
-    fn read_file(&self, _: &str) -> std::io::Result<String> {
-        Ok(String::new())
-    }
-    fn env_var(&self, _: &str) -> Option<String> {
-        Some(String::new())
-    }
-    fn exists(&self, _: &str) -> bool {
-        true
-    }
-}
-
-fn export_compose(cli: &Cli, path: Option<&Path>) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let desired = reconcile::resolve(&stack, &NoSecrets, &state_path(cli, &stack))
-        .map_err(PassError::from)?;
-    let text = crate::export::compose(&desired);
+fn export_compose(ctx: &Context, path: Option<&Path>) -> Result<Exit, CliError> {
+    let export = crate::export::compose_of(&ctx.stack, &ctx.state).map_err(PassError::from)?;
     match path {
         Some(p) => {
-            std::fs::write(p, &text)
+            std::fs::write(p, &export.text)
                 .map_err(|e| CliError::Io(format!("cannot write {}: {e}", p.display())))?;
-            eprintln!(
-                "wrote {} ({} services)",
-                p.display(),
-                desired
-                    .pods
-                    .iter()
-                    .map(|p| p.containers.len())
-                    .sum::<usize>()
-            );
+            eprintln!("wrote {} ({} services)", p.display(), export.services);
         }
-        None => out(&text),
+        None => out(&export.text),
     }
     Ok(Exit::Ok)
 }
@@ -813,12 +820,11 @@ fn export_compose(cli: &Cli, path: Option<&Path>) -> Result<Exit, CliError> {
 /// The sidecar a command is about: the one named, or the only one.
 /// Every sidecar's known addresses, in the stack's order (overlays read from the pods).
 async fn current_addresses(
-    cli: &Cli,
-    stack: &Stack,
+    ctx: &Context,
 ) -> Result<(Docker, Vec<Vec<crate::pairing::Address>>), CliError> {
-    let state = StateDir::at(&state_path(cli, stack));
+    let stack = &ctx.stack;
     let docker = Docker::connect().await?;
-    let discovered = reconcile::discover(&docker, stack, &state).await?;
+    let discovered = reconcile::discover(&docker, stack, &ctx.state()).await?;
     let lan = crate::transport::lan_host(stack);
     Ok((
         docker,
@@ -826,10 +832,10 @@ async fn current_addresses(
     ))
 }
 
-async fn bridge_address(cli: &Cli, args: &AddressArgs) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let sidecar = reconcile::one_sidecar(&stack, args.sidecar.as_deref())?;
-    let (_, all) = current_addresses(cli, &stack).await?;
+async fn bridge_address(ctx: &Context, args: &AddressArgs) -> Result<Exit, CliError> {
+    let stack = &ctx.stack;
+    let sidecar = reconcile::one_sidecar(stack, args.sidecar.as_deref())?;
+    let (_, all) = current_addresses(ctx).await?;
     let i = stack
         .sidecars
         .iter()
@@ -846,11 +852,11 @@ async fn bridge_address(cli: &Cli, args: &AddressArgs) -> Result<Exit, CliError>
     Ok(Exit::Ok)
 }
 
-async fn bridge_status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let (docker, all) = current_addresses(cli, &stack).await?;
+async fn bridge_status(ctx: &Context, output: Output) -> Result<Exit, CliError> {
+    let stack = &ctx.stack;
+    let (docker, all) = current_addresses(ctx).await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
-    let report = reconcile::transports_report(&stack, &all, &observed);
+    let report = reconcile::transports_report(stack, &all, &observed);
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_transports(&report)),
@@ -877,9 +883,8 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
     s
 }
 
-fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
-    let stack = load(cli)?;
-    let state = StateDir::at(&state_path(cli, &stack));
+fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
+    let (stack, state) = (&ctx.stack, ctx.state());
     let ext = match args.format {
         PairFormat::Terminal => "txt",
         PairFormat::Uri => "uri",
@@ -888,7 +893,7 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
         PairFormat::Svg => "svg",
     };
     let (sidecar, bytes) =
-        reconcile::pairing_code(&stack, &state, &args.device, args.sidecar.as_deref(), ext)?;
+        reconcile::pairing_code(stack, &state, &args.device, args.sidecar.as_deref(), ext)?;
     match &args.out {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -931,21 +936,15 @@ fn pair(cli: &Cli, args: &PairArgs) -> Result<Exit, CliError> {
 }
 
 async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
-    let source = stack::read_source(&cli.file)?;
-    // Validate first: never edit (or apply) a file that is already broken.
-    stack::parse(&cli.file.display().to_string(), &source).map_err(StackError::Invalid)?;
-    let bumped = stack::edit::bump_generation(&source, args.device.as_deref())?;
-    stack::parse(&cli.file.display().to_string(), &bumped.source).map_err(StackError::Invalid)?;
-    stack::write_source(&cli.file, &bumped.source)
-        .map_err(|e| CliError::Io(format!("cannot write {}: {e}", cli.file.display())))?;
+    let (stack, bumped) = stack::edit::rotate_file(&cli.file, args.device.as_deref())?;
+    let ctx = Context::of(cli, stack);
     let what = match &args.device {
         Some(d) => format!("device `{d}` generation"),
         None => "secret-generation".into(),
     };
     if args.new_key {
-        let stack = stack::parse(&cli.file.display().to_string(), &bumped.source)
-            .map_err(StackError::Invalid)?;
-        for aside in state_dir(cli, &stack)?
+        for aside in ctx
+            .open_state()?
             .set_aside_lost_key(unix_now())
             .map_err(|e| CliError::Io(format!("cannot move the lost stack key aside: {e}")))?
         {
@@ -954,11 +953,11 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
     }
     out(&format!(
         "{}: {what} {} → {} (commit this edit)\n",
-        cli.file.display(),
+        ctx.file.display(),
         bumped.from,
         bumped.to
     ));
-    apply(cli).await
+    apply(&ctx).await
 }
 
 /// `soul status`'s lines about a running `soul watch`.

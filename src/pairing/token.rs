@@ -1,6 +1,7 @@
 //! Device tokens (DESIGN §6): EdDSA JWTs signed with the stack key, deterministic for the same
 //! key, stack, device, generation and issued-at; and the one verifier the gate and the tests use.
 
+use crate::secret::Secret;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -71,9 +72,10 @@ pub fn claims_for(
 
 /// Signs claims with the stack key (EdDSA, `typ: JWT`). Ed25519 signatures are deterministic,
 /// so the same inputs give the same bytes.
-pub fn issue(key: &StackKey, claims: &Claims) -> Result<String, TokenError> {
+pub fn issue(key: &StackKey, claims: &Claims) -> Result<Secret, TokenError> {
     let header = Header::new(Algorithm::EdDSA);
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&key.pkcs8_der()))
+        .map(Secret::from)
         .map_err(|e| TokenError::Invalid(e.to_string()))
 }
 
@@ -152,6 +154,11 @@ mod tests {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
     use super::*;
+
+    /// The token as the text a client sends.
+    fn issue(key: &StackKey, claims: &Claims) -> Result<String, TokenError> {
+        super::issue(key, claims).map(|token| token.expose().to_string())
+    }
     use crate::state::DeviceEntry;
 
     fn registry(entries: &[(&str, u64)]) -> Registry {

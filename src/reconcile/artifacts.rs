@@ -154,7 +154,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 sidecar: &sidecar.name,
                 device: name,
                 addresses,
-                token: &token,
+                token: token.expose(),
             }
             .to_string();
             let base = layout::pairing(name, &sidecar.name);
@@ -196,7 +196,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         files.push(DesiredFile::bytes(
             &layout::token(name),
             format!("token for {name}"),
-            token.into_bytes(),
+            token.expose().as_bytes().to_vec(),
         ));
     }
     Ok(Pairing {

@@ -1,7 +1,11 @@
 //! Format-preserving edits of stack.kdl: the file is changed only at the spans that must
 //! change, so comments and layout survive and the diff is what the user would have typed.
 
+use std::path::{Path, PathBuf};
+
 use kdl::KdlDocument;
+
+use super::{Stack, StackError};
 
 /// What `bump_generation` changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +22,38 @@ pub enum EditError {
     Parse,
     #[error("no device `{0}` in stack.kdl")]
     NoDevice(String),
+}
+
+/// Why `soul rotate` could not edit stack.kdl. The file is untouched in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// The file cannot be read, or is not valid before or after the edit.
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `soul rotate`'s edit of the file at `path`: bumps `secret-generation`, or `device`'s
+/// `generation=`. The file is validated before (a broken file is never edited) and after, and
+/// written atomically with its permissions; returns the edited stack and what changed.
+pub fn rotate_file(path: &Path, device: Option<&str>) -> Result<(Stack, Bumped), RotateError> {
+    let name = path.display().to_string();
+    let source = super::read_source(path)?;
+    super::parse(&name, &source).map_err(StackError::Invalid)?;
+    let bumped = bump_generation(&source, device)?;
+    let stack = super::parse(&name, &bumped.source).map_err(StackError::Invalid)?;
+    super::write_source(path, &bumped.source).map_err(|source| RotateError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((stack, bumped))
 }
 
 /// Bumps `secret-generation` (no device) or a device's `generation=` by one.
