@@ -115,7 +115,7 @@ fn each_kind_of_invalid_file_exits_1_with_line_and_column_and_no_docker_call() {
         for cmd in ["validate", "plan", "apply"] {
             let o = soul_offline(&[cmd, "-f", path]);
             assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
-            let err = String::from_utf8_lossy(&o.stderr);
+            let err = o.stderr_text();
             assert!(
                 err.contains(&format!("{path}:{at}")),
                 "{what} / {cmd}: expected {path}:{at} in\n{err}"
@@ -185,7 +185,7 @@ fn pathological_stack_files_fail_fast_with_a_location_and_bounded_output() {
             .arg(SOUL)
             .args(["validate", "-f", file.to_str().unwrap()]));
         assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = o.stderr_text();
         assert!(
             err.contains(expected),
             "{what}: expected {expected:?} in\n{err}"
@@ -210,7 +210,7 @@ fn pathological_stack_files_fail_fast_with_a_location_and_bounded_output() {
             run(std::process::Command::new("timeout").args(["10", SOUL, "validate", "-f", path]));
         assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("is not a regular file"),
+            o.stderr_text().contains("is not a regular file"),
             "{what}: {}",
             text(&o)
         );
@@ -268,8 +268,8 @@ fn permission_denied_on_the_docker_socket_says_what_to_do() {
     let o = run(cmd
         .args(args)
         .env("DOCKER_HOST", format!("unix://{}", socket.display())));
-    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(3);
+    let err = o.stderr_text();
     assert!(err.contains("`docker` group"), "{err}");
     assert!(!err.contains("is the Docker daemon running"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -300,7 +300,7 @@ fn file_flag_works_before_or_after_the_command() {
 #[test]
 fn every_command_explains_itself_with_an_example() {
     let o = soul_offline(&["--help"]);
-    let top = String::from_utf8_lossy(&o.stdout);
+    let top = o.stdout_text();
     assert!(
         top.contains("Exit codes:") && top.contains("3  the Docker engine"),
         "{top}"
@@ -310,7 +310,7 @@ fn every_command_explains_itself_with_an_example() {
     ] {
         let o = soul_offline(&[cmd, "--help"]);
         assert!(o.status.success());
-        let help = String::from_utf8_lossy(&o.stdout);
+        let help = o.stdout_text();
         assert!(
             help.contains("Example:"),
             "{cmd} --help has no example:\n{help}"
@@ -369,7 +369,7 @@ fn export_compose_is_accepted_by_docker_compose_and_holds_no_secret() {
             text(&config)
         );
         if f.ends_with("stack.kdl") {
-            let resolved = String::from_utf8_lossy(&config.stdout);
+            let resolved = config.stdout_text();
             assert!(
                 resolved.contains("PRICE: $$5") || resolved.contains("PRICE: $5"),
                 "{resolved}"
@@ -404,8 +404,8 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
         "/run/secrets/hs",
         "--yes",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let diff = String::from_utf8_lossy(&o.stdout);
+    o.exited(0);
+    let diff = o.stdout_text();
     let mut changed = diff.lines().filter(|l| {
         (l.starts_with('-') || l.starts_with('+')) && !l.starts_with("---") && !l.starts_with("+++")
     });
@@ -453,13 +453,9 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
         "/run/secrets/hs",
         "--yes",
     ]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("nothing to change"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("nothing to change");
     let o = soul_offline(&["bridge", "init", "-f", f, "--tor", "--yes"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(std::fs::read_to_string(&file).unwrap().contains(
         "transport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n    tor\n}"
     ));
@@ -470,7 +466,7 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
     let o = run(Command::new(&link)
         .args(["init", "-f", f, "--lan-only", "--yes"])
         .env("DOCKER_HOST", "unix:///nonexistent"));
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(!std::fs::read_to_string(&file).unwrap().contains("tor"));
     let _ = std::fs::remove_dir_all(&dir);
 }

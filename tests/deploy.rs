@@ -88,7 +88,7 @@ fn the_module_options_match_the_flags_it_passes_and_soul_accepts_them() {
         "soul rejects the module's command line {args:?}:\n{}",
         text(&o)
     );
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Keep this machine on stack.kdl"));
+    o.stdout_has("Keep this machine on stack.kdl");
 
     // The systemd unit's command line too.
     let unit = read("examples/soul.service");
@@ -118,7 +118,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_COMMITTER_NAME", "t")
         .env("GIT_COMMITTER_EMAIL", "t@example.com"));
     assert!(o.status.success(), "git {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+    o.stdout_text().trim().to_string()
 }
 
 #[test]

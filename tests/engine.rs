@@ -47,7 +47,7 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     let lan = free_port();
     s.write(&two_sidecars(lan, "UTC"));
     let o = s.apply();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = o.stdout_text();
     assert!(out.contains("create container"), "{out}");
 
     let body = served(&s, lan, Duration::from_secs(20)).expect("nginx answers on the LAN port");
@@ -152,11 +152,7 @@ fn second_apply_makes_no_mutating_docker_call() {
     let o = s.apply();
     let until = now() + 0.5;
     std::thread::sleep(Duration::from_millis(700));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("0 changes"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("0 changes");
     assert_eq!(s.containers(), before, "container IDs changed");
     let events = events_between(&s.name, since, until);
     let mutating: Vec<_> = events
@@ -171,7 +167,7 @@ fn second_apply_makes_no_mutating_docker_call() {
         .collect();
     assert!(mutating.is_empty(), "second apply mutated: {mutating:?}");
     let plan = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    plan.exited(0);
 }
 
 #[test]
@@ -184,7 +180,7 @@ fn changing_one_env_value_recreates_only_that_container() {
     let before = s.containers();
     s.write(&two_sidecars(lan, "Europe/Berlin"));
     let plan = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    plan.exited(2);
     s.apply();
     let after = s.containers();
     let changed: Vec<_> = after
@@ -263,11 +259,11 @@ fn removing_a_sidecar_removes_its_containers_but_keeps_its_volume() {
     );
     // `down` keeps it too; only `down --volumes` removes it.
     let o = s.soul(&["down"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(s.containers().is_empty() && s.networks().is_empty());
     assert_eq!(s.volumes().len(), 3);
     let o = s.soul(&["down", "--volumes"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(s.volumes().is_empty());
 }
 
@@ -282,11 +278,7 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
     docker(&["rm", "-f", &s.container("web", "app")]);
     assert!(served(&s, lan, Duration::from_millis(300)).is_none());
     let o = s.apply();
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("(missing)"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("(missing)");
     assert_eq!(
         s.container_id("web", "pause"),
         pause,
@@ -296,11 +288,7 @@ fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
 
     docker(&["stop", &s.container("hello", "app")]);
     let o = s.apply();
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("start container"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("start container");
     assert!(served(&s, lan + 1, Duration::from_secs(20)).is_some());
 }
 
@@ -350,8 +338,8 @@ fn an_image_that_cannot_be_had_is_a_clear_error_and_nothing_is_torn_down() {
     let before = s.containers();
     s.write(&two_sidecars(lan, "UTC").replace(NGINX, "soul-test/does-not-exist:1"));
     let o = s.soul(&["apply"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(1);
+    let err = o.stderr_text();
     assert!(
         err.contains("soul-test/does-not-exist:1") && err.contains("`web`"),
         "{err}"
@@ -375,8 +363,8 @@ fn a_missing_secret_file_is_an_error_before_any_docker_call() {
         .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(1);
+    let err = o.stderr_text();
     assert!(
         err.contains("/nonexistent/db") && err.contains("`x`") && err.contains("`DB`"),
         "{err}"
@@ -394,11 +382,7 @@ fn an_unreachable_engine_has_its_own_exit_code() {
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(3), "{cmd:?}: {}", text(&o));
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("cannot reach the Docker engine"),
-            "{}",
-            text(&o)
-        );
+        o.stderr_has("cannot reach the Docker engine");
     }
 }
 
@@ -426,8 +410,8 @@ fn a_second_apply_waits_for_the_first() {
     );
     drop(held);
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(0);
+    let err = o.stderr_text();
     assert!(err.contains("waiting: another soul process"), "{err}");
     assert_eq!(s.containers().len(), 6);
 }
@@ -513,12 +497,12 @@ fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
     // The pod's pause container must join the name again, which fails while it is ambiguous.
     docker(&["rm", "-f", &s.container("web", "pause")]);
     let o = s.apply();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = o.stdout_text();
     assert!(out.contains("an unused duplicate of"), "{out}");
     assert_eq!(copies(), 1);
     assert!(served(&s, lan, Duration::from_secs(20)).is_some());
     let o = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o.exited(0);
 }
 
 /// A one-sidecar stack (nginx) with a named volume `volume` at /data, or an external one.
@@ -560,10 +544,10 @@ fn stacks_whose_dashed_names_once_collided_keep_apart() {
     assert_ne!(a.container("x-y", "app"), b.container("y", "app"));
     assert_eq!(data_file(&a, "x-y"), None, "a sees b's data");
     let o = a.soul(&["down", "--volumes"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert_eq!(data_file(&b, "y").as_deref(), Some("b"));
     let o = b.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o.exited(0);
 }
 
 #[test]
@@ -583,7 +567,7 @@ fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopt
     for cmd in ["plan", "apply"] {
         let o = s.soul(&[cmd]);
         assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = o.stderr_text();
         assert!(
             err.contains(&format!(
                 "volume `{volume}` exists but soul did not make it"
@@ -613,7 +597,7 @@ fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopt
         "echo kept > /data/f",
     ]);
     let o = s.soul(&["down", "--volumes"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(
         docker_ok(&["volume", "inspect", &volume]).is_some(),
         "down removed an external volume"
@@ -622,8 +606,8 @@ fn an_unlabelled_volume_or_network_with_the_name_soul_wants_is_refused_not_adopt
     // A missing external volume is reported before anything is made.
     s.write(&with_volume(lan, "web", "no-such-volume", true));
     let o = s.soul(&["apply"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("docker volume create no-such-volume"));
+    o.exited(1);
+    o.stderr_has("docker volume create no-such-volume");
     assert!(s.containers().is_empty());
 }
 
@@ -659,7 +643,7 @@ fn a_volume_made_by_soul_0_1_keeps_its_data_after_the_upgrade() {
         s.volumes()
     );
     let o = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o.exited(0);
     // status agrees with plan: the app on the old volume is what stack.kdl asks for.
     let st = s.soul(&["status", "--output", "json"]);
     let status: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
@@ -717,7 +701,7 @@ fn inputs_docker_would_refuse_stop_plan_and_apply_before_any_change() {
         for cmd in ["plan", "apply"] {
             let o = s.soul(&[cmd]);
             assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
-            let err = String::from_utf8_lossy(&o.stderr);
+            let err = o.stderr_text();
             assert!(err.contains(&expected), "{what} / {cmd}: {err}");
         }
         assert!(
@@ -745,7 +729,7 @@ fn a_deleted_state_dir_is_served_anew_by_the_gate() {
     // apply recreates the gate on the new one.
     std::fs::remove_dir_all(s.state()).unwrap();
     let o = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    o.exited(2);
     s.apply();
     let new = s.token("tester");
     assert_ne!(new, old);
@@ -779,8 +763,8 @@ fn a_second_state_dir_cannot_take_over_a_running_stack() {
             .arg("apply"))
     };
     let o = apply_from_other();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(1);
+    let err = o.stderr_text();
     let owner = std::path::absolute(s.state()).unwrap();
     assert!(
         err.contains(&format!("--state-dir {}", owner.display())),
@@ -791,7 +775,7 @@ fn a_second_state_dir_cannot_take_over_a_running_stack() {
     // With the first state dir gone for good, another may take over.
     std::fs::rename(s.state(), s.dir.join("retired-state")).unwrap();
     let o = apply_from_other();
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
 }
 
 /// A copy of this build of soul at `path`; with `other_build`, its GNU build ID is changed, so
@@ -800,7 +784,8 @@ fn soul_copy(path: &std::path::Path, other_build: bool) {
     let mut bytes = std::fs::read(SOUL).unwrap();
     if other_build {
         let id = run(Command::new("readelf").args(["-n", SOUL]));
-        let id = String::from_utf8_lossy(&id.stdout)
+        let id = id
+            .stdout_text()
             .lines()
             .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_string))
             .expect("the test binary has a GNU build ID");
@@ -838,7 +823,7 @@ fn other_copies_and_builds_of_soul_never_recreate_a_stacks_containers() {
     let copy = s.dir.join("soul-copy");
     soul_copy(&copy, false);
     let o = with(&copy, &s, &["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o.exited(0);
     // Another build applies another stack: it builds its own image, and this stack's pods,
     // planned by this build, have nothing to change.
     let other = TestStack::new("builds2");
@@ -846,9 +831,9 @@ fn other_copies_and_builds_of_soul_never_recreate_a_stacks_containers() {
     let build = s.dir.join("soul-other-build");
     soul_copy(&build, true);
     let o = with(&build, &other, &["apply"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     let o = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o.exited(0);
     assert_eq!(s.containers(), before);
     let image = |stack: &TestStack| {
         docker(&[
@@ -893,17 +878,13 @@ fn a_foreign_network_named_like_the_stacks_stops_apply_and_down_still_works() {
     };
     let _cleanup = Cleanup(vec![vec!["network".into(), "rm".into(), foreign.clone()]]);
     let o = s.soul(&["apply"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains(&format!(
-            "network `{network}` exists but soul did not make it"
-        )),
-        "{}",
-        text(&o)
-    );
+    o.exited(1);
+    o.stderr_has(&format!(
+        "network `{network}` exists but soul did not make it"
+    ));
     // down removes this stack's network by its ID, and leaves the other one alone.
     let o = s.soul(&["down"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(s.networks().is_empty());
     assert!(docker_ok(&["network", "inspect", &foreign]).is_some());
 }

@@ -689,7 +689,7 @@ fn curl_from(network: &str, url: &str, token: Option<&str>) -> String {
     }
     args.push(url);
     let o = run(Command::new("docker").args(&args));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+    o.stdout_text().trim().to_string()
 }
 
 /// Listeners an app might open inside its pod: HTTP on TCP 8080, 32768 and 40000 (the
@@ -838,7 +838,7 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
             "-c",
             &format!("exec 3<>/dev/udp/{host}/{port}; printf ping >&3; timeout 2 head -c 4 <&3"),
         ]));
-        String::from_utf8_lossy(&o.stdout).to_string()
+        o.stdout_text()
     };
     for port in [8080, 32768, 40000] {
         assert_eq!(
@@ -873,7 +873,7 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
         "8443",
         "--check",
     ]));
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     let health = docker(&["inspect", "-f", "{{json .Config.Healthcheck.Test}}", &pause]);
     assert!(health.contains("--check"), "{health}");
 }
@@ -936,7 +936,7 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     // The gate's audit log (its container's log) says who came in and who was cut off.
     let o = run(Command::new("docker").args(["logs", &s.container("web", "gate")]));
-    let audit = String::from_utf8_lossy(&o.stderr);
+    let audit = o.stderr_text();
     assert!(
         audit
             .lines()
@@ -1448,7 +1448,7 @@ fn chromium(profile: &std::path::Path, url: &str) -> String {
         url,
     ]));
     assert!(o.status.success(), "chromium failed:\n{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).to_string()
+    o.stdout_text()
 }
 
 /// Every URL in a Chromium profile's History database, most recent visit last.
@@ -1463,10 +1463,7 @@ fn history(profile: &std::path::Path) -> Vec<String> {
         db.display(),
         text(&o)
     );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(String::from)
-        .collect()
+    o.stdout_text().lines().map(String::from).collect()
 }
 
 /// A page on another site (`localhost`, not `127.0.0.1`) that follows `link` at once, as a

@@ -126,9 +126,9 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         "--format",
         "uri",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
+        o.stdout_text().trim(),
         std::fs::read_to_string(s.state().join("pairing/alice-phone/notes.uri")).unwrap()
     );
     let out = s.dir.join("alice.png");
@@ -142,27 +142,19 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert_eq!(
         std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
         0o600
     );
     assert!(decode_png(&out).contains("sidecar=wiki"));
     let o = s.soul(&["pair", "alice-phone", "--sidecar", "notes"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains('█'));
+    o.stdout_has("█");
     let o = s.soul(&["pair", "alice-phone"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--sidecar"),
-        "{}",
-        text(&o)
-    );
+    o.stderr_has("--sidecar");
     let o = s.soul(&["pair", "alice-phon"]);
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("did you mean `alice-phone`"),
-        "{}",
-        text(&o)
-    );
+    o.stderr_has("did you mean `alice-phone`");
     let o = s.soul(&["devices", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["devices"].as_array().unwrap().len(), 3);
@@ -194,7 +186,7 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
     let png = "pairing/tablet/wiki.png";
     std::fs::remove_file(s.state().join(png)).unwrap();
     let o = s.apply();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = o.stdout_text();
     assert!(
         out.contains(png) && out.matches("write ").count() == 1,
         "{out}"
@@ -239,7 +231,7 @@ fn a_lost_stack_key_stops_apply_instead_of_locking_out_every_device() {
         for cmd in ["apply", "plan"] {
             let o = s.soul(&[cmd]);
             assert_eq!(o.status.code(), Some(1), "{what} / {cmd}: {}", text(&o));
-            let err = String::from_utf8_lossy(&o.stderr);
+            let err = o.stderr_text();
             assert!(err.contains("3 paired device(s)"), "{what}: {err}");
             assert!(err.contains("soul rotate --new-key"), "{what}: {err}");
         }
@@ -259,12 +251,8 @@ fn a_lost_stack_key_stops_apply_instead_of_locking_out_every_device() {
     // the lost files kept aside.
     std::fs::write(&key, "not a key").unwrap();
     let o = s.soul(&["rotate", "--new-key"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("stack.key.lost-"),
-        "{}",
-        text(&o)
-    );
+    o.exited(0);
+    o.stdout_has("stack.key.lost-");
     for (d, old_token) in devices.iter().zip(&old) {
         let new = s.token(d);
         assert_ne!(&new, old_token);
@@ -308,7 +296,7 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
     // re-issues its token alone.
     let before = std::fs::read_to_string(s.file()).unwrap();
     let o = s.soul(&["rotate", "--device", "tablet"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     let after = std::fs::read_to_string(s.file()).unwrap();
     assert_eq!(
         after,
@@ -326,7 +314,7 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
 
     // `soul rotate` bumps secret-generation: every token and QR is re-issued in one pass.
     let o = s.soul(&["rotate"]);
-    assert!(o.status.success(), "{}", text(&o));
+    o.exited(0);
     assert!(
         std::fs::read_to_string(s.file())
             .unwrap()
@@ -378,7 +366,7 @@ fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
         token_before,
         "an address change is not a new token"
     );
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = o.stdout_text();
     assert!(!out.contains("tokens/"), "tokens were rewritten: {out}");
 }
 

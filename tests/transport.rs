@@ -60,11 +60,7 @@ device "phone"
 "#
     ));
     let o = s.apply();
-    assert!(
-        !String::from_utf8_lossy(&o.stderr).contains("not known yet"),
-        "{}",
-        text(&o)
-    );
+    o.stderr_lacks("not known yet");
     let first = uri(&s, "phone", "notes");
     let address = onion(&first).unwrap_or_else(|| panic!("no tor address in {first}"));
     let (host, port) = address.rsplit_once(':').unwrap();
@@ -100,8 +96,8 @@ device "phone"
     // `soul bridge address` leads with what the QR leads with, `--all` lists every address in
     // the stack's order, and `soul-bridge address` says the same.
     let stdout = |o: std::process::Output| {
-        assert!(o.status.success(), "{}", text(&o));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
+        o.exited(0);
+        o.stdout_text().trim().to_string()
     };
     let best = stdout(s.soul(&["bridge", "address"]));
     let all = stdout(s.soul(&["bridge", "address", "--all"]));
@@ -132,29 +128,21 @@ device "phone"
 
     // A second apply keeps the address and changes nothing.
     let o = s.apply();
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("0 changes"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("0 changes");
     assert_eq!(uri(&s, "phone", "notes"), first);
 
     // Recreating the tor container (here: removed by hand) keeps the onion address: the key
     // is state on the volume, and the pairing code does not flap meanwhile.
     docker(&["rm", "-f", &tor]);
     let o = s.apply();
-    assert!(
-        !String::from_utf8_lossy(&o.stdout).contains("pairing/"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_lacks("pairing/");
     assert_eq!(
         onion(&uri(&s, "phone", "notes")).as_deref(),
         Some(address.as_str())
     );
     std::thread::sleep(Duration::from_secs(2));
     let hostname = s.soul(&["plan", "--detailed-exitcode"]);
-    assert_eq!(hostname.status.code(), Some(0), "{}", text(&hostname));
+    hostname.exited(0);
 
     // `down` keeps the onion key's volume; apply after it brings back the same address.
     let o = s.soul(&["down"]);
@@ -296,11 +284,7 @@ device "phone"
         "{u}"
     );
     let o = s.apply();
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("0 changes"),
-        "{}",
-        text(&o)
-    );
+    o.stdout_has("0 changes");
 }
 
 #[test]
@@ -356,8 +340,8 @@ fn a_missing_auth_key_file_is_a_clear_error_before_any_docker_call() {
         .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(1);
+    let err = o.stderr_text();
     assert!(
         err.contains("`tailscale`") && err.contains("/nonexistent/ts-key"),
         "{err}"
@@ -545,7 +529,7 @@ device "phone"
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let o = curl("http://10.42.0.2:8443/", "3", &auth);
-        if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("served by nginx") {
+        if o.status.success() && o.stdout_text().contains("served by nginx") {
             break;
         }
         assert!(
@@ -558,11 +542,7 @@ device "phone"
     }
     // …an unpaired request over the same path gets 401…
     let o = curl("http://10.42.0.2:8443/", "3", "X-Nothing: 1");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).ends_with("\n401"),
-        "{}",
-        text(&o)
-    );
+    assert!(o.stdout_text().ends_with("\n401"), "{}", text(&o));
     // …and the app's own port, though it answers inside the pod, is unreachable over it.
     let inside = run(std::process::Command::new("docker").args([
         "exec",
@@ -573,7 +553,7 @@ device "phone"
         "3",
         "http://127.0.0.1:80/",
     ]));
-    assert!(String::from_utf8_lossy(&inside.stdout).contains("served by nginx"));
+    inside.stdout_has("served by nginx");
     let o = curl("http://10.42.0.2:80/", "4", "X-Nothing: 1");
     assert!(
         !o.status.success(),

@@ -160,11 +160,7 @@ fn an_invalid_edit_keeps_the_pod_running_and_a_fix_converges() {
     assert!(err.contains(":5:10:") && err.contains("65535"), "{err}");
     assert!(v["watch"]["config_invalid_since"].is_u64());
     let human = s.soul(&["status"]);
-    assert!(
-        String::from_utf8_lossy(&human.stdout).contains("config INVALID since"),
-        "{}",
-        text(&human)
-    );
+    human.stdout_has("config INVALID since");
     assert!(
         w.log().contains("still running the last good config"),
         "{}",
@@ -384,8 +380,8 @@ fn a_second_watch_of_the_same_stack_refuses_to_start() {
             s.state().to_str().unwrap(),
             "watch",
         ]));
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    o.exited(1);
+    let err = o.stderr_text();
     assert!(
         err.contains("soul watch already keeps") && err.contains(&format!("pid {}", w.child.id())),
         "{err}"

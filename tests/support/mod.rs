@@ -92,28 +92,86 @@ impl Ran {
     }
 
     pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.0.stdout).into_owned()
+        self.0.stdout_text()
     }
 
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.0.stderr).into_owned()
+        self.0.stderr_text()
     }
 
     pub fn stdout_has(self, part: &str) -> Ran {
-        assert!(
-            self.stdout().contains(part),
-            "no {part:?} on stdout:\n{}",
-            text(&self.0)
-        );
+        self.0.stdout_has(part);
         self
     }
 
     pub fn stderr_has(self, part: &str) -> Ran {
-        assert!(
-            self.stderr().contains(part),
-            "no {part:?} on stderr:\n{}",
-            text(&self.0)
+        self.0.stderr_has(part);
+        self
+    }
+}
+
+/// What a finished command said, and assertions on it that show the whole run when they fail:
+/// `let o = s.soul(&["apply"]); o.exited(1).stderr_has("no such image");`.
+pub trait Said {
+    fn output(&self) -> &Output;
+
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.output().stdout).into_owned()
+    }
+
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.output().stderr).into_owned()
+    }
+
+    fn exited(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.output().status.code(),
+            Some(code),
+            "{}",
+            text(self.output())
         );
+        self
+    }
+
+    fn stdout_has(&self, part: &str) -> &Self {
+        assert!(
+            self.stdout_text().contains(part),
+            "no {part:?} on stdout:\n{}",
+            text(self.output())
+        );
+        self
+    }
+
+    fn stderr_has(&self, part: &str) -> &Self {
+        assert!(
+            self.stderr_text().contains(part),
+            "no {part:?} on stderr:\n{}",
+            text(self.output())
+        );
+        self
+    }
+
+    fn stdout_lacks(&self, part: &str) -> &Self {
+        assert!(
+            !self.stdout_text().contains(part),
+            "{part:?} on stdout:\n{}",
+            text(self.output())
+        );
+        self
+    }
+
+    fn stderr_lacks(&self, part: &str) -> &Self {
+        assert!(
+            !self.stderr_text().contains(part),
+            "{part:?} on stderr:\n{}",
+            text(self.output())
+        );
+        self
+    }
+}
+
+impl Said for Output {
+    fn output(&self) -> &Output {
         self
     }
 }
