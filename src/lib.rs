@@ -35,4 +35,5 @@ pub mod runtime;
 pub mod secret;
 pub mod stack;
 pub mod state;
+pub mod tls;
 pub mod transport;

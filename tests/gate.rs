@@ -29,13 +29,13 @@ struct App {
 /// Bytes `/big` sends: 1 GiB.
 const BIG: u64 = 1 << 30;
 
-/// An app that logs every request it sees. `/ws` upgrades and echoes; `/sse` sends one event,
-/// then a second once released; `/big` sends [`BIG`] bytes; anything else answers `app`.
 /// A device token as the text a client sends.
 fn signed(key: &StackKey, claims: &Claims) -> Result<String, TokenError> {
     issue(key, claims).map(|token| token.expose().to_string())
 }
 
+/// An app that logs every request it sees. `/ws` upgrades and echoes; `/sse` sends one event,
+/// then a second once released; `/big` sends [`BIG`] bytes; anything else answers `app`.
 fn app() -> App {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -157,9 +157,26 @@ fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {
             format!("{}\n", hex::encode(key.link_key())).as_bytes(),
         )
         .unwrap();
+    let tls = soul::tls::identity(key, "home", "notes");
+    state
+        .write("tls-notes.crt", tls.cert_pem.as_bytes())
+        .unwrap();
+    state
+        .write("tls-notes.key", tls.key_pem.as_bytes())
+        .unwrap();
 }
 
 fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate {
+    start_gate_with(app_port, key, reg, tag, &[])
+}
+
+fn start_gate_with(
+    app_port: u16,
+    key: &StackKey,
+    reg: &Registry,
+    tag: &str,
+    extra: &[&str],
+) -> Gate {
     let keys = std::env::temp_dir().join(format!("soul-gate-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&keys);
     write_keys(&keys, key, reg);
@@ -180,14 +197,20 @@ fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate 
         .arg("--keys")
         .arg(&keys)
         .args(["--header-timeout", "2s", "--failures-per-minute", "20"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !TcpStream::connect(("127.0.0.1", port))
-        .is_ok_and(|_| request(port, "/.soul/health", "").starts_with("HTTP/1.1 200"))
-    {
+    let up = || {
+        if extra.contains(&"--tls-only") {
+            curl_tls(port, "/.soul/health", None, None).0 == 0
+        } else {
+            request(port, "/.soul/health", "").starts_with("HTTP/1.1 200")
+        }
+    };
+    while !TcpStream::connect(("127.0.0.1", port)).is_ok_and(|_| up()) {
         assert!(Instant::now() < deadline, "gate did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1954,5 +1977,75 @@ fn attack_corpus_is_refused_and_never_reaches_the_app() {
     assert!(
         seen.starts_with("GET /after ") && !seen.contains("smuggled"),
         "{seen}"
+    );
+}
+
+#[test]
+fn tls_and_plain_http_share_the_gate_port_and_clients_pin_the_gates_key() {
+    let (app, key, gate, token) = gate_with_alice(41, "tls");
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    assert_eq!(served_pin(gate.port), pin, "openssl sees the pinned key");
+    let (exit, code, version) = curl_tls(gate.port, "/", Some(&token), Some(&pin));
+    assert_eq!(
+        (exit, code),
+        (0, 200),
+        "a pinned TLS client with the token is served"
+    );
+    assert_eq!(version, "2", "ALPN offers HTTP/2");
+    assert_eq!(curl_tls(gate.port, "/", None, Some(&pin)).1, 401);
+    let other = soul::tls::identity(&StackKey::from_seed(1, [42; 32]), "home", "notes").pin;
+    let (exit, code, _) = curl_tls(gate.port, "/", Some(&token), Some(&other));
+    assert_eq!(
+        (exit, code),
+        (90, 0),
+        "another pin fails the handshake (curl: 90)"
+    );
+    // Plain HTTP on the same port, as before.
+    assert!(request(gate.port, "/", &bearer(&token)).starts_with("HTTP/1.1 200"));
+    let seen = app.log.lock().unwrap().join("\n");
+    assert!(!seen.contains(&token), "the app never sees the token");
+}
+
+#[test]
+fn a_tls_only_gate_refuses_plain_http_and_serves_tls() {
+    let app = app();
+    let key = StackKey::from_seed(1, [43; 32]);
+    let reg = registry(&[("alice", 1)]);
+    let gate = start_gate_with(app.port, &key, &reg, "tlsonly", &["--tls-only"]);
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let plain = request(gate.port, "/", &bearer(&token));
+    assert!(
+        plain.starts_with("HTTP/1.1 400") && plain.contains("HTTPS only"),
+        "{plain}"
+    );
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    assert_eq!(curl_tls(gate.port, "/", Some(&token), Some(&pin)).1, 200);
+    assert!(app.log.lock().unwrap().iter().all(|r| !r.contains(&token)));
+}
+
+#[test]
+fn a_rotated_certificate_is_served_without_a_restart() {
+    let (_app, _key, gate, token) = gate_with_alice(44, "tlsrot");
+    let rotated = StackKey::from_seed(1, [45; 32]);
+    let new = soul::tls::identity(&rotated, "home", "notes");
+    let state = soul::state::StateDir::open(&gate.keys).unwrap();
+    state
+        .write("tls-notes.crt", new.cert_pem.as_bytes())
+        .unwrap();
+    state
+        .write("tls-notes.key", new.key_pem.as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while served_pin(gate.port) != new.pin {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate is not served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The token was signed by the old stack key, which the gate still holds: only TLS changed.
+    assert_eq!(
+        curl_tls(gate.port, "/", Some(&token), Some(&new.pin)).1,
+        200
     );
 }

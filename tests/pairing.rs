@@ -104,7 +104,8 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
             assert_eq!(decode_png(&base.with_extension("png")), uri);
             assert!(uri.starts_with(&format!("soul://pair?v=1&stack={}&sidecar={sidecar}&device={device}&addr=lan:192.168.1.20:", s.name)), "{uri}");
             assert!(
-                uri.contains("&addr=relay:relay.example.com:7000&token="),
+                uri.contains("&addr=relay:relay.example.com:7000&pin=sha256//")
+                    && uri.contains("&token="),
                 "{uri}"
             );
             let tok = uri.rsplit_once("&token=").unwrap().1;
@@ -464,4 +465,70 @@ fn no_secret_appears_in_any_output_even_at_trace_level() {
             "a secret leaked into the output"
         );
     }
+}
+
+/// The `pin=` of a pairing URI, decoded.
+fn pin_of(uri: &str) -> String {
+    let query = uri.split_once('?').map(|(_, q)| q).unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "pin")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| panic!("no pin in {uri}"))
+}
+
+/// The host port of `lan port=` in the test's stack.kdl.
+fn lan_port(s: &TestStack) -> u16 {
+    let text = read(s.file());
+    let at = text.find("lan port=").expect("a lan port") + "lan port=".len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Waits until the gate on `port` serves the certificate pinned by `pin`.
+fn serves(port: u16, pin: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if served_pin(port) == pin {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn the_gates_pin_is_in_the_uri_survives_a_gate_restart_and_changes_on_rotate() {
+    ensure_images();
+    let s = TestStack::new("pin");
+    s.write(&stack_kdl(DEVICES, 1));
+    s.apply();
+    let port = lan_port(&s);
+    let uri = read(s.state().join("pairing/alice-phone/notes.uri"));
+    let pin = pin_of(&uri);
+    assert!(pin.starts_with("sha256//"), "{uri}");
+    assert!(serves(port, &pin), "the gate serves the key the URI pins");
+    let token = s.token("alice-phone");
+    let (exit, code, _) = curl_tls(port, "/", Some(&token), Some(&pin));
+    assert_eq!(
+        (exit, code),
+        (0, 200),
+        "a pinned client with the token reaches the app"
+    );
+
+    docker(&["restart", &s.container("notes", "gate")]);
+    assert!(
+        serves(port, &pin),
+        "the pin is the same after a gate restart"
+    );
+
+    s.soul(&["rotate"]).exited(0);
+    let rotated = pin_of(&read(s.state().join("pairing/alice-phone/notes.uri")));
+    assert_ne!(rotated, pin, "soul rotate re-issues the gate's key");
+    assert!(serves(port, &rotated), "the gate serves the rotated key");
+    let wiki = pin_of(&read(s.state().join("pairing/alice-phone/wiki.uri")));
+    assert_ne!(wiki, rotated, "each sidecar's gate has a key of its own");
 }

@@ -380,6 +380,10 @@ pub struct GateArgs {
     /// one per CPU the gate may use).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
+    /// Refuse plain HTTP on the port: serve only TLS, with the sidecar's certificate from the
+    /// keys directory (`tls-<sidecar>.crt` and `.key`).
+    #[arg(long)]
+    pub tls_only: bool,
 }
 
 /// `soul pause`'s flags.

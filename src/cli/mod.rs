@@ -244,6 +244,7 @@ async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
     cfg.redeemed_dir = args.redeemed.clone();
     cfg.header_timeout = args.header_timeout;
     cfg.failures_per_minute = args.failures_per_minute;
+    cfg.tls_only = args.tls_only;
     let threads = args.threads.map(usize::from);
     crate::gate::run(cfg, args.listen, threads, terminated()).await?;
     Ok(Exit::Ok)

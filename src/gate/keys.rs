@@ -1,6 +1,6 @@
-//! The gate's view of the state dir: the stack's public key, the device registry and the link
-//! key, as files soul writes into `gate/` (mounted read-only into the pod), re-read when they
-//! change.
+//! The gate's view of the state dir: the stack's public key, the device registry, the link
+//! key and the sidecar's TLS certificate, as files soul writes into `gate/` (mounted read-only
+//! into the pod), re-read when they change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::state::layout::{GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE};
+use super::tls::GateTls;
+use crate::state::layout::{
+    GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE, gate_tls_cert, gate_tls_key,
+};
 use crate::state::{Registry, unhex32};
 
 /// What the gate verifies tokens with.
@@ -18,10 +21,13 @@ pub struct Keys {
     pub registry: Registry,
     /// Absent in a state dir written before browser sessions existed: links then cannot pair.
     pub link_key: Option<[u8; 32]>,
+    /// This sidecar's certificate and key; absent in a state dir written before the gate spoke
+    /// TLS (then only plain HTTP is served).
+    pub tls: Option<GateTls>,
 }
 
-/// Reads the key and registry files from `dir`.
-pub fn load(dir: &Path) -> std::io::Result<Keys> {
+/// Reads the key and registry files from `dir`, and `sidecar`'s TLS files.
+pub fn load(dir: &Path, sidecar: Option<&str>) -> std::io::Result<Keys> {
     let not_a_key =
         || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key");
     let public_key =
@@ -33,24 +39,41 @@ pub fn load(dir: &Path) -> std::io::Result<Keys> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
+    let tls = match sidecar {
+        Some(sidecar) => match (
+            std::fs::read(dir.join(gate_tls_cert(sidecar))),
+            std::fs::read(dir.join(gate_tls_key(sidecar))),
+        ) {
+            (Ok(cert), Ok(key)) => Some(GateTls::from_pem(&cert, &key)?),
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        },
+        None => None,
+    };
     Ok(Keys {
         public_key,
         registry,
         link_key,
+        tls,
     })
 }
 
 /// Re-reads the files every `every` and publishes them when they change. Unreadable files
 /// (mid-rename, or removed) keep the last good keys until readable again.
-pub async fn follow(dir: PathBuf, every: Duration, tx: watch::Sender<Option<Arc<Keys>>>) {
+pub async fn follow(
+    dir: PathBuf,
+    sidecar: Option<String>,
+    every: Duration,
+    tx: watch::Sender<Option<Arc<Keys>>>,
+) {
     loop {
         tokio::time::sleep(every).await;
-        if let Ok(k) = load(&dir) {
+        if let Ok(k) = load(&dir, sidecar.as_deref()) {
             tx.send_if_modified(|current| {
                 if current.as_deref() == Some(&k) {
                     false
                 } else {
-                    tracing::info!("gate: key or device registry changed");
+                    tracing::info!("gate: key, device registry or certificate changed");
                     *current = Some(Arc::new(k));
                     true
                 }

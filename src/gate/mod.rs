@@ -15,6 +15,7 @@ mod limits;
 mod link;
 mod redeemed;
 mod session;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -70,6 +71,8 @@ pub struct GateConfig {
     pub failures_per_minute: usize,
     /// How often the key and registry files are re-read.
     pub reload_every: Duration,
+    /// Refuse plain HTTP: only TLS (with the certificate soul made for this sidecar) is served.
+    pub tls_only: bool,
 }
 
 impl GateConfig {
@@ -86,6 +89,7 @@ impl GateConfig {
             header_timeout: Duration::from_secs(10),
             failures_per_minute: 30,
             reload_every: Duration::from_millis(200),
+            tls_only: false,
         }
     }
 }
@@ -169,7 +173,11 @@ pub fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let (keys_tx, keys_rx) = watch::channel(load(&cfg.keys_dir).ok().map(Arc::new));
+    let (keys_tx, keys_rx) = watch::channel(
+        load(&cfg.keys_dir, cfg.sidecar.as_deref())
+            .ok()
+            .map(Arc::new),
+    );
     let shared = Arc::new(Shared {
         failures: Mutex::new(Failures::new(
             cfg.failures_per_minute,
@@ -204,7 +212,8 @@ pub fn serve(
                         if let Some(tx) = follow {
                             let (dir, every) =
                                 (shared.cfg.keys_dir.clone(), shared.cfg.reload_every);
-                            tokio::spawn(keys::follow(dir, every, tx));
+                            let sidecar = shared.cfg.sidecar.clone();
+                            tokio::spawn(keys::follow(dir, sidecar, every, tx));
                         }
                         let listener = TcpListener::from_std(listener)?;
                         accept(&listener, shared, async move {
@@ -263,8 +272,8 @@ fn upstream_connector() -> HttpConnector {
     c
 }
 
-/// One client connection: served until it ends, or until a device it authenticated as is
-/// revoked (then it is closed, WebSockets included).
+/// One client connection. Its first byte tells TLS (a handshake record, 0x16) from plain HTTP
+/// on the one gate port; plain HTTP is refused when the stack says `gate tls-only=#true`.
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     // A client that connects and sends nothing holds a connection slot: it gets as long as
     // a request's headers would (hyper's header timer only starts at the first byte).
@@ -276,8 +285,39 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     }
+    if first[0] != TLS_HANDSHAKE {
+        if shared.cfg.tls_only {
+            tls::refuse_plain(stream, peer).await;
+        } else {
+            serve_http(TokioIo::new(stream), peer, false, shared).await;
+        }
+        return;
+    }
+    let identity = shared.keys.borrow().as_ref().and_then(|k| k.tls.clone());
+    let Some(identity) = identity else {
+        tracing::info!(source = %peer, "refused a TLS handshake: this gate has no certificate yet (run `soul apply`)");
+        return;
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(identity.config).accept(stream);
+    match tokio::time::timeout(shared.cfg.header_timeout, handshake).await {
+        Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, true, shared).await,
+        Ok(Err(e)) => tracing::debug!(source = %peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(source = %peer, "TLS handshake timed out"),
+    }
+}
+
+/// A TLS record's first byte when it carries a handshake (a ClientHello, first of all).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// HTTP/1.1 or HTTP/2 on one connection, plain or TLS: served until it ends, or until a device
+/// it authenticated as is revoked (then it is closed, WebSockets included).
+async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, tls: bool, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let client = Arc::new(ClientConnection {
         peer,
+        tls,
         forwarded_for: forward::client_address(peer.ip()),
         held: Arc::default(),
         app: AppConnection::default(),
@@ -305,7 +345,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         // A peer that stops answering pings is gone: free its slot.
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::select! {
         r = conn => {
             if let Err(e) = r {
@@ -523,6 +563,11 @@ fn refuse(shared: &Shared, peer: SocketAddr, path: &str, refusal: &Refusal) -> R
 /// One client connection, as its requests see it.
 struct ClientConnection {
     peer: SocketAddr,
+    /// Whether this connection is TLS, terminated by the gate. Only that counts: whatever a
+    /// client sends (`X-Forwarded-Proto`, an h2 `:scheme`) does not make the gate believe
+    /// otherwise, since on loopback arrive the overlays' forwards of remote clients, not a
+    /// trusted proxy.
+    tls: bool,
     /// The peer's address as the app's `X-Forwarded-For`, made once.
     forwarded_for: HeaderValue,
     held: Arc<Mutex<Held>>,
@@ -543,26 +588,32 @@ async fn handle(
         return refuse(shared, peer, &path, &Refusal::no_key());
     };
     if path == PAIR_PATH && req.method() == Method::POST {
-        return redeem(req, peer, shared, &keys).await;
+        return redeem(req, client, shared, &keys).await;
     }
     let credential = match credential::presented(&req, &shared.cookie) {
         Presented::Nothing => {
             tracing::info!(source = %peer, device = "-", reason = "no token", path, "refused");
             return unpaired();
         }
-        Presented::Ticket(ticket) => return open_link(&req, peer, shared, &keys, ticket.expose()),
+        Presented::Ticket(ticket) => {
+            return open_link(&req, client, shared, &keys, ticket.expose());
+        }
         Presented::LinkToken(token) => {
             // A link made before tickets: the token itself, traded for a session.
             return match check(shared, Some(&keys), &Credential::Token(token)) {
-                Ok(grant) => {
-                    start_session(peer, shared, &keys, &grant.device, &link::target(req.uri()))
-                }
+                Ok(grant) => start_session(
+                    client,
+                    shared,
+                    &keys,
+                    &grant.device,
+                    &link::target(req.uri()),
+                ),
                 Err(r) => refuse(shared, peer, &path, &r),
             };
         }
         Presented::Bearer(t) => Credential::Token(t),
         Presented::Session(v) => {
-            if credential::foreign_origin(&req, CLIENTS_USE_TLS) {
+            if credential::foreign_origin(&req, client.tls) {
                 tracing::warn!(source = %peer, path, "refused: a cookie-authenticated upgrade or write from another origin");
                 return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
             }
@@ -594,7 +645,7 @@ async fn handle(
     forward::request(
         req.headers_mut(),
         client.forwarded_for.clone(),
-        CLIENTS_USE_TLS,
+        client.tls,
         upgrade,
     );
     let device = grant.device.clone();
@@ -610,11 +661,12 @@ async fn handle(
 /// has already paired with that ticket.
 fn open_link(
     req: &Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientConnection,
     shared: &Shared,
     keys: &Keys,
     ticket: &str,
 ) -> Response<Body> {
+    let peer = client.peer;
     let to = link::target(req.uri());
     let used = shared.redeemed.lock().is_ok_and(|r| r.contains(ticket));
     if used {
@@ -632,11 +684,12 @@ fn open_link(
 /// The pairing page's post: redeems its ticket once and starts a session.
 async fn redeem(
     req: Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientConnection,
     shared: &Shared,
     keys: &Keys,
 ) -> Response<Body> {
-    if credential::foreign_origin(&req, CLIENTS_USE_TLS) {
+    let peer = client.peer;
+    if credential::foreign_origin(&req, client.tls) {
         tracing::warn!(source = %peer, "refused: a pairing post from another origin");
         return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
     }
@@ -706,17 +759,18 @@ async fn redeem(
         tracing::warn!(source = %peer, device = %t.device, "refused: a pairing link that was already used");
         return link::refused_page(StatusCode::GONE, "it was already used");
     }
-    start_session(peer, shared, keys, &t.device, &to)
+    start_session(client, shared, keys, &t.device, &to)
 }
 
 /// A session for `device`, then on to `to`.
 fn start_session(
-    peer: SocketAddr,
+    client: &ClientConnection,
     shared: &Shared,
     keys: &Keys,
     device: &str,
     to: &str,
 ) -> Response<Body> {
+    let peer = client.peer;
     let Some(scope) = shared.scope(keys) else {
         return link::refused_page(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -732,13 +786,8 @@ fn start_session(
         return link::refused_page(StatusCode::UNAUTHORIZED, "the device has expired");
     };
     tracing::info!(source = %peer, device = %device, "paired a browser");
-    link::paired(to, &shared.cookie, &value, max_age, CLIENTS_USE_TLS)
+    link::paired(to, &shared.cookie, &value, max_age, client.tls)
 }
-
-/// Whether clients reach this gate over TLS. The gate speaks plain HTTP: whatever a client
-/// sends (`X-Forwarded-Proto`, an h2 `:scheme`) does not make it believe otherwise, since on
-/// loopback arrive the overlays' forwards of remote clients, not a trusted proxy.
-const CLIENTS_USE_TLS: bool = false;
 
 /// The connection to the app of one client connection. An HTTP/1.1 client sends one request
 /// at a time, so it gets a connection to the app of its own, reused for its next request: no
@@ -863,6 +912,7 @@ mod tests {
             public_key: [1; 32],
             registry: Default::default(),
             link_key: None,
+            tls: None,
         })
     }
 

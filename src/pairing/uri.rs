@@ -55,6 +55,8 @@ pub struct PairingUri<'a> {
     pub sidecar: &'a str,
     pub device: &'a str,
     pub addresses: &'a [Address],
+    /// The gate's public key pin, `sha256//<base64>` (see [`crate::tls`]).
+    pub pin: &'a str,
     pub token: &'a str,
 }
 
@@ -65,6 +67,7 @@ impl fmt::Debug for PairingUri<'_> {
             .field("sidecar", &self.sidecar)
             .field("device", &self.device)
             .field("addresses", &self.addresses)
+            .field("pin", &self.pin)
             .field("token", &crate::secret::Secret::default())
             .finish()
     }
@@ -83,7 +86,7 @@ impl fmt::Display for PairingUri<'_> {
         for a in self.addresses {
             write!(f, "&addr={}", enc(&a.to_string()))?;
         }
-        write!(f, "&token={}", enc(self.token))
+        write!(f, "&pin={}&token={}", enc(self.pin), enc(self.token))
     }
 }
 
@@ -120,6 +123,7 @@ mod tests {
             sidecar: "notes",
             device: "alice",
             addresses: &[],
+            pin: "sha256//AAAA",
             token: "eyJ.secret.token",
         };
         let shown = format!("{uri:?}");
@@ -155,12 +159,13 @@ mod tests {
             sidecar: "notes",
             device: "alice-phone",
             addresses: &addrs,
+            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
             token: "a.b-c_d.e",
         }
         .to_string();
         assert_eq!(
             uri,
-            "soul://pair?v=1&stack=home&sidecar=notes&device=alice-phone&addr=lan:192.168.1.20:8443&addr=tailscale:%5Bfd7a:115c::1%5D:443&addr=tor:abc.onion:80&token=a.b-c_d.e"
+            "soul://pair?v=1&stack=home&sidecar=notes&device=alice-phone&addr=lan:192.168.1.20:8443&addr=tailscale:%5Bfd7a:115c::1%5D:443&addr=tor:abc.onion:80&pin=sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE%3D&token=a.b-c_d.e"
         );
         assert_eq!(
             browser_links(&addrs, "alice-phone.1.x_y-z"),

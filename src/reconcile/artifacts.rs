@@ -139,6 +139,22 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             format!("{}\n", hex::encode(link_key)).into_bytes(),
         ),
     ];
+    // Each gate's TLS certificate and key, derived from the stack key; clients pin the key.
+    let mut pins = Vec::new();
+    for sidecar in &stack.sidecars {
+        let identity = crate::tls::identity(&key, &stack.stack, &sidecar.name);
+        files.push(DesiredFile::bytes(
+            &layout::gate_file(&layout::gate_tls_cert(&sidecar.name)),
+            format!("gate's TLS certificate for {}", sidecar.name),
+            identity.cert_pem.into_bytes(),
+        ));
+        files.push(DesiredFile::bytes(
+            &layout::gate_file(&layout::gate_tls_key(&sidecar.name)),
+            format!("gate's TLS key for {}", sidecar.name),
+            identity.key_pem.into_bytes(),
+        ));
+        pins.push(identity.pin);
+    }
     for (name, entry) in &registry.devices {
         let claims = claims_for(
             &stack.stack,
@@ -148,12 +164,13 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             entry.expires_at,
         );
         let token = issue(&key, &claims)?;
-        for (sidecar, addresses) in stack.sidecars.iter().zip(&inputs.addresses) {
+        for ((sidecar, addresses), pin) in stack.sidecars.iter().zip(&inputs.addresses).zip(&pins) {
             let uri = PairingUri {
                 stack: &stack.stack,
                 sidecar: &sidecar.name,
                 device: name,
                 addresses,
+                pin,
                 token: token.expose(),
             }
             .to_string();

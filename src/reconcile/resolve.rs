@@ -271,22 +271,26 @@ fn gate_container(
                 .to_string_lossy(),
         )
         .unwrap_or_default();
+    let mut command = vec![
+        "gate".to_string(),
+        "--stack".into(),
+        stack.stack.clone(),
+        "--listen".into(),
+        format!("0.0.0.0:{port}"),
+        "--upstream".into(),
+        format!("127.0.0.1:{}", sidecar.port),
+        "--keys".into(),
+        KEYS.into(),
+        "--sidecar".into(),
+        sidecar.name.clone(),
+        "--redeemed".into(),
+        REDEEMED.into(),
+    ];
+    if stack.gate.tls_only {
+        command.push("--tls-only".into());
+    }
     let mut gate = ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::Gate, &soul.reference)
-        .command([
-            "gate".to_string(),
-            "--stack".into(),
-            stack.stack.clone(),
-            "--listen".into(),
-            format!("0.0.0.0:{port}"),
-            "--upstream".into(),
-            format!("127.0.0.1:{}", sidecar.port),
-            "--keys".into(),
-            KEYS.into(),
-            "--sidecar".into(),
-            sidecar.name.clone(),
-            "--redeemed".into(),
-            REDEEMED.into(),
-        ])
+        .command(command)
         .bind(
             state_dir
                 .join(crate::state::layout::GATE_DIR)

@@ -200,7 +200,7 @@ const TOP: &[Shape] = &[
     Shape {
         name: "gate",
         args: Args::None,
-        props: &["port"],
+        props: &["port", "tls-only"],
         children: &[],
         into: Place::Object("gate"),
         example: "gate port=8443",

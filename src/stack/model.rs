@@ -160,12 +160,17 @@ pub struct Gate {
     #[serde(default = "default_gate_port")]
     #[schemars(range(min = 1))]
     pub port: u16,
+    /// Serve TLS only: plain HTTP on the gate port is refused (browsers on the LAN then need
+    /// `https://` and accept the self-signed certificate; soul clients pin it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_only: bool,
 }
 
 impl Default for Gate {
     fn default() -> Self {
         Gate {
             port: DEFAULT_GATE_PORT,
+            tls_only: false,
         }
     }
 }

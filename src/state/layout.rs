@@ -37,6 +37,16 @@ pub fn gate_file(name: &str) -> String {
     format!("{GATE_DIR}/{name}")
 }
 
+/// `sidecar`'s gate certificate (PEM), inside [`GATE_DIR`].
+pub fn gate_tls_cert(sidecar: &str) -> String {
+    format!("tls-{sidecar}.crt")
+}
+
+/// `sidecar`'s gate TLS key (PEM, PKCS#8), inside [`GATE_DIR`].
+pub fn gate_tls_key(sidecar: &str) -> String {
+    format!("tls-{sidecar}.key")
+}
+
 /// A device's token.
 pub fn token(device: &str) -> String {
     format!("tokens/{device}.jwt")

@@ -382,6 +382,21 @@ impl StackKey {
         mac.finalize().into_bytes().into()
     }
 
+    /// A 32-byte key derived one way from the stack key for `label` and `parts` (HMAC-SHA256,
+    /// each piece followed by a NUL): it rotates with the stack key and reveals nothing of it.
+    pub fn derive(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.seed)
+            .expect("HMAC takes a key of any length");
+        mac.update(label);
+        mac.update(&[0]);
+        for part in parts {
+            mac.update(part);
+            mac.update(&[0]);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
     /// The private key as PKCS#8 DER (what JWT libraries take).
     pub fn pkcs8_der(&self) -> Vec<u8> {
         use ed25519_dalek::pkcs8::EncodePrivateKey as _;

@@ -518,3 +518,51 @@ pub fn now() -> f64 {
 pub fn read(path: impl AsRef<Path>) -> String {
     std::fs::read_to_string(repo().join(path)).expect("read file")
 }
+
+/// `curl` over TLS to the gate on loopback, with the key pinned when `pin` is given (`-k`: the
+/// certificate is self-signed; the pin is what a soul client checks). Returns curl's exit
+/// code, the HTTP status, and the HTTP version used.
+pub fn curl_tls(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    pin: Option<&str>,
+) -> (i32, u16, String) {
+    ensure_command("curl", "curl");
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-m",
+        "5",
+        "-w",
+        "%{http_code} %{http_version}",
+    ]);
+    if let Some(pin) = pin {
+        cmd.args(["--pinnedpubkey", pin]);
+    }
+    if let Some(token) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let o = run(cmd.arg(format!("https://127.0.0.1:{port}{path}")));
+    let out = o.stdout_text();
+    let (code, version) = out.split_once(' ').unwrap_or(("0", ""));
+    (
+        o.status.code().unwrap_or(-1),
+        code.parse().unwrap_or(0),
+        version.to_string(),
+    )
+}
+
+/// The pin of the certificate a TLS server presents, as openssl (not soul) computes it.
+pub fn served_pin(port: u16) -> String {
+    ensure_command("openssl", "openssl");
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null \\
+         | openssl x509 -pubkey -noout | openssl pkey -pubin -outform der \\
+         | openssl dgst -sha256 -binary | openssl base64 -A"
+    );
+    let o = run(Command::new("sh").args(["-c", &script]));
+    format!("sha256//{}", o.stdout_text().trim())
+}
