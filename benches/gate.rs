@@ -13,6 +13,11 @@
 //! nginx-as-proxy), best requests/s, p99 latency, the p99 the gate adds to one connection's
 //! requests (goal < 1 ms), and the gate's peak RSS under that load (goal < 30 MB).
 //!
+//! Over TLS (keep-alive, 64 connections): the gate terminating TLS on its own port, against the
+//! gate over plain HTTP and against nginx terminating TLS (the same certificate and key) in front
+//! of the same app, in its own container (goal: ≥ 0.9× nginx with TLS). And full handshakes per
+//! second (`openssl s_time -new`, no session reuse), the gate and nginx each held to one CPU.
+//!
 //! wrk runs in a CPU cgroup of its own beside the engine's, so that the load generator gets
 //! the same share of this machine in every run and the pod the rest, however many containers
 //! it has: in the root group wrk's threads would outweigh the engine's one group, and each
@@ -32,6 +37,8 @@ const ROUNDS: usize = 5;
 const NGINX_PROXY_PORT: u16 = 8082;
 /// nginx proxying from inside the app's own nginx (for reference).
 const NGINX_SAME_PROCESS_PORT: u16 = 8081;
+/// The TLS anchor: the proxy container's nginx terminating TLS with the gate's own certificate.
+const NGINX_TLS_PORT: u16 = 8083;
 const NGINX_PROXY_TOKEN: &str = "static-bench-token";
 const SECONDS: u64 = 6;
 
@@ -48,12 +55,28 @@ fn nginx_conf(servers: &str) -> String {
 /// `Authorization` check.
 fn proxy_server(port: u16) -> String {
     format!(
-        "  upstream app {{ server 127.0.0.1:80; keepalive 64; }}\n  server {{\n    listen {port};\n    location / {{\n      if ($http_authorization != \"Bearer {NGINX_PROXY_TOKEN}\") {{ return 401; }}\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n    }}\n  }}\n"
+        "  upstream app {{ server 127.0.0.1:80; keepalive 64; }}\n{}",
+        proxy_block(&port.to_string())
+    )
+}
+
+/// The same proxy, terminating TLS on `port` with the certificate and key mounted at
+/// /etc/nginx/tls.{{crt,key}} (no session cache: every new connection a full handshake).
+fn tls_proxy_server(port: u16) -> String {
+    proxy_block(&format!(
+        "{port} ssl;\n    ssl_certificate /etc/nginx/tls.crt;\n    ssl_certificate_key /etc/nginx/tls.key;\n    ssl_session_cache off;\n    ssl_session_tickets off"
+    ))
+}
+
+/// A `server` listening on `listen` that checks the static token and proxies to `app`.
+fn proxy_block(listen: &str) -> String {
+    format!(
+        "  server {{\n    listen {listen};\n    location / {{\n      if ($http_authorization != \"Bearer {NGINX_PROXY_TOKEN}\") {{ return 401; }}\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n    }}\n  }}\n"
     )
 }
 
 fn main() {
-    for tool in ["wrk", "nsenter"] {
+    for tool in ["wrk", "nsenter", "openssl"] {
         assert!(
             Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -79,7 +102,15 @@ fn main() {
         )),
     )
     .unwrap();
-    std::fs::write(&proxy_conf, nginx_conf(&proxy_server(NGINX_PROXY_PORT))).unwrap();
+    std::fs::write(
+        &proxy_conf,
+        nginx_conf(&format!(
+            "{}{}",
+            proxy_server(NGINX_PROXY_PORT),
+            tls_proxy_server(NGINX_TLS_PORT)
+        )),
+    )
+    .unwrap();
     std::fs::write(
         &file,
         format!(
@@ -105,16 +136,24 @@ fn main() {
     };
     soul(&["apply"]);
     let pause = format!("soul_{stack}_web_pause");
-    let proxy = ProxyContainer::start(&format!("soul-bench-{stack}-proxy"), &pause, &proxy_conf);
+    let tls = (
+        state.join("gate/tls-web.crt"),
+        state.join("gate/tls-web.key"),
+    );
+    let proxy_name = format!("soul-bench-{stack}-proxy");
+    let proxy = ProxyContainer::start(&proxy_name, &pause, &proxy_conf, &tls);
     let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
-    let gate = pid(&format!("soul_{stack}_web_gate"));
+    let gate_container = format!("soul_{stack}_web_gate");
+    let gate = pid(&gate_container);
     let netns = format!("--net=/proc/{}/ns/net", pid(&pause));
 
     let direct_url = "http://127.0.0.1:80/";
     let gate_url = "http://127.0.0.1:8443/";
     let proxy_url = format!("http://127.0.0.1:{NGINX_PROXY_PORT}/");
     let same_process_url = format!("http://127.0.0.1:{NGINX_SAME_PROCESS_PORT}/");
+    let gate_tls_url = "https://127.0.0.1:8443/";
+    let nginx_tls_url = format!("https://127.0.0.1:{NGINX_TLS_PORT}/");
     let proxy_auth = format!("Authorization: Bearer {NGINX_PROXY_TOKEN}");
     let load = LoadGroup::new();
     let wrk = |url: &str, header: Option<&str>, connections: u32, seconds: u64| {
@@ -125,12 +164,31 @@ fn main() {
     wrk(gate_url, Some(&auth), 64, 1);
     wrk(&proxy_url, Some(&proxy_auth), 64, 1);
     wrk(&same_process_url, Some(&proxy_auth), 64, 1);
+    wrk(gate_tls_url, Some(&auth), 64, 1);
+    wrk(&nginx_tls_url, Some(&proxy_auth), 64, 1);
     let (mut direct, mut gated, mut proxied, mut same_process) = (vec![], vec![], vec![], vec![]);
+    let (mut gated_tls, mut nginx_tls) = (vec![], vec![]);
     for _ in 0..ROUNDS {
         direct.push(wrk(direct_url, None, 64, SECONDS));
         gated.push(wrk(gate_url, Some(&auth), 64, SECONDS));
         proxied.push(wrk(&proxy_url, Some(&proxy_auth), 64, SECONDS));
         same_process.push(wrk(&same_process_url, Some(&proxy_auth), 64, SECONDS));
+        gated_tls.push(wrk(gate_tls_url, Some(&auth), 64, SECONDS));
+        nginx_tls.push(wrk(&nginx_tls_url, Some(&proxy_auth), 64, SECONDS));
+    }
+    // Full handshakes: the gate and the anchor each on one CPU, the client in the load group.
+    let (mut gate_handshakes, mut nginx_handshakes) = (vec![], vec![]);
+    for container in [gate_container.as_str(), proxy_name.as_str()] {
+        docker(&["update", "--cpus", "1", container]);
+    }
+    for _ in 0..ROUNDS {
+        gate_handshakes.push(handshakes(load.0.as_deref(), &netns, 8443, SECONDS));
+        nginx_handshakes.push(handshakes(
+            load.0.as_deref(),
+            &netns,
+            NGINX_TLS_PORT,
+            SECONDS,
+        ));
     }
     // Under 64 connections both sides saturate this machine's cores, so latency there is
     // mostly queueing (Little's law); one connection shows what the gate adds to a request.
@@ -184,6 +242,35 @@ fn main() {
         ratio(&gated, &same_process),
         median_p99(&gated) - median_p99(&direct)
     );
+    println!("  TLS, 64 connections (keep-alive), best req/s, median p99, median ratio to direct:");
+    for (what, runs) in [
+        ("via gate, TLS", &gated_tls),
+        ("via nginx terminating TLS (the anchor)", &nginx_tls),
+    ] {
+        println!(
+            "    {what:<40} {:>7.0} req/s   p99 {:>6.2} ms   {:.2}×",
+            best(runs),
+            median_p99(runs),
+            ratio(runs, &direct)
+        );
+    }
+    println!(
+        "    gate with TLS: {:.2}× nginx with TLS (goal ≥ 0.90×), {:.2}× the gate over plain HTTP",
+        ratio(&gated_tls, &nginx_tls),
+        ratio(&gated_tls, &gated)
+    );
+    let median_of = |v: &[f64]| median(v.to_vec());
+    let per_round: Vec<f64> = gate_handshakes
+        .iter()
+        .zip(&nginx_handshakes)
+        .map(|(g, n)| g / n)
+        .collect();
+    println!(
+        "  full TLS handshakes/s, one CPU each (openssl s_time -new): gate {:.0}, nginx {:.0}: {:.2}×",
+        median_of(&gate_handshakes),
+        median_of(&nginx_handshakes),
+        median(per_round)
+    );
     println!("  1 connection, median p99:");
     println!(
         "    direct {dp1:.3} ms, via gate {gp1:.3} ms: added p99 {:.3} ms (goal < 1 ms)",
@@ -197,13 +284,22 @@ fn main() {
 struct ProxyContainer(String);
 
 impl ProxyContainer {
-    fn start(name: &str, pause: &str, conf: &std::path::Path) -> ProxyContainer {
+    fn start(
+        name: &str,
+        pause: &str,
+        conf: &std::path::Path,
+        (cert, key): &(std::path::PathBuf, std::path::PathBuf),
+    ) -> ProxyContainer {
         let _ = Command::new("docker").args(["rm", "-f", name]).output();
         let o = Command::new("docker")
             .args(["run", "-d", "--name", name])
             .arg(format!("--network=container:{pause}"))
             .arg("-v")
             .arg(format!("{}:/etc/nginx/nginx.conf:ro", conf.display()))
+            .arg("-v")
+            .arg(format!("{}:/etc/nginx/tls.crt:ro", cert.display()))
+            .arg("-v")
+            .arg(format!("{}:/etc/nginx/tls.key:ro", key.display()))
             .arg("soul-test/nginx:1")
             .output()
             .unwrap();
@@ -317,6 +413,45 @@ fn latency_ms(v: &str) -> f64 {
         "m" => n * 60_000.0,
         _ => panic!("latency unit in {v}"),
     }
+}
+
+/// Full TLS handshakes per second against 127.0.0.1:`port` in the pod: `openssl s_time -new`
+/// (a new session each connection, nothing sent), in the load group.
+fn handshakes(group: Option<&std::path::Path>, netns: &str, port: u16, seconds: u64) -> f64 {
+    let mut cmd = Command::new("sh");
+    match group {
+        Some(g) => cmd
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(g),
+        None => cmd.args(["-c", "exec \"$@\"", "sh"]),
+    };
+    let o = cmd
+        .args(["nsenter", netns, "openssl", "s_time", "-new", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-time")
+        .arg(seconds.to_string())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    // "1234 connections in 6 real seconds, 0 bytes read per connection"
+    let line = out
+        .lines()
+        .find(|l| l.contains("real seconds"))
+        .unwrap_or_else(|| panic!("no handshake count from s_time: {out}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let count: f64 = words[0].parse().unwrap();
+    let secs: f64 = words[3].parse().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    count / secs
+}
+
+fn docker(args: &[&str]) {
+    let o = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn pid(container: &str) -> u32 {

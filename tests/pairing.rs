@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
-use soul::pairing::{TokenError, verify};
+use soul::pairing::{Payload, TokenError, verify};
 use soul::state::StateDir;
 use support::*;
 
@@ -66,6 +66,30 @@ fn files(dir: &Path) -> BTreeMap<String, ([u8; 32], SystemTime)> {
     out
 }
 
+/// The QR code (the pairing link) carries what the pairing URI does, but the token.
+fn assert_code_follows_uri(png: &PathBuf, uri: &str) {
+    let code = Payload::parse(&decode_png(png)).unwrap();
+    let full = Payload::parse(uri).unwrap();
+    assert_eq!(
+        (
+            &code.stack,
+            &code.sidecar,
+            &code.device,
+            &code.addresses,
+            &code.pin
+        ),
+        (
+            &full.stack,
+            &full.sidecar,
+            &full.device,
+            &full.addresses,
+            &full.pin
+        ),
+        "the QR code does not follow {uri}"
+    );
+    assert!(code.token.is_none() && code.ticket.is_some());
+}
+
 /// Verifies a token against what the state dir holds now.
 fn check(s: &TestStack, token: &str) -> Result<soul::pairing::Claims, TokenError> {
     let state = StateDir::at(&s.state());
@@ -101,7 +125,8 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         for sidecar in ["notes", "wiki"] {
             let base = s.state().join(format!("pairing/{device}/{sidecar}"));
             let uri = std::fs::read_to_string(base.with_extension("uri")).unwrap();
-            assert_eq!(decode_png(&base.with_extension("png")), uri);
+            // The code holds the pairing link: the URI's fields without the token, and a ticket.
+            assert_code_follows_uri(&base.with_extension("png"), &uri);
             assert!(uri.starts_with(&format!("soul://pair?v=1&stack={}&sidecar={sidecar}&device={device}&addr=lan:192.168.1.20:", s.name)), "{uri}");
             assert!(
                 uri.contains("&addr=relay:relay.example.com:7000&pin=sha256//")
@@ -330,13 +355,10 @@ fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_toke
     for d in ["alice-phone", "tablet"] {
         let t = s.token(d);
         assert!(check(&s, &t).is_ok());
-        assert_eq!(
-            decode_png(&s.state().join(format!("pairing/{d}/wiki.png")))
-                .rsplit_once("&token=")
-                .unwrap()
-                .1,
-            t
-        );
+        let base = s.state().join(format!("pairing/{d}/wiki"));
+        let uri = read(base.with_extension("uri"));
+        assert_eq!(uri.rsplit_once("&token=").unwrap().1, t);
+        assert_code_follows_uri(&base.with_extension("png"), &uri);
     }
 }
 
@@ -357,11 +379,9 @@ fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
         uri.contains("&addr=lan:10.1.2.3:") && !uri.contains("192.168.1.20"),
         "{uri}"
     );
-    assert_eq!(
-        decode_png(&png_path),
-        uri,
-        "the QR must follow the URI in the same pass"
-    );
+    // The QR must follow the URI in the same pass.
+    assert_code_follows_uri(&png_path, &uri);
+    assert!(decode_png(&png_path).starts_with("http://10.1.2.3:"));
     assert_eq!(
         s.token("alice-phone"),
         token_before,
@@ -531,4 +551,70 @@ fn the_gates_pin_is_in_the_uri_survives_a_gate_restart_and_changes_on_rotate() {
     assert!(serves(port, &rotated), "the gate serves the rotated key");
     let wiki = pin_of(&read(s.state().join("pairing/alice-phone/wiki.uri")));
     assert_ne!(wiki, rotated, "each sidecar's gate has a key of its own");
+}
+
+/// `zbarimg`'s reading of a PNG: a decoder nobody here wrote.
+fn zbarimg(png: &Path) -> String {
+    ensure_command("zbarimg", "zbar-tools");
+    let o = run(std::process::Command::new("zbarimg")
+        .args(["--raw", "-q"])
+        .arg(png));
+    o.exited(0);
+    o.stdout_text().trim_end_matches('\n').to_string()
+}
+
+#[test]
+fn a_phone_scanning_the_code_lands_on_the_app_paired_and_the_token_is_nowhere_it_keeps() {
+    ensure_images();
+    ensure_command("chromium", "chromium");
+    let s = TestStack::new("scan");
+    s.write(&stack_kdl(DEVICES, 1));
+    s.apply();
+    let port = lan_port(&s);
+    let png = s.state().join("pairing/alice-phone/notes.png");
+    let link = zbarimg(&png);
+    assert!(
+        link.starts_with(&format!("http://192.168.1.20:{port}/?soul_ticket=")),
+        "{link}"
+    );
+    // The stack's LAN address is this machine's; the browser here reaches it on loopback.
+    let opened = link.replacen("192.168.1.20", "127.0.0.1", 1);
+    let profile = s.dir.join("chromium");
+    let dom = chromium(&profile, &opened);
+    assert!(
+        dom.contains("hello from soul's demo app"),
+        "did not land on the app: {dom}"
+    );
+    // Paired: the app answers the same browser again without a link.
+    let dom = chromium(&profile, &format!("http://127.0.0.1:{port}/"));
+    assert!(
+        dom.contains("hello from soul's demo app"),
+        "not paired: {dom}"
+    );
+
+    let token = s.token("alice-phone");
+    let visited = history(&profile);
+    assert!(
+        visited.last().is_some_and(|u| !u.contains("soul_ticket")),
+        "the address bar ended on {visited:?}"
+    );
+    // Nowhere the browser keeps: not a visited URL, not a byte of its History database.
+    for file in ["Default/History", "Default/History-journal"] {
+        if let Ok(bytes) = std::fs::read(profile.join(file)) {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(&token), "the token is in {file}");
+        }
+    }
+    for role in ["gate", "app"] {
+        let logs = std::process::Command::new("docker")
+            .args(["logs", &s.container("notes", role)])
+            .output()
+            .unwrap();
+        let all = format!("{}{}", logs.stdout_text(), logs.stderr_text());
+        assert!(!all.contains(&token), "the token is in the {role}'s log");
+        if role == "gate" {
+            assert!(all.contains("paired a browser"), "{all}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&profile);
 }

@@ -313,11 +313,15 @@ pub struct PairArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PairFormat {
-    /// A QR code drawn in the terminal, black on white whatever the terminal's colours.
+    /// A QR code drawn in the terminal, black on white whatever the terminal's colours. It
+    /// holds the pairing link: a phone camera opens it in the browser, which is then paired.
     Terminal,
-    /// The pairing URI itself.
+    /// The pairing URI (`soul://pair?…`, with the device token): for an app reading it from a
+    /// file or a terminal, never for a browser.
     Uri,
+    /// The QR code as a PNG image (use --out).
     Png,
+    /// The QR code as an SVG image.
     Svg,
     /// Links to open in a browser, one per address, best first
     /// (`http://<host>:<port>/?soul_ticket=…`); each is good for one browser, once.

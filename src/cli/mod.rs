@@ -927,8 +927,9 @@ fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
             if matches!(args.format, PairFormat::Terminal) {
                 let _ = writeln!(
                     stdout,
-                    "scan with the soul app to pair {} with {sidecar}",
-                    args.device
+                    "scan with a phone camera: the browser opens {sidecar} and pairs {} (one \
+                     browser, once; `soul rotate --device {}` makes a new code)",
+                    args.device, args.device
                 );
             }
         }

@@ -122,4 +122,113 @@ mod tests {
         assert!(svg(&code).starts_with("<?xml"));
         assert!(terminal(&code).contains('█'));
     }
+
+    /// The terminal rendering read back: each character is two modules, one above the other.
+    fn modules_of_terminal(text: &str) -> (usize, Vec<bool>) {
+        let rows: Vec<Vec<char>> = text
+            .lines()
+            .map(|l| {
+                l.trim_start_matches("\x1b[30;107m")
+                    .trim_end_matches("\x1b[0m")
+                    .chars()
+                    .collect()
+            })
+            .collect();
+        let width = rows[0].len();
+        let mut m = vec![false; width * width];
+        for (r, row) in rows.iter().enumerate() {
+            for (x, c) in row.iter().enumerate() {
+                let (top, bottom) = match c {
+                    '█' => (true, true),
+                    '▀' => (true, false),
+                    '▄' => (false, true),
+                    _ => (false, false),
+                };
+                m[2 * r * width + x] = top;
+                if 2 * r + 1 < width {
+                    m[(2 * r + 1) * width + x] = bottom;
+                }
+            }
+        }
+        (width, m)
+    }
+
+    fn decode_modules(width: usize, m: &[bool]) -> String {
+        // Four pixels a module, as a camera would see it.
+        let px = width * 4;
+        let mut img = rqrr::PreparedImage::prepare_from_greyscale(px, px, |x, y| {
+            if m[(y / 4) * width + x / 4] { 0 } else { 255 }
+        });
+        let grids = img.detect_grids();
+        assert_eq!(grids.len(), 1);
+        grids[0].decode().unwrap().1
+    }
+
+    /// The link of a stack with a LAN address, one overlay, a relay and the pin (issue: the
+    /// terminal code was 81 columns wide and wrapped in an 80-column terminal).
+    fn link(with_tor: bool) -> String {
+        use crate::pairing::{Address, PairingLink};
+        use crate::stack::TransportKind;
+        let mut addresses = vec![
+            Address {
+                transport: TransportKind::Lan,
+                host: "192.168.178.120".into(),
+                port: 8443,
+            },
+            Address {
+                transport: TransportKind::Tailscale,
+                host: "100.101.102.103".into(),
+                port: 443,
+            },
+            Address {
+                transport: TransportKind::Relay,
+                host: "relay.example.com".into(),
+                port: 7000,
+            },
+        ];
+        if with_tor {
+            addresses.push(Address {
+                transport: TransportKind::Tor,
+                host: format!("{}.onion", "a".repeat(56)),
+                port: 80,
+            });
+        }
+        PairingLink {
+            stack: "homelab",
+            sidecar: "photos",
+            device: "alice-phone",
+            addresses: &addresses,
+            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
+            ticket: "alice-phone.1.Yc3uQ0b0m9QeS6nU6C4KXg",
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn the_terminal_code_fits_80_columns_and_decodes() {
+        let data = link(false);
+        let text = terminal(&encode(&data).unwrap());
+        let (width, m) = modules_of_terminal(&text);
+        println!("link of {} bytes: {width} terminal columns", data.len());
+        assert!(width <= 80, "{width} columns for {} bytes", data.len());
+        assert!(
+            text.lines().all(|l| l.contains("\x1b[0m")),
+            "every line ends the colours"
+        );
+        assert_eq!(decode_modules(width, &m), data);
+    }
+
+    #[test]
+    fn with_a_tor_address_too_the_code_is_at_most_version_20_at_level_m() {
+        let data = link(true);
+        let code = encode(&data).unwrap();
+        assert_eq!(code.error_correction_level(), EcLevel::M);
+        println!("with tor, {} bytes: version {}", data.len(), version(&code));
+        assert!(
+            version(&code) <= 20,
+            "version {} for {} bytes",
+            version(&code),
+            data.len()
+        );
+    }
 }

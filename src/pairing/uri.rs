@@ -90,6 +90,43 @@ impl fmt::Display for PairingUri<'_> {
     }
 }
 
+/// The pairing link: what the QR code holds. A phone camera opens it in the browser at the
+/// first address a browser reaches; the gate redeems its ticket once for a browser session; its
+/// fragment, which browsers never send, carries what a soul client needs besides the token
+/// (docs/pairing.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairingLink<'a> {
+    pub stack: &'a str,
+    pub sidecar: &'a str,
+    pub device: &'a str,
+    /// At least one: the link opens the first a browser reaches.
+    pub addresses: &'a [Address],
+    pub pin: &'a str,
+    pub ticket: &'a str,
+}
+
+impl fmt::Display for PairingLink<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let enc = |s: &str| utf8_percent_encode(s, QUERY_VALUE).to_string();
+        let origin = super::payload::browser_address(self.addresses)
+            .map(Address::http_origin)
+            .unwrap_or_else(|| "http://localhost".into());
+        write!(
+            f,
+            "{origin}/?{}={}#v=1&stack={}&sidecar={}&device={}",
+            super::ticket::TICKET_PARAM,
+            enc(self.ticket),
+            enc(self.stack),
+            enc(self.sidecar),
+            enc(self.device)
+        )?;
+        for a in self.addresses {
+            write!(f, "&addr={}", enc(&a.to_string()))?;
+        }
+        write!(f, "&pin={}", enc(self.pin))
+    }
+}
+
 /// Links a browser can open, one per address, best first:
 /// `http://<host>:<port>/?soul_ticket=<ticket>`. The pod's gate redeems the ticket once for a
 /// browser session of that sidecar; the device token itself never goes into a browser.

@@ -4,7 +4,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::pairing::{Address, PairingUri, TokenError, browser_links, claims_for, issue};
+use crate::pairing::{
+    Address, PairingLink, PairingUri, TokenError, browser_links, claims_for, issue,
+};
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
     DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, layout,
@@ -174,9 +176,26 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 token: token.expose(),
             }
             .to_string();
+            let ticket =
+                crate::pairing::ticket(&link_key, &stack.stack, &sidecar.name, name, entry);
+            // The QR code holds the pairing link, which a phone camera opens; with no address
+            // known yet, the pairing URI.
+            let code = if addresses.is_empty() {
+                uri.clone()
+            } else {
+                PairingLink {
+                    stack: &stack.stack,
+                    sidecar: &sidecar.name,
+                    device: name,
+                    addresses,
+                    pin,
+                    ticket: &ticket,
+                }
+                .to_string()
+            };
             let base = layout::pairing(name, &sidecar.name);
             let pair = format!("{name}/{}", sidecar.name);
-            let source = hex::encode(Sha256::digest(uri.as_bytes()));
+            let source = hex::encode(Sha256::digest(code.as_bytes()));
             for format in [QrFormat::Png, QrFormat::Svg, QrFormat::Text] {
                 let path = format!("{base}.{}", format.extension());
                 let known = inputs
@@ -188,7 +207,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 files.push(DesiredFile {
                     what: format!("pairing QR ({}) for {pair}", format.extension()),
                     content: FileContent::Qr {
-                        uri: uri.clone(),
+                        text: code.clone(),
                         format,
                     },
                     hash: known,
@@ -200,8 +219,6 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 format!("pairing URI for {pair}"),
                 uri.into_bytes(),
             ));
-            let ticket =
-                crate::pairing::ticket(&link_key, &stack.stack, &sidecar.name, name, entry);
             let mut links = browser_links(addresses, &ticket).join("\n");
             links.push('\n');
             files.push(DesiredFile::bytes(

@@ -113,8 +113,8 @@ fn write_file(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match content {
         FileContent::Bytes(bytes) => state.write(path, bytes)?,
-        FileContent::Qr { uri, format } => {
-            let code = qr::encode(uri)?;
+        FileContent::Qr { text, format } => {
+            let code = qr::encode(text)?;
             let bytes = match format {
                 QrFormat::Png => qr::png(&code)?,
                 QrFormat::Svg => qr::svg(&code).into_bytes(),
@@ -124,7 +124,7 @@ fn write_file(
             renders.files.insert(
                 path.to_string(),
                 Rendered {
-                    source: hex::encode(Sha256::digest(uri.as_bytes())),
+                    source: hex::encode(Sha256::digest(text.as_bytes())),
                     sha256: hex::encode(Sha256::digest(&bytes)),
                 },
             );
@@ -240,7 +240,7 @@ mod tests {
                     path: "pairing/a/web.png".into(),
                     what: "pairing QR".into(),
                     content: FileContent::Qr {
-                        uri: "soul://pair?x".into(),
+                        text: "soul://pair?x".into(),
                         format: QrFormat::Png,
                     },
                 },

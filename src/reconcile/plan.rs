@@ -55,7 +55,11 @@ impl DesiredFile {
 #[derive(Clone, PartialEq, Eq)]
 pub enum FileContent {
     Bytes(Vec<u8>),
-    Qr { uri: String, format: QrFormat },
+    /// `text`: what the code holds (the pairing link, or the pairing URI).
+    Qr {
+        text: String,
+        format: QrFormat,
+    },
 }
 
 impl fmt::Debug for FileContent {

@@ -78,7 +78,7 @@ fn desired(pods: Vec<PodSpec>) -> Desired {
                 path: "pairing/a/notes.png".into(),
                 what: "pairing QR (png) for a/notes".into(),
                 content: FileContent::Qr {
-                    uri: "soul://pair?x".into(),
+                    text: "soul://pair?x".into(),
                     format: QrFormat::Png,
                 },
                 // As the render index reports it once the file was rendered.
@@ -118,7 +118,7 @@ fn simulate(o: &mut Observed, step: &Step) {
         Step::WriteFile { path, content, .. } => {
             let bytes = match content {
                 FileContent::Bytes(b) => b.clone(),
-                FileContent::Qr { uri, format } => format!("{format:?}:{uri}").into_bytes(),
+                FileContent::Qr { text, format } => format!("{format:?}:{text}").into_bytes(),
             };
             o.files.insert(path.clone(), Sha256::digest(&bytes).into());
         }

@@ -566,3 +566,35 @@ pub fn served_pin(port: u16) -> String {
     let o = run(Command::new("sh").args(["-c", &script]));
     format!("sha256//{}", o.stdout_text().trim())
 }
+
+/// Headless Chromium with its profile in `profile`, opening `url`; returns the DOM it ends on
+/// (`--virtual-time-budget` lets the page's form post and the redirects run first).
+pub fn chromium(profile: &std::path::Path, url: &str) -> String {
+    let o = run(Command::new("timeout").args(["90", "chromium"]).args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--virtual-time-budget=5000",
+        &format!("--user-data-dir={}", profile.display()),
+        "--dump-dom",
+        url,
+    ]));
+    assert!(o.status.success(), "chromium failed:\n{}", text(&o));
+    o.stdout_text()
+}
+
+/// Every URL in a Chromium profile's History database, most recent visit last.
+pub fn history(profile: &std::path::Path) -> Vec<String> {
+    let db = profile.join("Default/History");
+    let o = run(Command::new("sqlite3")
+        .arg(&db)
+        .arg("select u.url from visits v join urls u on u.id = v.url order by v.visit_time"));
+    assert!(
+        o.status.success(),
+        "reading {}:\n{}",
+        db.display(),
+        text(&o)
+    );
+    o.stdout_text().lines().map(String::from).collect()
+}
