@@ -103,44 +103,43 @@ pub enum ProbeError {
     Status(String),
 }
 
-/// GETs an `http://host:port/path` URL; succeeds on a 2xx or 3xx answer.
+/// GETs an `http://host[:port]/path` URL with hyper's HTTP/1.1 client; succeeds on a 2xx or 3xx
+/// answer.
 pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ProbeError::Url(url.into()))?;
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
-    if authority.is_empty() {
-        return Err(ProbeError::Url(url.into()));
-    }
-    let addr = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    let bad = || ProbeError::Url(url.into());
+    let uri: http::Uri = url.parse().map_err(|_| bad())?;
+    let authority = match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(a)) if !a.host().is_empty() => a.clone(),
+        _ => return Err(bad()),
     };
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
     let work = async {
-        let mut s = TcpStream::connect(&addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut head = vec![0u8; 64];
-        let n = s.read(&mut head).await?;
-        Ok::<_, ProbeError>(String::from_utf8_lossy(&head[..n]).to_string())
+        let stream = TcpStream::connect(&addr).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| ProbeError::Io(std::io::Error::other(e)))?;
+        tokio::spawn(conn);
+        let request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(http::header::HOST, authority.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|_| bad())?;
+        send.send_request(request)
+            .await
+            .map_err(|e| ProbeError::Io(std::io::Error::other(e)))
     };
-    let head = tokio::time::timeout(timeout, work)
+    let response = tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ProbeError::Timeout)??;
-    let status = head.lines().next().unwrap_or("").to_string();
-    match status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-    {
-        Some(code) if (200..400).contains(&code) => Ok(()),
-        _ => Err(ProbeError::Status(status)),
+    let status = response.status();
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status.to_string()))
     }
 }
 

@@ -28,6 +28,7 @@ pub mod export;
 pub mod gate;
 pub mod guard;
 pub mod machine;
+pub mod pair_page;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;

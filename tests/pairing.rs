@@ -618,3 +618,99 @@ fn a_phone_scanning_the_code_lands_on_the_app_paired_and_the_token_is_nowhere_it
     }
     let _ = std::fs::remove_dir_all(&profile);
 }
+
+#[test]
+fn the_pairing_page_shows_every_code_scannable_on_loopback_and_follows_a_reissued_token() {
+    use std::io::{BufRead, BufReader};
+    ensure_images();
+    ensure_command("chromium", "chromium");
+    let s = TestStack::new("page");
+    s.write(&stack_kdl(DEVICES, 1));
+    s.apply();
+    let mut child = s
+        .command(&["pair", "--serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "loopback only: {url}");
+    let port: u16 = url["http://127.0.0.1:".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let path = &url[url.find(&format!(":{port}")).unwrap() + format!(":{port}").len()..];
+    assert_eq!(
+        http_get(port, "/", std::time::Duration::from_secs(5)).map(|r| r.0),
+        Some(404),
+        "without the page's random path there is nothing"
+    );
+
+    // A screenshot of the page, decoded by a decoder nobody here wrote, holds the codes.
+    let shot = s.dir.join("page.png");
+    let profile = s.dir.join("chromium-page");
+    let o = run(std::process::Command::new("timeout")
+        .args(["90", "chromium"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1500,1700",
+            "--virtual-time-budget=3000",
+            &format!("--user-data-dir={}", profile.display()),
+            &format!("--screenshot={}", shot.display()),
+            &url,
+        ]));
+    o.exited(0);
+    ensure_command("zbarimg", "zbar-tools");
+    let seen = run(std::process::Command::new("zbarimg")
+        .args(["--raw", "-q"])
+        .arg(&shot));
+    let seen = seen.stdout_text();
+    for (device, sidecar) in [("alice-phone", "notes"), ("tablet", "wiki")] {
+        let code = decode_png(&s.state().join(format!("pairing/{device}/{sidecar}.png")));
+        assert!(
+            seen.lines().any(|l| l == code),
+            "{device}/{sidecar} is not on the page: {seen}"
+        );
+    }
+
+    // A re-issued token: the codes the page polls for change, so it swaps them in by itself.
+    let codes = |path: &str| {
+        http_get(
+            port,
+            &format!("{path}codes"),
+            std::time::Duration::from_secs(5),
+        )
+        .expect("the page answers")
+    };
+    let before = codes(path);
+    assert_eq!(before.0, 200);
+    s.soul(&["rotate", "--device", "alice-phone"]).exited(0);
+    let after = codes(path);
+    assert_ne!(
+        before.1, after.1,
+        "the page did not follow the re-issued code"
+    );
+    let page = http_get(port, path, std::time::Duration::from_secs(5))
+        .unwrap()
+        .1;
+    assert!(
+        page.contains("fetch('codes'"),
+        "the page polls for new codes"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+}

@@ -300,7 +300,16 @@ pub struct AddressArgs {
 #[derive(Debug, Args)]
 pub struct PairArgs {
     /// The device, as named in stack.kdl.
-    pub device: String,
+    #[arg(required_unless_present = "serve")]
+    pub device: Option<String>,
+    /// Serve a page on 127.0.0.1 with every device's codes, large enough to scan from this
+    /// screen, following the state dir (new addresses and re-issued tokens show by themselves).
+    /// It prints its address; stop it with Ctrl-C.
+    #[arg(long, conflicts_with_all = ["format", "out", "sidecar"])]
+    pub serve: bool,
+    /// The port of --serve's page (default: any free port).
+    #[arg(long, requires = "serve", default_value_t = 0)]
+    pub port: u16,
     /// Which sidecar's code (needed when the stack has several).
     #[arg(long)]
     pub sidecar: Option<String>,

@@ -188,6 +188,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Down(args) => down(&Context::load(&cli)?, args).await,
         Command::Image => image().await,
         Command::Devices(args) => devices(&Context::load(&cli)?, args.output),
+        Command::Pair(args) if args.serve => pair_page(&Context::load(&cli)?, args.port).await,
         Command::Pair(args) => pair(&Context::load(&cli)?, args),
         Command::Rotate(args) => rotate(&cli, args).await,
         Command::Export(ExportCommand::Compose { out: path }) => {
@@ -884,8 +885,30 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
     s
 }
 
+/// `soul pair --serve`: the pairing page on loopback until Ctrl-C.
+async fn pair_page(ctx: &Context, port: u16) -> Result<Exit, CliError> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| CliError::Io(format!("cannot listen on 127.0.0.1:{port}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let page = crate::pair_page::PairPage::new(ctx.stack.clone(), ctx.state())
+        .map_err(|e| CliError::Io(format!("cannot make the page's address: {e}")))?;
+    eprintln!(
+        "pairing page of stack `{}`: http://{addr}{} (this machine only; Ctrl-C stops it)",
+        ctx.stack.stack,
+        page.path()
+    );
+    page.serve(listener, terminated())
+        .await
+        .map_err(|e| CliError::Io(format!("pairing page: {e}")))?;
+    Ok(Exit::Ok)
+}
+
 fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
     let (stack, state) = (&ctx.stack, ctx.state());
+    let device = args.device.as_deref().unwrap_or_default();
     let ext = match args.format {
         PairFormat::Terminal => "txt",
         PairFormat::Uri => "uri",
@@ -894,7 +917,7 @@ fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
         PairFormat::Svg => "svg",
     };
     let (sidecar, bytes) =
-        reconcile::pairing_code(stack, &state, &args.device, args.sidecar.as_deref(), ext)?;
+        reconcile::pairing_code(stack, &state, device, args.sidecar.as_deref(), ext)?;
     match &args.out {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -909,7 +932,7 @@ fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
             let _ = f.flush();
             eprintln!(
                 "wrote the pairing code of {}/{sidecar} to {} (it holds a token: keep it private)",
-                args.device,
+                device,
                 path.display()
             );
         }
@@ -929,7 +952,7 @@ fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
                     stdout,
                     "scan with a phone camera: the browser opens {sidecar} and pairs {} (one \
                      browser, once; `soul rotate --device {}` makes a new code)",
-                    args.device, args.device
+                    device, device
                 );
             }
         }
