@@ -359,14 +359,7 @@ fn wrk(
     seconds: u64,
 ) -> Run {
     let threads = connections.min(2);
-    let mut cmd = Command::new("sh");
-    // The shell joins the group, then becomes nsenter (and wrk): both stay in it.
-    match group {
-        Some(g) => cmd
-            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-            .arg(g),
-        None => cmd.args(["-c", "exec \"$@\"", "sh"]),
-    };
+    let mut cmd = in_load_group(group);
     cmd.args(["nsenter", netns, "wrk", "--latency"])
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
@@ -415,9 +408,9 @@ fn latency_ms(v: &str) -> f64 {
     }
 }
 
-/// Full TLS handshakes per second against 127.0.0.1:`port` in the pod: `openssl s_time -new`
-/// (a new session each connection, nothing sent), in the load group.
-fn handshakes(group: Option<&std::path::Path>, netns: &str, port: u16, seconds: u64) -> f64 {
+/// A command that runs what its arguments name in the load group: the shell joins the group,
+/// then becomes that program (nsenter, then wrk or openssl), which stays in it.
+fn in_load_group(group: Option<&std::path::Path>) -> Command {
     let mut cmd = Command::new("sh");
     match group {
         Some(g) => cmd
@@ -425,7 +418,13 @@ fn handshakes(group: Option<&std::path::Path>, netns: &str, port: u16, seconds: 
             .arg(g),
         None => cmd.args(["-c", "exec \"$@\"", "sh"]),
     };
-    let o = cmd
+    cmd
+}
+
+/// Full TLS handshakes per second against 127.0.0.1:`port` in the pod: `openssl s_time -new`
+/// (a new session each connection, nothing sent), in the load group.
+fn handshakes(group: Option<&std::path::Path>, netns: &str, port: u16, seconds: u64) -> f64 {
+    let o = in_load_group(group)
         .args(["nsenter", netns, "openssl", "s_time", "-new", "-connect"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("-time")

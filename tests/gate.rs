@@ -157,6 +157,11 @@ fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {
             format!("{}\n", hex::encode(key.link_key())).as_bytes(),
         )
         .unwrap();
+    write_tls(&state, key);
+}
+
+/// The `notes` gate's certificate and key under `key`, as `soul apply` writes them.
+fn write_tls(state: &soul::state::StateDir, key: &StackKey) -> String {
     let tls = soul::tls::identity(key, "home", "notes");
     state
         .write("tls-notes.crt", tls.cert_pem.as_bytes())
@@ -164,6 +169,7 @@ fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {
     state
         .write("tls-notes.key", tls.key_pem.as_bytes())
         .unwrap();
+    tls.pin
 }
 
 fn start_gate(app_port: u16, key: &StackKey, reg: &Registry, tag: &str) -> Gate {
@@ -1994,17 +2000,10 @@ fn a_tls_only_gate_refuses_plain_http_and_serves_tls() {
 #[test]
 fn a_rotated_certificate_is_served_without_a_restart() {
     let (_app, _key, gate, token) = gate_with_alice(44, "tlsrot");
-    let rotated = StackKey::from_seed(1, [45; 32]);
-    let new = soul::tls::identity(&rotated, "home", "notes");
     let state = soul::state::StateDir::open(&gate.keys).unwrap();
-    state
-        .write("tls-notes.crt", new.cert_pem.as_bytes())
-        .unwrap();
-    state
-        .write("tls-notes.key", new.key_pem.as_bytes())
-        .unwrap();
+    let new_pin = write_tls(&state, &StackKey::from_seed(1, [45; 32]));
     let deadline = Instant::now() + Duration::from_secs(2);
-    while served_pin(gate.port) != new.pin {
+    while served_pin(gate.port) != new_pin {
         assert!(
             Instant::now() < deadline,
             "the new certificate is not served"
@@ -2013,7 +2012,67 @@ fn a_rotated_certificate_is_served_without_a_restart() {
     }
     // The token was signed by the old stack key, which the gate still holds: only TLS changed.
     assert_eq!(
-        curl_tls(gate.port, "/", Some(&token), Some(&new.pin)).1,
+        curl_tls(gate.port, "/", Some(&token), Some(&new_pin)).1,
         200
+    );
+}
+
+/// `curl -X POST -d ticket=…` to the gate's token endpoint, over TLS with the pin or over plain
+/// HTTP; returns the status and the body.
+fn ask_token(port: u16, ticket: &str, pin: Option<&str>) -> (u16, String) {
+    ensure_command("curl", "curl");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "-m", "5", "-w", "\n%{http_code}", "--data-urlencode"])
+        .arg(format!("ticket={ticket}"));
+    let url = match pin {
+        Some(pin) => {
+            cmd.args(["--pinnedpubkey", pin]);
+            format!("https://127.0.0.1:{port}/.soul/token")
+        }
+        None => format!("http://127.0.0.1:{port}/.soul/token"),
+    };
+    let out = run(cmd.arg(url)).stdout_text();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
+    let (app, key, gate, token) = gate_with_alice(46, "tokenx");
+    let state = soul::state::StateDir::open(&gate.keys).unwrap();
+    state.write("tokens/alice.jwt", token.as_bytes()).unwrap();
+    let reg = registry(&[("alice", 1)]);
+    let ticket = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &reg.devices["alice"],
+    );
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    // Plain HTTP would show the token to the LAN: refused, and the ticket is not spent.
+    assert_eq!(ask_token(gate.port, &ticket, None).0, 403);
+    assert_eq!(ask_token(gate.port, "alice.1.forged", Some(&pin)).0, 401);
+    assert_eq!(
+        ask_token(gate.port, &ticket, Some(&pin)),
+        (200, token.clone())
+    );
+    assert_eq!(
+        ask_token(gate.port, &ticket, Some(&pin)).0,
+        410,
+        "a ticket is good once"
+    );
+    // The token it handed out works; the app saw none of this.
+    assert_eq!(curl_tls(gate.port, "/", Some(&token), Some(&pin)).1, 200);
+    let seen = app.log.lock().unwrap().concat();
+    assert!(
+        !seen.contains("soul/token") && !seen.contains(&token),
+        "{seen}"
+    );
+    assert!(!gate.log().contains(&token) && !gate.log().contains(&ticket));
+    assert!(
+        gate.log().contains("gave a paired client its token"),
+        "{}",
+        gate.log()
     );
 }

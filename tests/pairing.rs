@@ -605,6 +605,28 @@ fn a_phone_scanning_the_code_lands_on_the_app_paired_and_the_token_is_nowhere_it
             assert!(!text.contains(&token), "the token is in {file}");
         }
     }
+    // A soul client that scans another device's code: it checks the pin and trades the ticket
+    // for the device token, over TLS.
+    let code = Payload::parse(&zbarimg(&s.state().join("pairing/tablet/notes.png"))).unwrap();
+    let pin = code.pin.clone().expect("the code carries the pin");
+    let ticket = code.ticket.clone().expect("the code carries a ticket");
+    let got = run(std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "-m",
+            "10",
+            "--pinnedpubkey",
+            &pin,
+            "--data-urlencode",
+        ])
+        .arg(format!("ticket={}", ticket.expose()))
+        .arg(format!("https://127.0.0.1:{port}/.soul/token")));
+    got.exited(0);
+    assert_eq!(
+        got.stdout_text(),
+        s.token("tablet"),
+        "the client got the device's token"
+    );
     for role in ["gate", "app"] {
         let logs = std::process::Command::new("docker")
             .args(["logs", &s.container("notes", role)])

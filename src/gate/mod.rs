@@ -39,7 +39,7 @@ use credential::Presented;
 pub use credential::cookie_name;
 pub use keys::{Keys, load};
 use limits::Failures;
-pub use link::PAIR_PATH;
+pub use link::{PAIR_PATH, TOKEN_PATH};
 use redeemed::Redeemed;
 pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
 use session::Scope;
@@ -590,6 +590,9 @@ async fn handle(
     if path == PAIR_PATH && req.method() == Method::POST {
         return redeem(req, client, shared, &keys).await;
     }
+    if path == TOKEN_PATH && req.method() == Method::POST {
+        return hand_token(req, client, shared, &keys).await;
+    }
     let credential = match credential::presented(&req, &shared.cookie) {
         Presented::Nothing => {
             tracing::info!(source = %peer, device = "-", reason = "no token", path, "refused");
@@ -700,14 +703,33 @@ async fn redeem(
         Ok(b) => b.to_bytes(),
         Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "pairing form too large\n"),
     };
-    let (Some(ticket), to) = link::form(&body) else {
-        return link::refused_page(StatusCode::BAD_REQUEST, "it holds no ticket");
+    let (t, to) = match spend(&body, client, shared, keys) {
+        Ok(spent) => spent,
+        Err(refused) => return *refused,
+    };
+    start_session(client, shared, keys, &t.device, &to)
+}
+
+/// Spends the ticket a pairing form carries: verified, then recorded as used, once. Returns the
+/// ticket's device and the same-origin page to go on to, or the refusal to answer.
+fn spend(
+    body: &[u8],
+    client: &ClientConnection,
+    shared: &Shared,
+    keys: &Keys,
+) -> Result<(crate::pairing::Ticket, String), Box<Response<Body>>> {
+    let peer = client.peer;
+    let (Some(ticket), to) = link::form(body) else {
+        return Err(Box::new(link::refused_page(
+            StatusCode::BAD_REQUEST,
+            "it holds no ticket",
+        )));
     };
     let Some(scope) = shared.scope(keys) else {
-        return link::refused_page(
+        return Err(Box::new(link::refused_page(
             StatusCode::SERVICE_UNAVAILABLE,
             "this gate has no link key yet",
-        );
+        )));
     };
     let now = crate::pairing::unix_now();
     let verified = crate::pairing::verify_ticket(
@@ -737,9 +759,12 @@ async fn redeem(
                 },
             );
             if r.status() == StatusCode::TOO_MANY_REQUESTS {
-                return r;
+                return Err(Box::new(r));
             }
-            return link::refused_page(StatusCode::UNAUTHORIZED, &e.to_string());
+            return Err(Box::new(link::refused_page(
+                StatusCode::UNAUTHORIZED,
+                &e.to_string(),
+            )));
         }
     };
     let first = match shared.redeemed.lock() {
@@ -747,19 +772,78 @@ async fn redeem(
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("cannot record a redeemed pairing ticket: {e}");
-                return link::refused_page(
+                return Err(Box::new(link::refused_page(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the gate cannot record it",
-                );
+                )));
             }
         },
         _ => false,
     };
     if !first {
         tracing::warn!(source = %peer, device = %t.device, "refused: a pairing link that was already used");
-        return link::refused_page(StatusCode::GONE, "it was already used");
+        return Err(Box::new(link::refused_page(
+            StatusCode::GONE,
+            "it was already used",
+        )));
     }
-    start_session(client, shared, keys, &t.device, &to)
+    Ok((t, to))
+}
+
+/// A soul client that scanned a pairing link trades its ticket for the device token: over TLS
+/// only (the client has checked the gate's pin first), and once, like a browser's redemption.
+async fn hand_token(
+    req: Request<Incoming>,
+    client: &ClientConnection,
+    shared: &Shared,
+    keys: &Keys,
+) -> Response<Body> {
+    if !client.tls {
+        tracing::warn!(source = %client.peer, "refused: a token request over plain HTTP");
+        return plain(
+            StatusCode::FORBIDDEN,
+            "the token is given over TLS only: connect with https and check the pin\n",
+        );
+    }
+    if credential::foreign_origin(&req, client.tls) {
+        return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
+    }
+    let body = match Limited::new(req.into_body(), link::MAX_FORM)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n"),
+    };
+    let (t, _) = match spend(&body, client, shared, keys) {
+        Ok(spent) => spent,
+        Err(refused) => return *refused,
+    };
+    let file = shared
+        .cfg
+        .keys_dir
+        .join(crate::state::layout::gate_device_token(&t.device));
+    match std::fs::read_to_string(&file) {
+        Ok(token) => {
+            tracing::info!(source = %client.peer, device = %t.device, "gave a paired client its token");
+            let mut r = Response::new(
+                Full::new(Bytes::from(token))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            );
+            let headers = r.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => {
+            tracing::error!(device = %t.device, "no token to give: {e}");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this gate holds no token for the device yet: run `soul apply`\n",
+            )
+        }
+    }
 }
 
 /// A session for `device`, then on to `to`.

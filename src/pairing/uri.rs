@@ -75,18 +75,16 @@ impl fmt::Debug for PairingUri<'_> {
 
 impl fmt::Display for PairingUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let enc = |s: &str| utf8_percent_encode(s, QUERY_VALUE).to_string();
-        write!(
+        f.write_str("soul://pair?")?;
+        fields(
             f,
-            "soul://pair?v=1&stack={}&sidecar={}&device={}",
-            enc(self.stack),
-            enc(self.sidecar),
-            enc(self.device)
+            self.stack,
+            self.sidecar,
+            self.device,
+            self.addresses,
+            self.pin,
         )?;
-        for a in self.addresses {
-            write!(f, "&addr={}", enc(&a.to_string()))?;
-        }
-        write!(f, "&pin={}&token={}", enc(self.pin), enc(self.token))
+        write!(f, "&token={}", enc(self.token))
     }
 }
 
@@ -107,24 +105,47 @@ pub struct PairingLink<'a> {
 
 impl fmt::Display for PairingLink<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let enc = |s: &str| utf8_percent_encode(s, QUERY_VALUE).to_string();
         let origin = super::payload::browser_address(self.addresses)
             .map(Address::http_origin)
             .unwrap_or_else(|| "http://localhost".into());
-        write!(
+        let ticket = super::ticket::TICKET_PARAM;
+        write!(f, "{origin}/?{ticket}={}#", enc(self.ticket))?;
+        fields(
             f,
-            "{origin}/?{}={}#v=1&stack={}&sidecar={}&device={}",
-            super::ticket::TICKET_PARAM,
-            enc(self.ticket),
-            enc(self.stack),
-            enc(self.sidecar),
-            enc(self.device)
-        )?;
-        for a in self.addresses {
-            write!(f, "&addr={}", enc(&a.to_string()))?;
-        }
-        write!(f, "&pin={}", enc(self.pin))
+            self.stack,
+            self.sidecar,
+            self.device,
+            self.addresses,
+            self.pin,
+        )
     }
+}
+
+/// A value as the payload writes it.
+fn enc(value: &str) -> String {
+    utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
+/// The fields both forms carry, in their order: `v=1&stack=…&sidecar=…&device=…&addr=…&pin=…`.
+fn fields(
+    f: &mut fmt::Formatter<'_>,
+    stack: &str,
+    sidecar: &str,
+    device: &str,
+    addresses: &[Address],
+    pin: &str,
+) -> fmt::Result {
+    write!(
+        f,
+        "v=1&stack={}&sidecar={}&device={}",
+        enc(stack),
+        enc(sidecar),
+        enc(device)
+    )?;
+    for a in addresses {
+        write!(f, "&addr={}", enc(&a.to_string()))?;
+    }
+    write!(f, "&pin={}", enc(pin))
 }
 
 /// Links a browser can open, one per address, best first:

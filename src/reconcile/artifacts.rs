@@ -232,6 +232,12 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             format!("token for {name}"),
             token.expose().as_bytes().to_vec(),
         ));
+        // The gates hand it to a client that redeems the device's pairing ticket over TLS.
+        files.push(DesiredFile::bytes(
+            &layout::gate_file(&layout::gate_device_token(name)),
+            format!("gate's copy of the token for {name}"),
+            token.expose().as_bytes().to_vec(),
+        ));
     }
     Ok(Pairing {
         key,

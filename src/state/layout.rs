@@ -47,6 +47,12 @@ pub fn gate_tls_key(sidecar: &str) -> String {
     format!("tls-{sidecar}.key")
 }
 
+/// A device's token as its gates hold it, to hand to a client that redeems the device's pairing
+/// ticket, inside [`GATE_DIR`].
+pub fn gate_device_token(device: &str) -> String {
+    format!("tokens/{device}.jwt")
+}
+
 /// A device's token.
 pub fn token(device: &str) -> String {
     format!("tokens/{device}.jwt")
