@@ -366,9 +366,10 @@ struct Pass {
 
 /// Resolve, connect, observe and plan.
 async fn prepare(ctx: &Context, state: &StateDir) -> Result<Pass, CliError> {
-    let desired = reconcile::desire(&ctx.stack, &Host, state)?;
+    // A missing secret file is reported before the engine is touched.
+    reconcile::check_inputs(&ctx.stack, &Host, state)?;
     let docker = Docker::connect().await?;
-    let planned = reconcile::prepare(&docker, &ctx.stack, state, desired, unix_now()).await?;
+    let planned = reconcile::prepare(&docker, &ctx.stack, &Host, state, unix_now()).await?;
     Ok(Pass {
         desired: planned.desired,
         docker,

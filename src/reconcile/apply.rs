@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::pass::{PassError, await_addresses, desire, prepare, run, unix_now};
+use super::pass::{PassError, await_addresses, prepare, run, unix_now};
 use super::plan::{Desired, Plan, Step};
 use crate::machine::Machine;
 use crate::runtime::Docker;
@@ -54,8 +54,9 @@ pub async fn converge(
         Duration::ZERO
     };
     let missing_addresses = await_addresses(docker, stack, state, wait).await?;
-    let again = desire(stack, machine, state)?;
-    let again = prepare(docker, stack, state, again, unix_now()).await?.plan;
+    let again = prepare(docker, stack, machine, state, unix_now())
+        .await?
+        .plan;
     let more = again.steps.len();
     run(docker, state, stack, &again, |index, step| {
         on_step(

@@ -62,33 +62,49 @@ pub struct Planned {
     pub plan: Plan,
 }
 
-/// Resolves the stack on this machine (secret files, soul's environment): done before any
-/// Docker call, so a missing secret is reported without touching the engine.
-pub fn desire(
+/// Checks what resolving reads from the machine (secret files, soul's environment, devices the
+/// transports need), so that a missing secret is reported before any Docker call.
+pub fn check_inputs(
     stack: &Stack,
     machine: &dyn Machine,
     state: &StateDir,
-) -> Result<Desired, PassError> {
-    Ok(resolve(stack, machine, state.path())?)
+) -> Result<(), PassError> {
+    resolve(stack, machine, state.path())?;
+    Ok(())
 }
 
-/// Discovers addresses, observes and plans against `desired`, changing nothing.
-pub async fn prepare(
-    docker: &Docker,
+/// The desired state, whole, built here and nowhere else: the pods and the transports' files
+/// (`resolve`), the state dir's key, registry, tokens, TLS files and pairing codes, and the
+/// addresses discovered on the engine.
+pub fn desired(
     stack: &Stack,
+    machine: &dyn Machine,
     state: &StateDir,
-    mut desired: Desired,
+    discovered: &Discovered,
     now: u64,
-) -> Result<Planned, PassError> {
-    let discovered = discover(docker, stack, state).await?;
+) -> Result<Desired, PassError> {
+    let mut desired = resolve(stack, machine, state.path())?;
     desired
         .files
-        .extend(pairing_of(stack, state, &discovered, now)?.files);
+        .extend(pairing_of(stack, state, discovered, now)?.files);
     desired.files.push(DesiredFile::bytes(
         ADDRESSES_FILE,
         "discovered addresses".into(),
-        addresses_file(&discovered),
+        addresses_file(discovered),
     ));
+    Ok(desired)
+}
+
+/// Discovers addresses, then builds the desired state, observes and plans, changing nothing.
+pub async fn prepare(
+    docker: &Docker,
+    stack: &Stack,
+    machine: &dyn Machine,
+    state: &StateDir,
+    now: u64,
+) -> Result<Planned, PassError> {
+    let discovered = discover(docker, stack, state).await?;
+    let desired = desired(stack, machine, state, &discovered, now)?;
     let observed = super::observe::observe(docker, &desired, state).await?;
     check_owner(stack, state, &observed)?;
     let plan = plan(&desired, &observed);

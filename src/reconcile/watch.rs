@@ -22,7 +22,7 @@ use crate::state::{self, StateDir};
 use crate::transport;
 
 use super::backoff::{Backoff, FlapTracker, jitter};
-use super::pass::{PassError, desire, prepare, run, unix_now};
+use super::pass::{PassError, prepare, run, unix_now};
 use super::plan::{Plan, Reason, Step};
 use crate::machine::Host;
 
@@ -467,8 +467,7 @@ async fn one_pass(
     })
     .await
     .map_err(|e| PassError::Internal(e.to_string()))??;
-    let desired = desire(stack, &Host, state)?;
-    let planned = prepare(docker, stack, state, desired, unix_now()).await?;
+    let planned = prepare(docker, stack, &Host, state, unix_now()).await?;
     let now = Instant::now();
     let (plan, deferred_until) = {
         let mut f = flaps
