@@ -269,34 +269,17 @@ pub struct Tailscale {
 }
 
 /// `headscale url="https://…" authkey-file="…"`.
+// A `tailscale` node that joins a Headscale server. serde's `deny_unknown_fields` does not combine
+// with `flatten`: unknown properties are refused when stack.kdl is lowered, and by the schema.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
+#[schemars(extend("additionalProperties" = false))]
 pub struct Headscale {
     #[schemars(pattern(r"^https?://"))]
     pub url: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authkey_file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tags: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    #[serde(default)]
-    pub userspace: bool,
-}
-
-impl Headscale {
-    /// Its node as `tailscale` declares one: the properties the two share (the URL aside).
-    pub fn node(&self) -> Tailscale {
-        Tailscale {
-            authkey_file: self.authkey_file.clone(),
-            tags: self.tags.clone(),
-            hostname: self.hostname.clone(),
-            image: self.image.clone(),
-            userspace: self.userspace,
-        }
-    }
+    /// The node's settings, as `tailscale` has them.
+    #[serde(flatten)]
+    pub node: Tailscale,
 }
 
 /// `nebula lighthouse=… lighthouse-ip=… ip=… ca-file=… cert-file=… key-file=…`.

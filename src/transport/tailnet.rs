@@ -41,7 +41,7 @@ impl TailnetDriver {
         let headscale = t
             .headscale
             .as_ref()
-            .map(|hs| Self::of(TransportKind::Headscale, &hs.node(), Some(hs.url.clone())));
+            .map(|hs| Self::of(TransportKind::Headscale, &hs.node, Some(hs.url.clone())));
         tailscale.into_iter().chain(headscale).collect()
     }
 
