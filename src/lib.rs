@@ -27,6 +27,7 @@ pub mod cli;
 pub mod export;
 pub mod gate;
 pub mod guard;
+pub mod html;
 pub mod machine;
 pub mod pair_page;
 pub mod pairing;

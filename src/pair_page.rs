@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
+use crate::html::escape;
 use crate::stack::Stack;
 use crate::state::{StateDir, layout};
 
@@ -179,26 +180,4 @@ fn reply(status: StatusCode, kind: &'static str, body: Vec<u8>) -> Response<Full
         ),
     );
     r
-}
-
-/// Text as HTML.
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_is_escaped() {
-        assert_eq!(
-            escape("<a href=\"x\">'&"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;"
-        );
-    }
 }

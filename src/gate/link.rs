@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::Body;
 use super::credential::query_without_soul;
+use crate::html::escape;
 
 /// Where the pairing page posts its ticket.
 pub const PAIR_PATH: &str = "/.soul/pair";
@@ -63,14 +64,6 @@ fn private(h: &mut http::HeaderMap) {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
 }
 
 /// The page a ticket link opens: it posts the ticket at once (or on a tap, without scripts).
