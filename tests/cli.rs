@@ -470,3 +470,37 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
     assert!(!std::fs::read_to_string(&file).unwrap().contains("tor"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn completions_load_in_each_shell_and_the_man_page_lists_the_commands() {
+    let bash = Soul::offline()
+        .args(["completions", "bash"])
+        .run()
+        .success();
+    let script = std::env::temp_dir().join(format!("soul-completion-{}.bash", std::process::id()));
+    std::fs::write(&script, bash.stdout()).unwrap();
+    let o = run(Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p soul", script.display())));
+    o.exited(0).stdout_has("-F _soul soul");
+    let _ = std::fs::remove_file(&script);
+    Soul::offline()
+        .args(["completions", "zsh"])
+        .run()
+        .success()
+        .stdout_has("#compdef soul");
+    Soul::offline()
+        .args(["completions", "fish"])
+        .run()
+        .success()
+        .stdout_has("complete -c soul");
+    let man = Soul::offline().args(["man"]).run().success();
+    let page = man.stdout();
+    assert!(page.contains(".TH soul 1"), "{page}");
+    for command in ["apply", "watch", "pair", "rotate", "completions"] {
+        assert!(
+            page.contains(&format!("soul\\-{command}")),
+            "no {command} in the man page"
+        );
+    }
+}

@@ -918,3 +918,99 @@ fn forty_sidecars_apply_on_default_address_pools_beside_another_network() {
         assert!(body.contains(&format!("hi {i}")), "s{i}: {body}");
     }
 }
+
+/// A Unix socket that forwards every connection to the engine's own socket, counting them: a
+/// stand-in for a socket proxy a Docker context points at.
+struct SocketProxy {
+    path: std::path::PathBuf,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SocketProxy {
+    fn start(path: std::path::PathBuf) -> SocketProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let engine = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+            .unwrap_or_else(|| "/var/run/docker.sock".into());
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(upstream) = UnixStream::connect(&engine) else {
+                    continue;
+                };
+                let (mut c1, mut u1) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (mut c2, mut u2) = (client, upstream);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c1, &mut u1);
+                    let _ = u1.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        SocketProxy { path, connections }
+    }
+}
+
+impl Drop for SocketProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn a_docker_context_pointing_at_a_socket_proxy_is_used_when_docker_host_is_unset() {
+    use sha2::{Digest, Sha256};
+    let s = TestStack::new("context");
+    s.write(&two_sidecars(free_port(), "UTC"));
+    let proxy = SocketProxy::start(s.dir.join("proxy.sock"));
+    let config = s.dir.join("docker-config");
+    let meta = config
+        .join("contexts/meta")
+        .join(hex::encode(Sha256::digest(b"soulproxy")));
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(
+        config.join("config.json"),
+        r#"{"currentContext":"soulproxy"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        meta.join("meta.json"),
+        format!(
+            r#"{{"Name":"soulproxy","Metadata":{{}},"Endpoints":{{"docker":{{"Host":"unix://{}","SkipTLSVerify":false}}}}}}"#,
+            proxy.path.display()
+        ),
+    )
+    .unwrap();
+    let o = s
+        .command(&["status"])
+        .env_remove("DOCKER_HOST")
+        .env_remove("DOCKER_CONTEXT")
+        .env("DOCKER_CONFIG", &config)
+        .output()
+        .unwrap();
+    o.exited(0).stdout_has(&format!(
+        "engine unix://{} (docker context `soulproxy`)",
+        proxy.path.display()
+    ));
+    assert!(
+        proxy.connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "soul did not go through the context's socket"
+    );
+    // DOCKER_HOST still wins over any context.
+    let o = s
+        .command(&["status"])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .env("DOCKER_CONFIG", &config)
+        .output()
+        .unwrap();
+    o.exited(3)
+        .stderr_has("unix:///nonexistent/docker.sock (DOCKER_HOST)");
+}

@@ -46,6 +46,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Shells `soul completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     #[default]
@@ -135,6 +143,22 @@ soul rotate --new-key            # the stack key was lost and cannot be restored
     /// Write the stack in another tool's format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Print a completion script for your shell.
+    #[command(
+        after_help = "Example:\n  soul completions bash > ~/.local/share/bash-completion/completions/soul\n  \
+soul completions zsh > \"${fpath[1]}/_soul\"\n  \
+soul completions fish > ~/.config/fish/completions/soul.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print soul's manual page (roff), for `man`.
+    #[command(
+        after_help = "Example:\n  soul man > ~/.local/share/man/man1/soul.1 && man soul\n  \
+soul man | man -l -"
+    )]
+    Man,
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
     #[command(
         after_help = "`apply` builds it when missing or older than this binary; this \

@@ -187,6 +187,18 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&Context::load(&cli)?, args).await,
         Command::Image => image().await,
+        Command::Completions { shell } => {
+            out(&completions(*shell));
+            Ok(Exit::Ok)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .map_err(|e| CliError::Io(format!("cannot render the manual page: {e}")))?;
+            out(&String::from_utf8_lossy(&page));
+            Ok(Exit::Ok)
+        }
         Command::Devices(args) => devices(&Context::load(&cli)?, args.output),
         Command::Pair(args) if args.serve => pair_page(&Context::load(&cli)?, args.port).await,
         Command::Pair(args) => pair(&Context::load(&cli)?, args),
@@ -557,7 +569,8 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     // Compared as the planner compares: a soul 0.1 volume is mounted under its old name.
     let desired = desired.map(|d| reconcile::with_legacy_volumes(&d, &observed).into_owned());
     let watch = reconcile::WatchStatus::read(&ctx.state());
-    let report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
+    let mut report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
+    report.engine = Some(docker.endpoint().clone());
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -574,6 +587,9 @@ fn json_text(report: &impl serde::Serialize) -> String {
 
 fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
     let mut s = format!("stack `{}` ({})\n", report.stack, file.display());
+    if let Some(engine) = &report.engine {
+        s.push_str(&format!("  engine {engine}\n"));
+    }
     for pod in &report.pods {
         s.push_str(&format!("  pod {}\n", pod.sidecar));
         for c in &pod.containers {
@@ -884,6 +900,19 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
         ));
     }
     s
+}
+
+/// A completion script for `shell`, generated from the argument definitions.
+fn completions(shell: Shell) -> String {
+    use clap_complete::{generate, shells};
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    match shell {
+        Shell::Bash => generate(shells::Bash, &mut cmd, "soul", &mut script),
+        Shell::Zsh => generate(shells::Zsh, &mut cmd, "soul", &mut script),
+        Shell::Fish => generate(shells::Fish, &mut cmd, "soul", &mut script),
+    }
+    String::from_utf8_lossy(&script).into_owned()
 }
 
 /// `soul pair --serve`: the pairing page on loopback until Ctrl-C.

@@ -13,6 +13,8 @@ use crate::stack::Stack;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusReport {
     pub stack: String,
+    /// The engine it was read from, and how soul found it.
+    pub engine: Option<crate::runtime::endpoint::Endpoint>,
     pub pods: Vec<PodStatus>,
     pub undeclared: Vec<UndeclaredContainer>,
     pub watch: Option<WatchStatus>,
@@ -118,6 +120,7 @@ pub fn report(
         .collect();
     StatusReport {
         stack: stack.stack.clone(),
+        engine: None,
         pods,
         undeclared,
         watch,

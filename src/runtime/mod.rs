@@ -2,6 +2,7 @@
 //! mutations, pull images with progress, and build soul's own image offline. It makes no
 //! decisions (that is `reconcile`'s job) and knows only the pod's value types.
 
+pub mod endpoint;
 mod image;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +27,14 @@ pub use image::{SOUL_BINARY_LABEL, binary_id, soul_rootfs};
 /// What can go wrong talking to the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// The engine's address could not be found (a Docker context that cannot be read), or is
+    /// of a kind soul cannot talk to.
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
+    #[error(
+        "cannot talk to the Docker engine at {0}: soul speaks to unix:// sockets and plain tcp:// or http:// endpoints"
+    )]
+    UnsupportedEndpoint(String),
     /// The engine did not answer at all (socket missing, daemon down, wrong DOCKER_HOST).
     #[error("cannot reach the Docker engine at {host}: {source}")]
     Unreachable {
@@ -98,21 +107,40 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Docker {
     docker: Bollard,
+    endpoint: endpoint::Endpoint,
 }
 
 impl Docker {
     /// Connects and agrees on an API version; an engine that does not answer is
     /// [`RuntimeError::Unreachable`].
     pub async fn connect() -> Result<Docker, RuntimeError> {
-        let host =
-            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        Docker::connect_to(endpoint::find(&endpoint::Process)?).await
+    }
+
+    /// Connects to `endpoint`.
+    pub async fn connect_to(endpoint: endpoint::Endpoint) -> Result<Docker, RuntimeError> {
+        const TIMEOUT_SECS: u64 = 120;
+        let host = endpoint.host.clone();
         let unreachable = |source| RuntimeError::Unreachable {
-            host: host.clone(),
+            host: endpoint.to_string(),
             source,
         };
-        let docker = Bollard::connect_with_defaults().map_err(unreachable)?;
+        let version = bollard::API_DEFAULT_VERSION;
+        let docker = if let Some(path) = host.strip_prefix("unix://") {
+            Bollard::connect_with_unix(path, TIMEOUT_SECS, version)
+        } else if host.starts_with("tcp://") || host.starts_with("http://") {
+            Bollard::connect_with_http(&host, TIMEOUT_SECS, version)
+        } else {
+            return Err(RuntimeError::UnsupportedEndpoint(endpoint.to_string()));
+        }
+        .map_err(unreachable)?;
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        Ok(Docker { docker })
+        Ok(Docker { docker, endpoint })
+    }
+
+    /// The engine this client talks to, and how soul found it.
+    pub fn endpoint(&self) -> &endpoint::Endpoint {
+        &self.endpoint
     }
 
     fn stack_filter(stack: &str) -> HashMap<String, Vec<String>> {
