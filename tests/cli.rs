@@ -504,3 +504,56 @@ fn completions_load_in_each_shell_and_the_man_page_lists_the_commands() {
         );
     }
 }
+
+#[test]
+fn init_writes_a_valid_commented_stack_and_never_overwrites_one() {
+    let dir = std::env::temp_dir().join(format!("soul-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stack.kdl");
+    let f = file.to_str().unwrap();
+    // No terminal to ask on: the flags are needed, and nothing is written.
+    Soul::offline()
+        .args(["-f", f, "init"])
+        .run()
+        .code(1)
+        .stderr_has("needs --image IMAGE and --port PORT");
+    assert!(!file.exists());
+    Soul::offline()
+        .args([
+            "-f", f, "init", "--image", "nginx:1", "--port", "80", "--name", "Bad Name",
+        ])
+        .run()
+        .code(1)
+        .stderr_has("try `bad-name`");
+    Soul::offline()
+        .args([
+            "-f",
+            f,
+            "init",
+            "--image",
+            "ghcr.io/example/notes:1.4",
+            "--port",
+            "8080",
+            "--name",
+            "home",
+        ])
+        .run()
+        .success()
+        .stdout_has("next: `soul apply`");
+    let text = read(&file);
+    assert!(text.starts_with("// stack.kdl"), "commented: {text}");
+    Soul::offline()
+        .args(["-f", f, "validate"])
+        .run()
+        .success()
+        .stdout_has("stack `home`, 1 sidecar, 1 device");
+    std::fs::write(&file, "// mine\n").unwrap();
+    Soul::offline()
+        .args(["-f", f, "init", "--image", "nginx:1", "--port", "80"])
+        .run()
+        .code(1)
+        .stderr_has("never overwrites");
+    assert_eq!(read(&file), "// mine\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

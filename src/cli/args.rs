@@ -46,6 +46,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `soul init`'s flags.
+#[derive(Debug, Args)]
+pub struct InitStackArgs {
+    /// The service's image.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// The port the service listens on inside its container.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// The stack's name [default: this directory's name].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
 /// Shells `soul completions` writes for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Shell {
@@ -70,6 +84,14 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a first stack.kdl here: one service on the LAN and one device, commented. It
+    /// never overwrites a file; on a terminal it asks for what the flags do not say.
+    #[command(
+        after_help = "Example:\n  soul init                                  # asks for the image and its port\n  \
+soul init --image ghcr.io/example/notes:1.4 --port 8080\n  \
+soul -f ~/stacks/home.kdl init --image nginx:1.27 --port 80 --name home"
+    )]
+    Init(InitStackArgs),
     /// Check stack.kdl: KDL syntax, the JSON Schema, then every rule of the format.
     #[command(
         after_help = "Every problem is reported in one run as file:line:column with the \

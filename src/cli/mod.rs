@@ -176,6 +176,7 @@ fn out(s: &str) {
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<Exit, CliError> {
     match &cli.command {
+        Command::Init(args) => init(&cli, args),
         Command::Validate => validate(&Context::load(&cli)?),
         Command::Schema => {
             out(&stack::schema_json());
@@ -900,6 +901,66 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
         ));
     }
     s
+}
+
+/// `soul init`: a first stack.kdl at `-f` (never over an existing file).
+fn init(cli: &Cli, args: &InitStackArgs) -> Result<Exit, CliError> {
+    use crate::stack::init::{Init, name_from};
+    let path = &cli.file;
+    if path.exists() {
+        return Err(CliError::Usage(format!(
+            "{} exists: soul init never overwrites a stack file; edit it, or move it away first",
+            path.display()
+        )));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let needs_flags = || {
+        CliError::Usage(
+            "without a terminal to ask on, soul init needs --image IMAGE and --port PORT (the port the service listens on)".into(),
+        )
+    };
+    let image = match &args.image {
+        Some(image) => image.clone(),
+        None if interactive => ask("Image of your service", "nginx:latest")?,
+        None => return Err(needs_flags()),
+    };
+    let port = match args.port {
+        Some(port) => port,
+        None if interactive => ask("Port it listens on inside its container", "80")?
+            .parse()
+            .map_err(|_| CliError::Usage("a port is a number from 1 to 65535".into()))?,
+        None => return Err(needs_flags()),
+    };
+    let directory = std::env::current_dir()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let stack = match &args.name {
+        Some(name) if name_from(name, "") == *name => name.clone(),
+        Some(name) => {
+            return Err(CliError::Usage(format!(
+                "`{name}` is not a stack name (lowercase letters, digits and dashes, starting with a letter, at most 32): try `{}`",
+                name_from(name, "home")
+            )));
+        }
+        None => name_from(&directory, "home"),
+    };
+    let init = Init { stack, image, port };
+    let text = init.text();
+    stack::parse(&path.display().to_string(), &text).map_err(StackError::Invalid)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| CliError::Io(format!("cannot write {}: {e}", path.display())))?;
+    out(&format!(
+        "wrote {} (stack `{}`, sidecar `{}` on LAN port 8443, device `my-phone`)\nnext: `soul apply`, then `soul pair my-phone` and scan the code with the phone\n",
+        path.display(),
+        init.stack,
+        init.sidecar()
+    ));
+    Ok(Exit::Ok)
 }
 
 /// A completion script for `shell`, generated from the argument definitions.

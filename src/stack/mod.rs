@@ -4,6 +4,7 @@
 
 mod diagnostic;
 pub mod edit;
+pub mod init;
 mod lower;
 mod model;
 mod rules;
