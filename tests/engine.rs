@@ -1014,3 +1014,76 @@ fn a_docker_context_pointing_at_a_socket_proxy_is_used_when_docker_host_is_unset
     o.exited(3)
         .stderr_has("unix:///nonexistent/docker.sock (DOCKER_HOST)");
 }
+
+#[test]
+fn init_apply_then_logs_shows_the_apps_access_line_and_follows_it_across_a_recreation() {
+    use std::io::{BufRead, BufReader};
+    ensure_images();
+    let s = TestStack::new("logs");
+    s.soul(&["init", "--image", NGINX, "--port", "80", "--name", &s.name])
+        .exited(0);
+    let lan = free_port();
+    let kdl = read(s.file()).replace("lan port=8443", &format!("lan port={lan}"));
+    std::fs::write(s.file(), &kdl).unwrap();
+    s.apply();
+    let token = s.token("my-phone");
+    assert!(http_get_as(lan, "/before", &token, Duration::from_secs(20)).is_some());
+    let wait_for_line = |path: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = s.soul(&["logs", "nginx", "--role", "app"]);
+            if o.stdout_text().contains(&format!("GET {path} ")) {
+                return o;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access line for {path}: {}",
+                text(&o)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let o = wait_for_line("/before");
+    o.stdout_has("nginx-app | ");
+    o.stdout_lacks("nginx-gate |");
+
+    // Following: the app is recreated (a changed env) and the next request still shows up.
+    let mut follower = s
+        .command(&["logs", "nginx", "--role", "app", "-F", "--tail", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(follower.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let before = s.container_id("nginx", "app");
+    std::fs::write(
+        s.file(),
+        kdl.replace("port 80 ", "port 80\n    env \"TZ\" \"UTC\"\n "),
+    )
+    .unwrap();
+    s.apply();
+    assert_ne!(
+        s.container_id("nginx", "app"),
+        before,
+        "apply recreated the app"
+    );
+    assert!(http_get_as(lan, "/after", &token, Duration::from_secs(20)).is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("GET /after ")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("logs -f did not follow the recreated app: {seen:?}"),
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

@@ -46,6 +46,26 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `soul logs`'s flags.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Only this sidecar's pod.
+    pub sidecar: Option<String>,
+    /// Only this role's container: app, gate, pause, tailscale, nebula or tor.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Keep following new output, across containers recreated by apply or watch (`-F`, as
+    /// `tail -F` follows a file that is replaced: `-f` is the stack file, as for every command).
+    #[arg(short = 'F', long)]
+    pub follow: bool,
+    /// Only output newer than this (`10m`, `2h`).
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub since: Option<Duration>,
+    /// Only the last N lines of each container.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u64>,
+}
+
 /// `soul init`'s flags.
 #[derive(Debug, Args)]
 pub struct InitStackArgs {
@@ -128,6 +148,13 @@ Example:\n  soul watch\n  soul watch --resync 5m --pull 1m --log-format json"
     /// Show each pod's containers: state, health, image, and whether they match stack.kdl.
     #[command(after_help = "Example:\n  soul status\n  soul status --output json")]
     Status(OutputArgs),
+    /// Show the pods' output, each line named by sidecar and role (like `docker compose logs`).
+    #[command(
+        after_help = "Example:\n  soul logs                    # every container of the stack\n  \
+soul logs notes --role app -F  # follow one app, across recreations\n  \
+soul logs --since 10m --tail 50"
+    )]
+    Logs(LogsArgs),
     /// Remove this stack's containers and networks (named volumes only with --volumes).
     #[command(
         after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
@@ -457,4 +484,14 @@ pub struct PauseArgs {
     /// Only check that the guard is in place (the pause container's health check).
     #[arg(long, requires = "gate_port")]
     pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a subcommand's arguments only when that subcommand runs: `soul logs -f`
+    /// (follow) once clashed with the global `-f` (file) and panicked at run time.
+    #[test]
+    fn a_short_flag_taken_twice_fails_here_not_at_run_time() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -187,6 +187,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Status(args) => status(&cli, args.output).await,
         Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&Context::load(&cli)?, args).await,
+        Command::Logs(args) => logs(&Context::load(&cli)?, args).await,
         Command::Image => image().await,
         Command::Completions { shell } => {
             out(&completions(*shell));
@@ -901,6 +902,72 @@ fn render_transports(report: &reconcile::TransportsReport) -> String {
         ));
     }
     s
+}
+
+/// `soul logs`: the chosen containers' output, `<sidecar>-<role> | line`, until it ends (or,
+/// with `-f`, until Ctrl-C).
+async fn logs(ctx: &Context, args: &LogsArgs) -> Result<Exit, CliError> {
+    use crate::pod::{Role, label, role_in_name};
+    use crate::runtime::logs;
+    let stack = &ctx.stack;
+    if let Some(sidecar) = &args.sidecar {
+        reconcile::one_sidecar(stack, Some(sidecar))?;
+    }
+    let role = match args.role.as_deref().map(|r| (r, Role::parse(r))) {
+        Some((_, Some(role))) => Some(role),
+        Some((r, None)) => {
+            return Err(CliError::Usage(format!(
+                "`{r}` is not a role: pick app, gate, pause, tailscale, nebula or tor"
+            )));
+        }
+        None => None,
+    };
+    let docker = Docker::connect().await?;
+    let mut sources: Vec<logs::Source> = docker
+        .snapshot(&stack.stack)
+        .await?
+        .containers
+        .into_iter()
+        .filter_map(|c| {
+            let sidecar = c.labels.get(label::SIDECAR)?.clone();
+            let r = role_in_name(&c.name)?;
+            let wanted = args.sidecar.as_ref().is_none_or(|s| *s == sidecar)
+                && role.is_none_or(|want| want == r);
+            wanted.then(|| logs::Source {
+                container: c.name,
+                label: format!("{sidecar}-{r}"),
+            })
+        })
+        .collect();
+    sources.sort_by(|a, b| a.label.cmp(&b.label));
+    if sources.is_empty() {
+        return Err(CliError::Usage(format!(
+            "no container of stack `{}` matches: run `soul apply`, or check `soul status`",
+            stack.stack
+        )));
+    }
+    let width = sources.iter().map(|s| s.label.len()).max().unwrap_or(0);
+    let since = args
+        .since
+        .map(|d| unix_now().saturating_sub(d.as_secs()) as i64);
+    let options = logs::Options {
+        follow: args.follow,
+        since,
+        tail: args.tail,
+    };
+    let mut lines = logs::read(&docker, sources, options);
+    let stop = terminated();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            line = lines.recv() => match line {
+                Some(l) => out(&format!("{:<width$} | {}\n", l.label, l.text)),
+                None => break,
+            },
+            () = &mut stop => break,
+        }
+    }
+    Ok(Exit::Ok)
 }
 
 /// `soul init`: a first stack.kdl at `-f` (never over an existing file).

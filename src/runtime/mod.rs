@@ -4,6 +4,7 @@
 
 pub mod endpoint;
 mod image;
+pub mod logs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -589,8 +590,7 @@ impl Docker {
         })
     }
 
-    /// Removes a container (force: it may be running). Its volumes are kept.
-    /// Removes a container (by ID or name). When a removal is already in progress (asked by
+    /// Removes a container (by ID or name; force: it may be running; its volumes are kept). When a removal is already in progress (asked by
     /// a run killed mid-call), waits for that one to finish instead.
     pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptionsBuilder::default()
