@@ -202,6 +202,7 @@ fn pairing_pass(
         external_volumes: vec![],
         images: vec![],
         files: pairing.files,
+        stopped: Default::default(),
     };
     let observed = Observed {
         files: state.file_hashes(),

@@ -509,3 +509,60 @@ fn sighup_reconciles_now_and_sigterm_leaves_containers_running() {
         .unwrap();
     assert!(log.contains("containers keep running"), "{log}");
 }
+
+#[test]
+fn a_deliberate_stop_survives_a_running_watch_until_start_and_restart_keeps_the_pod() {
+    ensure_images();
+    let s = TestStack::new("wstop");
+    let lan = free_port();
+    s.write(&kdl(lan, "up", 2));
+    s.apply();
+    let w = Watch::start(&s, None);
+    wait_for("the watch's first pass", Duration::from_secs(30), || {
+        w.passes() >= 1
+    });
+
+    s.soul(&["stop", "s0"])
+        .exited(0)
+        .stdout_has("until `soul start`");
+    assert!(!running(&s, "s0"), "soul stop stopped the pod");
+    // The stop is events (die, stop) for the watch, and SIGHUP asks for a pass at once: the
+    // watch runs passes and leaves the pod stopped; the other pod is untouched.
+    let passes = w.passes();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &w.child.id().to_string()])
+        .status();
+    wait_for("a pass after the stop", Duration::from_secs(20), || {
+        w.passes() > passes
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !running(&s, "s0"),
+        "watch undid a deliberate stop:\n{}",
+        w.log()
+    );
+    assert!(running(&s, "s1"));
+    s.soul(&["apply"]).exited(0);
+    assert!(!running(&s, "s0"), "apply undid a deliberate stop");
+    s.soul(&["status"])
+        .exited(0)
+        .stdout_has("pod s0 (stopped by `soul stop`");
+    s.soul(&["restart", "s0"])
+        .exited(1)
+        .stderr_has("soul start s0");
+
+    s.soul(&["start", "s0"]).exited(0);
+    wait_for("the started pod to serve", Duration::from_secs(20), || {
+        running(&s, "s0") && greeting(&s, lan).as_deref() == Some("up")
+    });
+
+    // Restart: the same containers, started again, serving again.
+    let app = s.container_id("s0", "app");
+    s.soul(&["restart", "s0"]).exited(0).stdout_has("restarted");
+    assert_eq!(s.container_id("s0", "app"), app);
+    wait_for(
+        "the restarted pod to serve",
+        Duration::from_secs(20),
+        || greeting(&s, lan).as_deref() == Some("up"),
+    );
+}

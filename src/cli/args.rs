@@ -46,6 +46,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The pods a command acts on.
+#[derive(Debug, Args)]
+pub struct PodsArgs {
+    /// Only this sidecar's pod [default: every pod of the stack].
+    pub sidecar: Option<String>,
+}
+
 /// `soul logs`'s flags.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
@@ -155,6 +162,18 @@ soul logs notes --role app -F  # follow one app, across recreations\n  \
 soul logs --since 10m --tail 50"
     )]
     Logs(LogsArgs),
+    /// Stop a sidecar's pod, or every pod, and keep it stopped: `apply` and `watch` leave it
+    /// so until `soul start`.
+    #[command(
+        after_help = "Example:\n  soul stop notes   # one pod\n  soul stop         # the whole stack"
+    )]
+    Stop(PodsArgs),
+    /// Start what `soul stop` stopped (and apply).
+    #[command(after_help = "Example:\n  soul start notes\n  soul start")]
+    Start(PodsArgs),
+    /// Restart a sidecar's pod, or every pod: its namespace holder first, then the rest.
+    #[command(after_help = "Example:\n  soul restart notes\n  soul restart")]
+    Restart(PodsArgs),
     /// Remove this stack's containers and networks (named volumes only with --volumes).
     #[command(
         after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \

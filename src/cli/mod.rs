@@ -188,6 +188,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&Context::load(&cli)?, args).await,
         Command::Logs(args) => logs(&Context::load(&cli)?, args).await,
+        Command::Stop(args) => stop(&Context::load(&cli)?, args).await,
+        Command::Start(args) => start(&Context::load(&cli)?, args).await,
+        Command::Restart(args) => restart(&Context::load(&cli)?, args).await,
         Command::Image => image().await,
         Command::Completions { shell } => {
             out(&completions(*shell));
@@ -451,6 +454,9 @@ fn sigil(step: &Step) -> char {
 async fn apply(ctx: &Context) -> Result<Exit, CliError> {
     let started = Instant::now();
     let stack = &ctx.stack;
+    for s in reconcile::stopped(&ctx.state()) {
+        eprintln!("note: `{s}` is stopped (`soul stop`): left as it is until `soul start {s}`");
+    }
     if let Some(relay) = &stack.relay {
         eprintln!(
             "warning: the relay is not built yet: `relay` {} goes into pairing codes, but nothing serves it (see `soul --help`)",
@@ -573,6 +579,7 @@ async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
     let watch = reconcile::WatchStatus::read(&ctx.state());
     let mut report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
     report.engine = Some(docker.endpoint().clone());
+    report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -593,7 +600,15 @@ fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
         s.push_str(&format!("  engine {engine}\n"));
     }
     for pod in &report.pods {
-        s.push_str(&format!("  pod {}\n", pod.sidecar));
+        let held = if report.stopped.contains(&pod.sidecar) {
+            format!(
+                " (stopped by `soul stop`; `soul start {}` starts it)",
+                pod.sidecar
+            )
+        } else {
+            String::new()
+        };
+        s.push_str(&format!("  pod {}{held}\n", pod.sidecar));
         for c in &pod.containers {
             let health = c
                 .health
@@ -966,6 +981,94 @@ async fn logs(ctx: &Context, args: &LogsArgs) -> Result<Exit, CliError> {
             },
             () = &mut stop => break,
         }
+    }
+    Ok(Exit::Ok)
+}
+
+/// The sidecars a command names: the one given (which must exist), else all.
+fn pods_of(ctx: &Context, args: &PodsArgs) -> Result<Vec<String>, CliError> {
+    match &args.sidecar {
+        Some(name) => Ok(vec![reconcile::one_sidecar(&ctx.stack, Some(name))?]),
+        None => Ok(ctx.stack.sidecars.iter().map(|s| s.name.clone()).collect()),
+    }
+}
+
+/// The containers of `sidecars` on the engine, the pod's namespace holder (pause) first.
+async fn pod_containers(
+    docker: &Docker,
+    ctx: &Context,
+    sidecars: &[String],
+) -> Result<Vec<String>, CliError> {
+    use crate::pod::{Role, label, role_in_name};
+    let mut names: Vec<(bool, String)> = docker
+        .snapshot(&ctx.stack.stack)
+        .await?
+        .containers
+        .into_iter()
+        .filter(|c| {
+            c.labels
+                .get(label::SIDECAR)
+                .is_some_and(|s| sidecars.contains(s))
+        })
+        .map(|c| (role_in_name(&c.name) != Some(Role::Pause), c.name))
+        .collect();
+    names.sort();
+    Ok(names.into_iter().map(|(_, name)| name).collect())
+}
+
+/// `soul stop`: records the pods as stopped (so apply and watch leave them), then stops their
+/// containers, dependents before the namespace holder.
+async fn stop(ctx: &Context, args: &PodsArgs) -> Result<Exit, CliError> {
+    let sidecars = pods_of(ctx, args)?;
+    let state = ctx.open_state()?;
+    let _lock = lock(&state, &ctx.stack, "holds")?;
+    let mut stopped = reconcile::stopped(&state);
+    stopped.extend(sidecars.iter().cloned());
+    reconcile::record_stopped(&state, &stopped)
+        .map_err(|e| CliError::Io(format!("cannot record the stop: {e}")))?;
+    let docker = Docker::connect().await?;
+    for name in pod_containers(&docker, ctx, &sidecars).await?.iter().rev() {
+        docker.stop_container(name).await?;
+        out(&format!("  stopped {name}\n"));
+    }
+    out(&format!(
+        "stopped {}; `soul apply` and `soul watch` leave {} so until `soul start`\n",
+        sidecars.join(", "),
+        if sidecars.len() == 1 { "it" } else { "them" }
+    ));
+    Ok(Exit::Ok)
+}
+
+/// `soul start`: clears `soul stop`'s record for the pods, then applies.
+async fn start(ctx: &Context, args: &PodsArgs) -> Result<Exit, CliError> {
+    let sidecars = pods_of(ctx, args)?;
+    let state = ctx.open_state()?;
+    {
+        let _lock = lock(&state, &ctx.stack, "holds")?;
+        let mut stopped = reconcile::stopped(&state);
+        stopped.retain(|s| !sidecars.contains(s));
+        reconcile::record_stopped(&state, &stopped)
+            .map_err(|e| CliError::Io(format!("cannot clear the stop: {e}")))?;
+    }
+    apply(ctx).await
+}
+
+/// `soul restart`: each pod's namespace holder, then its other containers (which join the new
+/// namespace when they start again).
+async fn restart(ctx: &Context, args: &PodsArgs) -> Result<Exit, CliError> {
+    let sidecars = pods_of(ctx, args)?;
+    let state = ctx.open_state()?;
+    let held = reconcile::stopped(&state);
+    if let Some(s) = sidecars.iter().find(|s| held.contains(*s)) {
+        return Err(CliError::Usage(format!(
+            "`{s}` is stopped (`soul stop`): `soul start {s}` starts it"
+        )));
+    }
+    let _lock = lock(&state, &ctx.stack, "holds")?;
+    let docker = Docker::connect().await?;
+    for name in pod_containers(&docker, ctx, &sidecars).await? {
+        docker.restart_container(&name).await?;
+        out(&format!("  restarted {name}\n"));
     }
     Ok(Exit::Ok)
 }

@@ -26,7 +26,7 @@ pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};
 pub use pass::{
     PassError, Planned, await_addresses, check_inputs, desired, discover, missing_addresses,
-    pairing_of, prepare, run, unix_now,
+    pairing_of, prepare, record_stopped, run, stopped, unix_now,
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,

@@ -84,6 +84,7 @@ pub fn desired(
     now: u64,
 ) -> Result<Desired, PassError> {
     let mut desired = resolve(stack, machine, state.path())?;
+    desired.stopped = stopped(state);
     desired
         .files
         .extend(pairing_of(stack, state, discovered, now)?.files);
@@ -93,6 +94,30 @@ pub fn desired(
         addresses_file(discovered),
     ));
     Ok(desired)
+}
+
+/// The sidecars `soul stop` stopped, as recorded in the state dir.
+pub fn stopped(state: &StateDir) -> std::collections::BTreeSet<String> {
+    state
+        .read(crate::state::layout::STOPPED_FILE)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Records the sidecars stopped on purpose (none: the record goes).
+pub fn record_stopped(
+    state: &StateDir,
+    stopped: &std::collections::BTreeSet<String>,
+) -> std::io::Result<()> {
+    let file = crate::state::layout::STOPPED_FILE;
+    if stopped.is_empty() {
+        state.remove(file)
+    } else {
+        let mut bytes = serde_json::to_vec_pretty(stopped).unwrap_or_default();
+        bytes.push(b'\n');
+        state.write(file, &bytes)
+    }
 }
 
 /// Discovers addresses, then builds the desired state, observes and plans, changing nothing.

@@ -25,6 +25,9 @@ pub struct Desired {
     pub images: Vec<ImageNeed>,
     /// The state dir's files: key, registry, tokens, pairing artifacts.
     pub files: Vec<DesiredFile>,
+    /// Sidecars stopped on purpose (`soul stop`): their pods are left as they are, neither
+    /// started, created nor recreated, until `soul start`.
+    pub stopped: BTreeSet<String>,
 }
 
 /// A file the state dir should hold, relative to it.
@@ -452,7 +455,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
 
     let mut new_networks = BTreeSet::new();
-    for pod in &desired.pods {
+    for pod in desired
+        .pods
+        .iter()
+        .filter(|p| !desired.stopped.contains(&p.sidecar))
+    {
         plan_pod(
             pod,
             observed,

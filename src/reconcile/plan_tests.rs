@@ -72,6 +72,7 @@ fn desired(pods: Vec<PodSpec>) -> Desired {
         volumes: vec![crate::pod::NamedVolume::declared("home", "data")],
         external_volumes: vec![],
         images,
+        stopped: Default::default(),
         files: vec![
             DesiredFile::bytes("stack.key", "stack key".into(), b"k".to_vec()),
             DesiredFile {

@@ -1,7 +1,7 @@
 //! Resolve: a validated [`Stack`] plus what only this machine knows (secret files, soul's
 //! environment, soul's own image) → the [`Desired`] state the planner works towards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::machine::Machine;
@@ -245,6 +245,7 @@ pub fn resolve(
         external_volumes,
         images,
         files,
+        stopped: BTreeSet::new(),
     })
 }
 

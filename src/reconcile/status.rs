@@ -15,6 +15,8 @@ pub struct StatusReport {
     pub stack: String,
     /// The engine it was read from, and how soul found it.
     pub engine: Option<crate::runtime::endpoint::Endpoint>,
+    /// Sidecars `soul stop` stopped (apply and watch leave them until `soul start`).
+    pub stopped: Vec<String>,
     pub pods: Vec<PodStatus>,
     pub undeclared: Vec<UndeclaredContainer>,
     pub watch: Option<WatchStatus>,
@@ -121,6 +123,7 @@ pub fn report(
     StatusReport {
         stack: stack.stack.clone(),
         engine: None,
+        stopped: Vec::new(),
         pods,
         undeclared,
         watch,

@@ -497,6 +497,29 @@ impl Docker {
         Ok(())
     }
 
+    /// Stops a container (SIGTERM, then SIGKILL after 10 s); one already stopped is left so.
+    pub async fn stop_container(&self, name: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::StopContainerOptionsBuilder::default()
+            .t(10)
+            .build();
+        match self.docker.stop_container(name, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Restarts a container (stops it if it runs, then starts it).
+    pub async fn restart_container(&self, name: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::RestartContainerOptionsBuilder::default()
+            .t(10)
+            .build();
+        self.docker.restart_container(name, Some(options)).await?;
+        Ok(())
+    }
+
     /// The contents of a file inside a container (running or not), or `None` when the
     /// container or the file does not exist yet.
     pub async fn read_file(

@@ -29,6 +29,9 @@ pub const GATE_REGISTRY_FILE: &str = "devices.json";
 /// ([`super::StackKey::link_key`]).
 pub const GATE_LINK_KEY_FILE: &str = "link.key";
 
+/// The sidecars stopped on purpose (`soul stop`), a JSON list; absent when none is.
+pub const STOPPED_FILE: &str = "stopped.json";
+
 /// Directories whose files soul owns entirely: anything there that is not desired goes.
 pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", GATE_DIR];
 
