@@ -557,3 +557,29 @@ fn init_writes_a_valid_commented_stack_and_never_overwrites_one() {
     assert_eq!(read(&file), "// mine\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn init_on_a_terminal_asks_for_the_image_and_the_port() {
+    ensure_command("script", "bsdutils");
+    let dir = std::env::temp_dir().join(format!("soul-init-tty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stack.kdl");
+    // `script` gives soul a terminal and types what the shell pipes in, a line at a time.
+    let typed = format!(
+        "(sleep 1; printf 'ghcr.io/example/notes:1.4\\n'; sleep 0.5; printf '8080\\n'; sleep 1) \\
+         | script -qec '{SOUL} -f {} init --name home' /dev/null",
+        file.display()
+    );
+    let o = run(Command::new("timeout").args(["20", "sh", "-c", &typed]));
+    o.exited(0)
+        .stdout_has("Image of your service")
+        .stdout_has("next: `soul apply`");
+    let text = read(&file);
+    assert!(
+        text.contains("image \"ghcr.io/example/notes:1.4\""),
+        "{text}"
+    );
+    assert!(text.contains("port 8080"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
