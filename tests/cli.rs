@@ -503,6 +503,28 @@ fn completions_load_in_each_shell_and_the_man_page_lists_the_commands() {
             "no {command} in the man page"
         );
     }
+    // The pages it names exist: one per command, none for the commands pods run.
+    let dir = std::env::temp_dir().join(format!("soul-man-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Soul::offline()
+        .args(["man", "--out", dir.to_str().unwrap()])
+        .run()
+        .success();
+    for page in [
+        "soul.1",
+        "soul-apply.1",
+        "soul-pair.1",
+        "soul-logs.1",
+        "soul-bridge-init.1",
+    ] {
+        assert!(dir.join(page).exists(), "no {page}");
+    }
+    assert!(
+        !dir.join("soul-gate.1").exists(),
+        "hidden commands get no page"
+    );
+    assert!(read(dir.join("soul-apply.1")).contains(".TH soul-apply 1"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

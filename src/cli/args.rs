@@ -221,12 +221,14 @@ soul completions fish > ~/.config/fish/completions/soul.fish"
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Print soul's manual page (roff), for `man`.
-    #[command(
-        after_help = "Example:\n  soul man > ~/.local/share/man/man1/soul.1 && man soul\n  \
-soul man | man -l -"
-    )]
-    Man,
+    /// Print soul's manual page (roff), or write it and one page per command into a directory.
+    #[command(after_help = "Example:\n  soul man | man -l -\n  \
+soul man --out ~/.local/share/man/man1 && man soul-apply")]
+    Man {
+        /// Write soul.1 and soul-<command>.1 for every command into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Build soul's own image from this binary, offline (used by each pod's pause container).
     #[command(
         after_help = "`apply` builds it when missing or older than this binary; this \

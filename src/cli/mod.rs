@@ -196,14 +196,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             out(&completions(*shell));
             Ok(Exit::Ok)
         }
-        Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut page)
-                .map_err(|e| CliError::Io(format!("cannot render the manual page: {e}")))?;
-            out(&String::from_utf8_lossy(&page));
-            Ok(Exit::Ok)
-        }
+        Command::Man { out: dir } => man(dir.as_deref()),
         Command::Devices(args) => devices(&Context::load(&cli)?, args.output),
         Command::Pair(args) if args.serve => pair_page(&Context::load(&cli)?, args.port).await,
         Command::Pair(args) => pair(&Context::load(&cli)?, args),
@@ -1130,6 +1123,30 @@ fn init(cli: &Cli, args: &InitStackArgs) -> Result<Exit, CliError> {
         init.stack,
         init.sidecar()
     ));
+    Ok(Exit::Ok)
+}
+
+/// `soul man`: the top page on stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<Exit, CliError> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                CliError::Io(format!(
+                    "cannot write the manual pages into {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            eprintln!("wrote soul.1 and a page per command into {}", dir.display());
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| CliError::Io(format!("cannot render the manual page: {e}")))?;
+            out(&String::from_utf8_lossy(&page));
+        }
+    }
     Ok(Exit::Ok)
 }
 
