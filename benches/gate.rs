@@ -222,19 +222,22 @@ fn main() {
         }
     );
     println!("  64 connections, best req/s, median p99, median ratio to direct:");
-    for (what, runs) in [
+    let rows = |rows: &[(&str, &Vec<Run>)]| {
+        for (what, runs) in rows {
+            println!(
+                "    {what:<40} {:>7.0} req/s   p99 {:>6.2} ms   {:.2}×",
+                best(runs),
+                median_p99(runs),
+                ratio(runs, &direct)
+            );
+        }
+    };
+    rows(&[
         ("direct", &direct),
         ("via gate", &gated),
         ("via nginx (own container, the anchor)", &proxied),
         ("via nginx (inside the app's nginx)", &same_process),
-    ] {
-        println!(
-            "    {what:<40} {:>7.0} req/s   p99 {:>6.2} ms   {:.2}×",
-            best(runs),
-            median_p99(runs),
-            ratio(runs, &direct)
-        );
-    }
+    ]);
     println!(
         "    gate: {:.2}× direct (goal ≥ 0.90×), {:.2}× nginx-as-proxy (goal ≥ 1.0×), {:.2}× nginx inside the app; added p99 {:.2} ms",
         ratio(&gated, &direct),
@@ -243,17 +246,10 @@ fn main() {
         median_p99(&gated) - median_p99(&direct)
     );
     println!("  TLS, 64 connections (keep-alive), best req/s, median p99, median ratio to direct:");
-    for (what, runs) in [
+    rows(&[
         ("via gate, TLS", &gated_tls),
         ("via nginx terminating TLS (the anchor)", &nginx_tls),
-    ] {
-        println!(
-            "    {what:<40} {:>7.0} req/s   p99 {:>6.2} ms   {:.2}×",
-            best(runs),
-            median_p99(runs),
-            ratio(runs, &direct)
-        );
-    }
+    ]);
     println!(
         "    gate with TLS: {:.2}× nginx with TLS (goal ≥ 0.90×), {:.2}× the gate over plain HTTP",
         ratio(&gated_tls, &nginx_tls),

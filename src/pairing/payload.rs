@@ -179,40 +179,31 @@ pub fn browser_address(addresses: &[Address]) -> Option<&Address> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pairing::uri::{PairingLink, PairingUri};
+    use crate::pairing::uri::{CodeFields, PairingLink, PairingUri};
     use proptest::prelude::*;
 
     const PIN: &str = "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=";
 
     fn addresses() -> Vec<Address> {
         vec![
-            Address {
-                transport: TransportKind::Lan,
-                host: "192.168.1.20".into(),
-                port: 8443,
-            },
-            Address {
-                transport: TransportKind::Tailscale,
-                host: "fd7a:115c::1".into(),
-                port: 443,
-            },
-            Address {
-                transport: TransportKind::Relay,
-                host: "relay.example.com".into(),
-                port: 7000,
-            },
+            Address::new(TransportKind::Lan, "192.168.1.20", 8443),
+            Address::new(TransportKind::Tailscale, "fd7a:115c::1", 443),
+            Address::new(TransportKind::Relay, "relay.example.com", 7000),
         ]
     }
 
     #[test]
     fn both_forms_soul_prints_read_back() {
         let addrs = addresses();
-        let uri = PairingUri {
+        let fields = CodeFields {
             stack: "home",
             sidecar: "notes",
             device: "alice-phone",
             addresses: &addrs,
             pin: PIN,
+        };
+        let uri = PairingUri {
+            fields,
             token: "a.b-c_d.e",
         }
         .to_string();
@@ -221,11 +212,7 @@ mod tests {
         assert_eq!(read.token.as_ref().map(Secret::expose), Some("a.b-c_d.e"));
         assert_eq!(read.pin.as_deref(), Some(PIN));
         let link = PairingLink {
-            stack: "home",
-            sidecar: "notes",
-            device: "alice-phone",
-            addresses: &addrs,
-            pin: PIN,
+            fields,
             ticket: "alice-phone.1.x_y-z",
         }
         .to_string();
@@ -331,19 +318,16 @@ mod tests {
             pin_bytes in any::<[u8; 32]>(),
         ) {
             let pin = crate::tls::pin_of_spki(&pin_bytes);
-            let uri = PairingUri {
-                stack: &stack, sidecar: &sidecar, device: &device,
-                addresses: &addrs, pin: &pin, token: &token,
-            }.to_string();
+            let fields = CodeFields {
+                stack: &stack, sidecar: &sidecar, device: &device, addresses: &addrs, pin: &pin,
+            };
+            let uri = PairingUri { fields, token: &token }.to_string();
             let read = Payload::parse(&uri).unwrap();
             prop_assert_eq!(&read.addresses, &addrs);
             prop_assert_eq!((&read.stack, &read.sidecar, &read.device), (&stack, &sidecar, &device));
             prop_assert_eq!(read.token.as_ref().map(Secret::expose), Some(token.as_str()));
             prop_assert!(read.pin.is_some());
-            let link = PairingLink {
-                stack: &stack, sidecar: &sidecar, device: &device,
-                addresses: &addrs, pin: &pin, ticket: &ticket,
-            }.to_string();
+            let link = PairingLink { fields, ticket: &ticket }.to_string();
             let read = Payload::parse(&link).unwrap();
             prop_assert_eq!(&read.addresses, &addrs);
             prop_assert_eq!(read.ticket.as_ref().map(Secret::expose), Some(ticket.as_str()));

@@ -167,24 +167,12 @@ mod tests {
     /// The link of a stack with a LAN address, one overlay, a relay and the pin (issue: the
     /// terminal code was 81 columns wide and wrapped in an 80-column terminal).
     fn link(with_tor: bool) -> String {
-        use crate::pairing::{Address, PairingLink};
+        use crate::pairing::{Address, CodeFields, PairingLink};
         use crate::stack::TransportKind;
         let mut addresses = vec![
-            Address {
-                transport: TransportKind::Lan,
-                host: "192.168.178.120".into(),
-                port: 8443,
-            },
-            Address {
-                transport: TransportKind::Tailscale,
-                host: "100.101.102.103".into(),
-                port: 443,
-            },
-            Address {
-                transport: TransportKind::Relay,
-                host: "relay.example.com".into(),
-                port: 7000,
-            },
+            Address::new(TransportKind::Lan, "192.168.178.120", 8443),
+            Address::new(TransportKind::Tailscale, "100.101.102.103", 443),
+            Address::new(TransportKind::Relay, "relay.example.com", 7000),
         ];
         if with_tor {
             addresses.push(Address {
@@ -194,11 +182,13 @@ mod tests {
             });
         }
         PairingLink {
-            stack: "homelab",
-            sidecar: "photos",
-            device: "alice-phone",
-            addresses: &addresses,
-            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
+            fields: CodeFields {
+                stack: "homelab",
+                sidecar: "photos",
+                device: "alice-phone",
+                addresses: &addresses,
+                pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
+            },
             ticket: "alice-phone.1.Yc3uQ0b0m9QeS6nU6C4KXg",
         }
         .to_string()

@@ -37,6 +37,16 @@ pub struct Address {
     pub port: u16,
 }
 
+impl Address {
+    pub fn new(transport: TransportKind, host: impl Into<String>, port: u16) -> Address {
+        Address {
+            transport,
+            host: host.into(),
+            port,
+        }
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // IPv6 hosts go in brackets; names and onion hosts as they are.
@@ -47,27 +57,48 @@ impl fmt::Display for Address {
     }
 }
 
-/// A pairing URI's parts. Its `Debug` leaves the token out; its `Display` is the URI itself,
-/// token and all, which soul writes only into the device's artifacts.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PairingUri<'a> {
+/// What both forms of a pairing code say besides their secret: whose code it is, where the pod
+/// is reached, and the gate's key pin. Its `Display` is the shared part,
+/// `v=1&stack=…&sidecar=…&device=…&addr=…&pin=…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeFields<'a> {
     pub stack: &'a str,
     pub sidecar: &'a str,
     pub device: &'a str,
+    /// In the stack's transport order.
     pub addresses: &'a [Address],
     /// The gate's public key pin, `sha256//<base64>` (see [`crate::tls`]).
     pub pin: &'a str,
+}
+
+impl fmt::Display for CodeFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "v=1&stack={}&sidecar={}&device={}",
+            enc(self.stack),
+            enc(self.sidecar),
+            enc(self.device)
+        )?;
+        for a in self.addresses {
+            write!(f, "&addr={}", enc(&a.to_string()))?;
+        }
+        write!(f, "&pin={}", enc(self.pin))
+    }
+}
+
+/// The pairing URI. Its `Debug` leaves the token out; its `Display` is the URI itself, token and
+/// all, which soul writes only into the device's artifacts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairingUri<'a> {
+    pub fields: CodeFields<'a>,
     pub token: &'a str,
 }
 
 impl fmt::Debug for PairingUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PairingUri")
-            .field("stack", &self.stack)
-            .field("sidecar", &self.sidecar)
-            .field("device", &self.device)
-            .field("addresses", &self.addresses)
-            .field("pin", &self.pin)
+            .field("fields", &self.fields)
             .field("token", &crate::secret::Secret::default())
             .finish()
     }
@@ -75,16 +106,7 @@ impl fmt::Debug for PairingUri<'_> {
 
 impl fmt::Display for PairingUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("soul://pair?")?;
-        fields(
-            f,
-            self.stack,
-            self.sidecar,
-            self.device,
-            self.addresses,
-            self.pin,
-        )?;
-        write!(f, "&token={}", enc(self.token))
+        write!(f, "soul://pair?{}&token={}", self.fields, enc(self.token))
     }
 }
 
@@ -94,58 +116,24 @@ impl fmt::Display for PairingUri<'_> {
 /// (docs/pairing.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairingLink<'a> {
-    pub stack: &'a str,
-    pub sidecar: &'a str,
-    pub device: &'a str,
-    /// At least one: the link opens the first a browser reaches.
-    pub addresses: &'a [Address],
-    pub pin: &'a str,
+    /// At least one address: the link opens the first a browser reaches.
+    pub fields: CodeFields<'a>,
     pub ticket: &'a str,
 }
 
 impl fmt::Display for PairingLink<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let origin = super::payload::browser_address(self.addresses)
+        let origin = super::payload::browser_address(self.fields.addresses)
             .map(Address::http_origin)
             .unwrap_or_else(|| "http://localhost".into());
         let ticket = super::ticket::TICKET_PARAM;
-        write!(f, "{origin}/?{ticket}={}#", enc(self.ticket))?;
-        fields(
-            f,
-            self.stack,
-            self.sidecar,
-            self.device,
-            self.addresses,
-            self.pin,
-        )
+        write!(f, "{origin}/?{ticket}={}#{}", enc(self.ticket), self.fields)
     }
 }
 
 /// A value as the payload writes it.
 fn enc(value: &str) -> String {
     utf8_percent_encode(value, QUERY_VALUE).to_string()
-}
-
-/// The fields both forms carry, in their order: `v=1&stack=…&sidecar=…&device=…&addr=…&pin=…`.
-fn fields(
-    f: &mut fmt::Formatter<'_>,
-    stack: &str,
-    sidecar: &str,
-    device: &str,
-    addresses: &[Address],
-    pin: &str,
-) -> fmt::Result {
-    write!(
-        f,
-        "v=1&stack={}&sidecar={}&device={}",
-        enc(stack),
-        enc(sidecar),
-        enc(device)
-    )?;
-    for a in addresses {
-        write!(f, "&addr={}", enc(&a.to_string()))?;
-    }
-    write!(f, "&pin={}", enc(pin))
 }
 
 /// Links a browser can open, one per address, best first:
@@ -177,11 +165,13 @@ mod tests {
     #[test]
     fn a_pairing_uri_debug_print_leaves_the_token_out() {
         let uri = PairingUri {
-            stack: "home",
-            sidecar: "notes",
-            device: "alice",
-            addresses: &[],
-            pin: "sha256//AAAA",
+            fields: CodeFields {
+                stack: "home",
+                sidecar: "notes",
+                device: "alice",
+                addresses: &[],
+                pin: "sha256//AAAA",
+            },
             token: "eyJ.secret.token",
         };
         let shown = format!("{uri:?}");
@@ -196,28 +186,18 @@ mod tests {
     #[test]
     fn format_of_the_contract() {
         let addrs = [
-            Address {
-                transport: TransportKind::Lan,
-                host: "192.168.1.20".into(),
-                port: 8443,
-            },
-            Address {
-                transport: TransportKind::Tailscale,
-                host: "fd7a:115c::1".into(),
-                port: 443,
-            },
-            Address {
-                transport: TransportKind::Tor,
-                host: "abc.onion".into(),
-                port: 80,
-            },
+            Address::new(TransportKind::Lan, "192.168.1.20", 8443),
+            Address::new(TransportKind::Tailscale, "fd7a:115c::1", 443),
+            Address::new(TransportKind::Tor, "abc.onion", 80),
         ];
         let uri = PairingUri {
-            stack: "home",
-            sidecar: "notes",
-            device: "alice-phone",
-            addresses: &addrs,
-            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
+            fields: CodeFields {
+                stack: "home",
+                sidecar: "notes",
+                device: "alice-phone",
+                addresses: &addrs,
+                pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
+            },
             token: "a.b-c_d.e",
         }
         .to_string();

@@ -5,7 +5,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::pairing::{
-    Address, PairingLink, PairingUri, TokenError, browser_links, claims_for, issue,
+    Address, CodeFields, PairingLink, PairingUri, TokenError, browser_links, claims_for, issue,
 };
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
@@ -167,12 +167,15 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         );
         let token = issue(&key, &claims)?;
         for ((sidecar, addresses), pin) in stack.sidecars.iter().zip(&inputs.addresses).zip(&pins) {
-            let uri = PairingUri {
+            let fields = CodeFields {
                 stack: &stack.stack,
                 sidecar: &sidecar.name,
                 device: name,
                 addresses,
                 pin,
+            };
+            let uri = PairingUri {
+                fields,
                 token: token.expose(),
             }
             .to_string();
@@ -184,11 +187,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 uri.clone()
             } else {
                 PairingLink {
-                    stack: &stack.stack,
-                    sidecar: &sidecar.name,
-                    device: name,
-                    addresses,
-                    pin,
+                    fields,
                     ticket: &ticket,
                 }
                 .to_string()
@@ -267,21 +266,9 @@ mod tests {
 
     fn three_addresses() -> Vec<Address> {
         vec![
-            Address {
-                transport: TransportKind::Lan,
-                host: "192.168.178.120".into(),
-                port: 8443,
-            },
-            Address {
-                transport: TransportKind::Tailscale,
-                host: "100.101.102.103".into(),
-                port: 443,
-            },
-            Address {
-                transport: TransportKind::Relay,
-                host: "relay.example.com".into(),
-                port: 7000,
-            },
+            Address::new(TransportKind::Lan, "192.168.178.120", 8443),
+            Address::new(TransportKind::Tailscale, "100.101.102.103", 443),
+            Address::new(TransportKind::Relay, "relay.example.com", 7000),
         ]
     }
 
