@@ -33,6 +33,7 @@ pub mod pair_page;
 pub mod pairing;
 pub mod pod;
 pub mod reconcile;
+pub mod relay;
 pub mod runtime;
 pub mod secret;
 pub mod stack;
