@@ -184,16 +184,18 @@ soul down\n  soul down --volumes   # also deletes the stack's named volumes: the
     /// device's token is current.
     #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
     Devices(OutputArgs),
-    /// Show a device's pairing QR code (scan it with the phone), a link for its browser, or
-    /// write either to a file.
+    /// Show a device's pairing QR code (a phone camera opens it, paired), a link for a
+    /// browser here, or the URI; write any to a file; or serve a page of every code (--serve).
     #[command(
-        after_help = "The QR code holds the pod's reachable addresses and the device's \
-token: treat it like a password. A browser opens the pod through `--format link`: the link \
-holds a one-time ticket, never the token; the pod's gate redeems it for a browser session of \
-that sidecar (a cookie that lasts as long as the device, at most 400 days). A used link does \
-not work again: bump the device's `generation=` (or `soul rotate --device D`) for a new one.\n\nExample:\n  \
+        after_help = "The QR code holds the pairing link: a phone camera opens it in the \
+browser at the pod's first address a browser reaches, and the pod's gate redeems its one-time \
+ticket for a browser session of that sidecar (a cookie that lasts as long as the device, at \
+most 400 days). The link never holds the device token; its part after `#` tells a soul client \
+the addresses and the gate's key pin, and the client trades the ticket for the token over TLS. \
+A used code does not work again: `soul rotate --device D` makes a new one. `--format uri` \
+prints the pairing URI, which holds the token: treat it like a password.\n\nExample:\n  \
 soul pair alice-phone\n  soul pair alice-phone --sidecar notes --format png --out alice.png\n  \
-soul pair alice-phone --format uri\n  soul pair alice-phone --format link"
+soul pair alice-phone --format uri\n  soul pair alice-phone --format link\n  soul pair --serve"
     )]
     Pair(PairArgs),
     /// Re-issue tokens: bump `secret-generation` (every device) or one device's `generation=`
