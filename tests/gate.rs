@@ -1992,6 +1992,9 @@ fn a_tls_only_gate_refuses_plain_http_and_serves_tls() {
         plain.starts_with("HTTP/1.1 400") && plain.contains("HTTPS only"),
         "{plain}"
     );
+    // Docker's health check probes over plain HTTP from inside the pod: only it is answered.
+    assert!(request(gate.port, "/.soul/health", "").starts_with("HTTP/1.1 200"));
+    assert!(request(gate.port, "/.soul/healthz", "").starts_with("HTTP/1.1 400"));
     let pin = soul::tls::identity(&key, "home", "notes").pin;
     assert_eq!(curl_tls(gate.port, "/", Some(&token), Some(&pin)).1, 200);
     assert!(app.log.lock().unwrap().iter().all(|r| !r.contains(&token)));

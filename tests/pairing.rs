@@ -736,3 +736,42 @@ fn the_pairing_page_shows_every_code_scannable_on_loopback_and_follows_a_reissue
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&profile);
 }
+
+#[test]
+fn a_tls_only_pod_passes_its_health_check_and_refuses_plain_http_from_the_lan() {
+    ensure_images();
+    let s = TestStack::new("tlsonly");
+    s.write(&format!("{}gate tls-only=#true\n", stack_kdl(DEVICES, 1)));
+    s.apply();
+    let port = lan_port(&s);
+    let gate = s.container("notes", "gate");
+    // Exactly Docker's health check, run now rather than after its interval.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let probe = run(std::process::Command::new("docker").args([
+            "exec",
+            &gate,
+            "/soul",
+            "probe",
+            "http://127.0.0.1:8443/.soul/health",
+        ]));
+        if probe.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the health check fails: {}",
+            text(&probe)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let token = s.token("alice-phone");
+    let plain = http_get_as(port, "/", &token, std::time::Duration::from_secs(3));
+    assert_eq!(
+        plain.map(|r| r.0),
+        Some(400),
+        "plain HTTP from the LAN is refused"
+    );
+    let pin = pin_of(&read(s.state().join("pairing/alice-phone/notes.uri")));
+    assert_eq!(curl_tls(port, "/", Some(&token), Some(&pin)).1, 200);
+}

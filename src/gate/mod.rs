@@ -287,7 +287,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
     if first[0] != TLS_HANDSHAKE {
         if shared.cfg.tls_only {
-            tls::refuse_plain(stream, peer).await;
+            tls::refuse_plain(stream, peer, HEALTH_PATH).await;
         } else {
             serve_http(TokioIo::new(stream), peer, false, shared).await;
         }

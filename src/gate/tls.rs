@@ -62,10 +62,28 @@ impl std::fmt::Debug for GateTls {
 /// What a plain-HTTP client of a TLS-only gate reads before the connection closes.
 const PLAIN_REFUSED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 62\r\nConnection: close\r\n\r\nthis gate speaks HTTPS only: open the same address with https\n";
 
-/// Answers a plain-HTTP connection to a TLS-only gate, without reading its request.
-pub async fn refuse_plain(mut stream: TcpStream, peer: SocketAddr) {
-    tracing::info!(source = %peer, "refused plain HTTP: this gate is TLS-only");
-    let _ = stream.write_all(PLAIN_REFUSED).await;
+/// The answer to Docker's health check, which probes the gate over plain HTTP from inside the
+/// pod: the health endpoint says nothing but "ok", so it stays open on a TLS-only gate.
+const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+
+/// Answers a plain-HTTP connection to a TLS-only gate: the health check is answered, anything
+/// else refused, reading no more than the request line.
+pub async fn refuse_plain(mut stream: TcpStream, peer: SocketAddr, health_path: &str) {
+    use tokio::io::AsyncReadExt as _;
+    let probe = format!("GET {health_path} ");
+    let mut head = vec![0u8; probe.len()];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        stream.read_exact(&mut head),
+    )
+    .await;
+    let answer = if matches!(read, Ok(Ok(_))) && head == probe.as_bytes() {
+        HEALTHY
+    } else {
+        tracing::info!(source = %peer, "refused plain HTTP: this gate is TLS-only");
+        PLAIN_REFUSED
+    };
+    let _ = stream.write_all(answer).await;
     let _ = stream.shutdown().await;
 }
 
@@ -74,12 +92,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_plain_refusal_says_its_own_length() {
-        let text = std::str::from_utf8(PLAIN_REFUSED).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(
-            head.contains(&format!("Content-Length: {}", body.len())),
-            "{text}"
-        );
+    fn the_plain_answers_say_their_own_length() {
+        for answer in [PLAIN_REFUSED, HEALTHY] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.contains(&format!("Content-Length: {}", body.len())),
+                "{text}"
+            );
+        }
     }
 }
