@@ -691,23 +691,40 @@ async fn redeem(
     shared: &Shared,
     keys: &Keys,
 ) -> Response<Body> {
-    let peer = client.peer;
+    let (t, to) = match spend_posted(req, client, shared, keys).await {
+        Ok(spent) => spent,
+        Err(refused) => return *refused,
+    };
+    start_session(client, shared, keys, &t.device, &to)
+}
+
+/// A pairing form posted from the gate's own origin, its ticket spent ([`spend`]).
+async fn spend_posted(
+    req: Request<Incoming>,
+    client: &ClientConnection,
+    shared: &Shared,
+    keys: &Keys,
+) -> Result<(crate::pairing::Ticket, String), Box<Response<Body>>> {
     if credential::foreign_origin(&req, client.tls) {
-        tracing::warn!(source = %peer, "refused: a pairing post from another origin");
-        return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
+        tracing::warn!(source = %client.peer, "refused: a pairing post from another origin");
+        return Err(Box::new(plain(
+            StatusCode::FORBIDDEN,
+            "forbidden: cross-origin request\n",
+        )));
     }
     let body = match Limited::new(req.into_body(), link::MAX_FORM)
         .collect()
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "pairing form too large\n"),
+        Err(_) => {
+            return Err(Box::new(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "pairing form too large\n",
+            )));
+        }
     };
-    let (t, to) = match spend(&body, client, shared, keys) {
-        Ok(spent) => spent,
-        Err(refused) => return *refused,
-    };
-    start_session(client, shared, keys, &t.device, &to)
+    spend(&body, client, shared, keys)
 }
 
 /// Spends the ticket a pairing form carries: verified, then recorded as used, once. Returns the
@@ -805,17 +822,7 @@ async fn hand_token(
             "the token is given over TLS only: connect with https and check the pin\n",
         );
     }
-    if credential::foreign_origin(&req, client.tls) {
-        return plain(StatusCode::FORBIDDEN, "forbidden: cross-origin request\n");
-    }
-    let body = match Limited::new(req.into_body(), link::MAX_FORM)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n"),
-    };
-    let (t, _) = match spend(&body, client, shared, keys) {
+    let (t, _) = match spend_posted(req, client, shared, keys).await {
         Ok(spent) => spent,
         Err(refused) => return *refused,
     };
