@@ -1,8 +1,11 @@
-# NixOS module: services.soul runs `soul watch` as a hardened systemd service after Docker.
+# NixOS module: services.soul runs `soul watch` as a hardened systemd service after Docker;
+# services.soul-relay runs `soul relay serve` (the self-hosted relay, for a small VPS).
 self:
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.soul;
+  relay = config.services.soul-relay;
+  relayFile = pkgs.writeText "relay.kdl" relay.settings;
 in
 {
   options.services.soul = {
@@ -34,7 +37,75 @@ in
     };
   };
 
-  config = lib.mkIf cfg.enable {
+  options.services.soul-relay = {
+    enable = lib.mkEnableOption "soul's relay, which splices devices' TLS to home pods it cannot read";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      defaultText = lib.literalExpression "soul.packages.\${system}.default";
+      description = "The soul package to run.";
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.lines;
+      example = ''
+        listen "0.0.0.0:7000"
+        status "127.0.0.1:7001"
+        allow "home" key="ed25519:…"
+      '';
+      description = "The relay's file (KDL): `listen`, `status`, one `allow` line per stack (printed by `soul relay allow`), `limits`. It holds public keys only.";
+    };
+
+    port = lib.mkOption {
+      type = lib.types.port;
+      default = 7000;
+      description = "The port `listen` names, opened in the firewall when openFirewall is set.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Open the relay's port in the firewall.";
+    };
+  };
+
+  config = lib.mkMerge [ (lib.mkIf relay.enable {
+    networking.firewall.allowedTCPPorts = lib.mkIf relay.openFirewall [ relay.port ];
+
+    systemd.services.soul-relay = {
+      description = "soul relay: splices devices' TLS to home pods it cannot read";
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ];
+      wantedBy = [ "multi-user.target" ];
+      serviceConfig = {
+        ExecStart = "${lib.getExe relay.package} relay serve --config ${relayFile}";
+        Restart = "always";
+        RestartSec = "2s";
+        DynamicUser = true;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        CapabilityBoundingSet = "";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" ];
+        LimitNOFILE = 65536;
+      };
+    };
+  }) (lib.mkIf cfg.enable {
     virtualisation.docker.enable = lib.mkDefault true;
 
     systemd.services.soul = {
@@ -77,5 +148,5 @@ in
         RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
       };
     };
-  };
+  })];
 }

@@ -106,6 +106,20 @@ pub enum ProbeError {
 /// GETs an `http://host[:port]/path` URL with hyper's HTTP/1.1 client; succeeds on a 2xx or 3xx
 /// answer.
 pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
+    let (status, _) = get(url, timeout).await?;
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status.to_string()))
+    }
+}
+
+/// `GET url` (plain `http://`), within `timeout`: the status and the body (at most 1 MiB).
+pub async fn get(
+    url: &str,
+    timeout: Duration,
+) -> Result<(http::StatusCode, bytes::Bytes), ProbeError> {
+    use http_body_util::BodyExt as _;
     let bad = || ProbeError::Url(url.into());
     let uri: http::Uri = url.parse().map_err(|_| bad())?;
     let authority = match (uri.scheme_str(), uri.authority()) {
@@ -117,30 +131,30 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
         authority.host(),
         authority.port_u16().unwrap_or(80)
     );
+    let io = |e| ProbeError::Io(std::io::Error::other(e));
     let work = async {
         let stream = TcpStream::connect(&addr).await?;
         let (mut send, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| ProbeError::Io(std::io::Error::other(e)))?;
+                .map_err(io)?;
         tokio::spawn(conn);
         let request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(http::header::HOST, authority.as_str())
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|_| bad())?;
-        send.send_request(request)
+        let response = send.send_request(request).await.map_err(io)?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
+            .collect()
             .await
-            .map_err(|e| ProbeError::Io(std::io::Error::other(e)))
+            .map_err(|e| ProbeError::Io(std::io::Error::other(e.to_string())))?
+            .to_bytes();
+        Ok::<_, ProbeError>((status, body))
     };
-    let response = tokio::time::timeout(timeout, work)
+    tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| ProbeError::Timeout)??;
-    let status = response.status();
-    if status.is_success() || status.is_redirection() {
-        Ok(())
-    } else {
-        Err(ProbeError::Status(status.to_string()))
-    }
+        .map_err(|_| ProbeError::Timeout)?
 }
 
 #[cfg(test)]

@@ -22,8 +22,10 @@
 //! `docs/architecture.md` draws the map: which module imports which, and where a new
 //! transport goes.
 pub mod agent;
+pub mod backoff;
 pub mod bridge;
 pub mod cli;
+pub mod client;
 pub mod export;
 pub mod gate;
 pub mod guard;

@@ -1,7 +1,7 @@
 //! The `soul` binary: parse arguments, set up logging, run one command, exit with its code.
 
 use clap::Parser;
-use soul::cli::{Cli, Command, Exit, LogFormat, run};
+use soul::cli::{Cli, Command, Exit, LogFormat, RelayCommand, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -32,7 +32,11 @@ fn main() {
     // one-shot commands stay quiet.
     let long_running = matches!(
         cli.command,
-        Command::Watch(_) | Command::Gate { .. } | Command::Pause { .. }
+        Command::Watch(_)
+            | Command::Gate { .. }
+            | Command::Pause { .. }
+            | Command::Connect(_)
+            | Command::Relay(RelayCommand::Serve { .. })
     );
     let default = match cli.verbose {
         0 if long_running => "info",

@@ -57,8 +57,8 @@ fn the_module_options_match_the_flags_it_passes_and_soul_accepts_them() {
     }
     let exec = module
         .lines()
-        .find(|l| l.contains("ExecStart ="))
-        .expect("ExecStart");
+        .find(|l| l.contains("ExecStart =") && l.contains(" watch"))
+        .expect("services.soul's ExecStart");
     let pairs = flag_options(exec);
     assert_eq!(
         pairs,
@@ -204,4 +204,43 @@ fn pull_fast_forwards_and_never_forces() {
     // Not a repository with an upstream.
     assert!(pull(&base).is_err());
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The relay's command lines in the NixOS module and the systemd example are ones soul accepts:
+/// run with a broken relay file, soul gets as far as reading it and names where it is wrong.
+#[test]
+fn the_relay_units_run_a_command_soul_accepts() {
+    let module = read("nix/module.nix");
+    assert!(module.contains("options.services.soul-relay"));
+    let unit = read("examples/relay/soul-relay.service");
+    let dir = std::env::temp_dir().join(format!("soul-deploy-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("relay.kdl");
+    std::fs::write(&broken, "listen \"0.0.0.0:7000\"\nallow \"home\"\n").unwrap();
+    let nix_exec = module
+        .lines()
+        .find(|l| l.contains("ExecStart =") && l.contains("relay serve"))
+        .expect("the relay's ExecStart in the module")
+        .split("ExecStart = \"")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("\";")
+        .replace("${lib.getExe relay.package}", "")
+        .replace("${relayFile}", &broken.to_string_lossy());
+    let unit_exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit's ExecStart")
+        .replace("/usr/local/bin/soul", "")
+        .replace("/etc/soul/relay.kdl", &broken.to_string_lossy());
+    for line in [nix_exec, unit_exec] {
+        let o = run(Command::new(SOUL).args(line.split_whitespace()));
+        assert_eq!(o.status.code(), Some(1), "{line}:\n{}", text(&o));
+        assert!(
+            o.stderr_text().contains("relay.kdl:2:") && o.stderr_text().contains("key="),
+            "{line}:\n{}",
+            text(&o)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::stack;
 
 const EXIT_CODES: &str = "\
-Not built yet: the relay. A `relay` node validates and its address goes into pairing codes, but
-no relay server or pod agent exists, so that address leads nowhere; leave it out for now.
+The relay: `soul relay serve` on a small VPS, `relay \"host:port\"` in stack.kdl, and the
+stack's line from `soul relay allow` in the relay's file. `soul connect` reaches a sidecar
+over the LAN, an overlay or the relay, whichever answers first with the gate's key.
 
 Exit codes:
   0  success (for `plan --detailed-exitcode`: nothing to change)
@@ -213,6 +214,24 @@ soul rotate --new-key            # the stack key was lost and cannot be restored
     /// Write the stack in another tool's format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Reach a paired sidecar from this machine: a local port that forwards to its gate over
+    /// the best path (LAN, overlay, relay) and adds the device's credential.
+    #[command(
+        after_help = "PAIRING is a pairing code (the link a QR code holds, or the soul:// URI), a file holding one (text, or a PNG of the QR code), or a pairing stored by an earlier run (<stack>.<sidecar>.<device>, listed by `soul connect --list`). A link's one-time ticket is traded for the device token at the gate over TLS pinned to the code's key; the pairing is then stored, 0600, in ~/.config/soul/pairings.
+
+Paths are tried in the code's order, each 250 ms after the one before (at once when it fails), and the first TLS handshake with the pinned key wins: a gate with another key is never sent the token. The choice is kept until the network changes, a connection over it fails, or a better path answers again (tried every 5 s).
+
+Example:
+  soul connect 'http://192.168.1.20:8443/?soul_ticket=…#v=1&…'
+  soul connect alice-laptop.png --listen 127.0.0.1:8080
+  soul connect home.notes.alice-laptop
+  soul connect home.notes.alice-laptop --probe   # {\"path\":\"lan\",\"address\":\"…\",\"ms\":…}"
+    )]
+    Connect(ConnectArgs),
+    /// The self-hosted relay: serve it on a small VPS, see who is registered, and print the
+    /// line that lets this stack's pods register.
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// Print a completion script for your shell.
     #[command(
         after_help = "Example:\n  soul completions bash > ~/.local/share/bash-completion/completions/soul\n  \
@@ -327,6 +346,41 @@ soul bridge init --tor --yes\n  soul bridge init --lan-only --yes"
 Example:\n  soul bridge address\n  soul bridge address --sidecar notes --all\n  soul-bridge address"
     )]
     Address(AddressArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Serve the relay (for a small VPS): pods' agents dial in and register, devices connect
+    /// with TLS, and each device connection is spliced to its pod by the TLS server name. The
+    /// relay never terminates TLS and holds only public keys.
+    #[command(
+        after_help = "The file (KDL) names the port, the status address and one `allow` \
+line per stack, printed by `soul relay allow` on the stack's machine:\n\n  \
+listen \"0.0.0.0:7000\"\n  status \"127.0.0.1:7001\"\n  allow \"home\" key=\"ed25519:…\"\n  \
+limits sessions-per-stack=256 ready=4 idle-timeout=\"5m\"\n\n\
+It logs one line per registration and per session (never a secret).\n\n\
+Example:\n  soul relay serve --config /etc/soul/relay.kdl"
+    )]
+    Serve {
+        /// The relay's file.
+        #[arg(long, value_name = "FILE", default_value = "/etc/soul/relay.kdl")]
+        config: PathBuf,
+    },
+    /// Show a running relay's registered pods and open sessions (from its status address).
+    #[command(
+        after_help = "Example:\n  soul relay status\n  soul relay status --status 127.0.0.1:7001 --output json"
+    )]
+    Status {
+        /// The relay's status address (`status` in its file).
+        #[arg(long, value_name = "HOST:PORT", default_value = crate::relay::config::DEFAULT_STATUS)]
+        status: String,
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+    /// Print the `allow` line for this stack: add it to the relay's file. It holds the stack's
+    /// agent public key (it changes with `soul rotate`; print it again then).
+    #[command(after_help = "Example:\n  soul relay allow >> relay.kdl   # then copy it to the VPS")]
+    Allow,
 }
 
 #[derive(Debug, Subcommand)]
@@ -493,6 +547,27 @@ pub struct GateArgs {
     /// keys directory (`tls-<sidecar>.crt` and `.key`).
     #[arg(long)]
     pub tls_only: bool,
+    /// Register with this relay (`host:port`) and serve the devices it carries: the pod's
+    /// dial-out agent, authenticated by the keys directory's `relay-agent.key`.
+    #[arg(long, value_name = "HOST:PORT", requires = "sidecar")]
+    pub relay: Option<String>,
+}
+
+/// `soul connect`'s flags.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The pairing: a code, a file holding one, or a stored pairing's name.
+    #[arg(required_unless_present = "list")]
+    pub pairing: Option<String>,
+    /// Where to listen (a free port on loopback by default; the address is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// Choose a path once, print it as one JSON line and exit.
+    #[arg(long)]
+    pub probe: bool,
+    /// List the stored pairings.
+    #[arg(long, conflicts_with_all = ["pairing", "probe"])]
+    pub list: bool,
 }
 
 /// `soul pause`'s flags.

@@ -2,6 +2,8 @@
 //! the one place where errors become exit codes. The arguments are [`args`]'s.
 
 mod args;
+mod connect;
+mod relay;
 
 pub use args::*;
 
@@ -53,6 +55,8 @@ pub enum CliError {
     Code(#[from] reconcile::CodeError),
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
     /// `soul pause --check`: the pod's guard is not in place.
     #[error("the pod is not guarded: only the gate's port {gate_port} should answer from outside")]
     Unguarded { gate_port: u16 },
@@ -204,6 +208,12 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Export(ExportCommand::Compose { out: path }) => {
             export_compose(&Context::load(&cli)?, path.as_deref())
         }
+        Command::Connect(args) => connect::run(args).await,
+        Command::Relay(RelayCommand::Serve { config }) => relay::serve(config).await,
+        Command::Relay(RelayCommand::Status { status, output }) => {
+            relay::status(status, *output).await
+        }
+        Command::Relay(RelayCommand::Allow) => relay::allow(&Context::load(&cli)?),
         Command::Bridge(BridgeCommand::Init(args)) => bridge_init(&cli, args),
         Command::Bridge(BridgeCommand::Status(args)) => {
             bridge_status(&Context::load(&cli)?, args.output).await
@@ -256,6 +266,19 @@ async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
     cfg.header_timeout = args.header_timeout;
     cfg.failures_per_minute = args.failures_per_minute;
     cfg.tls_only = args.tls_only;
+    cfg.relay = match (&args.relay, &args.sidecar) {
+        (Some(relay), Some(sidecar)) => Some(crate::relay::agent::AgentConfig {
+            relay: relay.clone(),
+            stack: args.stack.clone(),
+            sidecar: sidecar.clone(),
+            key_file: args.keys.join(crate::state::layout::GATE_RELAY_KEY_FILE),
+            state_file: args
+                .redeemed
+                .as_ref()
+                .map(|d| d.join(crate::relay::agent::STATE_FILE)),
+        }),
+        _ => None,
+    };
     let threads = args.threads.map(usize::from);
     crate::gate::run(cfg, args.listen, threads, terminated()).await?;
     Ok(Exit::Ok)
@@ -450,10 +473,9 @@ async fn apply(ctx: &Context) -> Result<Exit, CliError> {
     for s in reconcile::stopped(&ctx.state()) {
         eprintln!("note: `{s}` is stopped (`soul stop`): left as it is until `soul start {s}`");
     }
-    if let Some(relay) = &stack.relay {
+    if let Some(file) = stack.relay.as_ref().and_then(|r| r.token_file.as_ref()) {
         eprintln!(
-            "warning: the relay is not built yet: `relay` {} goes into pairing codes, but nothing serves it (see `soul --help`)",
-            relay.endpoint
+            "note: `relay token-file={file}` is not used: the relay admits this stack by its agent key (`soul relay allow` prints the line for the relay's file)"
         );
     }
     let state = ctx.open_state()?;

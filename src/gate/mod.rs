@@ -43,6 +43,7 @@ pub use link::{PAIR_PATH, TOKEN_PATH};
 use redeemed::Redeemed;
 pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
 use session::Scope;
+pub use tls::GateTls;
 
 /// Concurrent requests one HTTP/2 connection may have in flight.
 const H2_MAX_STREAMS: u32 = 128;
@@ -73,6 +74,8 @@ pub struct GateConfig {
     pub reload_every: Duration,
     /// Refuse plain HTTP: only TLS (with the certificate soul made for this sidecar) is served.
     pub tls_only: bool,
+    /// Register with a relay and serve the devices it carries, like any other connection.
+    pub relay: Option<crate::relay::agent::AgentConfig>,
 }
 
 impl GateConfig {
@@ -90,6 +93,7 @@ impl GateConfig {
             failures_per_minute: 30,
             reload_every: Duration::from_millis(200),
             tls_only: false,
+            relay: None,
         }
     }
 }
@@ -214,6 +218,12 @@ pub fn serve(
                                 (shared.cfg.keys_dir.clone(), shared.cfg.reload_every);
                             let sidecar = shared.cfg.sidecar.clone();
                             tokio::spawn(keys::follow(dir, sidecar, every, tx));
+                            if let Some(relay) = shared.cfg.relay.clone() {
+                                tokio::spawn(crate::relay::agent::run(
+                                    relay,
+                                    relayed(shared.clone()),
+                                ));
+                            }
                         }
                         let listener = TcpListener::from_std(listener)?;
                         accept(&listener, shared, async move {
@@ -257,6 +267,23 @@ async fn accept(
             _ = &mut shutdown => return Ok(()),
         };
         let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// What the relay agent does with a data channel a device has spoken on: serve it like a
+/// connection accepted here (a slot, TLS or plain by its first byte), its peer the relay.
+fn relayed(shared: Arc<Shared>) -> impl Fn(TcpStream) + Clone + Send + 'static {
+    move |stream: TcpStream| {
+        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+            tracing::warn!("gate is at its connection limit: dropped a relayed connection");
+            return;
+        };
+        let Ok(peer) = stream.peer_addr() else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
             connection(stream, peer, shared).await;

@@ -1,18 +1,22 @@
 //! `soul apply` after its plan: run it, then, when it started a container that carries an
-//! overlay, wait for the address that transport publishes a moment later and converge once
-//! more, so the pairing codes it leaves behind carry every address.
+//! overlay (or a gate whose agent registers with the relay), wait for the address that
+//! transport publishes a moment later and converge once more, so the pairing codes it leaves
+//! behind carry every address.
 
 use std::time::Duration;
 
 use super::pass::{PassError, await_addresses, prepare, run, unix_now};
 use super::plan::{Desired, Plan, Step};
 use crate::machine::Machine;
+use crate::pod::Role;
 use crate::runtime::Docker;
 use crate::stack::Stack;
 use crate::state::StateDir;
 
 /// How long apply waits for an overlay it just started to publish its address.
 pub const ADDRESS_WAIT: Duration = Duration::from_secs(30);
+/// How long `apply` waits for freshly started gates to register with the stack's relay.
+pub const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// What one apply did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +52,16 @@ pub async fn converge(
         on_step(Progress { pass: 0, index, of }, step)
     })
     .await?;
-    let wait = if started_an_overlay(stack, desired, plan) {
+    let overlays: Vec<Role> = crate::transport::drivers(stack)
+        .iter()
+        .map(|d| d.role())
+        .collect();
+    // A relay agent (in the gate) registers in well under a second when its relay is up; a
+    // relay that is down costs a shorter wait than an overlay's first login.
+    let wait = if started_one_of(&overlays, desired, plan) {
         ADDRESS_WAIT
+    } else if stack.relay.is_some() && started_one_of(&[Role::Gate], desired, plan) {
+        RELAY_WAIT
     } else {
         Duration::ZERO
     };
@@ -76,11 +88,8 @@ pub async fn converge(
 }
 
 /// Whether `plan` starts a container that carries one of the stack's overlays.
-fn started_an_overlay(stack: &Stack, desired: &Desired, plan: &Plan) -> bool {
-    let carriers: Vec<_> = crate::transport::drivers(stack)
-        .iter()
-        .map(|d| d.role())
-        .collect();
+/// Whether the plan starts a container of one of these roles.
+fn started_one_of(carriers: &[Role], desired: &Desired, plan: &Plan) -> bool {
     let overlays: Vec<&str> = desired
         .pods
         .iter()

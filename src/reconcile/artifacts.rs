@@ -141,6 +141,14 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             format!("{}\n", hex::encode(link_key)).into_bytes(),
         ),
     ];
+    // The relay agent's key, derived from the stack key: what the relay's allow-list names.
+    if stack.relay.is_some() {
+        files.push(DesiredFile::bytes(
+            &layout::gate_file(layout::GATE_RELAY_KEY_FILE),
+            "gate's relay agent key".into(),
+            format!("{}\n", hex::encode(key.relay_agent_seed())).into_bytes(),
+        ));
+    }
     // Each gate's TLS certificate and key, derived from the stack key; clients pin the key.
     let mut pins = Vec::new();
     for sidecar in &stack.sidecars {

@@ -1,52 +1,11 @@
-//! Timing policy of the watch loop, pure and testable with paused time: capped exponential
-//! backoff with jitter, and the flap tracker that turns containers that keep dying into
-//! "degraded" and slows their repair instead of recreating them in a hot loop.
+//! The watch loop's flap tracker, pure and testable with paused time: it turns containers that
+//! keep dying into "degraded" and slows their repair instead of recreating them in a hot loop
+//! (retrying a failed pass is [`crate::backoff::Backoff`]'s job).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-/// Capped exponential backoff with "equal jitter": each delay is between half and all of
-/// `min(cap, base * 2^attempt)`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next delay; `jitter` in [0, 1) picks where in the upper half it falls.
-    pub fn next_delay(&mut self, jitter: f64) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(20));
-        let full = exp.min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-    }
-
-    /// After a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// A random fraction in [0, 1) from the operating system (0.5 if it cannot give one).
-pub fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    match getrandom::fill(&mut b) {
-        Ok(()) => f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0),
-        Err(_) => 0.5,
-    }
-}
 
 /// Deaths and repairs of containers within a sliding window.
 #[derive(Debug, Clone)]
@@ -144,22 +103,6 @@ impl FlapTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let full: Vec<u128> = (0..7)
-            .map(|_| b.next_delay(0.999_999).as_millis())
-            .collect();
-        assert_eq!(full, [99, 199, 399, 799, 1599, 1999, 1999]);
-        b.reset();
-        assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
-        for _ in 0..100 {
-            let d = Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
-                .next_delay(jitter());
-            assert!(d >= Duration::from_millis(50) && d < Duration::from_millis(100));
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn flapping_containers_are_degraded_and_repaired_ever_more_slowly() {

@@ -18,7 +18,7 @@ mod watch;
 
 pub use apply::{ADDRESS_WAIT, Applied, Progress, converge};
 pub use artifacts::{KeyChange, Pairing, PairingError, PairingInputs, desired_files};
-pub use backoff::{Backoff, FlapTracker, jitter};
+pub use backoff::FlapTracker;
 pub use codes::{CodeError, one_sidecar, pairing_code};
 pub use devices::{DeviceStatus, DevicesReport, report as devices_report};
 pub use down::plan_down;

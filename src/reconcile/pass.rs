@@ -257,20 +257,43 @@ pub async fn discover(
             }
         }
     }
+    // The relay's address counts only while the pod's agent is registered there (its gate
+    // keeps a file saying so): never a remembered one.
+    if let Some((host, port)) = stack.relay.as_ref().and_then(|r| r.host_port()) {
+        for sidecar in &stack.sidecars {
+            let gate =
+                crate::pod::container_name(&stack.stack, &sidecar.name, crate::pod::Role::Gate);
+            let registered = docker
+                .read_file(&gate, &super::resolve::gate_relay_state())
+                .await?
+                .is_some_and(|h| !h.trim().is_empty());
+            if registered {
+                found.insert(
+                    (sidecar.name.clone(), TransportKind::Relay),
+                    (host.clone(), port),
+                );
+            }
+        }
+    }
     Ok(found)
 }
 
-/// The overlay addresses the stack declares but that no pod has published yet.
+/// The overlay addresses the stack declares but that no pod has published yet, and the relay
+/// while a pod's agent is not registered there.
 pub fn missing_addresses(stack: &Stack, discovered: &Discovered) -> Vec<String> {
-    transport::drivers(stack)
-        .iter()
-        .flat_map(|d| {
+    let mut kinds: Vec<TransportKind> =
+        transport::drivers(stack).iter().map(|d| d.kind()).collect();
+    if stack.relay.is_some() {
+        kinds.push(TransportKind::Relay);
+    }
+    kinds
+        .into_iter()
+        .flat_map(|kind| {
             stack
                 .sidecars
                 .iter()
-                .filter(|s| !discovered.contains_key(&(s.name.clone(), d.kind())))
-                .map(|s| format!("{} address of {}", d.kind().as_str(), s.name))
-                .collect::<Vec<_>>()
+                .filter(move |s| !discovered.contains_key(&(s.name.clone(), kind)))
+                .map(move |s| format!("{} address of {}", kind.as_str(), s.name))
         })
         .collect()
 }

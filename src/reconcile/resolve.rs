@@ -261,7 +261,7 @@ fn gate_container(
     machine: &dyn Machine,
 ) -> ContainerSpec {
     const KEYS: &str = "/gate";
-    const REDEEMED: &str = "/redeemed";
+    const REDEEMED: &str = GATE_WRITABLE;
     let port = stack.gate.port;
     // The gate bind-mounts the state dir: one deleted and made anew (another id) is a new
     // mount source, and the gate must be recreated to see it.
@@ -289,6 +289,10 @@ fn gate_container(
     ];
     if stack.gate.tls_only {
         command.push("--tls-only".into());
+    }
+    // With a relay, the gate's agent dials out to it: nothing new listens in the pod.
+    if let Some(relay) = &stack.relay {
+        command.extend(["--relay".into(), relay.endpoint.clone()]);
     }
     let mut gate = ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::Gate, &soul.reference)
         .command(command)
@@ -320,6 +324,14 @@ fn gate_container(
     }
     gate
 }
+
+/// The file inside a gate that says its relay agent is registered (on the gate's volume).
+pub fn gate_relay_state() -> String {
+    format!("{GATE_WRITABLE}/{}", crate::relay::agent::STATE_FILE)
+}
+
+/// Where the gate's volume is mounted: the gate writes there (redeemed links, relay state).
+const GATE_WRITABLE: &str = "/redeemed";
 
 /// The gate's own volume in a pod (its record of redeemed pairing links).
 fn gate_volume(stack: &Stack, sidecar: &Sidecar) -> NamedVolume {

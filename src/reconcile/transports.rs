@@ -1,6 +1,7 @@
 //! `soul bridge status` as a report: per sidecar and transport, in the stack's order, the
 //! container that carries it, whether that runs and is healthy, the address clients dial, and
-//! whether the transport is up. Pure: built from what discovery and observe found.
+//! whether the transport is up (for the relay: the gate's agent is registered). Pure: built
+//! from what discovery and observe found.
 
 use serde::Serialize;
 
@@ -19,7 +20,7 @@ pub struct TransportsReport {
 pub struct TransportStatus {
     pub sidecar: String,
     pub transport: String,
-    /// The container that carries it; none for the relay.
+    /// The container that carries it (the gate, for the relay's agent).
     pub container: Option<String>,
     /// Whether that container runs (none without one).
     pub running: Option<bool>,

@@ -21,9 +21,10 @@ use crate::stack::{self, Stack, StackError};
 use crate::state::{self, StateDir};
 use crate::transport;
 
-use super::backoff::{Backoff, FlapTracker, jitter};
+use super::backoff::FlapTracker;
 use super::pass::{PassError, prepare, run, unix_now};
 use super::plan::{Plan, Reason, Step};
+use crate::backoff::{Backoff, jitter};
 use crate::machine::Host;
 
 pub use crate::state::layout::{LAST_GOOD_FILE, WATCH_STATUS_FILE};

@@ -1,6 +1,13 @@
-//! The self-hosted relay (`soul relay`, not served yet: the `relay` node still only puts its
-//! address into pairing codes, as README says). What is built so far is the part that lets a
-//! relay route without reading: [`sni::server_name`], the name a client's TLS ClientHello asks
-//! for, read without terminating TLS.
+//! The self-hosted relay: `soul relay serve` for a small VPS ([`server`]), and the pod's
+//! dial-out agent that registers with it ([`agent`], run by the gate). The relay routes a
+//! device's TLS connection by its server name ([`sni`]) to a ready data channel of the
+//! sidecar's agent and splices bytes ([`splice`]); it never terminates the device's TLS and
+//! holds only the public keys of the stacks it allows ([`config`]). [`wire`] is the protocol
+//! between agent and relay.
 
+pub mod agent;
+pub mod config;
+pub mod server;
 pub mod sni;
+pub mod splice;
+pub mod wire;

@@ -90,7 +90,7 @@ const PARSER_STACK: usize = 64 * 1024 * 1024;
 
 /// KDL's syntax tree of `source`, once its nesting is known to be within [`MAX_NESTING`] (the
 /// parser recurses, and would overflow the stack on a file of nothing but `{`).
-fn document(source: &str) -> Result<KdlDocument, Vec<Problem>> {
+pub(crate) fn document(source: &str) -> Result<KdlDocument, Vec<Problem>> {
     if let Some(p) = source::too_deep(source) {
         return Err(vec![p]);
     }

@@ -314,6 +314,14 @@ pub struct Relay {
     pub token_file: Option<String>,
 }
 
+impl Relay {
+    /// The endpoint's host and port.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let (host, port) = self.endpoint.rsplit_once(':')?;
+        Some((host.to_string(), port.parse().ok()?))
+    }
+}
+
 /// `device "alice-phone" expires="90d" generation=2`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

@@ -29,6 +29,10 @@ pub const GATE_REGISTRY_FILE: &str = "devices.json";
 /// ([`super::StackKey::link_key`]).
 pub const GATE_LINK_KEY_FILE: &str = "link.key";
 
+/// In [`GATE_DIR`]: hex of the seed of the stack's relay agent key
+/// ([`super::StackKey::relay_agent_seed`]), present when the stack has a `relay`.
+pub const GATE_RELAY_KEY_FILE: &str = "relay-agent.key";
+
 /// The sidecars stopped on purpose (`soul stop`), a JSON list; absent when none is.
 pub const STOPPED_FILE: &str = "stopped.json";
 

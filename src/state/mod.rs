@@ -397,6 +397,13 @@ impl StackKey {
         mac.finalize().into_bytes().into()
     }
 
+    /// The seed of the key the stack's relay agents register with
+    /// ([`crate::relay::wire::AgentKey`]): derived one way from the stack key, so it rotates
+    /// with it (the relay's `allow` line must then be updated: `soul relay allow` prints it).
+    pub fn relay_agent_seed(&self) -> [u8; 32] {
+        self.derive(b"soul relay agent key v1", &[])
+    }
+
     /// The private key as PKCS#8 DER (what JWT libraries take).
     pub fn pkcs8_der(&self) -> Vec<u8> {
         use ed25519_dalek::pkcs8::EncodePrivateKey as _;

@@ -140,11 +140,11 @@ pub fn drivers(stack: &Stack) -> Vec<Box<dyn Driver>> {
 }
 
 /// The role of the container that carries `kind` in each pod: the pause container publishes
-/// the LAN port, an overlay has its driver's container, and the relay has none yet.
+/// the LAN port, an overlay has its driver's container, and the gate runs the relay's agent.
 pub fn carrier(stack: &Stack, kind: TransportKind) -> Option<Role> {
     match kind {
         TransportKind::Lan => Some(Role::Pause),
-        TransportKind::Relay => None,
+        TransportKind::Relay => Some(Role::Gate),
         overlay => drivers(stack)
             .iter()
             .find(|d| d.kind() == overlay)
@@ -163,10 +163,6 @@ pub fn addresses(
     discovered: &Discovered,
 ) -> Vec<Vec<Address>> {
     let lan_ports = stack.lan_ports();
-    let relay = stack.relay.as_ref().and_then(|r| {
-        let (host, port) = r.endpoint.rsplit_once(':')?;
-        Some((host.to_string(), port.parse::<u16>().ok()?))
-    });
     stack
         .sidecars
         .iter()
@@ -178,7 +174,7 @@ pub fn addresses(
                 .filter_map(|kind| {
                     let (host, port) = match kind {
                         TransportKind::Lan => (lan_host?.to_string(), lan_ports.as_ref()?[i]),
-                        TransportKind::Relay => relay.clone()?,
+                        // Overlays and the relay: only what the pods say now.
                         overlay => discovered.get(&(sidecar.name.clone(), overlay))?.clone(),
                     };
                     Some(Address {
@@ -198,7 +194,7 @@ mod tests {
     use crate::pod::NetworkMode;
 
     #[test]
-    fn addresses_follow_the_order_and_the_lan_ports() {
+    fn addresses_follow_the_order_and_the_lan_ports_and_the_relay_only_while_registered() {
         let stack = crate::stack::parse(
             "s",
             "stack \"h\"\nsidecar \"a\" { image \"i\"; port 1; }\nsidecar \"b\" { image \"i\"; port 1; }\ntransport { order \"relay\" \"tor\" \"lan\"; lan port=9000 address=\"10.0.0.5\"; tor; }\nrelay \"r.example:7000\"\n",
@@ -208,6 +204,11 @@ mod tests {
         assert_eq!(host.as_deref(), Some("10.0.0.5"));
         let mut found = Discovered::new();
         found.insert(("b".into(), TransportKind::Tor), ("x.onion".into(), 8443));
+        // Only b's agent is registered at the relay: a's codes do not advertise it.
+        found.insert(
+            ("b".into(), TransportKind::Relay),
+            ("r.example".into(), 7000),
+        );
         let a = addresses(&stack, host.as_deref(), &found);
         let text: Vec<Vec<String>> = a
             .iter()
@@ -216,10 +217,7 @@ mod tests {
         assert_eq!(
             text,
             vec![
-                vec![
-                    "relay:r.example:7000".to_string(),
-                    "lan:10.0.0.5:9000".into()
-                ],
+                vec!["lan:10.0.0.5:9000".to_string()],
                 vec![
                     "relay:r.example:7000".to_string(),
                     "tor:x.onion:8443".into(),

@@ -325,7 +325,7 @@ pub fn http_get_as(port: u16, path: &str, token: &str, timeout: Duration) -> Opt
     ok.or(last)
 }
 
-fn retry<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn retry<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(r) = attempt() {

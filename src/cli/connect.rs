@@ -1,0 +1,98 @@
+//! `soul connect`: a pairing in, a local port (or one probe) out.
+
+use super::args::ConnectArgs;
+use super::{CliError, Exit, out, terminated};
+use crate::client::{self, Connector, Pairing, store};
+
+pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
+    let dir = store::dir().ok_or_else(|| {
+        CliError::Usage(
+            "neither XDG_CONFIG_HOME nor HOME is set: soul has nowhere to keep the pairing".into(),
+        )
+    })?;
+    if args.list {
+        out(&list(&dir));
+        return Ok(Exit::Ok);
+    }
+    let arg = args.pairing.as_deref().unwrap_or_default();
+    let pairing = pairing_of(arg, &dir).await?;
+    let connector = Connector::new(pairing);
+    if args.probe {
+        let (choice, _) = connector.choose().await?;
+        out(&format!(
+            "{}\n",
+            serde_json::json!({
+                "path": choice.address.transport.as_str(),
+                "address": format!("{}:{}", choice.address.host, choice.address.port),
+                "ms": choice.took.as_millis() as u64,
+            })
+        ));
+        return Ok(Exit::Ok);
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Io(format!("cannot listen on {}: {e}", args.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let p = &connector.pairing;
+    match connector.choose().await {
+        Ok((choice, _)) => {
+            tracing::info!("path: {} ({} ms)", choice.address, choice.took.as_millis())
+        }
+        Err(e) => tracing::warn!("{e}; trying again at the first local connection"),
+    }
+    out(&format!(
+        "soul connect: http://{local} → {} of stack {} as {}\n",
+        p.sidecar, p.stack, p.device
+    ));
+    tokio::spawn(connector.clone().maintain());
+    client::forward::serve(listener, connector, terminated()).await;
+    Ok(Exit::Ok)
+}
+
+/// A stored pairing by name or path, else a code (redeemed and stored).
+async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<Pairing, CliError> {
+    let stored = dir.join(format!("{arg}.json"));
+    if !arg.contains('/') && stored.is_file() {
+        return store::load(&stored).map_err(CliError::Usage);
+    }
+    if arg.ends_with(".json") && std::path::Path::new(arg).is_file() {
+        return store::load(std::path::Path::new(arg)).map_err(CliError::Usage);
+    }
+    let code = client::read_code(arg)?;
+    let pairing = Pairing::from_code(&code).await?;
+    let path = store::save(dir, &pairing).map_err(|e| {
+        CliError::Io(format!(
+            "cannot store the pairing in {}: {e}",
+            dir.display()
+        ))
+    })?;
+    eprintln!(
+        "paired: stored as {} (next time: soul connect {}.{}.{})",
+        path.display(),
+        pairing.stack,
+        pairing.sidecar,
+        pairing.device
+    );
+    Ok(pairing)
+}
+
+fn list(dir: &std::path::Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(String::from)
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return format!("no pairing stored in {}\n", dir.display());
+    }
+    names.iter().map(|n| format!("{n}\n")).collect()
+}

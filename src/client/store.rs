@@ -1,0 +1,118 @@
+//! Where `soul connect` keeps its pairings: one JSON file per (stack, sidecar, device) in the
+//! user's config dir (`$XDG_CONFIG_HOME/soul/pairings`, else `~/.config/soul/pairings`), the
+//! directory 0700 and each file 0600, written atomically. A file holds the device token: it is
+//! a credential, like an SSH key.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Pairing;
+use crate::pairing::Address;
+use crate::secret::Secret;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored {
+    stack: String,
+    sidecar: String,
+    device: String,
+    addresses: Vec<String>,
+    pin: String,
+    token: String,
+}
+
+/// The directory pairings live in.
+pub fn dir() -> Option<PathBuf> {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(config.join("soul").join("pairings"))
+}
+
+/// The file of one pairing in `dir`.
+pub fn file_of(dir: &Path, pairing: &Pairing) -> PathBuf {
+    dir.join(format!(
+        "{}.{}.{}.json",
+        pairing.stack, pairing.sidecar, pairing.device
+    ))
+}
+
+/// Writes `pairing` into `dir` (made 0700 if missing), 0600, atomically.
+pub fn save(dir: &Path, pairing: &Pairing) -> std::io::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let stored = Stored {
+        stack: pairing.stack.clone(),
+        sidecar: pairing.sidecar.clone(),
+        device: pairing.device.clone(),
+        addresses: pairing.addresses.iter().map(|a| a.to_string()).collect(),
+        pin: pairing.pin.clone(),
+        token: pairing.token.expose().to_string(),
+    };
+    let path = file_of(dir, pairing);
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(&stored).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Reads a pairing file.
+pub fn load(path: &Path) -> Result<Pairing, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let s: Stored = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not a soul pairing: {e}", path.display()))?;
+    let addresses = s
+        .addresses
+        .iter()
+        .map(|a| Address::parse(a).map_err(|e| format!("{}: {e}", path.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Pairing {
+        stack: s.stack,
+        sidecar: s.sidecar,
+        device: s.device,
+        addresses,
+        pin: s.pin,
+        token: Secret::new(s.token),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_saved_pairing_is_private_and_reads_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("soul/pairings");
+        let pairing = Pairing {
+            stack: "home".into(),
+            sidecar: "notes".into(),
+            device: "laptop".into(),
+            addresses: vec![Address::parse("lan:192.168.1.20:8443").unwrap()],
+            pin: "sha256//abc".into(),
+            token: Secret::new("eyJ.token"),
+        };
+        let path = save(&dir, &pairing).unwrap();
+        assert_eq!(path.file_name().unwrap(), "home.notes.laptop.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        let back = load(&path).unwrap();
+        assert_eq!(back.addresses, pairing.addresses);
+        assert_eq!(back.token.expose(), "eyJ.token");
+    }
+}

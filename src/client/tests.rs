@@ -1,0 +1,293 @@
+//! The client against real sockets on loopback: path choice (RFC 8305 timing, the pin) and a
+//! whole session through an in-process relay and agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::race::{self, STAGGER};
+use super::*;
+use crate::stack::TransportKind;
+use crate::state::StackKey;
+
+fn identity(seed: u8) -> crate::tls::Identity {
+    crate::tls::identity(&StackKey::from_seed(1, [seed; 32]), "home", "notes")
+}
+
+/// A TLS "gate" with `identity` that answers `ok` to anything; counts the application bytes
+/// it ever read.
+struct FakeGate {
+    addr: SocketAddr,
+    bytes_read: Arc<AtomicUsize>,
+    handshakes: Arc<AtomicUsize>,
+}
+
+async fn fake_gate(identity: &crate::tls::Identity) -> FakeGate {
+    let tls =
+        crate::gate::GateTls::from_pem(identity.cert_pem.as_bytes(), identity.key_pem.as_bytes())
+            .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (bytes_read, handshakes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (read, shaken) = (bytes_read.clone(), handshakes.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            serve_tls(s, tls.config.clone(), read.clone(), shaken.clone());
+        }
+    });
+    FakeGate {
+        addr,
+        bytes_read,
+        handshakes,
+    }
+}
+
+fn serve_tls(
+    s: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    read: Arc<AtomicUsize>,
+    shaken: Arc<AtomicUsize>,
+) {
+    tokio::spawn(async move {
+        let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(config).accept(s).await else {
+            return;
+        };
+        shaken.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            read.fetch_add(n, Ordering::SeqCst);
+            let _ = tls.write_all(b"ok").await;
+        }
+    });
+}
+
+fn address(kind: TransportKind, addr: SocketAddr) -> Address {
+    Address::new(kind, addr.ip().to_string(), addr.port())
+}
+
+/// A port nothing listens on: connecting is refused (RST).
+fn refusing() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A "captive portal" or a black hole at the TLS layer: it accepts TCP and never answers.
+async fn swallowing() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+fn pairing(addresses: Vec<Address>, pin: &str) -> Pairing {
+    Pairing {
+        stack: "home".into(),
+        sidecar: "notes".into(),
+        device: "laptop".into(),
+        addresses,
+        pin: pin.into(),
+        token: Secret::new("eyJ.not-a-real-token"),
+    }
+}
+
+#[tokio::test]
+async fn the_first_path_wins_when_it_answers() {
+    let id = identity(7);
+    let (lan, relay) = (fake_gate(&id).await, fake_gate(&id).await);
+    let p = pairing(
+        vec![
+            address(TransportKind::Lan, lan.addr),
+            address(TransportKind::Relay, relay.addr),
+        ],
+        &id.pin,
+    );
+    let won = race::race(&p.addresses, &p.target(), STAGGER)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(won.index, 0);
+    assert!(won.elapsed < STAGGER, "{:?}", won.elapsed);
+}
+
+#[tokio::test]
+async fn a_refusing_lan_falls_back_at_once_not_after_the_stagger() {
+    let id = identity(7);
+    let relay = fake_gate(&id).await;
+    let p = pairing(
+        vec![
+            address(TransportKind::Lan, refusing()),
+            address(TransportKind::Relay, relay.addr),
+        ],
+        &id.pin,
+    );
+    let won = race::race(&p.addresses, &p.target(), STAGGER)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(won.index, 1);
+    assert!(
+        won.elapsed < STAGGER,
+        "a refused attempt starts the next at once: {:?}",
+        won.elapsed
+    );
+}
+
+#[tokio::test]
+async fn a_black_holed_lan_falls_back_after_one_stagger() {
+    let id = identity(7);
+    let relay = fake_gate(&id).await;
+    let p = pairing(
+        vec![
+            address(TransportKind::Lan, swallowing().await),
+            address(TransportKind::Relay, relay.addr),
+        ],
+        &id.pin,
+    );
+    let won = race::race(&p.addresses, &p.target(), STAGGER)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(won.index, 1, "a TCP accept alone does not win");
+    assert!(
+        won.elapsed >= STAGGER && won.elapsed < STAGGER * 4,
+        "the next attempt starts one stagger later: {:?}",
+        won.elapsed
+    );
+}
+
+#[tokio::test]
+async fn a_gate_with_another_key_is_refused_and_sent_nothing() {
+    let (served, pinned) = (identity(7), identity(8));
+    let gate = fake_gate(&served).await;
+    let p = pairing(vec![address(TransportKind::Lan, gate.addr)], &pinned.pin);
+    let failures = match race::race(&p.addresses, &p.target(), STAGGER).await {
+        Ok(_) => panic!("a gate with another key won"),
+        Err(f) => f,
+    };
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].why.contains("TLS"), "{:?}", failures[0].why);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gate.handshakes.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        gate.bytes_read.load(Ordering::SeqCst),
+        0,
+        "not a byte of HTTP"
+    );
+}
+
+/// The whole relay tier in one process: `soul relay`'s server, a pod's agent handing data
+/// channels to a TLS gate, and the client choosing the relay because the LAN refuses.
+#[tokio::test]
+async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
+    use crate::relay::{agent, config, server, wire};
+    let id = identity(7);
+    let stack_key = StackKey::from_seed(1, [9; 32]);
+    let agent_key = wire::AgentKey::from_seed(stack_key.relay_agent_seed());
+    let mut allow = std::collections::BTreeMap::new();
+    allow.insert(
+        "home".to_string(),
+        wire::parse_public(&agent_key.public()).unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = listener.local_addr().unwrap();
+    let relay = server::Relay::new(config::RelayConfig {
+        listen: relay_addr,
+        status: None,
+        allow,
+        limits: config::Limits::default(),
+    });
+    tokio::spawn(relay.clone().serve(listener, std::future::pending()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("relay-agent.key");
+    std::fs::write(&key_file, hex::encode(stack_key.relay_agent_seed())).unwrap();
+    let tls = crate::gate::GateTls::from_pem(id.cert_pem.as_bytes(), id.key_pem.as_bytes())
+        .unwrap()
+        .config;
+    let (read, shaken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let deliver = {
+        let (read, shaken) = (read.clone(), shaken.clone());
+        move |s: TcpStream| serve_tls(s, tls.clone(), read.clone(), shaken.clone())
+    };
+    let cfg = agent::AgentConfig {
+        relay: relay_addr.to_string(),
+        stack: "home".into(),
+        sidecar: "notes".into(),
+        key_file,
+        state_file: Some(dir.path().join(agent::STATE_FILE)),
+    };
+    let agent_task = tokio::spawn(agent::run(cfg, deliver));
+    // Registered, with its ready pool open, and the state file says so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while relay
+        .status()
+        .stacks
+        .first()
+        .and_then(|s| s.sidecars.first())
+        .is_none_or(|c| c.ready < 4)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(agent::STATE_FILE))
+            .unwrap()
+            .trim(),
+        "127.0.0.1"
+    );
+
+    let p = pairing(
+        vec![
+            address(TransportKind::Lan, refusing()),
+            address(TransportKind::Relay, relay_addr),
+        ],
+        &id.pin,
+    );
+    let connector = Connector::new(p);
+    let mut stream = connector.connect().await.unwrap();
+    assert_eq!(
+        connector.current().unwrap().address.transport,
+        TransportKind::Relay
+    );
+    stream.write_all(b"hello through the relay").await.unwrap();
+    let mut answer = [0u8; 2];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"ok");
+    assert_eq!(read.load(Ordering::SeqCst), 23);
+    // The used channel is replaced: the pool is back to its size.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while relay.status().stacks[0].sidecars[0].ready < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pool was not refilled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An agent that stops (its gate stopped) unregisters and says so.
+    agent_task.abort();
+    let _ = agent_task.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !relay.status().stacks[0].sidecars.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay kept a dead registration"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

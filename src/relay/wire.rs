@@ -1,0 +1,302 @@
+//! The relay protocol between a pod's agent and `soul relay`, version 1. Everything travels on
+//! the relay's one port: a device's connection starts with a TLS ClientHello (byte 0x16), an
+//! agent's with [`MAGIC`]. After the magic, messages are frames: a 2-byte big-endian length and
+//! that many bytes of JSON, never more than [`MAX_FRAME`].
+//!
+//! - **Control** (one per registered sidecar): the agent sends [`Hello::Control`] with its
+//!   public key; the relay answers [`ToAgent::Challenge`]; the agent signs
+//!   [`registration_message`] and sends [`FromAgent::Signature`]; the relay answers
+//!   [`ToAgent::Registered`] (with a session id) or [`ToAgent::Refused`] and closes. Afterwards
+//!   the relay sends [`ToAgent::Open`] when a device waits and no data channel is ready, and
+//!   [`ToAgent::Ping`] to prove it is alive; the agent answers pings with [`FromAgent::Pong`].
+//! - **Data** (the ready pool): the agent sends [`Hello::Data`] with the session id and then
+//!   waits. The relay sends nothing back: the first bytes that arrive on a data channel are a
+//!   device's ClientHello, and from then on the relay splices the device's bytes both ways.
+//!
+//! The relay only ever learns public keys: the session id it hands out proves to it that a data
+//! channel belongs to a registration, and the device's TLS ends at the gate, pinned.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What an agent's connection starts with.
+pub const MAGIC: &[u8; 13] = b"soul-relay/1\n";
+/// The largest frame either side sends or accepts.
+pub const MAX_FRAME: usize = 4096;
+/// Domain separation for the registration signature.
+const SIGNED_LABEL: &[u8] = b"soul-relay/1 register";
+
+/// The first frame of an agent's connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "hello", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Hello {
+    /// Registers `sidecar` of `stack` under the agent key `key` ([`AgentKey::public`]).
+    Control {
+        stack: String,
+        sidecar: String,
+        key: String,
+    },
+    /// A ready data channel of the registration whose session id is `session`.
+    Data { session: String },
+}
+
+/// What the relay sends an agent's control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ToAgent {
+    /// Sign this (base64 of 32 random bytes) to prove the key.
+    Challenge { nonce: String },
+    /// Registered: open data channels with this session id; keep `ready` of them open.
+    Registered { session: String, ready: usize },
+    /// Not registered, and why (the agent logs it and backs off).
+    Refused { reason: String },
+    /// Devices are waiting and no data channel is ready: open `count` more.
+    Open { count: usize },
+    /// Are you there? (answered by [`FromAgent::Pong`]).
+    Ping,
+}
+
+/// What an agent sends on its control channel after its hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum FromAgent {
+    /// Base64 of the Ed25519 signature over [`registration_message`].
+    Signature {
+        signature: String,
+    },
+    Pong,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("a frame of {0} bytes is larger than {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("not a soul relay message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Writes one frame.
+pub async fn write_frame<W, T>(out: &mut W, message: &T) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let json = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    if json.len() > MAX_FRAME {
+        return Err(std::io::Error::other(FrameError::TooLarge(json.len())));
+    }
+    let mut frame = Vec::with_capacity(2 + json.len());
+    frame.extend_from_slice(&(json.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&json);
+    out.write_all(&frame).await
+}
+
+/// Reads one frame, exactly: no byte after it is consumed (on a data channel those are the
+/// device's).
+pub async fn read_frame<R, T>(input: &mut R) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 2];
+    input.read_exact(&mut len).await?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut json = vec![0u8; len];
+    input.read_exact(&mut json).await?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+/// What the agent signs to register `sidecar` of `stack`, answering `nonce`.
+pub fn registration_message(stack: &str, sidecar: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNED_LABEL.len() + stack.len() + sidecar.len() + 35);
+    for part in [SIGNED_LABEL, stack.as_bytes(), sidecar.as_bytes(), nonce] {
+        m.extend_from_slice(part);
+        m.push(0);
+    }
+    m
+}
+
+/// The server name a client presents to reach `sidecar` of `stack` through a relay: the relay
+/// routes by it, the gate ignores it.
+pub fn server_name(stack: &str, sidecar: &str) -> String {
+    format!("{sidecar}.{stack}.soul")
+}
+
+/// The (stack, sidecar) a [`server_name`] names.
+pub fn route_of(server_name: &str) -> Option<(&str, &str)> {
+    let rest = server_name.strip_suffix(".soul")?;
+    let (sidecar, stack) = rest.split_once('.')?;
+    (!stack.contains('.') && !sidecar.is_empty() && !stack.is_empty()).then_some((stack, sidecar))
+}
+
+/// An agent's Ed25519 key: one per stack, derived from the stack key (so it rotates with it),
+/// held by the stack's gates. The relay knows only [`AgentKey::public`], from its allow-list.
+pub struct AgentKey(ed25519_dalek::SigningKey);
+
+impl AgentKey {
+    pub fn from_seed(seed: [u8; 32]) -> AgentKey {
+        AgentKey(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    /// The key file's text: hex of the seed (the gate's `relay-agent.key`).
+    pub fn parse(file: &str) -> Option<AgentKey> {
+        let seed: [u8; 32] = hex::decode(file.trim()).ok()?.try_into().ok()?;
+        Some(AgentKey::from_seed(seed))
+    }
+
+    /// `ed25519:<base64>`: what the relay's allow-list holds.
+    pub fn public(&self) -> String {
+        public_text(&self.0.verifying_key().to_bytes())
+    }
+
+    /// The signature that registers `sidecar` of `stack` against `nonce`, in base64.
+    pub fn sign(&self, stack: &str, sidecar: &str, nonce: &[u8]) -> String {
+        use ed25519_dalek::Signer as _;
+        B64.encode(
+            self.0
+                .sign(&registration_message(stack, sidecar, nonce))
+                .to_bytes(),
+        )
+    }
+}
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentKey({})", self.public())
+    }
+}
+
+/// `ed25519:<base64>` of a raw public key.
+pub fn public_text(key: &[u8; 32]) -> String {
+    format!("ed25519:{}", B64.encode(key))
+}
+
+/// The raw key of `ed25519:<base64>`.
+pub fn parse_public(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    let bytes: [u8; 32] = B64
+        .decode(text.strip_prefix("ed25519:")?)
+        .ok()?
+        .try_into()
+        .ok()?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// Whether `signature` (base64) is `key`'s over the registration of `sidecar` of `stack`
+/// against `nonce`. Strict verification: no malleable or small-order signatures.
+pub fn verify(
+    key: &ed25519_dalek::VerifyingKey,
+    stack: &str,
+    sidecar: &str,
+    nonce: &[u8],
+    signature: &str,
+) -> bool {
+    let Some(bytes) = B64
+        .decode(signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+    key.verify_strict(&registration_message(stack, sidecar, nonce), &signature)
+        .is_ok()
+}
+
+/// Base64 of `n` random bytes (nonces and session ids).
+pub fn random_b64(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator works");
+    B64.encode(bytes)
+}
+
+/// The bytes of a base64 nonce.
+pub fn decode_nonce(nonce: &str) -> Option<Vec<u8>> {
+    B64.decode(nonce).ok().filter(|n| n.len() == 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_frame_is_read_back_exactly_and_leaves_what_follows() {
+        let mut buf = Vec::new();
+        write_frame(
+            &mut buf,
+            &Hello::Data {
+                session: "abc".into(),
+            },
+        )
+        .await
+        .unwrap();
+        buf.extend_from_slice(b"\x16\x03\x01 the device's bytes");
+        let mut input = &buf[..];
+        let hello: Hello = read_frame(&mut input).await.unwrap();
+        assert_eq!(
+            hello,
+            Hello::Data {
+                session: "abc".into()
+            }
+        );
+        assert_eq!(input, b"\x16\x03\x01 the device's bytes");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_malformed_frame_is_refused() {
+        let mut input: &[u8] = &[0xff, 0xff, 0, 0];
+        assert!(matches!(
+            read_frame::<_, Hello>(&mut input).await,
+            Err(FrameError::TooLarge(65535))
+        ));
+        let mut input: &[u8] = b"\x00\x02{}";
+        assert!(matches!(
+            read_frame::<_, Hello>(&mut input).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_signature_registers_only_the_stack_and_sidecar_it_was_made_for() {
+        let key = AgentKey::from_seed([3; 32]);
+        let public = parse_public(&key.public()).unwrap();
+        let nonce = [9u8; 32];
+        let sig = key.sign("home", "notes", &nonce);
+        assert!(verify(&public, "home", "notes", &nonce, &sig));
+        assert!(!verify(&public, "home", "photos", &nonce, &sig));
+        assert!(!verify(&public, "work", "notes", &nonce, &sig));
+        assert!(!verify(&public, "home", "notes", &[8u8; 32], &sig));
+        // "ho" + "menotes" must not sign the same bytes as "home" + "notes".
+        assert!(!verify(&public, "ho", "menotes", &nonce, &sig));
+        let other = parse_public(&AgentKey::from_seed([4; 32]).public()).unwrap();
+        assert!(!verify(&other, "home", "notes", &nonce, &sig));
+        assert!(!verify(&public, "home", "notes", &nonce, "not base64"));
+    }
+
+    #[test]
+    fn a_server_name_routes_back_to_its_stack_and_sidecar() {
+        let name = server_name("home", "notes");
+        assert_eq!(name, "notes.home.soul");
+        assert_eq!(route_of(&name), Some(("home", "notes")));
+        assert_eq!(route_of("notes.home.example"), None);
+        assert_eq!(route_of("a.notes.home.soul"), None);
+        assert_eq!(route_of(".home.soul"), None);
+    }
+
+    #[test]
+    fn an_agent_key_file_parses_to_the_same_public_key() {
+        let key = AgentKey::from_seed([5; 32]);
+        let again = AgentKey::parse(&format!("{}\n", hex::encode([5u8; 32]))).unwrap();
+        assert_eq!(key.public(), again.public());
+        assert!(AgentKey::parse("short").is_none());
+        assert!(parse_public(&key.public()).is_some());
+        assert!(parse_public("ed25519:AAAA").is_none());
+    }
+}
