@@ -36,10 +36,28 @@ struct RelayProcess {
     child: Child,
     status: u16,
     log: PathBuf,
+    ns: Option<String>,
+}
+
+/// `program`, run in the network namespace `ns` when given.
+fn in_ns(ns: Option<&str>, program: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl RelayProcess {
     fn start(dir: &Path, port: u16, status: u16, allow: &str) -> RelayProcess {
+        RelayProcess::start_in(None, dir, port, status, allow)
+    }
+
+    /// Started inside the network namespace `ns` when given (the test's "VPS").
+    fn start_in(ns: Option<&str>, dir: &Path, port: u16, status: u16, allow: &str) -> RelayProcess {
         let config = dir.join("relay.kdl");
         std::fs::write(
             &config,
@@ -47,28 +65,31 @@ impl RelayProcess {
         )
         .unwrap();
         let log = dir.join("relay.log");
-        let child = Command::new(SOUL)
+        let child = in_ns(ns, SOUL)
             .args(["relay", "serve", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        RelayProcess { child, status, log }
+        RelayProcess {
+            child,
+            status,
+            log,
+            ns: ns.map(String::from),
+        }
     }
 
     fn status(&self) -> Option<serde_json::Value> {
-        let o = Soul::new()
-            .args([
-                "relay",
-                "status",
-                "--status",
-                &format!("127.0.0.1:{}", self.status),
-                "--output",
-                "json",
-            ])
-            .run();
-        serde_json::from_str(&o.stdout()).ok()
+        let o = run(in_ns(self.ns.as_deref(), SOUL).args([
+            "relay",
+            "status",
+            "--status",
+            &format!("127.0.0.1:{}", self.status),
+            "--output",
+            "json",
+        ]));
+        serde_json::from_str(&o.stdout_text()).ok()
     }
 
     /// Waits until `sidecar` is registered with a full ready pool.
@@ -325,4 +346,187 @@ fn agents_re_register_after_a_relay_restart_and_codes_drop_the_relay_while_it_is
         "{}",
         text(&probe)
     );
+}
+
+/// Three hosts on this machine: "home" is this host (the engine, the pod's published LAN port),
+/// "vps" and "laptop" are network namespaces the test makes, wired with veth pairs:
+/// home–laptop (the LAN), home–vps (the internet as the pod's agent sees it), laptop–vps (the
+/// internet as the laptop sees it). Everything is removed on drop.
+struct Hosts {
+    laptop: String,
+    vps: String,
+    /// This host's address on the LAN link, the VPS's address the agent dials, the laptop's
+    /// LAN link.
+    home_lan: String,
+    vps_addr: String,
+    laptop_lan_dev: String,
+    host_devs: Vec<String>,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        ensure_command("ip", "iproute2");
+        ensure_command("iptables", "iptables");
+        let id = std::process::id();
+        let net = |k: u32| format!("10.{}.{}", 200 + (id % 50), (id / 50 % 80) * 3 + k);
+        let (lan, up, wan) = (net(0), net(1), net(2));
+        let tag = id % 100_000;
+        let (laptop, vps) = (format!("soul{tag}-laptop"), format!("soul{tag}-vps"));
+        let sh = |script: &str| {
+            let o = run(Command::new("sh").args(["-ec", script]));
+            assert!(o.status.success(), "{script}\n{}", text(&o));
+        };
+        sh(&format!(
+            "ip netns add {laptop}; ip netns add {vps}
+             ip -n {laptop} link set lo up; ip -n {vps} link set lo up
+             ip link add sl{tag}h type veth peer name sl{tag}l
+             ip link set sl{tag}l netns {laptop}
+             ip addr add {lan}.1/24 dev sl{tag}h; ip link set sl{tag}h up
+             ip -n {laptop} addr add {lan}.2/24 dev sl{tag}l; ip -n {laptop} link set sl{tag}l up
+             ip link add sv{tag}h type veth peer name sv{tag}v
+             ip link set sv{tag}v netns {vps}
+             ip addr add {up}.1/24 dev sv{tag}h; ip link set sv{tag}h up
+             ip -n {vps} addr add {up}.2/24 dev sv{tag}v; ip -n {vps} link set sv{tag}v up
+             ip -n {laptop} link add sw{tag}l type veth peer name sw{tag}v netns {vps}
+             ip -n {laptop} addr add {wan}.1/24 dev sw{tag}l; ip -n {laptop} link set sw{tag}l up
+             ip -n {vps} addr add {wan}.2/24 dev sw{tag}v; ip -n {vps} link set sw{tag}v up
+             ip -n {laptop} route add {up}.2/32 via {wan}.2"
+        ));
+        Hosts {
+            laptop,
+            vps,
+            home_lan: format!("{lan}.1"),
+            vps_addr: format!("{up}.2"),
+            laptop_lan_dev: format!("sl{tag}l"),
+            host_devs: vec![format!("sl{tag}h"), format!("sv{tag}h")],
+        }
+    }
+
+    /// Runs a shell script in the laptop's namespace.
+    fn on_laptop(&self, script: &str) {
+        let o = run(Command::new("ip").args(["netns", "exec", &self.laptop, "sh", "-ec", script]));
+        assert!(o.status.success(), "{script}\n{}", text(&o));
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.laptop, &self.vps] {
+            let _ = run(Command::new("ip").args(["netns", "del", ns]));
+        }
+        for dev in &self.host_devs {
+            let _ = run(Command::new("ip").args(["link", "del", dev]));
+        }
+    }
+}
+
+/// `soul connect --probe` on the laptop: the chosen path and the milliseconds it took.
+fn probe_on_laptop(hosts: &Hosts, s: &TestStack, pairing: &str) -> (String, u64) {
+    let o = run(in_ns(Some(&hosts.laptop), SOUL)
+        .args(["connect", pairing, "--probe"])
+        .env("XDG_CONFIG_HOME", s.dir.join("laptop-config")));
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(o.stdout_text().trim()).unwrap();
+    (
+        v["path"].as_str().unwrap().to_string(),
+        v["ms"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn the_laptop_falls_back_to_the_relay_when_the_lan_is_cut_and_moves_back_when_it_returns() {
+    ensure_images();
+    let hosts = Hosts::new();
+    let s = TestStack::new("relay-hosts");
+    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
+    relay_stack(&s, lan, None);
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    let relay = RelayProcess::start_in(Some(&hosts.vps), &s.dir, port, status, &allow);
+    // The pod's agent dials the VPS; pairing codes name this host's LAN address and the VPS.
+    s.write(&format!(
+        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\nrelay \"{}:{port}\"\ndevice \"laptop\"\n",
+        hosts.home_lan, hosts.vps_addr
+    ));
+    s.apply();
+    relay.await_registered("notes", Duration::from_secs(30));
+    let uri = s.soul(&["pair", "laptop", "--format", "uri"]).stdout_text();
+    let uri = uri.trim();
+    assert!(
+        uri.contains(&format!(
+            "&addr=lan:{}:{lan}&addr=relay:{}:{port}&",
+            hosts.home_lan, hosts.vps_addr
+        )),
+        "{uri}"
+    );
+    let name = format!("{}.notes.laptop", s.name);
+
+    // LAN up: the LAN.
+    assert_eq!(probe_on_laptop(&hosts, &s, uri).0, "lan");
+    // LAN black-holed (packets dropped): the relay, one stagger (250 ms) and a handshake later.
+    let home = &hosts.home_lan;
+    hosts.on_laptop(&format!("iptables -A OUTPUT -d {home} -j DROP"));
+    let (path, ms) = probe_on_laptop(&hosts, &s, &name);
+    assert_eq!(path, "relay");
+    assert!(
+        (250..800).contains(&ms),
+        "black-holed LAN: the relay after {ms} ms"
+    );
+    eprintln!("figure: LAN black-holed → relay in {ms} ms");
+    // LAN refusing (RST): the relay at once, without waiting for the stagger.
+    hosts.on_laptop(&format!(
+        "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -p tcp -j REJECT --reject-with tcp-reset"
+    ));
+    let (path, ms) = probe_on_laptop(&hosts, &s, &name);
+    assert_eq!(path, "relay");
+    assert!(ms < 250, "refusing LAN: the relay after {ms} ms");
+    eprintln!("figure: LAN refusing → relay in {ms} ms");
+
+    // A running `soul connect` on the relay moves back up when the LAN returns, and re-chooses
+    // when the laptop's addresses change.
+    hosts.on_laptop(&format!(
+        "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -j DROP"
+    ));
+    let log = s.dir.join("connect.log");
+    let local = free_ports(1);
+    let mut forward = in_ns(Some(&hosts.laptop), SOUL)
+        .args(["connect", &name, "--listen", &format!("127.0.0.1:{local}")])
+        .env("XDG_CONFIG_HOME", s.dir.join("laptop-config"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let wait_for = |line: &str, within: Duration| {
+        let start = Instant::now();
+        while !read(&log).contains(line) {
+            assert!(
+                start.elapsed() < within,
+                "no `{line}` within {within:?}:\n{}",
+                read(&log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    wait_for("path: relay:", Duration::from_secs(5));
+    hosts.on_laptop("iptables -F OUTPUT");
+    let back = wait_for("→ lan:", Duration::from_secs(8));
+    assert!(
+        back <= Duration::from_secs(6),
+        "moved back to the LAN after {back:?}"
+    );
+    eprintln!("figure: LAN restored → back on the LAN after {back:?}");
+    hosts.on_laptop(&format!(
+        "ip addr add {}.77/24 dev {}",
+        hosts.home_lan.rsplit_once('.').unwrap().0,
+        hosts.laptop_lan_dev
+    ));
+    let rechosen = wait_for("the network changed", Duration::from_secs(3));
+    assert!(
+        rechosen < Duration::from_secs(1),
+        "re-chosen after {rechosen:?}"
+    );
+    eprintln!("figure: laptop address change → re-chosen after {rechosen:?}");
+    let _ = forward.kill();
+    let _ = forward.wait();
 }
