@@ -20,7 +20,7 @@ pub async fn pause() -> std::io::Result<()> {
 }
 
 /// A tiny HTTP responder: `/healthz` answers `ok`, an upgrade on `/echo` echoes what it is
-/// sent, every other path a greeting that includes `$GREETING` when set. One access-log line
+/// sent, `/bytes/<n>` streams n bytes, every other path a greeting that includes `$GREETING` when set. One access-log line
 /// per request on stdout.
 pub async fn demo_app(
     port: u16,
@@ -74,6 +74,29 @@ async fn serve_one(mut stream: TcpStream, greeting: &str) -> std::io::Result<Opt
             .await?;
         let (mut from, mut to) = stream.split();
         tokio::io::copy(&mut from, &mut to).await?;
+        return Ok(Some(path));
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        // `n` bytes, streamed: a large download for tests and benchmarks, in constant memory.
+        stream
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let block = vec![b'x'; 64 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(block.len() as u64) as usize;
+            stream.write_all(&block[..k]).await?;
+            left -= k as u64;
+        }
+        stream.shutdown().await?;
         return Ok(Some(path));
     }
     let body = if path == "/healthz" {

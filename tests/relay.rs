@@ -177,6 +177,17 @@ fn connect(s: &TestStack, args: &[&str]) -> Command {
     cmd
 }
 
+/// A process's peak resident memory (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = read(format!("/proc/{pid}/status"));
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM for {pid}:\n{status}"));
+    kib / 1024
+}
+
 /// `GET path` on a local port with `Connection: close`: the whole answer.
 fn get(port: u16, path: &str) -> String {
     let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -280,8 +291,6 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         .arg(capture.id().to_string())
         .status();
     let _ = capture.wait();
-    let _ = forward.kill();
-    let _ = forward.wait();
     let captured = std::fs::read(&pcap).unwrap();
     assert!(
         captured.len() > 2000,
@@ -297,7 +306,50 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
             String::from_utf8_lossy(secret_or_plain)
         );
     }
+    // (After the capture: a GiB of ciphertext holds any three bytes somewhere.)
+    // A 1 GiB download crosses in bounded memory: the relay, the gate (which runs the agent)
+    // and the laptop's forwarder each stay far below the size of what they carried.
+    ensure_command("curl", "curl");
+    let gib: u64 = 1 << 30;
+    let started = Instant::now();
+    let o = run(Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-m",
+        "300",
+        "-w",
+        "%{size_download}",
+        &format!("http://127.0.0.1:{local}/bytes/{gib}"),
+    ]));
+    assert_eq!(o.stdout_text().trim(), gib.to_string(), "{}", text(&o));
+    let secs = started.elapsed().as_secs_f64();
+    let gate_pid = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Pid}}",
+        &s.container("notes", "gate"),
+    ]);
+    let (relay_peak, gate_peak, laptop_peak) = (
+        peak_rss_mib(relay.child.id()),
+        peak_rss_mib(gate_pid.trim().parse().unwrap()),
+        peak_rss_mib(forward.id()),
+    );
+    eprintln!(
+        "figure: 1 GiB through the relay in {secs:.1} s ({:.0} MiB/s); peak RSS: relay {relay_peak} MiB, gate {gate_peak} MiB, soul connect {laptop_peak} MiB",
+        1024.0 / secs
+    );
+    for (who, peak) in [
+        ("relay", relay_peak),
+        ("gate", gate_peak),
+        ("soul connect", laptop_peak),
+    ] {
+        assert!(peak < 64, "{who} peaked at {peak} MiB carrying 1 GiB");
+    }
+
     // The relay's log: a line per registration and per session, and no secret.
+    let _ = forward.kill();
+    let _ = forward.wait();
     let log = read(&relay.log);
     assert!(
         log.contains(&format!("registered notes.{}", s.name)),
