@@ -143,7 +143,7 @@ async fn register(cfg: &AgentConfig) -> Result<(TcpStream, String, usize), Agent
     let (session, ready) = tokio::time::timeout(CONNECT_TIMEOUT * 2, exchange)
         .await
         .map_err(|_| protocol("no answer in time".into()))??;
-    Ok((control, session, ready.clamp(1, MOST_CHANNELS)))
+    Ok((control, session, ready.min(MOST_CHANNELS)))
 }
 
 fn refused(cfg: &AgentConfig, reason: String) -> AgentError {

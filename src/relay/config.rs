@@ -37,7 +37,8 @@ pub struct Limits {
     pub sidecars_per_stack: usize,
     /// Spliced device connections open per stack.
     pub sessions_per_stack: usize,
-    /// Ready data channels an agent is asked to keep (and the most kept per sidecar).
+    /// Ready data channels an agent is asked to keep (and twice that, the most kept per
+    /// sidecar); 0 keeps none, and each session waits for the agent to open one.
     pub ready: usize,
     /// Device connections waiting for a data channel, per sidecar.
     pub waiting_per_sidecar: usize,
@@ -221,7 +222,13 @@ fn limits(node: &KdlNode, limits: &mut Limits, problems: &mut Vec<Problem>) {
         let ok = match name {
             "sidecars-per-stack" => count().map(|n| limits.sidecars_per_stack = n),
             "sessions-per-stack" => count().map(|n| limits.sessions_per_stack = n),
-            "ready" => count().map(|n| limits.ready = n.min(64)),
+            // 0: no pool; every session waits for the agent to open a channel.
+            "ready" => entry
+                .value()
+                .as_integer()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| *n <= 64)
+                .map(|n| limits.ready = n),
             "waiting-per-sidecar" => count().map(|n| limits.waiting_per_sidecar = n),
             "pending-per-source" => count().map(|n| limits.pending_per_source = n),
             "pending-total" => count().map(|n| limits.pending_total = n),
@@ -238,7 +245,7 @@ fn limits(node: &KdlNode, limits: &mut Limits, problems: &mut Vec<Problem>) {
         if ok.is_none() {
             problems.push(Problem::new(
                 span,
-                format!("`{name}` must be a count from 1 to 1000000 or, for a timeout, a duration like \"30s\""),
+                format!("`{name}` must be a count from 1 to 1000000 (`ready`: 0 to 64) or, for a timeout, a duration like \"30s\""),
             ));
         }
     }
@@ -272,7 +279,7 @@ mod tests {
     #[test]
     fn every_problem_in_a_relay_file_is_reported_where_it_is() {
         let src = format!(
-            "listen \"nowhere\"\nallow \"home\" key=\"ed25519:short\"\nallow \"Bad Name\" key=\"{k}\"\nallow \"w\" key=\"{k}\"\nallow \"w\" key=\"{k}\"\nlimits ready=0 bogus=1\nlisten2\n",
+            "listen \"nowhere\"\nallow \"home\" key=\"ed25519:short\"\nallow \"Bad Name\" key=\"{k}\"\nallow \"w\" key=\"{k}\"\nallow \"w\" key=\"{k}\"\nlimits ready=65 bogus=1\nlisten2\n",
             k = key_text()
         );
         let err = RelayConfig::parse("relay.kdl", &src).unwrap_err();
