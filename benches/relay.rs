@@ -581,8 +581,6 @@ async fn path_choice() {
         "  ratio              {:>8.3}× the sequential client",
         race.as_secs_f64() / sequential.as_secs_f64()
     );
+    // Deleting the namespace deletes its end of the veth pair, and with it this end.
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-    let _ = Command::new("ip")
-        .args(["link", "del", &format!("sb{id}h")])
-        .status();
 }

@@ -582,3 +582,48 @@ fn the_laptop_falls_back_to_the_relay_when_the_lan_is_cut_and_moves_back_when_it
     let _ = forward.kill();
     let _ = forward.wait();
 }
+
+#[test]
+fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
+    ensure_images();
+    let s = TestStack::new("relay-watch");
+    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
+    relay_stack(&s, lan, None);
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    // The relay is not up yet: apply waits its few seconds and leaves it out of the codes.
+    relay_stack(&s, lan, Some((&host_address(), port)));
+    s.apply();
+    let uri_file = s.state().join("pairing/laptop/notes.uri");
+    assert!(!read(&uri_file).contains("&addr=relay:"));
+    let watch_log = s.dir.join("watch.log");
+    let mut watch = s
+        .command(&["watch", "--address-poll", "1s"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&watch_log).unwrap())
+        .spawn()
+        .unwrap();
+    let relay = RelayProcess::start(&s.dir, port, status, &allow);
+    relay.await_registered("notes", Duration::from_secs(40));
+    let start = Instant::now();
+    while !read(&uri_file).contains("&addr=relay:") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the watch never added the relay to the code"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And drops it when the relay goes away.
+    drop(relay);
+    let start = Instant::now();
+    while read(&uri_file).contains("&addr=relay:") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the watch kept a relay the pod is no longer registered with:\n{}",
+            read(&watch_log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

@@ -321,7 +321,8 @@ pub struct WatchArgs {
     pub flap_restarts: usize,
     #[arg(long, default_value = "10m", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub flap_window: Duration,
-    /// How often this host's addresses are checked (pairing codes carry them).
+    /// How often this host's addresses and the pods' relay registrations are checked (pairing
+    /// codes carry them).
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub address_poll: Duration,
 }

@@ -257,25 +257,37 @@ pub async fn discover(
             }
         }
     }
-    // The relay's address counts only while the pod's agent is registered there (its gate
-    // keeps a file saying so): never a remembered one.
+    // The relay's address counts only while the pod's agent is registered there: never a
+    // remembered one.
     if let Some((host, port)) = stack.relay.as_ref().and_then(|r| r.host_port()) {
-        for sidecar in &stack.sidecars {
-            let gate =
-                crate::pod::container_name(&stack.stack, &sidecar.name, crate::pod::Role::Gate);
-            let registered = docker
-                .read_file(&gate, &super::resolve::gate_relay_state())
-                .await?
-                .is_some_and(|h| !h.trim().is_empty());
-            if registered {
-                found.insert(
-                    (sidecar.name.clone(), TransportKind::Relay),
-                    (host.clone(), port),
-                );
-            }
+        for sidecar in relay_registered(docker, stack).await? {
+            found.insert((sidecar, TransportKind::Relay), (host.clone(), port));
         }
     }
     Ok(found)
+}
+
+/// The sidecars whose gate's agent is registered with the stack's relay now (each gate keeps a
+/// file saying so while it is).
+pub async fn relay_registered(
+    docker: &Docker,
+    stack: &Stack,
+) -> Result<std::collections::BTreeSet<String>, PassError> {
+    let mut registered = std::collections::BTreeSet::new();
+    if stack.relay.is_none() {
+        return Ok(registered);
+    }
+    for sidecar in &stack.sidecars {
+        let gate = crate::pod::container_name(&stack.stack, &sidecar.name, crate::pod::Role::Gate);
+        if docker
+            .read_file(&gate, &super::resolve::gate_relay_state())
+            .await?
+            .is_some_and(|h| !h.trim().is_empty())
+        {
+            registered.insert(sidecar.name.clone());
+        }
+    }
+    Ok(registered)
 }
 
 /// The overlay addresses the stack declares but that no pod has published yet, and the relay

@@ -656,23 +656,44 @@ fn spawn_events(
     })
 }
 
-/// Fires when this host's LAN address changes (pairing codes carry it).
+/// Fires when this host's LAN address changes, or when a pod's relay agent registers or drops
+/// its registration (pairing codes carry both).
 async fn poll_addresses(file: PathBuf, every: Duration, triggers: Arc<Triggers>) {
-    let current = || {
-        stack::load(&file)
-            .ok()
-            .and_then(|s| transport::lan_host(&s))
-    };
-    let mut last = current();
+    let mut docker: Option<Docker> = None;
+    let mut last = addresses_now(&file, &mut docker).await;
     loop {
         tokio::time::sleep(every).await;
-        let now = current();
+        let now = addresses_now(&file, &mut docker).await;
         if now != last {
-            tracing::info!("this host's address changed: {:?} → {:?}", last, now);
+            tracing::info!(
+                "addresses changed (this host's, or the relay's registrations): {last:?} → {now:?}"
+            );
             last = now;
             triggers.fire(Trigger::AddressChanged);
         }
     }
+}
+
+/// This host's LAN address and the sidecars registered with the relay.
+async fn addresses_now(
+    file: &Path,
+    docker: &mut Option<Docker>,
+) -> Option<(Option<String>, std::collections::BTreeSet<String>)> {
+    let stack = stack::load(file).ok()?;
+    let lan = transport::lan_host(&stack);
+    if stack.relay.is_none() {
+        return Some((lan, Default::default()));
+    }
+    if docker.is_none() {
+        *docker = Docker::connect().await.ok();
+    }
+    let relay = match docker.as_ref() {
+        Some(d) => super::pass::relay_registered(d, &stack)
+            .await
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    Some((lan, relay))
 }
 
 async fn on_sighup(triggers: Arc<Triggers>) {

@@ -192,6 +192,24 @@ where
     F: Fn(TcpStream) + Clone + Send + 'static,
 {
     let (mut read, mut write) = control.into_split();
+    // The control channel is read by a task of its own: a frame read is never cut in half by
+    // the loop below attending to something else. It ends at EOF, an error or the relay's
+    // silence, with why; the set aborts it when the registration ends.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<ToAgent, String>>(16);
+    let mut reader = JoinSet::new();
+    reader.spawn(async move {
+        loop {
+            let frame = match tokio::time::timeout(SILENCE, wire::read_frame(&mut read)).await {
+                Ok(Ok(frame)) => Ok(frame),
+                Ok(Err(e)) => Err(format!("the control channel closed ({e})")),
+                Err(_) => Err(format!("the relay was silent for {} s", SILENCE.as_secs())),
+            };
+            let end = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || end {
+                return;
+            }
+        }
+    });
     let (events, mut happened) = mpsc::channel::<Channel>(MOST_CHANNELS);
     // Dropping the set (when the registration ends) closes every channel not yet used.
     let mut pool = JoinSet::new();
@@ -218,20 +236,20 @@ where
     let mut lost_in_a_row = 0u32;
     loop {
         tokio::select! {
-            frame = tokio::time::timeout(SILENCE, wire::read_frame::<_, ToAgent>(&mut read)) => match frame {
-                Ok(Ok(ToAgent::Ping)) => {
+            frame = frames.recv() => match frame {
+                Some(Ok(ToAgent::Ping)) => {
                     if wire::write_frame(&mut write, &FromAgent::Pong).await.is_err() {
                         return "the control channel closed".into();
                     }
                 }
-                Ok(Ok(ToAgent::Open { count })) => {
+                Some(Ok(ToAgent::Open { count })) => {
                     for _ in 0..count.min(MOST_CHANNELS.saturating_sub(pool.len())) {
                         open_one(&mut pool, Duration::ZERO);
                     }
                 }
-                Ok(Ok(other)) => return format!("unexpected {other:?}"),
-                Ok(Err(e)) => return format!("the control channel closed ({e})"),
-                Err(_) => return format!("the relay was silent for {} s", SILENCE.as_secs()),
+                Some(Ok(other)) => return format!("unexpected {other:?}"),
+                Some(Err(why)) => return why,
+                None => return "the control channel's reader stopped".into(),
             },
             Some(event) = happened.recv() => {
                 while pool.try_join_next().is_some() {}
