@@ -627,3 +627,42 @@ fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+#[test]
+fn a_gate_whose_key_does_not_match_the_pin_is_refused_and_sees_no_request() {
+    ensure_images();
+    let s = TestStack::new("relay-pin");
+    relay_stack(&s, free_port(), None);
+    s.apply();
+    let uri = s.soul(&["pair", "laptop", "--format", "uri"]).stdout_text();
+    let (before, rest) = uri.trim().split_once("&pin=").unwrap();
+    let (_, after) = rest.split_once('&').unwrap();
+    // Another key's pin: what a client sees when something else answers at the gate's address.
+    let wrong = format!("{before}&pin=sha256//{}&{after}", "A".repeat(43) + "=");
+    let gate = s.container("notes", "gate");
+    let lines_before = docker(&["logs", &gate]).lines().count()
+        + run(Command::new("docker").args(["logs", &gate]))
+            .stderr_text()
+            .lines()
+            .count();
+    let o = run(&mut connect(&s, &[&wrong, "--probe"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(o.stderr_text().contains("pinned key"), "{}", text(&o));
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = run(Command::new("docker").args(["logs", &gate]));
+    let all: Vec<String> = logs
+        .stdout_text()
+        .lines()
+        .chain(logs.stderr_text().lines())
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        all.len(),
+        lines_before,
+        "the gate logged a request from a client that refused its key:\n{}",
+        all.join("\n")
+    );
+    // The right pin: the same probe succeeds over the LAN.
+    let o = run(&mut connect(&s, &[uri.trim(), "--probe"]));
+    assert!(o.stdout_text().contains("\"path\":\"lan\""), "{}", text(&o));
+}
