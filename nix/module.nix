@@ -6,6 +6,24 @@ let
   cfg = config.services.soul;
   relay = config.services.soul-relay;
   relayFile = pkgs.writeText "relay.kdl" relay.settings;
+  # The hardening both services share; each adds what its job needs.
+  hardening = {
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    CapabilityBoundingSet = "";
+  };
 in
 {
   options.services.soul = {
@@ -78,29 +96,14 @@ in
       after = [ "network-online.target" ];
       wants = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
-      serviceConfig = {
+      serviceConfig = hardening // {
         ExecStart = "${lib.getExe relay.package} relay serve --config ${relayFile}";
         Restart = "always";
         RestartSec = "2s";
         DynamicUser = true;
-        NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
-        CapabilityBoundingSet = "";
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" ];
         LimitNOFILE = 65536;
       };
@@ -115,7 +118,7 @@ in
       wants = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
       path = [ pkgs.git ];
-      serviceConfig = {
+      serviceConfig = hardening // {
         ExecStart = "${lib.getExe cfg.package} --file ${cfg.stackFile} --state-dir ${cfg.stateDir} --log-format json watch";
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
@@ -125,26 +128,11 @@ in
         StateDirectory = "soul";
         StateDirectoryMode = "0700";
         UMask = "0077";
-        NoNewPrivileges = true;
         ProtectSystem = "strict";
         ReadWritePaths = [ "/var/lib/soul" "/run/docker.sock" ];
         ProtectHome = "read-only";
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
         RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" ];
-        CapabilityBoundingSet = "";
         RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
       };
     };

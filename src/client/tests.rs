@@ -103,40 +103,34 @@ fn pairing(addresses: Vec<Address>, pin: &str) -> Pairing {
     }
 }
 
-#[tokio::test]
-async fn the_first_path_wins_when_it_answers() {
-    let id = identity(7);
-    let (lan, relay) = (fake_gate(&id).await, fake_gate(&id).await);
+/// Races a LAN address and a relay address that answers with the pinned key.
+async fn race_lan_then(lan: SocketAddr, id: &crate::tls::Identity) -> race::Won {
+    let relay = fake_gate(id).await;
     let p = pairing(
         vec![
-            address(TransportKind::Lan, lan.addr),
+            address(TransportKind::Lan, lan),
             address(TransportKind::Relay, relay.addr),
         ],
         &id.pin,
     );
-    let won = race::race(&p.addresses, &p.target(), STAGGER)
+    race::race(&p.addresses, &p.target(), STAGGER)
         .await
         .ok()
-        .unwrap();
+        .expect("a path won")
+}
+
+#[tokio::test]
+async fn the_first_path_wins_when_it_answers() {
+    let id = identity(7);
+    let lan = fake_gate(&id).await;
+    let won = race_lan_then(lan.addr, &id).await;
     assert_eq!(won.index, 0);
     assert!(won.elapsed < STAGGER, "{:?}", won.elapsed);
 }
 
 #[tokio::test]
 async fn a_refusing_lan_falls_back_at_once_not_after_the_stagger() {
-    let id = identity(7);
-    let relay = fake_gate(&id).await;
-    let p = pairing(
-        vec![
-            address(TransportKind::Lan, refusing()),
-            address(TransportKind::Relay, relay.addr),
-        ],
-        &id.pin,
-    );
-    let won = race::race(&p.addresses, &p.target(), STAGGER)
-        .await
-        .ok()
-        .unwrap();
+    let won = race_lan_then(refusing(), &identity(7)).await;
     assert_eq!(won.index, 1);
     assert!(
         won.elapsed < STAGGER,
@@ -147,19 +141,7 @@ async fn a_refusing_lan_falls_back_at_once_not_after_the_stagger() {
 
 #[tokio::test]
 async fn a_black_holed_lan_falls_back_after_one_stagger() {
-    let id = identity(7);
-    let relay = fake_gate(&id).await;
-    let p = pairing(
-        vec![
-            address(TransportKind::Lan, swallowing().await),
-            address(TransportKind::Relay, relay.addr),
-        ],
-        &id.pin,
-    );
-    let won = race::race(&p.addresses, &p.target(), STAGGER)
-        .await
-        .ok()
-        .unwrap();
+    let won = race_lan_then(swallowing().await, &identity(7)).await;
     assert_eq!(won.index, 1, "a TCP accept alone does not win");
     assert!(
         won.elapsed >= STAGGER && won.elapsed < STAGGER * 4,
