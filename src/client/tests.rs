@@ -113,10 +113,10 @@ async fn race_lan_then(lan: SocketAddr, id: &crate::tls::Identity) -> race::Won 
         ],
         &id.pin,
     );
-    race::race(&p.addresses, &p.target(), STAGGER)
-        .await
-        .ok()
-        .expect("a path won")
+    match race::race(&p.addresses, &p.target(), STAGGER).await {
+        Ok(won) => won,
+        Err(failed) => panic!("no path won: {failed:?}"),
+    }
 }
 
 #[tokio::test]
