@@ -485,20 +485,131 @@ fn probe_on_laptop(hosts: &Hosts, s: &TestStack, pairing: &str) -> (String, u64)
     )
 }
 
+/// A nebula node run as a process in network namespace `ns`: the VPS's lighthouse, or the
+/// laptop's node. Killed on drop.
+struct NebulaNode(Child);
+
+impl NebulaNode {
+    fn start(ns: &str, dir: &Path, name: &str, config: &str) -> NebulaNode {
+        let file = dir.join(format!("{name}.yml"));
+        std::fs::write(&file, config).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "nebula", "-config"])
+            .arg(&file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        NebulaNode(child)
+    }
+}
+
+impl Drop for NebulaNode {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A nebula node's config: the lighthouse (`lighthouse_at` none, listening on `port`, no tun)
+/// or a node that finds the lighthouse at `lighthouse_at`.
+fn nebula_config(pki: &Path, name: &str, port: u16, lighthouse_at: Option<&str>) -> String {
+    let pki = pki.display();
+    let (am, map, hosts, tun) = match lighthouse_at {
+        None => ("true", String::new(), "", "  disabled: true\n".to_string()),
+        Some(at) => (
+            "false",
+            format!("static_host_map:\n  \"10.99.0.1\": [\"{at}\"]\n"),
+            "  hosts: [\"10.99.0.1\"]\n",
+            format!("  dev: n{name}\n  mtu: 1300\n"),
+        ),
+    };
+    format!(
+        "pki:\n  ca: {pki}/ca.crt\n  cert: {pki}/{name}.crt\n  key: {pki}/{name}.key\n{map}\
+         lighthouse:\n  am_lighthouse: {am}\n{hosts}listen:\n  host: 0.0.0.0\n  port: {port}\n\
+         punchy:\n  punch: true\n  respond: true\ntun:\n{tun}logging:\n  level: info\n\
+         firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n  inbound:\n    - port: any\n      proto: any\n      host: any\n"
+    )
+}
+
 #[test]
-fn the_laptop_falls_back_to_the_relay_when_the_lan_is_cut_and_moves_back_when_it_returns() {
+fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up() {
     ensure_images();
+    ensure_command("curl", "curl");
     let hosts = Hosts::new();
     let s = TestStack::new("relay-hosts");
-    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
+    let (lan, port, status, lh_port) = (free_port(), free_ports(1), free_ports(1), free_ports(1));
     relay_stack(&s, lan, None);
     s.apply();
     let allow = s.soul(&["relay", "allow"]).stdout_text();
     let relay = RelayProcess::start_in(Some(&hosts.vps), &s.dir, port, status, &allow);
-    // The pod's agent dials the VPS; pairing codes name this host's LAN address and the VPS.
+
+    // The overlay tier: a Nebula lighthouse on the VPS, a node on the laptop, one in the pod.
+    let pki = s.dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    nebula_cert(
+        &pki,
+        &[
+            "ca",
+            "-name",
+            "soul-test",
+            "-out-crt",
+            "ca.crt",
+            "-out-key",
+            "ca.key",
+        ],
+    );
+    for (name, ip) in [
+        ("lh", "10.99.0.1/24"),
+        ("pod", "10.99.0.2/24"),
+        ("lap", "10.99.0.3/24"),
+    ] {
+        let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+        nebula_cert(
+            &pki,
+            &[
+                "sign", "-ca-crt", "ca.crt", "-ca-key", "ca.key", "-name", name, "-ip", ip,
+                "-out-crt", &crt, "-out-key", &key,
+            ],
+        );
+    }
+    let lighthouse_at = format!("{}:{lh_port}", hosts.vps_addr);
+    let _lighthouse = NebulaNode::start(
+        &hosts.vps,
+        &pki,
+        "lh",
+        &nebula_config(&pki, "lh", lh_port, None),
+    );
+    let _laptop_node = NebulaNode::start(
+        &hosts.laptop,
+        &pki,
+        "lap",
+        &nebula_config(&pki, "lap", 0, Some(&lighthouse_at)),
+    );
+
+    // The pod's agent dials the VPS; pairing codes name this host's LAN address, the pod's
+    // Nebula address and the VPS, in that order.
     s.write(&format!(
-        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\nrelay \"{}:{port}\"\ndevice \"laptop\"\n",
-        hosts.home_lan, hosts.vps_addr
+        r#"stack "{{stack}}"
+sidecar "notes" {{
+    image "soul:latest"
+    command "demo-app" "--port=8080"
+    port 8080
+}}
+transport {{
+    order "lan" "nebula" "relay"
+    lan port={lan} address="{home}"
+    nebula lighthouse="{lighthouse_at}" lighthouse-ip="10.99.0.1" ip="10.99.0.2/24" ca-file="{ca}" cert-file="{crt}" key-file="{key}" image="{NEBULA}"
+}}
+relay "{vps}:{port}"
+device "laptop"
+"#,
+        home = hosts.home_lan,
+        vps = hosts.vps_addr,
+        ca = pki.join("ca.crt").display(),
+        crt = pki.join("pod.crt").display(),
+        key = pki.join("pod.key").display(),
     ));
     s.apply();
     relay.await_registered("notes", Duration::from_secs(30));
@@ -506,39 +617,72 @@ fn the_laptop_falls_back_to_the_relay_when_the_lan_is_cut_and_moves_back_when_it
     let uri = uri.trim();
     assert!(
         uri.contains(&format!(
-            "&addr=lan:{}:{lan}&addr=relay:{}:{port}&",
+            "&addr=lan:{}:{lan}&addr=nebula:10.99.0.2:8443&addr=relay:{}:{port}&",
             hosts.home_lan, hosts.vps_addr
         )),
         "{uri}"
     );
     let name = format!("{}.notes.laptop", s.name);
+    // The laptop's tunnel to the pod comes up (the pod answers the lighthouse's punch).
+    let start = Instant::now();
+    loop {
+        let o = run(in_ns(Some(&hosts.laptop), "curl").args([
+            "-sk",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://10.99.0.2:8443/.soul/health",
+        ]));
+        if o.stdout_text() == "200" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the laptop never reached the pod over Nebula:\n{}\n{}",
+            read(pki.join("lap.log")),
+            docker(&["logs", "--tail", "20", &s.container("notes", "nebula")])
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // LAN up: the LAN.
     assert_eq!(probe_on_laptop(&hosts, &s, uri).0, "lan");
-    // LAN black-holed (packets dropped): the relay, one stagger (250 ms) and a handshake later.
+    // The LAN black-holed (its TCP dropped; Nebula's UDP still flows): Nebula, one stagger
+    // (250 ms) and a handshake later.
     let home = &hosts.home_lan;
-    hosts.on_laptop(&format!("iptables -A OUTPUT -d {home} -j DROP"));
+    hosts.on_laptop(&format!("iptables -A OUTPUT -d {home} -p tcp -j DROP"));
     let (path, ms) = probe_on_laptop(&hosts, &s, &name);
-    assert_eq!(path, "relay");
+    assert_eq!(path, "nebula");
     assert!(
         (250..800).contains(&ms),
-        "black-holed LAN: the relay after {ms} ms"
+        "black-holed LAN: Nebula after {ms} ms"
     );
-    eprintln!("figure: LAN black-holed → relay in {ms} ms");
-    // LAN refusing (RST): the relay at once, without waiting for the stagger.
+    eprintln!("figure: LAN black-holed → nebula in {ms} ms");
+    // The LAN refusing (RST): Nebula at once, without waiting for the stagger.
     hosts.on_laptop(&format!(
         "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -p tcp -j REJECT --reject-with tcp-reset"
     ));
     let (path, ms) = probe_on_laptop(&hosts, &s, &name);
-    assert_eq!(path, "relay");
-    assert!(ms < 250, "refusing LAN: the relay after {ms} ms");
-    eprintln!("figure: LAN refusing → relay in {ms} ms");
-
-    // A running `soul connect` on the relay moves back up when the LAN returns, and re-chooses
-    // when the laptop's addresses change.
+    assert_eq!(path, "nebula");
+    assert!(ms < 250, "refusing LAN: Nebula after {ms} ms");
+    eprintln!("figure: LAN refusing → nebula in {ms} ms");
+    // The whole home unreachable (the LAN and Nebula's underlay): the relay, two staggers in.
     hosts.on_laptop(&format!(
         "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -j DROP"
     ));
+    let (path, ms) = probe_on_laptop(&hosts, &s, &name);
+    assert_eq!(path, "relay");
+    assert!(
+        (500..1100).contains(&ms),
+        "home cut off: the relay after {ms} ms"
+    );
+    eprintln!("figure: LAN and overlay black-holed → relay in {ms} ms");
+
+    // A running `soul connect` on the relay moves back up when the LAN returns, and re-chooses
+    // when the laptop's addresses change.
     let log = s.dir.join("connect.log");
     let local = free_ports(1);
     let mut forward = in_ns(Some(&hosts.laptop), SOUL)
@@ -563,14 +707,15 @@ fn the_laptop_falls_back_to_the_relay_when_the_lan_is_cut_and_moves_back_when_it
     wait_for("path: relay:", Duration::from_secs(5));
     hosts.on_laptop("iptables -F OUTPUT");
     let back = wait_for("→ lan:", Duration::from_secs(8));
+    // Within the probe interval (5 s), and the race that follows it.
     assert!(
-        back <= Duration::from_secs(6),
+        back <= Duration::from_millis(6500),
         "moved back to the LAN after {back:?}"
     );
     eprintln!("figure: LAN restored → back on the LAN after {back:?}");
+    let lan_net = hosts.home_lan.rsplit_once('.').unwrap().0;
     hosts.on_laptop(&format!(
-        "ip addr add {}.77/24 dev {}",
-        hosts.home_lan.rsplit_once('.').unwrap().0,
+        "ip addr add {lan_net}.77/24 dev {}",
         hosts.laptop_lan_dev
     ));
     let rechosen = wait_for("the network changed", Duration::from_secs(3));

@@ -359,14 +359,6 @@ impl Drop for Peers {
     }
 }
 
-fn nebula_cert(dir: &std::path::Path, args: &[&str]) {
-    ensure_command("nebula-cert", "nebula");
-    let o = run(std::process::Command::new("nebula-cert")
-        .args(args)
-        .current_dir(dir));
-    assert!(o.status.success(), "nebula-cert {args:?}: {}", text(&o));
-}
-
 /// A peer's nebula config: lighthouse or client, on the host's network (the test's own hosts).
 fn peer_config(name: &str, lighthouse: Option<u16>, lighthouse_at: &str) -> String {
     let (am, listen, map) = match lighthouse {

@@ -616,19 +616,21 @@ sidecar "demo" {
 
     /// Every container keeps the config hash it had before the container builder and the
     /// transport rooms (soul 0.1's specs): a refactor that changed a spec would recreate every
-    /// user's containers on upgrade.
+    /// user's containers on upgrade. Changed on purpose once since: nebula's config gained
+    /// `punchy.respond` (a peer that cannot reach the pod first still gets a tunnel), which
+    /// recreates nebula containers once on upgrade.
     const EXPECTED_HASHES: [&str; 12] = [
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
         "gate 661f13a618baec098098888801a96773",
         "tailscale d7dd4696f5b51954196670dbccc6d6be",
-        "nebula e4a78ec799166aa01770cf98babb447e",
+        "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
         "gate 661f13a618baec098098888801a96773",
         "tailscale 6d6e9852022499b3cb29e87f513cb858",
-        "nebula e4a78ec799166aa01770cf98babb447e",
+        "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",
     ];
 

@@ -40,7 +40,10 @@ impl NebulaDriver {
         self.node.ip.split('/').next().unwrap_or(&self.node.ip)
     }
 
-    /// Nebula's config.yml. A template with the two values from stack.kdl quoted as JSON strings
+    /// Nebula's config.yml. The pod is behind the engine's NAT: it punches towards peers the
+    /// lighthouse names and answers a punch with a handshake of its own (`punchy.respond`), so
+    /// a peer that cannot reach the pod first still gets a tunnel. A template with the two
+    /// values from stack.kdl quoted as JSON strings
     /// (which YAML reads as the same strings), kept byte-for-byte so the config hash, and with it
     /// the running nebula container, survives upgrades of soul; the test below reads it back
     /// with a YAML parser.
@@ -52,7 +55,7 @@ impl NebulaDriver {
              static_host_map:\n  {lh_ip}: [{lh}]\n\
              lighthouse:\n  am_lighthouse: false\n  interval: 60\n  hosts: [{lh_ip}]\n\
              listen:\n  host: 0.0.0.0\n  port: {listen}\n\
-             punchy:\n  punch: true\n\
+             punchy:\n  punch: true\n  respond: true\n\
              tun:\n  dev: nebula1\n  mtu: 1300\n\
              logging:\n  level: info\n\
              firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n\

@@ -598,3 +598,10 @@ pub fn history(profile: &std::path::Path) -> Vec<String> {
     );
     o.stdout_text().lines().map(String::from).collect()
 }
+
+/// `nebula-cert` with `args` in `dir` (Debian's nebula, installed when missing).
+pub fn nebula_cert(dir: &Path, args: &[&str]) {
+    ensure_command("nebula-cert", "nebula");
+    let o = run(Command::new("nebula-cert").args(args).current_dir(dir));
+    assert!(o.status.success(), "nebula-cert {args:?}: {}", text(&o));
+}
