@@ -244,3 +244,86 @@ fn the_relay_units_run_a_command_soul_accepts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kubernetes-validate` (PyPI; it bundles the schemas, no cluster needed), installed with pip
+/// when missing.
+fn kubernetes_validate() -> &'static str {
+    let have = || {
+        run(Command::new("sh").args(["-c", "command -v kubernetes-validate"]))
+            .status
+            .success()
+    };
+    if !have() {
+        let o = run(Command::new("sh").args([
+            "-c",
+            "python3 -m pip install -q kubernetes-validate || pip install -q kubernetes-validate",
+        ]));
+        assert!(
+            have(),
+            "installing kubernetes-validate failed:\n{}",
+            text(&o)
+        );
+    }
+    "kubernetes-validate"
+}
+
+#[test]
+fn every_example_exports_to_manifests_kubernetes_validate_accepts_strictly() {
+    let validate = kubernetes_validate();
+    let dir = std::env::temp_dir().join(format!("soul-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = vec![repo().join("stack.kdl")];
+    for e in std::fs::read_dir(repo().join("examples")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "kdl") {
+            files.push(p);
+        }
+    }
+    for (i, file) in files.iter().enumerate() {
+        let out = dir.join(format!("{i}.yaml"));
+        let o = Soul::offline()
+            .args(["export", "kubernetes", "-f"])
+            .args([file.as_os_str(), "--out".as_ref(), out.as_os_str()])
+            .args(["--state-dir".as_ref(), dir.join("state").as_os_str()])
+            .run()
+            .success();
+        assert!(o.stderr().contains("objects"), "{}", o.stderr());
+        let v = run(Command::new(validate).args(["--strict"]).arg(&out));
+        assert!(
+            v.status.success() && !v.stdout_text().contains("ERROR"),
+            "{} does not validate:\n{}\n{}",
+            file.display(),
+            text(&v),
+            read(&out)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_kubernetes_export_holds_no_secret_value() {
+    let dir = std::env::temp_dir().join(format!("soul-k8s-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("db-password");
+    std::fs::write(&secret_file, "s3cr3t-value-from-a-file\n").unwrap();
+    let stack = dir.join("stack.kdl");
+    std::fs::write(
+        &stack,
+        format!(
+            "stack \"home\"\nsidecar \"notes\" {{\n  image \"ghcr.io/x/notes:1\"\n  port 8080\n  env \"DB_PASSWORD\" file=\"{}\"\n  env \"API\" from-env=\"SOUL_TEST_API_KEY\"\n}}\ndevice \"phone\"\n",
+            secret_file.display()
+        ),
+    )
+    .unwrap();
+    let o = Soul::offline()
+        .args(["export", "kubernetes", "-f"])
+        .args([stack.as_os_str()])
+        .args(["--state-dir".as_ref(), dir.join("state").as_os_str()])
+        .env("SOUL_TEST_API_KEY", "s3cr3t-value-from-the-environment")
+        .run()
+        .success();
+    let text = o.stdout();
+    assert!(!text.contains("s3cr3t"), "{text}");
+    assert!(text.contains("secretKeyRef"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -208,6 +208,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Export(ExportCommand::Compose { out: path }) => {
             export_compose(&Context::load(&cli)?, path.as_deref())
         }
+        Command::Export(ExportCommand::Kubernetes { out: path }) => {
+            export_kubernetes(&Context::load(&cli)?, path.as_deref())
+        }
         Command::Connect(args) => connect::run(args).await,
         Command::Relay(RelayCommand::Serve { config }) => relay::serve(config).await,
         Command::Relay(RelayCommand::Status { status, output }) => {
@@ -857,13 +860,26 @@ fn bridge_init(cli: &Cli, args: &InitArgs) -> Result<Exit, CliError> {
 
 fn export_compose(ctx: &Context, path: Option<&Path>) -> Result<Exit, CliError> {
     let export = crate::export::compose_of(&ctx.stack, &ctx.state).map_err(PassError::from)?;
+    write_export(path, &export.text, &format!("{} services", export.services))
+}
+
+fn export_kubernetes(ctx: &Context, path: Option<&Path>) -> Result<Exit, CliError> {
+    let m =
+        crate::export::kubernetes::manifests_of(&ctx.stack, &ctx.state).map_err(PassError::from)?;
+    write_export(path, &m.text, &format!("{} objects", m.objects))
+}
+
+/// An export to `path` (atomically) or to stdout.
+fn write_export(path: Option<&Path>, text: &str, what: &str) -> Result<Exit, CliError> {
     match path {
         Some(p) => {
-            std::fs::write(p, &export.text)
+            let tmp = p.with_extension("soul-tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, p))
                 .map_err(|e| CliError::Io(format!("cannot write {}: {e}", p.display())))?;
-            eprintln!("wrote {} ({} services)", p.display(), export.services);
+            eprintln!("wrote {} ({what})", p.display());
         }
-        None => out(&export.text),
+        None => out(text),
     }
     Ok(Exit::Ok)
 }

@@ -206,7 +206,7 @@ fn service(c: &ContainerSpec, pause: &str, secrets: &mut BTreeSet<String>) -> Se
 
 /// YAML that YAML 1.1 readers read the same as YAML 1.2 ones: the serializer quotes every
 /// string either could take for something else.
-fn to_yaml(value: &impl Serialize) -> String {
+pub(super) fn to_yaml(value: &impl Serialize) -> String {
     let options = serde_saphyr::ser_options! { yaml_12: false, prefer_block_scalars: false };
     serde_saphyr::to_string_with_options(value, options)
         .expect("strings, numbers and maps always serialize")

@@ -1,0 +1,388 @@
+//! `soul export kubernetes`: the stack as manifests a cluster takes with `kubectl apply -f`.
+//! soul's pod is already Kubernetes' pod (one network namespace for the app, the gate and the
+//! overlays), so each sidecar becomes one Deployment of one replica whose pod holds the app and,
+//! as native sidecar containers (init containers that keep running), the gate and each overlay;
+//! a Service for the gate port only; a NetworkPolicy admitting ingress to the gate port (and an
+//! overlay's UDP port) only, the guard's job on Docker; a PersistentVolumeClaim per named volume.
+//!
+//! No secret value is ever written: secret environment values, the files soul bind-mounts (the
+//! gate's keys, registry and certificates, transport configs, auth keys) are Secrets the user
+//! creates, each named in the header with the `kubectl create secret` line that makes it from
+//! this machine's files. The output is a pure function of stack.kdl and the state dir's path:
+//! the same input gives the same bytes, so it can be committed and reconciled by Flux or Argo.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::machine::NoSecrets;
+use crate::pod::{ContainerSpec, MountKind, Role};
+use crate::reconcile::ResolveError;
+use crate::stack::{EnvSource, Stack};
+
+/// The manifests, and what the user must create before applying them.
+pub struct Manifests {
+    pub text: String,
+    /// How many objects it holds.
+    pub objects: usize,
+}
+
+/// The stack as Kubernetes manifests; `state_dir` is where soul keeps the files the Secrets are
+/// made from.
+pub fn manifests_of(stack: &Stack, state_dir: &Path) -> Result<Manifests, ResolveError> {
+    let desired = crate::reconcile::resolve(stack, &NoSecrets, state_dir)?;
+    let mut objects = Vec::new();
+    let mut secrets = Secrets::default();
+    for pod in &desired.pods {
+        let Some(sidecar) = stack.sidecars.iter().find(|s| s.name == pod.sidecar) else {
+            continue;
+        };
+        let labels = labels(&stack.stack, &pod.sidecar);
+        let mut volumes = Volumes::default();
+        let mut app = Vec::new();
+        let mut sidecars = Vec::new();
+        for c in &pod.containers {
+            let container = container(stack, sidecar, c, &mut volumes, &mut secrets);
+            match c.role {
+                Role::Pause => {}
+                Role::App => app.push(container),
+                _ => sidecars.push(container),
+            }
+        }
+        for claim in &volumes.claims {
+            objects.push(json!({
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": { "name": claim, "labels": labels },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": { "requests": { "storage": "1Gi" } }
+                }
+            }));
+        }
+        let name = k8s_name(&["soul", &stack.stack, &pod.sidecar]);
+        objects.push(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "replicas": 1,
+                // Named volumes are ReadWriteOnce: the old pod goes before the new one comes.
+                "strategy": { "type": "Recreate" },
+                "selector": { "matchLabels": selector(&stack.stack, &pod.sidecar) },
+                "template": {
+                    "metadata": { "labels": labels },
+                    "spec": {
+                        "initContainers": sidecars,
+                        "containers": app,
+                        "volumes": volumes.list,
+                    }
+                }
+            }
+        }));
+        objects.push(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "selector": selector(&stack.stack, &pod.sidecar),
+                "ports": [{ "name": "gate", "port": stack.gate.port, "targetPort": stack.gate.port, "protocol": "TCP" }]
+            }
+        }));
+        let mut ingress_ports = vec![json!({ "port": stack.gate.port, "protocol": "TCP" })];
+        for port in crate::transport::drivers(stack)
+            .iter()
+            .flat_map(|d| d.guard_udp())
+        {
+            ingress_ports.push(json!({ "port": port, "protocol": "UDP" }));
+        }
+        objects.push(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "podSelector": { "matchLabels": selector(&stack.stack, &pod.sidecar) },
+                "policyTypes": ["Ingress"],
+                "ingress": [{ "ports": ingress_ports }]
+            }
+        }));
+    }
+    let mut text = format!(
+        "# Generated by `soul export kubernetes` from stack `{}`: commit it, or let Flux or Argo\n\
+         # CD apply it. No secret is in this file. Create these Secrets first, from this machine\n\
+         # (re-create the gate's after every `soul apply` that changes devices or keys):\n",
+        stack.stack
+    );
+    for line in secrets.commands.values() {
+        text.push_str(&format!("#   {line}\n"));
+    }
+    for object in &objects {
+        text.push_str("---\n");
+        text.push_str(&super::compose::to_yaml(object));
+    }
+    Ok(Manifests {
+        text,
+        objects: objects.len(),
+    })
+}
+
+/// `app.kubernetes.io/*` and soul's own.
+fn labels(stack: &str, sidecar: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": sidecar,
+        "app.kubernetes.io/instance": format!("{stack}-{sidecar}"),
+        "app.kubernetes.io/part-of": stack,
+        "app.kubernetes.io/managed-by": "soul",
+        "dev.soul/stack": stack,
+        "dev.soul/sidecar": sidecar,
+    })
+}
+
+fn selector(stack: &str, sidecar: &str) -> Value {
+    json!({ "dev.soul/stack": stack, "dev.soul/sidecar": sidecar })
+}
+
+/// A DNS-1123 name (lower case, digits, `-`, at most 63) made of `parts`; too long a name keeps
+/// its start and gains a hash of the whole, so two long names never collide.
+pub fn k8s_name(parts: &[&str]) -> String {
+    let joined: String = parts
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let joined = joined.trim_matches('-').to_string();
+    if joined.len() <= 63 {
+        return joined;
+    }
+    let hash = hex::encode(&Sha256::digest(joined.as_bytes())[..4]);
+    format!("{}-{hash}", joined[..54].trim_end_matches('-'))
+}
+
+/// A pod's volumes, named in the order the containers need them.
+#[derive(Default)]
+struct Volumes {
+    list: Vec<Value>,
+    claims: Vec<String>,
+    names: BTreeMap<String, String>,
+}
+
+impl Volumes {
+    /// The pod volume for `source`, added once.
+    fn of(&mut self, source: &str, make: impl FnOnce(&str) -> Value) -> String {
+        if let Some(name) = self.names.get(source) {
+            return name.clone();
+        }
+        let name = format!("v{}", self.names.len());
+        let mut volume = make(&name);
+        volume["name"] = json!(name);
+        self.list.push(volume);
+        self.names.insert(source.to_string(), name.clone());
+        name
+    }
+}
+
+/// The Secrets the manifests refer to: name → the command that makes it.
+#[derive(Default)]
+struct Secrets {
+    commands: BTreeMap<String, String>,
+}
+
+fn container(
+    stack: &Stack,
+    sidecar: &crate::stack::Sidecar,
+    c: &ContainerSpec,
+    volumes: &mut Volumes,
+    secrets: &mut Secrets,
+) -> Value {
+    let env_secret = k8s_name(&["soul", &stack.stack, &sidecar.name, "env"]);
+    let env: Vec<Value> = c
+        .env
+        .iter()
+        .map(|(name, v)| {
+            if !v.sensitive {
+                return json!({ "name": name, "value": v.value });
+            }
+            let source = sidecar
+                .env
+                .iter()
+                .find(|e| &e.name == name)
+                .map(|e| match e.source() {
+                    EnvSource::File(path) => format!("--from-file={name}={path}"),
+                    EnvSource::FromEnv(var) => format!("--from-literal={name}=\"${var}\""),
+                    EnvSource::Literal(_) => format!("--from-literal={name}=…"),
+                })
+                .unwrap_or_default();
+            let line = secrets
+                .commands
+                .entry(env_secret.clone())
+                .or_insert_with(|| format!("kubectl create secret generic {env_secret}"));
+            line.push(' ');
+            line.push_str(&source);
+            json!({ "name": name, "valueFrom": { "secretKeyRef": { "name": env_secret, "key": name } } })
+        })
+        .collect();
+    let mut mounts = Vec::new();
+    for m in &c.mounts {
+        match m.kind {
+            MountKind::Volume => {
+                let claim = k8s_name(&[&m.source]);
+                if !volumes.claims.contains(&claim) {
+                    volumes.claims.push(claim.clone());
+                }
+                let v = volumes.of(
+                    &m.source,
+                    |_| json!({ "persistentVolumeClaim": { "claimName": claim } }),
+                );
+                mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": m.read_only }));
+            }
+            MountKind::Bind => {
+                // A directory soul writes (the gate's, a transport's config) is a Secret of its
+                // files; a single file is a Secret of one key, mounted by sub-path.
+                let dir = Path::new(&m.source).is_dir()
+                    || (Path::new(&m.source).extension().is_none()
+                        && !m.source.ends_with("torrc")
+                        && m.source.starts_with('/'));
+                let base = Path::new(&m.source)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let secret = k8s_name(&[
+                    "soul",
+                    &stack.stack,
+                    &sidecar.name,
+                    &c.role.to_string(),
+                    &base,
+                ]);
+                let command = if dir {
+                    format!(
+                        "kubectl create secret generic {secret} --from-file={}/",
+                        m.source
+                    )
+                } else {
+                    format!(
+                        "kubectl create secret generic {secret} --from-file={base}={}",
+                        m.source
+                    )
+                };
+                secrets.commands.insert(secret.clone(), command);
+                let v = volumes.of(&m.source, |_| json!({ "secret": { "secretName": secret } }));
+                let mut mount = json!({ "name": v, "mountPath": m.target, "readOnly": true });
+                if !dir {
+                    mount["subPath"] = json!(base);
+                }
+                mounts.push(mount);
+            }
+        }
+    }
+    for device in &c.devices {
+        let v = volumes.of(
+            device,
+            |_| json!({ "hostPath": { "path": device, "type": "CharDevice" } }),
+        );
+        mounts.push(json!({ "name": v, "mountPath": device }));
+    }
+    let mut out = json!({
+        "name": c.role.to_string(),
+        "image": c.image,
+    });
+    if let Some(command) = &c.command {
+        // Docker's command replaces the image's CMD, as Kubernetes' args do.
+        out["args"] = json!(command);
+    }
+    if !env.is_empty() {
+        out["env"] = json!(env);
+    }
+    if !mounts.is_empty() {
+        out["volumeMounts"] = json!(mounts);
+    }
+    if !c.cap_add.is_empty() {
+        out["securityContext"] = json!({ "capabilities": { "add": c.cap_add } });
+    }
+    if c.role != Role::App {
+        // A native sidecar: started before the app, kept running beside it.
+        out["restartPolicy"] = json!("Always");
+    }
+    if let Some(h) = &c.health {
+        let command: Vec<String> = match h.test.first().map(String::as_str) {
+            Some("CMD") => h.test[1..].to_vec(),
+            Some("CMD-SHELL") => vec!["/bin/sh".into(), "-c".into(), h.test[1..].join(" ")],
+            _ => Vec::new(),
+        };
+        if !command.is_empty() {
+            out["livenessProbe"] = json!({
+                "exec": { "command": command },
+                "periodSeconds": (h.interval_ms / 1000).max(1),
+                "timeoutSeconds": (h.timeout_ms / 1000).max(1),
+                "failureThreshold": h.retries.max(1),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(kdl: &str) -> String {
+        let stack = crate::stack::parse("stack.kdl", kdl).unwrap_or_else(|d| panic!("{d}"));
+        manifests_of(&stack, Path::new("/var/lib/soul/home"))
+            .unwrap()
+            .text
+    }
+
+    const STACK: &str = "stack \"home\"\nsidecar \"notes\" {\n  image \"ghcr.io/x/notes:1\"\n  port 8080\n  volume \"data\" \"/data\"\n  env \"MODE\" \"on\"\n  env \"DB_PASSWORD\" file=\"/run/secrets/db\"\n  env \"API\" from-env=\"NOTES_API\"\n}\ntransport {\n  lan port=9443\n}\ndevice \"phone\"\n";
+
+    #[test]
+    fn the_same_stack_exports_the_same_bytes() {
+        assert_eq!(export(STACK), export(STACK));
+    }
+
+    #[test]
+    fn secret_values_become_secret_references_named_with_the_command_that_makes_them() {
+        let text = export(STACK);
+        assert!(text.contains("secretKeyRef"), "{text}");
+        assert!(
+            text.contains("kubectl create secret generic soul-home-notes-env --from-literal=API=\"$NOTES_API\" --from-file=DB_PASSWORD=/run/secrets/db"),
+            "{text}"
+        );
+        assert!(text.contains("kubectl create secret generic soul-home-notes-gate-gate --from-file=/var/lib/soul/home/gate/"), "{text}");
+        // The literal stays a literal, quoted for YAML 1.1 readers.
+        assert!(
+            text.contains("value: 'on'") || text.contains("value: \"on\""),
+            "{text}"
+        );
+        for kind in [
+            "Deployment",
+            "Service",
+            "NetworkPolicy",
+            "PersistentVolumeClaim",
+        ] {
+            assert!(text.contains(&format!("kind: {kind}\n")), "{kind}: {text}");
+        }
+        assert!(
+            !text.contains("pause"),
+            "Kubernetes has its own pause: {text}"
+        );
+    }
+
+    #[test]
+    fn long_names_stay_dns_names_and_distinct() {
+        let a = k8s_name(&["soul", &"a".repeat(32), &"b".repeat(32), "gate"]);
+        let b = k8s_name(&["soul", &"a".repeat(32), &"b".repeat(32), "env"]);
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
+        assert_eq!(
+            k8s_name(&["soul", "home", "notes_gate"]),
+            "soul-home-notes-gate"
+        );
+    }
+}
