@@ -396,9 +396,9 @@ pub enum ExportCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// The stack as Kubernetes manifests: per sidecar a Deployment (the app, with the gate
-    /// and each overlay as native sidecars), a Service for the gate port, a NetworkPolicy
-    /// admitting only the gate port, and a claim per named volume. No secret is in it.
+    /// The stack as Kubernetes manifests: per sidecar a Deployment (the app, the gate and each
+    /// overlay in one pod), a Service for the gate port, a NetworkPolicy admitting only the
+    /// gate port, and a claim per named volume. No secret is in it.
     #[command(
         after_help = "Secret values and the files soul mounts (the gate's keys, registry and certificates; transport configs; auth keys) are Secrets you create: the file's header lists each with the `kubectl create secret` line that makes it from this machine's state dir. The same stack.kdl gives the same bytes, so the file can be committed for Flux or Argo CD. Not yet verified on a running cluster (issue: Kubernetes): read it before you apply it.\n\nExample:\n  soul export kubernetes --out k8s.yaml && kubectl apply -f k8s.yaml"
     )]

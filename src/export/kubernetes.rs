@@ -1,7 +1,7 @@
 //! `soul export kubernetes`: the stack as manifests a cluster takes with `kubectl apply -f`.
 //! soul's pod is already Kubernetes' pod (one network namespace for the app, the gate and the
-//! overlays), so each sidecar becomes one Deployment of one replica whose pod holds the app and,
-//! as native sidecar containers (init containers that keep running), the gate and each overlay;
+//! overlays), so each sidecar becomes one Deployment of one replica whose pod holds the app, the
+//! gate and each overlay, side by side as on Docker;
 //! a Service for the gate port only; a NetworkPolicy admitting ingress to the gate port (and an
 //! overlay's UDP port) only, the guard's job on Docker; a PersistentVolumeClaim per named volume.
 //!
@@ -41,16 +41,14 @@ pub fn manifests_of(stack: &Stack, state_dir: &Path) -> Result<Manifests, Resolv
         };
         let labels = labels(&stack.stack, &pod.sidecar);
         let mut volumes = Volumes::default();
-        let mut app = Vec::new();
-        let mut sidecars = Vec::new();
-        for c in &pod.containers {
-            let container = container(stack, sidecar, c, &mut volumes, &mut secrets);
-            match c.role {
-                Role::Pause => {}
-                Role::App => app.push(container),
-                _ => sidecars.push(container),
-            }
-        }
+        // Every container beside the others, as on Docker (no native sidecars: podman and
+        // clusters before 1.29 would run those as init containers that never finish).
+        let containers: Vec<Value> = pod
+            .containers
+            .iter()
+            .filter(|c| c.role != Role::Pause)
+            .map(|c| container(stack, sidecar, c, state_dir, &mut volumes, &mut secrets))
+            .collect();
         for claim in &volumes.claims {
             objects.push(json!({
                 "apiVersion": "v1",
@@ -75,8 +73,7 @@ pub fn manifests_of(stack: &Stack, state_dir: &Path) -> Result<Manifests, Resolv
                 "template": {
                     "metadata": { "labels": labels },
                     "spec": {
-                        "initContainers": sidecars,
-                        "containers": app,
+                        "containers": containers,
                         "volumes": volumes.list,
                     }
                 }
@@ -199,6 +196,7 @@ fn container(
     stack: &Stack,
     sidecar: &crate::stack::Sidecar,
     c: &ContainerSpec,
+    state_dir: &Path,
     volumes: &mut Volumes,
     secrets: &mut Secrets,
 ) -> Value {
@@ -279,6 +277,22 @@ fn container(
                     mount["subPath"] = json!(base);
                 }
                 mounts.push(mount);
+                // The gate's directory has one subdirectory, the device tokens it hands to
+                // apps that redeem a pairing ticket: a Secret of its own, mounted inside.
+                let gate_dir = state_dir.join(crate::state::layout::GATE_DIR);
+                if Path::new(&m.source) == gate_dir {
+                    let tokens = k8s_name(&["soul", &stack.stack, &sidecar.name, "gate-tokens"]);
+                    secrets.commands.insert(
+                        tokens.clone(),
+                        format!(
+                            "kubectl create secret generic {tokens} --from-file={}/tokens/",
+                            m.source
+                        ),
+                    );
+                    let source = format!("{}/tokens", m.source);
+                    let v = volumes.of(&source, |_| json!({ "secret": { "secretName": tokens } }));
+                    mounts.push(json!({ "name": v, "mountPath": format!("{}/tokens", m.target), "readOnly": true }));
+                }
             }
         }
     }
@@ -305,10 +319,6 @@ fn container(
     }
     if !c.cap_add.is_empty() {
         out["securityContext"] = json!({ "capabilities": { "add": c.cap_add } });
-    }
-    if c.role != Role::App {
-        // A native sidecar: started before the app, kept running beside it.
-        out["restartPolicy"] = json!("Always");
     }
     if let Some(h) = &c.health {
         let command: Vec<String> = match h.test.first().map(String::as_str) {
