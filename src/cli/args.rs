@@ -400,7 +400,7 @@ pub enum ExportCommand {
     /// overlay in one pod), a Service for the gate port, a NetworkPolicy admitting only the
     /// gate port, and a claim per named volume. No secret is in it.
     #[command(
-        after_help = "Secret values and the files soul mounts (the gate's keys, registry and certificates; transport configs; auth keys) are Secrets you create: the file's header lists each with the `kubectl create secret` line that makes it from this machine's state dir. The same stack.kdl gives the same bytes, so the file can be committed for Flux or Argo CD. Not yet verified on a running cluster (issue: Kubernetes): read it before you apply it.\n\nExample:\n  soul export kubernetes --out k8s.yaml && kubectl apply -f k8s.yaml"
+        after_help = "Secret values and the files soul mounts (the gate's keys, registry and certificates; transport configs; auth keys) are Secrets you create: the file's header lists each with the `kubectl create secret` line that makes it from this machine's state dir. The same stack.kdl gives the same bytes, so the file can be committed for Flux or Argo CD. The NetworkPolicy plays the guard only where the network plugin enforces it, and soul's image must be pushed where the cluster pulls from (README: On Kubernetes).\n\nExample:\n  soul export kubernetes --out k8s.yaml && kubectl apply -f k8s.yaml"
     )]
     Kubernetes {
         /// Write to this file instead of stdout.

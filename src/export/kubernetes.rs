@@ -21,6 +21,7 @@ use crate::machine::NoSecrets;
 use crate::pod::{ContainerSpec, MountKind, Role};
 use crate::reconcile::ResolveError;
 use crate::stack::{EnvSource, Stack};
+use crate::state::layout;
 
 /// The manifests, and what the user must create before applying them.
 pub struct Manifests {
@@ -123,6 +124,27 @@ pub fn manifests_of(stack: &Stack, state_dir: &Path) -> Result<Manifests, Resolv
         text,
         objects: objects.len(),
     })
+}
+
+/// The files of the state dir's gate directory that `sidecar`'s gate reads, relative to it.
+fn gate_files(stack: &Stack, sidecar: &str) -> Vec<String> {
+    let mut files = vec![
+        layout::GATE_PUBLIC_KEY_FILE.to_string(),
+        layout::GATE_REGISTRY_FILE.to_string(),
+        layout::GATE_LINK_KEY_FILE.to_string(),
+        layout::gate_tls_cert(sidecar),
+        layout::gate_tls_key(sidecar),
+    ];
+    if stack.relay.is_some() {
+        files.push(layout::GATE_RELAY_KEY_FILE.to_string());
+    }
+    files.extend(
+        stack
+            .devices
+            .iter()
+            .map(|d| layout::gate_device_token(&d.name)),
+    );
+    files
 }
 
 /// `app.kubernetes.io/*` and soul's own.
@@ -241,9 +263,29 @@ fn container(
                 );
                 mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": m.read_only }));
             }
+            MountKind::Bind if Path::new(&m.source) == state_dir.join(layout::GATE_DIR) => {
+                // The gate's directory: one Secret of exactly the files this gate reads, the
+                // device tokens (in a subdirectory) mapped back to their paths.
+                let secret = k8s_name(&["soul", &stack.stack, &sidecar.name, "gate"]);
+                let files = gate_files(stack, &sidecar.name);
+                let mut command = format!("kubectl create secret generic {secret}");
+                let items: Vec<Value> = files
+                    .iter()
+                    .map(|path| {
+                        let key = path.replace('/', "-");
+                        command.push_str(&format!(" --from-file={key}={}/{path}", m.source));
+                        json!({ "key": key, "path": path })
+                    })
+                    .collect();
+                secrets.commands.insert(secret.clone(), command);
+                let v = volumes.of(&m.source, |_| {
+                    json!({ "secret": { "secretName": secret, "items": items, "optional": false } })
+                });
+                mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": true }));
+            }
             MountKind::Bind => {
-                // A directory soul writes (the gate's, a transport's config) is a Secret of its
-                // files; a single file is a Secret of one key, mounted by sub-path.
+                // A directory soul writes (a transport's config) is a Secret of its files; a
+                // single file is a Secret of one key, mounted by sub-path.
                 let dir = Path::new(&m.source).is_dir()
                     || (Path::new(&m.source).extension().is_none()
                         && !m.source.ends_with("torrc")
@@ -271,28 +313,15 @@ fn container(
                     )
                 };
                 secrets.commands.insert(secret.clone(), command);
-                let v = volumes.of(&m.source, |_| json!({ "secret": { "secretName": secret } }));
+                let v = volumes.of(
+                    &m.source,
+                    |_| json!({ "secret": { "secretName": secret, "optional": false } }),
+                );
                 let mut mount = json!({ "name": v, "mountPath": m.target, "readOnly": true });
                 if !dir {
                     mount["subPath"] = json!(base);
                 }
                 mounts.push(mount);
-                // The gate's directory has one subdirectory, the device tokens it hands to
-                // apps that redeem a pairing ticket: a Secret of its own, mounted inside.
-                let gate_dir = state_dir.join(crate::state::layout::GATE_DIR);
-                if Path::new(&m.source) == gate_dir {
-                    let tokens = k8s_name(&["soul", &stack.stack, &sidecar.name, "gate-tokens"]);
-                    secrets.commands.insert(
-                        tokens.clone(),
-                        format!(
-                            "kubectl create secret generic {tokens} --from-file={}/tokens/",
-                            m.source
-                        ),
-                    );
-                    let source = format!("{}/tokens", m.source);
-                    let v = volumes.of(&source, |_| json!({ "secret": { "secretName": tokens } }));
-                    mounts.push(json!({ "name": v, "mountPath": format!("{}/tokens", m.target), "readOnly": true }));
-                }
             }
         }
     }
@@ -364,7 +393,12 @@ mod tests {
             text.contains("kubectl create secret generic soul-home-notes-env --from-literal=API=\"$NOTES_API\" --from-file=DB_PASSWORD=/run/secrets/db"),
             "{text}"
         );
-        assert!(text.contains("kubectl create secret generic soul-home-notes-gate-gate --from-file=/var/lib/soul/home/gate/"), "{text}");
+        assert!(
+            text.contains("kubectl create secret generic soul-home-notes-gate --from-file=public.key=/var/lib/soul/home/gate/public.key")
+                && text.contains("--from-file=tokens-phone.jwt=/var/lib/soul/home/gate/tokens/phone.jwt"),
+            "{text}"
+        );
+        assert!(text.contains("path: tokens/phone.jwt"), "{text}");
         // The literal stays a literal, quoted for YAML 1.1 readers.
         assert!(
             text.contains("value: 'on'") || text.contains("value: \"on\""),

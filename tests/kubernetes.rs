@@ -1,0 +1,209 @@
+//! `soul export kubernetes` run, not only validated: podman (Debian's) plays the export of a
+//! demo stack as a Kubernetes pod, with soul's image loaded from the Docker engine, and the
+//! gate in it admits only paired devices, and stops admitting a device removed from stack.kdl
+//! once the re-exported Secret is applied. podman enforces no NetworkPolicy (README says what
+//! that means).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// podman, catatonit (its pause image's init) and container limits this machine accepts:
+/// rootful podman raises `nofile`/`nproc` past the machine's hard limits by default.
+fn podman_ready() {
+    ensure_command("podman", "podman");
+    ensure_command("catatonit", "catatonit");
+    let drop_in = Path::new("/etc/containers/containers.conf.d/soul-tests.conf");
+    if !drop_in.exists() {
+        std::fs::create_dir_all(drop_in.parent().unwrap()).unwrap();
+        std::fs::write(
+            drop_in,
+            "[containers]\ndefault_ulimits = [\"nofile=16384:16384\", \"nproc=4096:4096\"]\n",
+        )
+        .unwrap();
+    }
+}
+
+fn podman(args: &[&str]) -> std::process::Output {
+    run(Command::new("podman").args(args))
+}
+
+/// The Secrets an export's header names, made from this machine's files as its
+/// `kubectl create secret generic NAME --from-file=KEY=PATH…` lines say. podman 4.3 writes a
+/// Secret's `data` values into the volume as they are (it does not base64-decode them), so
+/// they are given as plain text here.
+fn create_secrets(manifests: &str, dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in manifests.lines() {
+        let Some(rest) = line.strip_prefix("#   kubectl create secret generic ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let name = words.next().unwrap().to_string();
+        let mut data = serde_json::Map::new();
+        for word in words {
+            let (key, path) = word
+                .strip_prefix("--from-file=")
+                .and_then(|kv| kv.split_once('='))
+                .unwrap_or_else(|| panic!("an unexpected secret source in `{line}`"));
+            data.insert(key.into(), read(path).into());
+        }
+        let doc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name }, "data": data
+        });
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(&file, doc.to_string()).unwrap();
+        let _ = podman(&["secret", "rm", &name]);
+        let o = run(Command::new("podman")
+            .args(["secret", "create", &name])
+            .arg(&file));
+        assert!(o.status.success(), "{}", text(&o));
+        names.push(name);
+    }
+    names
+}
+
+/// What the test made in podman, removed on drop.
+struct Played {
+    pod: String,
+    secrets: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Drop for Played {
+    fn drop(&mut self) {
+        let _ = podman(&["pod", "rm", "-f", &self.pod]);
+        for s in &self.secrets {
+            let _ = podman(&["secret", "rm", s]);
+        }
+        for v in &self.volumes {
+            let _ = podman(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+fn stack_kdl(lan: u16, devices: &str) -> String {
+    format!(
+        "stack \"{{stack}}\"\nsidecar \"hello\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan}\n}}\n{devices}"
+    )
+}
+
+/// The status of `GET /` at the pod's gate, with `token` when given.
+fn status(ip: &str, token: Option<&str>) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}"]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    run(cmd.arg(format!("http://{ip}:8443/"))).stdout_text()
+}
+
+#[test]
+fn the_demo_stacks_export_runs_under_podman_and_its_gate_admits_only_paired_devices() {
+    ensure_images();
+    podman_ready();
+    ensure_command("curl", "curl");
+    let s = TestStack::new("k8s");
+    let lan = free_port();
+    s.write(&stack_kdl(lan, "device \"phone\"\ndevice \"tablet\"\n"));
+    // apply makes the state dir's keys, registry and tokens the Secrets are made from.
+    s.apply();
+    let manifests_file = s.dir.join("k8s.yaml");
+    let export = || {
+        let o = s.soul(&[
+            "export",
+            "kubernetes",
+            "--out",
+            &manifests_file.to_string_lossy(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        read(&manifests_file)
+    };
+    let manifests = export();
+    let image = manifests
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: soul:"))
+        .map(|tag| format!("soul:{tag}"))
+        .expect("soul's image in the manifests");
+    let loaded =
+        run(Command::new("sh").args(["-c", &format!("docker save {image} | podman load")]));
+    assert!(loaded.status.success(), "{}", text(&loaded));
+
+    let deployment = format!("soul-{}-hello", s.name);
+    let mut played = Played {
+        pod: format!("{deployment}-pod-0"),
+        secrets: create_secrets(&manifests, &s.dir),
+        volumes: vec![format!("soul-state-{}-hello-gate", s.name)],
+    };
+    played.volumes.extend(played.secrets.iter().cloned());
+    let o = run(Command::new("podman")
+        .args(["kube", "play"])
+        .arg(&manifests_file));
+    assert!(o.status.success(), "podman kube play:\n{}", text(&o));
+    let pod_ip = || {
+        let infra = podman(&[
+            "pod",
+            "inspect",
+            &played.pod,
+            "--format",
+            "{{.InfraContainerID}}",
+        ]);
+        let ip = podman(&[
+            "inspect",
+            infra.stdout_text().trim(),
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        ]);
+        ip.stdout_text().trim().to_string()
+    };
+    let ip = pod_ip();
+    assert!(!ip.is_empty(), "the pod has no address");
+    let (phone, tablet) = (s.token("phone"), s.token("tablet"));
+    let start = Instant::now();
+    while status(&ip, Some(&phone)) != "200" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the gate never admitted the phone:\n{}",
+            podman(&["logs", &format!("{}-gate", played.pod)]).stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(status(&ip, None), "401");
+    assert_eq!(status(&ip, Some("eyJ.forged.token")), "401");
+    assert_eq!(status(&ip, Some(&tablet)), "200");
+
+    // The tablet leaves stack.kdl: apply, re-create the gate's Secret, and replace the pod
+    // (podman copies a Secret into the pod when it starts it; a cluster's kubelet updates the
+    // mounted files in place, and the gate re-reads them). podman 4.3 refuses to play a claim
+    // whose volume exists, so the volume goes with the pod.
+    s.write(&stack_kdl(lan, "device \"phone\"\n"));
+    s.apply();
+    let manifests = export();
+    create_secrets(&manifests, &s.dir);
+    let _ = podman(&["pod", "rm", "-f", &played.pod]);
+    for v in &played.volumes {
+        let _ = podman(&["volume", "rm", "-f", v]);
+    }
+    let o = run(Command::new("podman")
+        .args(["kube", "play"])
+        .arg(&manifests_file));
+    assert!(o.status.success(), "podman kube play again:\n{}", text(&o));
+    let ip = pod_ip();
+    let start = Instant::now();
+    while status(&ip, Some(&phone)) != "200" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the phone lost access"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        status(&ip, Some(&tablet)),
+        "401",
+        "a removed device is refused"
+    );
+}
