@@ -207,3 +207,42 @@ fn the_demo_stacks_export_runs_under_podman_and_its_gate_admits_only_paired_devi
         "a removed device is refused"
     );
 }
+
+#[test]
+fn a_watch_keeps_a_committed_kubernetes_export_current() {
+    ensure_images();
+    let s = TestStack::new("k8s-watch");
+    let lan = free_port();
+    s.write(&stack_kdl(lan, "device \"phone\"\n"));
+    let dir = s.dir.join("k8s");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{}.yaml", s.name));
+    let mut watch = s
+        .command(&["watch", "--export-kubernetes", &dir.to_string_lossy()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if done(&text) {
+                return text;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}:\n{text}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = wait_for("the watch never wrote the export", &|t| {
+        t.contains("kind: Deployment")
+    });
+    assert!(first.contains("tokens-phone.jwt") && !first.contains("tokens-tablet.jwt"));
+    // A device added to stack.kdl: the next pass rewrites the export with it.
+    s.write(&stack_kdl(lan, "device \"phone\"\ndevice \"tablet\"\n"));
+    wait_for("the export never gained the new device", &|t| {
+        t.contains("tokens-tablet.jwt")
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

@@ -321,6 +321,10 @@ pub struct WatchArgs {
     pub flap_restarts: usize,
     #[arg(long, default_value = "10m", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub flap_window: Duration,
+    /// After every pass, write the stack as Kubernetes manifests here (a file, or a directory
+    /// that gets `<stack>.yaml`), only when they changed: a committed export stays current.
+    #[arg(long, value_name = "PATH")]
+    pub export_kubernetes: Option<PathBuf>,
     /// How often this host's addresses and the pods' relay registrations are checked (pairing
     /// codes carry them).
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]

@@ -38,6 +38,6 @@ pub use status::{
 };
 pub use transports::{TransportStatus, TransportsReport, report as transports_report};
 pub use watch::{
-    LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus, declared_name,
-    pull_once, watch,
+    AfterPass, LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus,
+    declared_name, pull_once, watch,
 };

@@ -45,6 +45,19 @@ pub struct WatchOptions {
     pub address_poll: Duration,
     /// Quiet time after a file event before the pass (editors write in several steps).
     pub debounce: Duration,
+    /// Run after every pass that succeeded, with the stack it converged to (`soul watch
+    /// --export-kubernetes` keeps a committed export current with it).
+    pub after_pass: Option<AfterPass>,
+}
+
+/// What runs after each successful pass.
+#[derive(Clone)]
+pub struct AfterPass(pub std::sync::Arc<dyn Fn(&Stack) + Send + Sync>);
+
+impl std::fmt::Debug for AfterPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterPass(..)")
+    }
 }
 
 /// Why watch could not start.
@@ -375,6 +388,9 @@ pub async fn watch(
                 status.last_pass_changes = Some(changes);
                 action = deferred_until.map_or(Action::AwaitChange, Action::RequeueAt);
                 tracing::info!(trigger = %reason, "reconciled in {} ms: {changes} change{}", elapsed.as_millis(), if changes == 1 { "" } else { "s" });
+                if let Some(after) = &opts.after_pass {
+                    (after.0)(&config.good);
+                }
             }
             Err(e) => {
                 action = error_policy(&mut failures, &e, &reason);
