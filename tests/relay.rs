@@ -546,34 +546,14 @@ fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up()
     let relay = RelayProcess::start_in(Some(&hosts.vps), &s.dir, port, status, &allow);
 
     // The overlay tier: a Nebula lighthouse on the VPS, a node on the laptop, one in the pod.
-    let pki = s.dir.join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    nebula_cert(
-        &pki,
+    let pki = nebula_pki(
+        &s.dir,
         &[
-            "ca",
-            "-name",
-            "soul-test",
-            "-out-crt",
-            "ca.crt",
-            "-out-key",
-            "ca.key",
+            ("lh", "10.99.0.1/24"),
+            ("pod", "10.99.0.2/24"),
+            ("lap", "10.99.0.3/24"),
         ],
     );
-    for (name, ip) in [
-        ("lh", "10.99.0.1/24"),
-        ("pod", "10.99.0.2/24"),
-        ("lap", "10.99.0.3/24"),
-    ] {
-        let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
-        nebula_cert(
-            &pki,
-            &[
-                "sign", "-ca-crt", "ca.crt", "-ca-key", "ca.key", "-name", name, "-ip", ip,
-                "-out-crt", &crt, "-out-key", &key,
-            ],
-        );
-    }
     let lighthouse_at = format!("{}:{lh_port}", hosts.vps_addr);
     let _lighthouse = NebulaNode::start(
         &hosts.vps,

@@ -386,44 +386,14 @@ fn peer_config(name: &str, lighthouse: Option<u16>, lighthouse_at: &str) -> Stri
 fn nebula_end_to_end_the_pod_joins_and_only_the_gate_port_is_reachable_over_the_overlay() {
     ensure_images();
     let s = TestStack::new("neb");
-    let pki = s.dir.join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    nebula_cert(
-        &pki,
+    let pki = nebula_pki(
+        &s.dir,
         &[
-            "ca",
-            "-name",
-            "soul-test",
-            "-out-crt",
-            "ca.crt",
-            "-out-key",
-            "ca.key",
+            ("lh", "10.42.0.1/24"),
+            ("pod", "10.42.0.2/24"),
+            ("client", "10.42.0.3/24"),
         ],
     );
-    for (name, ip) in [
-        ("lh", "10.42.0.1/24"),
-        ("pod", "10.42.0.2/24"),
-        ("client", "10.42.0.3/24"),
-    ] {
-        nebula_cert(
-            &pki,
-            &[
-                "sign",
-                "-ca-crt",
-                "ca.crt",
-                "-ca-key",
-                "ca.key",
-                "-name",
-                name,
-                "-ip",
-                ip,
-                "-out-crt",
-                &format!("{name}.crt"),
-                "-out-key",
-                &format!("{name}.key"),
-            ],
-        );
-    }
     let host = soul::transport::discover_lan_address()
         .expect("a LAN address")
         .to_string();

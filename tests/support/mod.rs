@@ -605,3 +605,33 @@ pub fn nebula_cert(dir: &Path, args: &[&str]) {
     let o = run(Command::new("nebula-cert").args(args).current_dir(dir));
     assert!(o.status.success(), "nebula-cert {args:?}: {}", text(&o));
 }
+
+/// A Nebula CA in `dir/pki` and a certificate signed by it for each `(name, ip/prefix)`:
+/// `<name>.crt` and `<name>.key` beside `ca.crt`. Returns the directory.
+pub fn nebula_pki(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    nebula_cert(
+        &pki,
+        &[
+            "ca",
+            "-name",
+            "soul-test",
+            "-out-crt",
+            "ca.crt",
+            "-out-key",
+            "ca.key",
+        ],
+    );
+    for (name, ip) in nodes {
+        let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+        nebula_cert(
+            &pki,
+            &[
+                "sign", "-ca-crt", "ca.crt", "-ca-key", "ca.key", "-name", name, "-ip", ip,
+                "-out-crt", &crt, "-out-key", &key,
+            ],
+        );
+    }
+    pki
+}
