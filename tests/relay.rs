@@ -791,3 +791,42 @@ fn a_gate_whose_key_does_not_match_the_pin_is_refused_and_sees_no_request() {
     let o = run(&mut connect(&s, &[uri.trim(), "--probe"]));
     assert!(o.stdout_text().contains("\"path\":\"lan\""), "{}", text(&o));
 }
+
+#[test]
+fn soul_connect_trades_a_scanned_links_ticket_for_the_token_over_pinned_tls() {
+    ensure_images();
+    let s = TestStack::new("relay-link");
+    relay_stack(&s, free_port(), None);
+    s.apply();
+    // The QR code's text (what a phone's camera reads): the link, with a one-time ticket.
+    let png = s.state().join("pairing/laptop/notes.png");
+    let o = s.soul(&["pair", "laptop", "--format", "link"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let link = o
+        .stdout_text()
+        .lines()
+        .find(|l| l.contains("soul_ticket="))
+        .expect("a pairing link")
+        .trim()
+        .to_string();
+    assert!(!link.contains("eyJ"), "the link holds no token: {link}");
+    // From the PNG of the QR code, as a laptop would read it from a file.
+    let o = run(&mut connect(&s, &[&png.to_string_lossy(), "--probe"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.stdout_text().contains("\"path\":\"lan\""), "{}", text(&o));
+    let stored = s.dir.join(format!(
+        "laptop-config/soul/pairings/{}.notes.laptop.json",
+        s.name
+    ));
+    let pairing: serde_json::Value = serde_json::from_str(&read(&stored)).unwrap();
+    assert_eq!(
+        pairing["token"],
+        s.token("laptop"),
+        "the gate handed over the device token"
+    );
+    // The ticket is spent: the same code does not pair again.
+    std::fs::remove_file(&stored).unwrap();
+    let again = run(&mut connect(&s, &[&png.to_string_lossy(), "--probe"]));
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(again.stderr_text().contains("ticket"), "{}", text(&again));
+}
