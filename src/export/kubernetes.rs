@@ -283,13 +283,21 @@ fn container(
                 });
                 mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": true }));
             }
+            MountKind::Bind if c.role == Role::App => {
+                // The app's own host directory (`volume "/srv/media" "/media"`): the node's,
+                // as on Docker; the pod runs where that directory is.
+                let v = volumes.of(&m.source, |_| json!({ "hostPath": { "path": m.source } }));
+                mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": m.read_only }));
+            }
             MountKind::Bind => {
-                // A directory soul writes (a transport's config) is a Secret of its files; a
-                // single file is a Secret of one key, mounted by sub-path.
-                let dir = Path::new(&m.source).is_dir()
-                    || (Path::new(&m.source).extension().is_none()
-                        && !m.source.ends_with("torrc")
-                        && m.source.starts_with('/'));
+                // A directory soul writes (a transport's config dir) is a Secret of its files;
+                // a single file (torrc, or a file stack.kdl names: an auth key, a certificate)
+                // is a Secret of one key, mounted by sub-path.
+                let source = Path::new(&m.source);
+                let dir = source.is_dir()
+                    || (source.starts_with(state_dir)
+                        && source.extension().is_none()
+                        && source.file_name().is_some_and(|f| f != "torrc"));
                 let base = Path::new(&m.source)
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
@@ -416,6 +424,25 @@ mod tests {
             !text.contains("pause"),
             "Kubernetes has its own pause: {text}"
         );
+    }
+
+    /// The export once took a user's auth-key file for a directory, and the app's own host
+    /// directory (a media library) for a Secret.
+    #[test]
+    fn an_auth_key_file_is_a_one_key_secret_and_the_apps_host_directory_a_host_path() {
+        let text = export(
+            "stack \"home\"\nsidecar \"tv\" {\n  image \"jellyfin/jellyfin:10\"\n  port 8096\n  volume \"/srv/media\" \"/media\" read-only=#true\n}\ntransport {\n  tailscale authkey-file=\"/run/secrets/ts-key\"\n}\n",
+        );
+        assert!(
+            text.contains("--from-file=ts-key=/run/secrets/ts-key\n"),
+            "{text}"
+        );
+        assert!(text.contains("subPath: ts-key"), "{text}");
+        assert!(
+            text.contains("hostPath:\n          path: /srv/media"),
+            "{text}"
+        );
+        assert!(!text.contains("--from-file=/srv/media"), "{text}");
     }
 
     #[test]
