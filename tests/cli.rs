@@ -605,3 +605,21 @@ fn init_on_a_terminal_asks_for_the_image_and_the_port() {
     assert!(text.contains("port 8080"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_mistyped_pairing_name_says_how_to_list_the_stored_ones() {
+    let config = std::env::temp_dir().join(format!("soul-connect-{}", std::process::id()));
+    Soul::offline()
+        .args(["connect", "home.notez.phone", "--probe"])
+        .env("XDG_CONFIG_HOME", &config)
+        .run()
+        .code(1)
+        .stderr_has("soul connect --list");
+    Soul::offline()
+        .args(["connect", "--list"])
+        .env("XDG_CONFIG_HOME", &config)
+        .run()
+        .success()
+        .stdout_has("no pairing stored");
+    let _ = std::fs::remove_dir_all(&config);
+}

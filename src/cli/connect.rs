@@ -61,7 +61,14 @@ async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<Pairing, CliErro
         return store::load(std::path::Path::new(arg)).map_err(CliError::Usage);
     }
     let code = client::read_code(arg)?;
-    let pairing = Pairing::from_code(&code).await?;
+    let pairing = match Pairing::from_code(&code).await {
+        Err(client::ClientError::Code(crate::pairing::PayloadError::NotACode)) => {
+            return Err(CliError::Usage(format!(
+                "`{arg}` is neither a pairing code, a file holding one, nor a stored pairing (`soul connect --list` lists them)"
+            )));
+        }
+        other => other?,
+    };
     let path = store::save(dir, &pairing).map_err(|e| {
         CliError::Io(format!(
             "cannot store the pairing in {}: {e}",
