@@ -222,6 +222,7 @@ fn a_watch_keeps_a_committed_kubernetes_export_current() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
         let start = Instant::now();

@@ -249,6 +249,7 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -273,6 +274,7 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     let answer = retry(Duration::from_secs(10), || {
         let answer = get(local, "/notes");
@@ -671,6 +673,7 @@ device "laptop"
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Running)
         .unwrap();
     let wait_for = |line: &str, within: Duration| {
         let start = Instant::now();
@@ -727,6 +730,7 @@ fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&watch_log).unwrap())
         .spawn()
+        .map(Running)
         .unwrap();
     let relay = RelayProcess::start(&s.dir, port, status, &allow);
     relay.await_registered("notes", Duration::from_secs(40));

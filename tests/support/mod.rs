@@ -635,3 +635,27 @@ pub fn nebula_pki(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
     }
     pki
 }
+
+/// A child process that is killed and reaped when dropped, so a test that fails half-way
+/// leaves no watch, forwarder or capture running behind it.
+pub struct Running(pub std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
