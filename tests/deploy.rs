@@ -254,9 +254,14 @@ fn kubernetes_validate() -> &'static str {
             .success()
     };
     if !have() {
+        // pip as the machine has it; on a Debian python that refuses pip (PEP 668) or lacks it,
+        // Debian's python3-pip and --break-system-packages (a tool-only package, no system one
+        // replaced).
         let o = run(Command::new("sh").args([
             "-c",
-            "python3 -m pip install -q kubernetes-validate || pip install -q kubernetes-validate",
+            "python3 -m pip install -q kubernetes-validate \
+             || { command -v pip3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
+                  python3 -m pip install -q --break-system-packages kubernetes-validate; }",
         ]));
         assert!(
             have(),
