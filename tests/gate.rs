@@ -2079,3 +2079,231 @@ fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
         gate.log()
     );
 }
+
+/// An app that reads request bodies by their length, logs every head, and answers by path:
+/// `/length` the body's length, `/chunked` a chunked body with a trailer in three writes,
+/// `/early` a 103 before its 200, `/once` an answer and then a close without saying so,
+/// `/close` a body that runs until it closes; anything else `ok`.
+fn framing_app() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    seen.lock().unwrap().push(head.clone());
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let answer = |conn: &mut TcpStream, text: &str| {
+                        write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                            text.len()
+                        )
+                    };
+                    let _ = match path.as_str() {
+                        "/length" => answer(&mut conn, &length.to_string()),
+                        "/chunked" => {
+                            for part in [
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+                                "lo\r\n6;x=y\r\n world\r\n0\r\n",
+                                "x-sum: 11\r\n\r\n",
+                            ] {
+                                conn.write_all(part.as_bytes()).unwrap();
+                                std::thread::sleep(Duration::from_millis(30));
+                            }
+                            Ok(())
+                        }
+                        "/early" => conn
+                            .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+                            .and_then(|()| answer(&mut conn, "late")),
+                        "/once" => {
+                            let _ = answer(&mut conn, "once");
+                            return;
+                        }
+                        "/close" => {
+                            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end");
+                            return;
+                        }
+                        _ => answer(&mut conn, "ok"),
+                    };
+                }
+            });
+        }
+    });
+    (port, log)
+}
+
+/// One response read from `r`: its status, its head (lower-cased), and its body, framed by
+/// its length, its chunks (returned as sent) or the connection's end.
+fn read_response(r: &mut BufReader<TcpStream>) -> (u16, String, String) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "closed mid-head: {head}"
+        );
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let head = head.to_ascii_lowercase();
+    let code = status(&head);
+    let mut body = Vec::new();
+    if let Some(n) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+        body.resize(n.trim().parse().unwrap(), 0);
+        r.read_exact(&mut body).unwrap();
+    } else if head.contains("transfer-encoding: chunked") {
+        let mut line = String::new();
+        while !body.ends_with(b"\r\n\r\n") || !String::from_utf8_lossy(&body).contains("0\r\n") {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "closed mid-body");
+            body.extend_from_slice(line.as_bytes());
+        }
+    } else if !(100..200).contains(&code) && code != 204 {
+        r.read_to_end(&mut body).unwrap();
+    }
+    (code, head, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and_a_handover() {
+    let (port, log) = framing_app();
+    let key = StackKey::from_seed(1, [41; 32]);
+    let gate = start_gate(port, &key, &registry(&[("alice", 1)]), "lane");
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let auth = bearer(&token);
+    let conn = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    let get =
+        |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n");
+
+    // Two requests in one write, answered in order.
+    w.write_all(format!("{}{}", get("/a", ""), get("/length", "")).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut r).2, "ok");
+    assert_eq!(read_response(&mut r).2, "0");
+    // An upload, streamed through by its length; the next request right behind its body.
+    let upload = "u".repeat(300_000);
+    w.write_all(
+        format!(
+            "POST /length HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n{upload}{}",
+            upload.len(),
+            get("/b", "")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r).2, "300000");
+    assert_eq!(read_response(&mut r).2, "ok");
+    // A chunked answer passes as the app chunked it, trailer included.
+    w.write_all(get("/chunked", "").as_bytes()).unwrap();
+    let (code, head, body) = read_response(&mut r);
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            200,
+            "5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"
+        ),
+        "{head}"
+    );
+    // An interim answer, then the final one.
+    w.write_all(get("/early", "").as_bytes()).unwrap();
+    let (code, head, _) = read_response(&mut r);
+    assert_eq!(code, 103);
+    assert!(head.contains("link: </a.css>"), "{head}");
+    assert_eq!(read_response(&mut r).2, "late");
+    // The app closes its connection after an answer without saying so: the next request goes
+    // on a new one.
+    w.write_all(get("/once", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "once");
+    w.write_all(get("/c", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "ok");
+    // A request the lane does not serve (a header `Connection` names) is the full server's, on
+    // the same connection, and so is every request after it.
+    w.write_all(get("/d", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut r).2, "ok");
+    w.write_all(get("/length", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "0");
+    // Without a token, refused, and the connection still serves a good request afterwards.
+    w.write_all(b"GET /e HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).0, 401);
+    // A body that runs until the app closes ends the client's connection with it.
+    let fresh = TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (&fresh).write_all(get("/close", "").as_bytes()).unwrap();
+    let (code, head, body) = read_response(&mut BufReader::new(fresh));
+    assert_eq!((code, body.as_str()), (200, "until the end"));
+    assert!(head.contains("connection: close"), "{head}");
+
+    // The lane passes header names as the client spelled them; the full server lower-cases
+    // them: so the first requests were the lane's, and those after the handover were not.
+    let heads = log.lock().unwrap().clone();
+    let spelled = |path: &str| {
+        let head = heads
+            .iter()
+            .find(|h| h.starts_with(&format!("GET {path} ")))
+            .unwrap();
+        head.contains("\r\nHost: x\r\n")
+    };
+    assert!(
+        spelled("/a") && spelled("/chunked") && spelled("/c"),
+        "{heads:?}"
+    );
+    assert!(!spelled("/d"), "{heads:?}");
+    let seen = heads.concat().to_ascii_lowercase();
+    for path in [
+        "/a", "/b", "/c", "/d", "/chunked", "/early", "/once", "/close",
+    ] {
+        assert!(
+            seen.contains(&format!("get {path} http/1.1")),
+            "{path} did not reach the app: {seen}"
+        );
+    }
+    assert!(
+        !seen.contains("get /e "),
+        "a request without a token reached the app: {seen}"
+    );
+    assert!(
+        !seen.contains("authorization") && !seen.contains(&token.to_ascii_lowercase()),
+        "{seen}"
+    );
+    assert!(!seen.contains("x-hop"), "{seen}");
+    assert_eq!(
+        seen.matches("x-forwarded-for: 127.0.0.1\r\n").count(),
+        log.lock().unwrap().len(),
+        "{seen}"
+    );
+}

@@ -64,7 +64,7 @@ pub fn session<B>(req: &Request<B>, cookie: &str) -> Option<Secret> {
 }
 
 /// The credentials of `Authorization: Bearer <token>`, the scheme compared without case.
-fn bearer(value: &str) -> Option<&str> {
+pub(super) fn bearer(value: &str) -> Option<&str> {
     let (scheme, rest) = value.trim_start().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

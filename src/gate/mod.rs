@@ -11,6 +11,7 @@
 mod credential;
 mod forward;
 mod keys;
+mod lane;
 mod limits;
 mod link;
 mod redeemed;
@@ -316,7 +317,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         if shared.cfg.tls_only {
             tls::refuse_plain(stream, peer, HEALTH_PATH).await;
         } else {
-            serve_http(TokioIo::new(stream), peer, false, shared).await;
+            serve_http(stream, peer, false, shared).await;
         }
         return;
     }
@@ -327,7 +328,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let handshake = tokio_rustls::TlsAcceptor::from(identity.config).accept(stream);
     match tokio::time::timeout(shared.cfg.header_timeout, handshake).await {
-        Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, true, shared).await,
+        Ok(Ok(stream)) => serve_http(stream, peer, true, shared).await,
         Ok(Err(e)) => tracing::debug!(source = %peer, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(source = %peer, "TLS handshake timed out"),
     }
@@ -337,8 +338,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// HTTP/1.1 or HTTP/2 on one connection, plain or TLS: served until it ends, or until a device
-/// it authenticated as is revoked (then it is closed, WebSockets included).
-async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, tls: bool, shared: Arc<Shared>)
+/// it authenticated as is revoked (then it is closed, WebSockets included). The fast
+/// [`lane`] serves it while its requests are the lane's; the full server serves the rest.
+async fn serve_http<I>(mut io: I, peer: SocketAddr, tls: bool, shared: Arc<Shared>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -350,6 +352,30 @@ where
         app: AppConnection::default(),
     });
     let held = client.held.clone();
+    let served = async {
+        match lane::serve(&mut io, &shared, &client).await {
+            lane::Outcome::Closed => {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            }
+            lane::Outcome::HandOver(read) => {
+                serve_hyper(lane::Rewind::new(read, io), client, shared.clone()).await;
+            }
+        }
+    };
+    tokio::select! {
+        () = served => {}
+        device = revoked(&shared, held) => {
+            tracing::info!(source = %peer, device = %device, "closing the connection of a revoked device");
+        }
+    }
+}
+
+/// The full server (hyper): every request, HTTP/1.1 and HTTP/2, pairing and refusals included.
+async fn serve_hyper<I>(io: I, client: Arc<ClientConnection>, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = client.peer;
     let svc = {
         let shared = shared.clone();
         hyper::service::service_fn(move |req| {
@@ -372,17 +398,41 @@ where
         // A peer that stops answering pings is gone: free its slot.
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(source = %peer, "connection ended: {e}");
-            }
-        }
-        device = revoked(&shared, held) => {
-            tracing::info!(source = %peer, device = %device, "closing the connection of a revoked device");
-        }
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(source = %peer, "connection ended: {e}");
     }
+}
+
+/// Whether a device token lets the lane forward a request: recalled from this connection under
+/// the current keys, or verified now (and remembered). A token that fails is not refused here:
+/// the lane hands the request to the full server, which refuses, logs and counts it.
+fn authorize_token(shared: &Shared, client: &ClientConnection, token: &str) -> bool {
+    let Some(keys) = shared.keys.borrow().clone() else {
+        return false;
+    };
+    let credential = Credential::Token(token.into());
+    let now = crate::pairing::unix_now();
+    if client
+        .held
+        .lock()
+        .is_ok_and(|h| h.recall(&credential, &keys, now).is_some())
+    {
+        return true;
+    }
+    let Ok(grant) = check(shared, Some(&keys), &credential) else {
+        return false;
+    };
+    if client
+        .held
+        .lock()
+        .is_ok_and(|mut h| h.remember(&credential, &keys, &grant))
+    {
+        tracing::info!(source = %client.peer, device = %grant.device, "accepted");
+    }
+    true
 }
 
 /// A credential a client presented on a connection.

@@ -1,0 +1,1068 @@
+//! The gate's fast lane: the HTTP/1.1 requests a program sends with a device token
+//! (`Authorization: Bearer`, what `soul connect` and scripts send) are proxied here, with one
+//! parse of each head (httparse), one write to the app and one to the client, and the bodies
+//! passed through as they arrive: no per-request task, channel or header map. Whatever is not
+//! such a request — no or another credential, a cookie or query of soul's, `/.soul/` paths,
+//! `Transfer-Encoding` or other framing the lane does not take on, upgrades, `Expect`,
+//! HTTP/1.0 or HTTP/2, a head too large or malformed — is handed over, with every byte the
+//! lane has read, to the full server ([`super::serve_hyper`]), which serves the rest of the
+//! connection: it refuses, logs and rate-limits, so there is one place for every refusal.
+//!
+//! What reaches the app is what the full server would send: soul's bearer header removed,
+//! hop-by-hop headers dropped, forwarding headers set from what the gate saw (RFC 9110 §7.6.1).
+//! Responses are framed by their own headers (RFC 9112 §6.3): none after `HEAD`, 1xx, 204 and
+//! 304; `Transfer-Encoding` ending in chunked, read to its last chunk; `Content-Length`; or
+//! until the app closes, which then closes the client's connection too.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{ClientConnection, Shared};
+
+/// Request headers the lane parses; a request with more is handed over.
+const MAX_HEADERS: usize = 64;
+/// Response headers and head size the lane accepts from the app.
+const MAX_RESPONSE_HEADERS: usize = 100;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How much of a body is read at a time.
+const CHUNK: usize = 32 * 1024;
+/// What the client gets when the app does not answer usably, as from the full server.
+const BAD_GATEWAY: &str = "the app is not answering\n";
+
+/// How the lane left a connection.
+pub(super) enum Outcome {
+    /// Ended: the client closed it, asked to, or must not be served any further.
+    Closed,
+    /// A request the lane does not serve: the full server takes over from these bytes on.
+    HandOver(BytesMut),
+}
+
+/// What the lane makes of the bytes a client has sent so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    /// Not a whole head yet.
+    Partial,
+    /// Not the lane's request (or not HTTP the lane can read): the full server's.
+    HandOver,
+    /// A request to forward: its head is the first `head` bytes and `body` bytes follow;
+    /// the head for the app has been written out.
+    Forward {
+        head: usize,
+        body: u64,
+        /// `HEAD`: the response has no body whatever it says.
+        no_body: bool,
+        /// The client said `Connection: close`.
+        close: bool,
+    },
+}
+
+/// What the gate itself saw of the connection: the forwarding headers' values.
+pub(super) struct Seen<'a> {
+    pub client: &'a [u8],
+    pub proto: &'static str,
+    /// The gate's limit on a request's headers: a request with more is the full server's to
+    /// refuse.
+    pub max_headers: usize,
+}
+
+/// Reads a request head from `buf`. A request the lane takes is one HTTP/1.1 request in
+/// origin form outside `/.soul/`, with exactly one `Host`, one `Authorization` with the
+/// Bearer scheme for which `authorize` says yes, at most one plain `Content-Length` and no
+/// other framing, no `Upgrade`, `Expect` or hop-by-hop header but `Connection` (keep-alive
+/// or close), no cookie or query that might be soul's. Its head for the app goes to `out`.
+fn request(
+    buf: &[u8],
+    seen: &Seen,
+    authorize: impl FnOnce(&str) -> bool,
+    out: &mut Vec<u8>,
+) -> Request {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Request::Partial,
+        Err(_) => return Request::HandOver,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Request::HandOver;
+    };
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    if req.headers.len() > seen.max_headers
+        || !target.starts_with('/')
+        || target.parse::<http::uri::PathAndQuery>().is_err()
+        || target.starts_with("/.soul/")
+        || query.contains('%')
+        || contains_ignore_case(query.as_bytes(), b"soul")
+    {
+        return Request::HandOver;
+    }
+    let (mut host, mut token, mut length) = (None, None, None);
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            if host.replace(h.value).is_some() {
+                return Request::HandOver;
+            }
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let Some(t) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(super::credential::bearer)
+            else {
+                return Request::HandOver;
+            };
+            if token.replace(t).is_some() {
+                return Request::HandOver;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let Some(n) = decimal(h.value) else {
+                return Request::HandOver;
+            };
+            if length.replace(n).is_some() {
+                return Request::HandOver;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for option in h.value.split(|b| *b == b',') {
+                let option = option.trim_ascii();
+                if option.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !option.eq_ignore_ascii_case(b"keep-alive") {
+                    return Request::HandOver;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("cookie") {
+            if contains_ignore_case(h.value, b"soul") {
+                return Request::HandOver;
+            }
+        } else if HANDED_OVER.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            return Request::HandOver;
+        }
+    }
+    let (Some(host), Some(token)) = (host, token) else {
+        return Request::HandOver;
+    };
+    if !authorize(token) {
+        return Request::HandOver;
+    }
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        let name = h.name;
+        if ["authorization", "connection"]
+            .iter()
+            .chain(FORWARDING)
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        header(out, name.as_bytes(), h.value);
+    }
+    header(out, b"x-forwarded-for", seen.client);
+    header(out, b"x-forwarded-proto", seen.proto.as_bytes());
+    header(out, b"x-forwarded-host", host);
+    out.extend_from_slice(b"\r\n");
+    Request::Forward {
+        head,
+        body: length.unwrap_or(0),
+        no_body: method == "HEAD",
+        close,
+    }
+}
+
+/// Request headers that make a request the full server's: other framing, upgrades,
+/// `Expect`, and hop-by-hop headers the lane would have to interpret.
+const HANDED_OVER: &[&str] = &[
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "http2-settings",
+];
+
+/// Forwarding headers a client could forge: never passed on.
+const FORWARDING: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, space or list), at most 18 of them.
+fn decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// How a response's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// What the lane makes of the bytes the app has sent so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Response {
+    Partial,
+    /// Not a response the lane can pass on safely (malformed, an upgrade it never asked for,
+    /// conflicting lengths): the client gets 502.
+    Bad,
+    /// A head of `head` bytes, cleaned for the client into `out`.
+    Ready {
+        head: usize,
+        framing: Framing,
+        /// A 1xx: another head follows.
+        interim: bool,
+        /// The app's connection can carry the next request.
+        reusable: bool,
+    },
+}
+
+/// Reads a response head from `buf` (to a request that was `HEAD` when `no_body`), and writes
+/// it for the client to `out`: hop-by-hop headers dropped but the framing kept, and
+/// `Connection: close` added when the body ends with the app's connection.
+fn response(buf: &[u8], no_body: bool, out: &mut Vec<u8>) -> Response {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Response::Partial,
+        _ => return Response::Bad,
+    };
+    let (Some(version), Some(code)) = (resp.version, resp.code) else {
+        return Response::Bad;
+    };
+    if code == 101 {
+        return Response::Bad;
+    }
+    let interim = (100..200).contains(&code);
+    let mut named: Vec<&[u8]> = Vec::new();
+    let mut close = version == 0;
+    let (mut length, mut chunked, mut encoded) = (None, false, false);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for option in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if option.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if option.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
+                    close = false;
+                } else {
+                    named.push(option);
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            // The last coding decides (RFC 9112 §6.3): chunked, or the body runs to the close.
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let Some(n) = decimal(h.value) else {
+                return Response::Bad;
+            };
+            if length.replace(n).is_some_and(|m| m != n) {
+                return Response::Bad;
+            }
+        }
+    }
+    let framing = if no_body || interim || code == 204 || code == 304 {
+        Framing::Empty
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    // The status line as the app sent it from its code on, as HTTP/1.1 (the client's version).
+    out.extend_from_slice(b"HTTP/1.1");
+    let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(0);
+    let status = &buf[..line_end];
+    let status = status.strip_suffix(b"\r").unwrap_or(status);
+    out.extend_from_slice(&status[8.min(status.len())..]);
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name;
+        let hop = RESPONSE_HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            // A length the chunked coding overrides (RFC 9112 §6.3) is not passed on.
+            || (encoded && name.eq_ignore_ascii_case("content-length"));
+        if !hop {
+            header(out, name.as_bytes(), h.value);
+        }
+    }
+    if framing == Framing::UntilClose {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Response::Ready {
+        head,
+        framing,
+        interim,
+        reusable: !close && framing != Framing::UntilClose,
+    }
+}
+
+/// Hop-by-hop response headers (RFC 9110 §7.6.1). `Transfer-Encoding` is kept: the body is
+/// passed on in the coding the app chose.
+const RESPONSE_HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Where a chunked body stands (RFC 9112 §7.1), read only to find its end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    #[default]
+    Size,
+    Extension,
+    SizeEnd,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Chunked {
+    at: Chunk,
+    size: u64,
+    digits: u8,
+}
+
+impl Chunked {
+    /// How many bytes of `bytes` belong to the body, up to its end; `None` when they are not
+    /// chunked coding.
+    fn advance(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < bytes.len() && self.at != Chunk::Done {
+            let b = bytes[i];
+            match self.at {
+                Chunk::Size => match (b as char).to_digit(16) {
+                    Some(d) if self.digits < 15 => {
+                        self.size = self.size * 16 + u64::from(d);
+                        self.digits += 1;
+                    }
+                    None if self.digits > 0 && matches!(b, b';' | b' ' | b'\t') => {
+                        self.at = Chunk::Extension;
+                    }
+                    None if self.digits > 0 && b == b'\r' => self.at = Chunk::SizeEnd,
+                    _ => return None,
+                },
+                Chunk::Extension => {
+                    if b == b'\r' {
+                        self.at = Chunk::SizeEnd;
+                    } else if b == b'\n' {
+                        return None;
+                    }
+                }
+                Chunk::SizeEnd => {
+                    if b != b'\n' {
+                        return None;
+                    }
+                    self.at = if self.size == 0 {
+                        Chunk::TrailerStart
+                    } else {
+                        Chunk::Data
+                    };
+                }
+                Chunk::Data => {
+                    let n = (self.size as usize).min(bytes.len() - i);
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.at = Chunk::DataCr;
+                    }
+                    continue;
+                }
+                Chunk::DataCr => {
+                    if b != b'\r' {
+                        return None;
+                    }
+                    self.at = Chunk::DataLf;
+                }
+                Chunk::DataLf => {
+                    if b != b'\n' {
+                        return None;
+                    }
+                    (self.at, self.digits) = (Chunk::Size, 0);
+                }
+                Chunk::TrailerStart => {
+                    self.at = if b == b'\r' {
+                        Chunk::EndLf
+                    } else {
+                        Chunk::Trailer
+                    };
+                }
+                Chunk::Trailer => {
+                    if b == b'\r' {
+                        self.at = Chunk::TrailerLf;
+                    }
+                }
+                Chunk::TrailerLf | Chunk::EndLf => {
+                    if b != b'\n' {
+                        return None;
+                    }
+                    self.at = if self.at == Chunk::EndLf {
+                        Chunk::Done
+                    } else {
+                        Chunk::TrailerStart
+                    };
+                }
+                Chunk::Done => break,
+            }
+            i += 1;
+        }
+        Some(i)
+    }
+
+    fn done(&self) -> bool {
+        self.at == Chunk::Done
+    }
+}
+
+/// The lane's connection to the app, kept for the client's next request.
+struct App {
+    stream: TcpStream,
+    /// What the app sent that has not been passed on yet.
+    read: BytesMut,
+}
+
+/// Why a request could not be completed.
+enum Failed {
+    /// The app did not answer usably: the client gets 502 and the lane goes on.
+    App(String),
+    /// A body was cut off half-way, or the client is gone: the connection ends.
+    Connection,
+}
+
+/// Serves `io`'s requests while they are the lane's; see the module's documentation.
+pub(super) async fn serve<I>(io: &mut I, shared: &Shared, client: &ClientConnection) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut read = BytesMut::with_capacity(8 * 1024);
+    let (mut head, mut answer) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
+    let mut app: Option<App> = None;
+    let max_head = shared.cfg.max_header_bytes;
+    loop {
+        let deadline = tokio::time::Instant::now() + shared.cfg.header_timeout;
+        let (taken, body, no_body, close) = loop {
+            head.clear();
+            let seen = Seen {
+                client: client.forwarded_for.as_bytes(),
+                proto: if client.tls { "https" } else { "http" },
+                max_headers: shared.cfg.max_headers,
+            };
+            match request(
+                &read,
+                &seen,
+                |t| super::authorize_token(shared, client, t),
+                &mut head,
+            ) {
+                Request::Forward {
+                    head: n,
+                    body,
+                    no_body,
+                    close,
+                } => break (n, body, no_body, close),
+                Request::HandOver => return Outcome::HandOver(read),
+                Request::Partial if read.len() >= max_head => return Outcome::HandOver(read),
+                Request::Partial => {}
+            }
+            match tokio::time::timeout_at(deadline, io.read_buf(&mut read)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // Ended, failed or silent for too long between or inside heads.
+                _ => return Outcome::Closed,
+            }
+        };
+        read.advance(taken);
+        let here = body.min(read.len() as u64) as usize;
+        head.extend_from_slice(&read[..here]);
+        read.advance(here);
+        let rest = body - here as u64;
+        match exchange(
+            io,
+            &mut read,
+            &mut app,
+            shared,
+            &head,
+            rest,
+            no_body,
+            &mut answer,
+        )
+        .await
+        {
+            Ok(true) if !close => {}
+            Ok(_) => return Outcome::Closed,
+            Err(Failed::App(e)) => {
+                tracing::warn!(source = %client.peer, "the app did not answer: {e}");
+                app = None;
+                let answer = format!(
+                    "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{BAD_GATEWAY}",
+                    BAD_GATEWAY.len()
+                );
+                if rest > 0 || send(io, answer.as_bytes()).await.is_err() {
+                    return Outcome::Closed;
+                }
+            }
+            Err(Failed::Connection) => return Outcome::Closed,
+        }
+    }
+}
+
+/// Sends one request (`head`, then `rest` more body bytes from the client) to the app and
+/// passes its response on. True when the client's connection can take another request. A
+/// request the app's kept-alive connection closed on before answering is sent once more on a
+/// new connection, when it was whole in `head`.
+#[allow(clippy::too_many_arguments)]
+async fn exchange<I>(
+    io: &mut I,
+    read: &mut BytesMut,
+    app: &mut Option<App>,
+    shared: &Shared,
+    head: &[u8],
+    rest: u64,
+    no_body: bool,
+    answer: &mut Vec<u8>,
+) -> Result<bool, Failed>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut retried = false;
+    let conn = loop {
+        let reused = app.is_some();
+        let mut conn = match app.take() {
+            Some(c) => c,
+            None => App {
+                stream: connect(shared)
+                    .await
+                    .map_err(|e| Failed::App(e.to_string()))?,
+                read: BytesMut::with_capacity(16 * 1024),
+            },
+        };
+        let sent = conn.stream.write_all(head).await;
+        if sent.is_ok() && rest > 0 {
+            // The client's body streams to the app; what the client sent beyond it stays in
+            // `read` for its next request.
+            copy(io, read, &mut conn.stream, rest).await?;
+        }
+        match (sent, first_bytes(&mut conn).await) {
+            (Ok(()), Ok(true)) => break conn,
+            (sent, got) if reused && !retried && rest == 0 => {
+                // The kept-alive connection was closed under us: a fresh one, once.
+                tracing::debug!(
+                    "the app closed a kept-alive connection: {:?} {:?}",
+                    sent.err(),
+                    got.err()
+                );
+                retried = true;
+            }
+            (Err(e), _) | (_, Err(e)) => return Err(Failed::App(e.to_string())),
+            (Ok(()), Ok(false)) => return Err(Failed::App("it closed the connection".into())),
+        }
+    };
+    *app = Some(conn);
+    let conn = app.as_mut().expect("just set");
+    loop {
+        answer.clear();
+        match response(&conn.read, no_body, answer) {
+            Response::Partial => {
+                let n = conn
+                    .stream
+                    .read_buf(&mut conn.read)
+                    .await
+                    .map_err(|e| Failed::App(e.to_string()))?;
+                if n == 0 {
+                    return Err(Failed::App("it closed the connection mid-answer".into()));
+                }
+            }
+            Response::Bad => {
+                return Err(Failed::App(
+                    "its answer is not HTTP/1.1 the gate passes on".into(),
+                ));
+            }
+            Response::Ready {
+                head,
+                framing,
+                interim,
+                reusable,
+            } => {
+                conn.read.advance(head);
+                if interim {
+                    send(io, answer).await?;
+                    continue;
+                }
+                let client_ok = pass_body(io, conn, framing, answer).await?;
+                if !reusable || !conn.read.is_empty() {
+                    // Done with, or it sent more than it was asked for.
+                    *app = None;
+                }
+                return Ok(client_ok && framing != Framing::UntilClose);
+            }
+        }
+    }
+}
+
+/// Waits for the app's first bytes of an answer: false when it closed the connection first.
+async fn first_bytes(conn: &mut App) -> std::io::Result<bool> {
+    if !conn.read.is_empty() {
+        return Ok(true);
+    }
+    Ok(conn.stream.read_buf(&mut conn.read).await? > 0)
+}
+
+/// Passes a response's body on after its head (`answer`), as the app sends it. True when the
+/// body ended where its framing said.
+async fn pass_body<I>(
+    io: &mut I,
+    conn: &mut App,
+    framing: Framing,
+    answer: &mut Vec<u8>,
+) -> Result<bool, Failed>
+where
+    I: AsyncWrite + Unpin,
+{
+    match framing {
+        Framing::Empty => send(io, answer).await.map(|()| true),
+        Framing::Length(n) => {
+            let here = n.min(conn.read.len() as u64) as usize;
+            answer.extend_from_slice(&conn.read[..here]);
+            conn.read.advance(here);
+            send(io, answer).await?;
+            copy(&mut conn.stream, &mut conn.read, io, n - here as u64).await?;
+            Ok(true)
+        }
+        Framing::Chunked => {
+            let mut chunked = Chunked::default();
+            loop {
+                let used = chunked.advance(&conn.read).ok_or(Failed::Connection)?;
+                answer.extend_from_slice(&conn.read[..used]);
+                conn.read.advance(used);
+                send(io, answer).await?;
+                answer.clear();
+                if chunked.done() {
+                    return Ok(true);
+                }
+                if conn
+                    .stream
+                    .read_buf(&mut conn.read)
+                    .await
+                    .map_err(|_| Failed::Connection)?
+                    == 0
+                {
+                    return Err(Failed::Connection);
+                }
+            }
+        }
+        Framing::UntilClose => {
+            answer.extend_from_slice(&conn.read);
+            conn.read.clear();
+            send(io, answer).await?;
+            loop {
+                conn.read.reserve(CHUNK);
+                match conn.stream.read_buf(&mut conn.read).await {
+                    Ok(0) | Err(_) => return Ok(true),
+                    Ok(_) => {
+                        send(io, &conn.read).await?;
+                        conn.read.clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(to: &mut W, bytes: &[u8]) -> Result<(), Failed> {
+    to.write_all(bytes).await.map_err(|_| Failed::Connection)?;
+    to.flush().await.map_err(|_| Failed::Connection)
+}
+
+/// Moves exactly `n` bytes from `from` to `to`, through `buf` (empty on entry, and on return
+/// holding whatever `from` sent beyond them).
+async fn copy<R, W>(from: &mut R, buf: &mut BytesMut, to: &mut W, mut n: u64) -> Result<(), Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while n > 0 {
+        if buf.is_empty() {
+            buf.reserve(CHUNK);
+            let limit = (n as usize).min(CHUNK);
+            let mut limited = (&mut *from).take(limit as u64);
+            if limited
+                .read_buf(buf)
+                .await
+                .map_err(|_| Failed::Connection)?
+                == 0
+            {
+                return Err(Failed::Connection);
+            }
+        }
+        let here = (n as usize).min(buf.len());
+        send(to, &buf[..here]).await?;
+        buf.advance(here);
+        n -= here as u64;
+    }
+    Ok(())
+}
+
+async fn connect(shared: &Shared) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(shared.cfg.upstream).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A connection whose first bytes were already read: they are read again first. What the lane
+/// hands to the full server.
+pub(super) struct Rewind<I> {
+    first: BytesMut,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    pub(super) fn new(first: BytesMut, io: I) -> Rewind<I> {
+        Rewind { first, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEEN: Seen = Seen {
+        client: b"192.0.2.7",
+        proto: "http",
+        max_headers: 8,
+    };
+
+    /// The lane's reading of `raw` with a token that is good when it is `good`, and the head
+    /// it would send the app.
+    fn read(raw: &str) -> (Request, String) {
+        let mut out = Vec::new();
+        let r = request(raw.as_bytes(), &SEEN, |t| t == "good", &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    fn forwarded(raw: &str) -> String {
+        match read(raw) {
+            (Request::Forward { .. }, head) => head,
+            (other, _) => panic!("not forwarded: {other:?} for {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn a_programs_request_goes_to_the_app_without_soul_credentials_or_forged_forwarding() {
+        let head = forwarded(
+            "GET /notes?page=2 HTTP/1.1\r\nHost: pod:8443\r\nauthorization: bearer good\r\nConnection: keep-alive\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nAccept: */*\r\nCookie: theme=dark\r\n\r\n",
+        );
+        assert_eq!(
+            head,
+            "GET /notes?page=2 HTTP/1.1\r\nHost: pod:8443\r\nAccept: */*\r\nCookie: theme=dark\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: pod:8443\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_head_and_body_lengths_are_told_and_a_partial_head_waits() {
+        let raw = "POST /up HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+        let (r, _) = read(raw);
+        assert_eq!(
+            r,
+            Request::Forward {
+                head: raw.len() - 5,
+                body: 5,
+                no_body: false,
+                close: true
+            }
+        );
+        assert_eq!(read(&raw[..20]).0, Request::Partial);
+        let (r, _) = read("HEAD / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n\r\n");
+        assert!(matches!(
+            r,
+            Request::Forward {
+                no_body: true,
+                body: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn what_the_lane_does_not_serve_is_handed_over() {
+        let ok = "Host: x\r\nAuthorization: Bearer good\r\n";
+        for raw in [
+            // No, a bad, a second or another credential.
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bad\r\n\r\n".into(),
+            format!("GET / HTTP/1.1\r\n{ok}Authorization: Bearer good\r\n\r\n"),
+            "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Z29vZA==\r\n\r\n".into(),
+            // soul's own paths, links, cookies, however spelled.
+            format!("GET /.soul/health HTTP/1.1\r\n{ok}\r\n"),
+            format!("GET /?soul_ticket=t HTTP/1.1\r\n{ok}\r\n"),
+            format!("GET /?SOUL_TOKEN=t HTTP/1.1\r\n{ok}\r\n"),
+            format!("GET /?%73oul_token=t HTTP/1.1\r\n{ok}\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Cookie: a=1; soul_home_notes=x\r\n\r\n"),
+            // Framing, upgrades and hop-by-hop headers it does not interpret.
+            format!("POST / HTTP/1.1\r\n{ok}Transfer-Encoding: chunked\r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{ok}Content-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{ok}Content-Length: +5\r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{ok}Content-Length: 5, 5\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Connection: keep-alive, X-Secret\r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{ok}Expect: 100-continue\r\nContent-Length: 1\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}TE: trailers\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Proxy-Authorization: Basic x\r\n\r\n"),
+            // Other versions and forms, two hosts, no host, malformed heads.
+            format!("GET / HTTP/1.0\r\n{ok}\r\n"),
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(),
+            format!("GET http://evil/ HTTP/1.1\r\n{ok}\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Host: y\r\n\r\n"),
+            "GET / HTTP/1.1\r\nAuthorization: Bearer good\r\n\r\n".into(),
+            format!("GET / HTTP/1.1\r\n{ok}X-Folded: a\r\n b\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Bad Name: a\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}{}\r\n", "A: 1\r\n".repeat(7)),
+        ] {
+            let mut out = Vec::new();
+            let r = request(raw.as_bytes(), &SEEN, |t| t == "good", &mut out);
+            assert_eq!(r, Request::HandOver, "{raw:?}");
+        }
+    }
+
+    fn answer(raw: &str, no_body: bool) -> (Response, String) {
+        let mut out = Vec::new();
+        let r = response(raw.as_bytes(), no_body, &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_response_is_framed_by_its_own_headers() {
+        let framing = |raw: &str, no_body: bool| match answer(raw, no_body).0 {
+            Response::Ready { framing, .. } => framing,
+            other => panic!("{other:?} for {raw:?}"),
+        };
+        let ok = "HTTP/1.1 200 OK\r\n";
+        assert_eq!(
+            framing(&format!("{ok}Content-Length: 4\r\n\r\n"), false),
+            Framing::Length(4)
+        );
+        assert_eq!(
+            framing(&format!("{ok}Content-Length: 4\r\n\r\n"), true),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\n\r\n", false),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false
+            ),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing(
+                &format!("{ok}Transfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n\r\n"),
+                false
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing(&format!("{ok}Transfer-Encoding: gzip\r\n\r\n"), false),
+            Framing::UntilClose
+        );
+        assert_eq!(framing(&format!("{ok}\r\n"), false), Framing::UntilClose);
+        assert_eq!(
+            answer(
+                &format!("{ok}Content-Length: 4\r\nContent-Length: 5\r\n\r\n"),
+                false
+            )
+            .0,
+            Response::Bad
+        );
+        assert_eq!(
+            answer(&format!("{ok}Content-Length: -1\r\n\r\n"), false).0,
+            Response::Bad
+        );
+        assert_eq!(
+            answer(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+                false
+            )
+            .0,
+            Response::Bad
+        );
+        assert_eq!(answer("garbage\r\n\r\n", false).0, Response::Bad);
+        assert_eq!(answer(ok, false).0, Response::Partial);
+        assert!(matches!(
+            answer("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false).0,
+            Response::Ready {
+                interim: true,
+                framing: Framing::Empty,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_response_reaches_the_client_without_hop_by_hop_headers() {
+        let (r, head) = answer(
+            "HTTP/1.1 200 Fine\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+        );
+        assert!(matches!(
+            r,
+            Response::Ready {
+                reusable: false,
+                framing: Framing::Chunked,
+                ..
+            }
+        ));
+        // A body that runs to the close says so, and an HTTP/1.0 answer is not kept.
+        let (r, head) = answer("HTTP/1.0 200 OK\r\n\r\n", false);
+        assert_eq!(head, "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
+        assert!(matches!(
+            r,
+            Response::Ready {
+                reusable: false,
+                ..
+            }
+        ));
+        let (r, _) = answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(matches!(r, Response::Ready { reusable: true, .. }));
+    }
+
+    #[test]
+    fn a_chunked_body_ends_at_its_last_chunk_however_it_is_split() {
+        let body =
+            b"5;ext=1\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..body.len() {
+            let mut c = Chunked::default();
+            let first = c.advance(&body[..split]).unwrap();
+            assert_eq!(first, split.min(end));
+            if !c.done() {
+                assert_eq!(c.advance(&body[split..]).unwrap(), end - split);
+            }
+            assert!(c.done(), "split at {split}");
+        }
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\r\nhello\r\r",
+            b"5\nhello",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert_eq!(
+                Chunked::default().advance(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn rewound_bytes_are_read_again_before_the_rest() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind::new(BytesMut::from(&b"hello"[..]), b);
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}
