@@ -18,6 +18,12 @@
 //! of the same app, in its own container (goal: ≥ 0.9× nginx with TLS). And full handshakes per
 //! second (`openssl s_time -new`, no session reuse), the gate and nginx each held to one CPU.
 //!
+//! The floor: HAProxy forwarding TCP blind in the pod (it parses, checks and changes nothing),
+//! in a CPU cgroup beside the pod's containers, as a container would be. Its ratio to direct is
+//! what one more hop on loopback costs this machine whatever runs there: no proxy that reads
+//! requests can beat it. It runs when `haproxy` is installed (`apt-get install haproxy`), and
+//! the bench says so when it is not.
+//!
 //! wrk runs in a CPU cgroup of its own beside the engine's, so that the load generator gets
 //! the same share of this machine in every run and the pod the rest, however many containers
 //! it has: in the root group wrk's threads would outweigh the engine's one group, and each
@@ -40,6 +46,8 @@ const NGINX_SAME_PROCESS_PORT: u16 = 8081;
 /// The TLS anchor: the proxy container's nginx terminating TLS with the gate's own certificate.
 const NGINX_TLS_PORT: u16 = 8083;
 const NGINX_PROXY_TOKEN: &str = "static-bench-token";
+/// The floor: HAProxy forwarding TCP to the app.
+const FLOOR_PORT: u16 = 8084;
 const SECONDS: u64 = 6;
 
 /// An nginx configuration: worker processes, no access log (the test image logs to stdout,
@@ -142,6 +150,7 @@ fn main() {
     );
     let proxy_name = format!("soul-bench-{stack}-proxy");
     let proxy = ProxyContainer::start(&proxy_name, &pause, &proxy_conf, &tls);
+    let floor = Floor::start(&dir, pid(&pause), pid(&format!("soul_{stack}_web_gate")));
     let token = std::fs::read_to_string(state.join("tokens/bench.jwt")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
     let gate_container = format!("soul_{stack}_web_gate");
@@ -151,6 +160,7 @@ fn main() {
     let direct_url = "http://127.0.0.1:80/";
     let gate_url = "http://127.0.0.1:8443/";
     let proxy_url = format!("http://127.0.0.1:{NGINX_PROXY_PORT}/");
+    let floor_url = format!("http://127.0.0.1:{FLOOR_PORT}/");
     let same_process_url = format!("http://127.0.0.1:{NGINX_SAME_PROCESS_PORT}/");
     let gate_tls_url = "https://127.0.0.1:8443/";
     let nginx_tls_url = format!("https://127.0.0.1:{NGINX_TLS_PORT}/");
@@ -163,15 +173,21 @@ fn main() {
     wrk(direct_url, None, 64, 1);
     wrk(gate_url, Some(&auth), 64, 1);
     wrk(&proxy_url, Some(&proxy_auth), 64, 1);
+    if floor.is_some() {
+        wrk(&floor_url, None, 64, 1);
+    }
     wrk(&same_process_url, Some(&proxy_auth), 64, 1);
     wrk(gate_tls_url, Some(&auth), 64, 1);
     wrk(&nginx_tls_url, Some(&proxy_auth), 64, 1);
     let (mut direct, mut gated, mut proxied, mut same_process) = (vec![], vec![], vec![], vec![]);
-    let (mut gated_tls, mut nginx_tls) = (vec![], vec![]);
+    let (mut gated_tls, mut nginx_tls, mut floored) = (vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         direct.push(wrk(direct_url, None, 64, SECONDS));
         gated.push(wrk(gate_url, Some(&auth), 64, SECONDS));
         proxied.push(wrk(&proxy_url, Some(&proxy_auth), 64, SECONDS));
+        if floor.is_some() {
+            floored.push(wrk(&floor_url, None, 64, SECONDS));
+        }
         same_process.push(wrk(&same_process_url, Some(&proxy_auth), 64, SECONDS));
         gated_tls.push(wrk(gate_tls_url, Some(&auth), 64, SECONDS));
         nginx_tls.push(wrk(&nginx_tls_url, Some(&proxy_auth), 64, SECONDS));
@@ -200,6 +216,7 @@ fn main() {
     // MiB → MB: the goal is in megabytes.
     let peak = memory::status_mib(gate, "VmHWM") * 1.048_576;
     drop(proxy);
+    drop(floor);
     soul(&["down", "--volumes"]);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -245,6 +262,18 @@ fn main() {
         ratio(&gated, &same_process),
         median_p99(&gated) - median_p99(&direct)
     );
+    if floored.is_empty() {
+        println!(
+            "    the floor (HAProxy forwarding TCP blind) was not measured: apt-get install haproxy"
+        );
+    } else {
+        rows(&[("via HAProxy forwarding TCP blind (floor)", &floored)]);
+        println!(
+            "    the hop alone costs this machine {:.0}% of direct; the gate reaches {:.2}× the floor",
+            (1.0 - ratio(&floored, &direct)) * 100.0,
+            ratio(&gated, &floored)
+        );
+    }
     println!("  TLS, 64 connections (keep-alive), best req/s, median p99, median ratio to direct:");
     rows(&[
         ("via gate, TLS", &gated_tls),
@@ -312,6 +341,84 @@ impl Drop for ProxyContainer {
     fn drop(&mut self) {
         let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
     }
+}
+
+/// The floor: HAProxy in the pod's network namespace forwarding TCP from [`FLOOR_PORT`] to the
+/// app, blind, in a CPU cgroup of its own beside the gate container's (so it gets the share a
+/// container in front of the app gets). `None`, with a note, without `haproxy`; stopped and
+/// its cgroup removed when dropped.
+struct Floor {
+    haproxy: std::process::Child,
+    group: Option<std::path::PathBuf>,
+}
+
+impl Floor {
+    fn start(dir: &std::path::Path, pause: u32, beside: u32) -> Option<Floor> {
+        let found = Command::new("sh")
+            .args(["-c", "command -v haproxy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            eprintln!("note: no haproxy: the floor is not measured (apt-get install haproxy)");
+            return None;
+        }
+        let conf = dir.join("floor.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nlisten floor\n  bind 127.0.0.1:{FLOOR_PORT}\n  server app 127.0.0.1:80\n"
+            ),
+        )
+        .unwrap();
+        let haproxy = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pause}/ns/net"))
+            .args(["haproxy", "-db", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let group = cpu_group_of(beside)
+            .and_then(|g| {
+                g.parent()
+                    .map(|p| p.join(format!("soul-bench-floor-{}", std::process::id())))
+            })
+            .filter(|g| std::fs::create_dir(g).is_ok());
+        match &group {
+            // nsenter has become haproxy: the same process, all its threads with it.
+            Some(g) => std::fs::write(g.join("cgroup.procs"), haproxy.id().to_string()).unwrap(),
+            None => eprintln!("note: the floor runs outside the engine's CPU group"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Floor { haproxy, group })
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.haproxy.kill();
+        let _ = self.haproxy.wait();
+        if let Some(g) = &self.group {
+            let _ = std::fs::remove_dir(g);
+        }
+    }
+}
+
+/// The CPU cgroup directory of process `pid` (cgroup v1's `cpu` hierarchy, or v2's).
+fn cpu_group_of(pid: u32) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let base = if controllers.is_empty() {
+            "/sys/fs/cgroup".to_string()
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            format!("/sys/fs/cgroup/{controllers}")
+        } else {
+            return None;
+        };
+        let dir = std::path::PathBuf::from(base).join(path.trim_start_matches('/'));
+        dir.join("cgroup.procs").exists().then_some(dir)
+    })
 }
 
 /// A CPU cgroup for the load generator, beside the engine's group (cgroup v1's `cpu`

@@ -3,7 +3,8 @@
 //! by the library's one verifier against the device's current registry entry) or this
 //! sidecar's browser session (a cookie a one-time pairing link is redeemed for, see [`link`]).
 //! It proxies to the app on 127.0.0.1 — HTTP/1.1 and h2c, streamed both ways, WebSocket
-//! upgrades included — with soul's credentials and hop-by-hop headers removed. It watches its
+//! upgrades included — with soul's credentials and hop-by-hop headers removed; a program's
+//! HTTP/1.1 requests with a device token take the fast [`lane`]. It watches its
 //! key and registry files: a revoked device's next request is refused and its open
 //! connections are closed, without a restart. It must not touch the engine or the stack key
 //! (it has the public key and the link key only).
