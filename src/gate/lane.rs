@@ -1055,6 +1055,60 @@ mod tests {
         }
     }
 
+    /// One header line a hostile or careless client might send.
+    fn any_header() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("Authorization: Bearer secret-token-1\r\n".to_string()),
+            Just("authorization: BEARER secret-token-1\r\n".to_string()),
+            Just("Authorization: Bearer secret-token-2\r\n".to_string()),
+            Just("Host: x\r\n".to_string()),
+            Just("Cookie: a=1; soul_home_notes=s\r\n".to_string()),
+            Just("Cookie: a=1\r\n".to_string()),
+            Just("Content-Length: 3\r\n".to_string()),
+            Just("Transfer-Encoding: chunked\r\n".to_string()),
+            Just("Connection: close\r\n".to_string()),
+            Just("Connection: keep-alive, Authorization\r\n".to_string()),
+            Just("X-Forwarded-For: 6.6.6.6\r\n".to_string()),
+            "[A-Za-z-]{1,12}: [ -~]{0,20}\r\n",
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_bytes_make_the_lane_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut out = Vec::new();
+            let _ = request(&bytes, &SEEN, |_| true, &mut out);
+            out.clear();
+            let _ = response(&bytes, false, &mut out);
+            let mut c = Chunked::default();
+            if let Some(n) = c.advance(&bytes) {
+                proptest::prop_assert!(n <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn a_forwarded_head_never_carries_a_soul_credential_or_a_forged_forwarding_header(
+            target in "/[a-z?=&%_]{0,8}(\\?soul_ticket=t)?",
+            headers in proptest::collection::vec(any_header(), 0..8),
+        ) {
+            let raw = format!("GET {target} HTTP/1.1\r\n{}\r\n", headers.concat());
+            let mut out = Vec::new();
+            let r = request(raw.as_bytes(), &SEEN, |t| t == "secret-token-1", &mut out);
+            if let Request::Forward { .. } = r {
+                let head = String::from_utf8(out).unwrap();
+                let lower = head.to_ascii_lowercase();
+                proptest::prop_assert!(!lower.contains("secret-token"), "{}", head);
+                proptest::prop_assert!(!lower.contains("\nauthorization:"), "{}", head);
+                proptest::prop_assert!(!lower.contains("soul_home_notes"), "{}", head);
+                proptest::prop_assert!(!target.contains("soul_"), "{}", head);
+                proptest::prop_assert!(!lower.contains("6.6.6.6"), "{}", head);
+                proptest::prop_assert!(!lower.contains("transfer-encoding"), "{}", head);
+                proptest::prop_assert_eq!(lower.matches("x-forwarded-for: 192.0.2.7\r\n").count(), 1);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn rewound_bytes_are_read_again_before_the_rest() {
         let (mut a, b) = tokio::io::duplex(64);
