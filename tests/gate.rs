@@ -2083,7 +2083,8 @@ fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
 /// An app that reads request bodies by their length, logs every head, and answers by path:
 /// `/length` the body's length, `/chunked` a chunked body with a trailer in three writes,
 /// `/early` a 103 before its 200, `/once` an answer and then a close without saying so,
-/// `/close` a body that runs until it closes; anything else `ok`.
+/// `/close` a body that runs until it closes, `/drop-next` an answer and then, when the next
+/// request arrives, a close without an answer; anything else `ok`.
 fn framing_app() -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -2095,6 +2096,7 @@ fn framing_app() -> (u16, Arc<Mutex<Vec<String>>>) {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut conn = conn;
+                let mut drop_next = false;
                 loop {
                     let mut head = String::new();
                     loop {
@@ -2108,6 +2110,9 @@ fn framing_app() -> (u16, Arc<Mutex<Vec<String>>>) {
                         }
                     }
                     seen.lock().unwrap().push(head.clone());
+                    if drop_next {
+                        return;
+                    }
                     let length: usize = head
                         .lines()
                         .find_map(|l| {
@@ -2149,6 +2154,10 @@ fn framing_app() -> (u16, Arc<Mutex<Vec<String>>>) {
                         "/close" => {
                             let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end");
                             return;
+                        }
+                        "/drop-next" => {
+                            drop_next = true;
+                            answer(&mut conn, "armed")
                         }
                         _ => answer(&mut conn, "ok"),
                     };
@@ -2248,6 +2257,32 @@ fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and
     assert_eq!(read_response(&mut r).2, "once");
     w.write_all(get("/c", "").as_bytes()).unwrap();
     assert_eq!(read_response(&mut r).2, "ok");
+    // The same for a request that must not be sent twice: the closed connection is seen
+    // before it is used.
+    w.write_all(get("/once", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "once");
+    w.write_all(
+        format!("POST /length HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r).2, "3");
+    // The app closes a kept-alive connection as a request arrives on it: a request that may be
+    // sent twice goes again on a new connection; one that must not is answered 502, and the
+    // client's connection goes on.
+    w.write_all(get("/drop-next", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "armed");
+    w.write_all(get("/f", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "ok");
+    w.write_all(get("/drop-next", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "armed");
+    w.write_all(
+        format!("POST /g HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\r\nabc").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r).0, 502);
+    w.write_all(get("/h", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r).2, "ok");
     // A request the lane does not serve (a header `Connection` names) is the full server's, on
     // the same connection, and so is every request after it.
     w.write_all(get("/d", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n").as_bytes())
@@ -2285,13 +2320,15 @@ fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and
     assert!(!spelled("/d"), "{heads:?}");
     let seen = heads.concat().to_ascii_lowercase();
     for path in [
-        "/a", "/b", "/c", "/d", "/chunked", "/early", "/once", "/close",
+        "/a", "/b", "/c", "/d", "/chunked", "/early", "/once", "/close", "/h",
     ] {
         assert!(
             seen.contains(&format!("get {path} http/1.1")),
             "{path} did not reach the app: {seen}"
         );
     }
+    assert_eq!(seen.matches("get /f http/1.1").count(), 2, "{seen}");
+    assert_eq!(seen.matches("post /g http/1.1").count(), 1, "{seen}");
     assert!(
         !seen.contains("get /e "),
         "a request without a token reached the app: {seen}"

@@ -48,16 +48,23 @@ enum Request {
     Partial,
     /// Not the lane's request (or not HTTP the lane can read): the full server's.
     HandOver,
-    /// A request to forward: its head is the first `head` bytes and `body` bytes follow;
-    /// the head for the app has been written out.
-    Forward {
-        head: usize,
-        body: u64,
-        /// `HEAD`: the response has no body whatever it says.
-        no_body: bool,
-        /// The client said `Connection: close`.
-        close: bool,
-    },
+    /// A request to forward; its head for the app has been written out.
+    Forward(Forward),
+}
+
+/// A request the lane forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Forward {
+    /// Its head is the first `head` bytes the client sent, and `body` bytes follow.
+    head: usize,
+    body: u64,
+    /// `HEAD`: the response has no body whatever it says.
+    no_body: bool,
+    /// The client said `Connection: close`.
+    close: bool,
+    /// Sending it twice is harmless (RFC 9110 §9.2.2): the only requests sent again when a
+    /// kept-alive connection to the app turns out closed.
+    idempotent: bool,
 }
 
 /// What the gate itself saw of the connection: the forwarding headers' values.
@@ -167,12 +174,16 @@ fn request(
     header(out, b"x-forwarded-proto", seen.proto.as_bytes());
     header(out, b"x-forwarded-host", host);
     out.extend_from_slice(b"\r\n");
-    Request::Forward {
+    Request::Forward(Forward {
         head,
         body: length.unwrap_or(0),
         no_body: method == "HEAD",
         close,
-    }
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+    })
 }
 
 /// Request headers that make a request the full server's: other framing, upgrades,
@@ -489,7 +500,7 @@ where
     let max_head = shared.cfg.max_header_bytes;
     loop {
         let deadline = tokio::time::Instant::now() + shared.cfg.header_timeout;
-        let (taken, body, no_body, close) = loop {
+        let forward = loop {
             head.clear();
             let seen = Seen {
                 client: client.forwarded_for.as_bytes(),
@@ -502,12 +513,7 @@ where
                 |t| super::authorize_token(shared, client, t),
                 &mut head,
             ) {
-                Request::Forward {
-                    head: n,
-                    body,
-                    no_body,
-                    close,
-                } => break (n, body, no_body, close),
+                Request::Forward(forward) => break forward,
                 Request::HandOver => return Outcome::HandOver(read),
                 Request::Partial if read.len() >= max_head => return Outcome::HandOver(read),
                 Request::Partial => {}
@@ -518,24 +524,23 @@ where
                 _ => return Outcome::Closed,
             }
         };
-        read.advance(taken);
-        let here = body.min(read.len() as u64) as usize;
+        read.advance(forward.head);
+        let here = forward.body.min(read.len() as u64) as usize;
         head.extend_from_slice(&read[..here]);
         read.advance(here);
-        let rest = body - here as u64;
-        match exchange(
+        let rest = forward.body - here as u64;
+        let exchanged = exchange(
             io,
             &mut read,
             &mut app,
             shared,
             &head,
             rest,
-            no_body,
+            &forward,
             &mut answer,
-        )
-        .await
-        {
-            Ok(true) if !close => {}
+        );
+        match exchanged.await {
+            Ok(true) if !forward.close => {}
             Ok(_) => return Outcome::Closed,
             Err(Failed::App(e)) => {
                 tracing::warn!(source = %client.peer, "the app did not answer: {e}");
@@ -555,8 +560,9 @@ where
 
 /// Sends one request (`head`, then `rest` more body bytes from the client) to the app and
 /// passes its response on. True when the client's connection can take another request. A
-/// request the app's kept-alive connection closed on before answering is sent once more on a
-/// new connection, when it was whole in `head`.
+/// kept-alive connection to the app that the app has closed while idle is not used; one it
+/// closes as the request arrives gets an idempotent request whole in `head` once more, on a
+/// new connection.
 #[allow(clippy::too_many_arguments)]
 async fn exchange<I>(
     io: &mut I,
@@ -565,13 +571,16 @@ async fn exchange<I>(
     shared: &Shared,
     head: &[u8],
     rest: u64,
-    no_body: bool,
+    forward: &Forward,
     answer: &mut Vec<u8>,
 ) -> Result<bool, Failed>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut retried = false;
+    if app.as_ref().is_some_and(|c| !c.idle_and_open()) {
+        *app = None;
+    }
     let conn = loop {
         let reused = app.is_some();
         let mut conn = match app.take() {
@@ -591,7 +600,7 @@ where
         }
         match (sent, first_bytes(&mut conn).await) {
             (Ok(()), Ok(true)) => break conn,
-            (sent, got) if reused && !retried && rest == 0 => {
+            (sent, got) if reused && !retried && rest == 0 && forward.idempotent => {
                 // The kept-alive connection was closed under us: a fresh one, once.
                 tracing::debug!(
                     "the app closed a kept-alive connection: {:?} {:?}",
@@ -608,7 +617,7 @@ where
     let conn = app.as_mut().expect("just set");
     loop {
         answer.clear();
-        match response(&conn.read, no_body, answer) {
+        match response(&conn.read, forward.no_body, answer) {
             Response::Partial => {
                 let n = conn
                     .stream
@@ -642,6 +651,23 @@ where
                 }
                 return Ok(client_ok && framing != Framing::UntilClose);
             }
+        }
+    }
+}
+
+impl App {
+    /// Whether this idle connection can carry a request: the app has neither closed it nor
+    /// sent anything unasked on it. Looks without waiting: only when the connection has
+    /// turned readable does it read (one byte at most).
+    fn idle_and_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
         }
     }
 }
@@ -835,7 +861,7 @@ mod tests {
 
     fn forwarded(raw: &str) -> String {
         match read(raw) {
-            (Request::Forward { .. }, head) => head,
+            (Request::Forward(_), head) => head,
             (other, _) => panic!("not forwarded: {other:?} for {raw:?}"),
         }
     }
@@ -857,22 +883,24 @@ mod tests {
         let (r, _) = read(raw);
         assert_eq!(
             r,
-            Request::Forward {
+            Request::Forward(Forward {
                 head: raw.len() - 5,
                 body: 5,
                 no_body: false,
-                close: true
-            }
+                close: true,
+                idempotent: false,
+            })
         );
         assert_eq!(read(&raw[..20]).0, Request::Partial);
         let (r, _) = read("HEAD / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n\r\n");
         assert!(matches!(
             r,
-            Request::Forward {
+            Request::Forward(Forward {
                 no_body: true,
                 body: 0,
+                idempotent: true,
                 ..
-            }
+            })
         ));
     }
 
@@ -1095,7 +1123,7 @@ mod tests {
             let raw = format!("GET {target} HTTP/1.1\r\n{}\r\n", headers.concat());
             let mut out = Vec::new();
             let r = request(raw.as_bytes(), &SEEN, |t| t == "secret-token-1", &mut out);
-            if let Request::Forward { .. } = r {
+            if let Request::Forward(_) = r {
                 let head = String::from_utf8(out).unwrap();
                 let lower = head.to_ascii_lowercase();
                 proptest::prop_assert!(!lower.contains("secret-token"), "{}", head);
