@@ -77,15 +77,34 @@ fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .map(|(n, v)| (n.trim(), v.trim()))
+        .flat_map(cookie_pairs)
 }
 
 /// The query's pairs, decoded (so `soul%5Fticket` is `soul_ticket` too).
 fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
     form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
+}
+
+/// A header value as text, when it is visible ASCII (what `HeaderValue::to_str` accepts).
+pub(super) fn text(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
+}
+
+/// The `name=value` pairs of one `Cookie` header's text, trimmed; pairs without `=` are not
+/// cookies and are dropped.
+pub(super) fn cookie_pairs(v: &str) -> impl Iterator<Item = (&str, &str)> {
+    v.split(';')
+        .filter_map(|c| c.trim().split_once('='))
+        .map(|(n, v)| (n.trim(), v.trim()))
+}
+
+/// Whether a cookie is soul's (this gate's, or another gate's on the same host).
+pub(super) fn is_soul_cookie(name: &str) -> bool {
+    name.starts_with(COOKIE_PREFIX)
 }
 
 /// Whether one raw `key=value` of a query is soul's.
@@ -116,7 +135,7 @@ pub fn strip<B>(req: &mut Request<B>) {
         headers.remove(header::AUTHORIZATION);
     }
     let kept: Vec<String> = cookies(headers)
-        .filter(|(name, _)| !name.starts_with(COOKIE_PREFIX))
+        .filter(|(name, _)| !is_soul_cookie(name))
         .map(|(n, v)| format!("{n}={v}"))
         .collect();
     headers.remove(header::COOKIE);
@@ -147,38 +166,53 @@ pub fn strip<B>(req: &mut Request<B>) {
 /// compares the browser's `Origin` with the address the request was sent to, and with the
 /// scheme its clients use (`tls`): a page on `https://host` is not the gate's `http://host`.
 pub fn foreign_origin<B>(req: &Request<B>, tls: bool) -> bool {
-    let safe = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    );
-    if safe && !req.headers().contains_key(header::UPGRADE) {
+    let value = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    foreign(
+        &Provenance {
+            safe: matches!(
+                *req.method(),
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            ) && !req.headers().contains_key(header::UPGRADE),
+            fetch_site: value("sec-fetch-site"),
+            origin: req.headers().get(header::ORIGIN).map(|v| v.as_bytes()),
+            host: value(header::HOST.as_str())
+                .or_else(|| req.uri().authority().map(|a| a.as_str())),
+        },
+        tls,
+    )
+}
+
+/// What a request says of where it comes from and where it was sent, for [`foreign`].
+pub(super) struct Provenance<'a> {
+    /// A method that changes nothing, and no upgrade.
+    pub safe: bool,
+    /// `Sec-Fetch-Site`, when it is text.
+    pub fetch_site: Option<&'a str>,
+    /// `Origin`, as sent.
+    pub origin: Option<&'a [u8]>,
+    /// `Host` (or the target's authority), when it is text.
+    pub host: Option<&'a str>,
+}
+
+/// [`foreign_origin`] of a request described by `p`.
+pub(super) fn foreign(p: &Provenance, tls: bool) -> bool {
+    if p.safe {
         return false;
     }
     // Fetch Metadata, when the browser sends it, says who made the request, and a page
     // cannot forge it (a page with `Referrer-Policy: no-referrer` posts with `Origin: null`).
-    if let Some(site) = req
-        .headers()
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(site) = p.fetch_site {
         return !matches!(site, "same-origin" | "none");
     }
-    let Some(origin) = req.headers().get(header::ORIGIN) else {
+    let Some(origin) = p.origin else {
         // Browsers send Origin with every upgrade and cross-origin write; a program that
         // sends none is not a page riding a cookie.
         return false;
     };
-    let Some(host) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-    else {
+    let Some(host) = p.host else {
         return true;
     };
-    let Some(authority) = origin
-        .to_str()
-        .ok()
+    let Some(authority) = text(origin)
         .and_then(|o| o.split_once("://"))
         .map(|(scheme, authority)| (scheme.to_ascii_lowercase(), authority))
     else {

@@ -1,15 +1,18 @@
-//! The gate's fast lane: the HTTP/1.1 requests a program sends with a device token
-//! (`Authorization: Bearer`, what `soul connect` and scripts send) are proxied here, with one
-//! parse of each head (httparse), one write to the app and one to the client, and the bodies
-//! passed through as they arrive: no per-request task, channel or header map. Whatever is not
-//! such a request — no or another credential, a cookie or query of soul's, `/.soul/` paths,
-//! `Transfer-Encoding` or other framing the lane does not take on, upgrades, `Expect`,
-//! HTTP/1.0 or HTTP/2, a head too large or malformed — is handed over, with every byte the
-//! lane has read, to the full server ([`super::serve_hyper`]), which serves the rest of the
-//! connection: it refuses, logs and rate-limits, so there is one place for every refusal.
+//! The gate's fast lane: the HTTP/1.1 requests a client sends with a credential the gate
+//! takes — a device token (`Authorization: Bearer`, what `soul connect` and scripts send) or
+//! this gate's browser session on a request that is not a write from another origin — are
+//! proxied here, with one parse of each head (httparse), one write to the app and one to the
+//! client, and the bodies passed through as they arrive: no per-request task, channel or
+//! header map. Whatever is not such a request — no credential or one that fails, a pairing
+//! link, `/.soul/` paths, `Transfer-Encoding` or other framing the lane does not take on,
+//! upgrades, `Expect`, HTTP/1.0 or HTTP/2, a head too large or malformed — is handed over,
+//! with every byte the lane has read, to the full server ([`super::serve_hyper`]), which
+//! serves the rest of the connection: it refuses, logs and rate-limits, so there is one place
+//! for every refusal.
 //!
-//! What reaches the app is what the full server would send: soul's bearer header removed,
-//! hop-by-hop headers dropped, forwarding headers set from what the gate saw (RFC 9110 §7.6.1).
+//! What reaches the app is what the full server would send: soul's bearer header and cookies
+//! removed, hop-by-hop headers dropped, forwarding headers set from what the gate saw (RFC
+//! 9110 §7.6.1).
 //! Responses are framed by their own headers (RFC 9112 §6.3): none after `HEAD`, 1xx, 204 and
 //! 304; `Transfer-Encoding` ending in chunked, read to its last chunk; `Content-Length`; or
 //! until the app closes, which then closes the client's connection too.
@@ -67,24 +70,39 @@ struct Forward {
     idempotent: bool,
 }
 
-/// What the gate itself saw of the connection: the forwarding headers' values.
+/// What the lane knows of this gate and of the connection it saw.
 pub(super) struct Seen<'a> {
+    /// The client's address, as `X-Forwarded-For`.
     pub client: &'a [u8],
-    pub proto: &'static str,
+    /// Whether the gate terminated TLS on this connection.
+    pub tls: bool,
     /// The gate's limit on a request's headers: a request with more is the full server's to
     /// refuse.
     pub max_headers: usize,
+    /// This gate's session cookie.
+    pub cookie: &'a str,
+}
+
+/// A credential a request shows the lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shown<'a> {
+    /// A device token (`Authorization: Bearer`).
+    Token(&'a str),
+    /// This gate's session cookie, on a request that is not a cross-origin write.
+    Session(&'a str),
 }
 
 /// Reads a request head from `buf`. A request the lane takes is one HTTP/1.1 request in
-/// origin form outside `/.soul/`, with exactly one `Host`, one `Authorization` with the
-/// Bearer scheme for which `authorize` says yes, at most one plain `Content-Length` and no
-/// other framing, no `Upgrade`, `Expect` or hop-by-hop header but `Connection` (keep-alive
-/// or close), no cookie or query that might be soul's. Its head for the app goes to `out`.
+/// origin form outside `/.soul/`, with exactly one `Host`, a credential `authorize` says yes
+/// to — one `Authorization` with the Bearer scheme, or else this gate's session cookie on a
+/// request that is not a write from another origin — at most one plain `Content-Length` and
+/// no other framing, no `Upgrade`, `Expect` or hop-by-hop header but `Connection`
+/// (keep-alive or close), no query that might be soul's, at most one `Cookie` header, in
+/// text. Its head for the app goes to `out`, without soul's cookies.
 fn request(
     buf: &[u8],
     seen: &Seen,
-    authorize: impl FnOnce(&str) -> bool,
+    authorize: impl FnOnce(Shown) -> bool,
     out: &mut Vec<u8>,
 ) -> Request {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -107,7 +125,8 @@ fn request(
     {
         return Request::HandOver;
     }
-    let (mut host, mut token, mut length) = (None, None, None);
+    let (mut host, mut token, mut length, mut cookies) = (None, None, None, None);
+    let (mut fetch_site, mut origin) = (None, None);
     let mut close = false;
     for h in req.headers.iter() {
         let name = h.name;
@@ -142,17 +161,46 @@ fn request(
                 }
             }
         } else if name.eq_ignore_ascii_case("cookie") {
-            if contains_ignore_case(h.value, b"soul") {
+            let Some(text) = super::credential::text(h.value) else {
+                return Request::HandOver;
+            };
+            if cookies.replace(text).is_some() {
                 return Request::HandOver;
             }
+        } else if name.eq_ignore_ascii_case("sec-fetch-site") {
+            // The first one, as the full server reads it.
+            fetch_site = fetch_site.or(Some(h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = origin.or(Some(h.value));
         } else if HANDED_OVER.iter().any(|n| name.eq_ignore_ascii_case(n)) {
             return Request::HandOver;
         }
     }
-    let (Some(host), Some(token)) = (host, token) else {
+    let Some(host) = host else {
         return Request::HandOver;
     };
-    if !authorize(token) {
+    let session = cookies.and_then(|c| {
+        super::credential::cookie_pairs(c)
+            .find(|(name, _)| *name == seen.cookie)
+            .map(|(_, value)| value)
+    });
+    let shown = match (token, session) {
+        (Some(t), _) => Shown::Token(t),
+        (None, Some(s)) => {
+            let provenance = super::credential::Provenance {
+                safe: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE"),
+                fetch_site: fetch_site.and_then(super::credential::text),
+                origin,
+                host: super::credential::text(host),
+            };
+            if super::credential::foreign(&provenance, seen.tls) {
+                return Request::HandOver;
+            }
+            Shown::Session(s)
+        }
+        (None, None) => return Request::HandOver,
+    };
+    if !authorize(shown) {
         return Request::HandOver;
     }
     out.extend_from_slice(method.as_bytes());
@@ -161,7 +209,7 @@ fn request(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         let name = h.name;
-        if ["authorization", "connection"]
+        if ["authorization", "connection", "cookie"]
             .iter()
             .chain(FORWARDING)
             .any(|n| name.eq_ignore_ascii_case(n))
@@ -170,8 +218,27 @@ fn request(
         }
         header(out, name.as_bytes(), h.value);
     }
+    if let Some(c) = cookies {
+        // The app's own cookies only, as the full server passes them.
+        let mut kept = super::credential::cookie_pairs(c)
+            .filter(|(name, _)| !super::credential::is_soul_cookie(name))
+            .peekable();
+        if kept.peek().is_some() {
+            out.extend_from_slice(b"cookie: ");
+            for (i, (name, value)) in kept.enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b"; ");
+                }
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'=');
+                out.extend_from_slice(value.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     header(out, b"x-forwarded-for", seen.client);
-    header(out, b"x-forwarded-proto", seen.proto.as_bytes());
+    let proto: &[u8] = if seen.tls { b"https" } else { b"http" };
+    header(out, b"x-forwarded-proto", proto);
     header(out, b"x-forwarded-host", host);
     out.extend_from_slice(b"\r\n");
     Request::Forward(Forward {
@@ -504,13 +571,14 @@ where
             head.clear();
             let seen = Seen {
                 client: client.forwarded_for.as_bytes(),
-                proto: if client.tls { "https" } else { "http" },
+                tls: client.tls,
                 max_headers: shared.cfg.max_headers,
+                cookie: &shared.cookie,
             };
             match request(
                 &read,
                 &seen,
-                |t| super::authorize_token(shared, client, t),
+                |shown| super::authorize(shared, client, shown),
                 &mut head,
             ) {
                 Request::Forward(forward) => break forward,
@@ -847,15 +915,21 @@ mod tests {
 
     const SEEN: Seen = Seen {
         client: b"192.0.2.7",
-        proto: "http",
+        tls: false,
         max_headers: 8,
+        cookie: "soul_home_notes",
     };
+
+    /// The credentials the tests' gate takes: the token `good` and the session `fine`.
+    fn good(shown: Shown) -> bool {
+        matches!(shown, Shown::Token("good") | Shown::Session("fine"))
+    }
 
     /// The lane's reading of `raw` with a token that is good when it is `good`, and the head
     /// it would send the app.
     fn read(raw: &str) -> (Request, String) {
         let mut out = Vec::new();
-        let r = request(raw.as_bytes(), &SEEN, |t| t == "good", &mut out);
+        let r = request(raw.as_bytes(), &SEEN, good, &mut out);
         (r, String::from_utf8(out).unwrap())
     }
 
@@ -873,8 +947,35 @@ mod tests {
         );
         assert_eq!(
             head,
-            "GET /notes?page=2 HTTP/1.1\r\nHost: pod:8443\r\nAccept: */*\r\nCookie: theme=dark\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: pod:8443\r\n\r\n"
+            "GET /notes?page=2 HTTP/1.1\r\nHost: pod:8443\r\nAccept: */*\r\ncookie: theme=dark\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: pod:8443\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_browsers_session_goes_to_the_app_without_any_soul_cookie() {
+        let head = forwarded(
+            "GET /notes HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; soul_home_notes=fine;soul_home_other=s; lang=en\r\n\r\n",
+        );
+        assert!(
+            head.contains("\r\ncookie: theme=dark; lang=en\r\n"),
+            "{head}"
+        );
+        assert!(!head.contains("soul_"), "{head}");
+        // Only soul's cookies: no cookie header at all; a token wins over the cookie.
+        let head = forwarded(
+            "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nCookie: soul_home_notes=stale\r\n\r\n",
+        );
+        assert!(!head.to_ascii_lowercase().contains("cookie"), "{head}");
+        // A write from the page's own origin, by Fetch Metadata or by Origin.
+        for provenance in [
+            "Sec-Fetch-Site: same-origin",
+            "Origin: http://x",
+            "Origin: http://x:80",
+        ] {
+            forwarded(&format!(
+                "POST /save HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=fine\r\n{provenance}\r\nContent-Length: 0\r\n\r\n"
+            ));
+        }
     }
 
     #[test]
@@ -918,7 +1019,17 @@ mod tests {
             format!("GET /?soul_ticket=t HTTP/1.1\r\n{ok}\r\n"),
             format!("GET /?SOUL_TOKEN=t HTTP/1.1\r\n{ok}\r\n"),
             format!("GET /?%73oul_token=t HTTP/1.1\r\n{ok}\r\n"),
-            format!("GET / HTTP/1.1\r\n{ok}Cookie: a=1; soul_home_notes=x\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Cookie: a=1\r\nCookie: b=2\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\n{ok}Cookie: a=é\r\n\r\n"),
+            // A session that is not good, or this gate's cookie under another name.
+            "GET / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=stale\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_other=fine\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nHost: x\r\nCookie: SOUL_HOME_NOTES=fine\r\n\r\n".into(),
+            // A session riding a write from another origin, or an opaque one.
+            "POST / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=fine\r\nSec-Fetch-Site: cross-site\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=fine\r\nOrigin: http://evil.example\r\n\r\n".into(),
+            "DELETE / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=fine\r\nOrigin: null\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: x\r\nCookie: soul_home_notes=fine\r\nOrigin: https://x\r\n\r\n".into(),
             // Framing, upgrades and hop-by-hop headers it does not interpret.
             format!("POST / HTTP/1.1\r\n{ok}Transfer-Encoding: chunked\r\n\r\n"),
             format!("POST / HTTP/1.1\r\n{ok}Content-Length: 5\r\nContent-Length: 6\r\n\r\n"),
@@ -940,7 +1051,7 @@ mod tests {
             format!("GET / HTTP/1.1\r\n{ok}{}\r\n", "A: 1\r\n".repeat(7)),
         ] {
             let mut out = Vec::new();
-            let r = request(raw.as_bytes(), &SEEN, |t| t == "good", &mut out);
+            let r = request(raw.as_bytes(), &SEEN, good, &mut out);
             assert_eq!(r, Request::HandOver, "{raw:?}");
         }
     }
@@ -1093,6 +1204,10 @@ mod tests {
             Just("Host: x\r\n".to_string()),
             Just("Cookie: a=1; soul_home_notes=s\r\n".to_string()),
             Just("Cookie: a=1\r\n".to_string()),
+            Just("Cookie: soul_home_notes=fine; b=2\r\n".to_string()),
+            Just("Cookie: b=2; soul_home_other=x; soul_home_notes=fine\r\n".to_string()),
+            Just("Sec-Fetch-Site: cross-site\r\n".to_string()),
+            Just("Origin: http://evil.example\r\n".to_string()),
             Just("Content-Length: 3\r\n".to_string()),
             Just("Transfer-Encoding: chunked\r\n".to_string()),
             Just("Connection: close\r\n".to_string()),
@@ -1117,18 +1232,29 @@ mod tests {
 
         #[test]
         fn a_forwarded_head_never_carries_a_soul_credential_or_a_forged_forwarding_header(
+            method in "GET|POST",
             target in "/[a-z?=&%_]{0,8}(\\?soul_ticket=t)?",
             headers in proptest::collection::vec(any_header(), 0..8),
         ) {
-            let raw = format!("GET {target} HTTP/1.1\r\n{}\r\n", headers.concat());
+            let raw = format!("{method} {target} HTTP/1.1\r\n{}\r\n", headers.concat());
             let mut out = Vec::new();
-            let r = request(raw.as_bytes(), &SEEN, |t| t == "secret-token-1", &mut out);
+            let mut by_session = false;
+            let r = request(raw.as_bytes(), &SEEN, |s| {
+                by_session = matches!(s, Shown::Session(_));
+                matches!(s, Shown::Token("secret-token-1") | Shown::Session("fine"))
+            }, &mut out);
             if let Request::Forward(_) = r {
+                // A session only rides a write from the page's own origin.
+                let foreign = raw.contains("cross-site") || raw.contains("evil.example");
+                proptest::prop_assert!(
+                    !(method == "POST" && foreign && by_session),
+                    "{}", raw
+                );
                 let head = String::from_utf8(out).unwrap();
                 let lower = head.to_ascii_lowercase();
                 proptest::prop_assert!(!lower.contains("secret-token"), "{}", head);
                 proptest::prop_assert!(!lower.contains("\nauthorization:"), "{}", head);
-                proptest::prop_assert!(!lower.contains("soul_home_notes"), "{}", head);
+                proptest::prop_assert!(!lower.contains("soul_home"), "{}", head);
                 proptest::prop_assert!(!target.contains("soul_"), "{}", head);
                 proptest::prop_assert!(!lower.contains("6.6.6.6"), "{}", head);
                 proptest::prop_assert!(!lower.contains("transfer-encoding"), "{}", head);

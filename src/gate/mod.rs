@@ -3,8 +3,8 @@
 //! by the library's one verifier against the device's current registry entry) or this
 //! sidecar's browser session (a cookie a one-time pairing link is redeemed for, see [`link`]).
 //! It proxies to the app on 127.0.0.1 — HTTP/1.1 and h2c, streamed both ways, WebSocket
-//! upgrades included — with soul's credentials and hop-by-hop headers removed; a program's
-//! HTTP/1.1 requests with a device token take the fast [`lane`]. It watches its
+//! upgrades included — with soul's credentials and hop-by-hop headers removed; plain
+//! HTTP/1.1 requests with a good credential take the fast [`lane`]. It watches its
 //! key and registry files: a revoked device's next request is refused and its open
 //! connections are closed, without a restart. It must not touch the engine or the stack key
 //! (it has the public key and the link key only).
@@ -407,14 +407,17 @@ where
     }
 }
 
-/// Whether a device token lets the lane forward a request: recalled from this connection under
-/// the current keys, or verified now (and remembered). A token that fails is not refused here:
-/// the lane hands the request to the full server, which refuses, logs and counts it.
-fn authorize_token(shared: &Shared, client: &ClientConnection, token: &str) -> bool {
+/// Whether a credential lets the lane forward a request: recalled from this connection under
+/// the current keys, or verified now (and remembered). One that fails is not refused here: the
+/// lane hands the request to the full server, which refuses, logs and counts it.
+fn authorize(shared: &Shared, client: &ClientConnection, shown: lane::Shown) -> bool {
     let Some(keys) = shared.keys.borrow().clone() else {
         return false;
     };
-    let credential = Credential::Token(token.into());
+    let credential = match shown {
+        lane::Shown::Token(t) => Credential::Token(t.into()),
+        lane::Shown::Session(s) => Credential::Session(s.into()),
+    };
     let now = crate::pairing::unix_now();
     if client
         .held
