@@ -28,9 +28,10 @@ use super::{ClientConnection, Shared};
 
 /// Request headers the lane parses; a request with more is handed over.
 const MAX_HEADERS: usize = 64;
-/// Response headers and head size the lane accepts from the app.
+/// Response headers and head size the lane accepts from the app: what the full server's
+/// client (hyper's defaults) accepts. An app that sends more gets its client a 502.
 const MAX_RESPONSE_HEADERS: usize = 100;
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 /// How much of a body is read at a time.
 const CHUNK: usize = 32 * 1024;
 /// What the client gets when the app does not answer usably, as from the full server.
