@@ -418,25 +418,35 @@ fn authorize(shared: &Shared, client: &ClientConnection, shown: lane::Shown) -> 
         lane::Shown::Token(t) => Credential::Token(t.into()),
         lane::Shown::Session(s) => Credential::Session(s.into()),
     };
+    admit(shared, client, &keys, &credential).is_ok()
+}
+
+/// What `credential` grants on this connection: recalled when it verified under exactly
+/// `keys` and has not run out, or verified now and remembered (the first time, logged).
+fn admit(
+    shared: &Shared,
+    client: &ClientConnection,
+    keys: &Arc<Keys>,
+    credential: &Credential,
+) -> Result<Grant, Refusal> {
     let now = crate::pairing::unix_now();
-    if client
+    let recalled = client
         .held
         .lock()
-        .is_ok_and(|h| h.recall(&credential, &keys, now).is_some())
-    {
-        return true;
+        .ok()
+        .and_then(|h| h.recall(credential, keys, now));
+    if let Some(grant) = recalled {
+        return Ok(grant);
     }
-    let Ok(grant) = check(shared, Some(&keys), &credential) else {
-        return false;
-    };
+    let grant = check(shared, Some(keys), credential)?;
     if client
         .held
         .lock()
-        .is_ok_and(|mut h| h.remember(&credential, &keys, &grant))
+        .is_ok_and(|mut h| h.remember(credential, keys, &grant))
     {
         tracing::info!(source = %client.peer, device = %grant.device, "accepted");
     }
-    true
+    Ok(grant)
 }
 
 /// A credential a client presented on a connection.
@@ -660,7 +670,7 @@ async fn handle(
     shared: &Arc<Shared>,
     client: &ClientConnection,
 ) -> Response<Body> {
-    let (peer, held) = (client.peer, &client.held);
+    let peer = client.peer;
     if req.uri().path() == HEALTH_PATH {
         return plain(StatusCode::OK, "ok\n");
     }
@@ -704,25 +714,9 @@ async fn handle(
             Credential::Session(v)
         }
     };
-    let now = crate::pairing::unix_now();
-    let recalled = held
-        .lock()
-        .ok()
-        .and_then(|h| h.recall(&credential, &keys, now));
-    let grant = match recalled {
-        Some(g) => g,
-        None => match check(shared, Some(&keys), &credential) {
-            Ok(g) => {
-                if held
-                    .lock()
-                    .is_ok_and(|mut h| h.remember(&credential, &keys, &g))
-                {
-                    tracing::info!(source = %peer, device = %g.device, "accepted");
-                }
-                g
-            }
-            Err(r) => return refuse(shared, peer, &path, &r),
-        },
+    let grant = match admit(shared, client, &keys, &credential) {
+        Ok(g) => g,
+        Err(r) => return refuse(shared, peer, &path, &r),
     };
     credential::strip(&mut req);
     let upgrade = req.headers().contains_key(header::UPGRADE);
