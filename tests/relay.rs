@@ -757,6 +757,90 @@ fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
     let _ = watch.wait();
 }
 
+/// The bug: the watch's address poll compared each reading with its own last one, so a
+/// registration that began and ended between two polls — while a pass triggered by something
+/// else put the relay into the codes — never left them. Here the poll is slow, the pass comes
+/// from SIGHUP, and the relay is gone again long before the poll's next look.
+#[test]
+fn a_registration_the_poll_never_saw_still_leaves_the_codes_when_it_ends() {
+    ensure_images();
+    let s = TestStack::new("relay-unseen");
+    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
+    relay_stack(&s, lan, None);
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    relay_stack(&s, lan, Some((&host_address(), port)));
+    s.apply();
+    let uri_file = s.state().join("pairing/laptop/notes.uri");
+    // The pod healthy first (the gate is recreated with the relay's flag): a health event
+    // triggers a pass of its own, which would hide the bug in the middle of what this test
+    // times.
+    for role in ["pause", "gate"] {
+        let container = s.container("notes", role);
+        let start = Instant::now();
+        loop {
+            let health = Command::new("docker")
+                .args(["inspect", "-f", "{{.State.Health.Status}}", &container])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&health.stdout).trim() == "healthy" {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{container} never got healthy"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let watch_log = s.dir.join("watch.log");
+    let mut watch = s
+        .command(&["watch", "--address-poll", "15s"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&watch_log).unwrap())
+        .spawn()
+        .map(Running)
+        .unwrap();
+    // The watch's first pass is done when its log says so.
+    let start = Instant::now();
+    while !read(&watch_log).contains("trigger=start") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the watch did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let relay = RelayProcess::start(&s.dir, port, status, &allow);
+    relay.await_registered("notes", Duration::from_secs(40));
+    let hup = Command::new("kill")
+        .args(["-HUP", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let start = Instant::now();
+    while !read(&uri_file).contains("&addr=relay:") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the pass on SIGHUP did not add the relay:\n{}",
+            read(&watch_log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(relay);
+    // Within one poll of the registration's end, whatever the poll saw before.
+    let start = Instant::now();
+    while read(&uri_file).contains("&addr=relay:") {
+        assert!(
+            start.elapsed() < Duration::from_secs(25),
+            "the watch kept a relay the pod is no longer registered with:\n{}",
+            read(&watch_log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
 #[test]
 fn a_gate_whose_key_does_not_match_the_pin_is_refused_and_sees_no_request() {
     ensure_images();

@@ -211,6 +211,15 @@ fn stored_addresses(state: &StateDir) -> Discovered {
         .collect()
 }
 
+/// The sidecars whose relay address the last pass put into the pairing codes.
+pub fn recorded_relay(state: &StateDir) -> std::collections::BTreeSet<String> {
+    stored_addresses(state)
+        .into_keys()
+        .filter(|(_, kind)| *kind == TransportKind::Relay)
+        .map(|(sidecar, _)| sidecar)
+        .collect()
+}
+
 /// Every overlay transport's current address, read from the pods. While a transport's
 /// container is being replaced its address is the one last read (the onion key, say, lives
 /// on a volume), so pairing codes do not flap; a transport never seen has none yet.

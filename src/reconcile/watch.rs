@@ -330,6 +330,7 @@ pub async fn watch(
     let mut events_for = config.good.stack.clone();
     let addresses = tokio::spawn(poll_addresses(
         opts.file.clone(),
+        state.clone(),
         opts.address_poll,
         triggers.clone(),
     ));
@@ -673,18 +674,32 @@ fn spawn_events(
 }
 
 /// Fires when this host's LAN address changes, or when a pod's relay agent registers or drops
-/// its registration (pairing codes carry both).
-async fn poll_addresses(file: PathBuf, every: Duration, triggers: Arc<Triggers>) {
+/// its registration (pairing codes carry both). The registrations are also compared with those
+/// the last pass put into the codes (`state`'s recorded addresses): a registration that began
+/// and ended between two polls, which a pass saw for another reason, must leave the codes too.
+async fn poll_addresses(file: PathBuf, state: StateDir, every: Duration, triggers: Arc<Triggers>) {
     let mut docker: Option<Docker> = None;
     let mut last = addresses_now(&file, &mut docker).await;
+    // The recorded registrations a pass was last asked to correct: asked once per difference.
+    let mut corrected = None;
     loop {
         tokio::time::sleep(every).await;
         let now = addresses_now(&file, &mut docker).await;
+        let recorded = super::pass::recorded_relay(&state);
         if now != last {
             tracing::info!(
                 "addresses changed (this host's, or the relay's registrations): {last:?} → {now:?}"
             );
             last = now;
+            triggers.fire(Trigger::AddressChanged);
+        } else if let Some((_, relay)) = &now
+            && *relay != recorded
+            && corrected.as_ref() != Some(&recorded)
+        {
+            tracing::info!(
+                "the pairing codes carry relay registrations {recorded:?}; registered now: {relay:?}"
+            );
+            corrected = Some(recorded);
             triggers.fire(Trigger::AddressChanged);
         }
     }
