@@ -711,50 +711,71 @@ device "laptop"
     let _ = forward.wait();
 }
 
-#[test]
-fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
-    ensure_images();
-    let s = TestStack::new("relay-watch");
+/// A stack that declares a relay not running yet (so apply leaves it out of the codes), with
+/// what a relay for it needs: its port, its status port and the stack's `allow` line.
+fn stack_awaiting_its_relay(tag: &str) -> (TestStack, u16, u16, String) {
+    let s = TestStack::new(tag);
     let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
     relay_stack(&s, lan, None);
     s.apply();
     let allow = s.soul(&["relay", "allow"]).stdout_text();
-    // The relay is not up yet: apply waits its few seconds and leaves it out of the codes.
     relay_stack(&s, lan, Some((&host_address(), port)));
     s.apply();
-    let uri_file = s.state().join("pairing/laptop/notes.uri");
-    assert!(!read(&uri_file).contains("&addr=relay:"));
-    let watch_log = s.dir.join("watch.log");
-    let mut watch = s
-        .command(&["watch", "--address-poll", "1s"])
+    (s, port, status, allow)
+}
+
+/// `soul watch` on `s` with the address poll `every`, and the file it logs to.
+fn spawn_watch(s: &TestStack, every: &str) -> (Running, PathBuf) {
+    let log = s.dir.join("watch.log");
+    let watch = s
+        .command(&["watch", "--address-poll", every])
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&watch_log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .map(Running)
         .unwrap();
+    (watch, log)
+}
+
+/// Whether laptop's pairing code for `notes` carries the relay's address.
+fn code_carries_the_relay(s: &TestStack) -> bool {
+    read(s.state().join("pairing/laptop/notes.uri")).contains("&addr=relay:")
+}
+
+/// Waits until `done`, or fails with `what` after `within`.
+fn wait_until(within: Duration, done: impl Fn() -> bool, what: impl Fn() -> String) {
+    assert!(
+        retry(within, || done().then_some(())).is_some(),
+        "{}",
+        what()
+    );
+}
+
+#[test]
+fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
+    ensure_images();
+    let (s, port, status, allow) = stack_awaiting_its_relay("relay-watch");
+    assert!(!code_carries_the_relay(&s));
+    let (_watch, log) = spawn_watch(&s, "1s");
     let relay = RelayProcess::start(&s.dir, port, status, &allow);
     relay.await_registered("notes", Duration::from_secs(40));
-    let start = Instant::now();
-    while !read(&uri_file).contains("&addr=relay:") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the watch never added the relay to the code"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || code_carries_the_relay(&s),
+        || "the watch never added the relay to the code".into(),
+    );
     // And drops it when the relay goes away.
     drop(relay);
-    let start = Instant::now();
-    while read(&uri_file).contains("&addr=relay:") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the watch kept a relay the pod is no longer registered with:\n{}",
-            read(&watch_log)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    wait_until(
+        Duration::from_secs(10),
+        || !code_carries_the_relay(&s),
+        || {
+            format!(
+                "the watch kept a relay the pod is no longer registered with:\n{}",
+                read(&log)
+            )
+        },
+    );
 }
 
 /// The bug: the watch's address poll compared each reading with its own last one, so a
@@ -764,52 +785,25 @@ fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
 #[test]
 fn a_registration_the_poll_never_saw_still_leaves_the_codes_when_it_ends() {
     ensure_images();
-    let s = TestStack::new("relay-unseen");
-    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
-    relay_stack(&s, lan, None);
-    s.apply();
-    let allow = s.soul(&["relay", "allow"]).stdout_text();
-    relay_stack(&s, lan, Some((&host_address(), port)));
-    s.apply();
-    let uri_file = s.state().join("pairing/laptop/notes.uri");
+    let (s, port, status, allow) = stack_awaiting_its_relay("relay-unseen");
     // The pod healthy first (the gate is recreated with the relay's flag): a health event
     // triggers a pass of its own, which would hide the bug in the middle of what this test
     // times.
     for role in ["pause", "gate"] {
         let container = s.container("notes", role);
-        let start = Instant::now();
-        loop {
-            let health = Command::new("docker")
-                .args(["inspect", "-f", "{{.State.Health.Status}}", &container])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&health.stdout).trim() == "healthy" {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "{container} never got healthy"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let healthy = || {
+            docker(&["inspect", "-f", "{{.State.Health.Status}}", &container]).trim() == "healthy"
+        };
+        wait_until(Duration::from_secs(90), healthy, || {
+            format!("{container} never got healthy")
+        });
     }
-    let watch_log = s.dir.join("watch.log");
-    let mut watch = s
-        .command(&["watch", "--address-poll", "15s"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&watch_log).unwrap())
-        .spawn()
-        .map(Running)
-        .unwrap();
-    // The watch's first pass is done when its log says so.
-    let start = Instant::now();
-    while !read(&watch_log).contains("trigger=start") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the watch did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (watch, log) = spawn_watch(&s, "15s");
+    wait_until(
+        Duration::from_secs(20),
+        || read(&log).contains("trigger=start"),
+        || "the watch did not start".into(),
+    );
     let relay = RelayProcess::start(&s.dir, port, status, &allow);
     relay.await_registered("notes", Duration::from_secs(40));
     let hup = Command::new("kill")
@@ -817,28 +811,23 @@ fn a_registration_the_poll_never_saw_still_leaves_the_codes_when_it_ends() {
         .status()
         .unwrap();
     assert!(hup.success());
-    let start = Instant::now();
-    while !read(&uri_file).contains("&addr=relay:") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the pass on SIGHUP did not add the relay:\n{}",
-            read(&watch_log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || code_carries_the_relay(&s),
+        || format!("the pass on SIGHUP did not add the relay:\n{}", read(&log)),
+    );
     drop(relay);
     // Within one poll of the registration's end, whatever the poll saw before.
-    let start = Instant::now();
-    while read(&uri_file).contains("&addr=relay:") {
-        assert!(
-            start.elapsed() < Duration::from_secs(25),
-            "the watch kept a relay the pod is no longer registered with:\n{}",
-            read(&watch_log)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    wait_until(
+        Duration::from_secs(25),
+        || !code_carries_the_relay(&s),
+        || {
+            format!(
+                "the watch kept a relay the pod is no longer registered with:\n{}",
+                read(&log)
+            )
+        },
+    );
 }
 
 #[test]
