@@ -9,6 +9,7 @@
 //! - [`state`]: the state dir: atomic 0600 writes, the stack key, the device registry, the
 //!   lock, and its layout.
 //! - [`machine`]: what resolving reads from the machine.
+//! - [`files`]: the one bounded reader of soul's own files (regular files only).
 //! - [`secret`]: secrets that print as `[redacted]`.
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
 //! - [`transport`]: how each pod is reached, one driver per overlay, and address discovery.
@@ -27,6 +28,7 @@ pub mod bridge;
 pub mod cli;
 pub mod client;
 pub mod export;
+pub mod files;
 pub mod gate;
 pub mod guard;
 pub mod html;

@@ -623,3 +623,55 @@ fn a_mistyped_pairing_name_says_how_to_list_the_stored_ones() {
         .stdout_has("no pairing stored");
     let _ = std::fs::remove_dir_all(&config);
 }
+
+/// A pairing code's names once built the path its pairing was stored at:
+/// `stack=%2Fsome%2Fdir%2F&sidecar=%2F&device=%2Fvictim` made `soul connect --probe` write
+/// `/some/dir/victim.json`, before any gate was contacted.
+#[test]
+fn soul_connect_writes_nothing_outside_its_directory_and_stores_no_code_no_gate_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config");
+    let victim = tmp.path().join("victim");
+    let pin = "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=";
+    let escaping = format!(
+        "soul://pair?v=1&stack={}%2F&sidecar=%2F&device=victim&addr=lan:127.0.0.1:9&pin={}&token=t",
+        tmp.path().display().to_string().replace('/', "%2F"),
+        pin.replace('/', "%2F").replace('=', "%3D")
+    );
+    Soul::offline()
+        .args(["connect", &escaping, "--probe"])
+        .env("XDG_CONFIG_HOME", &config)
+        .run()
+        .code(1)
+        .stderr_has("is not a name soul makes");
+    assert!(!victim.with_extension("json").exists());
+    // A well-formed code whose gate never answers: refused, and nothing is stored.
+    let port = free_port();
+    let unanswered = format!(
+        "soul://pair?v=1&stack=home&sidecar=notes&device=phone&addr=lan:127.0.0.1:{port}&pin={}&token=t",
+        pin.replace('/', "%2F").replace('=', "%3D")
+    );
+    Soul::offline()
+        .args(["connect", &unanswered, "--probe"])
+        .env("XDG_CONFIG_HOME", &config)
+        .run()
+        .code(1);
+    // `0.0.0.0` names no gate.
+    let nowhere = unanswered.replace("127.0.0.1", "0.0.0.0");
+    Soul::offline()
+        .args(["connect", &nowhere, "--probe"])
+        .env("XDG_CONFIG_HOME", &config)
+        .run()
+        .code(1)
+        .stderr_has("0.0.0.0");
+    let stored: Vec<_> = std::fs::read_dir(config.join("soul/pairings"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(stored.is_empty(), "{stored:?}");
+    let all: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(all.iter().all(|n| n == "config"), "{all:?}");
+}

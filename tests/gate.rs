@@ -2080,6 +2080,41 @@ fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
     );
 }
 
+/// A spent ticket re-spelled (`alice.01.<mac>`, `alice.+1.<mac>`, …) once paid out the device
+/// token again at `/.soul/token` and a session at `/.soul/pair`: the gate took the generation as
+/// a number but recorded the ticket as written.
+#[test]
+fn a_spent_ticket_re_spelled_pays_out_nothing() {
+    let (_app, key, gate, token) = gate_with_alice(47, "respelled");
+    let state = soul::state::StateDir::open(&gate.keys).unwrap();
+    state.write("tokens/alice.jwt", token.as_bytes()).unwrap();
+    let reg = registry(&[("alice", 1)]);
+    let ticket = soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        "notes",
+        "alice",
+        &reg.devices["alice"],
+    );
+    let mac = ticket.rsplit('.').next().unwrap();
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    assert_eq!(ask_token(gate.port, &ticket, Some(&pin)).0, 200);
+    assert_eq!(ask_token(gate.port, &ticket, Some(&pin)).0, 410);
+    for generation in ["01", "+1", "00001", "+01"] {
+        let respelled = format!("alice.{generation}.{mac}");
+        let (code, body) = ask_token(gate.port, &respelled, Some(&pin));
+        assert!(code == 401 || code == 410, "{respelled}: {code} {body}");
+        assert!(!body.contains(&token), "{respelled} paid out the token");
+        let form = format!("ticket={}&to=%2F", respelled.replace('+', "%2B"));
+        let post = send(gate.port, "POST", "/.soul/pair", "", &form);
+        assert!(
+            matches!(status(&post), 401 | 410),
+            "{respelled} at /.soul/pair: {post}"
+        );
+        assert!(!post.to_lowercase().contains("set-cookie"), "{post}");
+    }
+}
+
 /// An app that reads request bodies by their length, logs every head, and answers by path:
 /// `/length` the body's length, `/chunked` a chunked body with a trailer in three writes,
 /// `/early` a 103 before its 200, `/once` an answer and then a close without saying so,

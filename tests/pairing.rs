@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use soul::pairing::{Payload, TokenError, verify};
@@ -769,5 +769,52 @@ fn a_tls_only_pod_passes_its_health_check_and_refuses_plain_http_from_the_lan() 
         "plain HTTP from the LAN is refused"
     );
     let pin = pin_of(&read(s.state().join("pairing/alice-phone/notes.uri")));
-    assert_eq!(curl_tls(port, "/", Some(&token), Some(&pin)).1, 200);
+    assert_eq!(
+        curl_tls_answer(port, "/", Some(&token), Some(&pin), Duration::from_secs(20)),
+        Ok(200)
+    );
+}
+
+/// `soul down --volumes` then `apply` once made every spent pairing ticket good again: the
+/// record of spent tickets lived on the gate's volume.
+#[test]
+fn down_with_volumes_then_apply_keeps_spent_tickets_spent() {
+    ensure_images();
+    let s = TestStack::new("spentdown");
+    s.write(&stack_kdl(DEVICES, 1));
+    s.apply();
+    let port = lan_port(&s);
+    let pin = pin_of(&read(s.state().join("pairing/tablet/notes.uri")));
+    let link = read(s.state().join("pairing/tablet/notes.link"));
+    let ticket = link
+        .trim()
+        .split_once("soul_ticket=")
+        .map(|(_, t)| t.split(['&', '#']).next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no ticket in {link}"));
+    let spend = || {
+        let mut last = String::new();
+        retry(Duration::from_secs(20), || {
+            let o = run(std::process::Command::new("curl")
+                .args(["-sSk", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args(["--pinnedpubkey", &pin, "--data-urlencode"])
+                .arg(format!("ticket={ticket}"))
+                .arg(format!("https://127.0.0.1:{port}/.soul/token")));
+            last = text(&o);
+            o.status
+                .success()
+                .then(|| o.stdout_text())
+                .filter(|c| c != "000")
+        })
+        .unwrap_or_else(|| panic!("the gate never answered: {last}"))
+    };
+    assert_eq!(spend(), "200", "the ticket pays out once");
+    assert_eq!(spend(), "410");
+    s.soul(&["down", "--volumes"]).exited(0);
+    assert!(s.volumes().is_empty(), "{:?}", s.volumes());
+    s.apply();
+    assert_eq!(
+        spend(),
+        "410",
+        "a spent ticket stays spent whatever was removed"
+    );
 }

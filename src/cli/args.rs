@@ -262,7 +262,7 @@ command rebuilds it unconditionally.\n\nExample:\n  soul image"
         after_help = "`apply` runs it in every pod, with the state dir's gate/ mounted at /gate; it re-reads the key and registry there, so revoking a device needs no restart.
 
 Example:
-  soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed"
+  soul gate --stack home --sidecar notes --listen 0.0.0.0:8443 --upstream 127.0.0.1:8080 --keys /gate --redeemed /redeemed --spent /spent"
     )]
     Gate(GateArgs),
     /// Run inside a pod: hold the pod's network namespace until stopped, letting in from
@@ -536,10 +536,15 @@ pub struct GateArgs {
     /// only.
     #[arg(long)]
     pub sidecar: Option<String>,
-    /// A writable directory where redeemed pairing links are recorded, so that a used link
-    /// stays used across restarts (in memory only without it).
+    /// The gate's writable directory (its volume in the pod): the relay agent's state, and
+    /// where spent pairing links were recorded before `--spent`.
     #[arg(long, value_name = "DIR")]
     pub redeemed: Option<PathBuf>,
+    /// A writable directory, outliving the pod and its volumes, where spent pairing links
+    /// are recorded (as `<sidecar>`), so that a used link stays used across restarts,
+    /// recreated gates and `soul down --volumes` (in `--redeemed`, or memory only, without it).
+    #[arg(long, value_name = "DIR")]
+    pub spent: Option<PathBuf>,
     /// Where to listen: the gate port, on every address of the pod.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub listen: std::net::SocketAddr,

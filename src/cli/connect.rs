@@ -15,10 +15,19 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
         return Ok(Exit::Ok);
     }
     let arg = args.pairing.as_deref().unwrap_or_default();
-    let pairing = pairing_of(arg, &dir).await?;
+    let (pairing, unstored) = pairing_of(arg, &dir).await?;
     let connector = Connector::new(pairing);
+    // A code that carried its token is stored once a gate has answered with the pinned key,
+    // not before: a code no gate stands behind leaves nothing behind.
+    let keep = |stored: bool| -> Result<(), CliError> {
+        if unstored && stored {
+            store_pairing(&dir, &connector.pairing)?;
+        }
+        Ok(())
+    };
     if args.probe {
         let (choice, _) = connector.choose().await?;
+        keep(true)?;
         out(&format!(
             "{}\n",
             serde_json::json!({
@@ -38,8 +47,12 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
     let p = &connector.pairing;
     match connector.choose().await {
         Ok((choice, _)) => {
+            keep(true)?;
             tracing::info!("path: {} ({} ms)", choice.address, choice.took.as_millis())
         }
+        Err(e) if unstored => tracing::warn!(
+            "{e}; trying again at the first local connection (the pairing is not stored until its gate answers)"
+        ),
         Err(e) => tracing::warn!("{e}; trying again at the first local connection"),
     }
     out(&format!(
@@ -51,16 +64,21 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
     Ok(Exit::Ok)
 }
 
-/// A stored pairing by name or path, else a code (redeemed and stored).
-async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<Pairing, CliError> {
+/// A stored pairing by name or path, else a code; and whether it still has to be stored. A
+/// link's ticket is traded for the token over a pinned handshake, and such a pairing is stored
+/// at once (the ticket is spent); a code that carried its token is stored by the caller once a
+/// gate has answered.
+async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<(Pairing, bool), CliError> {
     let stored = dir.join(format!("{arg}.json"));
     if !arg.contains('/') && stored.is_file() {
-        return store::load(&stored).map_err(CliError::Usage);
+        return Ok((store::load(&stored).map_err(CliError::Usage)?, false));
     }
     if arg.ends_with(".json") && std::path::Path::new(arg).is_file() {
-        return store::load(std::path::Path::new(arg)).map_err(CliError::Usage);
+        let pairing = store::load(std::path::Path::new(arg)).map_err(CliError::Usage)?;
+        return Ok((pairing, false));
     }
     let code = client::read_code(arg)?;
+    let redeemed = crate::pairing::Payload::parse(&code).is_ok_and(|p| p.token.is_none());
     let pairing = match Pairing::from_code(&code).await {
         Err(client::ClientError::Code(crate::pairing::PayloadError::NotACode)) => {
             return Err(CliError::Usage(format!(
@@ -69,7 +87,15 @@ async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<Pairing, CliErro
         }
         other => other?,
     };
-    let path = store::save(dir, &pairing).map_err(|e| {
+    if redeemed {
+        store_pairing(dir, &pairing)?;
+    }
+    Ok((pairing, !redeemed))
+}
+
+/// Stores a pairing and says where.
+fn store_pairing(dir: &std::path::Path, pairing: &Pairing) -> Result<(), CliError> {
+    let path = store::save(dir, pairing).map_err(|e| {
         CliError::Io(format!(
             "cannot store the pairing in {}: {e}",
             dir.display()
@@ -82,7 +108,7 @@ async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<Pairing, CliErro
         pairing.sidecar,
         pairing.device
     );
-    Ok(pairing)
+    Ok(())
 }
 
 fn list(dir: &std::path::Path) -> String {

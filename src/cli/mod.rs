@@ -274,7 +274,16 @@ async fn watch(cli: &Cli, args: &WatchArgs) -> Result<Exit, CliError> {
 async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
     let mut cfg = crate::gate::GateConfig::new(&args.stack, args.upstream, args.keys.clone());
     cfg.sidecar = args.sidecar.clone();
-    cfg.redeemed_dir = args.redeemed.clone();
+    let spent = args
+        .spent
+        .as_ref()
+        .map(|d| d.join(args.sidecar.as_deref().unwrap_or("gate")));
+    let volume = args
+        .redeemed
+        .as_ref()
+        .map(|d| d.join(crate::gate::REDEEMED_FILE));
+    cfg.earlier_spent = spent.iter().flat_map(|_| volume.clone()).collect();
+    cfg.spent_file = spent.or(volume);
     cfg.header_timeout = args.header_timeout;
     cfg.failures_per_minute = args.failures_per_minute;
     cfg.tls_only = args.tls_only;

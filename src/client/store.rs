@@ -24,6 +24,9 @@ struct Stored {
     token: String,
 }
 
+/// The largest pairing file read: a few addresses, a pin and a token.
+const MAX_PAIRING_FILE: u64 = 1 << 20;
+
 /// The directory pairings live in.
 pub fn dir() -> Option<PathBuf> {
     let config = std::env::var_os("XDG_CONFIG_HOME")
@@ -71,9 +74,20 @@ pub fn save(dir: &Path, pairing: &Pairing) -> std::io::Result<PathBuf> {
 
 /// Reads a pairing file.
 pub fn load(path: &Path) -> Result<Pairing, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = crate::files::read_bounded(path, MAX_PAIRING_FILE)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let s: Stored = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{} is not a soul pairing: {e}", path.display()))?;
+    // Its names build the file it is saved back to: only names stack.kdl allows.
+    if let Some(bad) = [&s.stack, &s.sidecar, &s.device]
+        .into_iter()
+        .find(|n| !crate::stack::is_name(n))
+    {
+        return Err(format!(
+            "{} is not a soul pairing: `{bad}` is not a name soul makes",
+            path.display()
+        ));
+    }
     let addresses = s
         .addresses
         .iter()

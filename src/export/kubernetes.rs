@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::machine::NoSecrets;
-use crate::pod::{ContainerSpec, MountKind, Role};
+use crate::pod::{ContainerSpec, MountKind, NamedVolume, Role};
 use crate::reconcile::ResolveError;
 use crate::stack::{EnvSource, Stack};
 use crate::state::layout;
@@ -282,6 +282,19 @@ fn container(
                     json!({ "secret": { "secretName": secret, "items": items, "optional": false } })
                 });
                 mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": true }));
+            }
+            MountKind::Bind if Path::new(&m.source) == state_dir.join(layout::SPENT_DIR) => {
+                // The spent pairing links: on the gate's own claim, which outlives the pod.
+                let volume = NamedVolume::state(&stack.stack, &sidecar.name, "gate").name;
+                let claim = k8s_name(&[&volume]);
+                if !volumes.claims.contains(&claim) {
+                    volumes.claims.push(claim.clone());
+                }
+                let v = volumes.of(
+                    &volume,
+                    |_| json!({ "persistentVolumeClaim": { "claimName": claim } }),
+                );
+                mounts.push(json!({ "name": v, "mountPath": m.target, "subPath": "spent", "readOnly": false }));
             }
             MountKind::Bind if c.role == Role::App => {
                 // The app's own host directory (`volume "/srv/media" "/media"`): the node's,

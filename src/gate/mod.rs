@@ -42,6 +42,7 @@ pub use credential::cookie_name;
 pub use keys::{Keys, load};
 use limits::Failures;
 pub use link::{PAIR_PATH, TOKEN_PATH};
+pub use redeemed::REDEEMED_FILE;
 use redeemed::Redeemed;
 pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
 use session::Scope;
@@ -62,9 +63,10 @@ pub struct GateConfig {
     pub upstream: SocketAddr,
     /// The directory holding the files of the state dir's [`crate::state::layout::GATE_DIR`].
     pub keys_dir: PathBuf,
-    /// A writable directory recording redeemed pairing tickets across restarts (memory only
-    /// when `None`).
-    pub redeemed_dir: Option<PathBuf>,
+    /// The file recording spent pairing tickets across restarts (memory only when `None`).
+    pub spent_file: Option<PathBuf>,
+    /// Records an earlier version kept elsewhere, read too.
+    pub earlier_spent: Vec<PathBuf>,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -87,7 +89,8 @@ impl GateConfig {
             sidecar: None,
             upstream,
             keys_dir,
-            redeemed_dir: None,
+            spent_file: None,
+            earlier_spent: Vec::new(),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 64,
@@ -192,7 +195,7 @@ pub fn serve(
         client: Client::builder(TokioExecutor::new()).build(upstream_connector()),
         keys: keys_rx,
         cookie: cookie_name(&cfg.stack, cfg.sidecar.as_deref()),
-        redeemed: Mutex::new(Redeemed::open(cfg.redeemed_dir.clone())),
+        redeemed: Mutex::new(Redeemed::open(cfg.spent_file.clone(), &cfg.earlier_spent)),
         slots: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg,
     });
@@ -859,8 +862,9 @@ fn spend(
             )));
         }
     };
+    // Recorded as issued, whatever spelling was posted (only the issued one verifies).
     let first = match shared.redeemed.lock() {
-        Ok(mut r) if !r.contains(&ticket) => match r.insert(&ticket) {
+        Ok(mut r) if !r.contains(&t.issued) => match r.insert(&t.issued) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("cannot record a redeemed pairing ticket: {e}");

@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 
 use crate::secret::Secret;
-use crate::stack::TransportKind;
+use crate::stack::{TransportKind, is_name};
 
 use super::ticket::TICKET_PARAM;
 use super::uri::Address;
@@ -52,6 +52,10 @@ pub enum PayloadError {
     Address(String),
     #[error("the pairing code's pin `{0}` is not sha256//<base64 of 32 bytes>")]
     Pin(String),
+    #[error(
+        "the pairing code's {field} `{value}` is not a name soul makes (a lower-case letter, then up to 31 letters, digits or `-`): refused, it may be crafted to write elsewhere"
+    )]
+    Name { field: &'static str, value: String },
 }
 
 impl Payload {
@@ -111,10 +115,20 @@ impl Payload {
         {
             return Err(PayloadError::Pin(pin.clone()));
         }
+        // Names become parts of file names where a client stores the pairing: only what
+        // stack.kdl allows.
+        let name = |field: &'static str, value: Option<String>| {
+            let value = value.ok_or(PayloadError::Missing(field))?;
+            if is_name(&value) {
+                Ok(value)
+            } else {
+                Err(PayloadError::Name { field, value })
+            }
+        };
         Ok(Payload {
-            stack: stack.ok_or(PayloadError::Missing("stack"))?,
-            sidecar: sidecar.ok_or(PayloadError::Missing("sidecar"))?,
-            device: device.ok_or(PayloadError::Missing("device"))?,
+            stack: name("stack", stack)?,
+            sidecar: name("sidecar", sidecar)?,
+            device: name("device", device)?,
             addresses,
             pin,
             token: token.map(Secret::new),
@@ -150,6 +164,10 @@ impl Address {
             None if host.contains(':') || host.is_empty() => return Err(bad()),
             None => host.to_string(),
         };
+        // `0.0.0.0` and `::` name no host: a client would dial itself.
+        if host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+            return Err(bad());
+        }
         Ok(Address {
             transport,
             host,
@@ -269,12 +287,54 @@ mod tests {
                 "soul://pair?v=1&stack=a&sidecar=b&device=c&pin=sha1//abc",
                 PayloadError::Pin("sha1//abc".into()),
             ),
+            (
+                "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=lan:0.0.0.0:80",
+                PayloadError::Address("lan:0.0.0.0:80".into()),
+            ),
+            (
+                "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=lan:[::]:80",
+                PayloadError::Address("lan:[::]:80".into()),
+            ),
         ];
         for (text, expected) in cases {
             assert_eq!(Payload::parse(text), Err(expected), "{text}");
         }
         // What a later version adds is skipped.
         assert!(Payload::parse("soul://pair?v=1&stack=a&sidecar=b&device=c&new=1").is_ok());
+    }
+
+    /// `soul connect` once stored a pairing at a path built from the code's names:
+    /// `stack=%2Fsome%2Fdir%2F&sidecar=%2F&device=%2Fvictim` wrote `/some/dir/victim.json`.
+    #[test]
+    fn names_in_a_code_that_could_leave_the_pairings_directory_are_refused() {
+        for (field, value) in [
+            ("stack", "%2Fsome%2Fdir%2F"),
+            ("sidecar", "%2F"),
+            ("device", "..%2F..%2Fvictim"),
+            ("device", "Alice"),
+            ("stack", "a.b"),
+            ("device", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+        ] {
+            let mut fields = vec![("stack", "home"), ("sidecar", "notes"), ("device", "phone")];
+            for f in &mut fields {
+                if f.0 == field {
+                    f.1 = value;
+                }
+            }
+            let code = format!(
+                "soul://pair?v=1&{}",
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            );
+            assert!(
+                matches!(Payload::parse(&code), Err(PayloadError::Name { field: f, .. }) if f == field),
+                "{code}: {:?}",
+                Payload::parse(&code)
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ const TICKET_MAC: usize = 16;
 pub struct Ticket {
     pub device: String,
     pub generation: u64,
+    /// The ticket as it was issued: its one spelling, and what a record of spent tickets is
+    /// keyed by (so no re-spelling of a spent ticket is new to it).
+    pub issued: String,
 }
 
 /// Why a ticket was refused. The messages never contain the ticket.
@@ -92,8 +95,10 @@ pub fn ticket(
     )
 }
 
-/// Checks a ticket against the registry as it is now. Whether it was already redeemed is the
-/// gate's to know.
+/// Checks a ticket against the registry as it is now. A ticket has exactly one spelling, the
+/// one [`ticket`] writes: `alice.01.<mac>` or `alice.+1.<mac>` for `alice.1.<mac>` is refused,
+/// so a spent ticket cannot be made new by writing it another way. Whether it was already
+/// redeemed is the gate's to know.
 pub fn verify_ticket(
     ticket: &str,
     key: &[u8; 32],
@@ -107,7 +112,11 @@ pub fn verify_ticket(
     else {
         return Err(TicketError::Invalid);
     };
+    let generation_text = generation;
     let generation: u64 = generation.parse().map_err(|_| TicketError::Invalid)?;
+    if generation.to_string() != generation_text {
+        return Err(TicketError::Invalid);
+    }
     let Some(entry) = registry.devices.get(device) else {
         return Err(TicketError::UnknownDevice(device.to_string()));
     };
@@ -121,6 +130,7 @@ pub fn verify_ticket(
     Ok(Ticket {
         device: device.to_string(),
         generation,
+        issued: format!("{device}.{generation}.{expected}"),
     })
 }
 
@@ -179,6 +189,58 @@ mod tests {
             "bob.2.abc",
         ] {
             assert!(verify_ticket(garbage, &key, "home", "notes", &reg, 0).is_err());
+        }
+    }
+
+    #[test]
+    fn a_spent_ticket_re_spelled_is_refused() {
+        let key = [3u8; 32];
+        let reg = registry(1, None);
+        let t = ticket(&key, "home", "notes", "alice", &reg.devices["alice"]);
+        let mac = t.rsplit('.').next().unwrap();
+        assert_eq!(
+            verify_ticket(&t, &key, "home", "notes", &reg, 0)
+                .unwrap()
+                .issued,
+            t
+        );
+        for generation in ["01", "+1", "00001", " 1", "1 ", "1_", "0x1", "１"] {
+            let respelled = format!("alice.{generation}.{mac}");
+            assert_eq!(
+                verify_ticket(&respelled, &key, "home", "notes", &reg, 0),
+                Err(TicketError::Invalid),
+                "{respelled}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// For any bytes, a gate accepts at most one string per (device, generation, mac): the
+        /// one `ticket` wrote. Mutations of a real ticket (bytes inserted or removed anywhere,
+        /// the generation re-written with signs, zeros and spaces) are accepted only when they
+        /// give back that exact string.
+        #[test]
+        fn only_the_issued_spelling_of_a_ticket_is_accepted(
+            generation in 0u64..20,
+            at in 0usize..64,
+            removed in 0usize..3,
+            inserted in "[+0-9 ._A-Za-z-]{0,3}",
+            sign in "(|\\+|0|00| )",
+        ) {
+            let key = [3u8; 32];
+            let reg = registry(generation, None);
+            let t = ticket(&key, "home", "notes", "alice", &reg.devices["alice"]);
+            let mut mutated = t.clone();
+            let at = at.min(mutated.len());
+            mutated.replace_range(at..(at + removed).min(mutated.len()), &inserted);
+            let mac = t.rsplit('.').next().unwrap_or_default();
+            let signed = format!("alice.{sign}{generation}.{mac}");
+            for candidate in [mutated, signed] {
+                if let Ok(v) = verify_ticket(&candidate, &key, "home", "notes", &reg, 0) {
+                    proptest::prop_assert_eq!(&candidate, &t);
+                    proptest::prop_assert_eq!(&v.issued, &t);
+                }
+            }
         }
     }
 }

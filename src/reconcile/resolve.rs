@@ -262,6 +262,7 @@ fn gate_container(
 ) -> ContainerSpec {
     const KEYS: &str = "/gate";
     const REDEEMED: &str = GATE_WRITABLE;
+    const SPENT: &str = "/spent";
     let port = stack.gate.port;
     // The gate bind-mounts the state dir: one deleted and made anew (another id) is a new
     // mount source, and the gate must be recreated to see it.
@@ -286,6 +287,8 @@ fn gate_container(
         sidecar.name.clone(),
         "--redeemed".into(),
         REDEEMED.into(),
+        "--spent".into(),
+        SPENT.into(),
     ];
     if stack.gate.tls_only {
         command.push("--tls-only".into());
@@ -304,9 +307,18 @@ fn gate_container(
             KEYS,
             true,
         )
-        // The pairing links it has redeemed: kept across a recreated gate, so a used link
-        // stays used.
+        // Its own volume: the relay agent's state (and the spent links of earlier versions).
         .volume(&gate_volume(stack, sidecar).name, REDEEMED)
+        // The pairing links it has spent, in the state dir: they outlive the pod and its
+        // volumes (`soul down --volumes`), so a used link stays used.
+        .bind(
+            state_dir
+                .join(crate::state::layout::SPENT_DIR)
+                .to_string_lossy()
+                .into_owned(),
+            SPENT,
+            false,
+        )
         .health(HealthCheck {
             test: vec![
                 "CMD".into(),
@@ -504,7 +516,7 @@ sidecar "demo" {
         let cmd = gate.command.clone().unwrap().join(" ");
         assert_eq!(
             cmd,
-            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /gate --sidecar notes --redeemed /redeemed"
+            "gate --stack home --listen 0.0.0.0:8443 --upstream 127.0.0.1:80 --keys /gate --sidecar notes --redeemed /redeemed --spent /spent"
         );
         assert_eq!(gate.mounts[0].source, "/state/gate");
         assert!(gate.mounts[0].read_only && gate.env.is_empty());
@@ -618,17 +630,19 @@ sidecar "demo" {
     /// transport rooms (soul 0.1's specs): a refactor that changed a spec would recreate every
     /// user's containers on upgrade. Changed on purpose once since: nebula's config gained
     /// `punchy.respond` (a peer that cannot reach the pod first still gets a tunnel), which
-    /// recreates nebula containers once on upgrade.
+    /// recreates nebula containers once on upgrade; and the gate records spent pairing links
+    /// in the state dir's `spent/` (they outlived `soul down --volumes` nowhere else), which
+    /// recreates gates once on upgrade (each reads its volume's earlier record too).
     const EXPECTED_HASHES: [&str; 12] = [
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
-        "gate 661f13a618baec098098888801a96773",
+        "gate 0ad2283b0b949ce88a4902abc56fb03d",
         "tailscale d7dd4696f5b51954196670dbccc6d6be",
         "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
-        "gate 661f13a618baec098098888801a96773",
+        "gate 0ad2283b0b949ce88a4902abc56fb03d",
         "tailscale 6d6e9852022499b3cb29e87f513cb858",
         "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",

@@ -18,7 +18,7 @@ use std::time::Duration;
 use kdl::{KdlNode, KdlValue};
 
 use super::wire;
-use crate::stack::{Diagnostics, NAME_PATTERN, Problem, Span, StackError};
+use crate::stack::{Diagnostics, Problem, Span, StackError, is_name};
 
 /// What a relay serves and whom it lets in.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +96,6 @@ impl RelayConfig {
             allow: BTreeMap::new(),
             limits: Limits::default(),
         };
-        let name_re = regex_lite_name();
         for node in doc.nodes() {
             let at = Span::from(node.name().span());
             match node.name().value() {
@@ -111,7 +110,7 @@ impl RelayConfig {
                         Err(p) => problems.push(p),
                     },
                 },
-                "allow" => match allow(node, &name_re) {
+                "allow" => match allow(node, &is_name) {
                     Ok((stack, key)) => {
                         if cfg.allow.insert(stack.clone(), key).is_some() {
                             problems.push(
@@ -134,17 +133,6 @@ impl RelayConfig {
         } else {
             Err(invalid(problems))
         }
-    }
-}
-
-/// A matcher for stack names (the pattern stack.kdl's schema uses).
-fn regex_lite_name() -> impl Fn(&str) -> bool {
-    debug_assert_eq!(NAME_PATTERN, r"^[a-z][a-z0-9-]{0,31}$");
-    |s: &str| {
-        let mut chars = s.chars();
-        s.len() <= 32
-            && chars.next().is_some_and(|c| c.is_ascii_lowercase())
-            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     }
 }
 

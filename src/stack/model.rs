@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 
 /// Names of stacks, sidecars and devices: they become parts of container and file names.
 pub const NAME_PATTERN: &str = r"^[a-z][a-z0-9-]{0,31}$";
+
+/// Whether `s` is a name by [`NAME_PATTERN`]: the one check for names that come from
+/// anywhere but stack.kdl (a relay's file, a pairing code), so that what becomes part of a
+/// file or container name is always what the format allows.
+pub fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 32
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
 /// Durations such as `"500ms"`, `"10s"`, `"5m"`, `"2h"`, `"90d"`.
 pub const DURATION_PATTERN: &str = r"^[0-9]+(ms|s|m|h|d)$";
 /// The gate's port inside the pod when `gate port=` is absent.

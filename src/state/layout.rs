@@ -33,6 +33,11 @@ pub const GATE_LINK_KEY_FILE: &str = "link.key";
 /// ([`super::StackKey::relay_agent_seed`]), present when the stack has a `relay`.
 pub const GATE_RELAY_KEY_FILE: &str = "relay-agent.key";
 
+/// The pairing tickets each sidecar's gate has spent (`spent/<sidecar>`, hashes only), written
+/// by the gates through a read-write mount: kept whatever is removed of the pods and their
+/// volumes, so a spent ticket stays spent while its device's generation is unchanged.
+pub const SPENT_DIR: &str = "spent";
+
 /// The sidecars stopped on purpose (`soul stop`), a JSON list; absent when none is.
 pub const STOPPED_FILE: &str = "stopped.json";
 

@@ -86,6 +86,7 @@ impl StateDir {
         let state = StateDir {
             path: path.to_path_buf(),
         };
+        create_private_dirs(path, &path.join(layout::SPENT_DIR)).map_err(err)?;
         if !path.join(STATE_ID_FILE).exists() {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| err(std::io::Error::other(e.to_string())))?;

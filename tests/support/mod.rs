@@ -555,6 +555,41 @@ pub fn curl_tls(
     )
 }
 
+/// `curl` over TLS as [`curl_tls`], retried with [`retry`] until it gets an HTTP answer or
+/// `timeout` passes: the status, or curl's own error (its exit code and what it said), never a
+/// bare 0 for a pod that was not ready yet.
+pub fn curl_tls_answer(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    pin: Option<&str>,
+    timeout: Duration,
+) -> Result<u16, String> {
+    ensure_command("curl", "curl");
+    let mut last = String::new();
+    let answered = retry(timeout, || {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sSk", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}"]);
+        if let Some(pin) = pin {
+            cmd.args(["--pinnedpubkey", pin]);
+        }
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let o = run(cmd.arg(format!("https://127.0.0.1:{port}{path}")));
+        last = format!(
+            "curl exited {:?}: {}",
+            o.status.code(),
+            o.stderr_text().trim()
+        );
+        o.status
+            .success()
+            .then(|| o.stdout_text().trim().parse::<u16>().ok())
+            .flatten()
+    });
+    answered.ok_or(last)
+}
+
 /// The pin of the certificate a TLS server presents, as openssl (not soul) computes it.
 pub fn served_pin(port: u16) -> String {
     ensure_command("openssl", "openssl");
