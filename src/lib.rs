@@ -10,6 +10,7 @@
 //!   lock, and its layout.
 //! - [`machine`]: what resolving reads from the machine.
 //! - [`files`]: the one bounded reader of soul's own files (regular files only).
+//! - [`quiet`]: log lines a flood would repeat, said once per interval.
 //! - [`secret`]: secrets that print as `[redacted]`.
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
 //! - [`transport`]: how each pod is reached, one driver per overlay, and address discovery.
@@ -36,6 +37,7 @@ pub mod machine;
 pub mod pair_page;
 pub mod pairing;
 pub mod pod;
+pub mod quiet;
 pub mod reconcile;
 pub mod relay;
 pub mod runtime;

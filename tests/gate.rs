@@ -202,7 +202,12 @@ fn start_gate_with(
         ])
         .arg("--keys")
         .arg(&keys)
-        .args(["--header-timeout", "2s", "--failures-per-minute", "20"])
+        .args(if extra.contains(&"--header-timeout") {
+            &[][..]
+        } else {
+            &["--header-timeout", "2s"][..]
+        })
+        .args(["--failures-per-minute", "20"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -2377,5 +2382,122 @@ fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and
         seen.matches("x-forwarded-for: 127.0.0.1\r\n").count(),
         log.lock().unwrap().len(),
         "{seen}"
+    );
+}
+
+/// A connection from `source` (an address of 127.0.0.0/8) to the gate on `port`.
+fn connect_from(source: [u8; 4], port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// 1,030 idle h2 connections that sent only the preface once held every gate slot, and every
+/// request with a valid token timed out for as long as they stayed; idle HTTP/1.1 connections
+/// that had their 401 did the same. A connection that shows no credential is closed within
+/// the header timeout, and while 1,100 of them are open a paired device is served at once.
+#[test]
+fn credential_less_connections_cannot_hold_the_gate() {
+    const H2_PREFACE: &[u8] =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let app = app();
+    let key = StackKey::from_seed(1, [48; 32]);
+    let gate = start_gate_with(
+        app.port,
+        &key,
+        &registry(&[("alice", 1)]),
+        "flood",
+        &["--header-timeout", "5s"],
+    );
+    let token = signed(&key, &claims_for("home", "alice", 1, 1000, None)).unwrap();
+    let opened = Instant::now();
+    let mut flood = Vec::new();
+    for i in 0..1_100usize {
+        // Eight source addresses, so that no one source reaches its own limit.
+        let mut c = connect_from([127, 0, 0, 2 + (i % 8) as u8], gate.port);
+        if i % 2 == 0 {
+            c.write_all(H2_PREFACE).unwrap();
+        } else {
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        }
+        flood.push(c);
+    }
+    assert!(
+        opened.elapsed() < Duration::from_secs(4),
+        "the flood took {:?} to open: it would not be held while the device asks",
+        opened.elapsed()
+    );
+    let asked = Instant::now();
+    let answer = request(gate.port, "/", &bearer(&token));
+    let took = asked.elapsed();
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(took < Duration::from_secs(1), "the device waited {took:?}");
+    // Every flood connection is closed by the gate within its time to show a credential.
+    let deadline = opened + Duration::from_secs(5 + 5);
+    let mut still_open = 0;
+    for c in &mut flood {
+        let left = deadline.saturating_duration_since(Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        if !closed {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open, 0,
+        "credential-less connections the gate kept open"
+    );
+}
+
+/// 1,500 silent TCP connections from one address once made a valid request wait 11 s: one
+/// source gets at most its share of the gate (`--per-source`), the rest is closed at once.
+#[test]
+fn silent_connections_from_one_source_take_only_its_share() {
+    let (_app, _key, gate, token) = gate_with_alice(49, "silent");
+    let mut silent = Vec::new();
+    for _ in 0..1_500 {
+        silent.push(connect_from([127, 0, 0, 10], gate.port));
+    }
+    let asked = Instant::now();
+    let answer = request(gate.port, "/", &bearer(&token));
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Past its share (256), the source's connections were closed without a byte.
+    let mut closed = 0;
+    for c in &mut silent {
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        if matches!(c.read(&mut [0u8; 1]), Ok(0))
+            || matches!(&c.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1_500 - 256, "only {closed} of 1,500 were closed");
+    assert!(
+        gate.log().contains("too many connections open"),
+        "{}",
+        gate.log()
     );
 }

@@ -554,9 +554,21 @@ pub struct GateArgs {
     /// The directory with the stack's public key and device registry.
     #[arg(long, default_value = "/gate")]
     pub keys: PathBuf,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send its request headers, and how long a connection
+    /// may stay open before a credential is admitted on it.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     pub header_timeout: Duration,
+    /// Connections open at once. When all are taken, a new one evicts the oldest that has
+    /// not shown a credential.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Connections open at once from one source address (behind Docker's userland proxy,
+    /// every client on this machine shares one).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_source: u32,
+    /// New connections per second from one source address (four times as many at once).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_source_rate: u32,
     /// Refused attempts per source address per minute before answering 429.
     #[arg(long, default_value_t = 30)]
     pub failures_per_minute: usize,

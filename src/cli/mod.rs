@@ -285,6 +285,12 @@ async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
     cfg.earlier_spent = spent.iter().flat_map(|_| volume.clone()).collect();
     cfg.spent_file = spent.or(volume);
     cfg.header_timeout = args.header_timeout;
+    cfg.slots = crate::gate::SlotLimits {
+        max: args.max_connections as usize,
+        per_source: args.per_source as usize,
+        new_per_second: f64::from(args.per_source_rate),
+        burst: 4.0 * f64::from(args.per_source_rate),
+    };
     cfg.failures_per_minute = args.failures_per_minute;
     cfg.tls_only = args.tls_only;
     cfg.relay = match (&args.relay, &args.sidecar) {

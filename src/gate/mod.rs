@@ -17,6 +17,7 @@ mod limits;
 mod link;
 mod redeemed;
 mod session;
+mod slots;
 mod tls;
 
 use std::convert::Infallible;
@@ -33,7 +34,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::pairing::TokenError;
 use crate::secret::Secret;
@@ -46,6 +47,8 @@ pub use redeemed::REDEEMED_FILE;
 use redeemed::Redeemed;
 pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
 use session::Scope;
+pub use slots::SlotLimits;
+use slots::{Slot, Slots};
 pub use tls::GateTls;
 
 /// Concurrent requests one HTTP/2 connection may have in flight.
@@ -67,10 +70,12 @@ pub struct GateConfig {
     pub spent_file: Option<PathBuf>,
     /// Records an earlier version kept elsewhere, read too.
     pub earlier_spent: Vec<PathBuf>,
-    pub max_connections: usize,
+    /// Connections open at once, in all and per source address ([`slots`]).
+    pub slots: SlotLimits,
     pub max_header_bytes: usize,
     pub max_headers: usize,
-    /// How long a client may take to send a request's headers (slowloris).
+    /// How long a client may take to send a request's headers (slowloris), and how long a
+    /// connection may stay open without presenting a credential the gate admits.
     pub header_timeout: Duration,
     /// Refused credentials per source address per minute before the gate answers 429.
     pub failures_per_minute: usize,
@@ -91,7 +96,7 @@ impl GateConfig {
             keys_dir,
             spent_file: None,
             earlier_spent: Vec::new(),
-            max_connections: 1024,
+            slots: SlotLimits::default(),
             max_header_bytes: 16 * 1024,
             max_headers: 64,
             header_timeout: Duration::from_secs(10),
@@ -114,8 +119,8 @@ struct Shared {
     failures: Mutex<Failures>,
     redeemed: Mutex<Redeemed>,
     client: Client<HttpConnector, Incoming>,
-    /// Connections open, across all threads, up to `cfg.max_connections`.
-    slots: Arc<Semaphore>,
+    /// Connections open, across all threads ([`slots`]).
+    slots: Arc<Slots>,
 }
 
 impl Shared {
@@ -196,7 +201,7 @@ pub fn serve(
         keys: keys_rx,
         cookie: cookie_name(&cfg.stack, cfg.sidecar.as_deref()),
         redeemed: Mutex::new(Redeemed::open(cfg.spent_file.clone(), &cfg.earlier_spent)),
-        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        slots: Slots::new(cfg.slots),
         cfg,
     });
     tracing::info!(
@@ -247,18 +252,20 @@ pub fn serve(
     Ok(())
 }
 
-/// Accepts connections on this thread until `shutdown` resolves.
+/// Accepts connections on this thread until `shutdown` resolves: one when there is room for
+/// it (a free slot, or an unproven connection to evict), each given its slot or closed.
 async fn accept(
     listener: &TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let mut refusals = crate::quiet::Quiet::new(Duration::from_secs(10));
     loop {
-        let permit = tokio::select! {
-            p = shared.slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+        tokio::select! {
+            () = shared.slots.room() => {}
             _ = &mut shutdown => return Ok(()),
-        };
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
@@ -271,12 +278,29 @@ async fn accept(
             },
             _ = &mut shutdown => return Ok(()),
         };
+        let slot = match shared.slots.acquire(Some(peer.ip())).await {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(held_back) = refusals.say(peer.ip()) {
+                    tracing::warn!(source = %peer.ip(), "closed a connection: {why}{held_back}");
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            connection(stream, peer, shared).await;
-            drop(permit);
-        });
+        tokio::spawn(held(stream, peer, shared.clone(), slot));
+    }
+}
+
+/// Serves one connection in its slot, and closes it when the slot says it must go.
+async fn held(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Slot) {
+    let slot = Arc::new(slot);
+    let within = shared.cfg.header_timeout;
+    tokio::select! {
+        () = connection(stream, peer, shared, slot.clone()) => {}
+        why = slot.must_close(within) => {
+            tracing::debug!(source = %peer, "closed a connection that presented no credential: {why:?}");
+        }
     }
 }
 
@@ -284,15 +308,13 @@ async fn accept(
 /// connection accepted here (a slot, TLS or plain by its first byte), its peer the relay.
 fn relayed(shared: Arc<Shared>) -> impl Fn(TcpStream) + Clone + Send + 'static {
     move |stream: TcpStream| {
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            tracing::warn!("gate is at its connection limit: dropped a relayed connection");
-            return;
-        };
         let Ok(peer) = stream.peer_addr() else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
-            connection(stream, peer, shared).await;
-            drop(permit);
+            // The relay's own address is every relayed device's: not counted per source.
+            if let Ok(slot) = shared.slots.acquire(None).await {
+                held(stream, peer, shared, slot).await;
+            }
         });
     }
 }
@@ -306,7 +328,7 @@ fn upstream_connector() -> HttpConnector {
 
 /// One client connection. Its first byte tells TLS (a handshake record, 0x16) from plain HTTP
 /// on the one gate port; plain HTTP is refused when the stack says `gate tls-only=#true`.
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Arc<Slot>) {
     // A client that connects and sends nothing holds a connection slot: it gets as long as
     // a request's headers would (hyper's header timer only starts at the first byte).
     let mut first = [0u8; 1];
@@ -321,7 +343,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         if shared.cfg.tls_only {
             tls::refuse_plain(stream, peer, HEALTH_PATH).await;
         } else {
-            serve_http(stream, peer, false, shared).await;
+            serve_http(stream, peer, false, shared, slot).await;
         }
         return;
     }
@@ -332,7 +354,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let handshake = tokio_rustls::TlsAcceptor::from(identity.config).accept(stream);
     match tokio::time::timeout(shared.cfg.header_timeout, handshake).await {
-        Ok(Ok(stream)) => serve_http(stream, peer, true, shared).await,
+        Ok(Ok(stream)) => serve_http(stream, peer, true, shared, slot).await,
         Ok(Err(e)) => tracing::debug!(source = %peer, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(source = %peer, "TLS handshake timed out"),
     }
@@ -344,7 +366,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// HTTP/1.1 or HTTP/2 on one connection, plain or TLS: served until it ends, or until a device
 /// it authenticated as is revoked (then it is closed, WebSockets included). The fast
 /// [`lane`] serves it while its requests are the lane's; the full server serves the rest.
-async fn serve_http<I>(mut io: I, peer: SocketAddr, tls: bool, shared: Arc<Shared>)
+async fn serve_http<I>(mut io: I, peer: SocketAddr, tls: bool, shared: Arc<Shared>, slot: Arc<Slot>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -354,6 +376,7 @@ where
         forwarded_for: forward::client_address(peer.ip()),
         held: Arc::default(),
         app: AppConnection::default(),
+        slot,
     });
     let held = client.held.clone();
     let served = async {
@@ -442,6 +465,7 @@ fn admit(
         return Ok(grant);
     }
     let grant = check(shared, Some(keys), credential)?;
+    client.slot.prove();
     if client
         .held
         .lock()
@@ -666,6 +690,8 @@ struct ClientConnection {
     forwarded_for: HeaderValue,
     held: Arc<Mutex<Held>>,
     app: AppConnection,
+    /// Its slot, proven by the first credential admitted on it.
+    slot: Arc<Slot>,
 }
 
 async fn handle(
