@@ -287,15 +287,22 @@ impl SoulRelay {
         std::fs::write(
             &config,
             format!(
-                "listen \"127.0.0.1:{port}\"\nstatus \"127.0.0.1:{status}\"\nallow \"{STACK}\" key=\"{}\"\nlimits ready={ready} sidecars-per-stack={} pending-per-source=4096 sessions-per-stack=4096\n",
+                "listen \"127.0.0.1:{port}\"\nstatus \"127.0.0.1:{status}\"\nallow \"{STACK}\" key=\"{}\"\nlimits ready={ready} sidecars-per-stack={} pending-per-source=4096 sessions-per-stack=4096 sessions-per-source=4096\n",
                 key.public(),
                 sidecars.max(1)
             ),
         )
         .unwrap();
+        // The relay's key, made here so that its pin is known.
+        let relay_state = dir.join("relay-state");
+        std::fs::create_dir_all(&relay_state).unwrap();
+        std::fs::write(relay_state.join("relay.key"), hex::encode([43u8; 32])).unwrap();
+        let pin = soul::tls::relay_identity(&[43u8; 32]).pin;
         let child = Command::new(SOUL)
             .args(["relay", "serve", "--config"])
             .arg(&config)
+            .arg("--state-dir")
+            .arg(&relay_state)
             .env("SOUL_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -307,6 +314,7 @@ impl SoulRelay {
             .map(|i| {
                 let cfg = agent::AgentConfig {
                     relay: format!("127.0.0.1:{port}"),
+                    pin: pin.clone(),
                     stack: STACK.into(),
                     sidecar: format!("s{i}"),
                     key_file: key_file.clone(),

@@ -101,6 +101,11 @@ in
         Restart = "always";
         RestartSec = "2s";
         DynamicUser = true;
+        # The relay's key, made at the first start; its pin goes into each stack's
+        # `relay … pin=`. systemd passes the directory as $STATE_DIRECTORY.
+        StateDirectory = "soul-relay";
+        StateDirectoryMode = "0700";
+        UMask = "0077";
         ProtectSystem = "strict";
         ProtectHome = true;
         SystemCallFilter = [ "@system-service" "~@privileged @resources" ];

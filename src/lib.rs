@@ -11,6 +11,8 @@
 //! - [`machine`]: what resolving reads from the machine.
 //! - [`files`]: the one bounded reader of soul's own files (regular files only).
 //! - [`quiet`]: log lines a flood would repeat, said once per interval.
+//! - [`pin`]: TLS trusted by a pin and nothing else (soul clients to gates, agents to relays).
+//! - [`rewind`]: a stream whose first bytes were already read, put back in front.
 //! - [`secret`]: secrets that print as `[redacted]`.
 //! - [`pairing`]: device tokens and their verifier, pairing URIs, QR renderings.
 //! - [`transport`]: how each pod is reached, one driver per overlay, and address discovery.
@@ -36,10 +38,12 @@ pub mod html;
 pub mod machine;
 pub mod pair_page;
 pub mod pairing;
+pub mod pin;
 pub mod pod;
 pub mod quiet;
 pub mod reconcile;
 pub mod relay;
+pub mod rewind;
 pub mod runtime;
 pub mod secret;
 pub mod stack;

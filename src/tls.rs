@@ -41,12 +41,36 @@ impl std::fmt::Debug for Identity {
 
 /// The TLS identity of `sidecar`'s gate in `stack`.
 pub fn identity(key: &StackKey, stack: &str, sidecar: &str) -> Identity {
-    let signing = signing_key(key, sidecar);
+    let signing = signing_key(|label, counter| {
+        key.derive(label, &[sidecar.as_bytes(), &counter.to_be_bytes()])
+    });
+    identity_of(&signing, &format!("soul gate {sidecar}.{stack}"))
+}
+
+/// The TLS identity of a `soul relay` whose key file holds `seed`: what the agents of the
+/// stacks it carries pin (stack.kdl's `relay … pin=`).
+pub fn relay_identity(seed: &[u8; 32]) -> Identity {
+    use hmac::Mac as _;
+    let signing = signing_key(|label, counter| {
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(seed).expect("HMAC takes any key");
+        mac.update(RELAY_KEY_LABEL);
+        mac.update(&[0]);
+        mac.update(label);
+        mac.update(&counter.to_be_bytes());
+        mac.finalize().into_bytes().into()
+    });
+    identity_of(&signing, "soul relay")
+}
+
+/// Domain separation for a relay's key, derived from its own random seed.
+const RELAY_KEY_LABEL: &[u8] = b"soul relay tls key v1";
+
+fn identity_of(signing: &SigningKey, common_name: &str) -> Identity {
     let spki = signing
         .verifying_key()
         .to_public_key_der()
         .expect("a P-256 public key always encodes");
-    let cert = certificate(&signing, stack, sidecar);
+    let cert = certificate(signing, common_name);
     let key_der = signing
         .to_pkcs8_der()
         .expect("a P-256 private key always encodes");
@@ -62,14 +86,11 @@ pub fn pin_of_spki(spki_der: &[u8]) -> String {
     format!("sha256//{}", B64.encode(Sha256::digest(spki_der)))
 }
 
-/// A scalar from the stack key, the sidecar and a counter: the first of the counters whose
-/// output is a valid P-256 scalar (all but about one in 2³² are).
-fn signing_key(key: &StackKey, sidecar: &str) -> SigningKey {
+/// A scalar from `derive(label, counter)`: the first of the counters whose output is a valid
+/// P-256 scalar (all but about one in 2³² are).
+fn signing_key(derive: impl Fn(&[u8], u32) -> [u8; 32]) -> SigningKey {
     (0u32..)
-        .find_map(|counter| {
-            let scalar = key.derive(KEY_LABEL, &[sidecar.as_bytes(), &counter.to_be_bytes()]);
-            SigningKey::from_slice(&scalar).ok()
-        })
+        .find_map(|counter| SigningKey::from_slice(&derive(KEY_LABEL, counter)).ok())
         .expect("some counter gives a valid scalar")
 }
 
@@ -97,8 +118,8 @@ impl rcgen::SigningKey for Signer<'_> {
 }
 
 /// A self-signed certificate valid from 1975 to 4096 (rcgen's defaults: the pin, not the
-/// dates, is what a client checks), named after the stack and sidecar.
-fn certificate(key: &SigningKey, stack: &str, sidecar: &str) -> Vec<u8> {
+/// dates, is what a client checks), named `common_name`.
+fn certificate(key: &SigningKey, common_name: &str) -> Vec<u8> {
     let signer = Signer {
         key,
         point: key
@@ -108,10 +129,9 @@ fn certificate(key: &SigningKey, stack: &str, sidecar: &str) -> Vec<u8> {
             .to_vec(),
     };
     let mut params = rcgen::CertificateParams::default();
-    let name = format!("soul gate {sidecar}.{stack}");
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
+        .push(rcgen::DnType::CommonName, common_name);
     // Serial and key identifier from the public key: the same key, the same certificate.
     let id = Sha256::digest(&signer.point);
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&id[..16]));
@@ -159,6 +179,17 @@ mod tests {
         );
         assert!(a.key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
         assert!(!format!("{a:?}").contains("PRIVATE"), "Debug shows no key");
+    }
+
+    #[test]
+    fn a_relays_identity_is_a_function_of_its_seed_alone() {
+        let a = relay_identity(&[1; 32]);
+        assert_eq!(a, relay_identity(&[1; 32]));
+        assert_ne!(a.pin, relay_identity(&[2; 32]).pin);
+        assert_ne!(
+            a.pin,
+            identity(&StackKey::from_seed(1, [1; 32]), "home", "notes").pin
+        );
     }
 
     #[test]

@@ -31,7 +31,15 @@ fn host_address() -> String {
     }
 }
 
-/// `soul relay serve` as a child process, with its file and log in `dir`.
+/// The seed of the test relays' key, written into their state dir before they start.
+const RELAY_SEED: [u8; 32] = [77; 32];
+
+/// The pin of the test relays' key: what a stack.kdl that uses them says.
+fn relay_pin() -> String {
+    soul::tls::relay_identity(&RELAY_SEED).pin
+}
+
+/// `soul relay serve` as a child process, with its file, state dir and log in `dir`.
 struct RelayProcess {
     child: Child,
     status: u16,
@@ -56,8 +64,24 @@ impl RelayProcess {
         RelayProcess::start_in(None, dir, port, status, allow)
     }
 
+    /// Started with whatever key its state dir already holds.
+    fn start_keeping_key(dir: &Path, port: u16, status: u16, allow: &str) -> RelayProcess {
+        RelayProcess::launch(None, dir, port, status, allow, false)
+    }
+
     /// Started inside the network namespace `ns` when given (the test's "VPS").
     fn start_in(ns: Option<&str>, dir: &Path, port: u16, status: u16, allow: &str) -> RelayProcess {
+        RelayProcess::launch(ns, dir, port, status, allow, true)
+    }
+
+    fn launch(
+        ns: Option<&str>,
+        dir: &Path,
+        port: u16,
+        status: u16,
+        allow: &str,
+        fresh_key: bool,
+    ) -> RelayProcess {
         let config = dir.join("relay.kdl");
         std::fs::write(
             &config,
@@ -65,9 +89,16 @@ impl RelayProcess {
         )
         .unwrap();
         let log = dir.join("relay.log");
+        let state = dir.join("relay-state");
+        std::fs::create_dir_all(&state).unwrap();
+        if fresh_key {
+            std::fs::write(state.join("relay.key"), hex::encode(RELAY_SEED)).unwrap();
+        }
         let child = in_ns(ns, SOUL)
             .args(["relay", "serve", "--config"])
             .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -126,7 +157,7 @@ impl Drop for RelayProcess {
 /// A stack whose pod registers with the relay at `host:relay`, reached on the LAN at `lan`.
 fn relay_stack(s: &TestStack, lan: u16, relay: Option<(&str, u16)>) {
     let relay = relay
-        .map(|(h, p)| format!("relay \"{h}:{p}\"\n"))
+        .map(|(h, p)| format!("relay \"{h}:{p}\" pin=\"{}\"\n", relay_pin()))
         .unwrap_or_default();
     s.write(&format!(
         "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan}\n}}\n{relay}device \"laptop\"\n"
@@ -252,6 +283,15 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         .map(Running)
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
+    // The agent registers again while the capture runs, so its control channel is in it.
+    let registrations = || read(&relay.log).matches("registered notes.").count();
+    let before = registrations();
+    docker(&["restart", &s.container("notes", "gate")]);
+    retry(Duration::from_secs(30), || {
+        (registrations() > before).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no new registration; relay log:\n{}", read(&relay.log)));
+    relay.await_registered("notes", Duration::from_secs(30));
 
     // The laptop: the LAN refuses, so the relay is the path.
     let code = uri_with_a_refusing_lan(&s);
@@ -299,7 +339,19 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         "the capture saw the sessions ({} bytes)",
         captured.len()
     );
-    for secret_or_plain in [&b"eyJ"[..], b"soul_token", b"HTTP/1.1", b"hello from soul"] {
+    // Neither the devices' sessions nor the agent's channels: no token, no HTTP, and none of
+    // the relay protocol (its magic, its frames, the channel key that opens data channels).
+    for secret_or_plain in [
+        &b"eyJ"[..],
+        b"soul_token",
+        b"HTTP/1.1",
+        b"hello from soul",
+        b"soul-relay",
+        b"\"hello\"",
+        b"challenge",
+        b"channel_key",
+        b"registered",
+    ] {
         assert!(
             !captured
                 .windows(secret_or_plain.len())
@@ -584,9 +636,10 @@ transport {{
     lan port={lan} address="{home}"
     nebula lighthouse="{lighthouse_at}" lighthouse-ip="10.99.0.1" ip="10.99.0.2/24" ca-file="{ca}" cert-file="{crt}" key-file="{key}" image="{NEBULA}"
 }}
-relay "{vps}:{port}"
+relay "{vps}:{port}" pin="{pin}"
 device "laptop"
 "#,
+        pin = relay_pin(),
         home = hosts.home_lan,
         vps = hosts.vps_addr,
         ca = pki.join("ca.crt").display(),
@@ -906,4 +959,40 @@ fn soul_connect_trades_a_scanned_links_ticket_for_the_token_over_pinned_tls() {
     let again = run(&mut connect(&s, &[&png.to_string_lossy(), "--probe"]));
     assert_eq!(again.status.code(), Some(1), "{}", text(&again));
     assert!(again.stderr_text().contains("ticket"), "{}", text(&again));
+}
+
+/// The agent's channel was plain text, so anything answering at the relay's address got the
+/// registration. Now it is TLS pinned to the relay's key: a relay with another key is never
+/// sent a registration, and the gate says why.
+#[test]
+fn a_relay_whose_key_does_not_match_the_pin_never_receives_a_registration() {
+    ensure_images();
+    let s = TestStack::new("relay-wrongkey");
+    let (lan, port, status) = (free_port(), free_ports(1), free_ports(1));
+    relay_stack(&s, lan, None);
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    let relay = RelayProcess::start(&s.dir, port, status, &allow);
+    // The relay's state dir now holds another key than the one stack.kdl pins.
+    drop(relay);
+    std::fs::write(s.dir.join("relay-state/relay.key"), hex::encode([78u8; 32])).unwrap();
+    let relay = RelayProcess::start_keeping_key(&s.dir, port, status, &allow);
+    relay_stack(&s, lan, Some((&host_address(), port)));
+    s.apply();
+    let gate = s.container("notes", "gate");
+    let said = retry(Duration::from_secs(20), || {
+        let logs = run(Command::new("docker").args(["logs", &gate]));
+        let all = format!("{}{}", logs.stdout_text(), logs.stderr_text());
+        all.contains("does not have the key stack.kdl pins")
+            .then_some(all)
+    });
+    assert!(said.is_some(), "the gate did not say why");
+    let log = read(&relay.log);
+    assert!(!log.contains("registered"), "{log}");
+    let registered = relay
+        .status()
+        .map(|s| s["stacks"][0]["sidecars"].as_array().map_or(0, Vec::len));
+    assert_eq!(registered, Some(0), "{log}");
+    let uri = s.soul(&["pair", "laptop", "--format", "uri"]).stdout_text();
+    assert!(!uri.contains("&addr=relay:"), "{uri}");
 }

@@ -363,13 +363,19 @@ pub enum RelayCommand {
 line per stack, printed by `soul relay allow` on the stack's machine:\n\n  \
 listen \"0.0.0.0:7000\"\n  status \"127.0.0.1:7001\"\n  allow \"home\" key=\"ed25519:…\"\n  \
 limits sessions-per-stack=256 ready=4 idle-timeout=\"5m\"\n\n\
-It logs one line per registration and per session (never a secret).\n\n\
+It logs the pin of its key at start (stack.kdl: `relay \"host:7000\" pin=\"…\"`), then \
+one line per registration and per session (never a secret).\n\n\
 Example:\n  soul relay serve --config /etc/soul/relay.kdl"
     )]
     Serve {
         /// The relay's file.
         #[arg(long, value_name = "FILE", default_value = "/etc/soul/relay.kdl")]
         config: PathBuf,
+        /// Where the relay keeps its key, made at the first start (default: systemd's
+        /// $STATE_DIRECTORY, else /var/lib/soul-relay as root, else
+        /// ~/.local/state/soul-relay). Its pin goes into each stack's `relay … pin=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Show a running relay's registered pods and open sessions (from its status address).
     #[command(
@@ -582,8 +588,12 @@ pub struct GateArgs {
     pub tls_only: bool,
     /// Register with this relay (`host:port`) and serve the devices it carries: the pod's
     /// dial-out agent, authenticated by the keys directory's `relay-agent.key`.
-    #[arg(long, value_name = "HOST:PORT", requires = "sidecar")]
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["sidecar", "relay_pin"])]
     pub relay: Option<String>,
+    /// The pin of the relay's key (`sha256//…`): the agent sends nothing to a relay whose key
+    /// does not match.
+    #[arg(long, value_name = "PIN", requires = "relay")]
+    pub relay_pin: Option<String>,
 }
 
 /// `soul connect`'s flags.

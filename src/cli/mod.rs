@@ -212,7 +212,9 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
             export_kubernetes(&Context::load(&cli)?, path.as_deref())
         }
         Command::Connect(args) => connect::run(args).await,
-        Command::Relay(RelayCommand::Serve { config }) => relay::serve(config).await,
+        Command::Relay(RelayCommand::Serve { config, state_dir }) => {
+            relay::serve(config, state_dir.as_deref()).await
+        }
         Command::Relay(RelayCommand::Status { status, output }) => {
             relay::status(status, *output).await
         }
@@ -293,9 +295,10 @@ async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
     };
     cfg.failures_per_minute = args.failures_per_minute;
     cfg.tls_only = args.tls_only;
-    cfg.relay = match (&args.relay, &args.sidecar) {
-        (Some(relay), Some(sidecar)) => Some(crate::relay::agent::AgentConfig {
+    cfg.relay = match (&args.relay, &args.sidecar, &args.relay_pin) {
+        (Some(relay), Some(sidecar), Some(pin)) => Some(crate::relay::agent::AgentConfig {
             relay: relay.clone(),
+            pin: pin.clone(),
             stack: args.stack.clone(),
             sidecar: sidecar.clone(),
             key_file: args.keys.join(crate::state::layout::GATE_RELAY_KEY_FILE),

@@ -10,8 +10,14 @@ use crate::relay::wire::AgentKey;
 use crate::state::KeyProblem;
 
 /// `soul relay serve`: until SIGTERM or SIGINT.
-pub async fn serve(config: &std::path::Path) -> Result<Exit, CliError> {
+pub async fn serve(
+    config: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Exit, CliError> {
     let cfg = RelayConfig::load(config)?;
+    let state_dir = state_dir.map_or_else(crate::relay::key::default_dir, |d| d.to_path_buf());
+    let identity =
+        crate::relay::key::load_or_make(&state_dir).map_err(|e| CliError::Io(e.to_string()))?;
     let bind = |addr: std::net::SocketAddr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             CliError::Io(format!("relay: cannot listen on {addr}: {e} (another process has it, or it needs privileges)"))
@@ -36,7 +42,13 @@ pub async fn serve(config: &std::path::Path) -> Result<Exit, CliError> {
             .map(|s| format!(", status on http://{s}/status"))
             .unwrap_or_default()
     );
-    let relay = Relay::new(cfg);
+    tracing::info!(
+        "relay key pin: {} (each stack's stack.kdl: relay \"<this host>:{}\" pin=\"{}\")",
+        identity.pin,
+        cfg.listen.port(),
+        identity.pin
+    );
+    let relay = Relay::new(cfg, &identity);
     if let Some(listener) = status {
         tokio::spawn(server::serve_status(relay.clone(), listener));
     }
@@ -69,8 +81,8 @@ pub async fn status(address: &str, output: Output) -> Result<Exit, CliError> {
 
 fn render_status(status: &Status) -> String {
     let mut s = format!(
-        "relay on {}, up {} s, {} connection(s) not yet routed\n",
-        status.listen, status.uptime_s, status.pending
+        "relay on {}, up {} s, {} connection(s) not yet routed\nkey pin: {} (stack.kdl: relay \"<host>:<port>\" pin=\"{}\")\n",
+        status.listen, status.uptime_s, status.pending, status.pin, status.pin
     );
     if status.stacks.is_empty() {
         s.push_str("no stack is allowed: add `soul relay allow`'s line to the relay's file\n");
@@ -108,7 +120,7 @@ pub fn allow(ctx: &Context) -> Result<Exit, CliError> {
     })?;
     if ctx.stack.relay.is_none() {
         eprintln!(
-            "note: {} has no `relay` node yet; add `relay \"<relay host>:7000\"` so the pods register",
+            "note: {} has no `relay` node yet; add `relay \"<relay host>:7000\" pin=\"…\"` (the pin from `soul relay status` on the relay) so the pods register",
             ctx.file.display()
         );
     }

@@ -16,7 +16,8 @@
 
 pub mod forward;
 pub mod netwatch;
-pub mod pin;
+/// The pin verifier, which the relay's agent uses too.
+pub use crate::pin;
 pub mod race;
 pub mod store;
 

@@ -185,12 +185,16 @@ async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = listener.local_addr().unwrap();
-    let relay = server::Relay::new(config::RelayConfig {
-        listen: relay_addr,
-        status: None,
-        allow,
-        limits: config::Limits::default(),
-    });
+    let relay_identity = crate::tls::relay_identity(&[5; 32]);
+    let relay = server::Relay::new(
+        config::RelayConfig {
+            listen: relay_addr,
+            status: None,
+            allow,
+            limits: config::Limits::default(),
+        },
+        &relay_identity,
+    );
     tokio::spawn(relay.clone().serve(listener, std::future::pending()));
 
     let dir = tempfile::tempdir().unwrap();
@@ -206,6 +210,7 @@ async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
     };
     let cfg = agent::AgentConfig {
         relay: relay_addr.to_string(),
+        pin: relay_identity.pin.clone(),
         stack: "home".into(),
         sidecar: "notes".into(),
         key_file,

@@ -385,7 +385,7 @@ where
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
             }
             lane::Outcome::HandOver(read) => {
-                serve_hyper(lane::Rewind::new(read, io), client, shared.clone()).await;
+                serve_hyper(crate::rewind::Rewind::new(read, io), client, shared.clone()).await;
             }
         }
     };

@@ -296,6 +296,9 @@ fn gate_container(
     // With a relay, the gate's agent dials out to it: nothing new listens in the pod.
     if let Some(relay) = &stack.relay {
         command.extend(["--relay".into(), relay.endpoint.clone()]);
+        if let Some(pin) = &relay.pin {
+            command.extend(["--relay-pin".into(), pin.clone()]);
+        }
     }
     let mut gate = ContainerSpec::in_pod(&stack.stack, &sidecar.name, Role::Gate, &soul.reference)
         .command(command)

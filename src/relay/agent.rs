@@ -1,5 +1,6 @@
 //! The pod's relay agent, run inside the gate: it dials out to `soul relay` (nothing on the
-//! home side listens on the internet), registers its sidecar with the stack's agent key,
+//! home side listens on the internet) over TLS pinned to the relay's key (a relay with another
+//! key is sent nothing), registers its sidecar with the stack's agent key,
 //! keeps a pool of ready data channels so that a device's session starts without a round trip
 //! to the home, and hands each data channel to the gate as soon as the device's first byte
 //! arrives on it: the gate serves it like any connection, TLS and all. It reconnects with
@@ -7,12 +8,15 @@
 //! relay's host), which `soul apply` reads to put the relay address into pairing codes.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_rustls::client::TlsStream;
 
 use super::wire::{self, AgentKey, FromAgent, Hello, ToAgent};
 use crate::backoff::{Backoff, jitter};
@@ -34,6 +38,8 @@ const MOST_CHANNELS: usize = 64;
 pub struct AgentConfig {
     /// `host:port` of the relay (stack.kdl's `relay`).
     pub relay: String,
+    /// `sha256//…` of the relay's key (stack.kdl's `relay … pin=`).
+    pub pin: String,
     pub stack: String,
     pub sidecar: String,
     /// The agent key file (hex of the seed), re-read at every registration so a rotated key
@@ -53,6 +59,10 @@ pub enum AgentError {
         relay: String,
         source: std::io::Error,
     },
+    #[error(
+        "the relay {relay} does not have the key stack.kdl pins ({pin}): nothing was sent to it; compare with `soul relay status` on the relay"
+    )]
+    Pin { relay: String, pin: String },
     #[error("the relay {relay} refused: {reason}")]
     Refused { relay: String, reason: String },
     #[error("the relay {relay} broke the protocol: {why}")]
@@ -71,7 +81,7 @@ where
     loop {
         let started = Instant::now();
         match register(&cfg).await {
-            Ok((control, session, ready)) => {
+            Ok((control, channel_key, ready)) => {
                 tracing::info!(
                     "relay agent: {}.{} registered at {}",
                     cfg.sidecar,
@@ -80,7 +90,7 @@ where
                 );
                 last_error.clear();
                 write_state(&cfg);
-                let why = serve(&cfg, control, &session, ready, deliver.clone()).await;
+                let why = serve(&cfg, control, channel_key, ready, deliver.clone()).await;
                 clear_state(&cfg);
                 tracing::warn!("relay agent: registration at {} ended: {why}", cfg.relay);
                 if started.elapsed() >= STABLE {
@@ -102,8 +112,11 @@ where
     }
 }
 
-/// Connects and proves the key: the control channel, the session id, the pool size.
-async fn register(cfg: &AgentConfig) -> Result<(TcpStream, String, usize), AgentError> {
+/// Connects over pinned TLS and proves the key: the control channel, the channel key, the
+/// pool size.
+async fn register(
+    cfg: &AgentConfig,
+) -> Result<(TlsStream<TcpStream>, [u8; 32], usize), AgentError> {
     let key = std::fs::read_to_string(&cfg.key_file)
         .ok()
         .and_then(|t| AgentKey::parse(&t))
@@ -112,7 +125,9 @@ async fn register(cfg: &AgentConfig) -> Result<(TcpStream, String, usize), Agent
         relay: cfg.relay.clone(),
         why,
     };
-    let mut control = open(cfg).await?;
+    let mut control = open_control(cfg).await?;
+    let binding = wire::session_binding(control.get_ref().1)
+        .ok_or_else(|| protocol("no TLS exporter".into()))?;
     let hello = Hello::Control {
         stack: cfg.stack.clone(),
         sidecar: cfg.sidecar.clone(),
@@ -129,21 +144,23 @@ async fn register(cfg: &AgentConfig) -> Result<(TcpStream, String, usize), Agent
             Ok(other) => return Err(protocol(format!("{other:?} before the challenge"))),
             Err(e) => return Err(protocol(e.to_string())),
         };
-        let signature = key.sign(&cfg.stack, &cfg.sidecar, &nonce);
+        let signature = key.sign(&cfg.stack, &cfg.sidecar, &nonce, &binding);
         wire::write_frame(&mut control, &FromAgent::Signature { signature })
             .await
             .map_err(|e| protocol(e.to_string()))?;
         match wire::read_frame(&mut control).await {
-            Ok(ToAgent::Registered { session, ready }) => Ok((session, ready)),
+            Ok(ToAgent::Registered { channel_key, ready }) => wire::decode_key(&channel_key)
+                .map(|key| (key, ready))
+                .ok_or_else(|| protocol("a channel key that is not 32 bytes".into())),
             Ok(ToAgent::Refused { reason }) => Err(refused(cfg, reason)),
             Ok(other) => Err(protocol(format!("{other:?} instead of a registration"))),
             Err(e) => Err(protocol(e.to_string())),
         }
     };
-    let (session, ready) = tokio::time::timeout(CONNECT_TIMEOUT * 2, exchange)
+    let (channel_key, ready) = tokio::time::timeout(CONNECT_TIMEOUT * 2, exchange)
         .await
         .map_err(|_| protocol("no answer in time".into()))??;
-    Ok((control, session, ready.min(MOST_CHANNELS)))
+    Ok((control, channel_key, ready.min(MOST_CHANNELS)))
 }
 
 fn refused(cfg: &AgentConfig, reason: String) -> AgentError {
@@ -166,7 +183,43 @@ async fn open(cfg: &AgentConfig) -> Result<TcpStream, AgentError> {
     Ok(stream)
 }
 
-async fn send_hello(stream: &mut TcpStream, hello: &Hello) -> std::io::Result<()> {
+/// The control channel: TLS to the relay, its key checked against the pin before a byte of
+/// the protocol is sent.
+async fn open_control(cfg: &AgentConfig) -> Result<TlsStream<TcpStream>, AgentError> {
+    let tcp = open(cfg).await?;
+    let mut tls = crate::pin::client_config(&cfg.pin).as_ref().clone();
+    tls.alpn_protocols.clear();
+    let name =
+        rustls::pki_types::ServerName::try_from(wire::AGENT_SERVER_NAME).expect("a DNS name");
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp);
+    match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) if is_pin_mismatch(&e) => Err(AgentError::Pin {
+            relay: cfg.relay.clone(),
+            pin: cfg.pin.clone(),
+        }),
+        Ok(Err(e)) => Err(AgentError::Connect {
+            relay: cfg.relay.clone(),
+            source: e,
+        }),
+        Err(_) => Err(AgentError::Connect {
+            relay: cfg.relay.clone(),
+            source: std::io::ErrorKind::TimedOut.into(),
+        }),
+    }
+}
+
+/// Whether a handshake failed on the relay's certificate (its key is not the pinned one).
+fn is_pin_mismatch(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+}
+
+async fn send_hello<S>(stream: &mut S, hello: &Hello) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
     let mut bytes = wire::MAGIC.to_vec();
     wire::write_frame(&mut bytes, hello).await?;
     stream.write_all(&bytes).await
@@ -183,15 +236,17 @@ enum Channel {
 /// Keeps the pool full and answers the relay until the control channel ends; says why.
 async fn serve<F>(
     cfg: &AgentConfig,
-    control: TcpStream,
-    session: &str,
+    control: TlsStream<TcpStream>,
+    channel_key: [u8; 32],
     ready: usize,
     deliver: F,
 ) -> String
 where
     F: Fn(TcpStream) + Clone + Send + 'static,
 {
-    let (mut read, mut write) = control.into_split();
+    let (mut read, mut write) = tokio::io::split(control);
+    // Each data channel has a number of its own, and so an id the relay takes once.
+    let next_channel = Arc::new(AtomicU64::new(0));
     // The control channel is read by a task of its own: a frame read is never cut in half by
     // the loop below attending to something else. It ends at EOF, an error or the relay's
     // silence, with why; the set aborts it when the registration ends.
@@ -216,15 +271,16 @@ where
     // A channel opens after `delay`: the wait is the channel's own, so the control channel is
     // read (and a dead relay noticed) meanwhile.
     let open_one = |pool: &mut JoinSet<()>, delay: Duration| {
-        let (cfg, session, events, deliver) = (
+        let (cfg, next_channel, events, deliver) = (
             cfg.clone(),
-            session.to_string(),
+            next_channel.clone(),
             events.clone(),
             deliver.clone(),
         );
         pool.spawn(async move {
             tokio::time::sleep(delay).await;
-            let outcome = data_channel(&cfg, &session, deliver).await;
+            let seq = next_channel.fetch_add(1, Ordering::Relaxed);
+            let outcome = data_channel(&cfg, &channel_key, seq, deliver).await;
             let _ = events.send(outcome).await;
         });
     };
@@ -271,19 +327,20 @@ where
     }
 }
 
-/// One ready data channel: opened, announced, then handed to the gate when the device's first
-/// byte arrives.
-async fn data_channel<F>(cfg: &AgentConfig, session: &str, deliver: F) -> Channel
+/// One ready data channel, number `seq`: opened, announced by its id, then handed to the gate
+/// when the device's first byte arrives.
+async fn data_channel<F>(cfg: &AgentConfig, channel_key: &[u8; 32], seq: u64, deliver: F) -> Channel
 where
     F: Fn(TcpStream),
 {
     let Ok(mut stream) = open(cfg).await else {
         return Channel::Lost;
     };
-    let hello = Hello::Data {
-        session: session.to_string(),
-    };
-    if send_hello(&mut stream, &hello).await.is_err() {
+    if stream
+        .write_all(&wire::data_hello(channel_key, seq))
+        .await
+        .is_err()
+    {
         return Channel::Lost;
     }
     let mut first = [0u8; 1];
@@ -342,6 +399,7 @@ mod tests {
         std::fs::write(&state_file, "stale from a killed gate\n").unwrap();
         let cfg = AgentConfig {
             relay: addr.to_string(),
+            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=".into(),
             stack: "home".into(),
             sidecar: "notes".into(),
             key_file,
@@ -363,6 +421,7 @@ mod tests {
     async fn an_agent_without_its_key_file_says_so() {
         let cfg = AgentConfig {
             relay: "127.0.0.1:1".into(),
+            pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=".into(),
             stack: "home".into(),
             sidecar: "notes".into(),
             key_file: "/nonexistent/relay-agent.key".into(),

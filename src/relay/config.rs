@@ -37,6 +37,9 @@ pub struct Limits {
     pub sidecars_per_stack: usize,
     /// Spliced device connections open per stack.
     pub sessions_per_stack: usize,
+    /// Spliced device connections open per stack from one source address, so that one
+    /// client cannot take a stack's whole share.
+    pub sessions_per_source: usize,
     /// Ready data channels an agent is asked to keep (and twice that, the most kept per
     /// sidecar); 0 keeps none, and each session waits for the agent to open one.
     pub ready: usize,
@@ -59,6 +62,7 @@ impl Default for Limits {
         Limits {
             sidecars_per_stack: 32,
             sessions_per_stack: 256,
+            sessions_per_source: 64,
             ready: 4,
             waiting_per_sidecar: 64,
             pending_per_source: 64,
@@ -210,6 +214,7 @@ fn limits(node: &KdlNode, limits: &mut Limits, problems: &mut Vec<Problem>) {
         let ok = match name {
             "sidecars-per-stack" => count().map(|n| limits.sidecars_per_stack = n),
             "sessions-per-stack" => count().map(|n| limits.sessions_per_stack = n),
+            "sessions-per-source" => count().map(|n| limits.sessions_per_source = n),
             // 0: no pool; every session waits for the agent to open a channel.
             "ready" => entry
                 .value()
@@ -225,7 +230,7 @@ fn limits(node: &KdlNode, limits: &mut Limits, problems: &mut Vec<Problem>) {
             "open-timeout" => duration().map(|d| limits.open_timeout = d),
             other => {
                 problems.push(Problem::new(span, format!("unknown limit `{other}`")).help(
-                    "limits are sidecars-per-stack, sessions-per-stack, ready, waiting-per-sidecar, pending-per-source, pending-total (counts) and idle-timeout, hello-timeout, open-timeout (durations like \"30s\")",
+                    "limits are sidecars-per-stack, sessions-per-stack, sessions-per-source, ready, waiting-per-sidecar, pending-per-source, pending-total (counts) and idle-timeout, hello-timeout, open-timeout (durations like \"30s\")",
                 ));
                 Some(())
             }

@@ -2,45 +2,63 @@
 //! devices connect with TLS. A device's connection is routed by the server name of its
 //! ClientHello ([`super::sni`], [`super::wire::route_of`]) to a ready data channel of the
 //! sidecar's agent and spliced ([`super::splice`]); the relay never holds a key that could read
-//! it. Only stacks in the allow-list register, each with its one agent key; every per-stack and
-//! per-source quantity is bounded ([`super::config::Limits`]).
+//! it. An agent's control channel is TLS that ends here, with the relay's own key
+//! ([`super::key`]), which the agent pins. Only stacks in the allow-list register, each with its
+//! one agent key; every per-stack and per-source quantity is bounded
+//! ([`super::config::Limits`]), a connection counts as pending until it is routed or
+//! registered, and refusals a flood repeats are logged once per interval ([`crate::quiet`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::config::RelayConfig;
 use super::sni::{self, Hello as ClientHello};
 use super::splice::splice;
-use super::wire::{self, FromAgent, Hello, ToAgent};
+use super::wire::{self, CHANNEL_ID, FromAgent, Hello, ToAgent};
+use crate::quiet::Quiet;
+use crate::rewind::Rewind;
 
 /// How often the relay pings a control channel, and how long it waits for any frame before it
 /// counts the agent gone.
 pub const PING_EVERY: Duration = Duration::from_secs(15);
 const CONTROL_SILENCE: Duration = Duration::from_secs(45);
 
+/// How many data channel ids of a registration the relay expects ahead of the highest used.
+const CHANNEL_WINDOW: u64 = 256;
+
 type RouteKey = (String, String);
+/// A data channel's id ([`wire::channel_id`]).
+type ChannelId = [u8; CHANNEL_ID];
 
 /// The relay's live state.
 pub struct Relay {
     cfg: RelayConfig,
     state: Mutex<State>,
     started: Instant,
+    /// The relay's own TLS, for agents' control channels.
+    tls: Arc<rustls::ServerConfig>,
+    /// What agents pin.
+    pin: String,
+    /// Refusals a flood would repeat, by source.
+    refusals: Mutex<Quiet<IpAddr>>,
 }
 
 #[derive(Default)]
 struct State {
     routes: HashMap<RouteKey, Route>,
-    /// Session id → the route it opens data channels for.
-    sessions: HashMap<String, RouteKey>,
+    /// Data channel id → the route it belongs to and its number (each taken once).
+    channels: HashMap<[u8; CHANNEL_ID], (RouteKey, u64)>,
     /// Device connections being spliced, per stack.
     open: HashMap<String, usize>,
+    /// Device connections being spliced, per stack and source address.
+    open_from: HashMap<(String, IpAddr), usize>,
     /// Connections that have not said where they go yet, per source address.
     pending: HashMap<IpAddr, usize>,
     pending_total: usize,
@@ -50,7 +68,10 @@ struct State {
 /// One registered sidecar.
 struct Route {
     id: u64,
-    session: String,
+    /// The key its data channels' ids are made with.
+    channel_key: [u8; 32],
+    /// The ids expected next, by number.
+    expected: BTreeMap<u64, [u8; CHANNEL_ID]>,
     agent: SocketAddr,
     since: u64,
     control: mpsc::Sender<ToAgent>,
@@ -67,6 +88,8 @@ enum Unrouted {
     NotRegistered(String),
     #[error("{0} already has its limit of open sessions")]
     StackFull(String),
+    #[error("{0} already has its limit of open sessions from this address")]
+    SourceFull(String),
     #[error("{0} already has its limit of devices waiting")]
     TooManyWaiting(String),
     #[error("no data channel from {0}'s agent came in time")]
@@ -74,12 +97,33 @@ enum Unrouted {
 }
 
 impl Relay {
-    pub fn new(cfg: RelayConfig) -> Arc<Relay> {
+    /// A relay serving `cfg` with the TLS identity `identity` ([`super::key::load_or_make`]).
+    pub fn new(cfg: RelayConfig, identity: &crate::tls::Identity) -> Arc<Relay> {
         Arc::new(Relay {
             cfg,
             state: Mutex::default(),
             started: Instant::now(),
+            tls: server_tls(identity),
+            pin: identity.pin.clone(),
+            refusals: Mutex::new(Quiet::new(Duration::from_secs(10))),
         })
+    }
+
+    /// The pin of the relay's key: `relay "host:port" pin="…"` in stack.kdl.
+    pub fn pin(&self) -> &str {
+        &self.pin
+    }
+
+    /// Logs a refusal from `source` unless a flood has already said it lately.
+    fn refused(&self, source: IpAddr, what: std::fmt::Arguments<'_>) {
+        let said = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .say(source);
+        if let Some(held_back) = said {
+            tracing::warn!(source = %source, "{what}{held_back}");
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -106,7 +150,10 @@ impl Relay {
                 () = &mut shutdown => return,
             };
             let Some(pending) = Pending::reserve(&self, peer.ip()) else {
-                tracing::debug!(source = %peer, "refused a connection: too many pending from its address");
+                self.refused(
+                    peer.ip(),
+                    format_args!("refused a connection: too many not yet routed from its address"),
+                );
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -115,7 +162,9 @@ impl Relay {
         }
     }
 
-    /// Tells an agent from a device by the first byte, within the hello timeout.
+    /// Tells an agent from a device by the first byte, within the hello timeout: a data
+    /// channel by its marker, an agent of version 1 by its magic (told to upgrade), and TLS by
+    /// its ClientHello's server name, the relay's own for an agent's control channel.
     async fn connection(
         self: Arc<Relay>,
         mut stream: TcpStream,
@@ -128,31 +177,32 @@ impl Relay {
             Ok(Ok(1)) => {}
             _ => return,
         }
-        if first[0] == wire::MAGIC[0] {
-            let hello = tokio::time::timeout(timeout, async {
-                let mut magic = [0u8; wire::MAGIC.len()];
-                stream.read_exact(&mut magic).await?;
-                if &magic != wire::MAGIC {
-                    return Err(wire::FrameError::Io(std::io::ErrorKind::InvalidData.into()));
-                }
-                wire::read_frame::<_, Hello>(&mut stream).await
-            })
-            .await;
-            match hello {
-                Ok(Ok(Hello::Control {
-                    stack,
-                    sidecar,
-                    key,
-                })) => {
+        if first[0] == wire::DATA_MARKER {
+            let mut hello = [0u8; 1 + CHANNEL_ID];
+            match tokio::time::timeout(timeout, stream.read_exact(&mut hello)).await {
+                Ok(Ok(_)) => {
                     drop(pending);
-                    self.control(stream, peer, stack, sidecar, key).await;
+                    let id: [u8; CHANNEL_ID] = hello[1..].try_into().expect("16 bytes");
+                    self.data_channel(stream, peer, &id);
                 }
-                Ok(Ok(Hello::Data { session })) => {
-                    drop(pending);
-                    self.data_channel(stream, peer, &session);
-                }
-                Ok(Err(e)) => tracing::debug!(source = %peer, "not an agent: {e}"),
-                Err(_) => tracing::debug!(source = %peer, "an agent's hello timed out"),
+                _ => tracing::debug!(source = %peer, "a data channel's hello did not come"),
+            }
+            return;
+        }
+        if first[0] == wire::MAGIC_V1[0] {
+            let mut magic = [0u8; wire::MAGIC_V1.len()];
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, stream.read_exact(&mut magic)).await
+                && &magic == wire::MAGIC_V1
+            {
+                let why = "this relay takes agents over TLS only (soul-relay/2): upgrade soul on the stack's machine and add the relay's pin to stack.kdl (`soul relay status` shows it)";
+                self.refused(
+                    peer.ip(),
+                    format_args!(
+                        "refused an agent in clear text (soul-relay/1): it must be upgraded"
+                    ),
+                );
+                let _ =
+                    wire::write_frame(&mut stream, &ToAgent::Refused { reason: why.into() }).await;
             }
             return;
         }
@@ -168,6 +218,9 @@ impl Relay {
                 return;
             }
         };
+        if name == wire::AGENT_SERVER_NAME {
+            return self.agent(stream, peer, bytes, pending).await;
+        }
         drop(pending);
         let Some((stack, sidecar)) = wire::route_of(&name) else {
             tracing::info!(source = %peer, "closed a connection for `{name}`: not a soul route (<sidecar>.<stack>.soul)");
@@ -175,6 +228,49 @@ impl Relay {
         };
         let (stack, sidecar) = (stack.to_string(), sidecar.to_string());
         self.device(stream, peer, bytes, stack, sidecar).await;
+    }
+
+    /// An agent's control channel: TLS with the relay's key (its ClientHello already read as
+    /// `hello`), then the magic and the agent's hello. Still pending until registered.
+    async fn agent(
+        self: Arc<Relay>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        hello: Vec<u8>,
+        pending: Pending,
+    ) {
+        let timeout = self.cfg.limits.hello_timeout;
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let io = Rewind::new(bytes::BytesMut::from(&hello[..]), stream);
+        let opened = tokio::time::timeout(timeout, async {
+            let mut tls = acceptor.accept(io).await.map_err(wire::FrameError::Io)?;
+            let mut magic = [0u8; wire::MAGIC.len()];
+            tls.read_exact(&mut magic).await?;
+            if &magic != wire::MAGIC {
+                return Err(wire::FrameError::Io(std::io::ErrorKind::InvalidData.into()));
+            }
+            let hello = wire::read_frame::<_, Hello>(&mut tls).await?;
+            Ok((tls, hello))
+        })
+        .await;
+        match opened {
+            Ok(Ok((
+                tls,
+                Hello::Control {
+                    stack,
+                    sidecar,
+                    key,
+                },
+            ))) => {
+                let Some(binding) = wire::session_binding(tls.get_ref().1) else {
+                    return;
+                };
+                self.control(tls, peer, stack, sidecar, key, binding, pending)
+                    .await;
+            }
+            Ok(Err(e)) => tracing::debug!(source = %peer, "not an agent: {e}"),
+            Err(_) => tracing::debug!(source = %peer, "an agent's hello timed out"),
+        }
     }
 
     /// A device's connection for `sidecar` of `stack`, its ClientHello read as `hello`.
@@ -187,14 +283,13 @@ impl Relay {
         sidecar: String,
     ) {
         let route = format!("{sidecar}.{stack}");
-        let channel = match self.channel_for(&stack, &sidecar, &route).await {
+        let (channel, _open) = match self.channel_for(&stack, &sidecar, &route, peer.ip()).await {
             Ok(c) => c,
             Err(why) => {
-                tracing::info!(source = %peer, "refused a session: {why}");
+                self.refused(peer.ip(), format_args!("refused a session: {why}"));
                 return;
             }
         };
-        let _open = OpenSession::new(&self, &stack);
         let started = Instant::now();
         let carried = {
             use tokio::io::AsyncWriteExt as _;
@@ -217,27 +312,35 @@ impl Relay {
         );
     }
 
-    /// A ready data channel of the route, or one the agent opens on request.
+    /// A ready data channel of the route, or one the agent opens on request; and the session
+    /// counted against the stack and the device's source address.
     async fn channel_for(
         &self,
         stack: &str,
         sidecar: &str,
         route: &str,
-    ) -> Result<TcpStream, Unrouted> {
+        source: IpAddr,
+    ) -> Result<(TcpStream, OpenSession<'_>), Unrouted> {
         let limits = &self.cfg.limits;
-        let waiter = {
+        let (waiter, session) = {
             let mut state = self.state();
             if state.open.get(stack).copied().unwrap_or(0) >= limits.sessions_per_stack {
                 return Err(Unrouted::StackFull(stack.to_string()));
             }
+            let from = (stack.to_string(), source);
+            if state.open_from.get(&from).copied().unwrap_or(0) >= limits.sessions_per_source {
+                return Err(Unrouted::SourceFull(stack.to_string()));
+            }
             let key = (stack.to_string(), sidecar.to_string());
-            let Some(r) = state.routes.get_mut(&key) else {
+            if !state.routes.contains_key(&key) {
                 return Err(Unrouted::NotRegistered(route.to_string()));
-            };
+            }
+            let session = OpenSession::new(self, &mut state, stack, source);
+            let r = state.routes.get_mut(&key).expect("checked above");
             r.sessions_total += 1;
             while let Some(c) = r.ready.pop_front() {
                 if is_idle(&c) {
-                    return Ok(c);
+                    return Ok((c, session));
                 }
             }
             if r.waiting.len() >= limits.waiting_per_sidecar {
@@ -246,22 +349,38 @@ impl Relay {
             let (tx, rx) = oneshot::channel();
             r.waiting.push_back(tx);
             let _ = r.control.try_send(ToAgent::Open { count: 1 });
-            rx
+            (rx, session)
         };
         match tokio::time::timeout(limits.open_timeout, waiter).await {
-            Ok(Ok(c)) => Ok(c),
+            Ok(Ok(c)) => Ok((c, session)),
             _ => Err(Unrouted::NoChannel(route.to_string())),
         }
     }
 
-    /// A data channel arrives: to a waiting device, else into the ready pool (bounded).
-    fn data_channel(&self, mut stream: TcpStream, peer: SocketAddr, session: &str) {
+    /// A data channel arrives with its id: to a waiting device, else into the ready pool
+    /// (bounded). Each id is taken once; one the relay did not expect is closed.
+    fn data_channel(&self, mut stream: TcpStream, peer: SocketAddr, id: &[u8; CHANNEL_ID]) {
         let mut state = self.state();
-        let Some(key) = state.sessions.get(session).cloned() else {
-            tracing::debug!(source = %peer, "refused a data channel of no registration");
+        let Some((key, seq)) = state.channels.remove(id) else {
+            drop(state);
+            self.refused(
+                peer.ip(),
+                format_args!("refused a data channel of no registration"),
+            );
             return;
         };
         let most = self.cfg.limits.ready * 2;
+        let Some(r) = state.routes.get_mut(&key) else {
+            return;
+        };
+        r.expected.remove(&seq);
+        let (stale, added) = r.advance(seq);
+        for id in stale {
+            state.channels.remove(&id);
+        }
+        for (seq, id) in added {
+            state.channels.insert(id, (key.clone(), seq));
+        }
         let Some(r) = state.routes.get_mut(&key) else {
             return;
         };
@@ -278,24 +397,29 @@ impl Relay {
 
     /// A control channel: registers, then pings and forwards requests for data channels until
     /// the agent is gone.
-    async fn control(
+    #[allow(clippy::too_many_arguments)]
+    async fn control<S>(
         self: Arc<Relay>,
-        mut stream: TcpStream,
+        mut stream: S,
         peer: SocketAddr,
         stack: String,
         sidecar: String,
         key: String,
-    ) {
+        binding: [u8; 32],
+        pending: Pending,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let route = format!("{sidecar}.{stack}");
         let Some(allowed) = self.cfg.allow.get(&stack) else {
             let why = format!(
                 "stack `{stack}` is not allowed here (add its `soul relay allow` line to the relay's file)"
             );
-            return refuse(&mut stream, peer, &route, why).await;
+            return self.refuse(&mut stream, peer, &route, why).await;
         };
         if wire::parse_public(&key).as_ref() != Some(allowed) {
             let why = format!("this key is not the one allowed for stack `{stack}`");
-            return refuse(&mut stream, peer, &route, why).await;
+            return self.refuse(&mut stream, peer, &route, why).await;
         }
         let nonce = wire::random_b64(32);
         let challenge = ToAgent::Challenge {
@@ -309,15 +433,18 @@ impl Relay {
         })
         .await;
         let Ok(Ok(FromAgent::Signature { signature })) = signed else {
-            return refuse(&mut stream, peer, &route, "no signature came".into()).await;
+            return self
+                .refuse(&mut stream, peer, &route, "no signature came".into())
+                .await;
         };
         let nonce = wire::decode_nonce(&nonce).expect("the relay's own nonce decodes");
-        if !wire::verify(allowed, &stack, &sidecar, &nonce, &signature) {
-            let why = "the signature does not verify".to_string();
-            return refuse(&mut stream, peer, &route, why).await;
+        if !wire::verify(allowed, &stack, &sidecar, &nonce, &binding, &signature) {
+            let why = "the signature does not verify (for this TLS session)".to_string();
+            return self.refuse(&mut stream, peer, &route, why).await;
         }
         let (control, mut requests) = mpsc::channel(64);
-        let session = wire::random_b64(24);
+        let mut channel_key = [0u8; 32];
+        getrandom::fill(&mut channel_key).expect("the operating system's random generator works");
         let registered = {
             let mut state = self.state();
             let key = (stack.clone(), sidecar.clone());
@@ -332,23 +459,27 @@ impl Relay {
                 state.next_id += 1;
                 let id = state.next_id;
                 if let Some(old) = state.routes.remove(&key) {
-                    state.sessions.remove(&old.session);
+                    for id in old.expected.values() {
+                        state.channels.remove(id);
+                    }
                     tracing::info!(source = %peer, "{route}: a new registration replaces the one from {}", old.agent);
                 }
-                state.sessions.insert(session.clone(), key.clone());
-                state.routes.insert(
-                    key,
-                    Route {
-                        id,
-                        session: session.clone(),
-                        agent: peer,
-                        since: unix_now(),
-                        control,
-                        ready: VecDeque::new(),
-                        waiting: VecDeque::new(),
-                        sessions_total: 0,
-                    },
-                );
+                let mut route = Route {
+                    id,
+                    channel_key,
+                    expected: BTreeMap::new(),
+                    agent: peer,
+                    since: unix_now(),
+                    control,
+                    ready: VecDeque::new(),
+                    waiting: VecDeque::new(),
+                    sessions_total: 0,
+                };
+                let (_, ids) = route.advance(0);
+                for (seq, channel) in ids {
+                    state.channels.insert(channel, (key.clone(), seq));
+                }
+                state.routes.insert(key, route);
                 Some(id)
             }
         };
@@ -357,15 +488,19 @@ impl Relay {
                 "stack `{stack}` already has its limit of {} registered sidecars",
                 self.cfg.limits.sidecars_per_stack
             );
-            return refuse(&mut stream, peer, &route, why).await;
+            return self.refuse(&mut stream, peer, &route, why).await;
         };
+        drop(pending);
         let registered = ToAgent::Registered {
-            session,
+            channel_key: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                channel_key,
+            ),
             ready: self.cfg.limits.ready,
         };
         if wire::write_frame(&mut stream, &registered).await.is_ok() {
             tracing::info!(source = %peer, "registered {route}");
-            let (mut read, mut write) = stream.into_split();
+            let (mut read, mut write) = tokio::io::split(stream);
             let mut ping = tokio::time::interval(PING_EVERY);
             let reader = async {
                 loop {
@@ -404,7 +539,9 @@ impl Relay {
             == Some(id)
         {
             if let Some(r) = state.routes.remove(&(stack, sidecar)) {
-                state.sessions.remove(&r.session);
+                for id in r.expected.values() {
+                    state.channels.remove(id);
+                }
             }
             tracing::info!(source = %peer, "unregistered {route}: its control channel ended");
         }
@@ -442,6 +579,7 @@ impl Relay {
         stacks.sort_by(|a, b| a.stack.cmp(&b.stack));
         Status {
             listen: self.cfg.listen.to_string(),
+            pin: self.pin.clone(),
             uptime_s: self.started.elapsed().as_secs(),
             pending: state.pending_total,
             stacks,
@@ -449,16 +587,73 @@ impl Relay {
     }
 }
 
-/// Tells an agent why it is not registered, and logs it.
-async fn refuse(stream: &mut TcpStream, peer: SocketAddr, route: &str, why: String) {
-    tracing::warn!(source = %peer, "refused the registration of {route}: {why}");
-    let _ = wire::write_frame(stream, &ToAgent::Refused { reason: why }).await;
+impl Relay {
+    /// Tells an agent why it is not registered, and logs it (once per interval per source).
+    async fn refuse<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        peer: SocketAddr,
+        route: &str,
+        why: String,
+    ) {
+        self.refused(
+            peer.ip(),
+            format_args!("refused the registration of {route}: {why}"),
+        );
+        let _ = wire::write_frame(stream, &ToAgent::Refused { reason: why }).await;
+    }
+}
+
+impl Route {
+    /// Data channel `used` came: the ids the relay now expects reach [`CHANNEL_WINDOW`] past
+    /// the highest used, and those more than a window behind it are dropped. Returns the ids
+    /// dropped and the ids added, by number.
+    fn advance(&mut self, used: u64) -> (Vec<ChannelId>, Vec<(u64, ChannelId)>) {
+        let floor = used.saturating_sub(CHANNEL_WINDOW);
+        let kept = self.expected.split_off(&floor);
+        let stale = std::mem::replace(&mut self.expected, kept)
+            .into_values()
+            .collect();
+        let from = self.expected.keys().next_back().map_or(0, |last| last + 1);
+        let mut added = Vec::new();
+        for seq in from.max(used)..=used + CHANNEL_WINDOW {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.expected.entry(seq) {
+                let id = wire::channel_id(&self.channel_key, seq);
+                e.insert(id);
+                added.push((seq, id));
+            }
+        }
+        (stale, added)
+    }
+}
+
+/// The relay's TLS for agents' control channels: its own key, no session tickets (an agent
+/// keeps one control channel), TLS 1.3 only.
+fn server_tls(identity: &crate::tls::Identity) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = CertificateDer::from_pem_slice(identity.cert_pem.as_bytes())
+        .expect("the relay's own certificate parses");
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .expect("the relay's own key parses");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("the relay's own key matches its certificate");
+    cfg.send_tls13_tickets = 0;
+    Arc::new(cfg)
 }
 
 /// The relay's state as `soul relay status` prints it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub listen: String,
+    /// The pin of the relay's key: what stack.kdl's `relay … pin=` says.
+    #[serde(default)]
+    pub pin: String,
     pub uptime_s: u64,
     /// Connections that have not said where they go yet.
     pub pending: usize,
@@ -552,18 +747,25 @@ impl Drop for Pending {
     }
 }
 
-/// A spliced session, counted against its stack.
+/// A spliced session, counted against its stack and its source address.
 struct OpenSession<'a> {
     relay: &'a Relay,
     stack: String,
+    source: IpAddr,
 }
 
 impl<'a> OpenSession<'a> {
-    fn new(relay: &'a Relay, stack: &str) -> OpenSession<'a> {
-        *relay.state().open.entry(stack.to_string()).or_default() += 1;
+    /// Counts a session in `state` (which the caller has locked).
+    fn new(relay: &'a Relay, state: &mut State, stack: &str, source: IpAddr) -> OpenSession<'a> {
+        *state.open.entry(stack.to_string()).or_default() += 1;
+        *state
+            .open_from
+            .entry((stack.to_string(), source))
+            .or_default() += 1;
         OpenSession {
             relay,
             stack: stack.to_string(),
+            source,
         }
     }
 }
@@ -575,6 +777,13 @@ impl Drop for OpenSession<'_> {
             *n -= 1;
             if *n == 0 {
                 state.open.remove(&self.stack);
+            }
+        }
+        let from = (std::mem::take(&mut self.stack), self.source);
+        if let Some(n) = state.open_from.get_mut(&from) {
+            *n -= 1;
+            if *n == 0 {
+                state.open_from.remove(&from);
             }
         }
     }
@@ -631,8 +840,17 @@ mod tests {
     use crate::relay::config::{Limits, RelayConfig};
     use crate::relay::wire::AgentKey;
     use std::collections::BTreeMap;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_rustls::client::TlsStream;
+
+    /// The test relay's key seed.
+    const SEED: [u8; 32] = [7; 32];
 
     async fn relay_allowing(stack: &str, key: &AgentKey) -> (Arc<Relay>, SocketAddr) {
+        relay_with(stack, key, Limits::default()).await
+    }
+
+    async fn relay_with(stack: &str, key: &AgentKey, limits: Limits) -> (Arc<Relay>, SocketAddr) {
         let mut allow = BTreeMap::new();
         allow.insert(
             stack.to_string(),
@@ -642,23 +860,32 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             status: None,
             allow,
-            limits: Limits::default(),
+            limits,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let relay = Relay::new(cfg);
+        let relay = Relay::new(cfg, &crate::tls::relay_identity(&SEED));
         tokio::spawn(relay.clone().serve(listener, std::future::pending()));
         (relay, addr)
     }
 
-    /// Registers as `sidecar` of `stack` with `key`; the relay's last answer.
-    async fn register(
+    /// A control channel to the relay at `addr`, its key pinned to `pin`, the agent's hello
+    /// sent; and the session's exporter value.
+    async fn control(
         addr: SocketAddr,
+        pin: &str,
         stack: &str,
         sidecar: &str,
         key: &AgentKey,
-    ) -> (TcpStream, ToAgent) {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+    ) -> std::io::Result<(TlsStream<TcpStream>, [u8; 32])> {
+        let tcp = TcpStream::connect(addr).await?;
+        let mut cfg = crate::pin::client_config(pin).as_ref().clone();
+        cfg.alpn_protocols.clear();
+        let name = rustls::pki_types::ServerName::try_from(wire::AGENT_SERVER_NAME).unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await?;
+        let binding = wire::session_binding(tls.get_ref().1).unwrap();
         let mut hello = wire::MAGIC.to_vec();
         wire::write_frame(
             &mut hello,
@@ -668,16 +895,26 @@ mod tests {
                 key: key.public(),
             },
         )
-        .await
-        .unwrap();
-        use tokio::io::AsyncWriteExt as _;
-        s.write_all(&hello).await.unwrap();
+        .await?;
+        tls.write_all(&hello).await?;
+        Ok((tls, binding))
+    }
+
+    /// Registers as `sidecar` of `stack` with `key`; the relay's last answer.
+    async fn register(
+        addr: SocketAddr,
+        stack: &str,
+        sidecar: &str,
+        key: &AgentKey,
+    ) -> (TlsStream<TcpStream>, ToAgent) {
+        let pin = crate::tls::relay_identity(&SEED).pin;
+        let (mut s, binding) = control(addr, &pin, stack, sidecar, key).await.unwrap();
         let answer: ToAgent = wire::read_frame(&mut s).await.unwrap();
         let ToAgent::Challenge { nonce } = answer else {
             return (s, answer);
         };
         let nonce = wire::decode_nonce(&nonce).unwrap();
-        let signature = key.sign(stack, sidecar, &nonce);
+        let signature = key.sign(stack, sidecar, &nonce, &binding);
         wire::write_frame(&mut s, &FromAgent::Signature { signature })
             .await
             .unwrap();
@@ -709,36 +946,101 @@ mod tests {
         assert_eq!(status.stacks.len(), 1);
         assert_eq!(status.stacks[0].sidecars.len(), 1);
         assert_eq!(status.stacks[0].sidecars[0].sidecar, "notes");
+        assert_eq!(status.pin, crate::tls::relay_identity(&SEED).pin);
     }
 
     #[tokio::test]
-    async fn a_signature_for_another_sidecar_does_not_register() {
+    async fn a_signature_for_another_sidecar_or_another_tls_session_does_not_register() {
+        let key = AgentKey::from_seed([1; 32]);
+        let (relay, addr) = relay_allowing("home", &key).await;
+        let pin = crate::tls::relay_identity(&SEED).pin;
+        for (sidecar, other_session) in [("photos", false), ("notes", true)] {
+            let (mut s, binding) = control(addr, &pin, "home", "notes", &key).await.unwrap();
+            let ToAgent::Challenge { nonce } = wire::read_frame(&mut s).await.unwrap() else {
+                panic!("no challenge")
+            };
+            let nonce = wire::decode_nonce(&nonce).unwrap();
+            // A relay in the middle would have its own session with the real relay.
+            let session = if other_session { [0u8; 32] } else { binding };
+            let signature = key.sign("home", sidecar, &nonce, &session);
+            wire::write_frame(&mut s, &FromAgent::Signature { signature })
+                .await
+                .unwrap();
+            let answer: ToAgent = wire::read_frame(&mut s).await.unwrap();
+            assert!(matches!(answer, ToAgent::Refused { .. }), "{answer:?}");
+        }
+        assert!(relay.status().stacks[0].sidecars.is_empty());
+    }
+
+    /// The agent's channel was plain text and its session id worked as a password: captured,
+    /// it let an attacker inject data channels that took devices' connections.
+    #[tokio::test]
+    async fn a_data_channel_id_is_taken_once_and_an_unknown_one_never() {
+        let key = AgentKey::from_seed([1; 32]);
+        let (relay, addr) = relay_with(
+            "home",
+            &key,
+            Limits {
+                ready: 1,
+                ..Limits::default()
+            },
+        )
+        .await;
+        let (_control, registered) = register(addr, "home", "notes", &key).await;
+        let ToAgent::Registered { channel_key, .. } = registered else {
+            panic!("{registered:?}")
+        };
+        let channel_key = wire::decode_key(&channel_key).unwrap();
+        let ready = || relay.status().stacks[0].sidecars[0].ready;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first
+            .write_all(&wire::data_hello(&channel_key, 0))
+            .await
+            .unwrap();
+        let wait = || async {
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        wait().await;
+        assert_eq!(ready(), 1, "the agent's channel is in the pool");
+        // The same id again (a capture replayed), and ids under another key: closed.
+        for hello in [
+            wire::data_hello(&channel_key, 0),
+            wire::data_hello(&[9; 32], 1),
+        ] {
+            let mut replayed = TcpStream::connect(addr).await.unwrap();
+            replayed.write_all(&hello).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(2), replayed.read(&mut [0u8; 1]))
+                .await
+                .expect("closed at once")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+        assert_eq!(ready(), 1, "no injected channel joined the pool");
+        // The agent's next number is good.
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(&wire::data_hello(&channel_key, 1))
+            .await
+            .unwrap();
+        wait().await;
+        assert_eq!(ready(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_agent_in_clear_text_is_told_to_upgrade() {
         let key = AgentKey::from_seed([1; 32]);
         let (relay, addr) = relay_allowing("home", &key).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let mut hello = wire::MAGIC.to_vec();
-        wire::write_frame(
-            &mut hello,
-            &Hello::Control {
-                stack: "home".into(),
-                sidecar: "notes".into(),
-                key: key.public(),
-            },
-        )
-        .await
-        .unwrap();
-        use tokio::io::AsyncWriteExt as _;
+        let mut hello = wire::MAGIC_V1.to_vec();
+        hello.extend_from_slice(b"\x00\x02{}");
         s.write_all(&hello).await.unwrap();
-        let ToAgent::Challenge { nonce } = wire::read_frame(&mut s).await.unwrap() else {
-            panic!("no challenge")
-        };
-        let nonce = wire::decode_nonce(&nonce).unwrap();
-        let signature = key.sign("home", "photos", &nonce);
-        wire::write_frame(&mut s, &FromAgent::Signature { signature })
-            .await
-            .unwrap();
         let answer: ToAgent = wire::read_frame(&mut s).await.unwrap();
-        assert!(matches!(answer, ToAgent::Refused { .. }), "{answer:?}");
+        assert!(
+            matches!(&answer, ToAgent::Refused { reason } if reason.contains("TLS only")),
+            "{answer:?}"
+        );
         assert!(relay.status().stacks[0].sidecars.is_empty());
     }
 
@@ -746,7 +1048,6 @@ mod tests {
     async fn a_device_for_an_unregistered_route_or_without_tls_is_closed() {
         let key = AgentKey::from_seed([1; 32]);
         let (_relay, addr) = relay_allowing("home", &key).await;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         for first in [
             &b"GET / HTTP/1.1\r\n\r\n"[..],
             &b"\x16\x03\x01\x00\x05hello"[..],
@@ -762,44 +1063,89 @@ mod tests {
         }
     }
 
+    /// Connections waiting for a registration challenge were not counted as pending: one
+    /// source held 590 against a limit of 64.
     #[tokio::test]
     async fn one_source_cannot_hold_more_pending_connections_than_its_share() {
         let key = AgentKey::from_seed([1; 32]);
-        let mut allow = BTreeMap::new();
-        allow.insert(
-            "home".to_string(),
-            wire::parse_public(&key.public()).unwrap(),
-        );
-        let cfg = RelayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            status: None,
-            allow,
-            limits: Limits {
+        let (relay, addr) = relay_with(
+            "home",
+            &key,
+            Limits {
                 pending_per_source: 3,
                 ..Limits::default()
             },
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let relay = Relay::new(cfg);
-        tokio::spawn(relay.clone().serve(listener, std::future::pending()));
-        // Three silent connections hold this source's share; a fourth is closed at once.
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(TcpStream::connect(addr).await.unwrap());
+        )
+        .await;
+        let pin = crate::tls::relay_identity(&SEED).pin;
+        // Silent connections, and control channels that never answer their challenge, hold
+        // this source's share; a fourth is closed at once.
+        let mut held = vec![TcpStream::connect(addr).await.unwrap()];
+        let mut unsigned = Vec::new();
+        for _ in 0..2 {
+            unsigned.push(control(addr, &pin, "home", "notes", &key).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(relay.status().pending, 3);
         let mut fourth = TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 1];
-        use tokio::io::AsyncReadExt as _;
-        let n = tokio::time::timeout(Duration::from_secs(2), fourth.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(2), fourth.read(&mut [0u8; 1]))
             .await
             .expect("the fourth is closed without waiting for the hello timeout")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        drop(held);
+        held.clear();
+        unsigned.clear();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(relay.status().pending, 0, "the share is given back");
+    }
+
+    /// A device's ClientHello for `notes.home.soul` from `source`, left waiting.
+    async fn device_from(source: [u8; 4], addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let cfg = crate::pin::client_config(&crate::tls::relay_identity(&[1; 32]).pin);
+        let name = rustls::pki_types::ServerName::try_from("notes.home.soul").unwrap();
+        tokio::spawn(async move {
+            let _ = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await;
+        })
+    }
+
+    /// 256 sessions from one client kept a real device of the stack out for 100 s.
+    #[tokio::test]
+    async fn one_source_cannot_take_a_stacks_every_session() {
+        let key = AgentKey::from_seed([1; 32]);
+        let (relay, addr) = relay_with(
+            "home",
+            &key,
+            Limits {
+                ready: 0,
+                sessions_per_source: 2,
+                ..Limits::default()
+            },
+        )
+        .await;
+        let (_control, registered) = register(addr, "home", "notes", &key).await;
+        assert!(matches!(registered, ToAgent::Registered { .. }));
+        let mut devices = Vec::new();
+        for _ in 0..3 {
+            devices.push(device_from([127, 0, 0, 1], addr).await);
+        }
+        devices.push(device_from([127, 0, 0, 2], addr).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = relay.status();
+        assert_eq!(
+            (
+                status.stacks[0].open_sessions,
+                status.stacks[0].sidecars[0].waiting
+            ),
+            (3, 3),
+            "two sessions from 127.0.0.1 and one from 127.0.0.2 wait; the third from .1 was refused"
+        );
+        for d in devices {
+            d.abort();
+        }
     }
 }

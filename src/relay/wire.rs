@@ -1,32 +1,53 @@
-//! The relay protocol between a pod's agent and `soul relay`, version 1. Everything travels on
-//! the relay's one port: a device's connection starts with a TLS ClientHello (byte 0x16), an
-//! agent's with [`MAGIC`]. After the magic, messages are frames: a 2-byte big-endian length and
-//! that many bytes of JSON, never more than [`MAX_FRAME`].
+//! The relay protocol between a pod's agent and `soul relay`, version 2. Everything travels on
+//! the relay's one port. A device's connection starts with a TLS ClientHello naming
+//! `<sidecar>.<stack>.soul` (the relay routes it, never terminating it); an agent's control
+//! channel is TLS too, naming [`AGENT_SERVER_NAME`], and the relay terminates that one with
+//! its own key, which the agent pins (stack.kdl's `relay … pin=`): an agent never sends a
+//! byte to a relay whose key does not match. Inside, [`MAGIC`] and then frames: a 2-byte
+//! big-endian length and that many bytes of JSON, never more than [`MAX_FRAME`].
 //!
 //! - **Control** (one per registered sidecar): the agent sends [`Hello::Control`] with its
 //!   public key; the relay answers [`ToAgent::Challenge`]; the agent signs
-//!   [`registration_message`] and sends [`FromAgent::Signature`]; the relay answers
-//!   [`ToAgent::Registered`] (with a session id) or [`ToAgent::Refused`] and closes. Afterwards
-//!   the relay sends [`ToAgent::Open`] when a device waits and no data channel is ready, and
-//!   [`ToAgent::Ping`] to prove it is alive; the agent answers pings with [`FromAgent::Pong`].
-//! - **Data** (the ready pool): the agent sends [`Hello::Data`] with the session id and then
-//!   waits. The relay sends nothing back: the first bytes that arrive on a data channel are a
-//!   device's ClientHello, and from then on the relay splices the device's bytes both ways.
+//!   [`registration_message`], which binds the nonce to this very TLS session (an exporter
+//!   value, RFC 5705 / RFC 8446 §7.5, under [`EXPORTER_LABEL`]), so a relay in the middle
+//!   cannot replay it to the real one; it sends [`FromAgent::Signature`]; the relay answers
+//!   [`ToAgent::Registered`] with a fresh channel key or [`ToAgent::Refused`] and closes.
+//!   Afterwards the relay sends [`ToAgent::Open`] when a device waits and no data channel is
+//!   ready, and [`ToAgent::Ping`]; the agent answers pings with [`FromAgent::Pong`].
+//! - **Data** (the ready pool): plain TCP that starts with [`DATA_MARKER`] and the channel's
+//!   id, [`channel_id`]: an HMAC under the channel key of the channel's sequence number. The
+//!   relay takes each id once; the key itself only ever crossed inside the control channel's
+//!   TLS, so a capture of a data channel names no registration and cannot open another. Then
+//!   the agent waits: the first bytes to arrive are a device's ClientHello, and from then on
+//!   the relay splices the device's bytes both ways (the device's TLS ends at the gate,
+//!   pinned).
 //!
-//! The relay only ever learns public keys: the session id it hands out proves to it that a data
-//! channel belongs to a registration, and the device's TLS ends at the gate, pinned.
+//! The relay only ever learns public keys and the channel keys it made itself.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// What an agent's connection starts with.
-pub const MAGIC: &[u8; 13] = b"soul-relay/1\n";
+/// What an agent's control channel starts with, inside its TLS.
+pub const MAGIC: &[u8; 13] = b"soul-relay/2\n";
+/// What an agent of version 1 sent in clear: the relay tells it to upgrade.
+pub const MAGIC_V1: &[u8; 13] = b"soul-relay/1\n";
+/// The server name of an agent's control channel (never a route: routes have two labels
+/// before `.soul`).
+pub const AGENT_SERVER_NAME: &str = "relay.soul";
+/// The first byte of a data channel (neither a TLS record nor either magic).
+pub const DATA_MARKER: u8 = 0x01;
+/// Bytes of a data channel's id.
+pub const CHANNEL_ID: usize = 16;
+/// The exporter label that binds a registration to its TLS session.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-soul-relay-registration";
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 4096;
 /// Domain separation for the registration signature.
-const SIGNED_LABEL: &[u8] = b"soul-relay/1 register";
+const SIGNED_LABEL: &[u8] = b"soul-relay/2 register";
+/// Domain separation for data channel ids.
+const CHANNEL_LABEL: &[u8] = b"soul-relay/2 data channel";
 
 /// The first frame of an agent's connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,8 +59,6 @@ pub enum Hello {
         sidecar: String,
         key: String,
     },
-    /// A ready data channel of the registration whose session id is `session`.
-    Data { session: String },
 }
 
 /// What the relay sends an agent's control channel.
@@ -48,8 +67,9 @@ pub enum Hello {
 pub enum ToAgent {
     /// Sign this (base64 of 32 random bytes) to prove the key.
     Challenge { nonce: String },
-    /// Registered: open data channels with this session id; keep `ready` of them open.
-    Registered { session: String, ready: usize },
+    /// Registered: open data channels with ids under this channel key (base64 of 32 random
+    /// bytes); keep `ready` of them open.
+    Registered { channel_key: String, ready: usize },
     /// Not registered, and why (the agent logs it and backs off).
     Refused { reason: String },
     /// Devices are waiting and no data channel is ready: open `count` more.
@@ -114,10 +134,17 @@ where
     Ok(serde_json::from_slice(&json)?)
 }
 
-/// What the agent signs to register `sidecar` of `stack`, answering `nonce`.
-pub fn registration_message(stack: &str, sidecar: &str, nonce: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGNED_LABEL.len() + stack.len() + sidecar.len() + 35);
-    for part in [SIGNED_LABEL, stack.as_bytes(), sidecar.as_bytes(), nonce] {
+/// What the agent signs to register `sidecar` of `stack`, answering `nonce` on the TLS session
+/// whose exporter value is `session`.
+pub fn registration_message(stack: &str, sidecar: &str, nonce: &[u8], session: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNED_LABEL.len() + stack.len() + sidecar.len() + 70);
+    for part in [
+        SIGNED_LABEL,
+        stack.as_bytes(),
+        sidecar.as_bytes(),
+        nonce,
+        session,
+    ] {
         m.extend_from_slice(part);
         m.push(0);
     }
@@ -157,12 +184,13 @@ impl AgentKey {
         public_text(&self.0.verifying_key().to_bytes())
     }
 
-    /// The signature that registers `sidecar` of `stack` against `nonce`, in base64.
-    pub fn sign(&self, stack: &str, sidecar: &str, nonce: &[u8]) -> String {
+    /// The signature that registers `sidecar` of `stack` against `nonce` on the TLS session
+    /// whose exporter value is `session`, in base64.
+    pub fn sign(&self, stack: &str, sidecar: &str, nonce: &[u8], session: &[u8]) -> String {
         use ed25519_dalek::Signer as _;
         B64.encode(
             self.0
-                .sign(&registration_message(stack, sidecar, nonce))
+                .sign(&registration_message(stack, sidecar, nonce, session))
                 .to_bytes(),
         )
     }
@@ -190,12 +218,14 @@ pub fn parse_public(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
 }
 
 /// Whether `signature` (base64) is `key`'s over the registration of `sidecar` of `stack`
-/// against `nonce`. Strict verification: no malleable or small-order signatures.
+/// against `nonce` on the session `session`. Strict verification: no malleable or small-order
+/// signatures.
 pub fn verify(
     key: &ed25519_dalek::VerifyingKey,
     stack: &str,
     sidecar: &str,
     nonce: &[u8],
+    session: &[u8],
     signature: &str,
 ) -> bool {
     let Some(bytes) = B64
@@ -206,8 +236,42 @@ pub fn verify(
         return false;
     };
     let signature = ed25519_dalek::Signature::from_bytes(&bytes);
-    key.verify_strict(&registration_message(stack, sidecar, nonce), &signature)
-        .is_ok()
+    key.verify_strict(
+        &registration_message(stack, sidecar, nonce, session),
+        &signature,
+    )
+    .is_ok()
+}
+
+/// The id of data channel number `seq` of the registration whose channel key is `key`.
+pub fn channel_id(key: &[u8; 32], seq: u64) -> [u8; CHANNEL_ID] {
+    use hmac::Mac as _;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(CHANNEL_LABEL);
+    mac.update(&seq.to_be_bytes());
+    let full: [u8; 32] = mac.finalize().into_bytes().into();
+    full[..CHANNEL_ID].try_into().expect("16 of 32 bytes")
+}
+
+/// What a data channel starts with: the marker and its id.
+pub fn data_hello(key: &[u8; 32], seq: u64) -> [u8; 1 + CHANNEL_ID] {
+    let mut hello = [DATA_MARKER; 1 + CHANNEL_ID];
+    hello[1..].copy_from_slice(&channel_id(key, seq));
+    hello
+}
+
+/// The 32 bytes of a base64 channel key.
+pub fn decode_key(key: &str) -> Option<[u8; 32]> {
+    B64.decode(key).ok()?.try_into().ok()
+}
+
+/// The value both ends of a control channel's TLS session derive under [`EXPORTER_LABEL`].
+pub fn session_binding<C>(tls: &rustls::ConnectionCommon<C>) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    tls.export_keying_material(&mut out, EXPORTER_LABEL, None)
+        .ok()?;
+    Some(out)
 }
 
 /// Base64 of `n` random bytes (nonces and session ids).
@@ -229,24 +293,26 @@ mod tests {
     #[tokio::test]
     async fn a_frame_is_read_back_exactly_and_leaves_what_follows() {
         let mut buf = Vec::new();
-        write_frame(
-            &mut buf,
-            &Hello::Data {
-                session: "abc".into(),
-            },
-        )
-        .await
-        .unwrap();
+        write_frame(&mut buf, &ToAgent::Open { count: 2 })
+            .await
+            .unwrap();
         buf.extend_from_slice(b"\x16\x03\x01 the device's bytes");
         let mut input = &buf[..];
-        let hello: Hello = read_frame(&mut input).await.unwrap();
-        assert_eq!(
-            hello,
-            Hello::Data {
-                session: "abc".into()
-            }
-        );
+        let frame: ToAgent = read_frame(&mut input).await.unwrap();
+        assert_eq!(frame, ToAgent::Open { count: 2 });
         assert_eq!(input, b"\x16\x03\x01 the device's bytes");
+    }
+
+    #[test]
+    fn a_data_channels_id_is_its_keys_and_its_numbers_alone() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(channel_id(&a, 7), channel_id(&a, 7));
+        assert_ne!(channel_id(&a, 7), channel_id(&a, 8));
+        assert_ne!(channel_id(&a, 7), channel_id(&b, 7));
+        let hello = data_hello(&a, 7);
+        assert_eq!(hello[0], DATA_MARKER);
+        assert_ne!(hello[0], 0x16, "never taken for a TLS record");
+        assert_ne!(hello[0], MAGIC[0]);
     }
 
     #[tokio::test]
@@ -267,17 +333,28 @@ mod tests {
     fn a_signature_registers_only_the_stack_and_sidecar_it_was_made_for() {
         let key = AgentKey::from_seed([3; 32]);
         let public = parse_public(&key.public()).unwrap();
-        let nonce = [9u8; 32];
-        let sig = key.sign("home", "notes", &nonce);
-        assert!(verify(&public, "home", "notes", &nonce, &sig));
-        assert!(!verify(&public, "home", "photos", &nonce, &sig));
-        assert!(!verify(&public, "work", "notes", &nonce, &sig));
-        assert!(!verify(&public, "home", "notes", &[8u8; 32], &sig));
+        let (nonce, session) = ([9u8; 32], [6u8; 32]);
+        let sig = key.sign("home", "notes", &nonce, &session);
+        assert!(verify(&public, "home", "notes", &nonce, &session, &sig));
+        assert!(!verify(&public, "home", "photos", &nonce, &session, &sig));
+        assert!(!verify(&public, "work", "notes", &nonce, &session, &sig));
+        assert!(!verify(
+            &public, "home", "notes", &[8u8; 32], &session, &sig
+        ));
+        // Another TLS session (a relay in the middle replaying it): refused.
+        assert!(!verify(&public, "home", "notes", &nonce, &[5u8; 32], &sig));
         // "ho" + "menotes" must not sign the same bytes as "home" + "notes".
-        assert!(!verify(&public, "ho", "menotes", &nonce, &sig));
+        assert!(!verify(&public, "ho", "menotes", &nonce, &session, &sig));
         let other = parse_public(&AgentKey::from_seed([4; 32]).public()).unwrap();
-        assert!(!verify(&other, "home", "notes", &nonce, &sig));
-        assert!(!verify(&public, "home", "notes", &nonce, "not base64"));
+        assert!(!verify(&other, "home", "notes", &nonce, &session, &sig));
+        assert!(!verify(
+            &public,
+            "home",
+            "notes",
+            &nonce,
+            &session,
+            "not base64"
+        ));
     }
 
     #[test]

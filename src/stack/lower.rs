@@ -216,10 +216,10 @@ const TOP: &[Shape] = &[
     Shape {
         name: "relay",
         args: Args::Fields(&["endpoint"], 1),
-        props: &["token-file"],
+        props: &["pin", "token-file"],
         children: &[],
         into: Place::Object("relay"),
-        example: "relay \"relay.example.com:7000\" token-file=\"/run/secrets/relay\"",
+        example: "relay \"relay.example.com:7000\" pin=\"sha256//…\"",
     },
     value("secret-generation", "secret-generation 1"),
     Shape {

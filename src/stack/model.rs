@@ -18,6 +18,8 @@ pub fn is_name(s: &str) -> bool {
         && chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
+/// A TLS key's pin: `sha256//` and the base64 of 32 bytes (curl's `--pinnedpubkey` form).
+pub const PIN_PATTERN: &str = r"^sha256//[A-Za-z0-9+/]{43}=$";
 /// Durations such as `"500ms"`, `"10s"`, `"5m"`, `"2h"`, `"90d"`.
 pub const DURATION_PATTERN: &str = r"^[0-9]+(ms|s|m|h|d)$";
 /// The gate's port inside the pod when `gate port=` is absent.
@@ -41,7 +43,7 @@ pub struct Stack {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Transport")]
     pub transport: Option<Transport>,
-    /// `relay "host:port" token-file="…"`.
+    /// `relay "host:port" pin="sha256//…"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Relay")]
     pub relay: Option<Relay>,
@@ -314,12 +316,17 @@ pub struct Tor {
     pub image: Option<String>,
 }
 
-/// `relay "relay.example.com:7000" token-file="…"`.
+/// `relay "relay.example.com:7000" pin="sha256//…"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Relay {
     #[schemars(pattern(r"^[^\s:]+:[0-9]{1,5}$"))]
     pub endpoint: String,
+    /// The pin of the relay's key (`soul relay status` on the relay shows it): the pods'
+    /// agents send nothing to a relay with another key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(PIN_PATTERN))]
+    pub pin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
 }

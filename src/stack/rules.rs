@@ -98,6 +98,18 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 .help("a pod joins one tailnet: keep `tailscale` for Tailscale's servers or `headscale url=…` for your own"),
         );
     }
+    if let Some(relay) = &stack.relay
+        && relay.pin.is_none()
+    {
+        problems.push(
+            Problem::new(spans.get("/relay"), "`relay` needs the pin of the relay's key")
+                .label("no pin=")
+                .help(format!(
+                    "the pods' agents speak TLS to the relay and pin its key: run `soul relay status` on the relay and add its pin, e.g. `relay \"{}\" pin=\"sha256//…\"`",
+                    relay.endpoint
+                )),
+        );
+    }
     if t.nebula.is_some() && stack.sidecars.len() > 1 {
         problems.push(
             Problem::new(spans.get("/transport/nebula"), "`nebula` gives a stack one overlay IP, but this stack has several sidecars")
@@ -122,7 +134,7 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
             if !stack.declares(*kind) {
                 let how = match kind {
                     TransportKind::Relay => {
-                        "add a top-level `relay \"host:port\" token-file=…`".to_string()
+                        "add a top-level `relay \"host:port\" pin=\"sha256//…\"`".to_string()
                     }
                     k => format!(
                         "declare `{}` inside `transport {{ … }}` or drop it from `order`",

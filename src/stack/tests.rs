@@ -29,7 +29,7 @@ transport {
     }
 }
 
-relay "relay.example.com:7000" token-file="/run/secrets/relay"
+relay "relay.example.com:7000" pin="sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=" token-file="/run/secrets/relay"
 secret-generation 1
 device "alice-phone"
 device "work-laptop" expires="90d" generation=2

@@ -197,7 +197,7 @@ mod tests {
     fn addresses_follow_the_order_and_the_lan_ports_and_the_relay_only_while_registered() {
         let stack = crate::stack::parse(
             "s",
-            "stack \"h\"\nsidecar \"a\" { image \"i\"; port 1; }\nsidecar \"b\" { image \"i\"; port 1; }\ntransport { order \"relay\" \"tor\" \"lan\"; lan port=9000 address=\"10.0.0.5\"; tor; }\nrelay \"r.example:7000\"\n",
+            "stack \"h\"\nsidecar \"a\" { image \"i\"; port 1; }\nsidecar \"b\" { image \"i\"; port 1; }\ntransport { order \"relay\" \"tor\" \"lan\"; lan port=9000 address=\"10.0.0.5\"; tor; }\nrelay \"r.example:7000\" pin=\"sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=\"\n",
         )
         .unwrap_or_else(|d| panic!("{d}"));
         let host = lan_host(&stack);
