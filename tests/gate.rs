@@ -2501,3 +2501,75 @@ fn silent_connections_from_one_source_take_only_its_share() {
         gate.log()
     );
 }
+
+/// `soul connect`'s forward once lent the device's credential to anyone who reached its port:
+/// a cross-site POST from a web page, a DNS-rebinding page, a cross-site WebSocket upgrade and
+/// another local user's process each got through. Each is refused now; its own user's curl is
+/// served.
+#[test]
+fn soul_connects_forward_serves_only_its_user_its_host_names_and_its_own_pages() {
+    ensure_command("curl", "curl");
+    let (_app, key, gate, token) = gate_with_alice(50, "forward");
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let code = format!(
+        "soul://pair?v=1&stack=home&sidecar=notes&device=alice&addr=lan:127.0.0.1:{}&pin={}&token={}",
+        gate.port,
+        enc(&pin),
+        enc(&token)
+    );
+    let config = gate.keys.with_extension("connect");
+    let local = free_port();
+    let _forward = Running(
+        Command::new(SOUL)
+            .args(["connect", &code, "--listen", &format!("127.0.0.1:{local}")])
+            .env("XDG_CONFIG_HOME", &config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let curl = |args: &[&str]| -> (i32, String) {
+        let o = run(Command::new("curl")
+            .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .arg(format!("http://127.0.0.1:{local}/")));
+        (o.status.code().unwrap_or(-1), o.stdout_text())
+    };
+    retry(Duration::from_secs(10), || {
+        (curl(&[]).1 == "200").then_some(())
+    })
+    .expect("the forward serves its own user");
+    assert_eq!(curl(&["-H", "Host: rebind.evil.example"]).1, "403");
+    let cross_site = [
+        "-X",
+        "POST",
+        "-H",
+        "Origin: http://evil.example",
+        "-H",
+        "Sec-Fetch-Site: cross-site",
+    ];
+    assert_eq!(curl(&cross_site).1, "403");
+    let cross_upgrade = [
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Origin: http://evil.example",
+    ];
+    assert_eq!(curl(&cross_upgrade).1, "403");
+    // Another user of this machine (uid 65534, `nobody`): the connection is closed unanswered.
+    let other = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl"])
+        .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{local}/")));
+    assert_ne!(other.stdout_text(), "200", "{}", text(&other));
+    assert!(
+        matches!(other.status.code(), Some(52 | 56)),
+        "curl as another user: {}",
+        text(&other)
+    );
+    assert_eq!(curl(&[]).1, "200", "its own user is still served");
+    let _ = std::fs::remove_dir_all(&config);
+}

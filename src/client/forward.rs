@@ -2,6 +2,12 @@
 //! own pinned TLS connection to the gate over the [`super::Connector`]'s path, and every
 //! request on it is sent with the device's credential (`Authorization: Bearer`), replacing
 //! any the local program sent. WebSocket and other upgrades are carried through.
+//!
+//! Since it lends the device's credential, it serves only what is this user's on this machine:
+//! a connection whose socket another user owns is closed ([`super::peer`]); a request for a
+//! host that is not loopback or `localhost` is refused (a DNS-rebinding page that reached the
+//! port under its own name); and a write or upgrade that a browser says another origin sent
+//! is refused exactly as the gate refuses it for a cookie ([`crate::gate::foreign_origin`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,7 +33,7 @@ pub async fn serve(
 ) {
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(e) => {
@@ -38,6 +44,20 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
+        let Ok(local_addr) = stream.local_addr() else {
+            continue;
+        };
+        let owner = super::peer::owner(peer, local_addr);
+        if owner != Some(my_uid()) {
+            tracing::warn!(
+                "refused a local connection from {peer}: {}",
+                match owner {
+                    Some(uid) => format!("it belongs to user {uid}, not to this one"),
+                    None => "its owner is not listed by the kernel".into(),
+                }
+            );
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         tokio::spawn(local(stream, connector.clone()));
     }
@@ -75,6 +95,10 @@ async fn forward(
             "the stored token is not a header value",
         );
     };
+    if let Err(refused) = local_request(&req) {
+        tracing::warn!("refused a local request: {refused}");
+        return answer(StatusCode::FORBIDDEN, refused);
+    }
     let mut held = upstream.lock().await;
     if held.as_ref().is_none_or(|s| s.is_closed()) {
         match open(connector).await {
@@ -128,6 +152,43 @@ async fn open(connector: &Connector) -> Result<SendRequest<Incoming>, String> {
     Ok(send)
 }
 
+/// Whether a request may have the device's credential: sent to this machine by name
+/// (loopback or `localhost`, never a name a page made resolve here), and not a write or an
+/// upgrade that a browser says another origin sent.
+fn local_request<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .ok_or("a request without Host")?;
+    if !is_loopback_host(host) {
+        return Err("a request for another host than this machine (DNS rebinding?)");
+    }
+    if crate::gate::foreign_origin(req, false) {
+        return Err("a write or upgrade from a page of another origin");
+    }
+    Ok(())
+}
+
+/// `127.0.0.1`, any loopback address, `[::1]` or `localhost`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The uid this process runs as (the owner of its `/proc/self`).
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+}
+
 fn is_upgrade(headers: &http::HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
 }
@@ -145,4 +206,55 @@ fn answer(status: StatusCode, why: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str, extra: &[(&str, &str)], method: &str) -> Request<()> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/x")
+            .header("host", host);
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_this_machines_names_and_its_own_pages_get_the_credential() {
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:1",
+            "LOCALHOST",
+            "[::1]:80",
+            "127.9.9.9",
+        ] {
+            assert_eq!(local_request(&req(host, &[], "GET")), Ok(()), "{host}");
+        }
+        for host in [
+            "rebind.evil.example:8080",
+            "10.0.0.1:80",
+            "[fd00::1]:80",
+            "localhost.evil",
+        ] {
+            assert!(local_request(&req(host, &[], "GET")).is_err(), "{host}");
+        }
+        let cross = [
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+        ];
+        assert!(local_request(&req("127.0.0.1:8080", &cross, "POST")).is_err());
+        let upgrade = [("upgrade", "websocket"), ("origin", "http://evil.example")];
+        assert!(local_request(&req("127.0.0.1:8080", &upgrade, "GET")).is_err());
+        let own = [
+            ("origin", "http://127.0.0.1:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(local_request(&req("127.0.0.1:8080", &own, "POST")), Ok(()));
+        // A program (curl) sends no Origin: it is not a page riding the credential.
+        assert_eq!(local_request(&req("127.0.0.1:8080", &[], "POST")), Ok(()));
+    }
 }

@@ -16,6 +16,7 @@
 
 pub mod forward;
 pub mod netwatch;
+pub mod peer;
 /// The pin verifier, which the relay's agent uses too.
 pub use crate::pin;
 pub mod race;

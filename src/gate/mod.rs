@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use crate::pairing::TokenError;
 use crate::secret::Secret;
 use credential::Presented;
-pub use credential::cookie_name;
+pub use credential::{cookie_name, foreign_origin};
 pub use keys::{Keys, load};
 use limits::Failures;
 pub use link::{PAIR_PATH, TOKEN_PATH};
