@@ -84,7 +84,8 @@ fn bench_plan() {
     let inputs = reconcile::PairingInputs {
         key: Ok(StackKey::from_seed(1, [1; 32])),
         fresh_key: StackKey::from_seed(1, [1; 32]),
-        registry: Default::default(),
+        registry: Ok(Default::default()),
+        issued: Default::default(),
         renders: Default::default(),
         addresses: soul::transport::addresses(&stack, Some("192.168.1.20"), &Default::default()),
         now: 1_800_000_000,
@@ -190,6 +191,7 @@ fn pairing_pass(
         key: state.read_key(),
         fresh_key: StackKey::generate(stack.secret_generation).expect("key"),
         registry: state.read_registry(),
+        issued: state.issued(),
         renders: state.read_render_index(),
         addresses,
         now: 1_800_000_000,

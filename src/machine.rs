@@ -12,6 +12,12 @@ pub trait Machine {
     fn env_var(&self, name: &str) -> Option<String>;
     /// Whether a host path exists (secret files named by transports, `/dev/net/tun`).
     fn exists(&self, path: &str) -> bool;
+    /// What identifies a host directory itself, not its name: `<device>:<inode>`. A directory
+    /// deleted and made anew under the same name has another, and a container that
+    /// bind-mounts it must be recreated to see the new one. `None` where unknown.
+    fn identity(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The real machine.
@@ -23,19 +29,20 @@ pub const MAX_ENV_FILE_BYTES: u64 = 64 * 1024;
 
 impl Machine for Host {
     fn read_file(&self, path: &str) -> std::io::Result<String> {
-        use std::io::Read;
-        let file = std::fs::File::open(path)?;
-        let mut bytes = Vec::new();
-        file.take(MAX_ENV_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-        if bytes.len() as u64 > MAX_ENV_FILE_BYTES {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "larger than {} KiB: an environment variable carries a secret, not a file (mount large files with `volume`)",
-                    MAX_ENV_FILE_BYTES / 1024
-                ),
-            ));
-        }
+        let bytes = crate::files::read_bounded(Path::new(path), MAX_ENV_FILE_BYTES).map_err(
+            |e| match e.kind() {
+                std::io::ErrorKind::InvalidData if e.to_string().contains("larger than") => {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "larger than {} KiB: an environment variable carries a secret, not a file (mount large files with `volume`)",
+                            MAX_ENV_FILE_BYTES / 1024
+                        ),
+                    )
+                }
+                _ => e,
+            },
+        )?;
         String::from_utf8(bytes)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
     }
@@ -44,6 +51,12 @@ impl Machine for Host {
     }
     fn exists(&self, path: &str) -> bool {
         Path::new(path).exists()
+    }
+    fn identity(&self, path: &str) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| format!("{}:{}", m.dev(), m.ino()))
     }
 }
 

@@ -135,6 +135,18 @@ impl CliError {
             _ if self.exit() == Exit::EngineUnreachable => Some(
                 "is the Docker daemon running? soul talks to DOCKER_HOST, or unix:///var/run/docker.sock when unset".into(),
             ),
+            CliError::Pass(PassError::Pairing(reconcile::PairingError::RegistryLost {
+                gate_copy: true,
+                ..
+            })) => Some(
+                "soul will not re-issue every token by itself: every paired device would lose access. The gate's copy is intact: `cp <state dir>/gate/devices.json <state dir>/devices.json` restores the registry (or restore it from a backup); or start over deliberately with `soul rotate --new-key` (every device scans a new pairing code)".into(),
+            ),
+            CliError::Pass(PassError::Pairing(reconcile::PairingError::RegistryLost { .. })) => Some(
+                "soul will not re-issue every token by itself: every paired device would lose access. Restore devices.json from a backup into the state dir, or start over deliberately with `soul rotate --new-key` (every device scans a new pairing code)".into(),
+            ),
+            CliError::Pass(PassError::Pairing(reconcile::PairingError::KeyMismatch { .. })) => Some(
+                "this key would lock every paired device out. Put back the stack.key the devices were paired with (from a backup), or start over deliberately with `soul rotate --new-key` (every device scans a new pairing code)".into(),
+            ),
             CliError::Pass(PassError::Pairing(reconcile::PairingError::KeyLost { .. })) => Some(
                 "soul will not make a new key by itself: every paired device would lose access. Restore stack.key from a backup into the state dir (the devices' tokens then keep working), or start over deliberately with `soul rotate --new-key` (every device scans a new pairing code)".into(),
             ),

@@ -30,20 +30,20 @@ pub struct Keys {
 pub fn load(dir: &Path, sidecar: Option<&str>) -> std::io::Result<Keys> {
     let not_a_key =
         || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key");
-    let public_key =
-        unhex32(&std::fs::read_to_string(dir.join(GATE_PUBLIC_KEY_FILE))?).ok_or_else(not_a_key)?;
-    let registry = serde_json::from_slice(&std::fs::read(dir.join(GATE_REGISTRY_FILE))?)
+    // Bounded, regular files only: what apply wrote, never a FIFO to wait on.
+    let read =
+        |name: &str| crate::files::read_bounded(&dir.join(name), crate::state::MAX_STATE_FILE);
+    let text = |name: &str| read(name).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let public_key = unhex32(&text(GATE_PUBLIC_KEY_FILE)?).ok_or_else(not_a_key)?;
+    let registry = serde_json::from_slice(&read(GATE_REGISTRY_FILE)?)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let link_key = match std::fs::read_to_string(dir.join(GATE_LINK_KEY_FILE)) {
+    let link_key = match text(GATE_LINK_KEY_FILE) {
         Ok(hex) => Some(unhex32(&hex).ok_or_else(not_a_key)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
     let tls = match sidecar {
-        Some(sidecar) => match (
-            std::fs::read(dir.join(gate_tls_cert(sidecar))),
-            std::fs::read(dir.join(gate_tls_key(sidecar))),
-        ) {
+        Some(sidecar) => match (read(&gate_tls_cert(sidecar)), read(&gate_tls_key(sidecar))) {
             (Ok(cert), Ok(key)) => Some(GateTls::from_pem(&cert, &key)?),
             (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
             (Err(e), _) | (_, Err(e)) => return Err(e),

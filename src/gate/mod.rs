@@ -935,7 +935,7 @@ async fn hand_token(
         .cfg
         .keys_dir
         .join(crate::state::layout::gate_device_token(&t.device));
-    match std::fs::read_to_string(&file) {
+    match crate::files::read_text_bounded(&file, crate::state::MAX_STATE_FILE) {
         Ok(token) => {
             tracing::info!(source = %client.peer, device = %t.device, "gave a paired client its token");
             let mut r = Response::new(

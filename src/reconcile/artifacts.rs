@@ -9,8 +9,8 @@ use crate::pairing::{
 };
 use crate::stack::{Stack, parse_duration};
 use crate::state::{
-    DeviceEntry, KEY_FILE, KeyProblem, REGISTRY_FILE, Registry, RenderIndex, StackKey, layout,
-    unhex32,
+    DeviceEntry, Issued, KEY_FILE, KeyProblem, REGISTRY_FILE, ROTATION_FILE, Registry, RenderIndex,
+    StackKey, layout, unhex32,
 };
 
 use super::plan::{DesiredFile, FileContent, QrFormat};
@@ -20,7 +20,9 @@ use super::plan::{DesiredFile, FileContent, QrFormat};
 pub struct PairingInputs {
     pub key: Result<StackKey, KeyProblem>,
     pub fresh_key: StackKey,
-    pub registry: Registry,
+    pub registry: Result<Registry, KeyProblem>,
+    /// What the gate's copies say of tokens issued before.
+    pub issued: Issued,
     pub renders: RenderIndex,
     /// Per sidecar, in stack order.
     pub addresses: Vec<Vec<Address>>,
@@ -48,6 +50,24 @@ pub enum PairingError {
     /// lock every one of them out, so soul does not make one by itself.
     #[error("the stack key is {why}, and {devices} paired device(s) hold tokens signed with it")]
     KeyLost { why: String, devices: usize },
+    /// The device registry is gone or unreadable while the gates admit devices issued from it:
+    /// a new registry would re-issue every token (new issue times), locking each device out.
+    #[error(
+        "the device registry devices.json is {why}, and {devices} paired device(s) hold tokens issued from it"
+    )]
+    RegistryLost {
+        why: String,
+        devices: usize,
+        /// The gate's copy (`gate/devices.json`) reads, under the stored key: it can be copied
+        /// back.
+        gate_copy: bool,
+    },
+    /// The stored key is a valid key, but not the one the gates verify tokens with (and no
+    /// rotation to it has begun): another stack's key, or an old backup.
+    #[error(
+        "the stack key in stack.key is not the one the {devices} paired device(s)' tokens were signed with (gate/public.key names another)"
+    )]
+    KeyMismatch { devices: usize },
 }
 
 /// The desired state dir.
@@ -61,7 +81,43 @@ pub struct Pairing {
 
 /// Computes every file the state dir should hold.
 pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, PairingError> {
-    let devices = inputs.registry.devices.len();
+    let issued = inputs.issued.devices();
+    // A lost key is the graver loss: said first when the registry is gone too.
+    if let (Err(problem), true) = (&inputs.key, issued > 0) {
+        return Err(PairingError::KeyLost {
+            why: match problem {
+                KeyProblem::Missing => "missing".into(),
+                KeyProblem::Unreadable(why) => format!("unreadable ({why})"),
+            },
+            devices: issued,
+        });
+    }
+    let stored = match &inputs.registry {
+        Ok(r) => r.clone(),
+        // Nothing was issued from it: nothing is lost by starting a new one.
+        Err(_) if issued == 0 => Registry::default(),
+        Err(problem) => {
+            let gate_copy = inputs.issued.gate_registry.is_some()
+                && matches!((&inputs.key, inputs.issued.gate_public_key),
+                    (Ok(k), Some(p)) if k.public_key() == p);
+            return Err(PairingError::RegistryLost {
+                why: match problem {
+                    KeyProblem::Missing => "missing".into(),
+                    KeyProblem::Unreadable(why) => format!("unreadable ({why})"),
+                },
+                devices: issued,
+                gate_copy,
+            });
+        }
+    };
+    let devices = stored.devices.len().max(issued);
+    if let (Ok(k), Some(verified_with)) = (&inputs.key, inputs.issued.gate_public_key)
+        && devices > 0
+        && k.public_key() != verified_with
+        && inputs.issued.rotating_to != Some(k.public_key())
+    {
+        return Err(PairingError::KeyMismatch { devices });
+    }
     let key_change = match &inputs.key {
         Ok(k) if k.generation == stack.secret_generation => None,
         Ok(k) => Some(KeyChange::Rotated {
@@ -92,7 +148,7 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
 
     let mut registry = Registry::default();
     for d in &stack.devices {
-        let issued_at = match inputs.registry.devices.get(&d.name) {
+        let issued_at = match stored.devices.get(&d.name) {
             Some(e) if e.generation == d.generation => e.issued_at,
             _ => inputs.now,
         };
@@ -120,15 +176,21 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         Some(KeyChange::Replaced(why)) => format!("stack key (regenerated: {why})"),
     };
     let link_key = key.link_key();
-    let mut files = vec![
+    // Two groups, written in this order: the artifacts a new key makes (tokens, codes), then
+    // the switch (the key, the registry and every file the gates read). A write that fails in
+    // the first group leaves the old key and gates working; one in the second is finished by
+    // the next pass, which the rotation file tells from a stranger's key.
+    let mut switch = Vec::new();
+    if key_change.is_some() && inputs.issued.gate_public_key.is_some() {
+        switch.push(DesiredFile::bytes(
+            ROTATION_FILE,
+            "the key being switched in".into(),
+            format!("{}\n", hex::encode(key.public_key())).into_bytes(),
+        ));
+    }
+    switch.extend([
         DesiredFile::bytes(KEY_FILE, key_what, key.to_file()),
         DesiredFile::bytes(REGISTRY_FILE, "device registry".into(), registry.to_file()),
-        // What the gate verifies tokens with: the public key only, and the registry.
-        DesiredFile::bytes(
-            &layout::gate_file(layout::GATE_PUBLIC_KEY_FILE),
-            "gate's public key".into(),
-            format!("{}\n", hex::encode(key.public_key())).into_bytes(),
-        ),
         DesiredFile::bytes(
             &layout::gate_file(layout::GATE_REGISTRY_FILE),
             "gate's device registry".into(),
@@ -140,10 +202,11 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             "gate's link key".into(),
             format!("{}\n", hex::encode(link_key)).into_bytes(),
         ),
-    ];
+    ]);
+    let mut files = Vec::new();
     // The relay agent's key, derived from the stack key: what the relay's allow-list names.
     if stack.relay.is_some() {
-        files.push(DesiredFile::bytes(
+        switch.push(DesiredFile::bytes(
             &layout::gate_file(layout::GATE_RELAY_KEY_FILE),
             "gate's relay agent key".into(),
             format!("{}\n", hex::encode(key.relay_agent_seed())).into_bytes(),
@@ -153,12 +216,12 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
     let mut pins = Vec::new();
     for sidecar in &stack.sidecars {
         let identity = crate::tls::identity(&key, &stack.stack, &sidecar.name);
-        files.push(DesiredFile::bytes(
+        switch.push(DesiredFile::bytes(
             &layout::gate_file(&layout::gate_tls_cert(&sidecar.name)),
             format!("gate's TLS certificate for {}", sidecar.name),
             identity.cert_pem.into_bytes(),
         ));
-        files.push(DesiredFile::bytes(
+        switch.push(DesiredFile::bytes(
             &layout::gate_file(&layout::gate_tls_key(&sidecar.name)),
             format!("gate's TLS key for {}", sidecar.name),
             identity.key_pem.into_bytes(),
@@ -240,12 +303,20 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             token.expose().as_bytes().to_vec(),
         ));
         // The gates hand it to a client that redeems the device's pairing ticket over TLS.
-        files.push(DesiredFile::bytes(
+        switch.push(DesiredFile::bytes(
             &layout::gate_file(&layout::gate_device_token(name)),
             format!("gate's copy of the token for {name}"),
             token.expose().as_bytes().to_vec(),
         ));
     }
+    // What the gates verify tokens with, last of all: until it is written, every token
+    // issued under the old key is still admitted.
+    switch.push(DesiredFile::bytes(
+        &layout::gate_file(layout::GATE_PUBLIC_KEY_FILE),
+        "gate's public key".into(),
+        format!("{}\n", hex::encode(key.public_key())).into_bytes(),
+    ));
+    files.extend(switch);
     Ok(Pairing {
         key,
         key_change,
@@ -265,7 +336,8 @@ mod tests {
         PairingInputs {
             key: Err(KeyProblem::Missing),
             fresh_key: StackKey::from_seed(1, [3; 32]),
-            registry: Registry::default(),
+            registry: Err(KeyProblem::Missing),
+            issued: Issued::default(),
             renders: RenderIndex::default(),
             addresses,
             now: 1_800_000_000,
@@ -322,7 +394,7 @@ mod tests {
         // Same inputs with the stored key and registry: nothing changes, issued-at is kept.
         let mut again = inputs(vec![vec![]]);
         again.key = Ok(p.key.clone());
-        again.registry = p.registry.clone();
+        again.registry = Ok(p.registry.clone());
         again.now += 500;
         again.fresh_key = StackKey::from_seed(2, [9; 32]);
         let q = desired_files(&s, again).unwrap();
@@ -344,7 +416,7 @@ mod tests {
         // An older stored generation is a rotation.
         let mut rotated = inputs(vec![vec![]]);
         rotated.key = Ok(StackKey::from_seed(1, [3; 32]));
-        rotated.registry = p.registry.clone();
+        rotated.registry = Ok(p.registry.clone());
         let r = desired_files(&s, rotated).unwrap();
         assert_eq!(r.key_change, Some(KeyChange::Rotated { from: 1, to: 2 }));
     }
@@ -363,7 +435,7 @@ mod tests {
         ] {
             let mut lost = inputs(vec![vec![]]);
             lost.key = Err(problem.clone());
-            lost.registry = paired.clone();
+            lost.registry = Ok(paired.clone());
             assert!(matches!(
                 desired_files(&s, lost),
                 Err(PairingError::KeyLost { devices: 1, .. })
@@ -373,5 +445,71 @@ mod tests {
             fresh.key = Err(problem);
             assert!(desired_files(&s, fresh).is_ok());
         }
+    }
+
+    /// A damaged registry, or a valid key that is not the one the gates verify with, once
+    /// re-issued every token: refused while the gates admit devices, allowed when none is
+    /// paired or when the key is the one a rotation that began was switching to.
+    #[test]
+    fn a_lost_registry_or_a_strangers_key_is_refused_while_devices_are_paired() {
+        let s = parse(
+            "s",
+            "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\"\n",
+        )
+        .unwrap();
+        let key = StackKey::from_seed(1, [3; 32]);
+        let paired = desired_files(&s, inputs(vec![vec![]])).unwrap().registry;
+        let issued = Issued {
+            gate_public_key: Some(key.public_key()),
+            gate_registry: Some(paired.clone()),
+            rotating_to: None,
+        };
+        let with = |key: StackKey, registry, issued: Issued| {
+            let mut i = inputs(vec![vec![]]);
+            i.key = Ok(key);
+            i.registry = registry;
+            i.issued = issued;
+            desired_files(&s, i)
+        };
+        for problem in [
+            KeyProblem::Missing,
+            KeyProblem::Unreadable("garbage".into()),
+        ] {
+            assert!(matches!(
+                with(key.clone(), Err(problem.clone()), issued.clone()),
+                Err(PairingError::RegistryLost {
+                    devices: 1,
+                    gate_copy: true,
+                    ..
+                })
+            ));
+            // Nothing issued: a registry is simply made.
+            assert!(with(key.clone(), Err(problem), Issued::default()).is_ok());
+        }
+        let stranger = StackKey::from_seed(1, [4; 32]);
+        assert!(matches!(
+            with(stranger.clone(), Ok(paired.clone()), issued.clone()),
+            Err(PairingError::KeyMismatch { devices: 1 })
+        ));
+        let rotating = Issued {
+            rotating_to: Some(stranger.public_key()),
+            ..issued.clone()
+        };
+        assert!(with(stranger, Ok(paired.clone()), rotating).is_ok());
+        // A rotation writes the codes first and the gate's public key last.
+        let mut rotation = inputs(vec![vec![]]);
+        rotation.key = Ok(StackKey::from_seed(0, [3; 32]));
+        rotation.registry = Ok(paired);
+        rotation.issued = issued;
+        let order: Vec<String> = desired_files(&s, rotation)
+            .unwrap()
+            .files
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        let at = |p: &str| order.iter().position(|f| f == p).unwrap();
+        assert!(at(ROTATION_FILE) < at(KEY_FILE));
+        assert!(at("tokens/a.jwt") < at(ROTATION_FILE));
+        assert_eq!(order.last().map(String::as_str), Some("gate/public.key"));
     }
 }

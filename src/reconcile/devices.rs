@@ -32,7 +32,7 @@ const ARTIFACTS: [&str; 4] = ["uri", "png", "svg", "txt"];
 
 pub fn report(stack: &Stack, state: &StateDir, now: u64) -> DevicesReport {
     let key = state.read_key().ok();
-    let registry = state.read_registry();
+    let registry = state.read_registry().unwrap_or_default();
     let devices = stack
         .devices
         .iter()

@@ -350,6 +350,7 @@ pub fn pairing_of(
         key: state.read_key(),
         fresh_key,
         registry: state.read_registry(),
+        issued: state.issued(),
         renders: state.read_render_index(),
         addresses: transport::addresses(stack, lan.as_deref(), discovered),
         now,

@@ -337,6 +337,19 @@ fn gate_container(
     if !state_id.is_empty() {
         gate = gate.env("SOUL_STATE_ID", state_id);
     }
+    // A bind mount holds on to the directory it was made from: `gate/` or `spent/` deleted and
+    // written anew (a restored backup keeps its state.id) must recreate the gate, or it goes on
+    // serving the old, deleted files.
+    let mounted: Vec<String> = [
+        crate::state::layout::GATE_DIR,
+        crate::state::layout::SPENT_DIR,
+    ]
+    .iter()
+    .filter_map(|d| machine.identity(&state_dir.join(d).to_string_lossy()))
+    .collect();
+    if !mounted.is_empty() {
+        gate = gate.env("SOUL_MOUNTS", mounted.join(","));
+    }
     gate
 }
 

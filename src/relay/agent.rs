@@ -117,7 +117,7 @@ where
 async fn register(
     cfg: &AgentConfig,
 ) -> Result<(TlsStream<TcpStream>, [u8; 32], usize), AgentError> {
-    let key = std::fs::read_to_string(&cfg.key_file)
+    let key = crate::files::read_text_bounded(&cfg.key_file, 1024)
         .ok()
         .and_then(|t| AgentKey::parse(&t))
         .ok_or_else(|| AgentError::NoKey(cfg.key_file.clone()))?;

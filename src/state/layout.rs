@@ -6,6 +6,10 @@
 pub const KEY_FILE: &str = "stack.key";
 /// The device registry.
 pub const REGISTRY_FILE: &str = "devices.json";
+/// While a new stack key is being switched in: hex of its public key. Written before the key,
+/// removed by the pass after the gate's files are all written, so an apply cut short between
+/// the two finishes the rotation instead of taking the new key for a stranger's.
+pub const ROTATION_FILE: &str = "rotating";
 /// The overlay addresses last read from the pods.
 pub const ADDRESSES_FILE: &str = "addresses.json";
 /// Which source each rendered file (QR PNG/SVG/text) was rendered from, so a converged pass

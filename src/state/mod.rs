@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 pub mod layout;
 
 pub use layout::{
-    ADDRESSES_FILE, KEY_FILE, MANAGED_DIRS, REGISTRY_FILE, RENDER_INDEX_FILE, STATE_ID_FILE,
+    ADDRESSES_FILE, KEY_FILE, MANAGED_DIRS, REGISTRY_FILE, RENDER_INDEX_FILE, ROTATION_FILE,
+    STATE_ID_FILE,
 };
 
 /// Why the state dir could not be used.
@@ -30,6 +31,11 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// The state dir's path names something that is not a directory.
+    #[error(
+        "the state dir {path} is a file, not a directory: move it aside, or pass another with --state-dir"
+    )]
+    NotADir { path: PathBuf },
     /// The lock file could not be opened or locked.
     #[error("cannot lock {path}: {source}")]
     Lock {
@@ -44,6 +50,14 @@ pub enum StateError {
     )]
     WatchRunning { path: PathBuf, pid: Option<u32> },
 }
+
+/// Fault injection for tests: a write of exactly this state-dir path fails, as a full disk
+/// would make it fail, so a test can cut an apply short at any of its writes.
+pub const FAULT_WRITE_VAR: &str = "SOUL_FAULT_WRITE";
+
+/// The most soul reads of any one file in a state dir: far more than it ever writes there (a
+/// registry of thousands of devices is a few hundred KiB).
+pub const MAX_STATE_FILE: u64 = 16 << 20;
 
 /// The default state dir: `/var/lib/soul/<stack>` as root, `$XDG_STATE_HOME/soul/<stack>`
 /// (or `~/.local/state/soul/<stack>`) otherwise.
@@ -81,12 +95,23 @@ impl StateDir {
             path: path.to_path_buf(),
             source,
         };
+        if let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_dir()
+        {
+            return Err(StateError::NotADir {
+                path: path.to_path_buf(),
+            });
+        }
         std::fs::create_dir_all(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
         let state = StateDir {
             path: path.to_path_buf(),
         };
-        create_private_dirs(path, &path.join(layout::SPENT_DIR)).map_err(err)?;
+        // The directories gates bind-mount exist before any plan names them, so a first apply
+        // plans the gate with the directory it will mount.
+        for dir in [layout::SPENT_DIR, layout::GATE_DIR] {
+            create_private_dirs(path, &path.join(dir)).map_err(err)?;
+        }
         if !path.join(STATE_ID_FILE).exists() {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| err(std::io::Error::other(e.to_string())))?;
@@ -112,6 +137,11 @@ impl StateDir {
     /// Writes `bytes` to `rel` atomically (temp file in the same directory, fsync, rename,
     /// fsync of the directory), mode 0600; parent directories are created 0700.
     pub fn write(&self, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
+        if std::env::var_os(FAULT_WRITE_VAR).is_some_and(|p| p == rel) {
+            return Err(std::io::Error::other(format!(
+                "{FAULT_WRITE_VAR}: an injected failure writing {rel}"
+            )));
+        }
         let target = self.path.join(rel);
         let parent = target.parent().unwrap_or(&self.path).to_path_buf();
         create_private_dirs(&self.path, &parent)?;
@@ -143,8 +173,11 @@ impl StateDir {
         }
     }
 
+    /// Reads a file of the state dir: a regular file of at most [`MAX_STATE_FILE`] bytes
+    /// ([`crate::files::read_bounded`]), so a file replaced by a FIFO, a device or a directory
+    /// is an error at once, never a hang or an unbounded read.
     pub fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.path.join(rel))
+        crate::files::read_bounded(&self.path.join(rel), MAX_STATE_FILE)
     }
 
     /// Removes a file; a file that is already gone is fine. Empty managed directories go too.
@@ -170,7 +203,7 @@ impl StateDir {
     pub fn file_hashes(&self) -> BTreeMap<String, [u8; 32]> {
         let mut out = BTreeMap::new();
         let mut visit = vec![];
-        for f in [KEY_FILE, REGISTRY_FILE, ADDRESSES_FILE] {
+        for f in [KEY_FILE, REGISTRY_FILE, ADDRESSES_FILE, ROTATION_FILE] {
             visit.push(self.path.join(f));
         }
         for d in MANAGED_DIRS {
@@ -181,7 +214,7 @@ impl StateDir {
                 if let Ok(entries) = std::fs::read_dir(&p) {
                     visit.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
                 }
-            } else if let Ok(bytes) = std::fs::read(&p)
+            } else if let Ok(bytes) = crate::files::read_bounded(&p, MAX_STATE_FILE)
                 && let Ok(rel) = p.strip_prefix(&self.path)
             {
                 let name = rel.to_string_lossy().to_string();
@@ -193,13 +226,18 @@ impl StateDir {
         out
     }
 
-    /// Starting over after the stack key was lost: moves what is left of the key and the
-    /// device registry aside (`<file>.lost-<unix time>`, never deleted), so the next apply
-    /// makes a first key and pairs every device anew. Returns the names moved.
+    /// Starting over after the stack key or the registry was lost: moves what is left of the
+    /// key, the device registry and the gate's copies of both aside (`<file>.lost-<unix
+    /// time>` in the state dir, never deleted), so the next apply makes a first key and pairs
+    /// every device anew. Returns the names moved.
     pub fn set_aside_lost_key(&self, now: u64) -> std::io::Result<Vec<String>> {
         let mut moved = Vec::new();
-        for f in [KEY_FILE, REGISTRY_FILE] {
-            let aside = format!("{f}.lost-{now}");
+        let gate_key = layout::gate_file(layout::GATE_PUBLIC_KEY_FILE);
+        let gate_registry = layout::gate_file(layout::GATE_REGISTRY_FILE);
+        // The gate's copies too: they record the tokens issued under the lost key, which
+        // starting over deliberately leaves behind.
+        for f in [KEY_FILE, REGISTRY_FILE, &gate_key, &gate_registry] {
+            let aside = format!("{}.lost-{now}", f.replace('/', "-"));
             match std::fs::rename(self.path.join(f), self.path.join(&aside)) {
                 Ok(()) => moved.push(aside),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -235,12 +273,41 @@ impl StateDir {
         self.write(RENDER_INDEX_FILE, &v)
     }
 
-    /// The device registry; a missing or unreadable one is empty (every device is re-issued).
-    pub fn read_registry(&self) -> Registry {
-        self.read(REGISTRY_FILE)
+    /// The device registry, or why it cannot be read (missing, or unreadable: what to do about
+    /// either depends on whether tokens were issued from it, which [`StateDir::issued`] tells).
+    pub fn read_registry(&self) -> Result<Registry, KeyProblem> {
+        Self::registry_at(self, REGISTRY_FILE)
+    }
+
+    fn registry_at(&self, rel: &str) -> Result<Registry, KeyProblem> {
+        match self.read(rel) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KeyProblem::Missing),
+            Err(e) => Err(KeyProblem::Unreadable(e.to_string())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| KeyProblem::Unreadable(format!("not a device registry: {e}"))),
+        }
+    }
+
+    /// What the gate's copies say about tokens issued before: the public key they verify
+    /// with, and the devices they admit. Written by every apply beside the key and the
+    /// registry, they outlive damage to those two.
+    pub fn issued(&self) -> Issued {
+        let gate_public_key = self
+            .read(&layout::gate_file(layout::GATE_PUBLIC_KEY_FILE))
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .and_then(|b| unhex32(&String::from_utf8_lossy(&b)));
+        let gate_registry = self
+            .registry_at(&layout::gate_file(layout::GATE_REGISTRY_FILE))
+            .ok();
+        let rotating_to = self
+            .read(layout::ROTATION_FILE)
+            .ok()
+            .and_then(|b| unhex32(&String::from_utf8_lossy(&b)));
+        Issued {
+            gate_public_key,
+            gate_registry,
+            rotating_to,
+        }
     }
 
     /// Takes the stack's lock. When another process holds it, `on_wait` is told its pid and
@@ -320,7 +387,25 @@ fn create_private_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Why the stored stack key cannot be used.
+/// What the state dir's gate copies say about tokens issued before (see [`StateDir::issued`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Issued {
+    /// `gate/public.key`: the key the running gates verify tokens with.
+    pub gate_public_key: Option<[u8; 32]>,
+    /// `gate/devices.json`, when it reads: the devices the running gates admit.
+    pub gate_registry: Option<Registry>,
+    /// The public key a rotation that has begun is switching to ([`layout::ROTATION_FILE`]).
+    pub rotating_to: Option<[u8; 32]>,
+}
+
+impl Issued {
+    /// How many devices the gates admit tokens of.
+    pub fn devices(&self) -> usize {
+        self.gate_registry.as_ref().map_or(0, |r| r.devices.len())
+    }
+}
+
+/// Why the stored stack key (or device registry) cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyProblem {
     Missing,

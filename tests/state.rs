@@ -1,0 +1,283 @@
+//! State you can trust, on the real engine: soul never locks a paired device out by itself
+//! (a damaged registry or another key stops apply while the running gate keeps serving), reads
+//! nothing without a bound, serves the files it just wrote, and finishes a rotation cut short.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn stack_kdl(lan: u16, devices: &str, generation: u64) -> String {
+    format!(
+        r#"stack "{{stack}}"
+sidecar "notes" {{
+    image "soul:latest"
+    command "demo-app" "--port=8080"
+    port 8080
+}}
+transport {{
+    lan port={lan} address="192.168.1.20"
+}}
+secret-generation {generation}
+{devices}
+"#
+    )
+}
+
+/// A stack with `devices` applied, its LAN port, and the token of its first device served.
+fn applied(tag: &str, devices: &str) -> (TestStack, u16) {
+    ensure_images();
+    let s = TestStack::new(tag);
+    let lan = free_port();
+    s.write(&stack_kdl(lan, devices, 1));
+    s.apply();
+    (s, lan)
+}
+
+/// Whether the gate on `port` answers `token` with `code` (retried until `within`).
+fn answers(port: u16, token: &str, code: u16, within: Duration) -> bool {
+    retry(within, || {
+        http_get_as(port, "/", token, Duration::from_secs(2))
+            .filter(|(c, _)| *c == code)
+            .map(|_| ())
+    })
+    .is_some()
+}
+
+/// One way to damage the state dir: its name, what does it, and what the refusal must say.
+type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+
+/// A damaged `devices.json` (emptied, truncated, garbage, deleted) or a `stack.key` replaced by
+/// another valid key once made apply exit 0, re-issue every token and lock every device out.
+#[test]
+fn a_damaged_registry_or_another_key_stops_apply_while_the_gate_keeps_serving() {
+    let (s, lan) = applied("damaged", "device \"phone\"\n");
+    let token = s.token("phone");
+    assert!(answers(lan, &token, 200, Duration::from_secs(20)));
+    let state = s.state();
+    let registry = std::fs::read(state.join("devices.json")).unwrap();
+    let key = std::fs::read(state.join("stack.key")).unwrap();
+    let another_key = soul::state::StackKey::from_seed(1, [99; 32]).to_file();
+    let damage: [Damage; 6] = [
+        (
+            "empty",
+            Box::new(|| std::fs::write(state.join("devices.json"), b"").unwrap()),
+            "gate/devices.json",
+        ),
+        (
+            "truncated",
+            Box::new(|| {
+                std::fs::write(state.join("devices.json"), &registry[..registry.len() / 2]).unwrap()
+            }),
+            "gate/devices.json",
+        ),
+        (
+            "garbage",
+            Box::new(|| std::fs::write(state.join("devices.json"), b"\x00\xffnot json").unwrap()),
+            "gate/devices.json",
+        ),
+        (
+            "deleted",
+            Box::new(|| std::fs::remove_file(state.join("devices.json")).unwrap()),
+            "gate/devices.json",
+        ),
+        (
+            "another valid key",
+            Box::new(|| std::fs::write(state.join("stack.key"), &another_key).unwrap()),
+            "stack.key",
+        ),
+        (
+            "key and registry deleted",
+            Box::new(|| {
+                std::fs::remove_file(state.join("stack.key")).unwrap();
+                std::fs::remove_file(state.join("devices.json")).unwrap();
+            }),
+            "stack.key from a backup",
+        ),
+    ];
+    for (what, damage, hint) in damage {
+        damage();
+        for cmd in [&["apply"][..], &["plan"]] {
+            let o = s.soul(cmd);
+            assert_eq!(
+                o.status.code(),
+                Some(1),
+                "{what}: soul {cmd:?} went on:\n{}",
+                text(&o)
+            );
+            let err = o.stderr_text();
+            assert!(
+                err.contains(hint) && err.contains("rotate --new-key"),
+                "{what}: {err}"
+            );
+        }
+        assert_eq!(
+            s.token("phone"),
+            token,
+            "{what}: the token on disk was re-issued"
+        );
+        assert!(
+            answers(lan, &token, 200, Duration::from_secs(5)),
+            "{what}: the running gate stopped admitting the device"
+        );
+        std::fs::write(state.join("devices.json"), &registry).unwrap();
+        std::fs::write(state.join("stack.key"), &key).unwrap();
+        let o = s.soul(&["plan", "--detailed-exitcode"]);
+        assert_eq!(o.status.code(), Some(0), "{what}, restored:\n{}", text(&o));
+    }
+}
+
+/// `stack.key` linked to /dev/zero made `soul plan` grow to 22 GB; state files linked to it
+/// read a GiB each; a FIFO made plan and apply hang; a state dir that is a file said only
+/// "File exists (os error 17)".
+#[test]
+fn every_state_file_as_a_fifo_a_dev_zero_link_or_a_directory_ends_at_once() {
+    ensure_command("prlimit", "util-linux");
+    let (s, _) = applied("fifo", "device \"phone\"\n");
+    let state = s.state();
+    for file in [
+        "stack.key",
+        "devices.json",
+        "addresses.json",
+        "stopped.json",
+        "renders.json",
+        "state.id",
+        "gate/devices.json",
+    ] {
+        let path = state.join(file);
+        let saved = std::fs::read(&path).ok();
+        for kind in ["fifo", "dev-zero", "directory"] {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_dir(&path);
+            match kind {
+                "fifo" => assert!(
+                    Command::new("mkfifo")
+                        .arg(&path)
+                        .status()
+                        .unwrap()
+                        .success()
+                ),
+                "dev-zero" => std::os::unix::fs::symlink("/dev/zero", &path).unwrap(),
+                _ => std::fs::create_dir(&path).unwrap(),
+            }
+            let started = Instant::now();
+            let o = run(Command::new("timeout")
+                .args(["20", "prlimit", "--as=536870912", SOUL, "-f"])
+                .arg(s.file())
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("plan"));
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(5),
+                "{file} as a {kind}: plan took {took:?}"
+            );
+            assert!(
+                matches!(o.status.code(), Some(0..=2)),
+                "{file} as a {kind}: plan was killed or hung:\n{}",
+                text(&o)
+            );
+            if ["stack.key", "devices.json"].contains(&file) {
+                assert_eq!(
+                    o.status.code(),
+                    Some(1),
+                    "{file} as a {kind}:\n{}",
+                    text(&o)
+                );
+            }
+            assert!(!o.stderr_text().contains("os error 17"), "{}", text(&o));
+        }
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&path);
+        if let Some(bytes) = saved {
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    s.soul(&["plan"]).exited(0);
+    // A state dir that is a plain file says so.
+    let file = s.dir.join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let o = run(Command::new(SOUL)
+        .arg("-f")
+        .arg(s.file())
+        .arg("--state-dir")
+        .arg(&file)
+        .arg("apply"));
+    o.exited(1).stderr_has("is a file, not a directory");
+}
+
+/// After `rm -rf STATE/gate; soul apply` the gate kept serving the deleted directory: a device
+/// removed from stack.kdl still got 200, and plan said nothing.
+#[test]
+fn a_deleted_gate_directory_is_replaced_in_the_running_gate_too() {
+    let (s, lan) = applied("gatedir", "device \"phone\"\ndevice \"tablet\"\n");
+    let tablet = s.token("tablet");
+    assert!(answers(lan, &tablet, 200, Duration::from_secs(20)));
+    std::fs::remove_dir_all(s.state().join("gate")).unwrap();
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "plan reports the drift:\n{}",
+        text(&o)
+    );
+    s.write(&stack_kdl(lan, "device \"phone\"\n", 1));
+    s.apply();
+    let started = Instant::now();
+    assert!(
+        answers(lan, &tablet, 401, Duration::from_secs(20)),
+        "the removed device is still admitted"
+    );
+    eprintln!("refused after {:?}", started.elapsed());
+    assert!(answers(
+        lan,
+        &s.token("phone"),
+        200,
+        Duration::from_secs(20)
+    ));
+    s.soul(&["plan", "--detailed-exitcode"]).exited(0);
+}
+
+/// Bumping `secret-generation` on a full disk rotated the key and the gate's keys, then failed
+/// writing a QR code: every device got 401 until an apply completed. A rotation cut short at
+/// any of its writes leaves the old tokens admitted, and the next apply finishes it.
+#[test]
+fn a_rotation_cut_short_at_any_write_leaves_the_old_tokens_admitted() {
+    let (s, lan) = applied("rotate", "device \"phone\"\n");
+    let old = s.token("phone");
+    assert!(answers(lan, &old, 200, Duration::from_secs(20)));
+    s.write(&stack_kdl(lan, "device \"phone\"\n", 2));
+    let plan: serde_json::Value =
+        serde_json::from_str(&s.soul(&["plan", "--output", "json"]).stdout_text()).unwrap();
+    let writes: Vec<String> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|st| st["step"] == "write-file")
+        .filter_map(|st| st["path"].as_str().map(String::from))
+        .collect();
+    assert!(
+        writes.iter().any(|p| p == "stack.key") && writes.len() >= 8,
+        "{plan}"
+    );
+    for path in &writes {
+        let o = run(s
+            .command(&["apply"])
+            .env(soul::state::FAULT_WRITE_VAR, path));
+        assert_eq!(o.status.code(), Some(1), "cut at {path}:\n{}", text(&o));
+        assert!(
+            answers(lan, &old, 200, Duration::from_secs(5)),
+            "cut at {path}: the old token is refused"
+        );
+    }
+    s.apply();
+    let new = s.token("phone");
+    assert_ne!(new, old);
+    assert!(answers(lan, &new, 200, Duration::from_secs(20)));
+    assert!(answers(lan, &old, 401, Duration::from_secs(20)));
+    assert!(!Path::new(&s.state().join(soul::state::ROTATION_FILE)).exists());
+    s.soul(&["plan", "--detailed-exitcode"]).exited(0);
+}
