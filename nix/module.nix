@@ -134,7 +134,8 @@ in
         StateDirectoryMode = "0700";
         UMask = "0077";
         ProtectSystem = "strict";
-        ReadWritePaths = [ "/var/lib/soul" "/run/docker.sock" ];
+        # Exactly the state dir it is given (ProtectSystem = "strict" makes the rest read-only).
+        ReadWritePaths = [ cfg.stateDir "/run/docker.sock" ];
         ProtectHome = "read-only";
         RestrictSUIDSGID = true;
         SystemCallFilter = [ "@system-service" ];

@@ -332,3 +332,57 @@ fn a_kubernetes_export_holds_no_secret_value() {
     assert!(text.contains("secretKeyRef"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The module's `stateDir` was read-only to its own service: `ReadWritePaths` named
+/// `/var/lib/soul` whatever `stateDir` said, under `ProtectSystem = "strict"`. Evaluated by
+/// Nix itself (the module's config function, with a `lib` that has just what it calls, since no
+/// nixpkgs is reachable here), a custom `stateDir` is exactly what the unit may write.
+#[test]
+fn the_nixos_modules_state_dir_is_writable_by_its_service() {
+    let nix = nix_instantiate();
+    let expr = format!(
+        r#"
+let
+  id = x: x;
+  lib = {{
+    mkOption = id; mkEnableOption = id; literalExpression = id; mkDefault = id;
+    mkIf = c: v: if c then v else {{}};
+    mkMerge = builtins.foldl' (a: b: a // b) {{}};
+    getExe = p: "/bin/soul";
+    types = {{ package = null; path = null; str = null; lines = null; port = null; bool = null;
+               nullOr = t: null; }};
+  }};
+  pkgs = {{ writeText = n: t: "/nix/store/x-${{n}}"; coreutils = "/coreutils"; git = "/git";
+           stdenv.hostPlatform.system = "x86_64-linux"; }};
+  self = {{ packages.x86_64-linux.default = "soul"; }};
+  config = {{
+    services.soul = {{ enable = true; package = "soul"; stackFile = "/etc/soul/stack.kdl";
+                      stateDir = "/srv/soul/home"; environmentFile = null; }};
+    services.soul-relay = {{ enable = false; }};
+  }};
+  module = import {module} self {{ inherit config lib pkgs; }};
+in module.config.systemd.services.soul.serviceConfig
+"#,
+        module = repo().join("nix/module.nix").display()
+    );
+    let o = run(Command::new(nix).args(["--eval", "--strict", "--json", "--expr", &expr]));
+    assert!(o.status.success(), "{}", text(&o));
+    let unit: serde_json::Value = serde_json::from_str(&o.stdout_text()).unwrap();
+    assert_eq!(unit["ProtectSystem"], "strict", "{unit}");
+    let writable = unit["ReadWritePaths"].as_array().unwrap();
+    assert!(
+        writable.iter().any(|p| p == "/srv/soul/home"),
+        "the state dir is not writable: {unit}"
+    );
+    assert!(
+        !writable.iter().any(|p| p == "/var/lib/soul"),
+        "more than the state dir: {unit}"
+    );
+    assert!(
+        unit["ExecStart"]
+            .as_str()
+            .unwrap()
+            .contains("--state-dir /srv/soul/home"),
+        "{unit}"
+    );
+}

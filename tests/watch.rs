@@ -284,6 +284,48 @@ impl EngineProxy {
     }
 }
 
+/// With the Docker socket gone for 30 s, `soul watch` logged not one line, and it noticed the
+/// engine back only 7–15 s after it returned.
+#[test]
+fn the_engine_going_away_and_coming_back_is_said_once_each_and_noticed_within_seconds() {
+    ensure_images();
+    let s = TestStack::new("waway");
+    let lan = free_port();
+    s.write(&kdl(lan, "up", 1));
+    let proxy = EngineProxy::start(&s.dir.join("engine.sock"));
+    let host = format!("unix://{}", proxy.path.display());
+    let w = Watch::start(&s, Some(&host));
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(&s, lan).as_deref() == Some("up")
+    });
+    proxy.cut();
+    wait_for("the engine's absence said", Duration::from_secs(10), || {
+        w.log().contains("the Docker engine went away")
+    });
+    // Away for a while, with the app gone meanwhile (removed on the real engine).
+    docker(&["rm", "-f", &s.container("s0", "app")]);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        w.log().matches("the Docker engine went away").count(),
+        1,
+        "{}",
+        w.log()
+    );
+    let returned = Instant::now();
+    proxy.restore();
+    wait_for("the engine's return said", Duration::from_secs(10), || {
+        w.log().contains("the Docker engine is back")
+    });
+    let noticed = returned.elapsed();
+    assert!(
+        noticed < Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    eprintln!("figure: the engine's return noticed after {noticed:?}");
+    wait_for("the repair", Duration::from_secs(30), || running(&s, "s0"));
+    assert_eq!(w.log().matches("the Docker engine is back").count(), 1);
+}
+
 #[test]
 fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
     ensure_images();

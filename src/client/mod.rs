@@ -33,6 +33,9 @@ use crate::pairing::{Address, Payload, PayloadError};
 use crate::secret::Secret;
 use race::{Failed, Target};
 
+/// How long a burst of network events is let settle before the paths are compared.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// How often, while on a worse path than the first, the better ones are tried again.
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 
@@ -260,25 +263,42 @@ impl Connector {
     /// on a worse path probes the better ones every [`PROBE_EVERY`].
     pub async fn maintain(self: Arc<Connector>) {
         let mut changes = netwatch::changes();
+        let targets: Vec<std::net::IpAddr> = self
+            .pairing
+            .addresses
+            .iter()
+            .filter_map(|a| a.host.parse().ok())
+            .collect();
+        let mut paths = netwatch::Paths::now(&targets);
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let changed = async {
                 match changes.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
+                    Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                ok = changed => {
-                    if !ok {
+                burst = changed => {
+                    let Some(mut burst) = burst else {
                         changes = None;
                         continue;
-                    }
-                    // Events come in bursts (an address, then its routes): let them settle.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    // Events come in bursts (an address, then its routes): let them settle,
+                    // and take the whole burst as one.
+                    tokio::time::sleep(SETTLE).await;
                     if let Some(rx) = changes.as_mut() {
-                        rx.borrow_and_update();
+                        while let Ok(more) = rx.try_recv() {
+                            burst.extend(more);
+                        }
+                    }
+                    let now = netwatch::Paths::now(&targets);
+                    let moved = paths.moved(&now, &burst);
+                    paths = now;
+                    if !moved {
+                        tracing::debug!("a network change that moves no path to the gate");
+                        continue;
                     }
                     tracing::info!("the network changed: choosing the path again");
                     if let Err(e) = self.choose().await {

@@ -630,47 +630,78 @@ fn watch_file(
     Ok(watcher)
 }
 
-/// Follows this stack's container events; reconnects with backoff when the engine goes away.
+/// How often, at most, the engine is tried again while it is away: its return is noticed
+/// within this (and a pass follows at once).
+const ENGINE_RETRY_CAP: Duration = Duration::from_secs(1);
+
+/// Follows this stack's container events; reconnects when the engine goes away, trying at
+/// least every [`ENGINE_RETRY_CAP`], and says once that it went and once that it is back.
 fn spawn_events(
     stack: String,
     triggers: Arc<Triggers>,
     flaps: Arc<Mutex<FlapTracker>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut backoff = Backoff::new(Duration::from_millis(250), ENGINE_RETRY_CAP);
         let mut connected_before = false;
+        // Since when the engine has been away (logged once when it goes).
+        let mut away: Option<Instant> = None;
         loop {
-            if let Ok(docker) = Docker::connect().await {
-                if connected_before {
-                    // The engine may have restarted: look at everything again.
-                    triggers.fire(Trigger::EngineBack);
-                }
-                connected_before = true;
-                let mut stream = Box::pin(docker.container_events(&stack));
-                let mut got_one = false;
-                while let Some(item) = stream.next().await {
-                    let Ok((action, name)) = item else { break };
-                    got_one = true;
-                    backoff.reset();
-                    let relevant =
-                        matches!(action.as_str(), "die" | "destroy" | "stop" | "kill" | "oom")
-                            || action.starts_with("health_status");
-                    if action == "die"
-                        && let Ok(mut f) = flaps.lock()
-                    {
-                        f.died(&name, Instant::now());
+            match Docker::connect().await {
+                Ok(docker) => {
+                    if let Some(since) = away.take() {
+                        tracing::info!(
+                            "the Docker engine is back after {:.1} s: converging",
+                            since.elapsed().as_secs_f64()
+                        );
                     }
-                    if relevant {
-                        triggers.fire(Trigger::Container { action, name });
+                    if connected_before {
+                        // The engine may have restarted: look at everything again.
+                        triggers.fire(Trigger::EngineBack);
                     }
+                    connected_before = true;
+                    let mut stream = Box::pin(docker.container_events(&stack));
+                    let mut got_one = false;
+                    let ended = loop {
+                        let Some(item) = stream.next().await else {
+                            break "its event stream ended".to_string();
+                        };
+                        let (action, name) = match item {
+                            Ok(event) => event,
+                            Err(e) => break e.to_string(),
+                        };
+                        got_one = true;
+                        backoff.reset();
+                        let relevant =
+                            matches!(action.as_str(), "die" | "destroy" | "stop" | "kill" | "oom")
+                                || action.starts_with("health_status");
+                        if action == "die"
+                            && let Ok(mut f) = flaps.lock()
+                        {
+                            f.died(&name, Instant::now());
+                        }
+                        if relevant {
+                            triggers.fire(Trigger::Container { action, name });
+                        }
+                    };
+                    if got_one {
+                        backoff.reset();
+                    }
+                    went_away(&mut away, &ended);
                 }
-                if got_one {
-                    backoff.reset();
-                }
+                Err(e) => went_away(&mut away, &e.to_string()),
             }
             tokio::time::sleep(backoff.next_delay(jitter())).await;
         }
     })
+}
+
+/// Says, once, that the engine went away.
+fn went_away(away: &mut Option<Instant>, why: &str) {
+    if away.is_none() {
+        tracing::warn!("the Docker engine went away ({why}): waiting for it, trying every second");
+        *away = Some(Instant::now());
+    }
 }
 
 /// Fires when this host's LAN address changes, or when a pod's relay agent registers or drops
