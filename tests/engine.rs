@@ -1087,3 +1087,55 @@ fn init_apply_then_logs_shows_the_apps_access_line_and_follows_it_across_a_recre
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+/// kill -9 of apply while the pod's namespace holder was being started left a false "LAN port
+/// … is already in use on this machine by another program": Docker's proxy held the port for
+/// this stack's own container, which the check counted only while running. The very next
+/// apply converges, however the kill falls (20 tries, each killed at the pause container's
+/// create, as the engine reports it).
+#[test]
+fn apply_killed_while_the_pod_starts_then_the_next_apply_converges() {
+    ensure_images();
+    let s = TestStack::new("killstart");
+    let lan = free_port();
+    s.write(&two_sidecars(lan, "UTC"));
+    let pause = s.container("web", "pause");
+    for attempt in 0..20 {
+        let mut events = Running(
+            Command::new("docker")
+                .args(["events", "--filter", "type=container", "--filter"])
+                .arg(format!("container={pause}"))
+                .args(["--format", "{{.Action}}"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = events.0.stdout.take().unwrap();
+        let mut apply = s
+            .command(&["apply"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead as _;
+        // Kill at the create (even attempts) or the start (odd ones) of the namespace holder.
+        let at = if attempt % 2 == 0 { "create" } else { "start" };
+        let seen = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take(10)
+            .any(|a| a == at);
+        let _ = apply.kill();
+        let _ = apply.wait();
+        drop(events);
+        assert!(seen, "attempt {attempt}: no `{at}` of {pause}");
+        let o = s.soul(&["apply"]);
+        assert!(
+            o.status.success(),
+            "attempt {attempt} (killed at {at}): the next apply did not converge:\n{}",
+            text(&o)
+        );
+        s.soul(&["plan", "--detailed-exitcode"]).exited(0);
+        s.soul(&["down"]).exited(0);
+    }
+}

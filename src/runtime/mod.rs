@@ -84,7 +84,7 @@ pub struct ContainerInfo {
     pub health: Option<String>,
     pub image: String,
     pub image_id: String,
-    /// The host ports it publishes (while it runs).
+    /// The host ports it publishes, or will when it starts.
     pub host_ports: Vec<u16>,
 }
 
@@ -154,7 +154,7 @@ impl Docker {
     /// Lists this stack's containers (running or not), networks and volumes.
     pub async fn snapshot(&self, stack: &str) -> Result<Snapshot, RuntimeError> {
         let filters = Self::stack_filter(stack);
-        let containers = self
+        let mut containers: Vec<ContainerInfo> = self
             .docker
             .list_containers(Some(
                 ListContainersOptionsBuilder::default()
@@ -187,6 +187,23 @@ impl Docker {
                 }
             })
             .collect();
+        // The list shows published ports only while a container runs; one that is created,
+        // starting or stopped may hold its ports all the same (Docker's proxy binds them at
+        // start): its own bindings say which.
+        for c in containers.iter_mut().filter(|c| c.state != "running") {
+            if let Ok(inspected) = self.docker.inspect_container(&c.id, None).await {
+                c.host_ports.extend(
+                    inspected
+                        .host_config
+                        .and_then(|h| h.port_bindings)
+                        .into_iter()
+                        .flat_map(|b| b.into_values())
+                        .flatten()
+                        .flatten()
+                        .filter_map(|b| b.host_port.and_then(|p| p.parse::<u16>().ok())),
+                );
+            }
+        }
         let listed = self
             .docker
             .list_networks(Some(
