@@ -15,6 +15,15 @@ pub mod label {
     pub const CONFIG_HASH: &str = "dev.soul.config-hash";
     /// The state dir (absolute path) of the run that made the container: its owner.
     pub const STATE_DIR: &str = "dev.soul.state-dir";
+    /// On a stack's claim ([`super::claim_name`]): the stack it claims.
+    pub const CLAIM: &str = "dev.soul.claim";
+}
+
+/// The name of the volume that claims `stack` for one state dir: the engine's one object whose
+/// creation only one of two racing state dirs can win (a second create of a volume name returns
+/// the first, labels and all). It carries no stack label, so it is no part of the pods.
+pub fn claim_name(stack: &str) -> String {
+    format!("soul-claim_{stack}")
 }
 
 /// What a container does in its pod.

@@ -1139,3 +1139,90 @@ fn apply_killed_while_the_pod_starts_then_the_next_apply_converges() {
         s.soul(&["down"]).exited(0);
     }
 }
+
+/// Two fresh state dirs applying one new stack at the same instant both failed (409, "network
+/// … is ambiguous"), leaving two networks, two keys and a few containers; `down` from the
+/// loser then removed the winner's stack. Now one claim on the engine decides: exactly one
+/// apply succeeds, the other changes nothing and names the owner, and `down` from it refuses.
+#[test]
+fn two_state_dirs_applying_one_new_stack_at_once_leave_one_owner() {
+    ensure_images();
+    let s = TestStack::new("claim");
+    let lan = free_port();
+    s.write(&format!(
+        "stack \"{{stack}}\"\nsidecar \"hello\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan}\n}}\ndevice \"tester\"\n"
+    ));
+    let dirs = [s.state(), s.dir.join("other-state")];
+    let soul_in = |state: &std::path::Path, args: &[&str]| {
+        let mut c = Command::new(SOUL);
+        c.arg("-f")
+            .arg(s.file())
+            .arg("--state-dir")
+            .arg(state)
+            .args(args);
+        c
+    };
+    for attempt in 0..20 {
+        for d in &dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let racing: Vec<_> = dirs
+            .iter()
+            .map(|d| {
+                soul_in(d, &["apply"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outcomes: Vec<_> = racing
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let won: Vec<usize> = (0..2).filter(|i| outcomes[*i].status.success()).collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "attempt {attempt}: {} applies succeeded:\n{}\n---\n{}",
+            won.len(),
+            text(&outcomes[0]),
+            text(&outcomes[1])
+        );
+        let (winner, loser) = (won[0], 1 - won[0]);
+        assert_eq!(outcomes[loser].status.code(), Some(1));
+        assert!(
+            outcomes[loser]
+                .stderr_text()
+                .contains("were made from the state dir"),
+            "attempt {attempt}: {}",
+            text(&outcomes[loser])
+        );
+        assert_eq!(s.networks().len(), 1, "attempt {attempt}");
+        let owners = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=dev.soul.stack={}", s.name),
+            "--format",
+            "{{.Label \"dev.soul.state-dir\"}}",
+        ]);
+        let winner_dir = std::path::absolute(&dirs[winner]).unwrap();
+        assert!(
+            owners
+                .lines()
+                .all(|o| std::path::Path::new(o) == winner_dir),
+            "attempt {attempt}: {owners}"
+        );
+        assert!(
+            !dirs[loser].join("stack.key").exists(),
+            "the loser made a key"
+        );
+        // `down` from the loser refuses in apply's words and changes nothing.
+        let before = s.containers();
+        let o = run(&mut soul_in(&dirs[loser], &["down"]));
+        o.exited(1).stderr_has("were made from the state dir");
+        assert_eq!(s.containers(), before, "attempt {attempt}");
+        run(&mut soul_in(&dirs[winner], &["down"])).exited(0);
+    }
+}

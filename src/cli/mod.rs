@@ -701,6 +701,7 @@ async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliError> {
     let dir = ctx.open_state()?;
     let _lock = lock(&dir, stack, "holds")?;
     let docker = Docker::connect().await?;
+    reconcile::check_ownership(&docker, stack, &dir).await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     let plan = reconcile::plan_down(&observed, args.volumes);
     let removed = plan.steps.len();
@@ -708,6 +709,8 @@ async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliError> {
         out(&format!("  [{}/{removed}] - {step}\n", i + 1));
     })
     .await?;
+    // Down: the stack is nobody's now (another state dir may take it up).
+    docker.release_claim(&stack.stack).await?;
     if !args.volumes && !observed.volumes.is_empty() {
         let kept: Vec<&str> = observed.volumes.iter().map(String::as_str).collect();
         out(&format!(
@@ -1125,9 +1128,10 @@ async fn stop(ctx: &Context, args: &PodsArgs) -> Result<Exit, CliError> {
     let _lock = lock(&state, &ctx.stack, "holds")?;
     let mut stopped = reconcile::stopped(&state);
     stopped.extend(sidecars.iter().cloned());
+    let docker = Docker::connect().await?;
+    reconcile::check_ownership(&docker, &ctx.stack, &state).await?;
     reconcile::record_stopped(&state, &stopped)
         .map_err(|e| CliError::Io(format!("cannot record the stop: {e}")))?;
-    let docker = Docker::connect().await?;
     for name in pod_containers(&docker, ctx, &sidecars).await?.iter().rev() {
         docker.stop_container(name).await?;
         out(&format!("  stopped {name}\n"));
@@ -1167,6 +1171,7 @@ async fn restart(ctx: &Context, args: &PodsArgs) -> Result<Exit, CliError> {
     }
     let _lock = lock(&state, &ctx.stack, "holds")?;
     let docker = Docker::connect().await?;
+    reconcile::check_ownership(&docker, &ctx.stack, &state).await?;
     for name in pod_containers(&docker, ctx, &sidecars).await? {
         docker.restart_container(&name).await?;
         out(&format!("  restarted {name}\n"));

@@ -25,8 +25,8 @@ pub use down::plan_down;
 pub use execute::{Engine, ExecuteError, execute};
 pub use observe::{from_snapshot, observe};
 pub use pass::{
-    PassError, Planned, await_addresses, check_inputs, desired, discover, missing_addresses,
-    pairing_of, prepare, record_stopped, run, stopped, unix_now,
+    PassError, Planned, await_addresses, check_inputs, check_ownership, desired, discover,
+    missing_addresses, pairing_of, prepare, record_stopped, run, stopped, unix_now,
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,

@@ -32,9 +32,9 @@ pub enum PassError {
     /// external volume is missing. Found before anything was changed.
     #[error("nothing was changed: {}", conflicts_text(.0))]
     Conflicts(Vec<Conflict>),
-    /// The stack's containers were made from another state dir, which still holds its key.
+    /// The stack's containers (or its claim) were made from another state dir, still there.
     #[error(
-        "the containers of stack `{stack}` were made from the state dir {owner}, which still holds its key: run soul with `--state-dir {owner}`; or, for this state dir to take over, move that one away first (two state dirs of one stack would issue two keys and fight over the pods)"
+        "the containers of stack `{stack}` were made from the state dir {owner}, which is still there: run soul with `--state-dir {owner}`; or, for this state dir to take over, move that one away first (two state dirs of one stack would issue two keys and fight over the pods)"
     )]
     OtherOwner { stack: String, owner: String },
     /// A bug in soul (a task panicked, a lock was poisoned).
@@ -131,7 +131,8 @@ pub async fn prepare(
     let discovered = discover(docker, stack, state).await?;
     let desired = desired(stack, machine, state, &discovered, now)?;
     let observed = super::observe::observe(docker, &desired, state).await?;
-    check_owner(stack, state, &observed)?;
+    let claim = docker.claim_owner(&stack.stack).await?;
+    check_owner(stack, state, &observed, claim.as_deref())?;
     let plan = plan(&desired, &observed);
     if !plan.conflicts.is_empty() {
         return Err(PassError::Conflicts(plan.conflicts));
@@ -139,16 +140,25 @@ pub async fn prepare(
     Ok(Planned { desired, plan })
 }
 
-/// One state dir owns a stack's pods: a container made from another state dir that still
-/// exists (with its key) stops the pass. A state dir that is gone, or this one made anew, is no
-/// other owner; containers of soul 0.1 record none.
-fn check_owner(stack: &Stack, state: &StateDir, observed: &Observed) -> Result<(), PassError> {
+/// One state dir owns a stack's pods: the stack's claim on the engine, or a container, made
+/// from another state dir that is still there stops the pass. A state dir that is gone (moved
+/// away), or this one made anew, is no other owner; containers of soul 0.1 record none.
+fn check_owner(
+    stack: &Stack,
+    state: &StateDir,
+    observed: &Observed,
+    claim: Option<&str>,
+) -> Result<(), PassError> {
     let ours = state.owner();
-    let other = observed
-        .containers
-        .iter()
-        .filter_map(|c| c.owner.as_deref())
-        .find(|o| *o != ours && std::path::Path::new(o).join(KEY_FILE).exists());
+    let other = claim
+        .into_iter()
+        .chain(
+            observed
+                .containers
+                .iter()
+                .filter_map(|c| c.owner.as_deref()),
+        )
+        .find(|o| *o != ours && still_owns(o));
     match other {
         Some(owner) => Err(PassError::OtherOwner {
             stack: stack.stack.clone(),
@@ -156,6 +166,54 @@ fn check_owner(stack: &Stack, state: &StateDir, observed: &Observed) -> Result<(
         }),
         None => Ok(()),
     }
+}
+
+/// Whether the state dir at `owner` is still there: it holds a stack key, or is one being
+/// made (its id is written first, its key by its first apply, after it claimed the stack).
+fn still_owns(owner: &str) -> bool {
+    let dir = std::path::Path::new(owner);
+    dir.join(KEY_FILE).exists() || dir.join(crate::state::STATE_ID_FILE).exists()
+}
+
+/// Whether this state dir may change the stack's objects: refused, in apply's words, when
+/// another state dir that is still there owns them. What `down`, `stop` and `restart`
+/// ask before they touch anything.
+pub async fn check_ownership(
+    docker: &Docker,
+    stack: &Stack,
+    state: &StateDir,
+) -> Result<(), PassError> {
+    let observed = super::observe::from_snapshot(docker.snapshot(&stack.stack).await?);
+    let claim = docker.claim_owner(&stack.stack).await?;
+    check_owner(stack, state, &observed, claim.as_deref())
+}
+
+/// Claims the stack on the engine for this state dir before the first change: of two state
+/// dirs applying one stack at the same instant, exactly one wins, and the other stops here,
+/// having changed nothing. A claim left by a state dir that is gone is taken over.
+async fn claim(docker: &Docker, stack: &Stack, state: &StateDir) -> Result<(), PassError> {
+    let ours = state.owner();
+    for _ in 0..2 {
+        let owner = docker.claim(&stack.stack, &ours).await?;
+        if owner == ours {
+            return Ok(());
+        }
+        if still_owns(&owner) {
+            return Err(PassError::OtherOwner {
+                stack: stack.stack.clone(),
+                owner,
+            });
+        }
+        tracing::info!(
+            "stack `{}` was claimed by {owner}, which is gone: taking it over",
+            stack.stack
+        );
+        docker.release_claim(&stack.stack).await?;
+    }
+    Err(PassError::OtherOwner {
+        stack: stack.stack.clone(),
+        owner: "another state dir (the claim changed hands while taking it over)".into(),
+    })
 }
 
 fn conflicts_text(conflicts: &[Conflict]) -> String {
@@ -173,6 +231,9 @@ pub async fn run(
     plan: &Plan,
     on_step: impl FnMut(usize, &Step),
 ) -> Result<(), PassError> {
+    if !plan.steps.is_empty() {
+        claim(docker, stack, state).await?;
+    }
     execute(docker, state, &stack.stack, plan, on_step).await?;
     Ok(())
 }

@@ -453,6 +453,42 @@ impl Docker {
         Ok(())
     }
 
+    /// Claims `stack` for the state dir `owner`, unless it is claimed already: returns the
+    /// owner of the claim, whoever made it. Two state dirs racing both learn the same winner.
+    pub async fn claim(&self, stack: &str, owner: &str) -> Result<String, RuntimeError> {
+        let volume = self
+            .docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(crate::pod::claim_name(stack)),
+                labels: Some(HashMap::from([
+                    (label::CLAIM.into(), stack.into()),
+                    (label::STATE_DIR.into(), owner.into()),
+                ])),
+                ..Default::default()
+            })
+            .await?;
+        Ok(volume
+            .labels
+            .get(label::STATE_DIR)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The state dir that claims `stack`, if any does.
+    pub async fn claim_owner(&self, stack: &str) -> Result<Option<String>, RuntimeError> {
+        let labels = self
+            .labels_of(ObjectKind::Volume, &crate::pod::claim_name(stack))
+            .await?;
+        Ok(labels
+            .filter(|l| l.get(label::CLAIM).map(String::as_str) == Some(stack))
+            .and_then(|l| l.get(label::STATE_DIR).cloned()))
+    }
+
+    /// Gives up the claim on `stack` (nothing when there is none).
+    pub async fn release_claim(&self, stack: &str) -> Result<(), RuntimeError> {
+        self.remove_volume(&crate::pod::claim_name(stack)).await
+    }
+
     pub async fn create_network(&self, name: &str, stack: &str) -> Result<(), RuntimeError> {
         self.docker
             .create_network(NetworkCreateRequest {

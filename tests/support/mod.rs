@@ -485,6 +485,8 @@ impl Drop for TestStack {
                 }
             }
         }
+        // The stack's claim (no stack label: it is no part of the pods).
+        let _ = docker_ok(&["volume", "rm", &soul::pod::claim_name(&self.name)]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
