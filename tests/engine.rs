@@ -851,11 +851,21 @@ fn a_foreign_network_named_like_the_stacks_stops_apply_and_down_still_works() {
     ensure_images();
     let s = TestStack::new("ambiguous");
     s.write(&with_volume(free_port(), "web", "data", false));
+    // Made by another tool before the stack's first apply (every engine allows that): apply
+    // refuses to adopt it and changes nothing.
+    let network = format!("soul_{}", s.name);
+    let first = docker(&["network", "create", &network]);
+    let o = s.soul(&["apply"]);
+    o.exited(1);
+    o.stderr_has(&format!(
+        "network `{network}` exists but soul did not make it"
+    ));
+    assert!(s.containers().is_empty() && s.networks().is_empty());
+    docker(&["network", "rm", &first]);
     s.apply();
     // Another tool makes a network of the same name (engines before API 1.44 allow it when
     // the client does not ask them to check; the docker CLI asks): the name is ambiguous, and
     // no pause container could join it.
-    let network = format!("soul_{}", s.name);
     let socket = std::env::var("DOCKER_HOST")
         .ok()
         .and_then(|h| h.strip_prefix("unix://").map(String::from))
@@ -873,7 +883,10 @@ fn a_foreign_network_named_like_the_stacks_stops_apply_and_down_still_works() {
     ]));
     let reply: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap_or_default();
     let Some(foreign) = reply["Id"].as_str().map(String::from) else {
-        println!("this engine refuses a second network of one name: nothing to test ({reply})");
+        // The case before the first apply was tested above; this one needs an older engine.
+        println!(
+            "SKIPPED (the second half): this engine refuses a second network of one name ({reply})"
+        );
         return;
     };
     let _cleanup = Cleanup(vec![vec!["network".into(), "rm".into(), foreign.clone()]]);

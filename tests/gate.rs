@@ -2441,6 +2441,7 @@ fn credential_less_connections_cannot_hold_the_gate() {
     let took = asked.elapsed();
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(took < Duration::from_secs(1), "the device waited {took:?}");
+    eprintln!("figure: a token request beside 1,100 credential-less connections: {took:?}");
     // Every flood connection is closed by the gate within its time to show a credential.
     let deadline = opened + Duration::from_secs(5 + 5);
     let mut still_open = 0;
@@ -2502,6 +2503,37 @@ fn silent_connections_from_one_source_take_only_its_share() {
     );
 }
 
+/// `soul connect` of alice's pairing URI (the gate on loopback, pinned) as a forward on a free
+/// port, logging at debug into a file: the forward, its port and its log.
+fn forward_to(
+    gate: &Gate,
+    key: &StackKey,
+    token: &str,
+    tag: &str,
+) -> (Running, u16, std::path::PathBuf) {
+    let pin = soul::tls::identity(key, "home", "notes").pin;
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let code = format!(
+        "soul://pair?v=1&stack=home&sidecar=notes&device=alice&addr=lan:127.0.0.1:{}&pin={}&token={}",
+        gate.port,
+        enc(&pin),
+        enc(token)
+    );
+    let log = gate.keys.with_extension(format!("{tag}.log"));
+    let local = free_port();
+    let forward = Running(
+        Command::new(SOUL)
+            .args(["connect", &code, "--listen", &format!("127.0.0.1:{local}")])
+            .env("XDG_CONFIG_HOME", gate.keys.with_extension(tag))
+            .env("SOUL_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (forward, local, log)
+}
+
 /// `soul connect`'s forward once lent the device's credential to anyone who reached its port:
 /// a cross-site POST from a web page, a DNS-rebinding page, a cross-site WebSocket upgrade and
 /// another local user's process each got through. Each is refused now; its own user's curl is
@@ -2510,25 +2542,7 @@ fn silent_connections_from_one_source_take_only_its_share() {
 fn soul_connects_forward_serves_only_its_user_its_host_names_and_its_own_pages() {
     ensure_command("curl", "curl");
     let (_app, key, gate, token) = gate_with_alice(50, "forward");
-    let pin = soul::tls::identity(&key, "home", "notes").pin;
-    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let code = format!(
-        "soul://pair?v=1&stack=home&sidecar=notes&device=alice&addr=lan:127.0.0.1:{}&pin={}&token={}",
-        gate.port,
-        enc(&pin),
-        enc(&token)
-    );
-    let config = gate.keys.with_extension("connect");
-    let local = free_port();
-    let _forward = Running(
-        Command::new(SOUL)
-            .args(["connect", &code, "--listen", &format!("127.0.0.1:{local}")])
-            .env("XDG_CONFIG_HOME", &config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_forward, local, _) = forward_to(&gate, &key, &token, "connect");
     let curl = |args: &[&str]| -> (i32, String) {
         let o = run(Command::new("curl")
             .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -2571,7 +2585,6 @@ fn soul_connects_forward_serves_only_its_user_its_host_names_and_its_own_pages()
         text(&other)
     );
     assert_eq!(curl(&[]).1, "200", "its own user is still served");
-    let _ = std::fs::remove_dir_all(&config);
 }
 
 /// `soul connect` once re-chose its path on every network event: 211 times in 6 minutes on a
@@ -2580,27 +2593,7 @@ fn soul_connects_forward_serves_only_its_user_its_host_names_and_its_own_pages()
 #[test]
 fn soul_connect_does_not_re_race_when_docker_makes_and_removes_bridges() {
     let (_app, key, gate, token) = gate_with_alice(51, "netwatch");
-    let pin = soul::tls::identity(&key, "home", "notes").pin;
-    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let code = format!(
-        "soul://pair?v=1&stack=home&sidecar=notes&device=alice&addr=lan:127.0.0.1:{}&pin={}&token={}",
-        gate.port,
-        enc(&pin),
-        enc(&token)
-    );
-    let config = gate.keys.with_extension("netwatch");
-    let log = gate.keys.with_extension("netwatch.log");
-    let local = free_port();
-    let _forward = Running(
-        Command::new(SOUL)
-            .args(["connect", &code, "--listen", &format!("127.0.0.1:{local}")])
-            .env("XDG_CONFIG_HOME", &config)
-            .env("SOUL_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (_forward, _, log) = forward_to(&gate, &key, &token, "netwatch");
     retry(Duration::from_secs(10), || {
         std::fs::read_to_string(&log)
             .ok()
@@ -2620,5 +2613,4 @@ fn soul_connect_does_not_re_race_when_docker_makes_and_removes_bridges() {
     })
     .expect("the forward heard the bridges come and go");
     assert!(!seen.contains("the network changed"), "{seen}");
-    let _ = std::fs::remove_dir_all(&config);
 }

@@ -284,12 +284,11 @@ impl EngineProxy {
     }
 }
 
-/// With the Docker socket gone for 30 s, `soul watch` logged not one line, and it noticed the
-/// engine back only 7–15 s after it returned.
-#[test]
-fn the_engine_going_away_and_coming_back_is_said_once_each_and_noticed_within_seconds() {
+/// A one-sidecar stack kept by a `soul watch` that reaches the engine through a proxy the
+/// test can cut, after its first pass.
+fn watched_behind_a_proxy(tag: &str) -> (TestStack, u16, EngineProxy, Watch) {
     ensure_images();
-    let s = TestStack::new("waway");
+    let s = TestStack::new(tag);
     let lan = free_port();
     s.write(&kdl(lan, "up", 1));
     let proxy = EngineProxy::start(&s.dir.join("engine.sock"));
@@ -298,6 +297,14 @@ fn the_engine_going_away_and_coming_back_is_said_once_each_and_noticed_within_se
     wait_for("the first pass", Duration::from_secs(60), || {
         greeting(&s, lan).as_deref() == Some("up")
     });
+    (s, lan, proxy, w)
+}
+
+/// With the Docker socket gone for 30 s, `soul watch` logged not one line, and it noticed the
+/// engine back only 7–15 s after it returned.
+#[test]
+fn the_engine_going_away_and_coming_back_is_said_once_each_and_noticed_within_seconds() {
+    let (s, _, proxy, w) = watched_behind_a_proxy("waway");
     proxy.cut();
     wait_for("the engine's absence said", Duration::from_secs(10), || {
         w.log().contains("the Docker engine went away")
@@ -328,16 +335,7 @@ fn the_engine_going_away_and_coming_back_is_said_once_each_and_noticed_within_se
 
 #[test]
 fn an_engine_outage_is_retried_with_backoff_and_recovered_from() {
-    ensure_images();
-    let s = TestStack::new("wengine");
-    let lan = free_port();
-    s.write(&kdl(lan, "up", 1));
-    let proxy = EngineProxy::start(&s.dir.join("engine.sock"));
-    let host = format!("unix://{}", proxy.path.display());
-    let w = Watch::start(&s, Some(&host));
-    wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(&s, lan).as_deref() == Some("up")
-    });
+    let (s, lan, proxy, w) = watched_behind_a_proxy("wengine");
 
     proxy.cut();
     docker(&["rm", "-f", &s.container("s0", "app")]);
