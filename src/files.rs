@@ -1,13 +1,46 @@
-//! Reading the files soul keeps: one bounded reader for every state file, key file and
-//! record. It opens without waiting on a FIFO, reads regular files only and never more than
-//! the caller's bound, so a state file replaced by `/dev/zero`, a FIFO or a directory is an
-//! error naming the file, not a hang or a process that grows until the kernel kills it.
-//! Imports nothing of soul's.
+//! Reading and writing the files soul keeps. One bounded reader for every state file, key
+//! file and record: it opens without waiting on a FIFO, reads regular files only and never more
+//! than the caller's bound, so a state file replaced by `/dev/zero`, a FIFO or a directory is an
+//! error naming the file, not a hang or a process that grows until the kernel kills it. One
+//! atomic writer for everything soul writes (the state dir, stack.kdl's edits, exports, stored
+//! pairings): a crash leaves the old file or the new one, never half of one. Imports nothing of
+//! soul's.
 
 use std::fs::OpenOptions;
-use std::io::{Error, ErrorKind, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::io::{Error, ErrorKind, Read, Write as _};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt as _};
 use std::path::Path;
+
+/// Who may read what [`write_atomically`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Its owner only (0600): secrets, state.
+    Private,
+    /// What the file it replaces allowed, or 0644 for a new one: files people commit.
+    AsBefore,
+}
+
+/// Replaces `path` with `bytes` atomically: a temporary file in the same directory, written,
+/// synced, given its permissions, renamed over `path`, then the directory synced. The
+/// directory must exist.
+pub fn write_atomically(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mode = match access {
+        Access::Private => 0o600,
+        Access::AsBefore => std::fs::metadata(path).map_or(0o644, |m| m.permissions().mode()),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".soul-")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
 
 /// Reads `path`, a regular file (a symbolic link to one is followed) of at most `max` bytes.
 /// Anything else — a FIFO, a device, a socket, a directory, a larger file — is an
@@ -76,6 +109,25 @@ fn too_large(path: &Path, max: u64) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_atomic_write_replaces_the_whole_file_with_the_access_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        write_atomically(&secret, b"one", Access::Private).unwrap();
+        write_atomically(&secret, b"two", Access::Private).unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), b"two");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&secret), 0o600);
+        let shared = dir.path().join("stack.kdl");
+        write_atomically(&shared, b"a", Access::AsBefore).unwrap();
+        assert_eq!(mode(&shared), 0o644);
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomically(&shared, b"b", Access::AsBefore).unwrap();
+        assert_eq!(mode(&shared), 0o640, "the old file's permissions are kept");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 2, "no temporary file is left");
+    }
 
     #[test]
     fn a_state_file_linked_to_dev_zero_a_fifo_or_a_directory_is_refused_at_once() {

@@ -796,15 +796,6 @@ fn code_carries_the_relay(s: &TestStack) -> bool {
     read(s.state().join("pairing/laptop/notes.uri")).contains("&addr=relay:")
 }
 
-/// Waits until `done`, or fails with `what` after `within`.
-fn wait_until(within: Duration, done: impl Fn() -> bool, what: impl Fn() -> String) {
-    assert!(
-        retry(within, || done().then_some(())).is_some(),
-        "{}",
-        what()
-    );
-}
-
 #[test]
 fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
     ensure_images();

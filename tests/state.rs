@@ -138,6 +138,7 @@ fn every_state_file_as_a_fifo_a_dev_zero_link_or_a_directory_ends_at_once() {
     ensure_command("prlimit", "util-linux");
     let (s, _) = applied("fifo", "device \"phone\"\n");
     let state = s.state();
+    let mut slowest = Duration::ZERO;
     for file in [
         "stack.key",
         "devices.json",
@@ -171,6 +172,7 @@ fn every_state_file_as_a_fifo_a_dev_zero_link_or_a_directory_ends_at_once() {
                 .arg(&state)
                 .arg("plan"));
             let took = started.elapsed();
+            slowest = slowest.max(took);
             assert!(
                 took < Duration::from_secs(5),
                 "{file} as a {kind}: plan took {took:?}"
@@ -196,6 +198,7 @@ fn every_state_file_as_a_fifo_a_dev_zero_link_or_a_directory_ends_at_once() {
             std::fs::write(&path, bytes).unwrap();
         }
     }
+    eprintln!("figure: the slowest plan over a FIFO, /dev/zero or a directory: {slowest:?}");
     s.soul(&["plan"]).exited(0);
     // A state dir that is a plain file says so.
     let file = s.dir.join("not-a-dir");
@@ -231,7 +234,10 @@ fn a_deleted_gate_directory_is_replaced_in_the_running_gate_too() {
         answers(lan, &tablet, 401, Duration::from_secs(20)),
         "the removed device is still admitted"
     );
-    eprintln!("refused after {:?}", started.elapsed());
+    eprintln!(
+        "figure: the removed device refused {:?} after apply returned",
+        started.elapsed()
+    );
     assert!(answers(
         lan,
         &s.token("phone"),

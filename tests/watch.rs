@@ -63,15 +63,8 @@ impl Drop for Watch {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    wait_until(timeout, f, || format!("timed out waiting for {what}"));
 }
 
 /// What the demo app on `lan` says to the paired test device (through the gate).

@@ -940,8 +940,7 @@ fn write_file_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("soul-tmp");
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path))
+    crate::files::write_atomically(path, text.as_bytes(), crate::files::Access::AsBefore)
 }
 
 /// An export to `path` (atomically) or to stdout.

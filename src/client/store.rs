@@ -3,8 +3,7 @@
 //! directory 0700 and each file 0600, written atomically. A file holds the device token: it is
 //! a credential, like an SSH key.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,16 +58,8 @@ pub fn save(dir: &Path, pairing: &Pairing) -> std::io::Result<PathBuf> {
         token: pairing.token.expose().to_string(),
     };
     let path = file_of(dir, pairing);
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(&stored).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    let bytes = serde_json::to_vec_pretty(&stored).map_err(std::io::Error::other)?;
+    crate::files::write_atomically(&path, &bytes, crate::files::Access::Private)?;
     Ok(path)
 }
 

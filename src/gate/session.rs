@@ -7,7 +7,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
-use crate::pairing::{mac, same_mac};
+use crate::pairing::{mac, mac_matches};
 use crate::state::{DeviceEntry, Registry};
 
 /// The longest a session lasts: browsers cap a cookie's lifetime at 400 days.
@@ -46,21 +46,23 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// What a session's MAC covers: this gate, the device's registry entry, the session's end.
+    fn parts(&self, device: &str, entry: &DeviceEntry, until: u64) -> [String; 8] {
+        [
+            "session".into(),
+            self.stack.into(),
+            self.sidecar.into(),
+            device.into(),
+            entry.generation.to_string(),
+            entry.issued_at.to_string(),
+            entry.expires_at.map(|x| x.to_string()).unwrap_or_default(),
+            until.to_string(),
+        ]
+    }
+
     fn mac(&self, device: &str, entry: &DeviceEntry, until: u64) -> String {
-        let expires = entry.expires_at.map(|x| x.to_string()).unwrap_or_default();
-        B64.encode(mac(
-            self.key,
-            &[
-                "session",
-                self.stack,
-                self.sidecar,
-                device,
-                &entry.generation.to_string(),
-                &entry.issued_at.to_string(),
-                &expires,
-                &until.to_string(),
-            ],
-        ))
+        let parts = self.parts(device, entry, until);
+        B64.encode(mac(self.key, &parts.each_ref().map(String::as_str)))
     }
 
     /// A new session for `device`: the cookie's value and its lifetime in seconds, which ends
@@ -99,8 +101,9 @@ impl Scope<'_> {
         let Some(entry) = registry.devices.get(device) else {
             return Err(SessionError::UnknownDevice(device.to_string()));
         };
-        let expected = self.mac(device, entry, until);
-        if !same_mac(&expected, given) || generation != entry.generation {
+        let parts = self.parts(device, entry, until);
+        let covered = parts.each_ref().map(String::as_str);
+        if !mac_matches(self.key, &covered, given, 32) || generation != entry.generation {
             return Err(SessionError::Superseded(device.to_string()));
         }
         if until <= now {

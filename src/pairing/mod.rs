@@ -10,6 +10,6 @@ mod token;
 mod uri;
 
 pub use payload::{Payload, PayloadError, VERSION as PAYLOAD_VERSION, browser_address};
-pub use ticket::{TICKET_PARAM, Ticket, TicketError, mac, same_mac, ticket, verify_ticket};
+pub use ticket::{TICKET_PARAM, Ticket, TicketError, mac, mac_matches, ticket, verify_ticket};
 pub use token::{Claims, TokenError, audience, claims_for, issue, unix_now, verify};
 pub use uri::{Address, CodeFields, PairingLink, PairingUri, browser_links};

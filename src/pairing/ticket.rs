@@ -41,41 +41,47 @@ pub enum TicketError {
 }
 
 /// HMAC-SHA256 under `key` over `parts`, each followed by a NUL (names hold no NUL, so the
-/// message is unambiguous).
-pub fn mac(key: &[u8; 32], parts: &[&str]) -> [u8; 32] {
+/// message is unambiguous), ready to finish or to verify.
+fn hmac_of(key: &[u8; 32], parts: &[&str]) -> hmac::Hmac<Sha256> {
     let mut m = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     for p in parts {
         m.update(p.as_bytes());
         m.update(&[0]);
     }
-    m.finalize().into_bytes().into()
+    m
 }
 
-/// Whether two encoded MACs are equal, compared in constant time: a MAC that differs tells
-/// nothing about where.
-pub fn same_mac(expected: &str, given: &str) -> bool {
-    expected.len() == given.len()
-        && expected
-            .bytes()
-            .zip(given.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+/// The HMAC of [`hmac_of`].
+pub fn mac(key: &[u8; 32], parts: &[&str]) -> [u8; 32] {
+    hmac_of(key, parts).finalize().into_bytes().into()
+}
+
+/// Whether `given` (unpadded URL-safe base64 of `len` bytes, in its one canonical spelling) is
+/// the first `len` bytes of the MAC over `parts`, compared in constant time by the MAC itself:
+/// a MAC that differs tells nothing about where.
+pub fn mac_matches(key: &[u8; 32], parts: &[&str], given: &str, len: usize) -> bool {
+    let Ok(bytes) = B64.decode(given) else {
+        return false;
+    };
+    bytes.len() == len && hmac_of(key, parts).verify_truncated_left(&bytes).is_ok()
+}
+
+/// What a ticket's MAC covers: the stack, the sidecar and the device's registry entry.
+fn ticket_parts(stack: &str, sidecar: &str, device: &str, e: &DeviceEntry) -> [String; 7] {
+    [
+        "ticket".into(),
+        stack.into(),
+        sidecar.into(),
+        device.into(),
+        e.generation.to_string(),
+        e.issued_at.to_string(),
+        e.expires_at.map(|x| x.to_string()).unwrap_or_default(),
+    ]
 }
 
 fn ticket_mac(key: &[u8; 32], stack: &str, sidecar: &str, device: &str, e: &DeviceEntry) -> String {
-    let expires = e.expires_at.map(|x| x.to_string()).unwrap_or_default();
-    let m = mac(
-        key,
-        &[
-            "ticket",
-            stack,
-            sidecar,
-            device,
-            &e.generation.to_string(),
-            &e.issued_at.to_string(),
-            &expires,
-        ],
-    );
+    let parts = ticket_parts(stack, sidecar, device, e);
+    let m = mac(key, &parts.each_ref().map(String::as_str));
     B64.encode(&m[..TICKET_MAC])
 }
 
@@ -120,8 +126,9 @@ pub fn verify_ticket(
     let Some(entry) = registry.devices.get(device) else {
         return Err(TicketError::UnknownDevice(device.to_string()));
     };
-    let expected = ticket_mac(key, stack, sidecar, device, entry);
-    if !same_mac(&expected, given) || entry.generation != generation {
+    let parts = ticket_parts(stack, sidecar, device, entry);
+    let covered = parts.each_ref().map(String::as_str);
+    if !mac_matches(key, &covered, given, TICKET_MAC) || entry.generation != generation {
         return Err(TicketError::Superseded(device.to_string()));
     }
     if entry.expires_at.is_some_and(|e| e <= now) {
@@ -130,7 +137,7 @@ pub fn verify_ticket(
     Ok(Ticket {
         device: device.to_string(),
         generation,
-        issued: format!("{device}.{generation}.{expected}"),
+        issued: self::ticket(key, stack, sidecar, device, entry),
     })
 }
 

@@ -57,25 +57,7 @@ pub fn read(path: &Path) -> Result<String, StackError> {
 /// `rotate`) leaves either the old file or the new one, never half of it, and a running
 /// `soul watch` never reads a torn file.
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("not a file path"))?
-        .to_string_lossy();
-    let temp = path.with_file_name(format!(".{name}.soul-{}", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        if let Ok(old) = std::fs::metadata(path) {
-            std::fs::set_permissions(&temp, old.permissions())?;
-        }
-        std::fs::rename(&temp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
+    crate::files::write_atomically(path, text.as_bytes(), crate::files::Access::AsBefore)
 }
 
 /// The bytes as text, or a diagnostic at the first byte that is not UTF-8.

@@ -145,14 +145,7 @@ impl StateDir {
         let target = self.path.join(rel);
         let parent = target.parent().unwrap_or(&self.path).to_path_buf();
         create_private_dirs(&self.path, &parent)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".soul-")
-            .permissions(std::fs::Permissions::from_mode(0o600))
-            .tempfile_in(&parent)?;
-        tmp.write_all(bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&target).map_err(|e| e.error)?;
-        File::open(&parent)?.sync_all()
+        crate::files::write_atomically(&target, bytes, crate::files::Access::Private)
     }
 
     /// Removes temp files left by a write that was interrupted (`kill -9` mid-write).

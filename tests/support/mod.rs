@@ -325,6 +325,16 @@ pub fn http_get_as(port: u16, path: &str, token: &str, timeout: Duration) -> Opt
     ok.or(last)
 }
 
+/// Waits with [`retry`] until `done`, or fails the test saying `what` (asked only then).
+pub fn wait_until(within: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    assert!(
+        retry(within, || done().then_some(())).is_some(),
+        "{}",
+        what()
+    );
+}
+
+/// The shared wait: `attempt` until it gives something or `timeout` passes, 100 ms apart.
 pub fn retry<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
