@@ -337,7 +337,7 @@ impl SoulRelay {
     async fn await_registered(&self, status: u16, sidecars: usize, ready: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (_, body) = soul::agent::get(
+            let (_, body) = soul::programs::get(
                 &format!("http://127.0.0.1:{status}/status"),
                 Duration::from_secs(5),
             )

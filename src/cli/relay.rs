@@ -64,7 +64,7 @@ pub async fn status(address: &str, output: Output) -> Result<Exit, CliError> {
             "cannot read the relay's status at {url}: {e} (is `soul relay serve` running there, with `status` in its file?)"
         ))
     };
-    let (code, body) = crate::agent::get(&url, Duration::from_secs(5))
+    let (code, body) = crate::programs::get(&url, Duration::from_secs(5))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     if !code.is_success() {

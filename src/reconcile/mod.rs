@@ -3,11 +3,11 @@
 
 mod apply;
 mod artifacts;
-mod backoff;
 mod codes;
 mod devices;
 mod down;
 mod execute;
+mod flaps;
 mod observe;
 mod pass;
 mod plan;
@@ -18,11 +18,11 @@ mod watch;
 
 pub use apply::{ADDRESS_WAIT, Applied, Progress, converge};
 pub use artifacts::{KeyChange, Pairing, PairingError, PairingInputs, desired_files};
-pub use backoff::FlapTracker;
 pub use codes::{CodeError, one_sidecar, pairing_code};
 pub use devices::{DeviceStatus, DevicesReport, report as devices_report};
 pub use down::plan_down;
 pub use execute::{Engine, ExecuteError, execute};
+pub use flaps::FlapTracker;
 pub use observe::{from_snapshot, observe};
 pub use pass::{
     PassError, Planned, await_addresses, check_inputs, check_ownership, desired, discover,

@@ -21,7 +21,7 @@ use crate::stack::{self, Stack, StackError};
 use crate::state::{self, StateDir};
 use crate::transport;
 
-use super::backoff::FlapTracker;
+use super::flaps::FlapTracker;
 use super::pass::{PassError, prepare, run, unix_now};
 use super::plan::{Plan, Reason, Step};
 use crate::backoff::{Backoff, jitter};

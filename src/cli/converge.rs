@@ -1,0 +1,227 @@
+//! The commands that drive a stack: validate, plan, apply, down, rotate, and soul's image.
+
+use super::*;
+
+pub(super) fn validate(ctx: &Context) -> Result<Exit, CliError> {
+    let s = &ctx.stack;
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    out(&format!(
+        "{} is valid: stack `{}`, {}, {}, transports: {}\n",
+        ctx.file.display(),
+        s.stack,
+        plural(s.sidecars.len(), "sidecar"),
+        plural(s.devices.len(), "device"),
+        s.transport_order()
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    Ok(Exit::Ok)
+}
+
+pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliError> {
+    let Pass { plan, .. } = prepare(ctx, &ctx.state()).await?;
+    let stack = &ctx.stack;
+    match args.output {
+        Output::Json => out(&json_text(&json!({
+            "stack": stack.stack,
+            "file": ctx.file,
+            "changes": plan.steps.len(),
+            "steps": plan.steps,
+        }))),
+        Output::Human if plan.is_empty() => out(&format!(
+            "stack `{}` is up to date: nothing to do\n",
+            stack.stack
+        )),
+        Output::Human => {
+            let mut s = format!(
+                "soul apply would take {} step{} for stack `{}`:\n",
+                plan.steps.len(),
+                if plan.steps.len() == 1 { "" } else { "s" },
+                stack.stack
+            );
+            for step in &plan.steps {
+                s.push_str(&format!("  {} {step}\n", sigil(step)));
+            }
+            out(&s);
+        }
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        Exit::ChangesPending
+    } else {
+        Exit::Ok
+    })
+}
+
+pub(super) fn sigil(step: &Step) -> char {
+    match step {
+        Step::RemoveContainer { .. }
+        | Step::RemoveVolume { .. }
+        | Step::RemoveNetwork { .. }
+        | Step::RemoveDuplicateNetwork { .. } => '-',
+        Step::StartContainer { .. } => '>',
+        _ => '+',
+    }
+}
+
+pub(super) async fn apply(ctx: &Context) -> Result<Exit, CliError> {
+    let started = Instant::now();
+    let stack = &ctx.stack;
+    for s in reconcile::stopped(&ctx.state()) {
+        eprintln!("note: `{s}` is stopped (`soul stop`): left as it is until `soul start {s}`");
+    }
+    if let Some(file) = stack.relay.as_ref().and_then(|r| r.token_file.as_ref()) {
+        eprintln!(
+            "note: `relay token-file={file}` is not used: the relay admits this stack by its agent key (`soul relay allow` prints the line for the relay's file)"
+        );
+    }
+    let state = ctx.open_state()?;
+    let _lock = lock(&state, stack, "is applying")?;
+    let Pass {
+        desired,
+        docker,
+        plan,
+    } = prepare(ctx, &state).await?;
+    if plan.is_empty() {
+        out(&format!(
+            "stack `{}` is up to date: 0 changes ({} ms)\n",
+            stack.stack,
+            started.elapsed().as_millis()
+        ));
+        return Ok(Exit::Ok);
+    }
+    let applied = reconcile::converge(
+        &docker,
+        stack,
+        &state,
+        &Host,
+        &desired,
+        &plan,
+        |at, step| {
+            if at.pass == 0 {
+                tracing::info!(step = %step, "applying");
+            }
+            out(&format!(
+                "  [{}/{}] {} {step}\n",
+                at.index + 1,
+                at.of,
+                sigil(step)
+            ));
+        },
+    )
+    .await?;
+    for m in &applied.missing_addresses {
+        eprintln!(
+            "warning: the {m} is not known yet; `soul apply` again (or `soul watch`) adds it to the pairing codes"
+        );
+    }
+    out(&render_applied(
+        stack,
+        &desired,
+        applied.changes,
+        started.elapsed(),
+    ));
+    Ok(Exit::Ok)
+}
+
+/// What apply says when it is done: how much it changed, the LAN ports, how to pair.
+pub(super) fn render_applied(
+    stack: &Stack,
+    desired: &Desired,
+    total: usize,
+    took: Duration,
+) -> String {
+    let mut summary = format!(
+        "applied {total} change{} to stack `{}` in {:.2} s\n",
+        if total == 1 { "" } else { "s" },
+        stack.stack,
+        took.as_secs_f64()
+    );
+    if let Some(ports) = stack.lan_ports() {
+        for (pod, port) in desired.pods.iter().zip(ports) {
+            summary.push_str(&format!("  {}: LAN port {port}\n", pod.sidecar));
+        }
+    }
+    if let Some(d) = stack.devices.first() {
+        summary.push_str(&format!(
+            "  pairing codes: `soul pair {}` (and `soul devices` for all {})\n",
+            d.name,
+            stack.devices.len()
+        ));
+    }
+    summary
+}
+
+pub(super) async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliError> {
+    let stack = &ctx.stack;
+    let dir = ctx.open_state()?;
+    let _lock = lock(&dir, stack, "holds")?;
+    let docker = Docker::connect().await?;
+    reconcile::check_ownership(&docker, stack, &dir).await?;
+    let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    let plan = reconcile::plan_down(&observed, args.volumes);
+    let removed = plan.steps.len();
+    reconcile::run(&docker, &dir, stack, &plan, |i, step| {
+        out(&format!("  [{}/{removed}] - {step}\n", i + 1));
+    })
+    .await?;
+    // Down: the stack is nobody's now (another state dir may take it up).
+    docker.release_claim(&stack.stack).await?;
+    if !args.volumes && !observed.volumes.is_empty() {
+        let kept: Vec<&str> = observed.volumes.iter().map(String::as_str).collect();
+        out(&format!(
+            "  kept {} named volume{} ({}); `soul down --volumes` removes them\n",
+            kept.len(),
+            if kept.len() == 1 { "" } else { "s" },
+            kept.join(", ")
+        ));
+    }
+    out(&format!(
+        "stack `{}` is down ({removed} removed)\n",
+        stack.stack
+    ));
+    Ok(Exit::Ok)
+}
+
+pub(super) async fn image() -> Result<Exit, CliError> {
+    let docker = Docker::connect().await?;
+    let tags = vec![
+        SoulImage::current().reference,
+        format!("{}:{}", SoulImage::REPOSITORY, env!("CARGO_PKG_VERSION")),
+        format!("{}:latest", SoulImage::REPOSITORY),
+    ];
+    docker.build_soul_image(&tags).await?;
+    let exe = std::env::current_exe().unwrap_or_default();
+    out(&format!(
+        "built {} from {}\n",
+        tags.join(", "),
+        display(&exe)
+    ));
+    Ok(Exit::Ok)
+}
+
+pub(super) async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<Exit, CliError> {
+    let (stack, bumped) = stack::edit::rotate_file(&cli.file, args.device.as_deref())?;
+    let ctx = Context::of(cli, stack);
+    let what = match &args.device {
+        Some(d) => format!("device `{d}` generation"),
+        None => "secret-generation".into(),
+    };
+    if args.new_key {
+        for aside in ctx
+            .open_state()?
+            .set_aside_lost_key(unix_now())
+            .map_err(|e| CliError::Io(format!("cannot move the lost stack key aside: {e}")))?
+        {
+            out(&format!("moved aside: {aside}\n"));
+        }
+    }
+    out(&format!(
+        "{}: {what} {} → {} (commit this edit)\n",
+        ctx.file.display(),
+        bumped.from,
+        bumped.to
+    ));
+    apply(&ctx).await
+}

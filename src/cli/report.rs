@@ -1,0 +1,192 @@
+//! What a stack looks like: `soul status` and `soul devices`, as text or JSON.
+
+use super::*;
+
+pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> {
+    let stack = match stack::load(&cli.file).map_err(CliError::from) {
+        Ok(s) => s,
+        // A running watch keeps the last good config; show what it runs, and why.
+        Err(CliError::Stack(StackError::Invalid(d))) => {
+            // The state dir: the one named by --state-dir, else the declared stack's.
+            let state_dir = cli.state_dir.clone().or_else(|| {
+                reconcile::declared_name(&cli.file).map(|name| state::default_dir(&name))
+            });
+            let last_good = state_dir.and_then(|dir| {
+                let state = StateDir::at(&dir);
+                let src = state.read(reconcile::LAST_GOOD_FILE).ok()?;
+                stack::parse(reconcile::LAST_GOOD_FILE, &String::from_utf8_lossy(&src)).ok()
+            });
+            match last_good {
+                Some(s) => {
+                    eprintln!(
+                        "warning: {} is invalid; showing the last good config that soul runs:\n{}",
+                        cli.file.display(),
+                        d.render(std::io::stderr().is_terminal())
+                    );
+                    s
+                }
+                None => return Err(StackError::Invalid(d).into()),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let ctx = Context::of(cli, stack);
+    let stack = &ctx.stack;
+    let desired = match reconcile::resolve(stack, &Host, &ctx.state) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("warning: cannot tell whether containers match stack.kdl: {e}");
+            None
+        }
+    };
+    let docker = Docker::connect().await?;
+    let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
+    // Compared as the planner compares: a soul 0.1 volume is mounted under its old name.
+    let desired = desired.map(|d| reconcile::with_legacy_volumes(&d, &observed).into_owned());
+    let watch = reconcile::WatchStatus::read(&ctx.state());
+    let mut report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
+    report.engine = Some(docker.endpoint().clone());
+    report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
+    match output {
+        Output::Json => out(&json_text(&report)),
+        Output::Human => out(&render_status(&report, &cli.file)),
+    }
+    Ok(Exit::Ok)
+}
+
+/// A report as pretty JSON, with a final newline.
+pub(super) fn json_text(report: &impl serde::Serialize) -> String {
+    let mut s = serde_json::to_string_pretty(report).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> String {
+    let mut s = format!("stack `{}` ({})\n", report.stack, file.display());
+    if let Some(engine) = &report.engine {
+        s.push_str(&format!("  engine {engine}\n"));
+    }
+    for pod in &report.pods {
+        let held = if report.stopped.contains(&pod.sidecar) {
+            format!(
+                " (stopped by `soul stop`; `soul start {}` starts it)",
+                pod.sidecar
+            )
+        } else {
+            String::new()
+        };
+        s.push_str(&format!("  pod {}{held}\n", pod.sidecar));
+        for c in &pod.containers {
+            let health = c
+                .health
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            let current = match c.current {
+                Some(true) => "up to date",
+                Some(false) => "differs from stack.kdl: `soul apply` recreates it",
+                None if c.state == "missing" => "`soul apply` creates it",
+                None => "unknown",
+            };
+            s.push_str(&format!(
+                "    {:<6} {:<22} {:<28} {current}\n",
+                c.role.as_str(),
+                format!("{}{health}", c.state),
+                c.image.as_deref().unwrap_or("-"),
+            ));
+        }
+    }
+    s.push_str(&watch_lines(report.watch.as_ref()));
+    for u in &report.undeclared {
+        s.push_str(&format!(
+            "  undeclared: {} ({}): `soul apply` removes it\n",
+            u.name, u.state
+        ));
+    }
+    s
+}
+
+pub(super) fn devices(ctx: &Context, output: Output) -> Result<Exit, CliError> {
+    let state = ctx.state();
+    let now = unix_now();
+    let report = reconcile::devices_report(&ctx.stack, &state, now);
+    match output {
+        Output::Json => out(&json_text(&report)),
+        Output::Human => out(&render_devices(&report, &state, now)),
+    }
+    Ok(Exit::Ok)
+}
+
+pub(super) fn render_devices(
+    report: &reconcile::DevicesReport,
+    state: &StateDir,
+    now: u64,
+) -> String {
+    let mut s = format!(
+        "devices of stack `{}` ({})\n",
+        report.stack,
+        state.path().display()
+    );
+    if report.devices.is_empty() {
+        s.push_str("  none: add `device \"alice-phone\"` to stack.kdl and apply\n");
+    }
+    for d in &report.devices {
+        let expiry = match d.expires_at {
+            Some(t) if t <= now => "expired".to_string(),
+            Some(t) => format!("expires in {}d", (t - now) / 86_400),
+            None => "no expiry".into(),
+        };
+        let token = if d.token_current {
+            "token current"
+        } else {
+            "token not issued yet: run `soul apply`"
+        };
+        s.push_str(&format!(
+            "  {:<20} generation {:<3} {:<18} {token}; {} pairing files\n",
+            d.name,
+            d.generation,
+            expiry,
+            d.artifacts.len(),
+        ));
+    }
+    s
+}
+
+/// `soul status`'s lines about a running `soul watch`.
+pub(super) fn watch_lines(watch: Option<&reconcile::WatchStatus>) -> String {
+    let Some(w) = watch else {
+        return "  watch: not running (`soul watch` keeps this stack converged)\n".into();
+    };
+    let now = unix_now();
+    let ago = |t: u64| format!("{} s ago", now.saturating_sub(t));
+    let mut s = format!("  watch: running (pid {}), {} passes\n", w.pid, w.passes);
+    if let Some(at) = w.last_pass_at {
+        s.push_str(&format!(
+            "    last pass {} ({}), {} ms, {} changes\n",
+            ago(at),
+            w.last_pass_trigger.as_deref().unwrap_or("-"),
+            w.last_pass_ms.unwrap_or(0),
+            w.last_pass_changes.map_or("-".into(), |c| c.to_string())
+        ));
+    }
+    if let Some(next) = w.next_resync_at {
+        s.push_str(&format!(
+            "    next resync in {} s\n",
+            next.saturating_sub(now)
+        ));
+    }
+    if let Some(e) = &w.last_error {
+        s.push_str(&format!("    last pass failed: {e}\n"));
+    }
+    if !w.config_valid {
+        s.push_str(&format!(
+            "    config INVALID since {}: {}; running the last good config\n",
+            w.config_invalid_since.map_or("?".into(), ago),
+            w.config_error.as_deref().unwrap_or("?")
+        ));
+    }
+    for d in &w.degraded {
+        s.push_str(&format!("    degraded: {d} keeps restarting\n"));
+    }
+    s
+}
