@@ -14,6 +14,7 @@ mod plan;
 mod resolve;
 mod status;
 mod transports;
+mod triggers;
 mod watch;
 
 pub use apply::{ADDRESS_WAIT, Applied, Progress, converge};
