@@ -1,0 +1,118 @@
+//! What `soul relay status` shows, and the loopback endpoint that serves it as JSON.
+
+use super::*;
+
+impl Relay {
+    /// What `soul relay status` shows.
+    pub fn status(&self) -> Status {
+        let state = self.state();
+        let mut stacks: Vec<StackStatus> = self
+            .cfg
+            .allow
+            .keys()
+            .map(|stack| {
+                let mut sidecars: Vec<SidecarStatus> = state
+                    .routes
+                    .iter()
+                    .filter(|((s, _), _)| s == stack)
+                    .map(|((_, sidecar), r)| SidecarStatus {
+                        sidecar: sidecar.clone(),
+                        agent: r.agent.to_string(),
+                        registered_at: r.since,
+                        ready: r.ready.len(),
+                        waiting: r.waiting.len(),
+                        sessions_total: r.sessions_total,
+                    })
+                    .collect();
+                sidecars.sort_by(|a, b| a.sidecar.cmp(&b.sidecar));
+                StackStatus {
+                    stack: stack.clone(),
+                    open_sessions: state.open.get(stack).copied().unwrap_or(0),
+                    sidecars,
+                }
+            })
+            .collect();
+        stacks.sort_by(|a, b| a.stack.cmp(&b.stack));
+        Status {
+            listen: self.cfg.listen.to_string(),
+            pin: self.pin.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            pending: state.pending_total,
+            stacks,
+        }
+    }
+}
+
+/// The relay's state as `soul relay status` prints it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub listen: String,
+    /// The pin of the relay's key: what stack.kdl's `relay … pin=` says.
+    #[serde(default)]
+    pub pin: String,
+    pub uptime_s: u64,
+    /// Connections that have not said where they go yet.
+    pub pending: usize,
+    /// Every allowed stack, registered or not.
+    pub stacks: Vec<StackStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StackStatus {
+    pub stack: String,
+    pub open_sessions: usize,
+    pub sidecars: Vec<SidecarStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SidecarStatus {
+    pub sidecar: String,
+    /// The agent's address as the relay sees it.
+    pub agent: String,
+    /// Unix seconds.
+    pub registered_at: u64,
+    /// Data channels ready now.
+    pub ready: usize,
+    /// Devices waiting for one.
+    pub waiting: usize,
+    pub sessions_total: u64,
+}
+
+/// Serves [`Relay::status`] as JSON on `GET /status` at `listener` (loopback by default).
+pub async fn serve_status(relay: Arc<Relay>, listener: TcpListener) {
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let relay = relay.clone();
+                    async move {
+                        let (code, body) = if req.uri().path() == "/status" {
+                            (
+                                http::StatusCode::OK,
+                                serde_json::to_vec(&relay.status()).unwrap_or_default(),
+                            )
+                        } else {
+                            (http::StatusCode::NOT_FOUND, b"{}".to_vec())
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(code)
+                                .header(http::header::CONTENT_TYPE, "application/json")
+                                .body(Full::new(bytes::Bytes::from(body)))
+                                .expect("a static response"),
+                        )
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
