@@ -2,9 +2,14 @@
 //! mutations, pull images with progress, and build soul's own image offline. It makes no
 //! decisions (that is `reconcile`'s job) and knows only the pod's value types.
 
+mod create;
 pub mod endpoint;
 mod image;
 pub mod logs;
+mod snapshot;
+
+use create::create_body;
+pub use snapshot::{ContainerInfo, Snapshot};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -73,37 +78,6 @@ fn is_connection_error(e: &bollard::errors::Error) -> bool {
     )
 }
 
-/// A container carrying this stack's label, as listed by the engine.
-#[derive(Debug, Clone)]
-pub struct ContainerInfo {
-    pub id: String,
-    pub name: String,
-    pub labels: HashMap<String, String>,
-    pub state: String,
-    /// `healthy`, `unhealthy` or `starting`, parsed from the engine's status line.
-    pub health: Option<String>,
-    pub image: String,
-    pub image_id: String,
-    /// The host ports it publishes, or will when it starts.
-    pub host_ports: Vec<u16>,
-}
-
-/// Everything on the engine that carries one stack's label.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub containers: Vec<ContainerInfo>,
-    pub networks: Vec<String>,
-    /// (name, ID) of networks that repeat another network's name and that no container uses.
-    /// The engine does not refuse a second network of the same name (API < 1.44) when two
-    /// creates race, e.g. a run killed mid-create and the next run; the name is then ambiguous
-    /// and nothing can join it until the extra copies are removed.
-    pub duplicate_networks: Vec<(String, String)>,
-    /// (name, ID) of every other labelled network: what `down` removes, by ID, since a
-    /// network of the same name that is not this stack's would make the name ambiguous.
-    pub network_ids: Vec<(String, String)>,
-    pub volumes: Vec<String>,
-}
-
 /// A connection to the Docker engine at `DOCKER_HOST` (default: the local socket).
 #[derive(Clone)]
 pub struct Docker {
@@ -149,139 +123,6 @@ impl Docker {
             "label".to_string(),
             vec![format!("{}={stack}", label::STACK)],
         )])
-    }
-
-    /// Lists this stack's containers (running or not), networks and volumes.
-    pub async fn snapshot(&self, stack: &str) -> Result<Snapshot, RuntimeError> {
-        let filters = Self::stack_filter(stack);
-        let mut containers: Vec<ContainerInfo> = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await?
-            .into_iter()
-            .map(|c| {
-                let status = c.status.unwrap_or_default();
-                ContainerInfo {
-                    id: c.id.unwrap_or_default(),
-                    name: c
-                        .names
-                        .and_then(|n| n.into_iter().next())
-                        .map(|n| n.trim_start_matches('/').to_string())
-                        .unwrap_or_default(),
-                    labels: c.labels.unwrap_or_default(),
-                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
-                    health: health_of_status(&status),
-                    image: c.image.unwrap_or_default(),
-                    image_id: c.image_id.unwrap_or_default(),
-                    host_ports: c
-                        .ports
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter_map(|p| p.public_port)
-                        .collect(),
-                }
-            })
-            .collect();
-        // The list shows published ports only while a container runs; one that is created,
-        // starting or stopped may hold its ports all the same (Docker's proxy binds them at
-        // start): its own bindings say which.
-        for c in containers.iter_mut().filter(|c| c.state != "running") {
-            if let Ok(inspected) = self.docker.inspect_container(&c.id, None).await {
-                c.host_ports.extend(
-                    inspected
-                        .host_config
-                        .and_then(|h| h.port_bindings)
-                        .into_iter()
-                        .flat_map(|b| b.into_values())
-                        .flatten()
-                        .flatten()
-                        .filter_map(|b| b.host_port.and_then(|p| p.parse::<u16>().ok())),
-                );
-            }
-        }
-        let listed = self
-            .docker
-            .list_networks(Some(
-                ListNetworksOptionsBuilder::default()
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await?;
-        let mut by_name: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-        for n in listed {
-            if let (Some(name), Some(id)) = (n.name, n.id) {
-                by_name
-                    .entry(name)
-                    .or_default()
-                    .push((n.created.unwrap_or_default(), id));
-            }
-        }
-        let mut duplicate_networks = Vec::new();
-        for (name, copies) in &by_name {
-            if copies.len() > 1 {
-                duplicate_networks.extend(
-                    self.unused_copies(copies)
-                        .await?
-                        .into_iter()
-                        .map(|id| (name.clone(), id)),
-                );
-            }
-        }
-        let network_ids = by_name
-            .iter()
-            .flat_map(|(name, copies)| copies.iter().map(move |(_, id)| (name.clone(), id.clone())))
-            .filter(|(_, id)| !duplicate_networks.iter().any(|(_, d)| d == id))
-            .collect();
-        let networks = by_name.into_keys().collect();
-        let volumes = self
-            .docker
-            .list_volumes(Some(
-                ListVolumesOptionsBuilder::default()
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await?
-            .volumes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v.name)
-            .collect();
-        Ok(Snapshot {
-            containers,
-            networks,
-            duplicate_networks,
-            network_ids,
-            volumes,
-        })
-    }
-
-    /// Of several networks sharing a name, (created, ID), the IDs to remove: every copy no
-    /// container uses, except the oldest when none is used.
-    async fn unused_copies(
-        &self,
-        copies: &[(String, String)],
-    ) -> Result<Vec<String>, RuntimeError> {
-        let mut used = Vec::new();
-        for (_, id) in copies {
-            let n = self.docker.inspect_network(id, None).await?;
-            used.push(n.containers.is_some_and(|c| !c.is_empty()));
-        }
-        let keep = if used.contains(&true) {
-            None
-        } else {
-            (0..copies.len()).min_by_key(|&i| &copies[i])
-        };
-        Ok(copies
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !used[*i] && Some(*i) != keep)
-            .map(|(_, (_, id))| id.clone())
-            .collect())
     }
 
     /// The image ID `reference` points at, or `None` when the engine does not have it.
@@ -713,124 +554,5 @@ fn gone_is_fine(result: Result<(), bollard::errors::Error>) -> Result<(), Runtim
             status_code: 404, ..
         }) => Ok(()),
         other => Ok(other?),
-    }
-}
-
-/// The engine's create request for a container spec.
-fn create_body(spec: &ContainerSpec, owner: &str) -> ContainerCreateBody {
-    let (network_mode, port_bindings, exposed) = match &spec.network_mode {
-        NetworkMode::Bridge(net) => {
-            let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
-                .ports
-                .iter()
-                .map(|p| {
-                    (
-                        format!("{}/tcp", p.container),
-                        Some(vec![PortBinding {
-                            host_ip: None,
-                            host_port: Some(p.host.to_string()),
-                        }]),
-                    )
-                })
-                .collect();
-            let exposed = spec
-                .ports
-                .iter()
-                .map(|p| format!("{}/tcp", p.container))
-                .collect();
-            (net.clone(), Some(bindings), Some(exposed))
-        }
-        NetworkMode::Container(owner) => (format!("container:{owner}"), None, None),
-    };
-    let mounts = spec
-        .mounts
-        .iter()
-        .map(|m| DockerMount {
-            target: Some(m.target.clone()),
-            source: Some(m.source.clone()),
-            typ: Some(match m.kind {
-                MountKind::Volume => MountType::VOLUME,
-                MountKind::Bind => MountType::BIND,
-            }),
-            read_only: Some(m.read_only),
-            ..Default::default()
-        })
-        .collect();
-    let healthcheck = spec.health.as_ref().map(|h| HealthConfig {
-        test: Some(h.test.clone()),
-        interval: Some((h.interval_ms * 1_000_000) as i64),
-        timeout: Some((h.timeout_ms * 1_000_000) as i64),
-        retries: Some(i64::from(h.retries)),
-        ..Default::default()
-    });
-    ContainerCreateBody {
-        image: Some(spec.image.clone()),
-        cmd: spec.command.clone(),
-        env: Some(
-            spec.env
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.value))
-                .collect(),
-        ),
-        labels: Some(
-            spec.labels()
-                .into_iter()
-                .chain([(label::STATE_DIR.to_string(), owner.to_string())])
-                .collect(),
-        ),
-        exposed_ports: exposed,
-        healthcheck,
-        host_config: Some(HostConfig {
-            network_mode: Some(network_mode),
-            port_bindings,
-            mounts: Some(mounts),
-            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
-            devices: (!spec.devices.is_empty()).then(|| {
-                spec.devices
-                    .iter()
-                    .map(|d| bollard::models::DeviceMapping {
-                        path_on_host: Some(d.clone()),
-                        path_in_container: Some(d.clone()),
-                        cgroup_permissions: Some("rwm".into()),
-                    })
-                    .collect()
-            }),
-            restart_policy: Some(RestartPolicy {
-                name: Some(match spec.restart.as_str() {
-                    "always" => RestartPolicyNameEnum::ALWAYS,
-                    "no" => RestartPolicyNameEnum::NO,
-                    _ => RestartPolicyNameEnum::UNLESS_STOPPED,
-                }),
-                maximum_retry_count: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// `Up 3 minutes (healthy)` → `healthy`; `(health: starting)` → `starting`.
-fn health_of_status(status: &str) -> Option<String> {
-    let inner = status.rsplit_once('(')?.1.strip_suffix(')')?;
-    let h = inner.strip_prefix("health: ").unwrap_or(inner);
-    matches!(h, "healthy" | "unhealthy" | "starting").then(|| h.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn health_from_status_line() {
-        assert_eq!(
-            health_of_status("Up 3 minutes (healthy)").as_deref(),
-            Some("healthy")
-        );
-        assert_eq!(
-            health_of_status("Up 1 second (health: starting)").as_deref(),
-            Some("starting")
-        );
-        assert_eq!(health_of_status("Up 3 minutes"), None);
-        assert_eq!(health_of_status("Exited (0) 3 seconds ago"), None);
     }
 }
