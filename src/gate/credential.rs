@@ -134,14 +134,14 @@ pub fn strip<B>(req: &mut Request<B>) {
     {
         headers.remove(header::AUTHORIZATION);
     }
-    let kept: Vec<String> = cookies(headers)
-        .filter(|(name, _)| !is_soul_cookie(name))
-        .map(|(n, v)| format!("{n}={v}"))
-        .collect();
+    let kept = super::policy::app_cookies(
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
-    {
+    if let Some(v) = kept.and_then(|k| HeaderValue::from_str(&k).ok()) {
         headers.insert(header::COOKIE, v);
     }
     if req.uri().query().is_some() {

@@ -1,37 +1,18 @@
-//! Proxy hygiene (RFC 9110 §7.6.1): hop-by-hop headers end at the gate, both ways, and the
-//! forwarding headers the app gets say what the gate itself saw, never what a client claimed.
+//! The full server's use of the gate's [`super::policy`] on a header map (RFC 9110 §7.6.1):
+//! hop-by-hop headers end at the gate, both ways, and the forwarding headers the app gets say
+//! what the gate itself saw, never what a client claimed.
 
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
-/// proxy-only ones a client may send to the wrong hop).
-/// Names made once, at compile time: every request removes each of them.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Forwarding headers a client could forge.
-static FORWARDING: [HeaderName; 5] = [
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-real-ip"),
-];
+/// [`super::policy::HOP_BY_HOP`] as header names, made once.
+static HOP_BY_HOP: std::sync::LazyLock<Vec<HeaderName>> = std::sync::LazyLock::new(|| {
+    super::policy::HOP_BY_HOP
+        .iter()
+        .map(|n| HeaderName::from_static(n))
+        .collect()
+});
 
 /// Drops hop-by-hop headers: those in [`HOP_BY_HOP`] and every header `Connection` names.
 /// An upgrade keeps `Upgrade` and `Connection: upgrade`, which it needs on the next hop.
@@ -53,7 +34,7 @@ fn drop_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
+    for name in HOP_BY_HOP.iter() {
         headers.remove(name);
     }
     if let Some(u) = kept_upgrade {
@@ -73,16 +54,17 @@ pub fn client_address(client: IpAddr) -> HeaderValue {
 pub fn request(headers: &mut HeaderMap, client: HeaderValue, tls: bool, upgrade: bool) {
     drop_hop_by_hop(headers, upgrade);
     let host = headers.get(header::HOST).cloned();
-    for name in &FORWARDING {
+    for name in super::policy::FORWARDING {
         headers.remove(name);
     }
-    headers.insert(&X_FORWARDED_FOR, client);
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    if let Some(h) = host {
-        headers.insert(&X_FORWARDED_HOST, h);
+    for (name, value) in super::policy::forwarded(
+        client.as_bytes(),
+        tls,
+        host.as_ref().map(HeaderValue::as_bytes),
+    ) {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
     }
 }
 

@@ -120,8 +120,7 @@ fn request(
         || !target.starts_with('/')
         || target.parse::<http::uri::PathAndQuery>().is_err()
         || target.starts_with("/.soul/")
-        || query.contains('%')
-        || contains_ignore_case(query.as_bytes(), b"soul")
+        || super::policy::query_may_be_souls(query)
     {
         return Request::HandOver;
     }
@@ -211,35 +210,19 @@ fn request(
         let name = h.name;
         if ["authorization", "connection", "cookie"]
             .iter()
-            .chain(FORWARDING)
+            .chain(&super::policy::FORWARDING)
             .any(|n| name.eq_ignore_ascii_case(n))
         {
             continue;
         }
         header(out, name.as_bytes(), h.value);
     }
-    if let Some(c) = cookies {
-        // The app's own cookies only, as the full server passes them.
-        let mut kept = super::credential::cookie_pairs(c)
-            .filter(|(name, _)| !super::credential::is_soul_cookie(name))
-            .peekable();
-        if kept.peek().is_some() {
-            out.extend_from_slice(b"cookie: ");
-            for (i, (name, value)) in kept.enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b"; ");
-                }
-                out.extend_from_slice(name.as_bytes());
-                out.push(b'=');
-                out.extend_from_slice(value.as_bytes());
-            }
-            out.extend_from_slice(b"\r\n");
-        }
+    if let Some(kept) = super::policy::app_cookies(cookies.into_iter()) {
+        header(out, b"cookie", kept.as_bytes());
     }
-    header(out, b"x-forwarded-for", seen.client);
-    let proto: &[u8] = if seen.tls { b"https" } else { b"http" };
-    header(out, b"x-forwarded-proto", proto);
-    header(out, b"x-forwarded-host", host);
+    for (name, value) in super::policy::forwarded(seen.client, seen.tls, Some(host)) {
+        header(out, name.as_bytes(), value);
+    }
     out.extend_from_slice(b"\r\n");
     Request::Forward(Forward {
         head,
@@ -267,15 +250,6 @@ const HANDED_OVER: &[&str] = &[
     "http2-settings",
 ];
 
-/// Forwarding headers a client could forge: never passed on.
-const FORWARDING: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
-];
-
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -289,11 +263,6 @@ fn decimal(v: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// How a response's body ends (RFC 9112 §6.3).
@@ -394,7 +363,12 @@ fn response(buf: &[u8], no_body: bool, out: &mut Vec<u8>) -> Response {
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name;
-        let hop = RESPONSE_HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+        // Hop-by-hop, but `Transfer-Encoding`: the body is passed on in the coding the app
+        // chose.
+        let hop = super::policy::HOP_BY_HOP
+            .iter()
+            .filter(|n| **n != "transfer-encoding" && **n != "proxy-authorization")
+            .any(|n| name.eq_ignore_ascii_case(n))
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
             // A length the chunked coding overrides (RFC 9112 §6.3) is not passed on.
             || (encoded && name.eq_ignore_ascii_case("content-length"));
@@ -413,18 +387,6 @@ fn response(buf: &[u8], no_body: bool, out: &mut Vec<u8>) -> Response {
         reusable: !close && framing != Framing::UntilClose,
     }
 }
-
-/// Hop-by-hop response headers (RFC 9110 §7.6.1). `Transfer-Encoding` is kept: the body is
-/// passed on in the coding the app chose.
-const RESPONSE_HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 /// Where a chunked body stands (RFC 9112 §7.1), read only to find its end.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1199,6 +1161,143 @@ mod tests {
                 proptest::prop_assert!(!lower.contains("6.6.6.6"), "{}", head);
                 proptest::prop_assert!(!lower.contains("transfer-encoding"), "{}", head);
                 proptest::prop_assert_eq!(lower.matches("x-forwarded-for: 192.0.2.7\r\n").count(), 1);
+            }
+        }
+    }
+
+    /// A request head as the app would get it: method, target, and its headers as
+    /// (lower-case name, value), sorted (the engines order them differently).
+    type Canonical = (String, String, Vec<(String, String)>);
+
+    fn canonical_of(head: &[u8]) -> Canonical {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Request::new(&mut headers);
+        r.parse(head).expect("a forwarded head parses");
+        let mut hs: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        hs.sort();
+        (
+            r.method.unwrap_or_default().to_string(),
+            r.path.unwrap_or_default().to_string(),
+            hs,
+        )
+    }
+
+    /// What the full server would send the app for `raw` (or `None` where it answers itself:
+    /// a refusal, a link, a pairing path), with the same credentials good as the lane's tests.
+    fn full_server(raw: &[u8]) -> Option<Canonical> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = r.parse(raw) else {
+            return None;
+        };
+        let mut b = http::Request::builder()
+            .method(r.method?)
+            .uri(r.path?)
+            .version(http::Version::HTTP_11);
+        for h in r.headers.iter() {
+            b = b.header(h.name, h.value);
+        }
+        let mut req = b.body(()).ok()?;
+        if req.uri().path().starts_with("/.soul/") {
+            return None;
+        }
+        use super::super::credential::{self, Presented};
+        let admitted = match credential::presented(&req, SEEN.cookie) {
+            Presented::Bearer(t) => good(Shown::Token(t.expose())),
+            Presented::Session(v) => {
+                !credential::foreign_origin(&req, SEEN.tls) && good(Shown::Session(v.expose()))
+            }
+            _ => false,
+        };
+        if !admitted {
+            return None;
+        }
+        credential::strip(&mut req);
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        super::super::forward::request(
+            req.headers_mut(),
+            http::HeaderValue::from_static("192.0.2.7"),
+            SEEN.tls,
+            upgrade,
+        );
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\n",
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        )
+        .into_bytes();
+        for (name, value) in req.headers() {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        Some(canonical_of(&head))
+    }
+
+    /// Headers a client might send, friendly and hostile.
+    const POOL: &[(&str, &str)] = &[
+        ("Host", "h:1"),
+        ("Authorization", "Bearer good"),
+        ("authorization", "bearer good"),
+        ("Authorization", "Bearer bad"),
+        ("Cookie", "theme=dark; soul_home_notes=fine"),
+        ("Cookie", "soul_home_notes=fine; soul_home_wiki=x"),
+        ("cookie", "a=1"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X-Forwarded-Host", "evil"),
+        ("Connection", "keep-alive"),
+        ("Connection", "close"),
+        ("Connection", "x-secret"),
+        ("x-secret", "1"),
+        ("Content-Length", "0"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "websocket"),
+        ("Origin", "http://evil.example"),
+        ("Origin", "http://h:1"),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Accept", "*/*"),
+        ("TE", "trailers"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authorization", "Basic x"),
+        ("X-Custom", "v"),
+    ];
+
+    proptest::proptest! {
+        /// The two engines are one policy: for any request head the lane forwards, the full
+        /// server would forward exactly the same head to the app (and would admit it).
+        #[test]
+        fn the_lane_and_the_full_server_forward_the_same_head(
+            method in proptest::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]),
+            target in proptest::sample::select(vec![
+                "/", "/a/b", "/x?page=2&sort=asc", "/x?soul_ticket=t", "/x?a=%41", "/.soul/health",
+            ]),
+            picks in proptest::collection::vec(0..POOL.len(), 0..10),
+        ) {
+            let mut raw = format!("{method} {target} HTTP/1.1\r\n");
+            for i in &picks {
+                let (name, value) = POOL[*i];
+                raw.push_str(&format!("{name}: {value}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let mut out = Vec::new();
+            if let Request::Forward(_) = request(raw.as_bytes(), &SEEN, good, &mut out) {
+                let full = full_server(raw.as_bytes());
+                proptest::prop_assert!(full.is_some(), "the lane forwards what the full server refuses: {}", raw);
+                proptest::prop_assert_eq!(canonical_of(&out), full.unwrap(), "{}", raw);
             }
         }
     }

@@ -13,8 +13,9 @@
 //! holds one of its connections), [`auth`] (what a credential grants, remembered per
 //! connection), [`handle`] (the full server's answer to a request), [`pairing`] (the pairing
 //! endpoints), [`proxy`] (the way to the app), [`lane`] (the fast path), and the policy pieces
-//! they share: [`credential`] (what a request presents, what is stripped), [`forward`]
-//! (hop-by-hop and forwarding headers), [`session`], [`link`], [`keys`], [`redeemed`],
+//! they share: [`policy`] (what passes to the app, written once for both engines),
+//! [`credential`] (what a request presents, what is stripped), [`forward`] (the full server's
+//! use of the policy on a header map), [`session`], [`link`], [`keys`], [`redeemed`],
 //! [`limits`], [`tls`].
 
 mod auth;
@@ -26,6 +27,7 @@ mod lane;
 mod limits;
 mod link;
 mod pairing;
+mod policy;
 mod proxy;
 mod redeemed;
 mod server;
