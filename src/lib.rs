@@ -13,6 +13,7 @@
 //! - [`pairing`]: device tokens and their verifier, tickets, pairing codes, QR renderings.
 //! - [`tls`]: the gates' and the relay's TLS identities and their pins.
 //! - [`pin`]: TLS trusted by a pin and nothing else.
+//! - [`proto`]: what clients, gates and relays agree on (paths, server names, origins).
 //! - [`transport`]: how each pod is reached, one driver per overlay, and address discovery.
 //! - [`bridge`]: `soul bridge init`: choosing transports, written into stack.kdl.
 //! - [`programs`]: the programs soul runs inside pods (pause, demo-app, probe).
@@ -45,6 +46,7 @@ pub mod pairing;
 pub mod pin;
 pub mod pod;
 pub mod programs;
+pub mod proto;
 pub mod quiet;
 pub mod reconcile;
 pub mod relay;

@@ -7,7 +7,7 @@
 //! a connection whose socket another user owns is closed ([`super::peer`]); a request for a
 //! host that is not loopback or `localhost` is refused (a DNS-rebinding page that reached the
 //! port under its own name); and a write or upgrade that a browser says another origin sent
-//! is refused exactly as the gate refuses it for a cookie ([`crate::gate::foreign_origin`]).
+//! is refused exactly as the gate refuses it for a cookie ([`crate::proto::foreign_origin`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -165,7 +165,7 @@ fn local_request<B>(req: &Request<B>) -> Result<(), &'static str> {
     if !is_loopback_host(host) {
         return Err("a request for another host than this machine (DNS rebinding?)");
     }
-    if crate::gate::foreign_origin(req, false) {
+    if crate::proto::foreign_origin(req, false) {
         return Err("a write or upgrade from a page of another origin");
     }
     Ok(())

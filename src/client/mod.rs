@@ -105,7 +105,7 @@ impl Pairing {
 
     /// What a pinned TLS connection to this pairing's gate needs.
     pub fn target(&self) -> Target {
-        let name = crate::relay::wire::server_name(&self.stack, &self.sidecar);
+        let name = crate::proto::server_name(&self.stack, &self.sidecar);
         Target {
             tls: pin::client_config(&self.pin),
             server_name: ServerName::try_from(name)
@@ -128,7 +128,7 @@ impl Pairing {
         let form: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("ticket", ticket.expose())
             .finish();
-        let request = http::Request::post(crate::gate::TOKEN_PATH)
+        let request = http::Request::post(crate::proto::TOKEN_PATH)
             .header(
                 http::header::HOST,
                 won.address.http_origin().trim_start_matches("http://"),

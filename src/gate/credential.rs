@@ -5,7 +5,7 @@
 //! no bearer header, no `soul_*` cookie (this gate's or a sibling sidecar's), no `soul_*`
 //! query parameter however it is spelled.
 
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Uri, header};
 
 use crate::pairing::TICKET_PARAM;
 use crate::secret::Secret;
@@ -86,13 +86,7 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
 }
 
-/// A header value as text, when it is visible ASCII (what `HeaderValue::to_str` accepts).
-pub(super) fn text(v: &[u8]) -> Option<&str> {
-    v.iter()
-        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
-        .then(|| std::str::from_utf8(v).ok())
-        .flatten()
-}
+pub(super) use crate::proto::text;
 
 /// The `name=value` pairs of one `Cookie` header's text, trimmed; pairs without `=` are not
 /// cookies and are dropped.
@@ -160,78 +154,7 @@ pub fn strip<B>(req: &mut Request<B>) {
     }
 }
 
-/// Whether a cookie-authenticated request must be refused as cross-origin: a WebSocket (or
-/// other) upgrade, or a method that changes state, sent by a page of another origin. Cookies
-/// do not tell ports apart, and SameSite does not either (a site ignores ports), so the gate
-/// compares the browser's `Origin` with the address the request was sent to, and with the
-/// scheme its clients use (`tls`): a page on `https://host` is not the gate's `http://host`.
-pub fn foreign_origin<B>(req: &Request<B>, tls: bool) -> bool {
-    let value = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    foreign(
-        &Provenance {
-            safe: matches!(
-                *req.method(),
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-            ) && !req.headers().contains_key(header::UPGRADE),
-            fetch_site: value("sec-fetch-site"),
-            origin: req.headers().get(header::ORIGIN).map(|v| v.as_bytes()),
-            host: value(header::HOST.as_str())
-                .or_else(|| req.uri().authority().map(|a| a.as_str())),
-        },
-        tls,
-    )
-}
-
-/// What a request says of where it comes from and where it was sent, for [`foreign`].
-pub(super) struct Provenance<'a> {
-    /// A method that changes nothing, and no upgrade.
-    pub safe: bool,
-    /// `Sec-Fetch-Site`, when it is text.
-    pub fetch_site: Option<&'a str>,
-    /// `Origin`, as sent.
-    pub origin: Option<&'a [u8]>,
-    /// `Host` (or the target's authority), when it is text.
-    pub host: Option<&'a str>,
-}
-
-/// [`foreign_origin`] of a request described by `p`.
-pub(super) fn foreign(p: &Provenance, tls: bool) -> bool {
-    if p.safe {
-        return false;
-    }
-    // Fetch Metadata, when the browser sends it, says who made the request, and a page
-    // cannot forge it (a page with `Referrer-Policy: no-referrer` posts with `Origin: null`).
-    if let Some(site) = p.fetch_site {
-        return !matches!(site, "same-origin" | "none");
-    }
-    let Some(origin) = p.origin else {
-        // Browsers send Origin with every upgrade and cross-origin write; a program that
-        // sends none is not a page riding a cookie.
-        return false;
-    };
-    let Some(host) = p.host else {
-        return true;
-    };
-    let Some(authority) = text(origin)
-        .and_then(|o| o.split_once("://"))
-        .map(|(scheme, authority)| (scheme.to_ascii_lowercase(), authority))
-    else {
-        return true; // `null` (a sandboxed or opaque origin), or garbage
-    };
-    let (scheme, default_port) = if tls {
-        ("https", ":443")
-    } else {
-        ("http", ":80")
-    };
-    if authority.0 != scheme {
-        return true;
-    }
-    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-    let origin_host = authority.1;
-    !(same(origin_host, host)
-        || same(&format!("{origin_host}{default_port}"), host)
-        || same(origin_host, &format!("{host}{default_port}")))
-}
+pub use crate::proto::{Provenance, foreign, foreign_origin};
 
 #[cfg(test)]
 mod tests {

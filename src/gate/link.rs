@@ -14,10 +14,7 @@ use super::Body;
 use super::credential::query_without_soul;
 use crate::html::escape;
 
-/// Where the pairing page posts its ticket.
-pub const PAIR_PATH: &str = "/.soul/pair";
-/// Where a soul client posts a pairing link's ticket (`ticket=…`) for the device token.
-pub const TOKEN_PATH: &str = "/.soul/token";
+pub use crate::proto::{PAIR_PATH, TOKEN_PATH};
 /// The most a pairing post may carry.
 pub const MAX_FORM: usize = 4096;
 

@@ -72,8 +72,7 @@ pub use slots::SlotLimits;
 use slots::{Slot, Slots};
 pub use tls::GateTls;
 
-/// The health endpoint Docker's health check calls; it reveals nothing.
-pub const HEALTH_PATH: &str = "/.soul/health";
+pub use crate::proto::HEALTH_PATH;
 
 /// How the gate runs.
 #[derive(Debug, Clone)]

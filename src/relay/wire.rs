@@ -33,9 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAGIC: &[u8; 13] = b"soul-relay/2\n";
 /// What an agent of version 1 sent in clear: the relay tells it to upgrade.
 pub const MAGIC_V1: &[u8; 13] = b"soul-relay/1\n";
-/// The server name of an agent's control channel (never a route: routes have two labels
-/// before `.soul`).
-pub const AGENT_SERVER_NAME: &str = "relay.soul";
+pub use crate::proto::AGENT_SERVER_NAME;
 /// The first byte of a data channel (neither a TLS record nor either magic).
 pub const DATA_MARKER: u8 = 0x01;
 /// Bytes of a data channel's id.
@@ -116,8 +114,9 @@ where
     out.write_all(&frame).await
 }
 
-/// Reads one frame, exactly: no byte after it is consumed (on a data channel those are the
-/// device's).
+/// Reads one frame, exactly: no byte after it is consumed. (Not tokio-util's
+/// `LengthDelimitedCodec`, which buffers what follows: the relay reads an agent's hello and
+/// hands the stream on to the registration, and nothing read past the hello may be lost.)
 pub async fn read_frame<R, T>(input: &mut R) -> Result<T, FrameError>
 where
     R: AsyncRead + Unpin,
@@ -151,18 +150,7 @@ pub fn registration_message(stack: &str, sidecar: &str, nonce: &[u8], session: &
     m
 }
 
-/// The server name a client presents to reach `sidecar` of `stack` through a relay: the relay
-/// routes by it, the gate ignores it.
-pub fn server_name(stack: &str, sidecar: &str) -> String {
-    format!("{sidecar}.{stack}.soul")
-}
-
-/// The (stack, sidecar) a [`server_name`] names.
-pub fn route_of(server_name: &str) -> Option<(&str, &str)> {
-    let rest = server_name.strip_suffix(".soul")?;
-    let (sidecar, stack) = rest.split_once('.')?;
-    (!stack.contains('.') && !sidecar.is_empty() && !stack.is_empty()).then_some((stack, sidecar))
-}
+pub use crate::proto::{route_of, server_name};
 
 /// An agent's Ed25519 key: one per stack, derived from the stack key (so it rotates with it),
 /// held by the stack's gates. The relay knows only [`AgentKey::public`], from its allow-list.
