@@ -168,7 +168,10 @@ fn pull_fast_forwards_and_never_forces() {
         .enable_all()
         .build()
         .unwrap();
-    let pull = |dir: &Path| rt.block_on(soul::reconcile::pull_once(dir));
+    let pull = |dir: &Path| {
+        rt.block_on(soul::reconcile::pull_once(dir))
+            .map_err(|e| e.to_string())
+    };
 
     assert_eq!(pull(&machine), Ok(false), "up to date");
     std::fs::write(laptop.join("stack.kdl"), "stack \"b\"\n").unwrap();

@@ -71,10 +71,14 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
 async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<(Pairing, bool), CliError> {
     let stored = dir.join(format!("{arg}.json"));
     if !arg.contains('/') && stored.is_file() {
-        return Ok((store::load(&stored).map_err(CliError::Usage)?, false));
+        return Ok((
+            store::load(&stored).map_err(|e| CliError::Usage(e.to_string()))?,
+            false,
+        ));
     }
     if arg.ends_with(".json") && std::path::Path::new(arg).is_file() {
-        let pairing = store::load(std::path::Path::new(arg)).map_err(CliError::Usage)?;
+        let pairing =
+            store::load(std::path::Path::new(arg)).map_err(|e| CliError::Usage(e.to_string()))?;
         return Ok((pairing, false));
     }
     let code = client::read_code(arg)?;

@@ -63,26 +63,42 @@ pub fn save(dir: &Path, pairing: &Pairing) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// Why a stored pairing cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a soul pairing: {why}")]
+    NotAPairing { path: PathBuf, why: String },
+}
+
 /// Reads a pairing file.
-pub fn load(path: &Path) -> Result<Pairing, String> {
-    let bytes = crate::files::read_bounded(path, MAX_PAIRING_FILE)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let s: Stored = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not a soul pairing: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Pairing, StoreError> {
+    let not_a_pairing = |why: String| StoreError::NotAPairing {
+        path: path.to_path_buf(),
+        why,
+    };
+    let bytes =
+        crate::files::read_bounded(path, MAX_PAIRING_FILE).map_err(|source| StoreError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let s: Stored = serde_json::from_slice(&bytes).map_err(|e| not_a_pairing(e.to_string()))?;
     // Its names build the file it is saved back to: only names stack.kdl allows.
     if let Some(bad) = [&s.stack, &s.sidecar, &s.device]
         .into_iter()
         .find(|n| !crate::stack::is_name(n))
     {
-        return Err(format!(
-            "{} is not a soul pairing: `{bad}` is not a name soul makes",
-            path.display()
-        ));
+        return Err(not_a_pairing(format!("`{bad}` is not a name soul makes")));
     }
     let addresses = s
         .addresses
         .iter()
-        .map(|a| Address::parse(a).map_err(|e| format!("{}: {e}", path.display())))
+        .map(|a| Address::parse(a).map_err(|e| not_a_pairing(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Pairing {
         stack: s.stack,

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// Why a request did not reach the app (the client gets 502, the log says which).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ProxyError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Pool(#[from] hyper_util::client::legacy::Error),
+    #[error("not a target the app can be asked for: {0}")]
+    Target(#[from] http::uri::InvalidUri),
+}
+
 /// The connection to the app of one client connection. An HTTP/1.1 client sends one request
 /// at a time, so it gets a connection to the app of its own, reused for its next request: no
 /// pool to look up and no lock shared with other clients on the hot path. HTTP/2 clients, whose
@@ -18,7 +31,7 @@ impl AppConnection {
         &self,
         shared: &Shared,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut idle = self.0.lock().ok().and_then(|mut c| c.take());
         if let Some(s) = &mut idle
             && s.ready().await.is_err()
@@ -49,7 +62,7 @@ impl AppConnection {
 
 pub(super) async fn open_app_connection(
     shared: &Shared,
-) -> Result<http1::SendRequest<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<http1::SendRequest<Incoming>, ProxyError> {
     let stream = TcpStream::connect(shared.cfg.upstream).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
@@ -68,7 +81,7 @@ pub(super) async fn proxy(
     shared: &Arc<Shared>,
     app: &AppConnection,
     held: Held,
-) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Response<Body>, ProxyError> {
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if req.version() == http::Version::HTTP_2 && !upgrade {
         // HTTP/2 from the client goes to the app as HTTP/1.1, through the shared pool.

@@ -307,17 +307,31 @@ pub(super) async fn git_pull(file: PathBuf, every: Duration, triggers: Arc<Trigg
     }
 }
 
+/// Why `git pull` did not move the stack's work tree.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("cannot run git: {0}")]
+    Git(#[from] std::io::Error),
+    #[error("not a git work tree with an upstream branch; nothing to pull")]
+    NoUpstream,
+    #[error("fetch failed: {0}")]
+    Fetch(String),
+    #[error("the work tree has local changes; not pulling (commit or stash them):\n{0}")]
+    LocalChanges(String),
+    #[error("cannot fast-forward to the upstream (history diverged); not forcing: {0}")]
+    Diverged(String),
+}
+
 /// One fetch and fast-forward; `Ok(true)` when HEAD moved.
-pub async fn pull_once(dir: &Path) -> Result<bool, String> {
+pub async fn pull_once(dir: &Path) -> Result<bool, PullError> {
     let git = |args: &[&str]| {
         let mut c = tokio::process::Command::new("git");
         c.arg("-C").arg(dir).args(args).kill_on_drop(true);
         c
     };
     let out = |o: std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let run = |mut c: tokio::process::Command| async move {
-        c.output().await.map_err(|e| format!("cannot run git: {e}"))
-    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+    let run = |mut c: tokio::process::Command| async move { c.output().await };
     let upstream = run(git(&[
         "rev-parse",
         "--abbrev-ref",
@@ -326,28 +340,20 @@ pub async fn pull_once(dir: &Path) -> Result<bool, String> {
     ]))
     .await?;
     if !upstream.status.success() {
-        return Err("not a git work tree with an upstream branch; nothing to pull".into());
+        return Err(PullError::NoUpstream);
     }
     let fetch = run(git(&["fetch", "--quiet"])).await?;
     if !fetch.status.success() {
-        return Err(format!(
-            "fetch failed: {}",
-            String::from_utf8_lossy(&fetch.stderr).trim()
-        ));
+        return Err(PullError::Fetch(err(&fetch)));
     }
     let dirty = out(run(git(&["status", "--porcelain", "--untracked-files=no"])).await?);
     if !dirty.is_empty() {
-        return Err(format!(
-            "the work tree has local changes; not pulling (commit or stash them):\n{dirty}"
-        ));
+        return Err(PullError::LocalChanges(dirty));
     }
     let before = out(run(git(&["rev-parse", "HEAD"])).await?);
     let merge = run(git(&["merge", "--ff-only", "--quiet", "@{u}"])).await?;
     if !merge.status.success() {
-        return Err(format!(
-            "cannot fast-forward to the upstream (history diverged); not forcing: {}",
-            String::from_utf8_lossy(&merge.stderr).trim()
-        ));
+        return Err(PullError::Diverged(err(&merge)));
     }
     let after = out(run(git(&["rev-parse", "HEAD"])).await?);
     Ok(before != after)
