@@ -1237,5 +1237,11 @@ fn two_state_dirs_applying_one_new_stack_at_once_leave_one_owner() {
         o.exited(1).stderr_has("were made from the state dir");
         assert_eq!(s.containers(), before, "attempt {attempt}");
         run(&mut soul_in(&dirs[winner], &["down"])).exited(0);
+        // The engine lets go of a removed pod's published port a moment after `down`: the next
+        // race starts once the port is free, or both would see it held.
+        retry(Duration::from_secs(10), || {
+            std::net::TcpListener::bind(("0.0.0.0", lan)).ok().map(drop)
+        })
+        .expect("the LAN port is given back after down");
     }
 }
