@@ -2044,19 +2044,24 @@ fn ask_token(port: u16, ticket: &str, pin: Option<&str>) -> (u16, String) {
     (code.parse().unwrap_or(0), body.to_string())
 }
 
-#[test]
-fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
-    let (app, key, gate, token) = gate_with_alice(46, "tokenx");
+/// alice's pairing ticket at the `notes` gate, with her token where the gate hands it out.
+fn ticket_for_alice(gate: &Gate, key: &StackKey, token: &str) -> String {
     let state = soul::state::StateDir::open(&gate.keys).unwrap();
     state.write("tokens/alice.jwt", token.as_bytes()).unwrap();
     let reg = registry(&[("alice", 1)]);
-    let ticket = soul::pairing::ticket(
+    soul::pairing::ticket(
         &key.link_key(),
         "home",
         "notes",
         "alice",
         &reg.devices["alice"],
-    );
+    )
+}
+
+#[test]
+fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
+    let (app, key, gate, token) = gate_with_alice(46, "tokenx");
+    let ticket = ticket_for_alice(&gate, &key, &token);
     let pin = soul::tls::identity(&key, "home", "notes").pin;
     // Plain HTTP would show the token to the LAN: refused, and the ticket is not spent.
     assert_eq!(ask_token(gate.port, &ticket, None).0, 403);
@@ -2091,16 +2096,7 @@ fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
 #[test]
 fn a_spent_ticket_re_spelled_pays_out_nothing() {
     let (_app, key, gate, token) = gate_with_alice(47, "respelled");
-    let state = soul::state::StateDir::open(&gate.keys).unwrap();
-    state.write("tokens/alice.jwt", token.as_bytes()).unwrap();
-    let reg = registry(&[("alice", 1)]);
-    let ticket = soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &reg.devices["alice"],
-    );
+    let ticket = ticket_for_alice(&gate, &key, &token);
     let mac = ticket.rsplit('.').next().unwrap();
     let pin = soul::tls::identity(&key, "home", "notes").pin;
     assert_eq!(ask_token(gate.port, &ticket, Some(&pin)).0, 200);
