@@ -123,12 +123,17 @@ fn ports_taken_by_others(desired: &Desired, held: &BTreeSet<u16>) -> BTreeSet<u1
         .collect()
 }
 
-/// The containers, networks and volumes of a snapshot, without images.
+/// The containers (but those being removed), networks and volumes of a snapshot, without
+/// images.
 pub fn from_snapshot(snapshot: runtime::Snapshot) -> Observed {
     Observed {
         containers: snapshot
             .containers
             .into_iter()
+            // A container the engine is removing (a removal a killed run asked for) is gone
+            // already: planning to start it would meet "no such container"; a create of its
+            // name waits for the removal to finish.
+            .filter(|c| c.state != "removing")
             .map(|c| ObservedContainer {
                 running: c.state == "running" || c.state == "restarting",
                 sidecar: c.labels.get(label::SIDECAR).cloned(),
