@@ -116,11 +116,24 @@ fn ports_taken_by_others(desired: &Desired, held: &BTreeSet<u16>) -> BTreeSet<u1
         .flat_map(|c| &c.ports)
         .map(|p| p.host)
         .filter(|port| !held.contains(port))
-        .filter(|port| {
-            std::net::TcpListener::bind(("0.0.0.0", *port))
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
-        })
+        .filter(|port| listened_on(*port))
         .collect()
+}
+
+/// Whether a program listens on TCP `port` of this machine. The probe binds without listening
+/// and with `SO_REUSEADDR`: a listener refuses it, but another probe of the same port does not,
+/// so two soul runs planning one stack at the same instant do not each see the other's probe
+/// as "another program" (CI saw the loser of an ownership race report its own port so).
+fn listened_on(port: u16) -> bool {
+    use rustix::net::{AddressFamily, SocketType, bind, ipproto, socket, sockopt};
+    let Ok(fd) = socket(AddressFamily::INET, SocketType::STREAM, Some(ipproto::TCP)) else {
+        return false;
+    };
+    if sockopt::set_socket_reuseaddr(&fd, true).is_err() {
+        return false;
+    }
+    let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+    matches!(bind(&fd, &any), Err(rustix::io::Errno::ADDRINUSE))
 }
 
 /// The containers (but those being removed), networks and volumes of a snapshot, without
@@ -196,5 +209,28 @@ impl Engine for Docker {
     }
     async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
         Docker::remove_volume(self, name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listened_on;
+
+    #[test]
+    fn two_runs_probing_one_port_at_once_do_not_take_each_other_for_another_program() {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listened_on(port), "a listener on loopback holds the port");
+        drop(listener);
+        // Hold a probe-like socket (bound, not listening) while probing again.
+        use rustix::net::{AddressFamily, SocketType, bind, ipproto, socket, sockopt};
+        let held = socket(AddressFamily::INET, SocketType::STREAM, Some(ipproto::TCP)).unwrap();
+        sockopt::set_socket_reuseaddr(&held, true).unwrap();
+        let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+        bind(&held, &any).unwrap();
+        assert!(
+            !listened_on(port),
+            "two runs probing one port at once see no program on it"
+        );
     }
 }
