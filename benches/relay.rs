@@ -319,6 +319,7 @@ impl SoulRelay {
                     sidecar: format!("s{i}"),
                     key_file: key_file.clone(),
                     state_file: None,
+                    public: None,
                 };
                 let sink = sink.clone();
                 tokio::spawn(agent::run(cfg, move |s| sink.serve(s)))
@@ -519,10 +520,13 @@ async fn path_choice() {
         return;
     }
     let identity = soul::tls::identity(&soul::state::StackKey::from_seed(1, [3; 32]), STACK, "s0");
-    let tls =
-        soul::gate::GateTls::from_pem(identity.cert_pem.as_bytes(), identity.key_pem.as_bytes())
-            .unwrap()
-            .config;
+    let tls = soul::gate::GateTls::from_pem(
+        identity.cert_pem.as_bytes(),
+        identity.key_pem.as_bytes(),
+        None,
+    )
+    .unwrap()
+    .config;
     let gate = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gate_addr: SocketAddr = gate.local_addr().unwrap();
     tokio::spawn(async move {

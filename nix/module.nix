@@ -111,6 +111,10 @@ in
         SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" ];
         LimitNOFILE = 65536;
+        # Public names (`domain` in the relay's file) need port 443: binding a port below
+        # 1024 is the one capability the relay has.
+        CapabilityBoundingSet = "CAP_NET_BIND_SERVICE";
+        AmbientCapabilities = "CAP_NET_BIND_SERVICE";
       };
     };
   }) (lib.mkIf cfg.enable {

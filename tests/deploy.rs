@@ -389,3 +389,93 @@ in module.config.systemd.services.soul.serviceConfig
         "{unit}"
     );
 }
+
+/// The relay's units gave it no capability, so `listen "0.0.0.0:443"` (public names) failed
+/// to bind. Both now give it `CAP_NET_BIND_SERVICE` and nothing else; run as an unprivileged
+/// user with exactly that set (setpriv, in a network namespace of its own), the relay binds 443.
+#[test]
+fn the_relay_units_bind_443_with_their_one_capability() {
+    let module = read("nix/module.nix");
+    let unit = read("examples/relay/soul-relay.service");
+    let value = |prefix: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in the unit"))
+            .to_string()
+    };
+    let (bounding, ambient) = (
+        value("CapabilityBoundingSet="),
+        value("AmbientCapabilities="),
+    );
+    assert_eq!(bounding, "CAP_NET_BIND_SERVICE");
+    assert_eq!(ambient, bounding);
+    for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {
+        assert!(
+            module.contains(&format!("{key} = \"{bounding}\";")),
+            "the NixOS module's {key} is the unit's"
+        );
+    }
+    ensure_command("ip", "iproute2");
+    let ns = format!("soul{}-caps", std::process::id());
+    run(Command::new("ip").args(["netns", "add", &ns])).exited(0);
+    let dir = std::env::temp_dir().join(format!("soul-deploy-caps-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("relay.kdl"),
+        "listen \"127.0.0.1:443\"\nstatus #false\ndomain \"relay.test\"\n",
+    )
+    .unwrap();
+    run(Command::new("chown").args(["-R", "65534:65534"]).arg(&dir)).exited(0);
+    let cap = bounding.trim_start_matches("CAP_").to_ascii_lowercase();
+    let serve = |caps: &str| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+        run(&mut c).exited(0);
+        let mut relay = Command::new("ip");
+        relay
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+            ])
+            .args(["--clear-groups", &format!("--inh-caps={caps}")])
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(match caps.strip_prefix('+') {
+                Some(_) => format!("--bounding-set=-all,{caps}"),
+                None => "--bounding-set=-all".to_string(),
+            })
+            .args([env!("CARGO_BIN_EXE_soul"), "relay", "serve", "--config"])
+            .arg(dir.join("relay.kdl"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = relay.spawn().unwrap();
+        let bound = retry(std::time::Duration::from_secs(10), || {
+            let o =
+                run(Command::new("ip").args(["netns", "exec", &ns, "ss", "-Htln", "sport = :443"]));
+            if o.stdout_text().contains(":443") {
+                return Some(true);
+            }
+            child.try_wait().ok().flatten().map(|_| false)
+        });
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        (
+            bound == Some(true),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (with_cap, log) = serve(&format!("+{cap}"));
+    let (without, _) = serve("-all");
+    let _ = run(Command::new("ip").args(["netns", "del", &ns]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        with_cap,
+        "the relay did not bind 443 with {bounding}:\n{log}"
+    );
+    assert!(!without, "without it, 443 is refused (the check can fail)");
+}

@@ -678,11 +678,8 @@ fn the_pairing_page_shows_every_code_scannable_on_loopback_and_follows_a_reissue
     let profile = s.dir.join("chromium-page");
     let o = run(std::process::Command::new("timeout")
         .args(["90", "chromium"])
+        .args(HEADLESS_CHROMIUM)
         .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
             "--hide-scrollbars",
             "--window-size=1500,1700",
             "--virtual-time-budget=3000",

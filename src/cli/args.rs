@@ -594,6 +594,26 @@ pub struct GateArgs {
     /// does not match.
     #[arg(long, value_name = "PIN", requires = "relay")]
     pub relay_pin: Option<String>,
+    /// This sidecar's public HTTPS name (`<sidecar>-<stack>.<relay's domain>`): claimed at the
+    /// relay, and served with a certificate obtained from an ACME CA by TLS-ALPN-01 (kept in
+    /// `--acme-dir`); every other name keeps the pinned certificate.
+    #[arg(long, value_name = "NAME", requires_all = ["acme_dir", "sidecar"])]
+    pub public_name: Option<String>,
+    /// Where the ACME account, the public certificate and its status live (writable).
+    #[arg(long, value_name = "DIR", requires = "public_name")]
+    pub acme_dir: Option<PathBuf>,
+    /// The ACME directory.
+    #[arg(long, value_name = "URL", default_value = crate::stack::LETS_ENCRYPT)]
+    pub acme_directory: String,
+    /// PEM roots to trust for the ACME directory instead of the public ones (a test CA).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca: Option<PathBuf>,
+    /// An e-mail address for the CA's notices.
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_contact: Option<String>,
+    /// The first wait after a failed ACME attempt (doubling up to an hour).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration_arg)]
+    pub acme_retry: Duration,
 }
 
 /// `soul connect`'s flags.

@@ -154,7 +154,8 @@ pub(super) async fn bridge_status(ctx: &Context, output: Output) -> Result<Exit,
     let stack = &ctx.stack;
     let (docker, all) = current_addresses(ctx).await?;
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
-    let report = reconcile::transports_report(stack, &all, &observed);
+    let mut report = reconcile::transports_report(stack, &all, &observed);
+    report.public = reconcile::public_names(stack, &ctx.state());
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_transports(&report)),
@@ -178,5 +179,6 @@ pub(super) fn render_transports(report: &reconcile::TransportsReport) -> String 
             t.address.as_deref().unwrap_or("-"),
         ));
     }
+    s.push_str(&super::report::public_lines(&report.public, unix_now()));
     s
 }

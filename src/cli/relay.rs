@@ -100,6 +100,12 @@ fn render_status(status: &Status) -> String {
                 "  {:<16} registered from {}, {} ready, {} waiting, {} session(s) so far\n",
                 c.sidecar, c.agent, c.ready, c.waiting, c.sessions_total
             ));
+            if let Some(name) = &c.public {
+                s.push_str(&format!("  {:<16} public name {name}\n", ""));
+            }
+        }
+        if let Some(names) = &stack.names {
+            s.push_str(&format!("  may claim: {}\n", names.join(" ")));
         }
     }
     s

@@ -47,6 +47,7 @@ pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> 
     let mut report = reconcile::status_report(stack, desired.as_ref(), &observed, watch);
     report.engine = Some(docker.endpoint().clone());
     report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
+    report.public = reconcile::public_names(stack, &ctx.state());
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -97,6 +98,7 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
         }
     }
     s.push_str(&watch_lines(report.watch.as_ref()));
+    s.push_str(&public_lines(&report.public, unix_now()));
     for u in &report.undeclared {
         s.push_str(&format!(
             "  undeclared: {} ({}): `soul apply` removes it\n",
@@ -104,6 +106,45 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
         ));
     }
     s
+}
+
+/// One line per public name: its certificate's expiry, or why there is none yet.
+pub(super) fn public_lines(names: &[reconcile::PublicName], now: u64) -> String {
+    let mut s = String::new();
+    for p in names {
+        let cert = match p.acme.as_ref().and_then(|a| a.not_after) {
+            Some(t) if t > now => format!("certificate valid for {}", span(t - now)),
+            Some(_) => "certificate expired".to_string(),
+            None => "no certificate yet".to_string(),
+        };
+        s.push_str(&format!(
+            "  public https://{}/ ({}): {cert}\n",
+            p.name, p.sidecar
+        ));
+        if let Some(acme) = &p.acme
+            && let Some(e) = &acme.last_error
+        {
+            let retry = acme
+                .retry_at
+                .map(|t| format!(" (next try in {})", span(t.saturating_sub(now))))
+                .unwrap_or_default();
+            s.push_str(&format!("    last ACME error: {e}{retry}\n"));
+        }
+        if p.acme.is_none() {
+            s.push_str("    the gate has not reported yet (`soul apply` starts it)\n");
+        }
+    }
+    s
+}
+
+/// A duration in the largest unit that fits: `42s`, `17m`, `5h`, `89d`.
+fn span(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
 }
 
 pub(super) fn devices(ctx: &Context, output: Output) -> Result<Exit, CliError> {

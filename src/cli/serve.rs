@@ -60,9 +60,21 @@ pub(super) async fn gate(args: &GateArgs) -> Result<Exit, CliError> {
                 .redeemed
                 .as_ref()
                 .map(|d| d.join(crate::relay::agent::STATE_FILE)),
+            public: args.public_name.clone(),
         }),
         _ => None,
     };
+    if let (Some(name), Some(dir)) = (&args.public_name, &args.acme_dir) {
+        cfg.public = Some(crate::gate::acme::PublicCert::new(name));
+        cfg.acme = Some(crate::gate::acme::AcmeConfig {
+            name: name.to_ascii_lowercase(),
+            directory: args.acme_directory.clone(),
+            ca_file: args.acme_ca.clone(),
+            dir: dir.clone(),
+            contact: args.acme_contact.clone(),
+            retry: args.acme_retry,
+        });
+    }
     let threads = args.threads.map(usize::from);
     crate::gate::run(cfg, args.listen, threads, terminated()).await?;
     Ok(Exit::Ok)

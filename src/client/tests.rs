@@ -27,9 +27,12 @@ struct FakeGate {
 }
 
 async fn fake_gate(identity: &crate::tls::Identity) -> FakeGate {
-    let tls =
-        crate::gate::GateTls::from_pem(identity.cert_pem.as_bytes(), identity.key_pem.as_bytes())
-            .unwrap();
+    let tls = crate::gate::GateTls::from_pem(
+        identity.cert_pem.as_bytes(),
+        identity.key_pem.as_bytes(),
+        None,
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (bytes_read, handshakes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -191,6 +194,8 @@ async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
             listen: relay_addr,
             status: None,
             allow,
+            names: Default::default(),
+            domain: None,
             limits: config::Limits::default(),
         },
         &relay_identity,
@@ -200,7 +205,7 @@ async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("relay-agent.key");
     std::fs::write(&key_file, hex::encode(stack_key.relay_agent_seed())).unwrap();
-    let tls = crate::gate::GateTls::from_pem(id.cert_pem.as_bytes(), id.key_pem.as_bytes())
+    let tls = crate::gate::GateTls::from_pem(id.cert_pem.as_bytes(), id.key_pem.as_bytes(), None)
         .unwrap()
         .config;
     let (read, shaken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -215,6 +220,7 @@ async fn a_device_reaches_the_gate_through_the_relay_when_the_lan_refuses() {
         sidecar: "notes".into(),
         key_file,
         state_file: Some(dir.path().join(agent::STATE_FILE)),
+        public: None,
     };
     let agent_task = tokio::spawn(agent::run(cfg, deliver));
     // Registered, with its ready pool open, and the state file says so.

@@ -283,8 +283,12 @@ fn container(
                 });
                 mounts.push(json!({ "name": v, "mountPath": m.target, "readOnly": true }));
             }
-            MountKind::Bind if Path::new(&m.source) == state_dir.join(layout::SPENT_DIR) => {
-                // The spent pairing links: on the gate's own claim, which outlives the pod.
+            MountKind::Bind
+                if Path::new(&m.source) == state_dir.join(layout::SPENT_DIR)
+                    || Path::new(&m.source) == state_dir.join(layout::ACME_DIR) =>
+            {
+                // The spent pairing links, and a public name's ACME account and certificate:
+                // on the gate's own claim, which outlives the pod.
                 let volume = NamedVolume::state(&stack.stack, &sidecar.name, "gate").name;
                 let claim = k8s_name(&[&volume]);
                 if !volumes.claims.contains(&claim) {
@@ -294,7 +298,13 @@ fn container(
                     &volume,
                     |_| json!({ "persistentVolumeClaim": { "claimName": claim } }),
                 );
-                mounts.push(json!({ "name": v, "mountPath": m.target, "subPath": "spent", "readOnly": false }));
+                let sub = Path::new(&m.source)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                mounts.push(
+                    json!({ "name": v, "mountPath": m.target, "subPath": sub, "readOnly": false }),
+                );
             }
             MountKind::Bind if c.role == Role::App => {
                 // The app's own host directory (`volume "/srv/media" "/media"`): the node's,

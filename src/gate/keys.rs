@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::acme::PublicCert;
 use super::tls::GateTls;
 use crate::state::layout::{
     GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE, gate_tls_cert, gate_tls_key,
@@ -26,8 +27,13 @@ pub struct Keys {
     pub tls: Option<GateTls>,
 }
 
-/// Reads the key and registry files from `dir`, and `sidecar`'s TLS files.
-pub fn load(dir: &Path, sidecar: Option<&str>) -> std::io::Result<Keys> {
+/// Reads the key and registry files from `dir`, and `sidecar`'s TLS files (served beside the
+/// `public` name's certificate, when the gate has one).
+pub fn load(
+    dir: &Path,
+    sidecar: Option<&str>,
+    public: Option<&Arc<PublicCert>>,
+) -> std::io::Result<Keys> {
     let not_a_key =
         || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key");
     // Bounded, regular files only: what apply wrote, never a FIFO to wait on.
@@ -44,7 +50,7 @@ pub fn load(dir: &Path, sidecar: Option<&str>) -> std::io::Result<Keys> {
     };
     let tls = match sidecar {
         Some(sidecar) => match (read(&gate_tls_cert(sidecar)), read(&gate_tls_key(sidecar))) {
-            (Ok(cert), Ok(key)) => Some(GateTls::from_pem(&cert, &key)?),
+            (Ok(cert), Ok(key)) => Some(GateTls::from_pem(&cert, &key, public.cloned())?),
             (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
             (Err(e), _) | (_, Err(e)) => return Err(e),
         },
@@ -63,12 +69,13 @@ pub fn load(dir: &Path, sidecar: Option<&str>) -> std::io::Result<Keys> {
 pub async fn follow(
     dir: PathBuf,
     sidecar: Option<String>,
+    public: Option<Arc<PublicCert>>,
     every: Duration,
     tx: watch::Sender<Option<Arc<Keys>>>,
 ) {
     loop {
         tokio::time::sleep(every).await;
-        if let Ok(k) = load(&dir, sidecar.as_deref()) {
+        if let Ok(k) = load(&dir, sidecar.as_deref(), public.as_ref()) {
             tx.send_if_modified(|current| {
                 if current.as_deref() == Some(&k) {
                     false

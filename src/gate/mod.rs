@@ -16,8 +16,9 @@
 //! they share: [`policy`] (what passes to the app, written once for both engines),
 //! [`credential`] (what a request presents, what is stripped), [`forward`] (the full server's
 //! use of the policy on a header map), [`session`], [`link`], [`keys`], [`redeemed`],
-//! [`limits`], [`tls`].
+//! [`limits`], [`tls`]; and [`acme`], the public name's certificate.
 
+pub mod acme;
 mod auth;
 mod credential;
 mod forward;
@@ -103,6 +104,10 @@ pub struct GateConfig {
     pub tls_only: bool,
     /// Register with a relay and serve the devices it carries, like any other connection.
     pub relay: Option<crate::relay::agent::AgentConfig>,
+    /// The public name, whose ClientHellos get its CA-issued certificate ([`acme`]).
+    pub public: Option<Arc<acme::PublicCert>>,
+    /// How that certificate is obtained and renewed.
+    pub acme: Option<acme::AcmeConfig>,
 }
 
 impl GateConfig {
@@ -122,6 +127,8 @@ impl GateConfig {
             reload_every: Duration::from_millis(200),
             tls_only: false,
             relay: None,
+            public: None,
+            acme: None,
         }
     }
 }

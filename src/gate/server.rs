@@ -49,7 +49,7 @@ pub fn serve(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let (keys_tx, keys_rx) = watch::channel(
-        load(&cfg.keys_dir, cfg.sidecar.as_deref())
+        load(&cfg.keys_dir, cfg.sidecar.as_deref(), cfg.public.as_ref())
             .ok()
             .map(Arc::new),
     );
@@ -88,7 +88,11 @@ pub fn serve(
                             let (dir, every) =
                                 (shared.cfg.keys_dir.clone(), shared.cfg.reload_every);
                             let sidecar = shared.cfg.sidecar.clone();
-                            tokio::spawn(keys::follow(dir, sidecar, every, tx));
+                            let public = shared.cfg.public.clone();
+                            tokio::spawn(keys::follow(dir, sidecar, public.clone(), every, tx));
+                            if let (Some(acme), Some(public)) = (shared.cfg.acme.clone(), public) {
+                                tokio::spawn(acme::run(acme, public));
+                            }
                             if let Some(relay) = shared.cfg.relay.clone() {
                                 tokio::spawn(crate::relay::agent::run(
                                     relay,
@@ -220,6 +224,10 @@ pub(super) async fn connection(
     };
     let handshake = tokio_rustls::TlsAcceptor::from(identity.config).accept(stream);
     match tokio::time::timeout(shared.cfg.header_timeout, handshake).await {
+        // The CA's TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
+        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(acme::ACME_TLS_ALPN) => {
+            tracing::info!(source = %peer, "answered an ACME tls-alpn-01 validation");
+        }
         Ok(Ok(stream)) => serve_http(stream, peer, true, shared, slot).await,
         Ok(Err(e)) => tracing::debug!(source = %peer, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(source = %peer, "TLS handshake timed out"),

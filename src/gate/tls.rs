@@ -1,6 +1,8 @@
 //! TLS at the gate: the sidecar's certificate and key as soul wrote them into the gate's
 //! directory (see [`crate::tls`]), made into a rustls server config (ring as the provider;
 //! HTTP/2 and HTTP/1.1 by ALPN), and the answer to plain HTTP when the stack is TLS-only.
+//! With a public name, a ClientHello naming it gets the CA-issued certificate
+//! ([`super::acme`]) and everything else the pinned one, so soul's clients pin unchanged.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +10,10 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use super::acme::{ACME_TLS_ALPN, PublicCert};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
@@ -19,9 +25,40 @@ pub struct GateTls {
     pub config: Arc<ServerConfig>,
 }
 
+/// Which certificate a ClientHello gets: the public one for the public name (the challenge's
+/// for `acme-tls/1`), the pinned one for everything else.
+#[derive(Debug)]
+struct Resolver {
+    pinned: Arc<CertifiedKey>,
+    public: Option<Arc<PublicCert>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        match self
+            .public
+            .as_ref()
+            .and_then(|p| p.for_hello(hello.server_name(), acme))
+        {
+            Some(answer) => answer,
+            // An `acme-tls/1` hello for another name is not answered.
+            None if acme => None,
+            None => Some(self.pinned.clone()),
+        }
+    }
+}
+
 impl GateTls {
-    /// A server config from PEM files: one certificate, one PKCS#8 private key.
-    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<GateTls> {
+    /// A server config from PEM files: one certificate, one PKCS#8 private key; and the public
+    /// name's certificate when the gate has one.
+    pub fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        public: Option<Arc<PublicCert>>,
+    ) -> std::io::Result<GateTls> {
         let invalid = |what: &str, e: &dyn std::fmt::Display| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
         };
@@ -30,13 +67,21 @@ impl GateTls {
         let key = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| invalid("the gate's TLS key", &e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pinned = CertifiedKey::from_der(vec![cert], key, &provider)
+            .map_err(|e| invalid("the gate's certificate and key", &e))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid("TLS versions", &e))?
             .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .map_err(|e| invalid("the gate's certificate and key", &e))?;
+            .with_cert_resolver(Arc::new(Resolver {
+                pinned: Arc::new(pinned),
+                public: public.clone(),
+            }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if public.is_some() {
+            // Chosen only when a client offers it alone: the CA's validation.
+            config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
         let key_text = String::from_utf8_lossy(key_pem).into_owned();
         Ok(GateTls {
             files: (cert_pem.to_vec(), crate::secret::Secret::new(key_text)),

@@ -12,4 +12,4 @@ mod uri;
 pub use payload::{Payload, PayloadError, VERSION as PAYLOAD_VERSION, browser_address};
 pub use ticket::{TICKET_PARAM, Ticket, TicketError, mac, mac_matches, ticket, verify_ticket};
 pub use token::{Claims, TokenError, audience, claims_for, issue, unix_now, verify};
-pub use uri::{Address, CodeFields, PairingLink, PairingUri, browser_links};
+pub use uri::{Address, CodeFields, PairingLink, PairingUri, browser_links, public_link};

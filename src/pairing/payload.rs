@@ -184,13 +184,18 @@ impl Address {
     }
 }
 
-/// The address a phone's browser should open: the first, in the stack's order, that a browser
-/// reaches (not the relay, which carries only soul clients, nor an onion address, which only Tor
-/// Browser opens), else the first.
-pub fn browser_address(addresses: &[Address]) -> Option<&Address> {
-    addresses
-        .iter()
-        .find(|a| !matches!(a.transport, TransportKind::Relay | TransportKind::Tor))
+/// The address a phone's browser should open: the first of the transport the owner chose
+/// (`transport { browser "tailscale" }`) when it has one; else the first, in the stack's order,
+/// that a browser reaches (not the relay, which carries only soul clients, nor an onion address,
+/// which only Tor Browser opens); else the first.
+pub fn browser_address(addresses: &[Address], chosen: Option<TransportKind>) -> Option<&Address> {
+    chosen
+        .and_then(|kind| addresses.iter().find(|a| a.transport == kind))
+        .or_else(|| {
+            addresses
+                .iter()
+                .find(|a| !matches!(a.transport, TransportKind::Relay | TransportKind::Tor))
+        })
         .or_else(|| addresses.first())
 }
 
@@ -232,6 +237,8 @@ mod tests {
         let link = PairingLink {
             fields,
             ticket: "alice-phone.1.x_y-z",
+            public: None,
+            browser: None,
         }
         .to_string();
         assert!(link.starts_with("http://192.168.1.20:8443/?soul_ticket=alice-phone.1.x_y-z#v=1&"));
@@ -342,10 +349,29 @@ mod tests {
         let mut addrs = addresses();
         addrs.rotate_left(2); // relay first
         assert_eq!(
-            browser_address(&addrs).unwrap().transport,
+            browser_address(&addrs, None).unwrap().transport,
             TransportKind::Lan
         );
-        assert_eq!(browser_address(&[]), None);
+        assert_eq!(browser_address(&[], None), None);
+    }
+
+    #[test]
+    fn the_browser_opens_the_transport_its_owner_chose_and_the_default_while_that_has_no_address() {
+        let addrs = addresses();
+        assert_eq!(
+            browser_address(&addrs, Some(TransportKind::Tailscale))
+                .unwrap()
+                .transport,
+            TransportKind::Tailscale
+        );
+        // The tailnet address is not known yet (the node has not joined): the LAN, as before.
+        let lan_and_relay = [addrs[0].clone(), addrs[2].clone()];
+        assert_eq!(
+            browser_address(&lan_and_relay, Some(TransportKind::Tailscale))
+                .unwrap()
+                .transport,
+            TransportKind::Lan
+        );
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -387,7 +413,12 @@ mod tests {
             prop_assert_eq!((&read.stack, &read.sidecar, &read.device), (&stack, &sidecar, &device));
             prop_assert_eq!(read.token.as_ref().map(Secret::expose), Some(token.as_str()));
             prop_assert!(read.pin.is_some());
-            let link = PairingLink { fields, ticket: &ticket }.to_string();
+            let link = PairingLink {
+                fields,
+                ticket: &ticket,
+                public: None,
+                browser: None,
+            }.to_string();
             let read = Payload::parse(&link).unwrap();
             prop_assert_eq!(&read.addresses, &addrs);
             prop_assert_eq!(read.ticket.as_ref().map(Secret::expose), Some(ticket.as_str()));

@@ -190,6 +190,8 @@ mod tests {
                 pin: "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=",
             },
             ticket: "alice-phone.1.Yc3uQ0b0m9QeS6nU6C4KXg",
+            public: None,
+            browser: None,
         }
         .to_string()
     }

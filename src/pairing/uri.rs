@@ -116,16 +116,25 @@ impl fmt::Display for PairingUri<'_> {
 /// (docs/pairing.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairingLink<'a> {
-    /// At least one address: the link opens the first a browser reaches.
+    /// At least one address, or a public name: the link opens the first a browser reaches.
     pub fields: CodeFields<'a>,
     pub ticket: &'a str,
+    /// The sidecar's public HTTPS name (`relay … public=#true`): the link opens
+    /// `https://<name>/`, one origin on every network, instead of the best LAN address.
+    pub public: Option<&'a str>,
+    /// Without a public name, the transport whose address the link opens
+    /// (`transport { browser "…" }`); `None`: the first a browser reaches, the LAN by default.
+    pub browser: Option<TransportKind>,
 }
 
 impl fmt::Display for PairingLink<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let origin = super::payload::browser_address(self.fields.addresses)
-            .map(Address::http_origin)
-            .unwrap_or_else(|| "http://localhost".into());
+        let origin = match self.public {
+            Some(name) => format!("https://{name}"),
+            None => super::payload::browser_address(self.fields.addresses, self.browser)
+                .map(Address::http_origin)
+                .unwrap_or_else(|| "http://localhost".into()),
+        };
         let ticket = super::ticket::TICKET_PARAM;
         write!(f, "{origin}/?{ticket}={}#{}", enc(self.ticket), self.fields)
     }
@@ -134,6 +143,12 @@ impl fmt::Display for PairingLink<'_> {
 /// A value as the payload writes it.
 fn enc(value: &str) -> String {
     utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
+/// The link a browser opens at a sidecar's public name: `https://<name>/?soul_ticket=<ticket>`.
+pub fn public_link(name: &str, ticket: &str) -> String {
+    let ticket = utf8_percent_encode(ticket, QUERY_VALUE);
+    format!("https://{name}/?{}={ticket}", super::ticket::TICKET_PARAM)
 }
 
 /// Links a browser can open, one per address, best first:

@@ -252,14 +252,17 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
             .to_string();
             let ticket =
                 crate::pairing::ticket(&link_key, &stack.stack, &sidecar.name, name, entry);
-            // The QR code holds the pairing link, which a phone camera opens; with no address
-            // known yet, the pairing URI.
-            let code = if addresses.is_empty() {
+            // The QR code holds the pairing link, which a phone camera opens (at the public
+            // name when the sidecar has one); with no address known yet, the pairing URI.
+            let public = stack.public_name(&sidecar.name);
+            let code = if addresses.is_empty() && public.is_none() {
                 uri.clone()
             } else {
                 PairingLink {
                     fields,
                     ticket: &ticket,
+                    public: public.as_deref(),
+                    browser: stack.browser_transport(),
                 }
                 .to_string()
             };
@@ -289,7 +292,16 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 format!("pairing URI for {pair}"),
                 uri.into_bytes(),
             ));
-            let mut links = browser_links(addresses, &ticket).join("\n");
+            // The `.link` file lists first the link the QR code opens.
+            let browser = stack.browser_transport();
+            let mut by_choice = addresses.to_vec();
+            by_choice.sort_by_key(|a| Some(a.transport) != browser);
+            let mut links = public
+                .iter()
+                .map(|name| crate::pairing::public_link(name, &ticket))
+                .chain(browser_links(&by_choice, &ticket))
+                .collect::<Vec<_>>()
+                .join("\n");
             links.push('\n');
             files.push(DesiredFile::bytes(
                 &format!("{base}.link"),
@@ -378,6 +390,68 @@ mod tests {
             );
             assert!(text.len() <= 666, "{} bytes", text.len());
         }
+    }
+
+    /// The QR code's text and the `.link` file's first line for the stack's one device.
+    fn code_and_first_link(src: &str) -> (String, String) {
+        let s = parse("s", src).unwrap_or_else(|d| panic!("{d}"));
+        let p = desired_files(&s, inputs(vec![three_addresses()])).unwrap();
+        let code = p
+            .files
+            .iter()
+            .find_map(|f| match &f.content {
+                FileContent::Qr { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let link = p.files.iter().find(|f| f.path.ends_with(".link")).unwrap();
+        let FileContent::Bytes(bytes) = &link.content else {
+            panic!("the link file is bytes")
+        };
+        let first = String::from_utf8(bytes.clone()).unwrap();
+        (code, first.lines().next().unwrap().to_string())
+    }
+
+    #[test]
+    fn the_qr_link_opens_the_lan_by_default_the_chosen_overlay_or_the_public_name() {
+        let base = "stack \"h\"\nsidecar \"x\" { image \"i\"; port 80; }\ndevice \"a\"\n";
+        let (code, link) = code_and_first_link(&format!(
+            "{base}transport {{ lan; tailscale authkey-file=\"/k\"; }}\n"
+        ));
+        assert!(
+            code.starts_with("http://192.168.178.120:8443/?soul_ticket="),
+            "{code}"
+        );
+        assert!(
+            link.starts_with("http://192.168.178.120:8443/?soul_ticket="),
+            "{link}"
+        );
+
+        let (code, link) = code_and_first_link(&format!(
+            "{base}transport {{ browser \"tailscale\"; lan; tailscale authkey-file=\"/k\"; }}\n"
+        ));
+        assert!(
+            code.starts_with("http://100.101.102.103:443/?soul_ticket="),
+            "{code}"
+        );
+        assert!(
+            link.starts_with("http://100.101.102.103:443/?soul_ticket="),
+            "{link}"
+        );
+        // The fragment still carries every address, in the stack's order, for soul clients.
+        assert!(code.contains("addr=lan"), "{code}");
+
+        let (code, link) = code_and_first_link(&format!(
+            "{base}relay \"relay.example.com:443\" pin=\"sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=\" public=#true\n"
+        ));
+        assert!(
+            code.starts_with("https://x-h.relay.example.com/?soul_ticket="),
+            "{code}"
+        );
+        assert!(
+            link.starts_with("https://x-h.relay.example.com/?soul_ticket="),
+            "{link}"
+        );
     }
 
     #[test]

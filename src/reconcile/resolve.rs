@@ -66,6 +66,15 @@ pub enum ResolveError {
         "sidecar `{sidecar}`, env `{env}`: the value holds a NUL byte, which no process environment can carry; fix the file or variable it comes from"
     )]
     EnvNul { sidecar: String, env: String },
+    /// `acme ca-file=` names a file that cannot be read.
+    #[error(
+        "`acme ca-file=`: cannot read {path}: {source}; give the PEM root of the ACME CA (only a test CA needs one)"
+    )]
+    AcmeCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A bind mount names a host path this machine lacks (Docker would refuse the container).
     #[error(
         "sidecar `{sidecar}`, volume `{path}`: no such path on this machine; create it (`mkdir -p {path}`) or fix the path in stack.kdl"
@@ -210,6 +219,24 @@ pub fn resolve(
             .map(|h| health_check(h, &sidecar.image));
         need(&app.image, &sidecar.name);
         let gate = gate_container(stack, sidecar, &soul, &state_dir, machine);
+        if let Some(path) = stack.acme.as_ref().and_then(|a| a.ca_file.as_ref())
+            && stack.public_name(&sidecar.name).is_some()
+            && !files
+                .iter()
+                .any(|f: &DesiredFile| f.path == crate::state::layout::gate_file(ACME_CA_FILE))
+        {
+            let pem = machine
+                .read_file(path)
+                .map_err(|source| ResolveError::AcmeCa {
+                    path: path.into(),
+                    source,
+                })?;
+            files.push(DesiredFile::bytes(
+                &crate::state::layout::gate_file(ACME_CA_FILE),
+                "the ACME CA's root".into(),
+                pem.into_bytes(),
+            ));
+        }
         let gate_state = gate_volume(stack, sidecar);
         if !volumes.contains(&gate_state) {
             volumes.push(gate_state);
@@ -263,6 +290,7 @@ fn gate_container(
     const KEYS: &str = "/gate";
     const REDEEMED: &str = GATE_WRITABLE;
     const SPENT: &str = "/spent";
+    const ACME: &str = "/acme";
     let port = stack.gate.port;
     // The gate bind-mounts the state dir: one deleted and made anew (another id) is a new
     // mount source, and the gate must be recreated to see it.
@@ -292,6 +320,27 @@ fn gate_container(
     ];
     if stack.gate.tls_only {
         command.push("--tls-only".into());
+    }
+    // A public name: claimed at the relay, its certificate obtained by ACME into the state
+    // dir's `acme/<sidecar>` (read-write: the account and the certificate live at home).
+    let public = stack.public_name(&sidecar.name);
+    if let Some(name) = &public {
+        command.extend([
+            "--public-name".into(),
+            name.clone(),
+            "--acme-dir".into(),
+            format!("{ACME}/{}", sidecar.name),
+        ]);
+        let acme = stack.acme.clone().unwrap_or_default();
+        if let Some(directory) = acme.directory {
+            command.extend(["--acme-directory".into(), directory]);
+        }
+        if acme.ca_file.is_some() {
+            command.extend(["--acme-ca".into(), format!("{KEYS}/{ACME_CA_FILE}")]);
+        }
+        if let Some(contact) = acme.contact {
+            command.extend(["--acme-contact".into(), contact]);
+        }
     }
     // With a relay, the gate's agent dials out to it: nothing new listens in the pod.
     if let Some(relay) = &stack.relay {
@@ -333,6 +382,10 @@ fn gate_container(
             timeout_ms: 2_000,
             retries: 3,
         });
+    if public.is_some() {
+        let acme = state_dir.join(crate::state::layout::ACME_DIR);
+        gate = gate.bind(acme.to_string_lossy().into_owned(), ACME, false);
+    }
     let state_id = state_id.trim();
     if !state_id.is_empty() {
         gate = gate.env("SOUL_STATE_ID", state_id);
@@ -352,6 +405,10 @@ fn gate_container(
     }
     gate
 }
+
+/// In the gate's directory: the ACME CA's root (`acme ca-file=`), which the gate trusts for the
+/// directory's HTTPS.
+pub const ACME_CA_FILE: &str = "acme-ca.pem";
 
 /// The file inside a gate that says its relay agent is registered (on the gate's volume).
 pub fn gate_relay_state() -> String {

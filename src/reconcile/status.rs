@@ -20,6 +20,42 @@ pub struct StatusReport {
     pub pods: Vec<PodStatus>,
     pub undeclared: Vec<UndeclaredContainer>,
     pub watch: Option<WatchStatus>,
+    /// Each public name (`relay … public=#true`): its certificate and the last ACME error,
+    /// as the gate last wrote them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub public: Vec<PublicName>,
+}
+
+/// A sidecar's public name, as its gate's ACME status says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PublicName {
+    pub sidecar: String,
+    pub name: String,
+    /// The gate's `status.json`; absent until the gate has written one.
+    pub acme: Option<crate::gate::acme::AcmeStatus>,
+}
+
+/// The public names of `stack`'s sidecars, with what their gates wrote into the state dir.
+pub fn public_names(
+    stack: &crate::stack::Stack,
+    state: &crate::state::StateDir,
+) -> Vec<PublicName> {
+    stack
+        .sidecars
+        .iter()
+        .filter_map(|s| {
+            let name = stack.public_name(&s.name)?;
+            let dir = state
+                .path()
+                .join(crate::state::layout::ACME_DIR)
+                .join(&s.name);
+            Some(PublicName {
+                sidecar: s.name.clone(),
+                name,
+                acme: crate::gate::acme::read_status(&dir),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -127,5 +163,6 @@ pub fn report(
         pods,
         undeclared,
         watch,
+        public: Vec::new(),
     }
 }

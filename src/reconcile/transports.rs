@@ -14,6 +14,9 @@ use crate::stack::Stack;
 pub struct TransportsReport {
     pub stack: String,
     pub transports: Vec<TransportStatus>,
+    /// The sidecars' public names through the relay ([`super::public_names`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub public: Vec<super::PublicName>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,5 +67,6 @@ pub fn report(stack: &Stack, addresses: &[Vec<Address>], observed: &Observed) ->
     TransportsReport {
         stack: stack.stack.clone(),
         transports,
+        public: Vec::new(),
     }
 }

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub key_file: PathBuf,
     /// Holds the relay's host while registered; absent otherwise.
     pub state_file: Option<PathBuf>,
+    /// The public name the sidecar claims at the relay (`<label>.<relay's domain>`), if any.
+    pub public: Option<String>,
 }
 
 /// Why a registration ended or failed.
@@ -132,6 +134,7 @@ async fn register(
         stack: cfg.stack.clone(),
         sidecar: cfg.sidecar.clone(),
         key: key.public(),
+        public: cfg.public.clone(),
     };
     let exchange = async {
         send_hello(&mut control, &hello)
@@ -149,9 +152,18 @@ async fn register(
             .await
             .map_err(|e| protocol(e.to_string()))?;
         match wire::read_frame(&mut control).await {
-            Ok(ToAgent::Registered { channel_key, ready }) => wire::decode_key(&channel_key)
-                .map(|key| (key, ready))
-                .ok_or_else(|| protocol("a channel key that is not 32 bytes".into())),
+            Ok(ToAgent::Registered {
+                channel_key,
+                ready,
+                public_refused,
+            }) => {
+                if let Some(why) = public_refused {
+                    tracing::warn!("relay agent: {}: {why}", cfg.relay);
+                }
+                wire::decode_key(&channel_key)
+                    .map(|key| (key, ready))
+                    .ok_or_else(|| protocol("a channel key that is not 32 bytes".into()))
+            }
             Ok(ToAgent::Refused { reason }) => Err(refused(cfg, reason)),
             Ok(other) => Err(protocol(format!("{other:?} instead of a registration"))),
             Err(e) => Err(protocol(e.to_string())),
@@ -404,6 +416,7 @@ mod tests {
             sidecar: "notes".into(),
             key_file,
             state_file: Some(state_file.clone()),
+            public: None,
         };
         let agent = tokio::spawn(run(cfg, |_s: TcpStream| {}));
         tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -426,6 +439,7 @@ mod tests {
             sidecar: "notes".into(),
             key_file: "/nonexistent/relay-agent.key".into(),
             state_file: None,
+            public: None,
         };
         let err = register(&cfg).await.unwrap_err();
         assert!(err.to_string().contains("soul apply"), "{err}");

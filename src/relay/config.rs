@@ -5,7 +5,12 @@
 //! status "127.0.0.1:7001"          // `soul relay status` reads it (loopback by default)
 //! allow "home" key="ed25519:…"     // one per stack: `soul relay allow` prints the line
 //! limits sessions-per-stack=256 ready=4 idle-timeout="5m"
+//! domain "relay.example.com"       // public names: <label>.relay.example.com (wildcard DNS)
 //! ```
+//!
+//! With a `domain`, a stack's sidecars may claim public names under it (a browser reaches
+//! them with a real certificate the gate holds); `allow … names="notes-home *-home"` limits
+//! which labels a stack may claim (default: `*-<stack>`, a label ending in `-<stack>`).
 //!
 //! Only public keys live here: the file lets a stack's agents register and nothing else.
 
@@ -18,7 +23,7 @@ use std::time::Duration;
 use kdl::{KdlNode, KdlValue};
 
 use super::wire;
-use crate::stack::{Diagnostics, Problem, Span, StackError, is_name};
+use crate::stack::{Diagnostics, Problem, Span, StackError, is_dns_label, is_domain, is_name};
 
 /// What a relay serves and whom it lets in.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +32,37 @@ pub struct RelayConfig {
     pub status: Option<SocketAddr>,
     /// Stack name → the agent key allowed to register its sidecars.
     pub allow: BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    /// Stack name → the labels of public names it may claim (`notes-home`, or `*-home` for
+    /// any label ending so); a stack without an entry may claim `*-<stack>`.
+    pub names: BTreeMap<String, Vec<String>>,
+    /// The domain public names are under (`<label>.<domain>`), when the relay gives any.
+    pub domain: Option<String>,
     pub limits: Limits,
+}
+
+impl RelayConfig {
+    /// The stack that may claim the public name `name` for one of its sidecars, when `name`
+    /// is `<label>.<domain>` and the label is one `stack` may claim.
+    pub fn may_claim(&self, stack: &str, name: &str) -> bool {
+        let Some(domain) = &self.domain else {
+            return false;
+        };
+        let Some(label) = name
+            .strip_suffix(domain.as_str())
+            .and_then(|l| l.strip_suffix('.'))
+        else {
+            return false;
+        };
+        if !is_dns_label(label) {
+            return false;
+        }
+        let default = [format!("*-{stack}")];
+        let patterns = self.names.get(stack).map_or(&default[..], |v| &v[..]);
+        patterns.iter().any(|p| match p.strip_prefix('*') {
+            Some(suffix) => label.len() > suffix.len() && label.ends_with(suffix),
+            None => p == label,
+        })
+    }
 }
 
 /// What one stack or one client may hold, so that none starves the others.
@@ -98,6 +133,8 @@ impl RelayConfig {
             listen: DEFAULT_LISTEN.parse().expect("a socket address"),
             status: Some(DEFAULT_STATUS.parse().expect("a socket address")),
             allow: BTreeMap::new(),
+            names: BTreeMap::new(),
+            domain: None,
             limits: Limits::default(),
         };
         for node in doc.nodes() {
@@ -114,8 +151,24 @@ impl RelayConfig {
                         Err(p) => problems.push(p),
                     },
                 },
+                "domain" => {
+                    let entry = node.entries().first().filter(|e| e.name().is_none());
+                    match entry.and_then(|e| e.value().as_string()) {
+                        Some(d) if is_domain(d) => cfg.domain = Some(d.to_string()),
+                        _ => problems.push(
+                            Problem::new(
+                                entry.map_or(at, |e| Span::from(e.span())),
+                                "`domain` takes a lowercase DNS name with at least two labels",
+                            )
+                            .help("for example `domain \"relay.example.com\"`, with a wildcard DNS record `*.relay.example.com` pointing at this machine"),
+                        ),
+                    }
+                }
                 "allow" => match allow(node, &is_name) {
-                    Ok((stack, key)) => {
+                    Ok((stack, key, names)) => {
+                        if let Some(names) = names {
+                            cfg.names.insert(stack.clone(), names);
+                        }
                         if cfg.allow.insert(stack.clone(), key).is_some() {
                             problems.push(
                                 Problem::new(at, format!("stack `{stack}` is allowed twice"))
@@ -126,10 +179,11 @@ impl RelayConfig {
                     Err(p) => problems.push(p),
                 },
                 "limits" => limits(node, &mut cfg.limits, &mut problems),
-                other => problems.push(
-                    Problem::new(at, format!("unknown node `{other}`"))
-                        .help("a relay file has `listen`, `status`, `allow` and `limits`"),
-                ),
+                other => {
+                    problems.push(Problem::new(at, format!("unknown node `{other}`")).help(
+                        "a relay file has `listen`, `status`, `allow`, `limits` and `domain`",
+                    ))
+                }
             }
         }
         if problems.is_empty() {
@@ -155,10 +209,10 @@ fn address_arg(node: &KdlNode) -> Result<SocketAddr, Problem> {
     })
 }
 
-fn allow(
-    node: &KdlNode,
-    is_name: &impl Fn(&str) -> bool,
-) -> Result<(String, ed25519_dalek::VerifyingKey), Problem> {
+/// An `allow` line: the stack, its agent key, and the public-name labels it may claim.
+type Allowed = (String, ed25519_dalek::VerifyingKey, Option<Vec<String>>);
+
+fn allow(node: &KdlNode, is_name: &impl Fn(&str) -> bool) -> Result<Allowed, Problem> {
     let help = "`soul relay allow` on the stack's machine prints the line: allow \"home\" key=\"ed25519:…\"";
     let stack = node
         .entries()
@@ -184,7 +238,33 @@ fn allow(
             )
             .help(help)
         })?;
-    Ok((stack.to_string(), key))
+    let names = match node
+        .entries()
+        .iter()
+        .find(|e| e.name().map(|n| n.value()) == Some("names"))
+    {
+        None => None,
+        Some(entry) => {
+            let list: Vec<String> = entry
+                .value()
+                .as_string()
+                .unwrap_or_default()
+                .split([' ', ','])
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            let valid = |l: &String| is_dns_label(l.strip_prefix('*').unwrap_or(l));
+            if list.is_empty() || !list.iter().all(valid) {
+                return Err(Problem::new(
+                    Span::from(entry.span()),
+                    format!("`names` of `allow \"{stack}\"` must list DNS labels, each maybe starting with `*`"),
+                )
+                .help(format!("for example names=\"notes-{stack} *-{stack}\"")));
+            }
+            Some(list)
+        }
+    };
+    Ok((stack.to_string(), key, names))
 }
 
 fn limits(node: &KdlNode, limits: &mut Limits, problems: &mut Vec<Problem>) {
@@ -267,6 +347,35 @@ mod tests {
         assert_eq!(cfg.limits.sessions_per_stack, 256);
         let off = RelayConfig::parse("relay.kdl", "status #false\n").unwrap();
         assert_eq!(off.status, None);
+    }
+
+    #[test]
+    fn a_stack_claims_only_the_public_names_its_allow_line_gives_it() {
+        let src = format!(
+            "domain \"relay.test\"\nallow \"home\" key=\"{k}\"\nallow \"c\" key=\"{k}\"\nallow \"friend\" key=\"{k}\" names=\"blog-friend, cal\"\n",
+            k = key_text()
+        );
+        let cfg = RelayConfig::parse("relay.kdl", &src).unwrap();
+        assert!(cfg.may_claim("home", "notes-home.relay.test"));
+        assert!(!cfg.may_claim("home", "notes-friend.relay.test"));
+        assert!(!cfg.may_claim("home", "-home.relay.test"));
+        assert!(!cfg.may_claim("home", "notes-home.other.test"));
+        assert!(!cfg.may_claim("home", "a.notes-home.relay.test"));
+        assert!(!cfg.may_claim("home", "notes-homerelay.test"));
+        assert!(cfg.may_claim("friend", "blog-friend.relay.test"));
+        assert!(cfg.may_claim("friend", "cal.relay.test"));
+        assert!(!cfg.may_claim("friend", "notes-friend.relay.test"));
+        let none = RelayConfig::parse("relay.kdl", "").unwrap();
+        assert!(!none.may_claim("home", "notes-home.relay.test"));
+        let bad = RelayConfig::parse(
+            "relay.kdl",
+            &format!(
+                "domain \"Relay\"\nallow \"x\" key=\"{}\" names=\"a b.c\"\n",
+                key_text()
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(bad.problems.len(), 2, "{}", bad.render(false));
     }
 
     #[test]

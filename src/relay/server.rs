@@ -59,6 +59,8 @@ pub struct Relay {
 #[derive(Default)]
 struct State {
     routes: HashMap<RouteKey, Route>,
+    /// Public name → the route it reaches (each held by one registration at a time).
+    names: HashMap<String, RouteKey>,
     /// Data channel id → the route it belongs to and its number (each taken once).
     channels: HashMap<[u8; CHANNEL_ID], (RouteKey, u64)>,
     /// Device connections being spliced, per stack.
@@ -84,6 +86,8 @@ struct Route {
     ready: VecDeque<TcpStream>,
     waiting: VecDeque<oneshot::Sender<TcpStream>>,
     sessions_total: u64,
+    /// The public name routed here too, if the registration claimed one the relay gave.
+    public: Option<String>,
 }
 
 /// Why a device connection was not spliced (logged, never shown to the device: it gets a
@@ -228,11 +232,15 @@ impl Relay {
             return self.agent(stream, peer, bytes, pending).await;
         }
         drop(pending);
-        let Some((stack, sidecar)) = wire::route_of(&name) else {
-            tracing::info!(source = %peer, "closed a connection for `{name}`: not a soul route (<sidecar>.<stack>.soul)");
-            return;
+        let public = self.state().names.get(&name.to_ascii_lowercase()).cloned();
+        let (stack, sidecar) = match (public, wire::route_of(&name)) {
+            (Some(key), _) => key,
+            (None, Some((stack, sidecar))) => (stack.to_string(), sidecar.to_string()),
+            (None, None) => {
+                tracing::info!(source = %peer, "closed a connection for `{name}`: not a soul route (<sidecar>.<stack>.soul) nor a registered public name");
+                return;
+            }
         };
-        let (stack, sidecar) = (stack.to_string(), sidecar.to_string());
         self.device(stream, peer, bytes, stack, sidecar).await;
     }
 
@@ -498,8 +506,14 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             status: None,
             allow,
+            names: BTreeMap::new(),
+            domain: None,
             limits,
         };
+        serve_config(cfg).await
+    }
+
+    async fn serve_config(cfg: RelayConfig) -> (Arc<Relay>, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let relay = Relay::new(cfg, &crate::tls::relay_identity(&SEED));
@@ -516,6 +530,18 @@ mod tests {
         sidecar: &str,
         key: &AgentKey,
     ) -> std::io::Result<(TlsStream<TcpStream>, [u8; 32])> {
+        control_claiming(addr, pin, stack, sidecar, key, None).await
+    }
+
+    /// [`control`], claiming the public name `public`.
+    async fn control_claiming(
+        addr: SocketAddr,
+        pin: &str,
+        stack: &str,
+        sidecar: &str,
+        key: &AgentKey,
+        public: Option<&str>,
+    ) -> std::io::Result<(TlsStream<TcpStream>, [u8; 32])> {
         let tcp = TcpStream::connect(addr).await?;
         let mut cfg = crate::pin::client_config(pin).as_ref().clone();
         cfg.alpn_protocols.clear();
@@ -531,6 +557,7 @@ mod tests {
                 stack: stack.into(),
                 sidecar: sidecar.into(),
                 key: key.public(),
+                public: public.map(str::to_string),
             },
         )
         .await?;
@@ -545,8 +572,20 @@ mod tests {
         sidecar: &str,
         key: &AgentKey,
     ) -> (TlsStream<TcpStream>, ToAgent) {
+        register_claiming(addr, stack, sidecar, key, None).await
+    }
+
+    async fn register_claiming(
+        addr: SocketAddr,
+        stack: &str,
+        sidecar: &str,
+        key: &AgentKey,
+        public: Option<&str>,
+    ) -> (TlsStream<TcpStream>, ToAgent) {
         let pin = crate::tls::relay_identity(&SEED).pin;
-        let (mut s, binding) = control(addr, &pin, stack, sidecar, key).await.unwrap();
+        let (mut s, binding) = control_claiming(addr, &pin, stack, sidecar, key, public)
+            .await
+            .unwrap();
         let answer: ToAgent = wire::read_frame(&mut s).await.unwrap();
         let ToAgent::Challenge { nonce } = answer else {
             return (s, answer);
@@ -735,6 +774,109 @@ mod tests {
         unsigned.clear();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(relay.status().pending, 0, "the share is given back");
+    }
+
+    /// A public name is routed to the registration that claimed it and no other: another
+    /// stack's agent cannot claim it (by its `allow` line, nor while it is held), and a
+    /// device's ClientHello naming it waits for the claiming sidecar's data channel.
+    #[tokio::test]
+    async fn another_stacks_agent_cannot_take_a_public_name_and_a_hello_for_it_reaches_its_sidecar()
+    {
+        let home = AgentKey::from_seed([1; 32]);
+        let friend = AgentKey::from_seed([2; 32]);
+        let mut allow = BTreeMap::new();
+        allow.insert(
+            "home".to_string(),
+            wire::parse_public(&home.public()).unwrap(),
+        );
+        allow.insert(
+            "friend".to_string(),
+            wire::parse_public(&friend.public()).unwrap(),
+        );
+        let mut names = BTreeMap::new();
+        // The relay's owner let the friend claim `notes-home` too (a mistake): first come.
+        names.insert(
+            "friend".to_string(),
+            vec!["*-friend".into(), "notes-home".into()],
+        );
+        let (relay, addr) = serve_config(RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            status: None,
+            allow,
+            names,
+            domain: Some("relay.test".into()),
+            limits: Limits {
+                ready: 0,
+                ..Limits::default()
+            },
+        })
+        .await;
+        let refused = |answer: &ToAgent| match answer {
+            ToAgent::Registered { public_refused, .. } => public_refused.clone(),
+            other => panic!("{other:?}"),
+        };
+        // The friend's own pattern does not give it `blog-home`.
+        let (_f0, answer) = register_claiming(
+            addr,
+            "friend",
+            "blog",
+            &friend,
+            Some("blog-home.relay.test"),
+        )
+        .await;
+        assert!(
+            refused(&answer).is_some_and(|why| why.contains("not a name stack `friend` may claim")),
+            "{answer:?}"
+        );
+        let (_home, answer) =
+            register_claiming(addr, "home", "notes", &home, Some("notes-home.relay.test")).await;
+        assert_eq!(refused(&answer), None);
+        let (_f1, answer) = register_claiming(
+            addr,
+            "friend",
+            "notes",
+            &friend,
+            Some("notes-home.relay.test"),
+        )
+        .await;
+        assert!(
+            refused(&answer).is_some_and(|why| why.contains("held by another registration")),
+            "{answer:?}"
+        );
+        let status = relay.status();
+        let home_status = status.stacks.iter().find(|s| s.stack == "home").unwrap();
+        assert_eq!(
+            home_status.sidecars[0].public.as_deref(),
+            Some("notes-home.relay.test")
+        );
+        // A browser's ClientHello for the public name waits for home's notes, not friend's.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let cfg = crate::pin::client_config(&crate::tls::relay_identity(&[1; 32]).pin);
+        let name = rustls::pki_types::ServerName::try_from("Notes-Home.relay.test").unwrap();
+        let device = tokio::spawn(async move {
+            let _ = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await;
+        });
+        let waiting = || {
+            let status = relay.status();
+            let of = |stack: &str| {
+                status
+                    .stacks
+                    .iter()
+                    .find(|s| s.stack == stack)
+                    .map_or(0, |s| s.sidecars.iter().map(|c| c.waiting).sum::<usize>())
+            };
+            (of("home"), of("friend"))
+        };
+        for _ in 0..100 {
+            if waiting() != (0, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(waiting(), (1, 0));
+        device.abort();
     }
 
     /// A device's ClientHello for `notes.home.soul` from `source`, left waiting.

@@ -56,6 +56,10 @@ pub enum Hello {
         stack: String,
         sidecar: String,
         key: String,
+        /// The public name the sidecar claims (`<label>.<relay's domain>`), if it has one: the
+        /// relay routes ClientHellos naming it here too, still without terminating them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public: Option<String>,
     },
 }
 
@@ -67,7 +71,14 @@ pub enum ToAgent {
     Challenge { nonce: String },
     /// Registered: open data channels with ids under this channel key (base64 of 32 random
     /// bytes); keep `ready` of them open.
-    Registered { channel_key: String, ready: usize },
+    Registered {
+        channel_key: String,
+        ready: usize,
+        /// Why the public name the agent claimed is not routed here (the registration of its
+        /// `.soul` name stands).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_refused: Option<String>,
+    },
     /// Not registered, and why (the agent logs it and backs off).
     Refused { reason: String },
     /// Devices are waiting and no data channel is ready: open `count` more.

@@ -130,6 +130,7 @@ const TRANSPORT: &[Shape] = &[
         into: Place::Value("order"),
         example: "order \"lan\" \"tailscale\" \"relay\"",
     },
+    value("browser", "browser \"tailscale\""),
     Shape {
         name: "lan",
         args: Args::None,
@@ -216,10 +217,18 @@ const TOP: &[Shape] = &[
     Shape {
         name: "relay",
         args: Args::Fields(&["endpoint"], 1),
-        props: &["pin", "token-file"],
+        props: &["pin", "token-file", "public", "domain"],
         children: &[],
         into: Place::Object("relay"),
         example: "relay \"relay.example.com:7000\" pin=\"sha256//…\"",
+    },
+    Shape {
+        name: "acme",
+        args: Args::None,
+        props: &["directory", "ca-file", "contact"],
+        children: &[],
+        into: Place::Object("acme"),
+        example: "acme directory=\"https://acme-v02.api.letsencrypt.org/directory\"",
     },
     value("secret-generation", "secret-generation 1"),
     Shape {

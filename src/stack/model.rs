@@ -18,6 +18,23 @@ pub fn is_name(s: &str) -> bool {
         && chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
+
+/// Whether `label` is one DNS label as soul makes them: 1 to 63 lowercase letters, digits and
+/// dashes, neither first nor last a dash.
+pub fn is_dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// Whether `domain` is a DNS name of labels ([`is_dns_label`]), at least two of them.
+pub fn is_domain(domain: &str) -> bool {
+    domain.len() <= 200 && domain.split('.').count() >= 2 && domain.split('.').all(is_dns_label)
+}
+
 /// A TLS key's pin: `sha256//` and the base64 of 32 bytes (curl's `--pinnedpubkey` form).
 pub const PIN_PATTERN: &str = r"^sha256//[A-Za-z0-9+/]{43}=$";
 /// Durations such as `"500ms"`, `"10s"`, `"5m"`, `"2h"`, `"90d"`.
@@ -47,6 +64,10 @@ pub struct Stack {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Relay")]
     pub relay: Option<Relay>,
+    /// `acme directory="…" ca-file="…"`: the CA of the public names (`relay … public=#true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Acme")]
+    pub acme: Option<Acme>,
     /// `secret-generation 1`: bump to rotate the stack key.
     #[serde(default = "one")]
     #[schemars(range(min = 1))]
@@ -198,6 +219,10 @@ pub struct Transport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Vec<TransportKind>")]
     pub order: Option<Vec<TransportKind>>,
+    /// The transport whose address the QR code's link opens in a browser, when the stack has no
+    /// public name (default: the first a browser reaches in `order`, the LAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<TransportKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Lan")]
     pub lan: Option<Lan>,
@@ -329,7 +354,34 @@ pub struct Relay {
     pub pin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// `public=#true`: each sidecar gets a public HTTPS name under the relay's domain,
+    /// `<sidecar>-<stack>.<domain>`, with a certificate the gate obtains by ACME.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// The relay's domain (its file's `domain`); by default the endpoint's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
+
+/// `acme directory="https://…" ca-file="…"`: where gates with a public name get their
+/// certificates (default: Let's Encrypt's production directory) and, for a CA whose directory
+/// is not served with a publicly trusted certificate (a test CA), the root to trust for it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Acme {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https://"))]
+    pub directory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// An address the CA may write to about the certificates (`mailto:` is added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+}
+
+/// Let's Encrypt's production ACME directory: where public names get certificates unless
+/// `acme directory=` says otherwise.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 impl Relay {
     /// The endpoint's host and port.
@@ -354,6 +406,22 @@ pub struct Device {
 }
 
 impl Stack {
+    /// The public HTTPS name of `sidecar` (`<sidecar>-<stack>.<relay's domain>`), when the
+    /// stack's relay gives public names (`relay … public=#true`).
+    pub fn public_name(&self, sidecar: &str) -> Option<String> {
+        let relay = self.relay.as_ref().filter(|r| r.public)?;
+        let domain = match &relay.domain {
+            Some(d) => d.clone(),
+            None => relay.host_port()?.0,
+        };
+        Some(format!("{sidecar}-{}.{domain}", self.stack))
+    }
+
+    /// The transport whose address a browser's pairing link opens (`transport { browser … }`).
+    pub fn browser_transport(&self) -> Option<TransportKind> {
+        self.transport.as_ref().and_then(|t| t.browser)
+    }
+
     /// The transports in the client's fallback order: `order` when given, else LAN first,
     /// then the overlays, then the relay.
     pub fn transport_order(&self) -> Vec<TransportKind> {

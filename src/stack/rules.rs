@@ -14,6 +14,7 @@ pub fn check(stack: &Stack, spans: &SpanMap) -> Vec<Problem> {
     unique_names(stack, spans, &mut problems);
     ports(stack, spans, &mut problems);
     transports(stack, spans, &mut problems);
+    public_names(stack, spans, &mut problems);
     sidecar_details(stack, spans, &mut problems);
     what_docker_refuses(stack, spans, &mut problems);
     durations(stack, spans, &mut problems);
@@ -87,6 +88,53 @@ fn ports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
     }
 }
 
+/// `relay … public=#true`: every sidecar's public name must be a DNS name the relay can
+/// route and a CA can issue for; `acme` only matters with public names.
+fn public_names(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    use super::{is_dns_label, is_domain};
+    let public = stack.relay.as_ref().filter(|r| r.public);
+    if let Some(relay) = public {
+        let domain = relay
+            .domain
+            .clone()
+            .or_else(|| relay.host_port().map(|(h, _)| h));
+        match domain {
+            Some(d) if is_domain(&d) => {
+                for s in &stack.sidecars {
+                    let label = format!("{}-{}", s.name, stack.stack);
+                    if !is_dns_label(&label) {
+                        problems.push(
+                            Problem::new(spans.get("/relay"), format!("the public name of sidecar `{}` would start with `{label}`, longer than a DNS label (63)", s.name))
+                                .help("shorten the stack's or the sidecar's name"),
+                        );
+                    }
+                }
+            }
+            _ => problems.push(
+                Problem::new(
+                    spans.get("/relay/public"),
+                    "`public=#true` needs the relay's domain: its endpoint is not a DNS name",
+                )
+                .label("no domain")
+                .help(format!(
+                    "add the domain the relay's file names, e.g. `relay \"{}\" pin=… public=#true domain=\"relay.example.com\"`",
+                    relay.endpoint
+                )),
+            ),
+        }
+    }
+    if stack.acme.is_some() && public.is_none() {
+        problems.push(
+            Problem::new(
+                spans.get("/acme"),
+                "`acme` has no effect without public names",
+            )
+            .label("no public name")
+            .help("add `public=#true` to the stack's `relay`, or remove `acme`"),
+        );
+    }
+}
+
 fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
     let Some(t) = &stack.transport else {
         return;
@@ -116,6 +164,34 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 .label("one certificate, several pods")
                 .help("a Nebula certificate names one host: keep one sidecar in a stack that uses nebula, or use tailscale"),
         );
+    }
+    if let Some(browser) = t.browser {
+        let span = spans.get("/transport/browser");
+        if browser == TransportKind::Relay {
+            problems.push(
+                Problem::new(span, "a browser cannot pair through the relay's address")
+                    .label("carries soul clients only")
+                    .help("give the stack a public name for browsers: `relay \"…\" pin=\"…\" public=#true`"),
+            );
+        } else if !stack.declares(browser) {
+            problems.push(
+                Problem::new(
+                    span,
+                    format!("`browser` names `{}`, which is not declared", browser.as_str()),
+                )
+                .label("not declared")
+                .help(format!(
+                    "declare `{}` inside `transport {{ … }}`, or drop `browser` to open the LAN address",
+                    browser.as_str()
+                )),
+            );
+        } else if stack.relay.as_ref().is_some_and(|r| r.public) {
+            problems.push(
+                Problem::new(span, "`browser` has no effect: the stack has a public name")
+                    .label("the link opens https://<public name>/")
+                    .help("drop `browser`, or drop `public=#true` from `relay`"),
+            );
+        }
     }
     if let Some(order) = &t.order {
         let mut seen = Vec::new();

@@ -221,6 +221,18 @@ fn semantic_rules() {
             "sidecar \"x\" { image \"i\"; port 80; }\ntransport { order \"lan\" \"carrier-pigeon\"; }\n",
             "carrier-pigeon",
         ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\ntransport { browser \"tailscale\"; lan; }\n",
+            "`browser` names `tailscale`, which is not declared",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\nrelay \"r.example:443\" pin=\"sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=\"\ntransport { browser \"relay\"; lan; }\n",
+            "cannot pair through the relay",
+        ),
+        (
+            "sidecar \"x\" { image \"i\"; port 80; }\nrelay \"r.example:443\" pin=\"sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=\" public=#true\ntransport { browser \"lan\"; lan; }\n",
+            "no effect: the stack has a public name",
+        ),
     ];
     for (body, expect) in cases {
         let src = format!("{base}{body}");

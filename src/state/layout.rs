@@ -42,6 +42,10 @@ pub const GATE_RELAY_KEY_FILE: &str = "relay-agent.key";
 /// volumes, so a spent ticket stays spent while its device's generation is unchanged.
 pub const SPENT_DIR: &str = "spent";
 
+/// The public names' ACME accounts, certificates and keys (`acme/<sidecar>`), written by the
+/// gates through a read-write mount: they live at home, never on the relay.
+pub const ACME_DIR: &str = "acme";
+
 /// The sidecars stopped on purpose (`soul stop`), a JSON list; absent when none is.
 pub const STOPPED_FILE: &str = "stopped.json";
 

@@ -109,7 +109,7 @@ impl StateDir {
         };
         // The directories gates bind-mount exist before any plan names them, so a first apply
         // plans the gate with the directory it will mount.
-        for dir in [layout::SPENT_DIR, layout::GATE_DIR] {
+        for dir in [layout::SPENT_DIR, layout::GATE_DIR, layout::ACME_DIR] {
             create_private_dirs(path, &path.join(dir)).map_err(err)?;
         }
         if !path.join(STATE_ID_FILE).exists() {

@@ -614,19 +614,26 @@ pub fn served_pin(port: u16) -> String {
     format!("sha256//{}", o.stdout_text().trim())
 }
 
+/// How the tests run Chromium: headless, as root in a container-less test, no first-run pages.
+pub const HEADLESS_CHROMIUM: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+];
+
 /// Headless Chromium with its profile in `profile`, opening `url`; returns the DOM it ends on
 /// (`--virtual-time-budget` lets the page's form post and the redirects run first).
 pub fn chromium(profile: &std::path::Path, url: &str) -> String {
-    let o = run(Command::new("timeout").args(["90", "chromium"]).args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--virtual-time-budget=5000",
-        &format!("--user-data-dir={}", profile.display()),
-        "--dump-dom",
-        url,
-    ]));
+    let o = run(Command::new("timeout")
+        .args(["90", "chromium"])
+        .args(HEADLESS_CHROMIUM)
+        .args([
+            "--virtual-time-budget=5000",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            url,
+        ]));
     assert!(o.status.success(), "chromium failed:\n{}", text(&o));
     o.stdout_text()
 }

@@ -35,13 +35,19 @@ impl Relay {
                     stack,
                     sidecar,
                     key,
+                    public,
                 },
             ))) => {
                 let Some(binding) = wire::session_binding(tls.get_ref().1) else {
                     return;
                 };
-                self.control(tls, peer, stack, sidecar, key, binding, pending)
-                    .await;
+                let claim = Claim {
+                    stack,
+                    sidecar,
+                    key,
+                    public: public.map(|p| p.to_ascii_lowercase()),
+                };
+                self.control(tls, peer, claim, binding, pending).await;
             }
             Ok(Err(e)) => tracing::debug!(source = %peer, "not an agent: {e}"),
             Err(_) => tracing::debug!(source = %peer, "an agent's hello timed out"),
@@ -50,19 +56,22 @@ impl Relay {
 
     /// A control channel: registers, then pings and forwards requests for data channels until
     /// the agent is gone.
-    #[allow(clippy::too_many_arguments)]
     async fn control<S>(
         self: Arc<Relay>,
         mut stream: S,
         peer: SocketAddr,
-        stack: String,
-        sidecar: String,
-        key: String,
+        claim: Claim,
         binding: [u8; 32],
         pending: Pending,
     ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let Claim {
+            stack,
+            sidecar,
+            key,
+            public,
+        } = claim;
         let route = format!("{sidecar}.{stack}");
         let Some(allowed) = self.cfg.allow.get(&stack) else {
             let why = format!(
@@ -115,7 +124,29 @@ impl Relay {
                     for id in old.expected.values() {
                         state.channels.remove(id);
                     }
+                    if let Some(name) = &old.public {
+                        state.names.remove(name);
+                    }
                     tracing::info!(source = %peer, "{route}: a new registration replaces the one from {}", old.agent);
+                }
+                let public_refused = public.as_ref().and_then(|name| {
+                    if !self.cfg.may_claim(&stack, name) {
+                        return Some(match &self.cfg.domain {
+                            None => format!("this relay gives no public names (its file has no `domain`), so `{name}` is not routed"),
+                            Some(d) => format!("`{name}` is not a name stack `{stack}` may claim here (names under {d} that its `allow` line gives it: by default `<sidecar>-{stack}.{d}`)"),
+                        });
+                    }
+                    match state.names.get(name) {
+                        Some(holder) if *holder != key => Some(format!(
+                            "`{name}` is held by another registration ({}.{})",
+                            holder.1, holder.0
+                        )),
+                        _ => None,
+                    }
+                });
+                let granted = public.filter(|_| public_refused.is_none());
+                if let Some(name) = &granted {
+                    state.names.insert(name.clone(), key.clone());
                 }
                 let mut route = Route {
                     id,
@@ -127,16 +158,17 @@ impl Relay {
                     ready: VecDeque::new(),
                     waiting: VecDeque::new(),
                     sessions_total: 0,
+                    public: granted,
                 };
                 let (_, ids) = route.advance(0);
                 for (seq, channel) in ids {
                     state.channels.insert(channel, (key.clone(), seq));
                 }
                 state.routes.insert(key, route);
-                Some(id)
+                Some((id, public_refused))
             }
         };
-        let Some(id) = registered else {
+        let Some((id, public_refused)) = registered else {
             let why = format!(
                 "stack `{stack}` already has its limit of {} registered sidecars",
                 self.cfg.limits.sidecars_per_stack
@@ -150,9 +182,15 @@ impl Relay {
                 channel_key,
             ),
             ready: self.cfg.limits.ready,
+            public_refused: public_refused.clone(),
         };
         if wire::write_frame(&mut stream, &registered).await.is_ok() {
-            tracing::info!(source = %peer, "registered {route}");
+            match &public_refused {
+                Some(why) => {
+                    tracing::warn!(source = %peer, "registered {route} without its public name: {why}")
+                }
+                None => tracing::info!(source = %peer, "registered {route}"),
+            }
             let (mut read, mut write) = tokio::io::split(stream);
             let mut ping = tokio::time::interval(PING_EVERY);
             let reader = async {
@@ -195,10 +233,22 @@ impl Relay {
                 for id in r.expected.values() {
                     state.channels.remove(id);
                 }
+                if let Some(name) = &r.public {
+                    state.names.remove(name);
+                }
             }
             tracing::info!(source = %peer, "unregistered {route}: its control channel ended");
         }
     }
+}
+
+/// What an agent's hello claims: a sidecar of a stack, with the stack's key, and maybe a public
+/// name.
+pub(super) struct Claim {
+    stack: String,
+    sidecar: String,
+    key: String,
+    public: Option<String>,
 }
 
 impl Relay {

@@ -22,6 +22,7 @@ impl Relay {
                         ready: r.ready.len(),
                         waiting: r.waiting.len(),
                         sessions_total: r.sessions_total,
+                        public: r.public.clone(),
                     })
                     .collect();
                 sidecars.sort_by(|a, b| a.sidecar.cmp(&b.sidecar));
@@ -29,12 +30,23 @@ impl Relay {
                     stack: stack.clone(),
                     open_sessions: state.open.get(stack).copied().unwrap_or(0),
                     sidecars,
+                    names: self.cfg.domain.as_ref().map(|domain| {
+                        let default = [format!("*-{stack}")];
+                        self.cfg
+                            .names
+                            .get(stack)
+                            .map_or(&default[..], |v| &v[..])
+                            .iter()
+                            .map(|l| format!("{l}.{domain}"))
+                            .collect()
+                    }),
                 }
             })
             .collect();
         stacks.sort_by(|a, b| a.stack.cmp(&b.stack));
         Status {
             listen: self.cfg.listen.to_string(),
+            domain: self.cfg.domain.clone(),
             pin: self.pin.clone(),
             uptime_s: self.started.elapsed().as_secs(),
             pending: state.pending_total,
@@ -47,6 +59,9 @@ impl Relay {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub listen: String,
+    /// The domain public names are under, when the relay gives any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     /// The pin of the relay's key: what stack.kdl's `relay … pin=` says.
     #[serde(default)]
     pub pin: String,
@@ -62,6 +77,10 @@ pub struct StackStatus {
     pub stack: String,
     pub open_sessions: usize,
     pub sidecars: Vec<SidecarStatus>,
+    /// The public names it may claim (patterns like `*-home.relay.example.com`), when the
+    /// relay gives any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -76,6 +95,9 @@ pub struct SidecarStatus {
     /// Devices waiting for one.
     pub waiting: usize,
     pub sessions_total: u64,
+    /// The public name routed to it too, if it claimed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<String>,
 }
 
 /// Serves [`Relay::status`] as JSON on `GET /status` at `listener` (loopback by default).
