@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod memory;
+pub mod public_name;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,0 +1,273 @@
+//! The public-name harness shared by tests/public.rs and benches/public.rs: a VPS and a phone
+//! as network namespaces wired to this host, Pebble (Let's Encrypt's test CA) and its DNS on the
+//! VPS, and `soul relay serve` there on 443 with the domain `relay.test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use super::*;
+
+/// The test's hosts, wired with veth pairs: home–vps (the internet as the pod's agent and the
+/// CA see it), home–phone (the LAN), phone–vps (the internet as the phone sees it). Removed
+/// on drop.
+pub struct Hosts {
+    pub vps: String,
+    pub phone: String,
+    /// The VPS's address from home (and the CA's view of it).
+    pub vps_up: String,
+    /// The VPS's address from the phone.
+    pub vps_wan: String,
+    /// This host's address on the LAN link, and the phone's end of it.
+    pub home_lan: String,
+    pub phone_lan_dev: String,
+    pub vps_wan_dev: String,
+    pub host_devs: Vec<String>,
+}
+
+impl Hosts {
+    pub fn new() -> Hosts {
+        ensure_command("ip", "iproute2");
+        let id = std::process::id();
+        let net = |k: u32| format!("10.{}.{}", 150 + (id % 50), (id / 50 % 80) * 3 + k);
+        let (lan, up, wan) = (net(0), net(1), net(2));
+        let tag = id % 100_000;
+        let (phone, vps) = (format!("soul{tag}-phone"), format!("soul{tag}-pvps"));
+        let o = run(Command::new("sh").args([
+            "-ec",
+            &format!(
+                "ip netns add {phone}; ip netns add {vps}
+                 ip -n {phone} link set lo up; ip -n {vps} link set lo up
+                 ip link add q{tag}h type veth peer name q{tag}p
+                 ip link set q{tag}p netns {phone}
+                 ip addr add {lan}.1/24 dev q{tag}h; ip link set q{tag}h up
+                 ip -n {phone} addr add {lan}.2/24 dev q{tag}p; ip -n {phone} link set q{tag}p up
+                 ip link add p{tag}h type veth peer name p{tag}v
+                 ip link set p{tag}v netns {vps}
+                 ip addr add {up}.1/24 dev p{tag}h; ip link set p{tag}h up
+                 ip -n {vps} addr add {up}.2/24 dev p{tag}v; ip -n {vps} link set p{tag}v up
+                 ip -n {vps} route add default via {up}.1
+                 ip -n {phone} link add r{tag}p type veth peer name r{tag}v netns {vps}
+                 ip -n {phone} addr add {wan}.1/24 dev r{tag}p; ip -n {phone} link set r{tag}p up
+                 ip -n {vps} addr add {wan}.2/24 dev r{tag}v; ip -n {vps} link set r{tag}v up"
+            ),
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+        Hosts {
+            vps,
+            phone,
+            vps_up: format!("{up}.2"),
+            vps_wan: format!("{wan}.2"),
+            home_lan: format!("{lan}.1"),
+            phone_lan_dev: format!("q{tag}p"),
+            vps_wan_dev: format!("r{tag}v"),
+            host_devs: vec![format!("q{tag}h"), format!("p{tag}h")],
+        }
+    }
+
+    /// Plugs the phone's LAN in (`up`) or out (`down`).
+    pub fn phone_lan(&self, state: &str) {
+        run(Command::new("ip").args([
+            "-n",
+            &self.phone,
+            "link",
+            "set",
+            &self.phone_lan_dev,
+            state,
+        ]))
+        .exited(0);
+    }
+
+    pub fn in_ns(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.phone, &self.vps] {
+            let _ = run(Command::new("ip").args(["netns", "del", ns]));
+        }
+        for dev in &self.host_devs {
+            let _ = run(Command::new("ip").args(["link", "del", dev]));
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Running {
+    let out = std::fs::File::create(log).unwrap();
+    Running(
+        cmd.stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Pebble and its DNS on the VPS: Pebble's own HTTPS certificate made here (a test CA, whose
+/// root is `ca.pem`), certificates valid for `validity` seconds, no validation delays.
+pub struct Pebble {
+    _ca: Running,
+    _dns: Running,
+    pub dir: PathBuf,
+    pub directory: String,
+    pub management: String,
+}
+
+impl Pebble {
+    pub fn start(hosts: &Hosts, dir: &Path, validity: u64) -> Pebble {
+        ensure_command("pebble", "pebble");
+        ensure_command("openssl", "openssl");
+        let dir = dir.join("pebble");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = &hosts.vps_up;
+        let o = run(Command::new("sh").current_dir(&dir).args([
+            "-ec",
+            &format!(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=soul-test-ca 2>/dev/null
+                 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout pebble.key -out pebble.csr -subj /CN=pebble 2>/dev/null
+                 printf 'subjectAltName=IP:{ip}\\nbasicConstraints=CA:FALSE\\nkeyUsage=digitalSignature\\nextendedKeyUsage=serverAuth\\n' > ext
+                 openssl x509 -req -in pebble.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out pebble.pem -days 2 -extfile ext 2>/dev/null"
+            ),
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("{ip}:14000"),
+                "managementListenAddress": format!("{ip}:15000"),
+                "certificate": dir.join("pebble.pem"),
+                "privateKey": dir.join("pebble.key"),
+                "httpPort": 5002,
+                "tlsPort": 443,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+                "certificateValidityPeriod": validity,
+            }
+        });
+        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+        let mut dns = Hosts::in_ns(&hosts.vps, "pebble-challtestsrv");
+        dns.args([
+            "-dns01",
+            "127.0.0.1:8053",
+            "-defaultIPv4",
+            ip,
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            "127.0.0.1:8055",
+        ]);
+        let dns = spawn_logged(dns, &dir.join("dns.log"));
+        let mut ca = Hosts::in_ns(&hosts.vps, "pebble");
+        ca.arg("-config")
+            .arg(dir.join("pebble.json"))
+            .args(["-dnsserver", "127.0.0.1:8053"])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0");
+        let ca = spawn_logged(ca, &dir.join("pebble.log"));
+        let pebble = Pebble {
+            _ca: ca,
+            _dns: dns,
+            directory: format!("https://{ip}:14000/dir"),
+            management: format!("https://{ip}:15000"),
+            dir,
+        };
+        retry(Duration::from_secs(20), || {
+            pebble
+                .curl(&pebble.directory)
+                .filter(|d| d.contains("newOrder"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pebble did not start:\n{}",
+                read(pebble.dir.join("pebble.log"))
+            )
+        });
+        pebble
+    }
+
+    pub fn curl(&self, url: &str) -> Option<String> {
+        let o = run(Command::new("curl")
+            .args(["-sf", "-m", "5", "--cacert"])
+            .arg(self.dir.join("ca.pem"))
+            .arg(url));
+        o.status.success().then(|| o.stdout_text())
+    }
+
+    /// The root Pebble issues certificates under (a new one each run), as a file.
+    pub fn issuing_root(&self) -> PathBuf {
+        let pem = self
+            .curl(&format!("{}/roots/0", self.management))
+            .expect("pebble's issuing root");
+        let path = self.dir.join("issuing-root.pem");
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+}
+
+/// `soul relay serve` on the VPS's port 443, giving public names under `relay.test`.
+pub fn start_relay(hosts: &Hosts, dir: &Path, allow: &str) -> (Running, String) {
+    let config = dir.join("relay.kdl");
+    std::fs::write(
+        &config,
+        format!(
+            "listen \"0.0.0.0:443\"\nstatus \"127.0.0.1:7001\"\ndomain \"relay.test\"\n{allow}"
+        ),
+    )
+    .unwrap();
+    let state = dir.join("relay-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut cmd = Hosts::in_ns(&hosts.vps, SOUL);
+    cmd.args(["relay", "serve", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state);
+    let relay = spawn_logged(cmd, &dir.join("relay.log"));
+    let status = || {
+        let o = run(Hosts::in_ns(&hosts.vps, SOUL).args([
+            "relay",
+            "status",
+            "--status",
+            "127.0.0.1:7001",
+            "--output",
+            "json",
+        ]));
+        serde_json::from_str::<serde_json::Value>(&o.stdout_text()).ok()
+    };
+    let pin = retry(Duration::from_secs(20), || {
+        status().and_then(|s| s["pin"].as_str().map(String::from))
+    })
+    .unwrap_or_else(|| panic!("the relay did not start:\n{}", read(dir.join("relay.log"))));
+    (relay, pin)
+}
+
+/// The gate's log.
+pub fn gate_log(s: &TestStack) -> String {
+    let o = run(Command::new("docker").args(["logs", &s.container("notes", "gate")]));
+    format!("{}{}", o.stdout_text(), o.stderr_text())
+}
+
+/// `soul status --output json`'s public names.
+pub fn public_status(s: &TestStack) -> serde_json::Value {
+    let o = s.soul(&["status", "--output", "json"]);
+    serde_json::from_str::<serde_json::Value>(&o.stdout_text())
+        .map(|v| v["public"].clone())
+        .unwrap_or_default()
+}
