@@ -5,9 +5,11 @@
 #   soul-test/nginx:1  a real nginx (with curl for its health check): the test app
 #   soul-test/tor:1    tor, for the Tor transport
 #   soul-test/nebula:1 nebula (and curl), for the Nebula transport and its test peers
-#   soul-test/tailscale-standin:1
+#   soul-test/tailscale-standin:2
 #                      a STAND-IN for tailscale/tailscale: no tailnet can be reached here, so
-#                      it only answers `tailscale status --json` like the real CLI does
+#                      it answers `tailscale status --json` like the real CLI does, and its
+#                      entrypoint checks what containerboot checks at start and exits as it
+#                      does (.ci/tailscale-standin/containerboot)
 set -euo pipefail
 cache=${SOUL_CI_CACHE:-/var/cache/soul-ci}
 mkdir -p "$cache"
@@ -86,20 +88,25 @@ image nginx soul-test/nginx:1 nginx-light,curl nginx_setup 'CMD ["nginx", "-g", 
 image tor soul-test/tor:1 tor tor_setup 'CMD ["tor", "-f", "/etc/soul/torrc"]'
 image nebula soul-test/nebula:1 nebula,curl,iproute2 nebula_setup 'CMD ["nebula", "-config", "/etc/nebula/config.yml"]'
 
-standin=soul-test/tailscale-standin:1
+standin=soul-test/tailscale-standin:2
 if docker image inspect "$standin" >/dev/null 2>&1; then
   echo "test image $standin is present"
 else
-  docker build -q -t "$standin" - >/dev/null 2>&1 <<'DOCKERFILE'
+  context=$(mktemp -d)
+  cp "$(dirname "$0")/tailscale-standin/containerboot" "$context/containerboot"
+  cat > "$context/Dockerfile" <<'DOCKERFILE'
 FROM soul-test/nginx:1
+COPY containerboot /usr/local/bin/containerboot
 RUN printf '%s\n' '#!/bin/sh' \
   'if [ "$1" = status ] && [ "$2" = --json ]; then' \
   '  printf "{\"BackendState\":\"Running\",\"Self\":{\"HostName\":\"%s\",\"TailscaleIPs\":[\"100.101.102.103\",\"fd7a:115c:a1e0::1\"]}}\n" "$TS_HOSTNAME"' \
   '  exit 0' \
   'fi' \
   'echo "stand-in tailscale: only status --json" >&2; exit 1' > /usr/local/bin/tailscale \
- && chmod 755 /usr/local/bin/tailscale
-CMD ["sleep", "infinity"]
+ && chmod 755 /usr/local/bin/tailscale /usr/local/bin/containerboot
+CMD ["/usr/local/bin/containerboot"]
 DOCKERFILE
+  docker build -q -t "$standin" "$context" >/dev/null
+  rm -rf "$context"
   echo "built test image $standin (a stand-in for tailscale/tailscale)"
 fi

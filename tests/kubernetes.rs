@@ -247,3 +247,77 @@ fn a_watch_keeps_a_committed_kubernetes_export_current() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+/// The export's tailscale container, started as a cluster starts it: Kubernetes sets
+/// KUBERNETES_SERVICE_HOST in every pod, and containerboot then wants RBAC for a state Secret
+/// unless TS_KUBE_SECRET is set and empty. The stand-in's entrypoint checks that as
+/// containerboot does; without the export's TS_KUBE_SECRET it exits, as a real node would.
+#[test]
+fn the_exported_tailscale_node_starts_in_a_cluster_without_rbac_for_a_state_secret() {
+    ensure_images();
+    let s = TestStack::new("k8sts");
+    let key = s.dir.join("ts-key");
+    std::fs::write(&key, "tskey-auth-k8s").unwrap();
+    s.write(&format!(
+        "stack \"{{stack}}\"\nsidecar \"tv-\" {{\n    image \"soul:latest\"\n    port 8080\n}}\ntransport {{\n    tailscale authkey-file=\"{}\" tags=\"tag:soul\" image=\"{TAILSCALE_STANDIN}\"\n}}\n",
+        key.display()
+    ));
+    let o = s.soul(&["export", "kubernetes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let deployment: serde_json::Value = o
+        .stdout_text()
+        .split("\n---\n")
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    let tailscale = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tailscale")
+        .expect("a tailscale container")
+        .clone();
+    let env: Vec<(String, String)> = tailscale["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect();
+    // containerboot's checks come first; a node that passes them is still running 3 s later.
+    let start = |env: &[(String, String)]| {
+        let name = format!("{}-boot", s.name);
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-s", "KILL", "30", "docker", "run", "--rm", "--name", &name])
+            .args(["-e", "KUBERNETES_SERVICE_HOST=10.96.0.1"]);
+        for (k, v) in env {
+            cmd.args(["-e", &format!("{k}={v}")]);
+        }
+        let o = run(cmd.arg(TAILSCALE_STANDIN).args([
+            "sh",
+            "-c",
+            "/usr/local/bin/containerboot & sleep 3; kill -0 $! && echo still-running",
+        ]));
+        let _ = run(Command::new("docker").args(["rm", "-f", &name]));
+        o
+    };
+    let o = start(&env);
+    assert!(
+        o.stdout_text().contains("Startup complete") && o.stdout_text().contains("still-running"),
+        "the exported node does not start in a cluster:\n{}",
+        text(&o)
+    );
+    // The control: the same container without TS_KUBE_SECRET exits as containerboot does.
+    let without: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k != "TS_KUBE_SECRET")
+        .cloned()
+        .collect();
+    let o = start(&without);
+    assert!(
+        !o.stdout_text().contains("still-running")
+            && o.stderr_text()
+                .contains("Kubernetes permissions are missing"),
+        "{}",
+        text(&o)
+    );
+}

@@ -229,9 +229,14 @@ device "phone"
     let authkey = mount("/run/secrets/soul/authkey");
     assert_eq!(authkey["Source"], key.to_str().unwrap());
     assert_eq!(authkey["RW"], false);
-    assert_eq!(
-        mount("/var/lib/tailscale")["Name"],
-        format!("soul-state_{}_web_tailscale", s.name)
+    // The node's state is named after its identity (its tags here).
+    let state = mount("/var/lib/tailscale")["Name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        state.starts_with(&format!("soul-state_{}_web_tailscale-", s.name)),
+        "{state}"
     );
     let config = mount("/config");
     assert_eq!(config["RW"], false);
@@ -285,6 +290,41 @@ device "phone"
     );
     let o = s.apply();
     o.stdout_has("0 changes");
+    // The stand-in's containerboot took the environment (hostname, one flag per argument,
+    // tags): it runs, not restarting.
+    assert_eq!(inspect(&c, ".State.Running"), serde_json::json!(true));
+    assert_eq!(inspect(&c, ".RestartCount"), serde_json::json!(0));
+
+    // A logged-in node never runs `tailscale up` again, which alone takes tags: new tags make
+    // a new node, with state of its own; the old node's volume is kept, and apply says so.
+    let kdl = read(s.file()).replace("tags=\"tag:soul\"", "tags=\"tag:soul,tag:tv\"");
+    s.write(&kdl);
+    let o = s.apply();
+    let c = s.container("web", "tailscale");
+    let retagged = inspect(&c, ".Mounts")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == "/var/lib/tailscale")
+        .map(|m| m["Name"].as_str().unwrap().to_string())
+        .unwrap();
+    assert_ne!(retagged, state, "new tags, same node state");
+    assert!(
+        s.volumes().contains(&state),
+        "the old node's state is kept: {:?}",
+        s.volumes()
+    );
+    assert!(
+        o.stderr_text()
+            .contains(&format!("note: volume {state} is kept")),
+        "{}",
+        text(&o)
+    );
+    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    assert!(
+        env.contains(&"TS_EXTRA_ARGS=--advertise-tags=tag:soul,tag:tv".to_string()),
+        "{env:?}"
+    );
 }
 
 #[test]
@@ -329,6 +369,28 @@ transport {{
         devices.is_null() || devices == serde_json::json!([]),
         "{devices}"
     );
+
+    // Another control server is another node: new state, the old one kept.
+    let node_state = |c: &str| {
+        inspect(c, ".Mounts")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["Destination"] == "/var/lib/tailscale")
+            .map(|m| m["Name"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let before = node_state(&c);
+    s.write(&read(s.file()).replace("https://hs.example.com", "https://hs2.example.com"));
+    s.apply();
+    let c = s.container("web", "tailscale");
+    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    assert!(
+        env.contains(&"TS_EXTRA_ARGS=--login-server=https://hs2.example.com".to_string()),
+        "{env:?}"
+    );
+    assert_ne!(node_state(&c), before);
+    assert!(s.volumes().contains(&before), "{:?}", s.volumes());
 }
 
 #[test]

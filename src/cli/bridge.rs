@@ -156,6 +156,30 @@ pub(super) async fn bridge_status(ctx: &Context, output: Output) -> Result<Exit,
     let observed = reconcile::from_snapshot(docker.snapshot(&stack.stack).await?);
     let mut report = reconcile::transports_report(stack, &all, &observed);
     report.public = reconcile::public_names(stack, &ctx.state());
+    // A tailnet node without an auth key waits for a login whose URL only its log shows.
+    for t in report.transports.iter_mut().filter(|t| {
+        !t.up
+            && t.running == Some(true)
+            && matches!(t.transport.as_str(), "tailscale" | "headscale")
+    }) {
+        let Some(container) = t.container.clone() else {
+            continue;
+        };
+        let source = crate::runtime::logs::Source {
+            label: container.clone(),
+            container,
+        };
+        let options = crate::runtime::logs::Options {
+            tail: Some(200),
+            ..Default::default()
+        };
+        let mut lines = crate::runtime::logs::read(&docker, vec![source], options);
+        let mut log = Vec::new();
+        while let Some(line) = lines.recv().await {
+            log.push(line.text);
+        }
+        t.login = crate::transport::login_url(log.iter().map(String::as_str));
+    }
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_transports(&report)),
@@ -168,6 +192,11 @@ pub(super) fn render_transports(report: &reconcile::TransportsReport) -> String 
     for t in &report.transports {
         let state = match (t.up, t.running) {
             (true, _) => "up".to_string(),
+            _ if t.login.is_some() => format!(
+                "waiting for a login: open {} (good for about a minute; `soul restart {}` prints a new one)",
+                t.login.as_deref().unwrap_or_default(),
+                t.sidecar
+            ),
             (_, Some(false)) => "down: container not running (`soul apply`)".into(),
             _ if t.address.is_none() => "down: address not known yet".into(),
             _ => format!("down: {}", t.health.as_deref().unwrap_or("unhealthy")),

@@ -29,6 +29,7 @@ pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliErro
             "file": ctx.file,
             "changes": plan.steps.len(),
             "steps": plan.steps,
+            "kept_volumes": plan.kept,
         }))),
         Output::Human if plan.is_empty() => out(&format!(
             "stack `{}` is up to date: nothing to do\n",
@@ -47,11 +48,32 @@ pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliErro
             out(&s);
         }
     }
+    if args.output == Output::Human {
+        for name in &plan.kept {
+            eprintln!("{}", kept_note(name));
+        }
+    }
     Ok(if args.detailed_exitcode && !plan.is_empty() {
         Exit::ChangesPending
     } else {
         Exit::Ok
     })
+}
+
+/// What `plan` and `apply` say of a volume soul made that nothing declared mounts any more.
+pub(super) fn kept_note(name: &str) -> String {
+    let why = if name.contains("_tailscale-")
+        || name.contains("_headscale-")
+        || name.ends_with("_tailscale")
+        || name.ends_with("_headscale")
+    {
+        "it holds a tailnet node made with other tags or another control server (a change of either makes a new node)"
+    } else {
+        "nothing in stack.kdl mounts it any more"
+    };
+    format!(
+        "note: volume {name} is kept with its data: {why}; remove it with `docker volume rm {name}` once you are sure, or `soul down --volumes` removes it with the stack's others"
+    )
 }
 
 pub(super) fn sigil(step: &Step) -> char {
@@ -83,6 +105,9 @@ pub(super) async fn apply(ctx: &Context) -> Result<Exit, CliError> {
         docker,
         plan,
     } = prepare(ctx, &state).await?;
+    for name in &plan.kept {
+        eprintln!("{}", kept_note(name));
+    }
     if plan.is_empty() {
         out(&format!(
             "stack `{}` is up to date: 0 changes ({} ms)\n",

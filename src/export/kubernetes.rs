@@ -223,7 +223,7 @@ fn container(
     secrets: &mut Secrets,
 ) -> Value {
     let env_secret = k8s_name(&["soul", &stack.stack, &sidecar.name, "env"]);
-    let env: Vec<Value> = c
+    let mut env: Vec<Value> = c
         .env
         .iter()
         .map(|(name, v)| {
@@ -249,6 +249,12 @@ fn container(
             json!({ "name": name, "valueFrom": { "secretKeyRef": { "name": env_secret, "key": name } } })
         })
         .collect();
+    if c.role == Role::Tailscale {
+        // In a cluster containerboot keeps the node's state in a Secret (`tailscale`, shared
+        // by every pod of the namespace) and exits without the RBAC to read and patch it.
+        // Empty, it keeps the state in TS_STATE_DIR: this pod's own claim, as on Docker.
+        env.push(json!({ "name": "TS_KUBE_SECRET", "value": "" }));
+    }
     let mut mounts = Vec::new();
     for m in &c.mounts {
         match m.kind {
@@ -466,6 +472,47 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("--from-file=/srv/media"), "{text}");
+    }
+
+    /// Kubernetes sets KUBERNETES_SERVICE_HOST in every pod, and containerboot then keeps its
+    /// state in a Secret named `tailscale` unless TS_KUBE_SECRET is set and empty; the export
+    /// makes no ServiceAccount or Role, so the node's state must stay on its claim.
+    #[test]
+    fn the_exported_tailscale_container_keeps_its_state_on_its_claim_not_in_a_shared_secret() {
+        let text = export(
+            "stack \"home\"\nsidecar \"tv\" {\n  image \"i\"\n  port 8096\n}\ntransport {\n  tailscale authkey-file=\"/run/secrets/ts-key\"\n}\n",
+        );
+        let deployment: Value = text
+            .split("\n---\n")
+            .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap())
+            .find(|doc| doc["kind"] == "Deployment")
+            .unwrap_or_else(|| panic!("a Deployment: {text}"));
+        let containers = deployment["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        let tailscale = containers
+            .iter()
+            .find(|c| c["name"] == "tailscale")
+            .unwrap_or_else(|| panic!("a tailscale container: {text}"));
+        let env = |name: &str| {
+            tailscale["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(env("TS_KUBE_SECRET"), Some(json!("")), "{tailscale}");
+        assert_eq!(env("TS_STATE_DIR"), Some(json!("/var/lib/tailscale")));
+        assert!(
+            tailscale["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == "/var/lib/tailscale"),
+            "{tailscale}"
+        );
+        assert!(!text.contains("kind: ServiceAccount"), "{text}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn plan_down(observed: &Observed, volumes: bool) -> Plan {
     }
     Plan {
         steps,
-        conflicts: Vec::new(),
+        ..Plan::default()
     }
 }
 

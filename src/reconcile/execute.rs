@@ -257,7 +257,7 @@ mod tests {
                     id: Some("net-id".into()),
                 },
             ],
-            conflicts: Vec::new(),
+            ..Plan::default()
         }
     }
 

@@ -370,6 +370,11 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// What stops the plan from being carried out; nothing is changed while there are any.
     pub conflicts: Vec<Conflict>,
+    /// Volumes soul made for the stack that nothing it declares mounts any more (a volume
+    /// dropped from stack.kdl, a tailnet node's state from before its tags or control server
+    /// changed): kept with their data, never removed but by `soul down --volumes`; said so.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
 }
 
 impl Plan {
@@ -476,9 +481,17 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             steps.push(observed.remove_network(n));
         }
     }
+    let used: BTreeSet<&str> = desired.volumes.iter().map(|v| v.name.as_str()).collect();
+    let kept = observed
+        .volumes
+        .iter()
+        .filter(|v| !used.contains(v.as_str()))
+        .cloned()
+        .collect();
     Plan {
         steps,
         conflicts: conflicts(observed, desired),
+        kept,
     }
 }
 

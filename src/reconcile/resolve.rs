@@ -705,18 +705,22 @@ sidecar "demo" {
     /// `punchy.respond` (a peer that cannot reach the pod first still gets a tunnel), which
     /// recreates nebula containers once on upgrade; and the gate records spent pairing links
     /// in the state dir's `spent/` (they outlived `soul down --volumes` nowhere else), which
-    /// recreates gates once on upgrade (each reads its volume's earlier record too).
+    /// recreates gates once on upgrade (each reads its volume's earlier record too); and a
+    /// tailnet node's serve config left its hash (containerboot reloads it by itself) while
+    /// its state volume took the name of its identity (tags, control server), which recreates
+    /// tailscale containers once on upgrade, and gives a node with tags or a Headscale server
+    /// a new node state once (the old volume is kept and reported).
     const EXPECTED_HASHES: [&str; 12] = [
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
         "gate 0ad2283b0b949ce88a4902abc56fb03d",
-        "tailscale d7dd4696f5b51954196670dbccc6d6be",
+        "tailscale 22795c7ed7ccb2e44995fdd5166346aa",
         "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",
         "pause b5c47e1482b475c7639cde711fedf31f",
         "app c35aa7bb8dddabcc2045da8ef225a9a7",
         "gate 0ad2283b0b949ce88a4902abc56fb03d",
-        "tailscale 6d6e9852022499b3cb29e87f513cb858",
+        "tailscale 6d2af4cf4f7c56aa24392110ed74f4fa",
         "nebula 4a6419f4c7b9c9956e6bd0244eb11efe",
         "tor 3e410b0c7ad1a43253c58e1520ee371c",
     ];

@@ -32,6 +32,10 @@ pub struct TransportStatus {
     pub address: Option<String>,
     /// Its container (if any) runs and is not unhealthy, and its address is known.
     pub up: bool,
+    /// A tailnet node waiting for someone to log it in: the URL its log shows (without an
+    /// auth key, containerboot prints one per start, good for about a minute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
 }
 
 /// `addresses` holds each sidecar's known addresses, in the stack's sidecar order.
@@ -61,6 +65,7 @@ pub fn report(stack: &Stack, addresses: &[Vec<Address>], observed: &Observed) ->
                 health,
                 address,
                 up,
+                login: None,
             });
         }
     }

@@ -501,6 +501,7 @@ fn defer_flapping(
         Plan {
             steps,
             conflicts: plan.conflicts,
+            kept: plan.kept,
         },
         until,
     )
@@ -557,7 +558,7 @@ mod tests {
                 start(&b, Reason::Stopped),
                 start(&gate, Reason::Stopped),
             ],
-            conflicts: vec![],
+            ..Plan::default()
         };
         let later = now + Duration::from_secs(4);
         let (kept, until) = defer_flapping(plan, |n| if n == a { later } else { now }, now);

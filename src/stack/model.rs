@@ -30,6 +30,61 @@ pub fn is_dns_label(label: &str) -> bool {
         && !label.ends_with('-')
 }
 
+/// Whether the Tailscale CLI takes `name` as a node's hostname (its `dnsname.ValidHostname` for
+/// one label): 1–63 letters, digits and `-`, not starting or ending with `-`. Letters may be
+/// upper case (MagicDNS lowers them).
+pub fn is_tailnet_hostname(name: &str) -> bool {
+    is_dns_label(&name.to_ascii_lowercase())
+}
+
+/// Why `tailscale up --advertise-tags=<tags>` would refuse `tags`, as containerboot passes it
+/// (`TS_EXTRA_ARGS` split on whitespace, the flag's value split on commas, each checked as the
+/// CLI checks a tag: `tag:` and a name of letters, digits and `-` starting with a letter).
+pub fn tailscale_tags_problem(tags: &str) -> Option<String> {
+    if tags.chars().any(char::is_whitespace) {
+        let joined = tags
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join(",");
+        return Some(format!(
+            "tags hold a space, which splits the flag containerboot passes to `tailscale up`: write `{joined}`"
+        ));
+    }
+    for tag in tags.split(',') {
+        let Some(name) = tag.strip_prefix("tag:") else {
+            return Some(format!("`{tag}` does not start with `tag:`"));
+        };
+        if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return Some(format!(
+                "`{tag}`: a tag's name starts with a letter after `tag:`"
+            ));
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Some(format!(
+                "`{tag}`: a tag's name holds only letters, digits and `-`"
+            ));
+        }
+    }
+    None
+}
+
+/// The tailnet hostname a sidecar's node asks for when `hostname` is not set: `<stack>-<sidecar>`
+/// when that is a valid one ([`is_tailnet_hostname`]); else (longer than 63 characters, or a
+/// sidecar name ending in `-`) its first 54 characters without trailing `-`, then `-` and a
+/// hash of the whole, so that it is valid and two sidecars' names stay apart.
+pub fn default_tailnet_hostname(stack: &str, sidecar: &str) -> String {
+    use sha2::Digest as _;
+    let whole = format!("{stack}-{sidecar}");
+    if is_tailnet_hostname(&whole) {
+        return whole;
+    }
+    let hash = hex::encode(&sha2::Sha256::digest(whole.as_bytes())[..4]);
+    let head = &whole[..whole.len().min(54)];
+    format!("{}-{hash}", head.trim_end_matches('-'))
+}
+
 /// Whether `domain` is a DNS name of labels ([`is_dns_label`]), at least two of them.
 pub fn is_domain(domain: &str) -> bool {
     domain.len() <= 200 && domain.split('.').count() >= 2 && domain.split('.').all(is_dns_label)

@@ -1,12 +1,15 @@
 //! The semantic rules of STACK-FORMAT.md that a schema cannot express: uniqueness, port
-//! clashes, transports that `order` names, one value source per env, durations.
+//! clashes, transports that `order` names, tailnet tags and hostnames the Tailscale client takes,
+//! one value source per env, durations.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use super::diagnostic::Problem;
 use super::lower::SpanMap;
-use super::model::{EnvSource, Stack, TransportKind, parse_duration};
+use super::model::{
+    EnvSource, Stack, TransportKind, is_tailnet_hostname, parse_duration, tailscale_tags_problem,
+};
 
 /// Checks every rule and returns every problem found.
 pub fn check(stack: &Stack, spans: &SpanMap) -> Vec<Problem> {
@@ -145,6 +148,29 @@ fn transports(stack: &Stack, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 .label("second tailnet")
                 .help("a pod joins one tailnet: keep `tailscale` for Tailscale's servers or `headscale url=…` for your own"),
         );
+    }
+    let nodes = [
+        ("tailscale", t.tailscale.as_ref()),
+        ("headscale", t.headscale.as_ref().map(|h| &h.node)),
+    ];
+    for (kind, node) in nodes {
+        let Some(node) = node else { continue };
+        if let Some(why) = node.tags.as_deref().and_then(tailscale_tags_problem) {
+            problems.push(
+                Problem::new(spans.get(&format!("/transport/{kind}/tags")), format!("`tailscale up` would refuse these tags: {why}"))
+                    .label("the node's container would restart forever")
+                    .help("tags are `tag:<name>` (a letter, then letters, digits and `-`), separated by commas without spaces: `tags=\"tag:soul,tag:home\"`"),
+            );
+        }
+        if let Some(name) = node.hostname.as_deref()
+            && !is_tailnet_hostname(name)
+        {
+            problems.push(
+                Problem::new(spans.get(&format!("/transport/{kind}/hostname")), format!("`{name}` is not a hostname the Tailscale client takes"))
+                    .label("the node's container would restart forever")
+                    .help("a hostname is one DNS label: 1–63 letters, digits and `-`, not starting or ending with `-` (e.g. `home-notes`); without `hostname`, soul uses `<stack>-<sidecar>`"),
+            );
+        }
     }
     if let Some(relay) = &stack.relay
         && relay.pin.is_none()

@@ -457,3 +457,83 @@ fn inputs_docker_would_refuse_are_caught_at_their_node() {
         );
     }
 }
+
+/// The Tailscale client's rules, as its documentation and containerboot state them: `tailscale
+/// up --advertise-tags` takes comma-separated `tag:<name>` (a letter, then letters, digits and
+/// `-`), and containerboot splits `TS_EXTRA_ARGS` on whitespace; a hostname is one DNS label.
+#[test]
+fn tailnet_tags_and_hostnames_the_tailscale_client_would_refuse_are_refused_at_their_position() {
+    for good in ["tag:soul", "tag:soul,tag:home-2", "tag:A1"] {
+        assert_eq!(tailscale_tags_problem(good), None, "{good}");
+    }
+    for bad in [
+        "tag:a, tag:b",
+        "tag:a ,tag:b",
+        "soul",
+        "tag:",
+        "tag:1a",
+        "tag:a_b",
+        "tag:a,",
+    ] {
+        assert!(tailscale_tags_problem(bad).is_some(), "{bad}");
+    }
+    assert!(
+        tailscale_tags_problem("tag:a, tag:b")
+            .unwrap()
+            .contains("`tag:a,tag:b`")
+    );
+    for good in ["home-notes", "TV", "a", &"a".repeat(63)] {
+        assert!(is_tailnet_hostname(good), "{good}");
+    }
+    for bad in ["My TV!", "tv-", "-tv", "", "a.b", &"a".repeat(64)] {
+        assert!(!is_tailnet_hostname(bad), "{bad}");
+    }
+    let base = "stack \"home\"\nsidecar \"x\" { image \"i\"; port 80; }\n";
+    for (body, line, expected) in [
+        (
+            "transport {\n    tailscale tags=\"tag:a, tag:b\"\n}\n",
+            4,
+            "would refuse these tags",
+        ),
+        (
+            "transport {\n    tailscale hostname=\"My TV!\"\n}\n",
+            4,
+            "not a hostname",
+        ),
+        (
+            "transport {\n    headscale url=\"https://hs\" {\n        hostname \"tv-\"\n    }\n}\n",
+            5,
+            "not a hostname",
+        ),
+    ] {
+        let ps = problems(&format!("{base}{body}"));
+        assert!(
+            ps.iter()
+                .any(|(l, _, m, _)| *l == line && m.contains(expected)),
+            "{body}: {ps:#?}"
+        );
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 512,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7a11),
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Every stack and sidecar name the format allows gives a default tailnet hostname the
+    /// Tailscale client takes, and two different pairs give two different hostnames.
+    #[test]
+    fn every_default_tailnet_hostname_is_a_valid_dns_label(
+        stack in "[a-z][a-z0-9-]{0,31}",
+        sidecar in "[a-z][a-z0-9-]{0,31}",
+        other in "[a-z][a-z0-9-]{0,31}",
+    ) {
+        let name = default_tailnet_hostname(&stack, &sidecar);
+        proptest::prop_assert!(is_tailnet_hostname(&name), "{}", name);
+        if other != sidecar {
+            proptest::prop_assert_ne!(name, default_tailnet_hostname(&stack, &other));
+        }
+    }
+}

@@ -23,7 +23,7 @@ use crate::stack::{Sidecar, Stack, TransportKind};
 
 pub use lan::{discover_lan_address, lan_host};
 pub use nebula::{DEFAULT_NEBULA_IMAGE, NebulaDriver};
-pub use tailnet::{DEFAULT_TAILSCALE_IMAGE, TailnetDriver};
+pub use tailnet::{DEFAULT_TAILSCALE_IMAGE, TailnetDriver, login_url};
 pub use tor::{DEFAULT_TOR_IMAGE, TorDriver};
 
 /// What a driver needs to know about the pod it joins.

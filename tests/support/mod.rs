@@ -20,8 +20,9 @@ pub const TOR: &str = "soul-test/tor:1";
 /// Debian's nebula (with curl and iproute2), for the Nebula transport and its test peers.
 pub const NEBULA: &str = "soul-test/nebula:1";
 /// A stand-in for tailscale/tailscale that answers `tailscale status --json` (no tailnet can
-/// be reached here).
-pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:1";
+/// be reached here) and whose entrypoint checks what containerboot checks at start, exiting as
+/// it does (`.ci/tailscale-standin/containerboot`).
+pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:2";
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -254,8 +255,9 @@ pub fn files_that_broke_the_parser() -> Vec<(&'static str, Vec<u8>, &'static str
 /// Makes sure soul's own image (from this build) and the nginx test image exist.
 pub fn ensure_images() {
     with_file_lock("images", || {
-        if docker_ok(&["image", "inspect", NGINX]).is_none()
-            || docker_ok(&["image", "inspect", TOR]).is_none()
+        if [NGINX, TOR, NEBULA, TAILSCALE_STANDIN]
+            .iter()
+            .any(|image| docker_ok(&["image", "inspect", image]).is_none())
         {
             let o = run(Command::new("bash").arg(repo().join(".ci/test-images.sh")));
             assert!(
