@@ -5,7 +5,7 @@
 #   soul-test/nginx:1  a real nginx (with curl for its health check): the test app
 #   soul-test/tor:1    tor, for the Tor transport
 #   soul-test/nebula:1 nebula (and curl), for the Nebula transport and its test peers
-#   soul-test/tailscale-standin:2
+#   soul-test/tailscale-standin:3
 #                      a STAND-IN for tailscale/tailscale: no tailnet can be reached here, so
 #                      it answers `tailscale status --json` like the real CLI does, and its
 #                      entrypoint checks what containerboot checks at start and exits as it
@@ -88,7 +88,7 @@ image nginx soul-test/nginx:1 nginx-light,curl nginx_setup 'CMD ["nginx", "-g", 
 image tor soul-test/tor:1 tor tor_setup 'CMD ["tor", "-f", "/etc/soul/torrc"]'
 image nebula soul-test/nebula:1 nebula,curl,iproute2 nebula_setup 'CMD ["nebula", "-config", "/etc/nebula/config.yml"]'
 
-standin=soul-test/tailscale-standin:2
+standin=soul-test/tailscale-standin:3
 if docker image inspect "$standin" >/dev/null 2>&1; then
   echo "test image $standin is present"
 else
@@ -99,6 +99,7 @@ FROM soul-test/nginx:1
 COPY containerboot /usr/local/bin/containerboot
 RUN printf '%s\n' '#!/bin/sh' \
   'if [ "$1" = status ] && [ "$2" = --json ]; then' \
+  '  if [ -z "$TS_AUTHKEY" ]; then printf "{\"BackendState\":\"NeedsLogin\",\"Self\":{\"HostName\":\"%s\"}}\n" "$TS_HOSTNAME"; exit 0; fi' \
   '  printf "{\"BackendState\":\"Running\",\"Self\":{\"HostName\":\"%s\",\"TailscaleIPs\":[\"100.101.102.103\",\"fd7a:115c:a1e0::1\"]}}\n" "$TS_HOSTNAME"' \
   '  exit 0' \
   'fi' \

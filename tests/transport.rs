@@ -585,3 +585,52 @@ device "phone"
         text(&o)
     );
 }
+
+/// Without an auth key, the node prints a login URL in its log (one per start) and has no
+/// address until someone opens it: `soul bridge status` shows that URL.
+#[test]
+fn a_node_without_an_auth_key_shows_its_login_url_in_bridge_status() {
+    ensure_images();
+    let s = TestStack::new("tslogin");
+    s.write(&format!(
+        r#"stack "{{stack}}"
+sidecar "web" {{ image "{NGINX}"; port 80; }}
+transport {{
+    lan port={}
+    tailscale image="{TAILSCALE_STANDIN}" {{ userspace #true; }}
+}}
+"#,
+        free_port()
+    ));
+    s.apply();
+    let shown = retry(Duration::from_secs(30), || {
+        let o = s.soul(&["bridge", "status"]);
+        let out = o.stdout_text();
+        out.lines()
+            .find(|l| {
+                l.contains("tailscale")
+                    && l.contains("waiting for a login: open https://login.tailscale.com/a/standin")
+            })
+            .map(String::from)
+    });
+    assert!(shown.is_some(), "{}", text(&s.soul(&["bridge", "status"])));
+    let json: serde_json::Value = serde_json::from_str(
+        &s.soul(&["bridge", "status", "--output", "json"])
+            .stdout_text(),
+    )
+    .unwrap();
+    let node = json["transports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["transport"] == "tailscale")
+        .cloned()
+        .unwrap();
+    assert!(
+        node["login"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://login.tailscale.com/a/standin")),
+        "{node}"
+    );
+    assert_eq!(node["up"], false);
+}

@@ -22,7 +22,7 @@ pub const NEBULA: &str = "soul-test/nebula:1";
 /// A stand-in for tailscale/tailscale that answers `tailscale status --json` (no tailnet can
 /// be reached here) and whose entrypoint checks what containerboot checks at start, exiting as
 /// it does (`.ci/tailscale-standin/containerboot`).
-pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:2";
+pub const TAILSCALE_STANDIN: &str = "soul-test/tailscale-standin:3";
 
 /// The repository root.
 pub fn repo() -> PathBuf {
