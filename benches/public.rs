@@ -100,7 +100,7 @@ fn main() {
     println!("HTTPS requests/s through the relay, wrk, 16 connections, {ROUNDS} rounds:");
     for round in 0..ROUNDS {
         // Each goes first in every other round: neither gets the warmer machine.
-        let (p, q) = if round % 2 == 0 {
+        let (p, q) = if round.is_multiple_of(2) {
             let p = wrk(&hosts, &public, &token);
             (p, wrk(&hosts, &pinned, &token))
         } else {
@@ -181,7 +181,7 @@ fn download(hosts: &Hosts, name: &str, token: &str, trust: impl Fn(&mut Command)
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     } else {
         v[n / 2]
