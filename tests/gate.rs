@@ -2090,6 +2090,94 @@ fn a_client_trades_a_pairing_ticket_for_its_token_once_and_only_over_tls() {
     );
 }
 
+/// A program trading a ticket learns why it was refused: each refusal at `/.soul/token` is a
+/// status and a reason code, as JSON when asked for (`Accept: application/json`), else one
+/// line `<code>: <message>` (docs/pairing.md lists the codes), never the browser's HTML page.
+#[test]
+fn each_token_refusal_answers_its_documented_reason_code() {
+    ensure_command("curl", "curl");
+    let (_app, key, gate, token) = gate_with_alice(47, "tokencodes");
+    let ticket = ticket_for_alice(&gate, &key, &token);
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    let ask = |extra: &[&str], tls: bool, json: bool| -> (u16, String, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-m", "5", "-w", "\n%{http_code}\n%{content_type}"]);
+        if json {
+            cmd.args(["-H", "Accept: application/json"]);
+        }
+        cmd.args(extra);
+        let url = if tls {
+            cmd.args(["--pinnedpubkey", &pin]);
+            format!("https://127.0.0.1:{}/.soul/token", gate.port)
+        } else {
+            format!("http://127.0.0.1:{}/.soul/token", gate.port)
+        };
+        let o = run(cmd.arg(url));
+        let out = o.stdout_text();
+        assert!(o.status.success(), "curl {extra:?}: {}", text(&o));
+        let mut parts = out.rsplitn(3, '\n');
+        let kind = parts.next().unwrap_or_default().to_string();
+        let code = parts.next().unwrap_or("0").parse().unwrap_or(0);
+        (code, parts.next().unwrap_or_default().to_string(), kind)
+    };
+    let reason = |body: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        v["error"].as_str().unwrap_or_default().to_string()
+    };
+    let post = |t: &str| vec!["--data-urlencode".to_string(), format!("ticket={t}")];
+    let posted = post(&ticket);
+    let posted: Vec<&str> = posted.iter().map(String::as_str).collect();
+    let forged = post("alice.1.AAAAAAAAAAAAAAAAAAAAAA");
+    let forged: Vec<&str> = forged.iter().map(String::as_str).collect();
+    let garbage = post("not-a-ticket");
+    let garbage: Vec<&str> = garbage.iter().map(String::as_str).collect();
+    let cases: Vec<(Vec<&str>, bool, u16, &str)> = vec![
+        (vec![], true, 405, "method"),
+        (posted.clone(), false, 403, "plain-http"),
+        (vec!["--data", "other=1"], true, 400, "no-ticket"),
+        (garbage.clone(), true, 401, "ticket-invalid"),
+        // A ticket of alice's whose MAC is not her current entry's: an old or re-issued one.
+        (forged.clone(), true, 401, "ticket-superseded"),
+        (
+            [
+                posted.clone(),
+                vec![
+                    "-H",
+                    "Origin: http://evil.example",
+                    "-H",
+                    "Sec-Fetch-Site: cross-site",
+                ],
+            ]
+            .concat(),
+            true,
+            403,
+            "cross-origin",
+        ),
+    ];
+    for (extra, tls, status, code) in &cases {
+        let (got, body, kind) = ask(extra, *tls, true);
+        assert_eq!(got, *status, "{extra:?} (tls: {tls}): {body}");
+        assert_eq!(reason(&body), *code, "{extra:?}: {body}");
+        assert!(kind.starts_with("application/json"), "{kind}");
+    }
+    let (got, body, _) = ask(&posted, true, true);
+    assert_eq!(
+        (got, body.as_str()),
+        (200, token.as_str()),
+        "the ticket was not spent by the refusals"
+    );
+    let (got, body, _) = ask(&posted, true, true);
+    assert_eq!((got, reason(&body).as_str()), (410, "ticket-spent"));
+    // Without Accept: one line of text, the code first.
+    let (got, body, kind) = ask(&posted, true, false);
+    assert_eq!(got, 410);
+    assert!(body.starts_with("ticket-spent: "), "{body}");
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    assert!(!body.contains('<'), "no HTML for a program: {body}");
+}
+
 /// A spent ticket re-spelled (`alice.01.<mac>`, `alice.+1.<mac>`, …) once paid out the device
 /// token again at `/.soul/token` and a session at `/.soul/pair`: the gate took the generation as
 /// a number but recorded the ticket as written.

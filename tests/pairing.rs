@@ -170,6 +170,43 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         0o600
     );
     assert!(decode_png(&out).contains("sidecar=wiki"));
+    o.stderr_has("it holds a single-use pairing ticket");
+    // --format code prints exactly what the QR code holds: the link with its fragment, which
+    // soul connect takes as it takes the URI.
+    let o = s.soul(&[
+        "pair",
+        "alice-phone",
+        "--sidecar",
+        "wiki",
+        "--format",
+        "code",
+    ]);
+    o.exited(0);
+    let code = o.stdout_text().trim().to_string();
+    assert_eq!(code, decode_png(&out));
+    assert!(
+        code.contains("?soul_ticket=") && code.contains("#v=1&"),
+        "{code}"
+    );
+    for given in [
+        code.clone(),
+        read(s.state().join("pairing/alice-phone/wiki.uri")),
+    ] {
+        let parsed = soul::pairing::Payload::parse(&given).expect("soul reads the code it prints");
+        assert_eq!(
+            (parsed.sidecar.as_str(), parsed.device.as_str()),
+            ("wiki", "alice-phone")
+        );
+    }
+    // The browser link alone (no fragment) is not a code, and the error says what is.
+    let bare = code.split('#').next().unwrap();
+    let o = s.soul(&["connect", bare, "--probe"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    o.stderr_has("--format code");
+    assert!(
+        !o.stderr_text().contains("soul_ticket="),
+        "the ticket is not echoed"
+    );
     let o = s.soul(&["pair", "alice-phone", "--sidecar", "notes"]);
     o.stdout_has("█");
     let o = s.soul(&["pair", "alice-phone"]);
@@ -185,7 +222,7 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
             .as_array()
             .unwrap()
             .iter()
-            .all(|d| d["token_current"] == true && d["artifacts"].as_array().unwrap().len() == 8)
+            .all(|d| d["token_current"] == true && d["artifacts"].as_array().unwrap().len() == 10)
     );
 }
 

@@ -507,6 +507,10 @@ pub enum PairFormat {
     /// Links to open in a browser, one per address, best first
     /// (`http://<host>:<port>/?soul_ticket=…`); each is good for one browser, once.
     Link,
+    /// Exactly the text the QR code holds: the pairing link with its `#` fragment (every
+    /// address and the pin; a single-use ticket), or, while no address is known, the pairing
+    /// URI (with the device token). What an app author pastes into their client.
+    Code,
 }
 
 #[derive(Debug, Args)]

@@ -84,6 +84,14 @@ async fn pairing_of(arg: &str, dir: &std::path::Path) -> Result<(Pairing, bool),
     let code = client::read_code(arg)?;
     let redeemed = crate::pairing::Payload::parse(&code).is_ok_and(|p| p.token.is_none());
     let pairing = match Pairing::from_code(&code).await {
+        Err(client::ClientError::Code(crate::pairing::PayloadError::NotACode))
+            if code.starts_with("http") && code.contains("soul_ticket=") =>
+        {
+            // Not echoed: it holds a ticket.
+            return Err(CliError::Usage(
+                "that is a browser link without its `#…` part, which tells a program the addresses and the pin: give the whole code (`soul pair DEVICE --format code` prints it, the state dir keeps it as pairing/<device>/<sidecar>.code)".into(),
+            ));
+        }
         Err(client::ClientError::Code(crate::pairing::PayloadError::NotACode)) => {
             return Err(CliError::Usage(format!(
                 "`{arg}` is neither a pairing code, a file holding one, nor a stored pairing (`soul connect --list` lists them)"

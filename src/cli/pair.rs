@@ -32,6 +32,7 @@ pub(super) fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
         PairFormat::Link => "link",
         PairFormat::Png => "png",
         PairFormat::Svg => "svg",
+        PairFormat::Code => "code",
     };
     let (sidecar, bytes) =
         reconcile::pairing_code(stack, &state, device, args.sidecar.as_deref(), ext)?;
@@ -48,9 +49,10 @@ pub(super) fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
                 .map_err(|e| CliError::Io(format!("cannot write {}: {e}", path.display())))?;
             let _ = f.flush();
             eprintln!(
-                "wrote the pairing code of {}/{sidecar} to {} (it holds a token: keep it private)",
+                "wrote the pairing code of {}/{sidecar} to {} ({})",
                 device,
-                path.display()
+                path.display(),
+                what_it_holds(ctx, args, device, &sidecar)
             );
         }
         None if matches!(args.format, PairFormat::Png) && std::io::stdout().is_terminal() => {
@@ -61,7 +63,7 @@ pub(super) fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
         None => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(&bytes);
-            if matches!(args.format, PairFormat::Uri) {
+            if matches!(args.format, PairFormat::Uri | PairFormat::Code) {
                 let _ = stdout.write_all(b"\n");
             }
             if matches!(args.format, PairFormat::Terminal) {
@@ -75,4 +77,26 @@ pub(super) fn pair(ctx: &Context, args: &PairArgs) -> Result<Exit, CliError> {
         }
     }
     Ok(Exit::Ok)
+}
+
+/// What a written code holds, for the warning beside it (docs/pairing.md, "What each form
+/// holds"): the URI always holds the device token; the QR code (and so the PNG, SVG, terminal
+/// drawing and `code`) holds the link and its single-use ticket, except while no address is
+/// known, when it holds the URI; links hold tickets.
+fn what_it_holds(ctx: &Context, args: &PairArgs, device: &str, sidecar: &str) -> &'static str {
+    const TOKEN: &str = "it holds the device token, a long-lived credential: keep it private";
+    const TICKET: &str =
+        "it holds a single-use pairing ticket: keep it private until a device has paired with it";
+    match args.format {
+        PairFormat::Uri => TOKEN,
+        PairFormat::Link => TICKET,
+        _ => {
+            let code =
+                reconcile::pairing_code(&ctx.stack, &ctx.state(), device, Some(sidecar), "code");
+            match code {
+                Ok((_, text)) if !text.starts_with(b"soul://") => TICKET,
+                _ => TOKEN,
+            }
+        }
+    }
 }

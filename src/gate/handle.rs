@@ -88,7 +88,7 @@ pub(super) async fn handle(
     if path == PAIR_PATH && req.method() == Method::POST {
         return redeem(req, client, shared, &keys).await;
     }
-    if path == TOKEN_PATH && req.method() == Method::POST {
+    if path == TOKEN_PATH {
         return hand_token(req, client, shared, &keys).await;
     }
     let credential = match credential::presented(&req, &shared.cookie) {

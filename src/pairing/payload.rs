@@ -93,7 +93,11 @@ impl Payload {
                 "pin" => &mut pin,
                 "token" => &mut token,
                 "addr" => {
-                    addresses.push(Address::parse(&value)?);
+                    // An address of a transport this reader does not know (a later soul's)
+                    // is skipped, like an unknown field: the rest of the code still works.
+                    if !unknown_transport(&value) {
+                        addresses.push(Address::parse(&value)?);
+                    }
                     continue;
                 }
                 // Fields a later version adds are skipped, as the contract promises.
@@ -135,6 +139,22 @@ impl Payload {
             ticket,
         })
     }
+}
+
+/// Whether `addr` is well formed (`<transport>:<host>:<port>`, the transport a name of
+/// lower-case letters, digits and `-`) but names a transport this reader does not know.
+fn unknown_transport(addr: &str) -> bool {
+    let Some((transport, rest)) = addr.split_once(':') else {
+        return false;
+    };
+    let well_formed = transport.starts_with(|c: char| c.is_ascii_lowercase())
+        && transport
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && rest
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    well_formed && !TransportKind::ALL.iter().any(|k| k.as_str() == transport)
 }
 
 /// `sha256//` and the standard base64 of 32 bytes.

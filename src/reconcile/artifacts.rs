@@ -288,6 +288,11 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
                 });
             }
             files.push(DesiredFile::bytes(
+                &format!("{base}.code"),
+                format!("pairing code (the QR code's text) for {pair}"),
+                code.clone().into_bytes(),
+            ));
+            files.push(DesiredFile::bytes(
                 &format!("{base}.uri"),
                 format!("pairing URI for {pair}"),
                 uri.into_bytes(),

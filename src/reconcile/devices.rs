@@ -28,7 +28,7 @@ pub struct DeviceStatus {
 }
 
 /// The pairing files a device has per sidecar, by extension.
-const ARTIFACTS: [&str; 4] = ["uri", "png", "svg", "txt"];
+const ARTIFACTS: [&str; 5] = ["uri", "code", "png", "svg", "txt"];
 
 pub fn report(stack: &Stack, state: &StateDir, now: u64) -> DevicesReport {
     let key = state.read_key().ok();
