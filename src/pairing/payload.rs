@@ -303,8 +303,12 @@ mod tests {
                 PayloadError::Address("lan:1.2.3.4".into()),
             ),
             (
-                "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=carrier-pigeon:x:1",
-                PayloadError::Address("carrier-pigeon:x:1".into()),
+                "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=Carrier_Pigeon:x:1",
+                PayloadError::Address("Carrier_Pigeon:x:1".into()),
+            ),
+            (
+                "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=carrier-pigeon:x",
+                PayloadError::Address("carrier-pigeon:x".into()),
             ),
             (
                 "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=lan:fd7a::1:80",
@@ -326,8 +330,17 @@ mod tests {
         for (text, expected) in cases {
             assert_eq!(Payload::parse(text), Err(expected), "{text}");
         }
-        // What a later version adds is skipped.
+        // What a later version adds is skipped: a field, or an address of a transport this
+        // reader does not know (the others still count).
         assert!(Payload::parse("soul://pair?v=1&stack=a&sidecar=b&device=c&new=1").is_ok());
+        let p = Payload::parse(
+            "soul://pair?v=1&stack=a&sidecar=b&device=c&addr=carrier-pigeon:x:1&addr=lan:10.0.0.2:8443",
+        )
+        .unwrap();
+        assert_eq!(
+            p.addresses,
+            vec![Address::new(TransportKind::Lan, "10.0.0.2", 8443)]
+        );
     }
 
     /// `soul connect` once stored a pairing at a path built from the code's names:
