@@ -306,3 +306,150 @@ fn a_huge_png_is_refused_before_it_is_decoded() {
     assert!(e.contains("30000×30000") && e.contains("crop"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// docs/vectors: the conformance vectors an app author's client is tested against, and soul's
+/// own reader, pin, ticket check and race with them, so that the docs and the code cannot
+/// drift apart.
+mod vectors {
+    use super::*;
+    use crate::pairing::{Payload, PayloadError};
+    use serde_json::Value;
+
+    fn load(name: &str) -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/vectors")
+            .join(name);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn reason(e: &PayloadError) -> &'static str {
+        match e {
+            PayloadError::NotACode => "not-a-code",
+            PayloadError::Version(_) => "version",
+            PayloadError::Missing(_) => "missing",
+            PayloadError::Repeated { .. } => "repeated",
+            PayloadError::Address(_) => "address",
+            PayloadError::Pin(_) => "pin",
+            PayloadError::Name { .. } => "name",
+        }
+    }
+
+    #[test]
+    fn codes() {
+        let v = load("codes.json");
+        for case in v["valid"].as_array().unwrap() {
+            let code = case["code"].as_str().unwrap();
+            let p = Payload::parse(code).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+            let addresses: Vec<String> = p.addresses.iter().map(ToString::to_string).collect();
+            let got = serde_json::json!({
+                "stack": p.stack, "sidecar": p.sidecar, "device": p.device,
+                "addresses": addresses, "pin": p.pin,
+                "token": p.token.as_ref().map(|t| t.expose().to_string()),
+                "ticket": p.ticket.as_ref().map(|t| t.expose().to_string()),
+            });
+            for field in [
+                "stack",
+                "sidecar",
+                "device",
+                "addresses",
+                "pin",
+                "token",
+                "ticket",
+            ] {
+                assert_eq!(got[field], case[field], "{}: {field}", case["name"]);
+            }
+        }
+        for case in v["invalid"].as_array().unwrap() {
+            let code = case["code"].as_str().unwrap();
+            match Payload::parse(code) {
+                Ok(p) => panic!("{code} was read: {p:?}"),
+                Err(e) => assert_eq!(reason(&e), case["reason"], "{code}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pins() {
+        use rustls::pki_types::pem::PemObject as _;
+        for case in load("pins.json")["certificates"].as_array().unwrap() {
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(
+                case["pem"].as_str().unwrap().as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(
+                crate::pin::pin_of_certificate(&der).as_deref(),
+                case["pin"].as_str(),
+                "{}",
+                case["name"]
+            );
+        }
+    }
+
+    #[test]
+    fn tickets() {
+        let v = load("tickets.json");
+        let key: [u8; 32] = hex::decode(v["link_key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let registry = crate::state::Registry {
+            devices: serde_json::from_value(v["registry"].clone()).unwrap(),
+        };
+        let (stack, sidecar) = (v["stack"].as_str().unwrap(), v["sidecar"].as_str().unwrap());
+        for case in v["cases"].as_array().unwrap() {
+            let ticket = case["ticket"].as_str().unwrap();
+            let now = case["now"].as_u64().or(v["now"].as_u64()).unwrap();
+            let got =
+                match crate::pairing::verify_ticket(ticket, &key, stack, sidecar, &registry, now) {
+                    Ok(t) => {
+                        assert_eq!(t.issued, ticket, "a valid ticket has one spelling");
+                        "valid"
+                    }
+                    Err(e) => e.code(),
+                };
+            assert_eq!(got, case["expect"], "{ticket}");
+        }
+    }
+
+    #[tokio::test]
+    async fn race() {
+        let v = load("race.json");
+        let stagger = Duration::from_millis(v["stagger_ms"].as_u64().unwrap());
+        assert_eq!(stagger, STAGGER, "the documented stagger is soul's");
+        let (id, other) = (identity(61), identity(62));
+        for case in v["cases"].as_array().unwrap() {
+            let mut addresses = Vec::new();
+            for outcome in case["addresses"].as_array().unwrap() {
+                let addr = match outcome.as_str().unwrap() {
+                    "answers" => fake_gate(&id).await.addr,
+                    "wrong-key" => fake_gate(&other).await.addr,
+                    "refuses" => refusing(),
+                    "black-hole" => swallowing().await,
+                    o => panic!("unknown outcome {o}"),
+                };
+                addresses.push(address(TransportKind::Lan, addr));
+            }
+            let p = pairing(addresses, &id.pin);
+            let result = race::race(&p.addresses, &p.target(), stagger).await;
+            match (result, case["winner"].as_u64()) {
+                (Ok(won), Some(winner)) => {
+                    assert_eq!(won.index as u64, winner, "{}", case["name"]);
+                    let at_least = Duration::from_millis(case["at_least_ms"].as_u64().unwrap());
+                    assert!(
+                        won.elapsed >= at_least,
+                        "{}: won after {:?}",
+                        case["name"],
+                        won.elapsed
+                    );
+                }
+                (Err(failed), None) => {
+                    assert_eq!(failed.len(), p.addresses.len(), "{}", case["name"]);
+                }
+                (Ok(won), None) => panic!("{}: {} won", case["name"], won.index),
+                (Err(failed), Some(_)) => panic!("{}: {failed:?}", case["name"]),
+            }
+        }
+    }
+}

@@ -181,13 +181,7 @@ pub(super) fn spend(
     let t = match verified {
         Ok(t) => t,
         Err(e) => {
-            use crate::pairing::TicketError;
-            let (device, code) = match &e {
-                TicketError::Invalid => ("-".to_string(), "ticket-invalid"),
-                TicketError::UnknownDevice(d) => (d.clone(), "device-unknown"),
-                TicketError::Superseded(d) => (d.clone(), "ticket-superseded"),
-                TicketError::Expired(d) => (d.clone(), "device-expired"),
-            };
+            let (device, code) = (e.device().unwrap_or("-").to_string(), e.code());
             let r = refuse(
                 shared,
                 peer,

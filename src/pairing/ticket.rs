@@ -40,6 +40,28 @@ pub enum TicketError {
     Expired(String),
 }
 
+impl TicketError {
+    /// The reason code a program reads at `/.soul/token` (docs/pairing.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            TicketError::Invalid => "ticket-invalid",
+            TicketError::UnknownDevice(_) => "device-unknown",
+            TicketError::Superseded(_) => "ticket-superseded",
+            TicketError::Expired(_) => "device-expired",
+        }
+    }
+
+    /// The device the ticket names, when it names one.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            TicketError::Invalid => None,
+            TicketError::UnknownDevice(d)
+            | TicketError::Superseded(d)
+            | TicketError::Expired(d) => Some(d),
+        }
+    }
+}
+
 /// HMAC-SHA256 under `key` over `parts`, each followed by a NUL (names hold no NUL, so the
 /// message is unambiguous), ready to finish or to verify.
 fn hmac_of(key: &[u8; 32], parts: &[&str]) -> hmac::Hmac<Sha256> {
