@@ -198,6 +198,22 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
             ("wiki", "alice-phone")
         );
     }
+    // soul connect takes both (the stack's LAN address is this machine's: loopback here).
+    let local = |c: &str| c.replace("192.168.1.20", "127.0.0.1");
+    let uri_text = read(s.state().join("pairing/alice-phone/wiki.uri"));
+    for (form, given) in [("link", local(&code)), ("uri", local(&uri_text))] {
+        let o = s
+            .command(&["connect", &given, "--probe"])
+            .env("XDG_CONFIG_HOME", s.dir.join(format!("xdg-{form}")))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "soul connect of the {form}: {}",
+            text(&o)
+        );
+        assert!(o.stdout_text().contains("\"path\":\"lan\""), "{}", text(&o));
+    }
     // The browser link alone (no fragment) is not a code, and the error says what is.
     let bare = code.split('#').next().unwrap();
     let o = s.soul(&["connect", bare, "--probe"]);
