@@ -287,3 +287,117 @@ fn a_rotation_cut_short_at_any_write_leaves_the_old_tokens_admitted() {
     assert!(!Path::new(&s.state().join(soul::state::ROTATION_FILE)).exists());
     s.soul(&["plan", "--detailed-exitcode"]).exited(0);
 }
+
+/// `curl` at the pod's LAN port on loopback: the status, and the body.
+fn curl_at(port: u16, args: &[&str], path: &str) -> (String, String) {
+    let o = run(Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}{path}")));
+    let out = o.stdout_text();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.to_string(), body.to_string())
+}
+
+/// Moving a stack: its state exported, the old machine's stack and state gone (`down
+/// --volumes`, the state dir deleted), imported and applied with another LAN address and port.
+/// Nothing a paired device holds stops working, and nothing spent becomes new.
+#[test]
+fn a_stack_moved_by_its_state_bundle_keeps_every_token_pin_cookie_and_spent_ticket() {
+    ensure_images();
+    ensure_command("curl", "curl");
+    let s = TestStack::new("move");
+    let old_port = free_port();
+    s.write(&stack_kdl(old_port, "device \"phone\"", 1));
+    s.apply();
+    let status = s.soul(&["status"]);
+    assert!(
+        status.stdout_text().contains("never exported"),
+        "{}",
+        text(&status)
+    );
+    let token = s.token("phone");
+    let pin = served_pin(old_port);
+    let code = read(s.state().join("pairing/phone/notes.code"));
+    let ticket = soul::pairing::Payload::parse(&code)
+        .unwrap()
+        .ticket
+        .unwrap()
+        .expose()
+        .to_string();
+    // A browser pairs before the move: its cookie, and the ticket is spent.
+    let jar = s.dir.join("cookies");
+    let jar_arg = jar.to_str().unwrap();
+    let form = format!("ticket={ticket}");
+    let (paired, _) = curl_at(
+        old_port,
+        &["-c", jar_arg, "--data-urlencode", &form],
+        "/.soul/pair",
+    );
+    assert_eq!(paired, "303");
+    assert_eq!(curl_at(old_port, &["-b", jar_arg], "/").0, "200");
+
+    let pass = s.dir.join("pass");
+    std::fs::write(&pass, "a long passphrase\n").unwrap();
+    let bundle = s.dir.join("home.soul-state.age");
+    let o = s.soul(&[
+        "state",
+        "export",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!o.stderr_text().contains("a long passphrase"));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        s.soul(&["status"])
+            .stdout_text()
+            .contains("backup: exported")
+    );
+
+    // The old machine is gone.
+    assert!(s.soul(&["down", "--volumes"]).status.success());
+    std::fs::remove_dir_all(s.state()).unwrap();
+
+    // The new machine: another LAN address and port.
+    let new_port = free_port();
+    s.write(&stack_kdl(new_port, "device \"phone\"", 1).replace("192.168.1.20", "192.168.7.40"));
+    let o = s.soul(&[
+        "state",
+        "import",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    o.stderr_has("soul apply");
+    s.apply();
+    assert_eq!(
+        s.token("phone"),
+        token,
+        "the token is re-derived byte for byte"
+    );
+    assert_eq!(served_pin(new_port), pin, "the gate's pin is unchanged");
+    let bearer = format!("Authorization: Bearer {token}");
+    assert_eq!(curl_at(new_port, &["-H", &bearer], "/").0, "200");
+    assert_eq!(
+        curl_at(new_port, &["-b", jar_arg], "/").0,
+        "200",
+        "the browser's cookie from before the move"
+    );
+    assert_eq!(
+        curl_at(new_port, &["--data-urlencode", &form], "/.soul/pair").0,
+        "410",
+        "a ticket spent before the move stays spent"
+    );
+    assert!(
+        read(s.state().join("pairing/phone/notes.uri")).contains("192.168.7.40"),
+        "the codes name the new address"
+    );
+}

@@ -214,6 +214,10 @@ soul rotate --new-key            # the stack key was lost and cannot be restored
     /// Write the stack in another tool's format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Back up the stack's identity, or restore it on a new machine: the stack key, the device
+    /// registry and the spent pairing tickets, in one passphrase-encrypted file.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Reach a paired sidecar from this machine: a local port that forwards to its gate over
     /// the best path (LAN, overlay, relay) and adds the device's credential.
     #[command(
@@ -329,6 +333,44 @@ pub struct WatchArgs {
     /// codes carry them).
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub address_poll: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Write the state bundle: what `soul apply` cannot derive (the stack key, the device
+    /// registry, the spent pairing tickets), encrypted with a passphrase (age, scrypt).
+    #[command(
+        after_help = "Tokens, pairing codes, the gates' keys and certificates are not in it: `soul apply` derives them from the key, byte for byte, so every paired device keeps working. The file opens with `age -d` too. Keep it, and its passphrase, somewhere other than this machine.\n\nExample:\n  soul state export --out home.soul-state.age\n  soul state export --out backup.age --passphrase-file /run/secrets/backup-pass"
+    )]
+    Export(StateExportArgs),
+    /// Restore a state bundle into this machine's state dir, then `soul apply`.
+    #[command(
+        after_help = "The bundle must be of the stack stack.kdl names. Nothing is written unless all of it checks out (passphrase, integrity, stack). A state dir that already holds a stack key is refused unless --replace, which moves the old key and registry aside (`stack.key.lost-<time>`), never deleting them.\n\nExample:\n  soul state import home.soul-state.age && soul apply"
+    )]
+    Import(StateImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StateExportArgs {
+    /// Where to write the bundle (0600; an existing file is not overwritten).
+    #[arg(long, value_name = "FILE", default_value = "soul-state.age")]
+    pub out: PathBuf,
+    /// Read the passphrase from this file (its first line) instead of asking on the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StateImportArgs {
+    /// The bundle `soul state export` wrote.
+    #[arg(value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// Replace a stack key this state dir already holds (moved aside, not deleted).
+    #[arg(long)]
+    pub replace: bool,
+    /// Read the passphrase from this file (its first line) instead of asking on the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

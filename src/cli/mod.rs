@@ -7,6 +7,7 @@
 //! command touches its handler and the dispatch below.
 
 mod args;
+mod backup;
 mod bridge;
 mod connect;
 mod context;
@@ -89,6 +90,8 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Export(ExportCommand::Kubernetes { out: path }) => {
             export_kubernetes(&Context::load(&cli)?, path.as_deref())
         }
+        Command::State(StateCommand::Export(args)) => backup::export(&Context::load(&cli)?, args),
+        Command::State(StateCommand::Import(args)) => backup::import(&Context::load(&cli)?, args),
         Command::Connect(args) => connect::run(args).await,
         Command::Relay(RelayCommand::Serve { config, state_dir }) => {
             relay::serve(config, state_dir.as_deref()).await

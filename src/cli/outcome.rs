@@ -41,6 +41,8 @@ pub enum CliError {
     Guard(#[from] crate::guard::GuardError),
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Bundle(#[from] crate::state::bundle::BundleError),
     /// `soul pause --check`: the pod's guard is not in place.
     #[error("the pod is not guarded: only the gate's port {gate_port} should answer from outside")]
     Unguarded { gate_port: u16 },

@@ -48,6 +48,7 @@ pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> 
     report.engine = Some(docker.endpoint().clone());
     report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
     report.public = reconcile::public_names(stack, &ctx.state());
+    report.backup = reconcile::Backup::of(&ctx.state());
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -99,6 +100,13 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
     }
     s.push_str(&watch_lines(report.watch.as_ref()));
     s.push_str(&public_lines(&report.public, unix_now()));
+    match (report.backup.has_key, report.backup.exported_at) {
+        (true, None) => s.push_str(
+            "  backup: the stack key was never exported: `soul state export --out FILE` (without it, a lost disk takes every pairing with it)\n",
+        ),
+        (true, Some(t)) => s.push_str(&format!("  backup: exported {}\n", when(t))),
+        (false, _) => {}
+    }
     for u in &report.undeclared {
         s.push_str(&format!(
             "  undeclared: {} ({}): `soul apply` removes it\n",
@@ -135,6 +143,11 @@ pub(super) fn public_lines(names: &[reconcile::PublicName], now: u64) -> String 
         }
     }
     s
+}
+
+/// How long ago `t` (Unix seconds) was: `5h ago`.
+pub(super) fn when(t: u64) -> String {
+    format!("{} ago", span(unix_now().saturating_sub(t)))
 }
 
 /// A duration in the largest unit that fits: `42s`, `17m`, `5h`, `89d`.

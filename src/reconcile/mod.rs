@@ -35,8 +35,8 @@ pub use plan::{
 };
 pub use resolve::{ResolveError, SoulImage, resolve};
 pub use status::{
-    ContainerStatus, PodStatus, PublicName, StatusReport, UndeclaredContainer, public_names,
-    report as status_report,
+    Backup, ContainerStatus, PodStatus, PublicName, StatusReport, UndeclaredContainer,
+    public_names, report as status_report,
 };
 pub use transports::{TransportStatus, TransportsReport, report as transports_report};
 pub use watch::{

@@ -24,6 +24,25 @@ pub struct StatusReport {
     /// as the gate last wrote them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub public: Vec<PublicName>,
+    /// Whether the state dir holds a stack key, and when it was last exported
+    /// (`soul state export`): a key never exported is lost with this machine's disk.
+    pub backup: Backup,
+}
+
+/// The state dir's backup, as far as soul knows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Backup {
+    pub has_key: bool,
+    pub exported_at: Option<u64>,
+}
+
+impl Backup {
+    pub fn of(state: &crate::state::StateDir) -> Backup {
+        Backup {
+            has_key: state.path().join(crate::state::KEY_FILE).exists(),
+            exported_at: crate::state::bundle::last_export(state),
+        }
+    }
 }
 
 /// A sidecar's public name, as its gate's ACME status says.
@@ -164,5 +183,6 @@ pub fn report(
         undeclared,
         watch,
         public: Vec::new(),
+        backup: Backup::default(),
     }
 }

@@ -1,6 +1,7 @@
 //! The state dir of one stack: where it is, created 0700; atomic 0600 writes; the stack key
 //! and the device registry; and the lock that keeps two soul processes from reconciling the
-//! same stack at once. What lives where inside it is [`layout`]'s. Imports nothing of soul's.
+//! same stack at once; the bundle that carries what cannot be derived to another machine
+//! ([`bundle`]). What lives where inside it is [`layout`]'s. Imports nothing of soul's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod bundle;
 pub mod layout;
 
 pub use layout::{
