@@ -11,6 +11,9 @@ pub const HEALTH_PATH: &str = "/.soul/health";
 pub const PAIR_PATH: &str = "/.soul/pair";
 /// Where a soul client posts a pairing link's ticket (`ticket=…`) for the device token.
 pub const TOKEN_PATH: &str = "/.soul/token";
+/// Where a paired client reads the gate's current addresses (`{"addresses":[…]}`), with its
+/// credential: how it follows its home to a new address.
+pub const ADDRESSES_PATH: &str = "/.soul/addresses";
 
 /// The server name of a relay agent's control channel (never a route: routes have two labels
 /// before `.soul`).

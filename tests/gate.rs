@@ -2618,6 +2618,89 @@ fn forward_to(
     (forward, local, log)
 }
 
+/// A client follows its home: the gate tells a paired client (and only one) its current
+/// addresses at `/.soul/addresses`, and `soul connect` rewrites its stored pairing with them,
+/// so the next race starts from the address that answers instead of one that is gone.
+#[test]
+fn a_paired_client_learns_the_gates_current_addresses_and_its_next_race_starts_there() {
+    ensure_command("curl", "curl");
+    let (_app, key, gate, token) = gate_with_alice(52, "home");
+    let state = soul::state::StateDir::open(&gate.keys).unwrap();
+    let here = format!("lan:127.0.0.1:{}", gate.port);
+    state
+        .write(
+            "addresses-notes.json",
+            format!("{{\"addresses\":[\"{here}\",\"quic:new.example:1\"]}}\n").as_bytes(),
+        )
+        .unwrap();
+    let pin = soul::tls::identity(&key, "home", "notes").pin;
+    // Only to a credential.
+    let ask = |token: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sk",
+            "-m",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "--pinnedpubkey",
+            &pin,
+        ]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out =
+            run(cmd.arg(format!("https://127.0.0.1:{}/.soul/addresses", gate.port))).stdout_text();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.to_string(), body.to_string())
+    };
+    let (status, body) = ask(None);
+    assert_eq!(status, "401", "{body}");
+    assert!(!body.contains("127.0.0.1"), "{body}");
+    // The gate re-reads its files within 200 ms.
+    let body = retry(Duration::from_secs(5), || {
+        let (status, body) = ask(Some(&token));
+        (status == "200" && body.contains(&here)).then_some(body)
+    });
+    assert!(body.is_some(), "{:?}", ask(Some(&token)));
+
+    // The stored pairing knows an address that is gone (the old LAN port) before this one.
+    let gone = free_port();
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let code = format!(
+        "soul://pair?v=1&stack=home&sidecar=notes&device=alice&addr=lan:127.0.0.1:{gone}&addr={}&pin={}&token={}",
+        enc(&here),
+        enc(&pin),
+        enc(&token)
+    );
+    let config = gate.keys.with_extension("xdg");
+    let probe = |pairing: &str| {
+        let o = run(Command::new(SOUL)
+            .args(["connect", pairing, "--probe"])
+            .env("XDG_CONFIG_HOME", &config));
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_str(o.stdout_text().trim()).unwrap();
+        (v, o.stderr_text())
+    };
+    let (first, said) = probe(&code);
+    assert_eq!(first["address"], format!("127.0.0.1:{}", gate.port));
+    assert!(said.contains("the gate's addresses changed"), "{said}");
+    let stored = read(config.join("soul/pairings/home.notes.alice.json"));
+    assert!(
+        !stored.contains(&format!(":{gone}")),
+        "the gone address is dropped: {stored}"
+    );
+    assert!(
+        !stored.contains("quic"),
+        "an address this client cannot read is left out"
+    );
+    assert!(!said.contains(&token), "{said}");
+    // The next race starts from the address that answers: it is the first now.
+    let (second, said) = probe("home.notes.alice");
+    assert_eq!(second["address"], format!("127.0.0.1:{}", gate.port));
+    assert!(!said.contains("changed"), "{said}");
+}
+
 /// `soul connect`'s forward once lent the device's credential to anyone who reached its port:
 /// a cross-site POST from a web page, a DNS-rebinding page, a cross-site WebSocket upgrade and
 /// another local user's process each got through. Each is refused now; its own user's curl is

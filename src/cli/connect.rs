@@ -26,8 +26,9 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
         Ok(())
     };
     if args.probe {
-        let (choice, _) = connector.choose().await?;
+        let (choice, stream) = connector.choose().await?;
         keep(true)?;
+        follow_home(&dir, &connector, stream, &choice.address).await;
         out(&format!(
             "{}\n",
             serde_json::json!({
@@ -46,8 +47,9 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
         .map_err(|e| CliError::Io(e.to_string()))?;
     let p = &connector.pairing;
     match connector.choose().await {
-        Ok((choice, _)) => {
+        Ok((choice, stream)) => {
             keep(true)?;
+            follow_home(&dir, &connector, stream, &choice.address).await;
             tracing::info!("path: {} ({} ms)", choice.address, choice.took.as_millis())
         }
         Err(e) if unstored => tracing::warn!(
@@ -62,6 +64,41 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
     tokio::spawn(connector.clone().maintain());
     client::forward::serve(listener, connector, terminated()).await;
     Ok(Exit::Ok)
+}
+
+/// Asks the gate where it is now and, when that changed, rewrites the stored pairing so that
+/// the next race starts from the new addresses (this run keeps racing the ones it started
+/// with). A gate that does not answer (older than this endpoint) changes nothing.
+async fn follow_home(
+    dir: &std::path::Path,
+    connector: &Connector,
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    over: &crate::pairing::Address,
+) {
+    let pairing = &connector.pairing;
+    match connector.home_addresses(stream, over).await {
+        Ok(now) if !now.is_empty() && now != pairing.addresses => {
+            let moved = Pairing {
+                addresses: now,
+                ..pairing.clone()
+            };
+            match store::save(dir, &moved) {
+                Ok(path) => eprintln!(
+                    "the gate's addresses changed: {} now lists {}",
+                    path.display(),
+                    moved
+                        .addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => tracing::warn!("cannot update the stored pairing: {e}"),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("{e}"),
+    }
 }
 
 /// A stored pairing by name or path, else a code; and whether it still has to be stored. A

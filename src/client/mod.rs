@@ -204,6 +204,56 @@ impl Connector {
         }
     }
 
+    /// The gate's current addresses (`GET /.soul/addresses` with the device's token), asked
+    /// over `stream`, a pinned connection to it: how a client follows its home to a new LAN
+    /// address, a new overlay address or a new machine. Addresses this client cannot read are
+    /// left out.
+    pub async fn home_addresses(
+        &self,
+        stream: TlsStream<TcpStream>,
+        over: &Address,
+    ) -> Result<Vec<Address>, ClientError> {
+        use http_body_util::BodyExt as _;
+        let ask = |e: &dyn std::fmt::Display| {
+            ClientError::Input(format!("cannot ask the gate for its addresses: {e}"))
+        };
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| ask(&e))?;
+        tokio::spawn(conn);
+        let request = http::Request::get(crate::proto::ADDRESSES_PATH)
+            .header(
+                http::header::HOST,
+                over.http_origin().trim_start_matches("http://"),
+            )
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.pairing.token.expose()),
+            )
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| ask(&e))?;
+        let response = send.send_request(request).await.map_err(|e| ask(&e))?;
+        if !response.status().is_success() {
+            return Err(ask(&response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| ask(&e))?
+            .to_bytes();
+        #[derive(serde::Deserialize)]
+        struct Home {
+            addresses: Vec<String>,
+        }
+        let home: Home = serde_json::from_slice(&body).map_err(|e| ask(&e))?;
+        Ok(home
+            .addresses
+            .iter()
+            .filter_map(|a| Address::parse(a).ok())
+            .collect())
+    }
+
     /// Races every address and keeps the winner.
     pub async fn choose(&self) -> Result<(Choice, TlsStream<TcpStream>), ClientError> {
         let won = race::race(&self.pairing.addresses, &self.target, race::STAGGER)

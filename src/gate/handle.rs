@@ -125,6 +125,22 @@ pub(super) async fn handle(
         Ok(g) => g,
         Err(r) => return refuse(shared, peer, &path, &r),
     };
+    if path == ADDRESSES_PATH {
+        // Only to a credential: where the pod is reached tells a stranger something.
+        let v = serde_json::json!({ "addresses": keys.addresses });
+        let mut r = Response::new(
+            Full::new(Bytes::from(format!("{v}\n")))
+                .map_err(|e| match e {})
+                .boxed(),
+        );
+        let headers = r.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return r;
+    }
     credential::strip(&mut req);
     let upgrade = req.headers().contains_key(header::UPGRADE);
     forward::request(

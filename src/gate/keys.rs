@@ -1,5 +1,5 @@
 //! The gate's view of the state dir: the stack's public key, the device registry, the link
-//! key and the sidecar's TLS certificate, as files soul writes into `gate/` (mounted read-only
+//! key, the sidecar's TLS certificate and its current addresses, as files soul writes into `gate/` (mounted read-only
 //! into the pod), re-read when they change.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,8 @@ use tokio::sync::watch;
 use super::acme::PublicCert;
 use super::tls::GateTls;
 use crate::state::layout::{
-    GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE, gate_tls_cert, gate_tls_key,
+    GATE_LINK_KEY_FILE, GATE_PUBLIC_KEY_FILE, GATE_REGISTRY_FILE, gate_addresses, gate_tls_cert,
+    gate_tls_key,
 };
 use crate::state::{Registry, unhex32};
 
@@ -25,6 +26,9 @@ pub struct Keys {
     /// This sidecar's certificate and key; absent in a state dir written before the gate spoke
     /// TLS (then only plain HTTP is served).
     pub tls: Option<GateTls>,
+    /// This sidecar's current addresses as its codes spell them (`gate/addresses-<sidecar>.json`),
+    /// for `/.soul/addresses`; empty when soul has not written them.
+    pub addresses: Vec<String>,
 }
 
 /// Reads the key and registry files from `dir`, and `sidecar`'s TLS files (served beside the
@@ -56,11 +60,21 @@ pub fn load(
         },
         None => None,
     };
+    #[derive(serde::Deserialize)]
+    struct Addresses {
+        addresses: Vec<String>,
+    }
+    let addresses = sidecar
+        .and_then(|s| read(&gate_addresses(s)).ok())
+        .and_then(|b| serde_json::from_slice::<Addresses>(&b).ok())
+        .map(|a| a.addresses)
+        .unwrap_or_default();
     Ok(Keys {
         public_key,
         registry,
         link_key,
         tls,
+        addresses,
     })
 }
 

@@ -14,7 +14,7 @@ use super::Body;
 use super::credential::query_without_soul;
 use crate::html::escape;
 
-pub use crate::proto::{PAIR_PATH, TOKEN_PATH};
+pub use crate::proto::{ADDRESSES_PATH, PAIR_PATH, TOKEN_PATH};
 /// The most a pairing post may carry.
 pub const MAX_FORM: usize = 4096;
 

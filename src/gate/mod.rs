@@ -64,7 +64,7 @@ use credential::Presented;
 pub use credential::{cookie_name, foreign_origin};
 pub use keys::{Keys, load};
 use limits::Failures;
-pub use link::{PAIR_PATH, TOKEN_PATH};
+pub use link::{ADDRESSES_PATH, PAIR_PATH, TOKEN_PATH};
 pub use redeemed::REDEEMED_FILE;
 use redeemed::Redeemed;
 pub use session::MAX_LIFETIME as SESSION_MAX_LIFETIME;
@@ -182,6 +182,7 @@ mod tests {
             registry: Default::default(),
             link_key: None,
             tls: None,
+            addresses: Vec::new(),
         })
     }
 

@@ -228,6 +228,18 @@ pub fn desired_files(stack: &Stack, inputs: PairingInputs) -> Result<Pairing, Pa
         ));
         pins.push(identity.pin);
     }
+    // Each gate's current addresses, which it tells a paired client (`/.soul/addresses`), so
+    // that a client that reached it by any path learns where its home is now.
+    for (sidecar, addresses) in stack.sidecars.iter().zip(&inputs.addresses) {
+        let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        let mut json = serde_json::json!({ "addresses": list }).to_string();
+        json.push('\n');
+        files.push(DesiredFile::bytes(
+            &layout::gate_file(&layout::gate_addresses(&sidecar.name)),
+            format!("gate's addresses for {}", sidecar.name),
+            json.into_bytes(),
+        ));
+    }
     for (name, entry) in &registry.devices {
         let claims = claims_for(
             &stack.stack,

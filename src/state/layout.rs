@@ -62,6 +62,12 @@ pub fn gate_tls_cert(sidecar: &str) -> String {
     format!("tls-{sidecar}.crt")
 }
 
+/// `sidecar`'s current addresses (`{"addresses":["lan:…",…]}`, as in its pairing codes),
+/// inside [`GATE_DIR`]: what its gate tells a paired client at `/.soul/addresses`.
+pub fn gate_addresses(sidecar: &str) -> String {
+    format!("addresses-{sidecar}.json")
+}
+
 /// `sidecar`'s gate TLS key (PEM, PKCS#8), inside [`GATE_DIR`].
 pub fn gate_tls_key(sidecar: &str) -> String {
     format!("tls-{sidecar}.key")
