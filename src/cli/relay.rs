@@ -103,6 +103,18 @@ fn render_status(status: &Status) -> String {
             if let Some(name) = &c.public {
                 s.push_str(&format!("  {:<16} public name {name}\n", ""));
             }
+            if c.replaced > 0 {
+                s.push_str(&format!(
+                    "  {:<16} replaced by a newer registration {} time(s){}\n",
+                    "",
+                    c.replaced,
+                    if c.replaced > 1 {
+                        ": two machines may be serving this stack (`soul down` on the one that should not)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
         }
         if let Some(names) = &stack.names {
             s.push_str(&format!("  may claim: {}\n", names.join(" ")));

@@ -28,6 +28,12 @@ pub const STATE_FILE: &str = "relay.registered";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the relay may stay silent before the agent counts it gone (it pings every 15 s).
 const SILENCE: Duration = Duration::from_secs(45);
+/// How [`serve`] says the relay replaced this registration with a newer one (then who by).
+const REPLACED: &str = "replaced by ";
+/// The first wait after a newer registration replaced this one (doubling, to 20 minutes):
+/// long, since the other machine holds the name until it stops.
+const REPLACED_WAIT: Duration = Duration::from_secs(5 * 60);
+
 /// A registration that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(30);
 /// The most data channels one registration keeps open at once, whatever the relay asks.
@@ -79,6 +85,7 @@ where
 {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut last_error = String::new();
+    let mut replaced = 0u32;
     clear_state(&cfg);
     loop {
         let started = Instant::now();
@@ -94,6 +101,21 @@ where
                 write_state(&cfg);
                 let why = serve(&cfg, control, channel_key, ready, deliver.clone()).await;
                 clear_state(&cfg);
+                if let Some(by) = why.strip_prefix(REPLACED) {
+                    // Another registration of this sidecar took over: fighting it for the
+                    // name would make the two flap. Say so loudly, and wait long.
+                    replaced += 1;
+                    let wait = REPLACED_WAIT * 2u32.saturating_pow(replaced.min(3) - 1);
+                    tracing::error!(
+                        "relay agent: {}.{} was registered at {} again, from {by}: the relay keeps the newest, so this machine stops serving it there. If the stack moved, run `soul down` here; if not, another machine runs the same stack (its state bundle). Registering again in {} min",
+                        cfg.sidecar,
+                        cfg.stack,
+                        cfg.relay,
+                        wait.as_secs() / 60
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
                 tracing::warn!("relay agent: registration at {} ended: {why}", cfg.relay);
                 if started.elapsed() >= STABLE {
                     backoff.reset();
@@ -315,6 +337,7 @@ where
                         open_one(&mut pool, Duration::ZERO);
                     }
                 }
+                Some(Ok(ToAgent::Replaced { by })) => return format!("{REPLACED}{by}"),
                 Some(Ok(other)) => return format!("unexpected {other:?}"),
                 Some(Err(why)) => return why,
                 None => return "the control channel's reader stopped".into(),

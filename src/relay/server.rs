@@ -71,6 +71,9 @@ struct State {
     pending: HashMap<IpAddr, usize>,
     pending_total: usize,
     next_id: u64,
+    /// How often each sidecar's registration was replaced by a newer one: more than a
+    /// restart's worth says two machines serve the same stack.
+    replaced: HashMap<RouteKey, u64>,
 }
 
 /// One registered sidecar.
@@ -597,6 +600,83 @@ mod tests {
             .unwrap();
         let answer = wire::read_frame(&mut s).await.unwrap();
         (s, answer)
+    }
+
+    /// Two machines serving one stack (the old one still running after a move) once made the
+    /// name flap between them: each registration replaced the other's. Now the replaced agent
+    /// is told, says so, and does not register again for minutes; the relay counts it.
+    #[tokio::test]
+    async fn a_replaced_agent_is_told_and_does_not_fight_the_newer_registration_for_its_name() {
+        let key = AgentKey::from_seed([5; 32]);
+        let limits = Limits {
+            ready: 0,
+            ..Limits::default()
+        };
+        let (relay, addr) = relay_with("home", &key, limits).await;
+        // The relay tells the older registration, on its control channel.
+        let (mut older, answer) = register(addr, "home", "notes", &key).await;
+        assert!(matches!(answer, ToAgent::Registered { .. }), "{answer:?}");
+        let (newer, answer) = register(addr, "home", "notes", &key).await;
+        assert!(matches!(answer, ToAgent::Registered { .. }), "{answer:?}");
+        let told = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match wire::read_frame::<_, ToAgent>(&mut older).await {
+                    Ok(ToAgent::Ping) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the older registration hears of it");
+        let newer_addr = newer.get_ref().0.local_addr().unwrap().to_string();
+        assert!(
+            matches!(&told, Ok(ToAgent::Replaced { by }) if *by == newer_addr),
+            "{told:?}"
+        );
+        drop(newer);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // A real agent (the old machine's gate) is replaced by the new machine's registration:
+        // it does not take the name back.
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("relay-agent.key");
+        std::fs::write(&key_file, hex::encode([5u8; 32])).unwrap();
+        let cfg = crate::relay::agent::AgentConfig {
+            relay: addr.to_string(),
+            pin: crate::tls::relay_identity(&SEED).pin,
+            stack: "home".into(),
+            sidecar: "notes".into(),
+            key_file,
+            state_file: None,
+            public: None,
+        };
+        let old = tokio::spawn(crate::relay::agent::run(cfg, |_s: TcpStream| {}));
+        let agent_of = |relay: &Relay| {
+            relay.status().stacks[0]
+                .sidecars
+                .first()
+                .map(|c| (c.agent.clone(), c.replaced))
+        };
+        let mut registered = None;
+        for _ in 0..50 {
+            registered = agent_of(&relay);
+            if registered.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (old_agent, before) = registered.expect("the old machine's agent registers");
+        let (new_machine, answer) = register(addr, "home", "notes", &key).await;
+        assert!(matches!(answer, ToAgent::Registered { .. }), "{answer:?}");
+        let new_agent = new_machine.get_ref().0.local_addr().unwrap().to_string();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (agent, replaced) = agent_of(&relay).unwrap();
+        assert_eq!(
+            agent, new_agent,
+            "the newest registration holds the name (old: {old_agent})"
+        );
+        assert_eq!(replaced, before + 1, "replaced once, not fought over");
+        old.abort();
     }
 
     #[tokio::test]

@@ -85,6 +85,10 @@ pub enum ToAgent {
     Open { count: usize },
     /// Are you there? (answered by [`FromAgent::Pong`]).
     Ping,
+    /// A newer registration of this sidecar (the same stack key, from `by`: another machine,
+    /// or this one after a restart) replaced this one; the relay keeps the newest. The control
+    /// channel ends after this.
+    Replaced { by: String },
 }
 
 /// What an agent sends on its control channel after its hello.

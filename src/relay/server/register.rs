@@ -121,6 +121,11 @@ impl Relay {
                 state.next_id += 1;
                 let id = state.next_id;
                 if let Some(old) = state.routes.remove(&key) {
+                    // Told, so that it says so instead of registering again at once.
+                    let _ = old.control.try_send(ToAgent::Replaced {
+                        by: peer.to_string(),
+                    });
+                    *state.replaced.entry(key.clone()).or_default() += 1;
                     for id in old.expected.values() {
                         state.channels.remove(id);
                     }

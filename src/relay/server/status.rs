@@ -23,6 +23,11 @@ impl Relay {
                         waiting: r.waiting.len(),
                         sessions_total: r.sessions_total,
                         public: r.public.clone(),
+                        replaced: state
+                            .replaced
+                            .get(&(stack.clone(), sidecar.clone()))
+                            .copied()
+                            .unwrap_or(0),
                     })
                     .collect();
                 sidecars.sort_by(|a, b| a.sidecar.cmp(&b.sidecar));
@@ -98,6 +103,11 @@ pub struct SidecarStatus {
     /// The public name routed to it too, if it claimed one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<String>,
+    /// How often a newer registration replaced this sidecar's since the relay started (a
+    /// restart or a move counts once; a count that keeps growing means two machines serve
+    /// the stack).
+    #[serde(default)]
+    pub replaced: u64,
 }
 
 /// Serves [`Relay::status`] as JSON on `GET /status` at `listener` (loopback by default).
