@@ -49,6 +49,7 @@ pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> 
     report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
     report.public = reconcile::public_names(stack, &ctx.state());
     report.backup = reconcile::Backup::of(&ctx.state());
+    report.relay_replaced = reconcile::relay_replaced(&docker, stack).await?;
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -100,6 +101,14 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
     }
     s.push_str(&watch_lines(report.watch.as_ref()));
     s.push_str(&public_lines(&report.public, unix_now()));
+    for r in &report.relay_replaced {
+        s.push_str(&format!(
+            "  relay: another machine registered {} at the relay ({}, {}): it serves the stack there now, this one does not. If the stack moved, `soul down` here; if not, two machines run it\n",
+            r.sidecar,
+            r.by,
+            when(r.at)
+        ));
+    }
     match (report.backup.has_key, report.backup.exported_at) {
         (true, None) => s.push_str(
             "  backup: the stack key was never exported: `soul state export --out FILE` (without it, a lost disk takes every pairing with it)\n",

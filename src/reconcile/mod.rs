@@ -27,7 +27,7 @@ pub use flaps::FlapTracker;
 pub use observe::{from_snapshot, observe};
 pub use pass::{
     PassError, Planned, await_addresses, check_inputs, check_ownership, desired, discover,
-    missing_addresses, pairing_of, prepare, record_stopped, run, stopped, unix_now,
+    missing_addresses, pairing_of, prepare, record_stopped, relay_replaced, run, stopped, unix_now,
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
@@ -35,8 +35,8 @@ pub use plan::{
 };
 pub use resolve::{ResolveError, SoulImage, resolve};
 pub use status::{
-    Backup, ContainerStatus, PodStatus, PublicName, StatusReport, UndeclaredContainer,
-    public_names, report as status_report,
+    Backup, ContainerStatus, PodStatus, PublicName, RelayReplaced, StatusReport,
+    UndeclaredContainer, public_names, report as status_report,
 };
 pub use transports::{TransportStatus, TransportsReport, report as transports_report};
 pub use watch::{

@@ -360,6 +360,36 @@ pub async fn relay_registered(
     Ok(registered)
 }
 
+/// The sidecars whose gate's agent a newer registration at the relay replaced (another machine
+/// serving the same stack, or the one it moved to), with who and when, as the gates recorded.
+pub async fn relay_replaced(
+    docker: &Docker,
+    stack: &Stack,
+) -> Result<Vec<super::status::RelayReplaced>, PassError> {
+    let mut replaced = Vec::new();
+    if stack.relay.is_none() {
+        return Ok(replaced);
+    }
+    for sidecar in &stack.sidecars {
+        let gate = crate::pod::container_name(&stack.stack, &sidecar.name, crate::pod::Role::Gate);
+        let Some(text) = docker
+            .read_file(&gate, &super::resolve::gate_relay_replaced())
+            .await?
+        else {
+            continue;
+        };
+        let mut words = text.split_whitespace();
+        if let (Some(by), Some(at)) = (words.next(), words.next().and_then(|t| t.parse().ok())) {
+            replaced.push(super::status::RelayReplaced {
+                sidecar: sidecar.name.clone(),
+                by: by.to_string(),
+                at,
+            });
+        }
+    }
+    Ok(replaced)
+}
+
 /// The overlay addresses the stack declares but that no pod has published yet, and the relay
 /// while a pod's agent is not registered there.
 pub fn missing_addresses(stack: &Stack, discovered: &Discovered) -> Vec<String> {

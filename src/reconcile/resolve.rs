@@ -415,6 +415,11 @@ pub fn gate_relay_state() -> String {
     format!("{GATE_WRITABLE}/{}", crate::relay::agent::STATE_FILE)
 }
 
+/// The file inside a gate that says a newer registration at the relay replaced its agent's.
+pub fn gate_relay_replaced() -> String {
+    format!("{GATE_WRITABLE}/{}", crate::relay::agent::REPLACED_FILE)
+}
+
 /// Where the gate's volume is mounted: the gate writes there (redeemed links, relay state).
 const GATE_WRITABLE: &str = "/redeemed";
 

@@ -24,9 +24,23 @@ pub struct StatusReport {
     /// as the gate last wrote them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub public: Vec<PublicName>,
+    /// Sidecars whose relay registration a newer one replaced: another machine serves the
+    /// stack there now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relay_replaced: Vec<RelayReplaced>,
     /// Whether the state dir holds a stack key, and when it was last exported
     /// (`soul state export`): a key never exported is lost with this machine's disk.
     pub backup: Backup,
+}
+
+/// A gate's record that a newer registration at the relay replaced its agent's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RelayReplaced {
+    pub sidecar: String,
+    /// The newer registration's address, as the relay saw it.
+    pub by: String,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// The state dir's backup, as far as soul knows.
@@ -183,6 +197,7 @@ pub fn report(
         undeclared,
         watch,
         public: Vec::new(),
+        relay_replaced: Vec::new(),
         backup: Backup::default(),
     }
 }

@@ -99,12 +99,14 @@ where
                 );
                 last_error.clear();
                 write_state(&cfg);
+                clear_replaced(&cfg);
                 let why = serve(&cfg, control, channel_key, ready, deliver.clone()).await;
                 clear_state(&cfg);
                 if let Some(by) = why.strip_prefix(REPLACED) {
                     // Another registration of this sidecar took over: fighting it for the
                     // name would make the two flap. Say so loudly, and wait long.
                     replaced += 1;
+                    write_replaced(&cfg, by);
                     let wait = REPLACED_WAIT * 2u32.saturating_pow(replaced.min(3) - 1);
                     tracing::error!(
                         "relay agent: {}.{} was registered at {} again, from {by}: the relay keeps the newest, so this machine stops serving it there. If the stack moved, run `soul down` here; if not, another machine runs the same stack (its state bundle). Registering again in {} min",
@@ -399,6 +401,23 @@ fn write_state(cfg: &AgentConfig) {
             "relay agent: cannot record the registration in {}: {e}",
             file.display()
         );
+    }
+}
+
+/// Beside the registration file: that a newer registration replaced this one, by whom and
+/// when (`<address> <unix seconds>`), for `soul status` on this machine; removed once this
+/// agent is registered again.
+pub const REPLACED_FILE: &str = "relay.replaced";
+
+fn write_replaced(cfg: &AgentConfig, by: &str) {
+    let Some(file) = &cfg.state_file else { return };
+    let now = crate::pairing::unix_now();
+    let _ = std::fs::write(file.with_file_name(REPLACED_FILE), format!("{by} {now}\n"));
+}
+
+fn clear_replaced(cfg: &AgentConfig) {
+    if let Some(file) = &cfg.state_file {
+        let _ = std::fs::remove_file(file.with_file_name(REPLACED_FILE));
     }
 }
 

@@ -647,7 +647,7 @@ mod tests {
             stack: "home".into(),
             sidecar: "notes".into(),
             key_file,
-            state_file: None,
+            state_file: Some(dir.path().join(crate::relay::agent::STATE_FILE)),
             public: None,
         };
         let old = tokio::spawn(crate::relay::agent::run(cfg, |_s: TcpStream| {}));
@@ -676,6 +676,14 @@ mod tests {
             "the newest registration holds the name (old: {old_agent})"
         );
         assert_eq!(replaced, before + 1, "replaced once, not fought over");
+        // The old machine's gate records it, for `soul status` there.
+        let record = std::fs::read_to_string(dir.path().join(crate::relay::agent::REPLACED_FILE))
+            .expect("the replaced agent records it");
+        assert!(record.starts_with(&format!("{new_agent} ")), "{record}");
+        assert!(
+            !dir.path().join(crate::relay::agent::STATE_FILE).exists(),
+            "no longer claims to be registered"
+        );
         old.abort();
     }
 
