@@ -401,3 +401,102 @@ fn a_stack_moved_by_its_state_bundle_keeps_every_token_pin_cookie_and_spent_tick
         "the codes name the new address"
     );
 }
+
+/// The stack moves to another machine while a laptop is away from home: the laptop's stored
+/// pairing names only the old LAN address. It reaches the new home through the relay, learns
+/// the new addresses there, and its next race picks the new LAN address directly. (Both
+/// "machines" are this engine in turn; the laptop and the VPS are network namespaces.)
+#[test]
+fn a_laptop_follows_its_moved_home_through_the_relay_to_the_new_lan_address() {
+    use support::public_name::{Hosts, start_relay};
+    ensure_images();
+    let hosts = Hosts::new();
+    let s = TestStack::new("follow");
+    let (old_port, new_port) = (free_port(), free_port());
+    let kdl = |port: u16, relay: &str| {
+        format!(
+            "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={port} address=\"{}\"\n}}\ndevice \"laptop\"\n{relay}",
+            hosts.home_lan
+        )
+    };
+    s.write(&kdl(old_port, ""));
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    let (_relay, pin) = start_relay(&hosts, &s.dir, &allow);
+    let relay_line = format!("relay \"{}:443\" pin=\"{pin}\"\n", hosts.vps_up);
+    s.write(&kdl(old_port, &relay_line));
+    s.apply();
+    // The laptop reaches the VPS's address the pods register at.
+    run(Command::new("ip").args([
+        "-n",
+        &hosts.phone,
+        "route",
+        "add",
+        &format!("{}/32", hosts.vps_up),
+        "via",
+        &hosts.vps_wan,
+    ]))
+    .exited(0);
+    let config = s.dir.join("laptop-config");
+    let laptop = |pairing: &str| {
+        let o = run(Hosts::in_ns(&hosts.phone, SOUL)
+            .args(["connect", pairing, "--probe"])
+            .env("XDG_CONFIG_HOME", &config));
+        assert!(o.status.success(), "laptop: {}", text(&o));
+        let probe: serde_json::Value = serde_json::from_str(o.stdout_text().trim()).unwrap();
+        (probe, o.stderr_text())
+    };
+    // Paired at home, over the LAN. Its code names the LAN address and the relay (the relay's
+    // address is put in by hand: the code lists it once the pod has registered).
+    let uri = read(s.state().join("pairing/laptop/notes.uri"));
+    let lan_only: String = uri
+        .split('&')
+        .filter(|p| !p.starts_with("addr=relay"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let (probe, _) = laptop(&with_relay_after_lan(&lan_only, &hosts.vps_up));
+    assert_eq!(probe["path"], "lan", "{probe}");
+    let stored = config.join(format!("soul/pairings/{}.notes.laptop.json", s.name));
+    let before = read(&stored);
+    assert!(before.contains(&format!(":{old_port}")), "{before}");
+
+    // The move: state exported, the old machine's stack gone, imported with another LAN port.
+    let pass = s.dir.join("pass");
+    std::fs::write(&pass, "moving day\n").unwrap();
+    let bundle = s.dir.join("bundle.age");
+    let (b, p) = (bundle.to_str().unwrap(), pass.to_str().unwrap());
+    assert!(
+        s.soul(&["state", "export", "--out", b, "--passphrase-file", p])
+            .status
+            .success()
+    );
+    assert!(s.soul(&["down", "--volumes"]).status.success());
+    std::fs::remove_dir_all(s.state()).unwrap();
+    s.write(&kdl(new_port, &relay_line));
+    let o = s.soul(&["state", "import", b, "--passphrase-file", p]);
+    assert!(o.status.success(), "{}", text(&o));
+    s.apply();
+
+    // Away from the old address: the race falls through to the relay, and learns where home is.
+    let (probe, said) = laptop(&format!("{}.notes.laptop", s.name));
+    assert_eq!(probe["path"], "relay", "{probe}\n{said}");
+    assert!(said.contains("the gate's addresses changed"), "{said}");
+    let after = read(&stored);
+    assert!(after.contains(&format!(":{new_port}")), "{after}");
+    assert!(!after.contains(&format!(":{old_port}")), "{after}");
+    // The next race starts from the new LAN address and wins there.
+    let (probe, _) = laptop(&format!("{}.notes.laptop", s.name));
+    assert_eq!(probe["path"], "lan", "{probe}");
+    assert_eq!(
+        probe["address"],
+        format!("{}:{new_port}", hosts.home_lan),
+        "{probe}"
+    );
+}
+
+/// A pairing URI with the relay's address added after the others (before `pin`), as a code
+/// made once the pod is registered lists it.
+fn with_relay_after_lan(uri: &str, relay_host: &str) -> String {
+    let (head, tail) = uri.split_once("&pin=").expect("a pin");
+    format!("{head}&addr=relay:{relay_host}:443&pin={tail}")
+}
