@@ -143,21 +143,35 @@ fn certificate(key: &SigningKey, common_name: &str) -> Vec<u8> {
         .to_vec()
 }
 
-/// PEM armour: base64 in lines of 64.
+/// PEM armour (RFC 7468: base64 in lines of 64), with `\n` line ends as soul has always
+/// written these files.
 fn pem(label: &str, der: &[u8]) -> String {
-    let body = B64.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in body.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The files are written as they always were: a changed byte would rewrite every state
+    /// dir's certificate files on upgrade.
+    #[test]
+    fn pem_files_keep_their_lines_of_64_and_their_newlines() {
+        let der = (0u8..100).collect::<Vec<u8>>();
+        let text = pem("CERTIFICATE", &der);
+        let b64 = B64.encode(&der);
+        let lines: String = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|l| format!("{}\n", std::str::from_utf8(l).unwrap()))
+            .collect();
+        assert_eq!(
+            text,
+            format!("-----BEGIN CERTIFICATE-----\n{lines}-----END CERTIFICATE-----\n")
+        );
+        assert_eq!(text.lines().count(), 5);
+    }
 
     #[test]
     fn the_identity_is_a_function_of_the_stack_key_and_the_sidecar() {
