@@ -310,8 +310,11 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
         0o600
     );
 
+    // The forward starts from the code, whose LAN refuses: the probe above has already
+    // stored the gate's real addresses (it follows its home), but a running forward races the
+    // addresses it started with, so everything below crosses the relay.
     let local = free_ports(1);
-    let mut forward = connect(&s, &[&name, "--listen", &format!("127.0.0.1:{local}")])
+    let mut forward = connect(&s, &[&code, "--listen", &format!("127.0.0.1:{local}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -143,6 +143,15 @@ starts what stopped, removes what is no longer declared. Named volumes are never
 Running it twice changes nothing the second time.\n\nExample:\n  soul apply\n  soul -f ~/stacks/home.kdl apply"
     )]
     Apply,
+    /// Move stack.lock's images to what their tags name now at their registries.
+    #[command(
+        after_help = "`soul apply` runs the digests stack.lock holds, whatever a tag points to \
+now, and only adds the images stack.kdl newly names. `soul update` asks each registry (through \
+the engine, without pulling) what the tags name now, rewrites stack.lock and prints each change; \
+--apply applies it. Review and commit stack.lock like any change.\n\nExample:\n  soul update\n  \
+soul update notes --apply"
+    )]
+    Update(UpdateArgs),
     /// Keep this machine on stack.kdl: re-apply on every edit, repair drift, follow git.
     #[command(
         after_help = "Every trigger runs the same whole pass: an edit of stack.kdl (also \
@@ -333,6 +342,16 @@ pub struct WatchArgs {
     /// codes carry them).
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg, value_name = "DURATION")]
     pub address_poll: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Only these sidecars' images (default: every image of the stack).
+    #[arg(value_name = "SIDECAR")]
+    pub sidecars: Vec<String>,
+    /// Apply the new lock right away.
+    #[arg(long)]
+    pub apply: bool,
 }
 
 #[derive(Debug, Subcommand)]

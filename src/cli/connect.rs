@@ -68,7 +68,8 @@ pub async fn run(args: &ConnectArgs) -> Result<Exit, CliError> {
 
 /// Asks the gate where it is now and, when that changed, rewrites the stored pairing so that
 /// the next race starts from the new addresses (this run keeps racing the ones it started
-/// with). A gate that does not answer (older than this endpoint) changes nothing.
+/// with). A gate that does not answer (older than this endpoint) changes nothing; a transport
+/// the gate's list does not name keeps its stored addresses.
 async fn follow_home(
     dir: &std::path::Path,
     connector: &Connector,
@@ -76,7 +77,18 @@ async fn follow_home(
     over: &crate::pairing::Address,
 ) {
     let pairing = &connector.pairing;
-    match connector.home_addresses(stream, over).await {
+    // The gate's list replaces the stored addresses of each transport it names; those of a
+    // transport it does not name now (the relay while the pod is not registered) are kept.
+    let merged = |now: Vec<crate::pairing::Address>| {
+        let named: Vec<_> = now.iter().map(|a| a.transport).collect();
+        let kept = pairing
+            .addresses
+            .iter()
+            .filter(|a| !named.contains(&a.transport))
+            .cloned();
+        now.iter().cloned().chain(kept).collect::<Vec<_>>()
+    };
+    match connector.home_addresses(stream, over).await.map(merged) {
         Ok(now) if !now.is_empty() && now != pairing.addresses => {
             let moved = Pairing {
                 addresses: now,

@@ -46,6 +46,7 @@ pub(super) struct Pass {
     pub(super) desired: Desired,
     pub(super) docker: Docker,
     pub(super) plan: Plan,
+    pub(super) lock: Option<reconcile::LockChange>,
 }
 
 /// Resolve, connect, observe and plan.
@@ -58,6 +59,7 @@ pub(super) async fn prepare(ctx: &Context, state: &StateDir) -> Result<Pass, Cli
         desired: planned.desired,
         docker,
         plan: planned.plan,
+        lock: planned.lock,
     })
 }
 

@@ -21,7 +21,10 @@ pub(super) fn validate(ctx: &Context) -> Result<Exit, CliError> {
 }
 
 pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliError> {
-    let Pass { plan, .. } = prepare(ctx, &ctx.state()).await?;
+    let Pass { plan, lock, .. } = prepare(ctx, &ctx.state()).await?;
+    if let Some(change) = &lock {
+        eprintln!("{}", lock_note(change, "would lock"));
+    }
     let stack = &ctx.stack;
     match args.output {
         Output::Json => out(&json_text(&json!({
@@ -58,6 +61,124 @@ pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliErro
     } else {
         Exit::Ok
     })
+}
+
+/// `soul update`: each locked image's tag asked at its registry, the lock rewritten, each move
+/// printed; `--apply` then applies.
+pub(super) async fn update(ctx: &Context, args: &UpdateArgs) -> Result<Exit, CliError> {
+    use crate::reconcile::lock::{Lock, Locked, lockable};
+    let stack = &ctx.stack;
+    for s in &args.sidecars {
+        reconcile::one_sidecar(stack, Some(s))?;
+    }
+    let path = stack
+        .lock_file
+        .clone()
+        .unwrap_or_else(|| stack::lock_file_of(&ctx.file));
+    let current = reconcile::read_lock(stack).map_err(PassError::from)?;
+    // The references as stack.kdl names them, not as the lock pins them.
+    let unpinned = Stack {
+        lock_file: None,
+        ..stack.clone()
+    };
+    let desired = reconcile::resolve(&unpinned, &Host, &ctx.state).map_err(PassError::from)?;
+    let docker = Docker::connect().await?;
+    let mut lock = Lock::default();
+    let (mut moved, mut failed) = (0, 0);
+    let short = |d: &str| d.chars().take(19).collect::<String>() + "…";
+    for need in desired.images.iter().filter(|n| lockable(n)) {
+        let chosen =
+            args.sidecars.is_empty() || need.used_by.iter().any(|u| args.sidecars.contains(u));
+        let old = current.entries.get(&need.reference).cloned();
+        if !chosen || old == Some(Locked::Local) {
+            if let Some(old) = old {
+                lock.entries.insert(need.reference.clone(), old);
+            }
+            continue;
+        }
+        let who = need.used_by.join(", ");
+        match docker.registry_digest(&need.reference).await {
+            Ok(digest) => {
+                match &old {
+                    Some(Locked::Digest(d)) if *d == digest => {}
+                    Some(Locked::Digest(d)) => {
+                        moved += 1;
+                        out(&format!(
+                            "{who}: {} {} → {}\n",
+                            need.reference,
+                            short(d),
+                            short(&digest)
+                        ));
+                    }
+                    _ => {
+                        moved += 1;
+                        out(&format!(
+                            "{who}: {} locked at {}\n",
+                            need.reference,
+                            short(&digest)
+                        ));
+                    }
+                }
+                lock.entries
+                    .insert(need.reference.clone(), Locked::Digest(digest));
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "{who}: {}: cannot ask its registry: {e} (its lock entry is kept)",
+                    need.reference
+                );
+                if let Some(old) = old {
+                    lock.entries.insert(need.reference.clone(), old);
+                }
+            }
+        }
+    }
+    let change = reconcile::LockChange {
+        path,
+        lock,
+        added: Vec::new(),
+        dropped: Vec::new(),
+    };
+    change.write()?;
+    if moved == 0 {
+        out("every image is at what its tag names: stack.lock unchanged\n");
+    } else {
+        eprintln!(
+            "{}: {moved} image(s) moved — commit it with stack.kdl{}",
+            change.path.display(),
+            if args.apply {
+                ""
+            } else {
+                "; `soul apply` runs them"
+            }
+        );
+    }
+    if args.apply {
+        apply(ctx).await?;
+    }
+    Ok(if failed > 0 { Exit::Failure } else { Exit::Ok })
+}
+
+/// What `plan` and `apply` say of stack.lock's new and dropped entries.
+fn lock_note(change: &reconcile::LockChange, verb: &str) -> String {
+    let mut s = format!("{}: ", change.path.display());
+    let mut parts = Vec::new();
+    if !change.added.is_empty() {
+        parts.push(format!("{verb} {}", change.added.join(", ")));
+    }
+    if !change.dropped.is_empty() {
+        parts.push(format!(
+            "dropped {} (no longer in stack.kdl)",
+            change.dropped.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("written".into());
+    }
+    s.push_str(&parts.join("; "));
+    s.push_str(" — commit it with stack.kdl");
+    s
 }
 
 /// What `plan` and `apply` say of a volume soul made that nothing declared mounts any more.
@@ -104,7 +225,13 @@ pub(super) async fn apply(ctx: &Context) -> Result<Exit, CliError> {
         desired,
         docker,
         plan,
+        lock,
     } = prepare(ctx, &state).await?;
+    // The lock first: what runs is what it says.
+    if let Some(change) = &lock {
+        change.write()?;
+        eprintln!("{}", lock_note(change, "locked"));
+    }
     for name in &plan.kept {
         eprintln!("{}", kept_note(name));
     }

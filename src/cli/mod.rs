@@ -67,6 +67,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         }
         Command::Plan(args) => plan(&Context::load(&cli)?, args).await,
         Command::Apply => apply(&Context::load(&cli)?).await,
+        Command::Update(args) => update(&Context::load(&cli)?, args).await,
         Command::Status(args) => status(&cli, args.output).await,
         Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&Context::load(&cli)?, args).await,

@@ -157,6 +157,15 @@ impl Pairing {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The path in use.
 #[derive(Debug, Clone)]
 pub struct Choice {
@@ -221,7 +230,10 @@ impl Connector {
         let (mut send, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| ask(&e))?;
-        tokio::spawn(conn);
+        // One request, then the connection goes (aborting the task closes it), not held open
+        // beside the ones the client goes on to make.
+        let conn = tokio::spawn(conn);
+        let _closing = AbortOnDrop(conn);
         let request = http::Request::get(crate::proto::ADDRESSES_PATH)
             .header(
                 http::header::HOST,
@@ -231,6 +243,7 @@ impl Connector {
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.pairing.token.expose()),
             )
+            .header(http::header::CONNECTION, "close")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| ask(&e))?;
         let response = send.send_request(request).await.map_err(|e| ask(&e))?;

@@ -8,6 +8,7 @@ mod devices;
 mod down;
 mod execute;
 mod flaps;
+pub mod lock;
 mod observe;
 mod pass;
 mod plan;
@@ -26,14 +27,15 @@ pub use execute::{Engine, ExecuteError, execute};
 pub use flaps::FlapTracker;
 pub use observe::{from_snapshot, observe};
 pub use pass::{
-    PassError, Planned, await_addresses, check_inputs, check_ownership, desired, discover,
-    missing_addresses, pairing_of, prepare, record_stopped, relay_replaced, run, stopped, unix_now,
+    LockChange, PassError, Planned, await_addresses, check_inputs, check_ownership, desired,
+    discover, missing_addresses, pairing_of, prepare, record_stopped, relay_replaced, run, stopped,
+    unix_now,
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
     QrFormat, Reason, Step, plan, with_legacy_volumes,
 };
-pub use resolve::{ResolveError, SoulImage, resolve};
+pub use resolve::{ResolveError, SoulImage, read_lock, resolve};
 pub use status::{
     Backup, ContainerStatus, PodStatus, PublicName, RelayReplaced, StatusReport,
     UndeclaredContainer, public_names, report as status_report,

@@ -37,6 +37,21 @@ pub enum PassError {
         "the containers of stack `{stack}` were made from the state dir {owner}, which is still there: run soul with `--state-dir {owner}`; or, for this state dir to take over, move that one away first (two state dirs of one stack would issue two keys and fight over the pods)"
     )]
     OtherOwner { stack: String, owner: String },
+    /// An image stack.kdl newly names could not be locked (resolved to its digest).
+    #[error(
+        "cannot lock image {image} (used by `{used_by}`): {why}; nothing that was running has been changed: check the name and tag, and that its registry is reachable (a private one: `docker login <registry>`)"
+    )]
+    Lock {
+        image: String,
+        used_by: String,
+        why: String,
+    },
+    /// stack.lock could not be written.
+    #[error("cannot write {}: {why}", path.display())]
+    LockWrite {
+        path: std::path::PathBuf,
+        why: String,
+    },
     /// A bug in soul (a task panicked, a lock was poisoned).
     #[error("internal error: {0}")]
     Internal(String),
@@ -60,6 +75,99 @@ impl PassError {
 pub struct Planned {
     pub desired: Desired,
     pub plan: Plan,
+    /// stack.lock as this pass leaves it, when that differs from the file: `apply` and `watch`
+    /// write it before anything else changes, `plan` only says so.
+    pub lock: Option<LockChange>,
+}
+
+/// stack.lock gaining the images stack.kdl newly names and losing those it no longer names.
+#[derive(Debug, Clone)]
+pub struct LockChange {
+    pub path: std::path::PathBuf,
+    pub lock: super::lock::Lock,
+    pub added: Vec<String>,
+    pub dropped: Vec<String>,
+}
+
+impl LockChange {
+    /// Writes the lock file (atomically).
+    pub fn write(&self) -> Result<(), PassError> {
+        crate::files::write_atomically(
+            &self.path,
+            self.lock.render().as_bytes(),
+            crate::files::Access::AsBefore,
+        )
+        .map_err(|e| PassError::LockWrite {
+            path: self.path.clone(),
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Locks the images `desired` runs from a registry that stack.lock does not hold yet (a local
+/// copy's registry digest, else the registry's, asked through the engine; an image built or
+/// imported here is `local`), drops the entries stack.kdl no longer names, and pins `desired`
+/// to the result. `None` when the lock file would not change.
+async fn settle_lock(
+    docker: &Docker,
+    stack: &Stack,
+    desired: &mut Desired,
+) -> Result<Option<LockChange>, PassError> {
+    use super::lock::{Locked, digest_of, lockable};
+    let Some(path) = &stack.lock_file else {
+        return Ok(None);
+    };
+    let current = super::resolve::read_lock(stack)?;
+    let running: Vec<&str> = desired
+        .images
+        .iter()
+        .map(|n| n.reference.as_str())
+        .collect();
+    let named: Vec<&str> = current
+        .entries
+        .keys()
+        .filter(|r| running.contains(&current.pinned(r).as_str()))
+        .map(String::as_str)
+        .collect();
+    let mut lock = current.keep_only(&named);
+    let mut added = Vec::new();
+    for need in desired.images.iter().filter(|n| lockable(n)) {
+        if lock.entries.contains_key(&need.reference) {
+            continue;
+        }
+        let reference = &need.reference;
+        let locked = match docker.repo_digests(reference).await? {
+            Some(digests) => digests
+                .iter()
+                .find_map(|d| digest_of(d, reference))
+                .map_or(Locked::Local, |d| Locked::Digest(d.to_string())),
+            None => Locked::Digest(docker.registry_digest(reference).await.map_err(|e| {
+                PassError::Lock {
+                    image: reference.clone(),
+                    used_by: need.used_by.join("`, `"),
+                    why: e.to_string(),
+                }
+            })?),
+        };
+        lock.entries.insert(reference.clone(), locked);
+        added.push(reference.clone());
+    }
+    let dropped: Vec<String> = current
+        .entries
+        .keys()
+        .filter(|r| !lock.entries.contains_key(*r))
+        .cloned()
+        .collect();
+    super::lock::pin(desired, &lock);
+    // No file for a stack that runs nothing from a registry (the demo): nothing to commit.
+    let unchanged =
+        added.is_empty() && dropped.is_empty() && (path.exists() || lock.entries.is_empty());
+    Ok((!unchanged).then(|| LockChange {
+        path: path.clone(),
+        lock,
+        added,
+        dropped,
+    }))
 }
 
 /// Checks what resolving reads from the machine (secret files, soul's environment, devices the
@@ -129,7 +237,8 @@ pub async fn prepare(
     now: u64,
 ) -> Result<Planned, PassError> {
     let discovered = discover(docker, stack, state).await?;
-    let desired = desired(stack, machine, state, &discovered, now)?;
+    let mut desired = desired(stack, machine, state, &discovered, now)?;
+    let lock = settle_lock(docker, stack, &mut desired).await?;
     let observed = super::observe::observe(docker, &desired, state).await?;
     let claim = docker.claim_owner(&stack.stack).await?;
     check_owner(stack, state, &observed, claim.as_deref())?;
@@ -137,7 +246,11 @@ pub async fn prepare(
     if !plan.conflicts.is_empty() {
         return Err(PassError::Conflicts(plan.conflicts));
     }
-    Ok(Planned { desired, plan })
+    Ok(Planned {
+        desired,
+        plan,
+        lock,
+    })
 }
 
 /// One state dir owns a stack's pods: the stack's claim on the engine, or a container, made

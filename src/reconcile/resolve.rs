@@ -49,6 +49,9 @@ impl SoulImage {
 /// Why the stack cannot be resolved on this machine (checked before any Docker call).
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
+    /// stack.lock cannot be read.
+    #[error("{}: {why} (it is written by soul: restore it from git, or delete it to lock the images anew)", path.display())]
+    Lock { path: PathBuf, why: String },
     /// An `env … file=` names a file that cannot be read.
     #[error("sidecar `{sidecar}`, env `{env}`: cannot read {path}: {source}")]
     EnvFile {
@@ -265,7 +268,7 @@ pub fn resolve(
             containers,
         });
     }
-    Ok(Desired {
+    let mut desired = Desired {
         stack: stack.stack.clone(),
         pods,
         volumes,
@@ -273,7 +276,30 @@ pub fn resolve(
         images,
         files,
         stopped: BTreeSet::new(),
-    })
+    };
+    // Images run as stack.lock pins them (what is not locked yet, `prepare` locks).
+    super::lock::pin(&mut desired, &read_lock(stack)?);
+    Ok(desired)
+}
+
+/// The stack's lock file, or an empty lock when it has none.
+pub fn read_lock(stack: &Stack) -> Result<super::lock::Lock, ResolveError> {
+    let Some(path) = &stack.lock_file else {
+        return Ok(super::lock::Lock::default());
+    };
+    match crate::files::read_bounded(path, 1 << 20) {
+        Ok(bytes) => super::lock::Lock::parse(&String::from_utf8_lossy(&bytes)).map_err(|why| {
+            ResolveError::Lock {
+                path: path.clone(),
+                why,
+            }
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(super::lock::Lock::default()),
+        Err(e) => Err(ResolveError::Lock {
+            path: path.clone(),
+            why: e.to_string(),
+        }),
+    }
 }
 
 /// The pod's front door: `soul gate` from soul's image in the pod's namespace, listening on

@@ -420,6 +420,12 @@ async fn one_pass(
     .await
     .map_err(|e| PassError::Internal(e.to_string()))??;
     let planned = prepare(docker, stack, &Host, state, unix_now()).await?;
+    if let Some(change) = &planned.lock {
+        change.write()?;
+        for image in &change.added {
+            tracing::info!(image = %image, "locked in {}", change.path.display());
+        }
+    }
     let now = Instant::now();
     let (plan, deferred_until) = {
         let mut f = flaps

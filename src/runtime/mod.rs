@@ -130,6 +130,34 @@ impl Docker {
         Ok(self.image_labels(reference).await?.map(|(id, _)| id))
     }
 
+    /// The repository digests the engine holds for a local image (`RepoDigests`: `repo@sha256:…`,
+    /// what the registry served for a pulled tag), or `None` when the engine does not have it.
+    /// An image built or imported here has none.
+    pub async fn repo_digests(&self, reference: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(i) => Ok(Some(i.repo_digests.unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The digest the registry serves for `reference` now (a multi-platform image's index, so
+    /// one digest serves every platform), asked through the engine (its registry settings and
+    /// certificates), without pulling.
+    pub async fn registry_digest(&self, reference: &str) -> Result<String, RuntimeError> {
+        match self.docker.inspect_registry_image(reference, None).await {
+            Ok(d) => d.descriptor.digest.ok_or_else(|| {
+                RuntimeError::Pull(format!("the registry gave no digest for {reference}"))
+            }),
+            Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
+                Err(RuntimeError::Pull(message))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The image's ID and labels, or `None` when the engine does not have it.
     pub async fn image_labels(
         &self,

@@ -46,7 +46,15 @@ pub enum StackError {
 /// Reads and validates a stack file.
 pub fn load(path: &Path) -> Result<Stack, StackError> {
     let source = read_source(path)?;
-    parse(&path.display().to_string(), &source).map_err(StackError::Invalid)
+    let mut stack = parse(&path.display().to_string(), &source).map_err(StackError::Invalid)?;
+    stack.lock_file = Some(lock_file_of(path));
+    Ok(stack)
+}
+
+/// The lock file of the stack file at `path`: `stack.lock` beside `stack.kdl` (`home.lock`
+/// beside `home.kdl`).
+pub fn lock_file_of(path: &Path) -> std::path::PathBuf {
+    path.with_extension("lock")
 }
 
 /// Parses and validates stack.kdl source: KDL syntax, then the JSON Schema, then the semantic

@@ -130,6 +130,11 @@ pub struct Stack {
     /// `device "name"`: the devices allowed in.
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// Where this stack's `stack.lock` is (beside the file it was loaded from); not part of
+    /// the format.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub lock_file: Option<std::path::PathBuf>,
 }
 
 fn one() -> u64 {
