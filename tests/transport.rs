@@ -158,6 +158,17 @@ device "phone"
     );
 }
 
+/// The volume a tailnet container keeps its node's state on.
+fn node_state(container: &str) -> String {
+    inspect(container, ".Mounts")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == "/var/lib/tailscale")
+        .map(|m| m["Name"].as_str().unwrap().to_string())
+        .expect("a node state volume")
+}
+
 fn inspect(container: &str, format: &str) -> serde_json::Value {
     serde_json::from_str(&docker(&[
         "inspect",
@@ -301,13 +312,7 @@ device "phone"
     s.write(&kdl);
     let o = s.apply();
     let c = s.container("web", "tailscale");
-    let retagged = inspect(&c, ".Mounts")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["Destination"] == "/var/lib/tailscale")
-        .map(|m| m["Name"].as_str().unwrap().to_string())
-        .unwrap();
+    let retagged = node_state(&c);
     assert_ne!(retagged, state, "new tags, same node state");
     assert!(
         s.volumes().contains(&state),
@@ -371,15 +376,6 @@ transport {{
     );
 
     // Another control server is another node: new state, the old one kept.
-    let node_state = |c: &str| {
-        inspect(c, ".Mounts")
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["Destination"] == "/var/lib/tailscale")
-            .map(|m| m["Name"].as_str().unwrap().to_string())
-            .unwrap()
-    };
     let before = node_state(&c);
     s.write(&read(s.file()).replace("https://hs.example.com", "https://hs2.example.com"));
     s.apply();
