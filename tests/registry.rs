@@ -183,6 +183,20 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     o.stderr_has(&format!("cannot lock image {missing}"));
     assert_eq!(s.containers(), before, "nothing changed");
+    // A digest pinned in stack.kdl that the registry does not hold: refused, nothing changed.
+    registry.resume();
+    let bogus = format!(
+        "127.0.0.1:{}/{}-web@sha256:{}",
+        registry.port,
+        s.name,
+        "0".repeat(64)
+    );
+    s.write(&stack_kdl(&bogus, lan));
+    let o = s.soul(&["apply"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    o.stderr_has(&bogus);
+    o.stderr_has("nothing that was running has been changed");
+    assert_eq!(s.containers(), before, "nothing changed");
     // What this test pulled goes (by its references only: the content is also the test
     // image's, which other tests use).
     s.soul(&["down"]);
