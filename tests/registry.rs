@@ -20,16 +20,32 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path) -> Registry {
+        Registry::start_with(dir, None)
+    }
+
+    /// A registry that wants `htpasswd`'s user and password (basic auth).
+    fn start_with(dir: &Path, htpasswd: Option<&str>) -> Registry {
         ensure_command("docker-registry", "docker-registry");
         ensure_command("curl", "curl");
         let port = free_port();
         let storage = dir.join("registry");
         std::fs::create_dir_all(&storage).unwrap();
         let config = dir.join("registry.yml");
+        let auth = match htpasswd {
+            Some(line) => {
+                let file = dir.join("htpasswd");
+                std::fs::write(&file, format!("{line}\n")).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: soul-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 storage.display()
             ),
         )
@@ -63,7 +79,8 @@ impl Registry {
                 "%{http_code}",
                 &format!("http://127.0.0.1:{}/v2/", self.port),
             ]));
-            (o.stdout_text() == "200").then_some(())
+            // 401: up, and wanting credentials.
+            matches!(o.stdout_text().as_str(), "200" | "401").then_some(())
         });
         assert!(up.is_some(), "{}", read(self.config.with_extension("log")));
     }
@@ -212,4 +229,111 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
         let _ = run(Command::new("docker").args(["rmi", reference]));
     }
     docker(&["rmi", &v2]);
+}
+
+/// A registry that wants credentials: soul finds them as the docker CLI does, in
+/// `$DOCKER_CONFIG/config.json`'s `auths` and through a credential helper it names; without any,
+/// apply stops before any change, naming the registry and `docker login`.
+#[test]
+fn a_private_registrys_image_is_pulled_with_the_credentials_docker_login_left() {
+    ensure_images();
+    ensure_command("htpasswd", "apache2-utils");
+    let s = TestStack::new("creds");
+    let o = run(Command::new("htpasswd").args(["-nbB", "soul", "hunter2-secret"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let mut registry = Registry::start_with(&s.dir, Some(o.stdout_text().trim()));
+    let host = format!("127.0.0.1:{}", registry.port);
+    // The docker CLI logs in (its own config dir) and pushes.
+    let logged_in = s.dir.join("docker-auths");
+    let mut login = Command::new("docker");
+    login
+        .arg("--config")
+        .arg(&logged_in)
+        .args(["login", &host, "-u", "soul", "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hunter2-secret")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let image = format!("{host}/{}-web:1", s.name);
+    docker(&["tag", NGINX, &image]);
+    let o = run(Command::new("docker")
+        .arg("--config")
+        .arg(&logged_in)
+        .args(["push", "-q", &image]));
+    assert!(o.status.success(), "{}", text(&o));
+    docker(&["rmi", &image]);
+    s.write(&stack_kdl(&image, free_port()));
+
+    // No credentials: refused before anything exists, saying what to do.
+    let nothing = s.dir.join("docker-empty");
+    std::fs::create_dir_all(&nothing).unwrap();
+    let o = s
+        .command(&["apply"])
+        .env("DOCKER_CONFIG", &nothing)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    o.stderr_has(&format!("docker login {host}"));
+    assert!(s.containers().is_empty(), "{:?}", s.containers());
+
+    // `docker login`'s auths.
+    let o = s
+        .command(&["apply"])
+        .env("DOCKER_CONFIG", &logged_in)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !text(&o).contains("hunter2"),
+        "the password is in the output"
+    );
+    assert!(s.container_id("web", "app").is_some());
+    let digest = locked(&s, &image).expect("locked");
+
+    // A credential helper (`credHelpers`), the image pulled again.
+    s.soul(&["down"]);
+    let pulled = format!("{host}/{}-web@{digest}", s.name);
+    docker(&["rmi", &pulled]);
+    let helped = s.dir.join("docker-helper");
+    let bin = s.dir.join("bin");
+    std::fs::create_dir_all(&helped).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        helped.join("config.json"),
+        format!("{{\"credHelpers\":{{\"{host}\":\"soultest\"}}}}"),
+    )
+    .unwrap();
+    let helper = bin.join("docker-credential-soultest");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\nread server\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"soul\",\"Secret\":\"hunter2-secret\"}' \"$server\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = s
+        .command(&["apply"])
+        .env("DOCKER_CONFIG", &helped)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(s.container_id("web", "app").is_some());
+    s.soul(&["down"]);
+    let _ = run(Command::new("docker").args(["rmi", &pulled]));
+    registry.stop();
 }

@@ -3,6 +3,7 @@
 //! decisions (that is `reconcile`'s job) and knows only the pod's value types.
 
 mod create;
+pub mod credentials;
 pub mod endpoint;
 mod image;
 pub mod logs;
@@ -147,12 +148,13 @@ impl Docker {
     /// one digest serves every platform), asked through the engine (its registry settings and
     /// certificates), without pulling.
     pub async fn registry_digest(&self, reference: &str) -> Result<String, RuntimeError> {
-        match self.docker.inspect_registry_image(reference, None).await {
+        let creds = credentials::for_image(reference).map_err(RuntimeError::Pull)?;
+        match self.docker.inspect_registry_image(reference, creds).await {
             Ok(d) => d.descriptor.digest.ok_or_else(|| {
                 RuntimeError::Pull(format!("the registry gave no digest for {reference}"))
             }),
             Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
-                Err(RuntimeError::Pull(message))
+                Err(RuntimeError::Pull(credentials::explain(reference, message)))
             }
             Err(e) => Err(e.into()),
         }
@@ -228,18 +230,21 @@ impl Docker {
         let options = CreateImageOptionsBuilder::default()
             .from_image(reference)
             .build();
-        let mut stream = self.docker.create_image(Some(options), None, None);
+        let creds = credentials::for_image(reference).map_err(RuntimeError::Pull)?;
+        let mut stream = self.docker.create_image(Some(options), None, creds);
         let mut last = String::new();
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| match e {
                 bollard::errors::Error::DockerResponseServerError { message, .. } => {
-                    RuntimeError::Pull(message)
+                    RuntimeError::Pull(credentials::explain(reference, message))
                 }
-                bollard::errors::Error::DockerStreamError { error } => RuntimeError::Pull(error),
+                bollard::errors::Error::DockerStreamError { error } => {
+                    RuntimeError::Pull(credentials::explain(reference, error))
+                }
                 other => RuntimeError::Engine(other),
             })?;
             if let Some(detail) = info.error_detail.and_then(|d| d.message) {
-                return Err(RuntimeError::Pull(detail));
+                return Err(RuntimeError::Pull(credentials::explain(reference, detail)));
             }
             if tty {
                 let line = format!(
