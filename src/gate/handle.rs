@@ -17,6 +17,25 @@ pub(super) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
+/// An answer of the gate's own that no cache keeps (`Cache-Control: no-store`): a token, a
+/// pod's addresses, a refusal a program reads.
+pub(super) fn unstored(
+    status: StatusCode,
+    body: String,
+    content_type: &'static str,
+) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
 /// 401 for a request with no credential at all: never rate-limited (a browser that is not
 /// paired yet must always learn so, whoever shares its address).
 pub(super) fn unpaired() -> Response<Body> {
@@ -128,18 +147,7 @@ pub(super) async fn handle(
     if path == ADDRESSES_PATH {
         // Only to a credential: where the pod is reached tells a stranger something.
         let v = serde_json::json!({ "addresses": keys.addresses });
-        let mut r = Response::new(
-            Full::new(Bytes::from(format!("{v}\n")))
-                .map_err(|e| match e {})
-                .boxed(),
-        );
-        let headers = r.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        return r;
+        return unstored(StatusCode::OK, format!("{v}\n"), "application/json");
     }
     credential::strip(&mut req);
     let upgrade = req.headers().contains_key(header::UPGRADE);

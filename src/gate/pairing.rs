@@ -88,11 +88,8 @@ impl PairRefusal {
                 "text/plain; charset=utf-8",
             )
         };
-        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
-        *r.status_mut() = self.status;
+        let mut r = unstored(self.status, body, kind);
         let headers = r.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(v) = retry_after {
             headers.insert(header::RETRY_AFTER, v);
         }
@@ -271,15 +268,7 @@ pub(super) async fn hand_token(
     match crate::files::read_text_bounded(&file, crate::state::MAX_STATE_FILE) {
         Ok(token) => {
             tracing::info!(source = %client.peer, device = %t.device, "gave a paired client its token");
-            let mut r = Response::new(
-                Full::new(Bytes::from(token))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            );
-            let headers = r.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
+            unstored(StatusCode::OK, token, "text/plain")
         }
         Err(e) => {
             tracing::error!(device = %t.device, "no token to give: {e}");
