@@ -41,20 +41,7 @@ fn main() {
     // Certificates that outlive the bench: no renewal during the measurements.
     let pebble = Pebble::start(&hosts, &s.dir, 86_400);
     let lan = free_port();
-    let base = format!(
-        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\ndevice \"bench\"\n",
-        hosts.home_lan
-    );
-    s.write(&base);
-    s.apply();
-    let allow = s.soul(&["relay", "allow"]).stdout_text();
-    let (_relay, relay_pin) = start_relay(&hosts, &s.dir, &allow);
-    s.write(&format!(
-        "{base}relay \"{}:443\" pin=\"{relay_pin}\" public=#true domain=\"relay.test\"\nacme directory=\"{}\" ca-file=\"{}\"\n",
-        hosts.vps_up,
-        pebble.directory,
-        pebble.dir.join("ca.pem").display()
-    ));
+    let _relay = stack_going_public(&hosts, &s, &pebble, lan, "bench");
     let public = format!("notes-{}.relay.test", s.name);
     let pinned = format!("notes.{}.soul", s.name);
 

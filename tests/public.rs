@@ -135,20 +135,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
     let s = TestStack::new("pub");
     let pebble = Pebble::start(&hosts, &s.dir, 60);
     let lan = free_port();
-    let base = format!(
-        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\ndevice \"alice-phone\"\n",
-        hosts.home_lan
-    );
-    s.write(&base);
-    s.apply();
-    let allow = s.soul(&["relay", "allow"]).stdout_text();
-    let (_relay, pin) = start_relay(&hosts, &s.dir, &allow);
-    s.write(&format!(
-        "{base}relay \"{}:443\" pin=\"{pin}\" public=#true domain=\"relay.test\"\nacme directory=\"{}\" ca-file=\"{}\"\n",
-        hosts.vps_up,
-        pebble.directory,
-        pebble.dir.join("ca.pem").display()
-    ));
+    let _relay = stack_going_public(&hosts, &s, &pebble, lan, "alice-phone");
     let started = Instant::now();
     s.apply();
     let name = format!("notes-{}.relay.test", s.name);

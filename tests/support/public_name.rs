@@ -271,3 +271,32 @@ pub fn public_status(s: &TestStack) -> serde_json::Value {
         .map(|v| v["public"].clone())
         .unwrap_or_default()
 }
+
+/// The demo app as sidecar `notes`, paired with `device`, on the LAN port `lan` at this host's
+/// address on the phone's LAN, applied once (so the stack has its key and `soul relay allow`
+/// its line); then the VPS's relay started with that line, and stack.kdl given a public name
+/// through it with Pebble as its CA, not applied yet (the caller times that apply). Returns
+/// the relay.
+pub fn stack_going_public(
+    hosts: &Hosts,
+    s: &TestStack,
+    pebble: &Pebble,
+    lan: u16,
+    device: &str,
+) -> Running {
+    let base = format!(
+        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\ndevice \"{device}\"\n",
+        hosts.home_lan
+    );
+    s.write(&base);
+    s.apply();
+    let allow = s.soul(&["relay", "allow"]).stdout_text();
+    let (relay, pin) = start_relay(hosts, &s.dir, &allow);
+    s.write(&format!(
+        "{base}relay \"{}:443\" pin=\"{pin}\" public=#true domain=\"relay.test\"\nacme directory=\"{}\" ca-file=\"{}\"\n",
+        hosts.vps_up,
+        pebble.directory,
+        pebble.dir.join("ca.pem").display()
+    ));
+    relay
+}
