@@ -1,7 +1,9 @@
 //! Images from a registry, pinned in stack.lock: a real registry (Debian's `docker-registry`)
-//! on loopback, which the engine allows without TLS. The stack's image exists only there; a
-//! tag pushed again with other content moves nothing until `soul update`; a stopped registry
-//! stops nothing whose locked images are here.
+//! on loopback, which the engine allows without TLS, and a private one with TLS (the test's
+//! own CA where the engine looks for it) and passwords. The stack's image exists only there; a
+//! tag pushed again with other content moves nothing until `soul update` (or a watch with
+//! `--update`); a stopped registry stops nothing whose locked images are here; what soul
+//! pulled and no longer runs is listed and removed by `soul prune`, nothing else.
 
 mod support;
 
@@ -16,6 +18,9 @@ struct Registry {
     child: Option<Child>,
     port: u16,
     config: PathBuf,
+    /// With TLS: the CA's file, and the directory the engine reads it from
+    /// (`/etc/docker/certs.d/<host:port>`, removed on drop).
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Registry {
@@ -23,11 +28,54 @@ impl Registry {
         Registry::start_with(dir, None)
     }
 
+    /// A registry with TLS (a certificate for 127.0.0.1 from a CA made here, placed where the
+    /// engine looks for a registry's CA) that wants `htpasswd`'s user and password.
+    fn start_private(dir: &Path, htpasswd: &str) -> Registry {
+        ensure_command("openssl", "openssl");
+        let port = free_port();
+        let pki = dir.join("registry-pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let o = run(Command::new("sh").current_dir(&pki).arg("-ec").arg(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+               -keyout ca.key -out ca.crt -days 2 -subj /CN=soul-test-registry-ca 2>/dev/null
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+               -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+             printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext
+             openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+               -out server.crt -days 2 -extfile ext 2>/dev/null",
+        ));
+        assert!(o.status.success(), "openssl: {}", text(&o));
+        let certs_d = PathBuf::from(format!("/etc/docker/certs.d/127.0.0.1:{port}"));
+        std::fs::create_dir_all(&certs_d).unwrap();
+        std::fs::copy(pki.join("ca.crt"), certs_d.join("ca.crt")).unwrap();
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            pki.join("server.crt").display(),
+            pki.join("server.key").display()
+        );
+        Registry::start_on(
+            dir,
+            port,
+            Some(htpasswd),
+            &tls,
+            Some((pki.join("ca.crt"), certs_d)),
+        )
+    }
+
     /// A registry that wants `htpasswd`'s user and password (basic auth).
     fn start_with(dir: &Path, htpasswd: Option<&str>) -> Registry {
+        Registry::start_on(dir, free_port(), htpasswd, "", None)
+    }
+
+    fn start_on(
+        dir: &Path,
+        port: u16,
+        htpasswd: Option<&str>,
+        tls: &str,
+        tls_files: Option<(PathBuf, PathBuf)>,
+    ) -> Registry {
         ensure_command("docker-registry", "docker-registry");
         ensure_command("curl", "curl");
-        let port = free_port();
         let storage = dir.join("registry");
         std::fs::create_dir_all(&storage).unwrap();
         let config = dir.join("registry.yml");
@@ -45,7 +93,7 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
                 storage.display()
             ),
         )
@@ -54,6 +102,7 @@ impl Registry {
             child: None,
             port,
             config,
+            tls: tls_files,
         };
         r.resume();
         r
@@ -71,14 +120,16 @@ impl Registry {
                 .unwrap(),
         );
         let up = retry(Duration::from_secs(20), || {
-            let o = run(Command::new("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://127.0.0.1:{}/v2/", self.port),
-            ]));
+            let mut curl = Command::new("curl");
+            curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]);
+            let scheme = match &self.tls {
+                Some((ca, _)) => {
+                    curl.arg("--cacert").arg(ca);
+                    "https"
+                }
+                None => "http",
+            };
+            let o = run(curl.arg(format!("{scheme}://127.0.0.1:{}/v2/", self.port)));
             // 401: up, and wanting credentials.
             matches!(o.stdout_text().as_str(), "200" | "401").then_some(())
         });
@@ -106,6 +157,9 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+        if let Some((_, certs_d)) = &self.tls {
+            let _ = std::fs::remove_dir_all(certs_d);
+        }
     }
 }
 
@@ -121,6 +175,36 @@ fn stack_kdl(image: &str, lan: u16) -> String {
     )
 }
 
+/// An image of the test's own content (the test image with a label naming `s` and `v`), so
+/// that no other image or test shares its ID; returns its local tag.
+fn variant(s: &TestStack, v: &str) -> String {
+    let context = s.dir.join(format!("variant-{v}"));
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {NGINX}\nLABEL soul.test.stack={} v={v}\n", s.name),
+    )
+    .unwrap();
+    let tag = format!("{}-v{v}:1", s.name);
+    docker(&["build", "-q", "-t", &tag, context.to_str().unwrap()]);
+    tag
+}
+
+/// Pushes variant `v` as the stack's `web` image and leaves the registry the only holder.
+fn push_web(s: &TestStack, registry: &Registry, v: &str) -> String {
+    let local = variant(s, v);
+    let reference = registry.push(&local, &format!("{}-web:1", s.name));
+    docker(&["rmi", &local]);
+    reference
+}
+
+/// Whether the engine has an image under `reference`.
+fn engine_has(reference: &str) -> bool {
+    run(Command::new("docker").args(["image", "inspect", "-f", "{{.Id}}", reference]))
+        .status
+        .success()
+}
+
 /// The digest stack.lock holds for `reference`.
 fn locked(s: &TestStack, reference: &str) -> Option<String> {
     read(s.dir.join("stack.lock"))
@@ -133,13 +217,16 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     ensure_images();
     let s = TestStack::new("lock");
     let mut registry = Registry::start(&s.dir);
-    let image = registry.push(NGINX, &format!("{}-web:1", s.name));
+    let image = push_web(&s, &registry, "1");
     let lan = free_port();
     s.write(&stack_kdl(&image, lan));
     let o = s.apply();
     o.stderr_has("stack.lock: locked");
     let first = locked(&s, &image).expect("the image is locked");
     assert!(first.starts_with("sha256:"), "{first}");
+    let first_ref = format!("127.0.0.1:{}/{}-web@{first}", registry.port, s.name);
+    // Not on a terminal: one line for the pull, when it is done.
+    o.stdout_has(&format!("pulled {first_ref}: "));
     assert_eq!(
         locked(&s, NGINX).as_deref(),
         Some("local"),
@@ -155,16 +242,7 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     assert_eq!(read(s.dir.join("stack.lock")), lock_bytes, "byte-identical");
 
     // The tag pushed again with other content: apply runs what the lock says.
-    let context = s.dir.join("v2");
-    std::fs::create_dir_all(&context).unwrap();
-    std::fs::write(
-        context.join("Dockerfile"),
-        format!("FROM {NGINX}\nLABEL v=2\n"),
-    )
-    .unwrap();
-    let v2 = format!("{}-v2:1", s.name);
-    docker(&["build", "-q", "-t", &v2, context.to_str().unwrap()]);
-    registry.push(&v2, &format!("{}-web:1", s.name));
+    push_web(&s, &registry, "2");
     let o = s.soul(&["plan", "--detailed-exitcode"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // soul update moves it, says so, and apply recreates only that app.
@@ -185,6 +263,17 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
         other,
         "nothing else moved"
     );
+    // What the first lock ran is unused now: status lists it, prune removes it, and nothing
+    // soul did not pull (the test image the variants are built on).
+    s.soul(&["status"])
+        .stdout_has(&format!("    {first_ref}\n"));
+    let o = s.soul(&["prune"]);
+    o.stdout_has(&format!("- image {first_ref}"));
+    assert!(!engine_has(&first_ref), "{first_ref} is still here");
+    assert!(engine_has(NGINX));
+    let second_ref = format!("127.0.0.1:{}/{}-web@{second}", registry.port, s.name);
+    assert!(engine_has(&second_ref), "prune removed what runs");
+    assert!(!s.soul(&["status"]).stdout_text().contains("unused images"));
 
     // The registry stopped: what is locked and here still applies.
     registry.stop();
@@ -214,26 +303,77 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     o.stderr_has(&bogus);
     o.stderr_has("nothing that was running has been changed");
     assert_eq!(s.containers(), before, "nothing changed");
-    // What this test pulled goes (by its references only: the content is also the test
-    // image's, which other tests use).
-    s.soul(&["down"]);
-    let pulled = docker(&[
-        "images",
-        "--digests",
-        "--format",
-        "{{.Repository}}@{{.Digest}}",
-        "--filter",
-        &format!("reference=127.0.0.1:{}/*", registry.port),
-    ]);
-    for reference in pulled.lines().filter(|l| l.contains("@sha256:")) {
-        let _ = run(Command::new("docker").args(["rmi", reference]));
-    }
-    docker(&["rmi", &v2]);
+    // Down with --images: what soul pulled for the stack goes with it.
+    s.soul(&["down", "--images"])
+        .stdout_has(&format!("- image {second_ref}"));
+    assert!(!engine_has(&second_ref));
+    assert!(engine_has(NGINX));
 }
 
-/// A registry that wants credentials: soul finds them as the docker CLI does, in
+/// `soul watch --update`: a tag pushed again is noticed within the interval, stack.lock moves,
+/// one line says so, and the app is recreated on the new content.
+#[test]
+fn a_watch_with_update_moves_the_lock_and_the_app_when_a_tag_moves() {
+    ensure_images();
+    let s = TestStack::new("lockwatch");
+    let registry = Registry::start(&s.dir);
+    let image = push_web(&s, &registry, "1");
+    s.write(&stack_kdl(&image, free_port()));
+    s.apply();
+    let first = locked(&s, &image).expect("locked");
+    let web = s.container_id("web", "app").expect("web runs");
+    let log = s.dir.join("watch.log");
+    let _watch = Running(
+        s.command(&["watch", "--update", "1s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Its first pass runs what stack.lock says (a watch once ran the tags instead).
+    wait_until(
+        Duration::from_secs(30),
+        || read(&log).contains("reconciled in"),
+        || format!("no pass:\n{}", read(&log)),
+    );
+    assert_eq!(
+        s.container_id("web", "app"),
+        Some(web.clone()),
+        "{}",
+        read(&log)
+    );
+    push_web(&s, &registry, "2");
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            locked(&s, &image).is_some_and(|d| d != first)
+                && s.container_id("web", "app").is_some_and(|id| id != web)
+        },
+        || format!("the watch did not move web:\n{}", read(&log)),
+    );
+    let second = locked(&s, &image).unwrap();
+    let said = read(&log);
+    assert!(
+        said.contains(&format!("image update: web: {image} ")),
+        "{said}"
+    );
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.Config.Image}}",
+            &s.container_id("web", "app").unwrap()
+        ]),
+        format!("127.0.0.1:{}/{}-web@{second}", registry.port, s.name)
+    );
+    drop(_watch);
+    s.soul(&["down", "--images"]);
+}
+
+/// A registry with TLS that wants credentials: soul finds them as the docker CLI does, in
 /// `$DOCKER_CONFIG/config.json`'s `auths` and through a credential helper it names; without any,
-/// apply stops before any change, naming the registry and `docker login`.
+/// or with a wrong password, apply stops before any change, naming the registry and
+/// `docker login`.
 #[test]
 fn a_private_registrys_image_is_pulled_with_the_credentials_docker_login_left() {
     ensure_images();
@@ -241,7 +381,7 @@ fn a_private_registrys_image_is_pulled_with_the_credentials_docker_login_left() 
     let s = TestStack::new("creds");
     let o = run(Command::new("htpasswd").args(["-nbB", "soul", "hunter2-secret"]));
     assert!(o.status.success(), "{}", text(&o));
-    let mut registry = Registry::start_with(&s.dir, Some(o.stdout_text().trim()));
+    let mut registry = Registry::start_private(&s.dir, o.stdout_text().trim());
     let host = format!("127.0.0.1:{}", registry.port);
     // The docker CLI logs in (its own config dir) and pushes.
     let logged_in = s.dir.join("docker-auths");
@@ -283,6 +423,26 @@ fn a_private_registrys_image_is_pulled_with_the_credentials_docker_login_left() 
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     o.stderr_has(&format!("docker login {host}"));
+    assert!(s.containers().is_empty(), "{:?}", s.containers());
+
+    // A wrong password: the same, and the password is not repeated.
+    let wrong = s.dir.join("docker-wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("soul:not-the-password");
+    std::fs::write(
+        wrong.join("config.json"),
+        format!("{{\"auths\":{{\"{host}\":{{\"auth\":\"{basic}\"}}}}}}"),
+    )
+    .unwrap();
+    let o = s
+        .command(&["apply"])
+        .env("DOCKER_CONFIG", &wrong)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    o.stderr_has(&format!("docker login {host}"));
+    assert!(!text(&o).contains("not-the-password"), "{}", text(&o));
     assert!(s.containers().is_empty(), "{:?}", s.containers());
 
     // `docker login`'s auths.

@@ -187,9 +187,18 @@ soul logs --since 10m --tail 50"
     /// Remove this stack's containers and networks (named volumes only with --volumes).
     #[command(
         after_help = "Only what carries this stack's labels is touched.\n\nExample:\n  \
-soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone"
+soul down\n  soul down --volumes   # also deletes the stack's named volumes: their data is gone\n  \
+soul down --images    # also removes the images soul pulled for it"
     )]
     Down(DownArgs),
+    /// Remove the images soul pulled for this stack that no container uses any more (a tag
+    /// `soul update` moved, a sidecar removed). `soul status` lists them first.
+    #[command(
+        after_help = "Only images soul itself pulled (recorded in the state dir) are removed, never \
+forced: an image a container uses, or that another tag still names (another tool's), stays.\n\n\
+Example:\n  soul status   # lists \"unused images soul pulled\"\n  soul prune"
+    )]
+    Prune,
     /// List the devices of stack.kdl: generation, expiry, pairing files, and whether each
     /// device's token is current.
     #[command(after_help = "Example:\n  soul devices\n  soul devices --output json")]
@@ -329,6 +338,11 @@ pub struct WatchArgs {
     /// often (never forced: a dirty tree or diverged history is reported).
     #[arg(long, value_parser = parse_duration_arg, value_name = "INTERVAL")]
     pub pull: Option<Duration>,
+    /// Ask the registries this often whether a tag in stack.lock moved (`1h`); when one did,
+    /// move stack.lock and apply, one log line per image. Off by default: to review lock
+    /// changes instead, leave it off and run `soul update` in CI or by hand.
+    #[arg(long, value_parser = parse_duration_arg, value_name = "INTERVAL")]
+    pub update: Option<Duration>,
     /// Restarts within --flap-window after which a container is reported degraded.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub flap_restarts: usize,
@@ -591,6 +605,10 @@ pub struct DownArgs {
     /// Also remove this stack's named volumes (their data is deleted).
     #[arg(long)]
     pub volumes: bool,
+    /// Also remove the images soul pulled for this stack that no container uses any more
+    /// (never an image soul did not pull, nor one another tag still names).
+    #[arg(long)]
+    pub images: bool,
 }
 
 pub(super) fn parse_duration_arg(s: &str) -> Result<Duration, String> {

@@ -66,80 +66,23 @@ pub(super) async fn plan(ctx: &Context, args: &PlanArgs) -> Result<Exit, CliErro
 /// `soul update`: each locked image's tag asked at its registry, the lock rewritten, each move
 /// printed; `--apply` then applies.
 pub(super) async fn update(ctx: &Context, args: &UpdateArgs) -> Result<Exit, CliError> {
-    use crate::reconcile::lock::{Lock, Locked, lockable};
     let stack = &ctx.stack;
     for s in &args.sidecars {
         reconcile::one_sidecar(stack, Some(s))?;
     }
-    let path = stack
-        .lock_file
-        .clone()
-        .unwrap_or_else(|| stack::lock_file_of(&ctx.file));
-    let current = reconcile::read_lock(stack).map_err(PassError::from)?;
-    // The references as stack.kdl names them, not as the lock pins them.
-    let unpinned = Stack {
-        lock_file: None,
-        ..stack.clone()
-    };
-    let desired = reconcile::resolve(&unpinned, &Host, &ctx.state).map_err(PassError::from)?;
     let docker = Docker::connect().await?;
-    let mut lock = Lock::default();
-    let (mut moved, mut failed) = (0, 0);
-    let short = |d: &str| d.chars().take(19).collect::<String>() + "…";
-    for need in desired.images.iter().filter(|n| lockable(n)) {
-        let chosen =
-            args.sidecars.is_empty() || need.used_by.iter().any(|u| args.sidecars.contains(u));
-        let old = current.entries.get(&need.reference).cloned();
-        if !chosen || old == Some(Locked::Local) {
-            if let Some(old) = old {
-                lock.entries.insert(need.reference.clone(), old);
-            }
-            continue;
-        }
-        let who = need.used_by.join(", ");
-        match docker.registry_digest(&need.reference).await {
-            Ok(digest) => {
-                match &old {
-                    Some(Locked::Digest(d)) if *d == digest => {}
-                    Some(Locked::Digest(d)) => {
-                        moved += 1;
-                        out(&format!(
-                            "{who}: {} {} → {}\n",
-                            need.reference,
-                            short(d),
-                            short(&digest)
-                        ));
-                    }
-                    _ => {
-                        moved += 1;
-                        out(&format!(
-                            "{who}: {} locked at {}\n",
-                            need.reference,
-                            short(&digest)
-                        ));
-                    }
-                }
-                lock.entries
-                    .insert(need.reference.clone(), Locked::Digest(digest));
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!(
-                    "{who}: {}: cannot ask its registry: {e} (its lock entry is kept)",
-                    need.reference
-                );
-                if let Some(old) = old {
-                    lock.entries.insert(need.reference.clone(), old);
-                }
-            }
-        }
+    let reconcile::Update {
+        change,
+        moved,
+        failed,
+    } = reconcile::update(&docker, stack, &Host, &ctx.state(), &args.sidecars).await?;
+    for m in &moved {
+        out(&format!("{m}\n"));
     }
-    let change = reconcile::LockChange {
-        path,
-        lock,
-        added: Vec::new(),
-        dropped: Vec::new(),
-    };
+    for (reference, why) in &failed {
+        eprintln!("{reference}: cannot ask its registry: {why} (its lock entry is kept)");
+    }
+    let (moved, failed) = (moved.len(), failed.len());
     change.write()?;
     if moved == 0 {
         out("every image is at what its tag names: stack.lock unchanged\n");
@@ -329,11 +272,37 @@ pub(super) async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliErro
             kept.join(", ")
         ));
     }
+    if args.images {
+        say_pruned(&reconcile::prune(&docker, &dir).await?);
+    }
     out(&format!(
         "stack `{}` is down ({removed} removed)\n",
         stack.stack
     ));
     Ok(Exit::Ok)
+}
+
+/// `soul prune`: the images soul pulled for this stack that no container uses, removed.
+pub(super) async fn prune(ctx: &Context) -> Result<Exit, CliError> {
+    let dir = ctx.open_state()?;
+    let _lock = lock(&dir, &ctx.stack, "holds")?;
+    let docker = Docker::connect().await?;
+    let removed = reconcile::prune(&docker, &dir).await?;
+    if removed.is_empty() {
+        out("no unused image that soul pulled for this stack\n");
+    }
+    say_pruned(&removed);
+    Ok(Exit::Ok)
+}
+
+fn say_pruned(removed: &[reconcile::UnusedImage]) {
+    for i in removed {
+        out(&format!(
+            "  - image {} ({:.1} MB)\n",
+            i.reference,
+            i.size as f64 / 1e6
+        ));
+    }
 }
 
 pub(super) async fn image() -> Result<Exit, CliError> {

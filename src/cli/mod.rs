@@ -71,6 +71,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Status(args) => status(&cli, args.output).await,
         Command::Watch(args) => watch(&cli, args).await,
         Command::Down(args) => down(&Context::load(&cli)?, args).await,
+        Command::Prune => prune(&Context::load(&cli)?).await,
         Command::Logs(args) => logs(&Context::load(&cli)?, args).await,
         Command::Stop(args) => stop(&Context::load(&cli)?, args).await,
         Command::Start(args) => start(&Context::load(&cli)?, args).await,

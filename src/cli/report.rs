@@ -50,6 +50,7 @@ pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> 
     report.public = reconcile::public_names(stack, &ctx.state());
     report.backup = reconcile::Backup::of(&ctx.state());
     report.relay_replaced = reconcile::relay_replaced(&docker, stack).await?;
+    report.unused_images = reconcile::unused_images(&docker, &ctx.state()).await?;
     match output {
         Output::Json => out(&json_text(&report)),
         Output::Human => out(&render_status(&report, &cli.file)),
@@ -115,6 +116,16 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
         ),
         (true, Some(t)) => s.push_str(&format!("  backup: exported {}\n", when(t))),
         (false, _) => {}
+    }
+    if !report.unused_images.is_empty() {
+        let size: u64 = report.unused_images.iter().map(|i| i.size).sum();
+        s.push_str(&format!(
+            "  unused images soul pulled ({:.1} MB; `soul prune` removes them):\n",
+            size as f64 / 1e6
+        ));
+        for i in &report.unused_images {
+            s.push_str(&format!("    {}\n", i.reference));
+        }
     }
     for u in &report.undeclared {
         s.push_str(&format!(

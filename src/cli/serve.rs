@@ -9,6 +9,7 @@ pub(super) async fn watch(cli: &Cli, args: &WatchArgs) -> Result<Exit, CliError>
         state_dir: cli.state_dir.clone(),
         resync: args.resync,
         pull: args.pull,
+        update: args.update,
         flap_restarts: args.flap_restarts,
         flap_window: args.flap_window,
         address_poll: args.address_poll,

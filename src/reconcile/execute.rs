@@ -61,6 +61,10 @@ pub async fn execute<E: Engine>(
     result
 }
 
+/// How many images are pulled at once: the engine downloads each image's layers in parallel
+/// already; a few images side by side keep a slow registry from serialising the rest.
+pub const PULLS_AT_ONCE: usize = 3;
+
 async fn run_steps<E: Engine>(
     engine: &E,
     state: &StateDir,
@@ -70,7 +74,24 @@ async fn run_steps<E: Engine>(
     on_step: &mut impl FnMut(usize, &Step),
 ) -> Result<(), ExecuteError> {
     let owner = state.owner();
-    for (i, step) in plan.steps.iter().enumerate() {
+    let mut i = 0;
+    while i < plan.steps.len() {
+        // A run of pulls goes side by side, each announced before it starts.
+        let pulls = plan.steps[i..]
+            .iter()
+            .take_while(|s| matches!(s, Step::PullImage { .. }))
+            .count();
+        if pulls > 1 {
+            for (k, step) in plan.steps[i..i + pulls].iter().enumerate() {
+                on_step(i + k, step);
+            }
+            pull_side_by_side(engine, state, &plan.steps[i..i + pulls])
+                .await
+                .map_err(|(k, source)| failed(plan, i + k, source))?;
+            i += pulls;
+            continue;
+        }
+        let step = &plan.steps[i];
         on_step(i, step);
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match step {
             Step::WriteFile { path, content, .. } => write_file(state, path, content, renders),
@@ -78,31 +99,66 @@ async fn run_steps<E: Engine>(
                 renders.files.remove(path);
                 state.remove(path).map_err(Into::into)
             }
+            Step::PullImage { image, .. } => pull(engine, state, image).await,
             other => run_engine_step(engine, stack, &owner, other)
                 .await
                 .map_err(Into::into),
         };
-        if let Err(source) = result {
-            let what = match step {
-                Step::PullImage { image, used_by } => format!(
-                    "cannot get image `{image}` for sidecar {}",
-                    used_by
-                        .iter()
-                        .map(|s| format!("`{s}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                other => format!("cannot {other}"),
-            };
-            return Err(ExecuteError {
-                what,
-                done: i,
-                untouched: plan.steps[..i].iter().all(Step::is_image),
-                source,
-            });
-        }
+        result.map_err(|source| failed(plan, i, source))?;
+        i += 1;
     }
     Ok(())
+}
+
+type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Pulls `image` and records that soul pulled it (what `soul prune` may remove later).
+async fn pull<E: Engine>(engine: &E, state: &StateDir, image: &str) -> Result<(), StepError> {
+    engine.pull_image(image).await?;
+    state.record_pulled(image)?;
+    Ok(())
+}
+
+/// Runs pull steps [`PULLS_AT_ONCE`] at a time; the first failure (its index among `steps`)
+/// stops the rest.
+async fn pull_side_by_side<E: Engine>(
+    engine: &E,
+    state: &StateDir,
+    steps: &[Step],
+) -> Result<(), (usize, StepError)> {
+    use futures_util::StreamExt as _;
+    let mut running = futures_util::stream::iter(steps.iter().enumerate().filter_map(|(k, s)| {
+        let Step::PullImage { image, .. } = s else {
+            return None;
+        };
+        Some(async move { pull(engine, state, image).await.map_err(|e| (k, e)) })
+    }))
+    .buffer_unordered(PULLS_AT_ONCE);
+    while let Some(done) = running.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// The error of step `i`, described for people.
+fn failed(plan: &Plan, i: usize, source: StepError) -> ExecuteError {
+    let what = match &plan.steps[i] {
+        Step::PullImage { image, used_by } => format!(
+            "cannot get image `{image}` for sidecar {}",
+            used_by
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => format!("cannot {other}"),
+    };
+    ExecuteError {
+        what,
+        done: i,
+        untouched: plan.steps[..i].iter().all(Step::is_image),
+        source,
+    }
 }
 
 fn write_file(
@@ -141,7 +197,6 @@ async fn run_engine_step<E: Engine>(
 ) -> Result<(), E::Error> {
     match step {
         Step::BuildSoulImage { tags } => engine.build_soul_image(tags).await,
-        Step::PullImage { image, .. } => engine.pull_image(image).await,
         Step::CreateVolume { name } => engine.create_volume(name, stack).await,
         Step::CreateNetwork { name } => engine.create_network(name, stack).await,
         Step::RemoveContainer { id, .. } => engine.remove_container(id).await,
@@ -152,7 +207,8 @@ async fn run_engine_step<E: Engine>(
         }
         Step::RemoveVolume { name } => engine.remove_volume(name).await,
         Step::RemoveDuplicateNetwork { id, .. } => engine.remove_network(id).await,
-        Step::WriteFile { .. } | Step::RemoveFile { .. } => Ok(()),
+        // Run by run_steps itself: they touch the state dir too.
+        Step::PullImage { .. } | Step::WriteFile { .. } | Step::RemoveFile { .. } => Ok(()),
     }
 }
 

@@ -12,10 +12,12 @@ pub mod lock;
 mod observe;
 mod pass;
 mod plan;
+mod prune;
 mod resolve;
 mod status;
 mod transports;
 mod triggers;
+mod update;
 mod watch;
 
 pub use apply::{ADDRESS_WAIT, Applied, Progress, converge};
@@ -35,12 +37,14 @@ pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
     QrFormat, Reason, Step, plan, with_legacy_volumes,
 };
+pub use prune::{UnusedImage, prune, unused_images};
 pub use resolve::{ResolveError, SoulImage, read_lock, resolve};
 pub use status::{
     Backup, ContainerStatus, PodStatus, PublicName, RelayReplaced, StatusReport,
     UndeclaredContainer, public_names, report as status_report,
 };
 pub use transports::{TransportStatus, TransportsReport, report as transports_report};
+pub use update::{Moved, Update, update};
 pub use watch::{
     AfterPass, LAST_GOOD_FILE, WATCH_STATUS_FILE, WatchError, WatchOptions, WatchStatus,
     declared_name, pull_once, watch,

@@ -46,6 +46,9 @@ pub enum PassError {
         used_by: String,
         why: String,
     },
+    /// The stack was not read from a file, so it has no stack.lock beside it.
+    #[error("this stack was not read from a stack.kdl, so it has no stack.lock to update")]
+    NoLockFile,
     /// stack.lock could not be written.
     #[error("cannot write {}: {why}", path.display())]
     LockWrite {

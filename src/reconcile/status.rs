@@ -31,6 +31,10 @@ pub struct StatusReport {
     /// Whether the state dir holds a stack key, and when it was last exported
     /// (`soul state export`): a key never exported is lost with this machine's disk.
     pub backup: Backup,
+    /// Images soul pulled for this stack that no container uses any longer (`soul prune`
+    /// removes them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unused_images: Vec<super::UnusedImage>,
 }
 
 /// A gate's record that a newer registration at the relay replaced its agent's.
@@ -199,5 +203,6 @@ pub fn report(
         public: Vec::new(),
         relay_replaced: Vec::new(),
         backup: Backup::default(),
+        unused_images: Vec::new(),
     }
 }

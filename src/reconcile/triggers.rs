@@ -40,6 +40,8 @@ pub enum Trigger {
     Hangup,
     /// `--pull` fast-forwarded the repository.
     GitPull,
+    /// `--update`: time to ask the registries whether a locked tag moved.
+    ImageUpdate,
     /// The periodic resync: drift that no event reported.
     Resync,
     /// The retry after a failed pass, or when a held-back repair is due.
@@ -56,6 +58,7 @@ impl std::fmt::Display for Trigger {
             Trigger::AddressChanged => f.write_str("address changed"),
             Trigger::Hangup => f.write_str("SIGHUP"),
             Trigger::GitPull => f.write_str("git pull"),
+            Trigger::ImageUpdate => f.write_str("image update check"),
             Trigger::Resync => f.write_str("resync"),
             Trigger::Retry => f.write_str("retry"),
         }
@@ -304,6 +307,15 @@ pub(super) async fn git_pull(file: PathBuf, every: Duration, triggers: Arc<Trigg
             Ok(false) => tracing::debug!("git: {} is up to date", dir.display()),
             Err(why) => tracing::warn!("git pull in {}: {why}", dir.display()),
         }
+    }
+}
+
+/// Every `every`: asks for an image update check (`soul watch --update`), run by the loop
+/// before its pass.
+pub(super) async fn image_updates(every: Duration, triggers: Arc<Triggers>) {
+    loop {
+        tokio::time::sleep(every).await;
+        triggers.fire(Trigger::ImageUpdate);
     }
 }
 

@@ -37,6 +37,9 @@ pub struct WatchOptions {
     pub resync: Duration,
     /// Fetch and fast-forward the file's git work tree this often.
     pub pull: Option<Duration>,
+    /// Ask the registries this often whether a locked tag moved; when one did, move
+    /// stack.lock and apply (`--update`; off by default: a GitOps user reviews lock changes).
+    pub update: Option<Duration>,
     /// Restarts within `flap_window` after which a container is reported degraded.
     pub flap_restarts: usize,
     pub flap_window: Duration,
@@ -160,7 +163,9 @@ impl Config {
                 .map_err(StackError::Invalid)
         });
         match loaded {
-            Ok((s, src)) => {
+            Ok((mut s, src)) => {
+                // Its stack.lock too: a watch runs what the lock says, as apply does.
+                s.lock_file = Some(stack::lock_file_of(&self.file));
                 if self.invalid_since.take().is_some() {
                     tracing::info!("{} is valid again", self.file.display());
                 }
@@ -238,8 +243,9 @@ pub async fn watch(
             let src = state
                 .read(LAST_GOOD_FILE)
                 .map_err(|_| WatchError::Stack(e))?;
-            let good = stack::parse(LAST_GOOD_FILE, &String::from_utf8_lossy(&src))
+            let mut good = stack::parse(LAST_GOOD_FILE, &String::from_utf8_lossy(&src))
                 .map_err(StackError::Invalid)?;
+            good.lock_file = Some(stack::lock_file_of(&opts.file));
             (good, state)
         }
     };
@@ -272,6 +278,9 @@ pub async fn watch(
     let pull = opts
         .pull
         .map(|every| tokio::spawn(git_pull(opts.file.clone(), every, triggers.clone())));
+    let image_updates = opts
+        .update
+        .map(|every| tokio::spawn(image_updates(every, triggers.clone())));
 
     let mut status = WatchStatus {
         pid: std::process::id(),
@@ -299,6 +308,9 @@ pub async fn watch(
             events.abort();
             events = spawn_events(config.good.stack.clone(), triggers.clone(), flaps.clone());
             events_for = config.good.stack.clone();
+        }
+        if fired.contains(&Trigger::ImageUpdate) {
+            update_images(&mut docker, &config.good, &state).await;
         }
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -358,8 +370,8 @@ pub async fn watch(
     events.abort();
     addresses.abort();
     hup.abort();
-    if let Some(p) = pull {
-        p.abort();
+    for task in [pull, image_updates].into_iter().flatten() {
+        task.abort();
     }
     let _ = state.remove(WATCH_STATUS_FILE);
     tracing::info!("soul watch stopped; containers keep running");
@@ -378,6 +390,39 @@ struct PassReport {
     changes: usize,
     /// Repairs of flapping containers that were held back, and when to try again.
     deferred_until: Option<Instant>,
+}
+
+/// `--update`'s check: stack.lock moved to what the tags name now, one log line per image
+/// that moved; the pass that follows applies it. A failure is logged and the lock kept.
+async fn update_images(docker: &mut Option<Docker>, stack: &Stack, state: &StateDir) {
+    let client = match docker.take() {
+        Some(client) => client,
+        None => match Docker::connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("image update check: {e}");
+                return;
+            }
+        },
+    };
+    match super::update(&client, stack, &Host, state, &[]).await {
+        Ok(update) => {
+            for (reference, why) in &update.failed {
+                tracing::warn!("image update check: {reference}: cannot ask its registry: {why}");
+            }
+            if update.moved.is_empty() {
+                tracing::debug!("image update check: every locked tag is where it was");
+            } else if let Err(e) = update.change.write() {
+                tracing::warn!("image update check: {e}");
+            } else {
+                for m in &update.moved {
+                    tracing::info!("image update: {m} (stack.lock moved)");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("image update check: {e}"),
+    }
+    *docker = Some(client);
 }
 
 /// One pass on the watch's Docker client, connecting first when it has none. After a failed

@@ -7,13 +7,15 @@ pub mod credentials;
 pub mod endpoint;
 mod image;
 pub mod logs;
+mod progress;
+mod unused;
+pub use unused::ImageFacts;
 mod snapshot;
 
 use create::create_body;
 pub use snapshot::{ContainerInfo, Snapshot};
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::IsTerminal;
 
 use bollard::Docker as Bollard;
 use bollard::models::{
@@ -224,46 +226,46 @@ impl Docker {
             .collect())
     }
 
-    /// Pulls an image, showing progress when stdout is a terminal.
+    /// Pulls an image, showing its progress ([`progress::Pull`]): bars on a terminal, one line
+    /// when it is done elsewhere.
     pub async fn pull_image(&self, reference: &str) -> Result<(), RuntimeError> {
-        let tty = std::io::stdout().is_terminal();
         let options = CreateImageOptionsBuilder::default()
             .from_image(reference)
             .build();
         let creds = credentials::for_image(reference).map_err(RuntimeError::Pull)?;
         let mut stream = self.docker.create_image(Some(options), None, creds);
-        let mut last = String::new();
+        let mut shown = progress::Pull::start(reference);
         while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| match e {
-                bollard::errors::Error::DockerResponseServerError { message, .. } => {
-                    RuntimeError::Pull(credentials::explain(reference, message))
+            let info = match item {
+                Ok(info) => info,
+                Err(e) => {
+                    shown.abandon();
+                    return Err(match e {
+                        bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                            RuntimeError::Pull(credentials::explain(reference, message))
+                        }
+                        bollard::errors::Error::DockerStreamError { error } => {
+                            RuntimeError::Pull(credentials::explain(reference, error))
+                        }
+                        other => RuntimeError::Engine(other),
+                    });
                 }
-                bollard::errors::Error::DockerStreamError { error } => {
-                    RuntimeError::Pull(credentials::explain(reference, error))
-                }
-                other => RuntimeError::Engine(other),
-            })?;
+            };
             if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                shown.abandon();
                 return Err(RuntimeError::Pull(credentials::explain(reference, detail)));
             }
-            if tty {
-                let line = format!(
-                    "{} {} {}",
-                    info.id.unwrap_or_default(),
-                    info.status.unwrap_or_default(),
-                    info.progress_detail
-                        .and_then(|p| Some(format!("{}/{}", p.current?, p.total?)))
-                        .unwrap_or_default()
-                );
-                if line != last {
-                    print!("\r\x1b[2K  {reference}: {line}");
-                    last = line;
-                }
-            }
+            let (current, total) = info
+                .progress_detail
+                .map_or((None, None), |p| (p.current, p.total));
+            shown.update(
+                info.id.as_deref(),
+                info.status.as_deref().unwrap_or_default(),
+                current,
+                total,
+            );
         }
-        if tty {
-            println!();
-        }
+        shown.finish();
         Ok(())
     }
 

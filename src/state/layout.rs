@@ -49,6 +49,9 @@ pub const ACME_DIR: &str = "acme";
 /// The sidecars stopped on purpose (`soul stop`), a JSON list; absent when none is.
 pub const STOPPED_FILE: &str = "stopped.json";
 
+/// The images soul pulled for the stack ([`super::pulled`]), a JSON list; absent when none.
+pub const PULLED_FILE: &str = "pulled.json";
+
 /// Directories whose files soul owns entirely: anything there that is not desired goes.
 pub const MANAGED_DIRS: &[&str] = &["tokens", "pairing", "transports", GATE_DIR];
 

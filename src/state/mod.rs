@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 pub mod bundle;
 pub mod layout;
+mod pulled;
 
 pub use layout::{
     ADDRESSES_FILE, KEY_FILE, MANAGED_DIRS, REGISTRY_FILE, RENDER_INDEX_FILE, ROTATION_FILE,
