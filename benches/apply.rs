@@ -3,9 +3,14 @@
 //!   equivalent compose file (goal: soul takes at most 1/5 of Compose's wall time);
 //! - `plan()` for 100 sidecars and 1,000 devices (goal: under 5 ms);
 //! - a converged pass over the state dir of a 1,000-device stack vs the first pass that renders
-//!   all their QR codes (goal: under 5%: nothing is re-rendered).
+//!   all their QR codes (goal: under 5%: nothing is re-rendered);
+//! - `soul apply` from nothing of a 5-sidecar stack whose images are only in a local registry
+//!   (Debian's docker-registry) vs `docker-compose up -d` of its `soul export compose` from the
+//!   same registry, the images removed before each run (goal: at most 1.0× Compose), and the
+//!   no-op apply with stack.lock vs Compose's no-op (goal: at most 0.2×).
 //!
-//! Needs a Docker engine and Debian's docker-compose; builds soul's image itself.
+//! Needs a Docker engine and Debian's docker-compose (and docker-registry for the last); builds
+//! soul's image itself.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,6 +37,9 @@ fn main() {
     }
     if wants("apply") {
         bench_apply_vs_compose();
+    }
+    if wants("registry") {
+        bench_registry_apply_vs_compose();
     }
 }
 
@@ -377,4 +385,204 @@ fn ms(d: Duration) -> f64 {
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
+}
+
+const REGISTRY_SIDECARS: usize = 5;
+const REGISTRY_ROUNDS: usize = 3;
+
+/// A 5-sidecar stack whose images (each its own 4 MB layer on soul's image) are only in a
+/// registry on loopback: soul applies it from nothing, and Compose brings up its export, each
+/// after the images were removed; then both no-ops, soul's with its stack.lock.
+fn bench_registry_apply_vs_compose() {
+    if Command::new("docker-registry")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!(
+            "registry apply: SKIPPED (docker-registry is not installed: apt-get install docker-registry)"
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("soul-bench-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let port = 24000 + (std::process::id() % 2000) as u16 * 2;
+    let registry_port = port + 1000;
+    std::fs::write(
+        dir.join("registry.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{registry_port}\n",
+            dir.join("registry").display()
+        ),
+    )
+    .expect("registry config");
+    let mut registry = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("registry.yml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry");
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
+    });
+    assert!(up, "docker-registry did not listen on {registry_port}");
+
+    // soul's image, then the five images pushed and removed here.
+    must(soul_in(&dir, "build", &["image"]));
+    let images: Vec<String> = (0..REGISTRY_SIDECARS)
+        .map(|i| {
+            let context = dir.join(format!("image-{i}"));
+            std::fs::create_dir_all(&context).expect("context");
+            let mut blob = vec![0u8; 4 << 20];
+            getrandom::fill(&mut blob).expect("random");
+            std::fs::write(context.join("blob"), &blob).expect("blob");
+            std::fs::write(
+                context.join("Dockerfile"),
+                "FROM soul:latest\nCOPY blob /blob\n",
+            )
+            .expect("Dockerfile");
+            let reference = format!("127.0.0.1:{registry_port}/soul-bench-s{i}:1");
+            must(docker(&[
+                "build",
+                "-q",
+                "-t",
+                &reference,
+                context.to_str().unwrap(),
+            ]));
+            must(docker(&["push", "-q", &reference]));
+            reference
+        })
+        .collect();
+    let remove_images = || {
+        for reference in &images {
+            let repository = reference
+                .rsplit_once(':')
+                .map_or(reference.as_str(), |r| r.0);
+            let o = docker(&[
+                "images",
+                "--digests",
+                "--format",
+                "{{.Repository}}@{{.Digest}}",
+                repository,
+            ])
+            .output()
+            .expect("docker images");
+            for by_digest in String::from_utf8_lossy(&o.stdout).lines() {
+                let _ = docker(&["rmi", by_digest]).output();
+            }
+            let _ = docker(&["rmi", reference]).output();
+        }
+    };
+
+    // Compose's file: the export of the same stack under another name (its containers are
+    // named after the stack), its state dir made by one apply, then taken down.
+    std::fs::write(
+        dir.join("composed.kdl"),
+        registry_stack("soulbenchc", port + 10, &images),
+    )
+    .unwrap();
+    must(soul_in(&dir, "composed", &["apply"]));
+    must(soul_in(&dir, "composed", &["down"]));
+    let compose_file = dir.join("docker-compose.yml");
+    must(soul_in(
+        &dir,
+        "composed",
+        &["export", "compose", "--out", compose_file.to_str().unwrap()],
+    ));
+    let compose = |args: &[&str]| {
+        let mut c = Command::new("docker-compose");
+        c.arg("-f")
+            .arg(&compose_file)
+            .arg("-p")
+            .arg("soulbenchc")
+            .args(args);
+        c
+    };
+    std::fs::write(
+        dir.join("soul.kdl"),
+        registry_stack("soulbenchr", port, &images),
+    )
+    .unwrap();
+    // The lock a commit would carry.
+    must(soul_in(&dir, "soul", &["apply"]));
+    must(soul_in(&dir, "soul", &["down"]));
+
+    let (mut soul_runs, mut compose_runs) = (Vec::new(), Vec::new());
+    for _ in 0..REGISTRY_ROUNDS {
+        remove_images();
+        soul_runs.push(timed(soul_in(&dir, "soul", &["apply"])));
+        must(soul_in(&dir, "soul", &["down"]));
+        remove_images();
+        compose_runs.push(timed(compose(&["up", "-d"])));
+        must(compose(&["down"]));
+    }
+    let (soul_time, compose_time) = (median(soul_runs), median(compose_runs));
+    let ratio = soul_time.as_secs_f64() / compose_time.as_secs_f64();
+    println!(
+        "apply from nothing of a {REGISTRY_SIDECARS}-sidecar stack, images only in a registry on loopback (4 MB each; median of {REGISTRY_ROUNDS})"
+    );
+    println!("  soul apply:           {:>8.1} ms", ms(soul_time));
+    println!(
+        "  docker-compose up -d: {:>8.1} ms (its soul export compose)",
+        ms(compose_time)
+    );
+    println!(
+        "  ratio soul/compose:   {ratio:.3} (goal <= 1.0: {})",
+        verdict(ratio <= 1.0)
+    );
+
+    must(soul_in(&dir, "soul", &["apply"]));
+    must(compose(&["up", "-d"]));
+    let soul_noop = median(
+        (0..RUNS)
+            .map(|_| timed(soul_in(&dir, "soul", &["apply"])))
+            .collect(),
+    );
+    let compose_noop = median((0..RUNS).map(|_| timed(compose(&["up", "-d"]))).collect());
+    let ratio = soul_noop.as_secs_f64() / compose_noop.as_secs_f64();
+    println!("no-op apply of it with stack.lock (median of {RUNS})");
+    println!("  soul apply:           {:>8.1} ms", ms(soul_noop));
+    println!("  docker-compose up -d: {:>8.1} ms", ms(compose_noop));
+    println!(
+        "  ratio soul/compose:   {ratio:.3} (goal <= 0.2: {})",
+        verdict(ratio <= 0.2)
+    );
+
+    let _ = soul_in(&dir, "soul", &["down", "--volumes", "--images"]).output();
+    let _ = compose(&["down", "-v"]).output();
+    let _ = soul_in(&dir, "composed", &["down", "--volumes"]).output();
+    remove_images();
+    let _ = registry.kill();
+    let _ = registry.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `soul -f <dir>/<name>.kdl --state-dir <dir>/<name>-state <args>`.
+fn soul_in(dir: &std::path::Path, name: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(SOUL);
+    c.arg("-f")
+        .arg(dir.join(format!("{name}.kdl")))
+        .arg("--state-dir")
+        .arg(dir.join(format!("{name}-state")))
+        .args(args);
+    c
+}
+
+fn docker(args: &[&str]) -> Command {
+    let mut c = Command::new("docker");
+    c.args(args);
+    c
+}
+
+fn registry_stack(name: &str, port: u16, images: &[String]) -> String {
+    let mut s = format!("stack \"{name}\"\n");
+    for (i, image) in images.iter().enumerate() {
+        s.push_str(&format!(
+            "sidecar \"s{i}\" {{\n  image \"{image}\"\n  command \"demo-app\" \"--port=8080\"\n  port 8080\n}}\n"
+        ));
+    }
+    s.push_str(&format!("transport {{\n  lan port={port}\n}}\n"));
+    s
 }

@@ -340,6 +340,15 @@ pub fn role_in_name(name: &str) -> Option<Role> {
     Role::parse(role)
 }
 
+/// The sidecar a [`container_name`] of `stack` names.
+pub fn sidecar_in_name<'a>(stack: &str, name: &'a str) -> Option<&'a str> {
+    let rest = name
+        .strip_prefix("soul_")?
+        .strip_prefix(stack)?
+        .strip_prefix('_')?;
+    rest.rsplit_once('_').map(|(sidecar, _)| sidecar)
+}
+
 /// `soul_<stack>`: the stack's bridge network, which every pause container joins. One per
 /// stack, as Compose makes one per project: a network per pod would take one of the engine's
 /// few address pools each (about 30 by default, shared by every project on the engine). Pods

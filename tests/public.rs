@@ -336,4 +336,42 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
         requests > 2,
         "the held connection carried requests across the wait"
     );
+
+    // The stack moves to another machine (its state bundle, another LAN port): the public
+    // name keeps working, with a certificate the new home obtains, and the phone's cookie.
+    let pass = s.dir.join("pass");
+    std::fs::write(&pass, "moving day\n").unwrap();
+    let bundle = s.dir.join("bundle.age");
+    let (b, p) = (bundle.to_str().unwrap(), pass.to_str().unwrap());
+    s.soul(&["state", "export", "--out", b, "--passphrase-file", p])
+        .exited(0);
+    s.soul(&["down", "--volumes"]).exited(0);
+    std::fs::remove_dir_all(s.state()).unwrap();
+    let moved_lan = free_port();
+    s.write(&read(s.file()).replace(
+        &format!("lan port={lan} "),
+        &format!("lan port={moved_lan} "),
+    ));
+    s.soul(&["state", "import", b, "--passphrase-file", p])
+        .exited(0);
+    let moved = Instant::now();
+    s.apply();
+    let reissued = retry(Duration::from_secs(90), || {
+        public_status(&s)[0]["acme"]["not_after"].as_u64()
+    });
+    assert!(
+        reissued.is_some(),
+        "no certificate after the move: {}\n{}",
+        public_status(&s),
+        gate_log(&s)
+    );
+    let dom = phone_chromium(&hosts, &phone, &root, &via_vps, &format!("https://{name}/"));
+    assert!(
+        dom.contains(APP_TEXT),
+        "the phone's cookie at the public name after the move: {dom}"
+    );
+    eprintln!(
+        "after the move: apply to the phone's page at the public name: {} ms",
+        moved.elapsed().as_millis()
+    );
 }

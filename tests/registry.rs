@@ -288,9 +288,16 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     let o = s.soul(&["apply"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     o.stderr_has(&format!("cannot lock image {missing}"));
+    o.stderr_has("cannot be reached");
+    assert_eq!(s.containers(), before, "nothing changed");
+    // A tag the registry does not have: refused, saying so.
+    registry.resume();
+    s.write(&stack_kdl(&missing, lan));
+    let o = s.soul(&["apply"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    o.stderr_has(&format!("has no image {missing}"));
     assert_eq!(s.containers(), before, "nothing changed");
     // A digest pinned in stack.kdl that the registry does not hold: refused, nothing changed.
-    registry.resume();
     let bogus = format!(
         "127.0.0.1:{}/{}-web@sha256:{}",
         registry.port,

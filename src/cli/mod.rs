@@ -17,6 +17,7 @@ mod init;
 mod outcome;
 mod pair;
 mod pods;
+mod program_args;
 mod relay;
 mod report;
 mod serve;
@@ -33,6 +34,7 @@ use report::*;
 use serve::*;
 
 pub use args::*;
+pub use program_args::{GateArgs, PauseArgs};
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

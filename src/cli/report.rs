@@ -49,7 +49,7 @@ pub(super) async fn status(cli: &Cli, output: Output) -> Result<Exit, CliError> 
     report.stopped = reconcile::stopped(&ctx.state()).into_iter().collect();
     report.public = reconcile::public_names(stack, &ctx.state());
     report.backup = reconcile::Backup::of(&ctx.state());
-    report.relay_replaced = reconcile::relay_replaced(&docker, stack).await?;
+    report.relay = reconcile::relay_conflicts(&docker, stack).await?;
     report.unused_images = reconcile::unused_images(&docker, &ctx.state()).await?;
     match output {
         Output::Json => out(&json_text(&report)),
@@ -102,14 +102,7 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
     }
     s.push_str(&watch_lines(report.watch.as_ref()));
     s.push_str(&public_lines(&report.public, unix_now()));
-    for r in &report.relay_replaced {
-        s.push_str(&format!(
-            "  relay: another machine registered {} at the relay ({}, {}): it serves the stack there now, this one does not. If the stack moved, `soul down` here; if not, two machines run it\n",
-            r.sidecar,
-            r.by,
-            when(r.at)
-        ));
-    }
+    s.push_str(&relay_conflict_lines(&report.relay, unix_now()));
     match (report.backup.has_key, report.backup.exported_at) {
         (true, None) => s.push_str(
             "  backup: the stack key was never exported: `soul state export --out FILE` (without it, a lost disk takes every pairing with it)\n",
@@ -131,6 +124,33 @@ pub(super) fn render_status(report: &reconcile::StatusReport, file: &Path) -> St
         s.push_str(&format!(
             "  undeclared: {} ({}): `soul apply` removes it\n",
             u.name, u.state
+        ));
+    }
+    s
+}
+
+/// What this machine's gates saw of another machine registering the same stack at the relay.
+/// A take-over is said for a day: long enough to be seen, not forever after a move.
+pub(super) fn relay_conflict_lines(relay: &reconcile::RelayConflicts, now: u64) -> String {
+    let mut s = String::new();
+    for r in &relay.replaced {
+        s.push_str(&format!(
+            "  relay: another machine registered {} at the relay ({}, {}): it serves the stack there now, this one does not. If the stack moved, `soul down` here; if not, two machines run it\n",
+            r.sidecar,
+            r.by,
+            when(r.at)
+        ));
+    }
+    for r in relay
+        .took_over
+        .iter()
+        .filter(|r| now.saturating_sub(r.at) < 24 * 3600)
+    {
+        s.push_str(&format!(
+            "  relay: {} took the relay's registration over from {} ({}), which was told to stop: if another machine still runs this stack, `soul down` it there (two machines of one stack take the name from each other)\n",
+            r.sidecar,
+            r.by,
+            when(r.at)
         ));
     }
     s

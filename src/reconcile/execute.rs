@@ -91,6 +91,17 @@ async fn run_steps<E: Engine>(
             i += pulls;
             continue;
         }
+        // A run of container creations and starts over several pods goes pod by pod side by
+        // side, each pod's steps in their order.
+        let lanes = pod_lanes(&plan.steps[i..], stack);
+        if lanes.len() > 1 {
+            let run: usize = lanes.iter().map(Vec::len).sum();
+            pods_side_by_side(engine, stack, &owner, plan, i, &lanes, on_step)
+                .await
+                .map_err(|(k, source)| failed(plan, k, source))?;
+            i += run;
+            continue;
+        }
         let step = &plan.steps[i];
         on_step(i, step);
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match step {
@@ -134,6 +145,66 @@ async fn pull_side_by_side<E: Engine>(
         Some(async move { pull(engine, state, image).await.map_err(|e| (k, e)) })
     }))
     .buffer_unordered(PULLS_AT_ONCE);
+    while let Some(done) = running.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// How many pods' containers are created and started at once: pods share nothing but the
+/// network (made before), and the engine does the work of each.
+pub const PODS_AT_ONCE: usize = 4;
+
+/// The pod whose container a step creates or starts.
+fn pod_of<'a>(step: &'a Step, stack: &str) -> Option<&'a str> {
+    match step {
+        Step::CreateContainer { spec, .. } => Some(&spec.sidecar),
+        Step::StartContainer { name, .. } => crate::pod::sidecar_in_name(stack, name),
+        _ => None,
+    }
+}
+
+/// The leading run of container creations and starts in `steps`, as one lane of offsets per
+/// pod (each in plan order), pods in order of first appearance.
+fn pod_lanes(steps: &[Step], stack: &str) -> Vec<Vec<usize>> {
+    let mut lanes: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (k, step) in steps.iter().enumerate() {
+        let Some(pod) = pod_of(step, stack) else {
+            break;
+        };
+        match lanes.iter_mut().find(|(p, _)| *p == pod) {
+            Some((_, lane)) => lane.push(k),
+            None => lanes.push((pod, vec![k])),
+        }
+    }
+    lanes.into_iter().map(|(_, lane)| lane).collect()
+}
+
+/// Runs each lane's steps in order, [`PODS_AT_ONCE`] lanes at a time; the first failure (its
+/// index in the plan) stops the rest.
+async fn pods_side_by_side<E: Engine>(
+    engine: &E,
+    stack: &str,
+    owner: &str,
+    plan: &Plan,
+    at: usize,
+    lanes: &[Vec<usize>],
+    on_step: &mut impl FnMut(usize, &Step),
+) -> Result<(), (usize, StepError)> {
+    use futures_util::StreamExt as _;
+    let on_step = std::cell::RefCell::new(on_step);
+    let on_step = &on_step;
+    let mut running = futures_util::stream::iter(lanes.iter().map(|lane| async move {
+        for &k in lane {
+            let step = &plan.steps[at + k];
+            (*on_step.borrow_mut())(at + k, step);
+            run_engine_step(engine, stack, owner, step)
+                .await
+                .map_err(|e| (at + k, StepError::from(Box::new(e))))?;
+        }
+        Ok(())
+    }))
+    .buffer_unordered(PODS_AT_ONCE);
     while let Some(done) = running.next().await {
         done?;
     }
@@ -397,6 +468,79 @@ mod tests {
                 .read_render_index()
                 .files
                 .contains_key("pairing/a/web.png")
+        );
+    }
+
+    #[test]
+    fn pulls_and_pods_go_side_by_side_each_pod_in_its_order_and_pulls_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let pod = |sidecar: &str| {
+            [
+                Step::CreateContainer {
+                    spec: Box::new(ContainerSpec::in_pod("s", sidecar, Role::App, "a:1")),
+                    reason: Reason::Missing,
+                },
+                Step::StartContainer {
+                    name: format!("soul_s_{sidecar}_app"),
+                    reason: Reason::Missing,
+                },
+            ]
+        };
+        let mut steps = vec![
+            Step::PullImage {
+                image: "r.example/a@sha256:1".into(),
+                used_by: vec!["web".into()],
+            },
+            Step::PullImage {
+                image: "r.example/b@sha256:2".into(),
+                used_by: vec!["db".into()],
+            },
+        ];
+        steps.extend(pod("web"));
+        steps.extend(pod("db"));
+        steps.push(Step::RemoveNetwork {
+            name: "soul_old".into(),
+            id: None,
+        });
+        let plan = Plan {
+            steps,
+            ..Plan::default()
+        };
+        assert_eq!(pod_lanes(&plan.steps[2..], "s"), [vec![0, 1], vec![2, 3]]);
+        let engine = FakeEngine::default();
+        let mut heard = run(&engine, &state, &plan).unwrap();
+        heard.sort();
+        assert_eq!(heard, [0, 1, 2, 3, 4, 5, 6], "every step announced once");
+        let calls = engine.calls.lock().unwrap().clone();
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        assert!(at("create soul_s_web_app owned by true") < at("start soul_s_web_app"));
+        assert!(at("create soul_s_db_app owned by true") < at("start soul_s_db_app"));
+        assert_eq!(calls.last().unwrap(), "rm-network soul_old");
+        assert_eq!(
+            state.pulled().into_iter().collect::<Vec<_>>(),
+            ["r.example/a@sha256:1", "r.example/b@sha256:2"]
+        );
+
+        let engine = FakeEngine {
+            fail: Some("start soul_s_db"),
+            ..FakeEngine::default()
+        };
+        let e = run(&engine, &state, &plan).unwrap_err();
+        assert_eq!(e.done, 5, "{}", e.what);
+        assert!(
+            e.what.starts_with("cannot start container soul_s_db_app"),
+            "{}",
+            e.what
+        );
+        assert!(
+            !engine
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.starts_with("rm-network")),
+            "nothing after the run ran"
         );
     }
 }

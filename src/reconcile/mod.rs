@@ -30,8 +30,8 @@ pub use flaps::FlapTracker;
 pub use observe::{from_snapshot, observe};
 pub use pass::{
     LockChange, PassError, Planned, await_addresses, check_inputs, check_ownership, desired,
-    discover, missing_addresses, pairing_of, prepare, record_stopped, relay_replaced, run, stopped,
-    unix_now,
+    discover, missing_addresses, pairing_of, prepare, record_stopped, relay_conflicts, run,
+    stopped, unix_now,
 };
 pub use plan::{
     Desired, DesiredFile, FileContent, ImageNeed, ImageSource, Observed, ObservedContainer, Plan,
@@ -40,7 +40,7 @@ pub use plan::{
 pub use prune::{UnusedImage, prune, unused_images};
 pub use resolve::{ResolveError, SoulImage, read_lock, resolve};
 pub use status::{
-    Backup, ContainerStatus, PodStatus, PublicName, RelayReplaced, StatusReport,
+    Backup, ContainerStatus, PodStatus, PublicName, RelayConflicts, RelayReplaced, StatusReport,
     UndeclaredContainer, public_names, report as status_report,
 };
 pub use transports::{TransportStatus, TransportsReport, report as transports_report};

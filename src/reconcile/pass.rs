@@ -476,34 +476,38 @@ pub async fn relay_registered(
     Ok(registered)
 }
 
-/// The sidecars whose gate's agent a newer registration at the relay replaced (another machine
-/// serving the same stack, or the one it moved to), with who and when, as the gates recorded.
-pub async fn relay_replaced(
+/// What the gates recorded of two machines registering one stack at the relay: the sidecars
+/// whose registration a newer one replaced (another machine serves the stack there now), and
+/// those whose registration replaced another (this machine took over), with who and when.
+pub async fn relay_conflicts(
     docker: &Docker,
     stack: &Stack,
-) -> Result<Vec<super::status::RelayReplaced>, PassError> {
-    let mut replaced = Vec::new();
+) -> Result<super::status::RelayConflicts, PassError> {
+    let mut found = super::status::RelayConflicts::default();
     if stack.relay.is_none() {
-        return Ok(replaced);
+        return Ok(found);
     }
     for sidecar in &stack.sidecars {
         let gate = crate::pod::container_name(&stack.stack, &sidecar.name, crate::pod::Role::Gate);
-        let Some(text) = docker
-            .read_file(&gate, &super::resolve::gate_relay_replaced())
-            .await?
-        else {
-            continue;
-        };
-        let mut words = text.split_whitespace();
-        if let (Some(by), Some(at)) = (words.next(), words.next().and_then(|t| t.parse().ok())) {
-            replaced.push(super::status::RelayReplaced {
-                sidecar: sidecar.name.clone(),
-                by: by.to_string(),
-                at,
-            });
+        for (file, into) in [
+            (super::resolve::gate_relay_replaced(), &mut found.replaced),
+            (super::resolve::gate_relay_took_over(), &mut found.took_over),
+        ] {
+            let Some(text) = docker.read_file(&gate, &file).await? else {
+                continue;
+            };
+            let mut words = text.split_whitespace();
+            if let (Some(by), Some(at)) = (words.next(), words.next().and_then(|t| t.parse().ok()))
+            {
+                into.push(super::status::RelayReplaced {
+                    sidecar: sidecar.name.clone(),
+                    by: by.to_string(),
+                    at,
+                });
+            }
         }
     }
-    Ok(replaced)
+    Ok(found)
 }
 
 /// The overlay addresses the stack declares but that no pod has published yet, and the relay

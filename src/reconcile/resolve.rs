@@ -446,6 +446,11 @@ pub fn gate_relay_replaced() -> String {
     format!("{GATE_WRITABLE}/{}", crate::relay::agent::REPLACED_FILE)
 }
 
+/// Where a gate records that its registration replaced another machine's at the relay.
+pub fn gate_relay_took_over() -> String {
+    format!("{GATE_WRITABLE}/{}", crate::relay::agent::TOOK_OVER_FILE)
+}
+
 /// Where the gate's volume is mounted: the gate writes there (redeemed links, relay state).
 const GATE_WRITABLE: &str = "/redeemed";
 

@@ -24,10 +24,9 @@ pub struct StatusReport {
     /// as the gate last wrote them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub public: Vec<PublicName>,
-    /// Sidecars whose relay registration a newer one replaced: another machine serves the
-    /// stack there now.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub relay_replaced: Vec<RelayReplaced>,
+    /// Two machines registering one stack at the relay, as this machine's gates saw it.
+    #[serde(flatten)]
+    pub relay: RelayConflicts,
     /// Whether the state dir holds a stack key, and when it was last exported
     /// (`soul state export`): a key never exported is lost with this machine's disk.
     pub backup: Backup,
@@ -37,7 +36,21 @@ pub struct StatusReport {
     pub unused_images: Vec<super::UnusedImage>,
 }
 
-/// A gate's record that a newer registration at the relay replaced its agent's.
+/// Two machines registering one stack at the relay, as this machine's gates recorded it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RelayConflicts {
+    /// Sidecars whose registration a newer one replaced: another machine serves the stack
+    /// there now.
+    #[serde(rename = "relay_replaced", skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<RelayReplaced>,
+    /// Sidecars whose registration replaced another machine's (`by` is that machine's
+    /// address): it was told to stop.
+    #[serde(rename = "relay_took_over", skip_serializing_if = "Vec::is_empty")]
+    pub took_over: Vec<RelayReplaced>,
+}
+
+/// A gate's record of a registration at the relay that replaced another: `by` is the other
+/// side's address.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RelayReplaced {
     pub sidecar: String,
@@ -201,7 +214,7 @@ pub fn report(
         undeclared,
         watch,
         public: Vec::new(),
-        relay_replaced: Vec::new(),
+        relay: RelayConflicts::default(),
         backup: Backup::default(),
         unused_images: Vec::new(),
     }

@@ -180,9 +180,17 @@ async fn register(
                 channel_key,
                 ready,
                 public_refused,
+                replaced,
             }) => {
                 if let Some(why) = public_refused {
                     tracing::warn!("relay agent: {}: {why}", cfg.relay);
+                }
+                if let Some(by) = replaced {
+                    tracing::warn!(
+                        "relay agent: {}: this registration replaced one from {by} (another machine serving this stack, or this one before a network break); that one was told to stop",
+                        cfg.relay
+                    );
+                    write_took_over(cfg, &by);
                 }
                 wire::decode_key(&channel_key)
                     .map(|key| (key, ready))
@@ -413,6 +421,20 @@ fn write_replaced(cfg: &AgentConfig, by: &str) {
     let Some(file) = &cfg.state_file else { return };
     let now = crate::pairing::unix_now();
     let _ = std::fs::write(file.with_file_name(REPLACED_FILE), format!("{by} {now}\n"));
+}
+
+/// Beside the registration file: that this agent's registration replaced another's at the
+/// relay, whose and when (`<address> <unix seconds>`), for `soul status` on this machine (the
+/// other machine's status says it was replaced).
+pub const TOOK_OVER_FILE: &str = "relay.took-over";
+
+fn write_took_over(cfg: &AgentConfig, from: &str) {
+    let Some(file) = &cfg.state_file else { return };
+    let now = crate::pairing::unix_now();
+    let _ = std::fs::write(
+        file.with_file_name(TOOK_OVER_FILE),
+        format!("{from} {now}\n"),
+    );
 }
 
 fn clear_replaced(cfg: &AgentConfig) {

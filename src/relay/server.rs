@@ -650,6 +650,7 @@ mod tests {
             state_file: Some(dir.path().join(crate::relay::agent::STATE_FILE)),
             public: None,
         };
+        let cfg_of_old = cfg.clone();
         let old = tokio::spawn(crate::relay::agent::run(cfg, |_s: TcpStream| {}));
         let agent_of = |relay: &Relay| {
             relay.status().stacks[0]
@@ -666,9 +667,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (old_agent, before) = registered.expect("the old machine's agent registers");
-        let (new_machine, answer) = register(addr, "home", "notes", &key).await;
-        assert!(matches!(answer, ToAgent::Registered { .. }), "{answer:?}");
-        let new_agent = new_machine.get_ref().0.local_addr().unwrap().to_string();
+        // The new machine's gate: the same key, its own state.
+        let new_dir = tempfile::tempdir().unwrap();
+        let new_cfg = crate::relay::agent::AgentConfig {
+            key_file: new_dir.path().join("relay-agent.key"),
+            state_file: Some(new_dir.path().join(crate::relay::agent::STATE_FILE)),
+            ..cfg_of_old.clone()
+        };
+        std::fs::write(&new_cfg.key_file, hex::encode([5u8; 32])).unwrap();
+        let new = tokio::spawn(crate::relay::agent::run(new_cfg, |_s: TcpStream| {}));
+        let mut holder = None;
+        for _ in 0..50 {
+            holder = agent_of(&relay).filter(|(agent, _)| *agent != old_agent);
+            if holder.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (new_agent, _) = holder.expect("the new machine's agent registers");
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (agent, replaced) = agent_of(&relay).unwrap();
         assert_eq!(
@@ -676,7 +692,7 @@ mod tests {
             "the newest registration holds the name (old: {old_agent})"
         );
         assert_eq!(replaced, before + 1, "replaced once, not fought over");
-        // The old machine's gate records it, for `soul status` there.
+        // Each machine's gate records its side, for `soul status` there.
         let record = std::fs::read_to_string(dir.path().join(crate::relay::agent::REPLACED_FILE))
             .expect("the replaced agent records it");
         assert!(record.starts_with(&format!("{new_agent} ")), "{record}");
@@ -684,6 +700,11 @@ mod tests {
             !dir.path().join(crate::relay::agent::STATE_FILE).exists(),
             "no longer claims to be registered"
         );
+        let took =
+            std::fs::read_to_string(new_dir.path().join(crate::relay::agent::TOOK_OVER_FILE))
+                .expect("the newer agent records that it took over");
+        assert!(took.starts_with(&format!("{old_agent} ")), "{took}");
+        new.abort();
         old.abort();
     }
 

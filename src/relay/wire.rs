@@ -78,6 +78,11 @@ pub enum ToAgent {
         /// `.soul` name stands).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         public_refused: Option<String>,
+        /// The address of the registration this one replaced, which was told so
+        /// ([`ToAgent::Replaced`]): another machine serving this stack, or this one before a
+        /// network break the relay had not noticed yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replaced: Option<String>,
     },
     /// Not registered, and why (the agent logs it and backs off).
     Refused { reason: String },

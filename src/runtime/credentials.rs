@@ -52,9 +52,30 @@ pub fn for_image(reference: &str) -> Result<Option<DockerCredentials>, String> {
     }
 }
 
-/// A registry's refusal, with what to do: `docker login <registry>` when it wants credentials.
+/// A registry's refusal, with what to do: `docker login <registry>` when it wants credentials;
+/// checking the name, tag or digest when it has no such image; its address and network when it
+/// cannot be reached.
 pub fn explain(reference: &str, message: String) -> String {
     let m = message.to_ascii_lowercase();
+    let registry = registry_of(reference);
+    let has = |words: &[&str]| words.iter().any(|w| m.contains(w));
+    if has(&["manifest unknown", "not found", "name unknown"]) && !has(&["unauthorized"]) {
+        return format!(
+            "{message} (the registry {registry} has no image {reference}: check the name, and the tag or digest)"
+        );
+    }
+    if has(&[
+        "connection refused",
+        "no such host",
+        "i/o timeout",
+        "network is unreachable",
+        "no route to host",
+        "tls handshake timeout",
+    ]) {
+        return format!(
+            "{message} (the registry {registry} cannot be reached: check its address and this machine's network)"
+        );
+    }
     let wants_login = [
         "unauthorized",
         "authentication required",
@@ -64,7 +85,6 @@ pub fn explain(reference: &str, message: String) -> String {
     .iter()
     .any(|w| m.contains(w));
     if wants_login {
-        let registry = registry_of(reference);
         let registry = if registry == DOCKER_HUB { "" } else { registry };
         format!(
             "{message} (the registry wants credentials: `docker login {registry}`, which soul reads from docker's config)"
@@ -88,6 +108,20 @@ mod tests {
         assert!(
             explain("ghcr.io/a/b:1", "unauthorized: x".into()).contains("`docker login ghcr.io`")
         );
-        assert_eq!(explain("ghcr.io/a/b:1", "not found".into()), "not found");
+        let missing = explain("ghcr.io/a/b:1", "manifest unknown".into());
+        assert!(
+            missing.contains("the registry ghcr.io has no image ghcr.io/a/b:1"),
+            "{missing}"
+        );
+        let away = explain(
+            "127.0.0.1:5000/b:1",
+            "Get \"https://127.0.0.1:5000/v2/\": dial tcp 127.0.0.1:5000: connect: connection refused"
+                .into(),
+        );
+        assert!(away.contains("127.0.0.1:5000 cannot be reached"), "{away}");
+        assert_eq!(
+            explain("ghcr.io/a/b:1", "toomanyrequests".into()),
+            "toomanyrequests"
+        );
     }
 }

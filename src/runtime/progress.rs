@@ -21,6 +21,16 @@ fn board() -> Option<&'static MultiProgress> {
         .as_ref()
 }
 
+/// A bar on `board` drawn as `template`, named `prefix`.
+fn bar_on(board: &MultiProgress, template: &str, prefix: &str) -> ProgressBar {
+    let bar = board.add(ProgressBar::new(0));
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
 /// One layer as the engine reports it.
 #[derive(Default)]
 struct Layer {
@@ -54,15 +64,11 @@ const LAYER_STATUSES: [&str; 8] = [
 impl Pull {
     pub fn start(reference: &str) -> Pull {
         let overall = board().map(|b| {
-            let bar = b.add(ProgressBar::new(0));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} {wide_bar} {binary_bytes}/{binary_total_bytes} {elapsed}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.set_prefix(reference.to_string());
-            bar
+            bar_on(
+                b,
+                "{prefix} {wide_bar} {binary_bytes}/{binary_total_bytes} {elapsed}",
+                reference,
+            )
         });
         Pull {
             reference: reference.to_string(),
@@ -86,15 +92,11 @@ impl Pull {
         let overall = self.overall.clone();
         let layer = self.layers.entry(id.to_string()).or_insert_with(|| Layer {
             bar: overall.as_ref().and(board()).map(|b| {
-                let bar = b.add(ProgressBar::new(0));
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "  {prefix} {bar:30} {binary_bytes}/{binary_total_bytes} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                bar.set_prefix(id.to_string());
-                bar
+                bar_on(
+                    b,
+                    "  {prefix} {bar:30} {binary_bytes}/{binary_total_bytes} {msg}",
+                    id,
+                )
             }),
             ..Layer::default()
         });

@@ -120,7 +120,9 @@ impl Relay {
             } else {
                 state.next_id += 1;
                 let id = state.next_id;
+                let mut replaced = None;
                 if let Some(old) = state.routes.remove(&key) {
+                    replaced = Some(old.agent.to_string());
                     // Told, so that it says so instead of registering again at once.
                     let _ = old.control.try_send(ToAgent::Replaced {
                         by: peer.to_string(),
@@ -170,10 +172,10 @@ impl Relay {
                     state.channels.insert(channel, (key.clone(), seq));
                 }
                 state.routes.insert(key, route);
-                Some((id, public_refused))
+                Some((id, public_refused, replaced))
             }
         };
-        let Some((id, public_refused)) = registered else {
+        let Some((id, public_refused, replaced)) = registered else {
             let why = format!(
                 "stack `{stack}` already has its limit of {} registered sidecars",
                 self.cfg.limits.sidecars_per_stack
@@ -188,6 +190,7 @@ impl Relay {
             ),
             ready: self.cfg.limits.ready,
             public_refused: public_refused.clone(),
+            replaced,
         };
         if wire::write_frame(&mut stream, &registered).await.is_ok() {
             match &public_refused {
