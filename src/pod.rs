@@ -46,6 +46,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, in the order people read them.
+    pub const ALL: [Role; 6] = [
+        Role::App,
+        Role::Gate,
+        Role::Pause,
+        Role::Tailscale,
+        Role::Nebula,
+        Role::Tor,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Pause => "pause",
@@ -58,15 +68,7 @@ impl Role {
     }
 
     pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "pause" => Some(Role::Pause),
-            "app" => Some(Role::App),
-            "gate" => Some(Role::Gate),
-            "tor" => Some(Role::Tor),
-            "tailscale" => Some(Role::Tailscale),
-            "nebula" => Some(Role::Nebula),
-            _ => None,
-        }
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 

@@ -240,6 +240,23 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     let lock_bytes = read(s.dir.join("stack.lock"));
     s.apply().stdout_has("0 changes");
     assert_eq!(read(s.dir.join("stack.lock")), lock_bytes, "byte-identical");
+    // Another machine's worth of state (its own state dir and containers), given the
+    // committed stack.kdl and stack.lock: the same lock, byte for byte, and the same bytes run.
+    let elsewhere = TestStack::new("lock2");
+    elsewhere.write(&stack_kdl(&image, free_port()));
+    std::fs::write(elsewhere.dir.join("stack.lock"), &lock_bytes).unwrap();
+    elsewhere.apply();
+    assert_eq!(read(elsewhere.dir.join("stack.lock")), lock_bytes);
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.Config.Image}}",
+            &elsewhere.container_id("web", "app").unwrap()
+        ]),
+        first_ref
+    );
+    elsewhere.soul(&["down"]);
 
     // The tag pushed again with other content: apply runs what the lock says.
     push_web(&s, &registry, "2");

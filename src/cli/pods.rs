@@ -14,8 +14,10 @@ pub(super) async fn logs(ctx: &Context, args: &LogsArgs) -> Result<Exit, CliErro
     let role = match args.role.as_deref().map(|r| (r, Role::parse(r))) {
         Some((_, Some(role))) => Some(role),
         Some((r, None)) => {
+            let roles: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
             return Err(CliError::Usage(format!(
-                "`{r}` is not a role: pick app, gate, pause, tailscale, nebula or tor"
+                "`{r}` is not a role: pick one of {}",
+                roles.join(", ")
             )));
         }
         None => None,

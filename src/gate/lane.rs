@@ -27,8 +27,6 @@ mod response;
 
 use response::*;
 
-use super::{ClientConnection, Shared};
-
 /// Request headers the lane parses; a request with more is handed over.
 const MAX_HEADERS: usize = 64;
 /// Response headers and head size the lane accepts from the app: what the full server's
@@ -284,31 +282,44 @@ enum Failed {
     Connection,
 }
 
+/// What the lane needs of the gate and of the connection, and nothing more: the gate's
+/// bounds, its session cookie's name, the app's address, who the client is, and whether a
+/// credential shown on this connection admits (the gate's one policy decides).
+pub(super) struct Door<'a> {
+    pub(super) max_header_bytes: usize,
+    pub(super) max_headers: usize,
+    pub(super) header_timeout: std::time::Duration,
+    pub(super) cookie: &'a str,
+    pub(super) upstream: std::net::SocketAddr,
+    /// The client, for the logs.
+    pub(super) peer: std::net::SocketAddr,
+    /// Whether the gate terminated TLS on this connection.
+    pub(super) tls: bool,
+    /// The client's address as the app's `X-Forwarded-For`.
+    pub(super) forwarded_for: &'a [u8],
+    pub(super) admits: &'a (dyn Fn(Shown) -> bool + Sync),
+}
+
 /// Serves `io`'s requests while they are the lane's; see the module's documentation.
-pub(super) async fn serve<I>(io: &mut I, shared: &Shared, client: &ClientConnection) -> Outcome
+pub(super) async fn serve<I>(io: &mut I, door: &Door<'_>) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut read = BytesMut::with_capacity(8 * 1024);
     let (mut head, mut answer) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut app: Option<App> = None;
-    let max_head = shared.cfg.max_header_bytes;
+    let max_head = door.max_header_bytes;
     loop {
-        let deadline = tokio::time::Instant::now() + shared.cfg.header_timeout;
+        let deadline = tokio::time::Instant::now() + door.header_timeout;
         let forward = loop {
             head.clear();
             let seen = Seen {
-                client: client.forwarded_for.as_bytes(),
-                tls: client.tls,
-                max_headers: shared.cfg.max_headers,
-                cookie: &shared.cookie,
+                client: door.forwarded_for,
+                tls: door.tls,
+                max_headers: door.max_headers,
+                cookie: door.cookie,
             };
-            match request(
-                &read,
-                &seen,
-                |shown| super::authorize(shared, client, shown),
-                &mut head,
-            ) {
+            match request(&read, &seen, door.admits, &mut head) {
                 Request::Forward(forward) => break forward,
                 Request::HandOver => return Outcome::HandOver(read),
                 Request::Partial if read.len() >= max_head => return Outcome::HandOver(read),
@@ -329,7 +340,7 @@ where
             io,
             &mut read,
             &mut app,
-            shared,
+            door.upstream,
             &head,
             rest,
             &forward,
@@ -339,7 +350,7 @@ where
             Ok(true) if !forward.close => {}
             Ok(_) => return Outcome::Closed,
             Err(Failed::App(e)) => {
-                tracing::warn!(source = %client.peer, "the app did not answer: {e}");
+                tracing::warn!(source = %door.peer, "the app did not answer: {e}");
                 app = None;
                 let answer = format!(
                     "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{BAD_GATEWAY}",
@@ -364,7 +375,7 @@ async fn exchange<I>(
     io: &mut I,
     read: &mut BytesMut,
     app: &mut Option<App>,
-    shared: &Shared,
+    upstream: std::net::SocketAddr,
     head: &[u8],
     rest: u64,
     forward: &Forward,
@@ -382,7 +393,7 @@ where
         let mut conn = match app.take() {
             Some(c) => c,
             None => App {
-                stream: connect(shared)
+                stream: connect(upstream)
                     .await
                     .map_err(|e| Failed::App(e.to_string()))?,
                 read: BytesMut::with_capacity(16 * 1024),
@@ -571,8 +582,8 @@ where
     Ok(())
 }
 
-async fn connect(shared: &Shared) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect(shared.cfg.upstream).await?;
+async fn connect(upstream: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(upstream).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

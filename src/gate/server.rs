@@ -259,7 +259,19 @@ pub(super) async fn serve_http<I>(
     });
     let held = client.held.clone();
     let served = async {
-        match lane::serve(&mut io, &shared, &client).await {
+        let admits = |shown: lane::Shown<'_>| super::authorize(&shared, &client, shown);
+        let door = lane::Door {
+            max_header_bytes: shared.cfg.max_header_bytes,
+            max_headers: shared.cfg.max_headers,
+            header_timeout: shared.cfg.header_timeout,
+            cookie: &shared.cookie,
+            upstream: shared.cfg.upstream,
+            peer,
+            tls,
+            forwarded_for: client.forwarded_for.as_bytes(),
+            admits: &admits,
+        };
+        match lane::serve(&mut io, &door).await {
             lane::Outcome::Closed => {
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
             }

@@ -455,7 +455,8 @@ impl StackKey {
 
     /// The key that signs pairing tickets and the gate's browser sessions: derived one way
     /// from the stack key, so the gates can hold it without being able to issue device tokens,
-    /// and it rotates with the stack key.
+    /// and it rotates with the stack key. Its message predates [`Self::derive`]'s shape and is
+    /// kept byte for byte: every ticket and browser session in use is signed with it.
     pub fn link_key(&self) -> [u8; 32] {
         use hmac::Mac as _;
         let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.seed)
@@ -466,6 +467,9 @@ impl StackKey {
 
     /// A 32-byte key derived one way from the stack key for `label` and `parts` (HMAC-SHA256,
     /// each piece followed by a NUL): it rotates with the stack key and reveals nothing of it.
+    /// HMAC-SHA256 with a fixed key is a PRF, all HKDF-Expand does with one block; HKDF proper
+    /// (Extract, then Expand) would give other bytes, and these are the gates' pins and the
+    /// relay's `allow` lines that devices and relays hold: changing them would re-pair everyone.
     pub fn derive(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         use hmac::Mac as _;
         let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.seed)
