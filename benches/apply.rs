@@ -12,6 +12,9 @@
 //! Needs a Docker engine and Debian's docker-compose (and docker-registry for the last); builds
 //! soul's image itself.
 
+mod common;
+use common::{median, ms, verdict};
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -372,19 +375,6 @@ fn timed(mut c: Command) -> Duration {
         String::from_utf8_lossy(&o.stderr)
     );
     t
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
 }
 
 const REGISTRY_SIDECARS: usize = 5;

@@ -78,7 +78,7 @@ fn main() {
     let pin = served_pin(lan);
     // wrk resolves through the phone's /etc/hosts, which `ip netns exec` takes from here.
     let _hosts_file = NetnsHosts::new(
-        &hosts.phone,
+        &hosts.device,
         &format!("{} {public} {pinned}\n", hosts.vps_wan),
     );
 
@@ -125,7 +125,7 @@ fn main() {
 }
 
 fn in_phone(hosts: &Hosts, program: &str) -> Command {
-    Hosts::in_ns(&hosts.phone, program)
+    Hosts::in_ns(&hosts.device, program)
 }
 
 /// Requests/s `wrk` reaches at `https://<name>/` from the phone.

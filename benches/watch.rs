@@ -6,6 +6,9 @@
 //!   container's own start time, measured by the anchor);
 //! - idle cost over 60 s with nothing changing: RSS (goal < 20 MB) and CPU seconds (< 0.1 s).
 
+mod common;
+use common::{median, ms, verdict};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -202,17 +205,4 @@ fn cpu_seconds(pid: u32) -> f64 {
         .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
 }

@@ -26,11 +26,13 @@
 //! - [`export`]: the stack as a Compose file or Kubernetes manifests.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`quiet`]: log lines a flood would repeat, said once per interval.
+//! - [`accept`]: the servers' accept loop, which waits out a failed accept.
 //! - [`rewind`]: a stream whose first bytes were already read, put back in front.
 //! - [`cli`]: the commands, their output, and exit codes.
 //!
 //! `docs/architecture.md` draws the map: which module imports which, and where a new
 //! transport goes.
+pub mod accept;
 pub mod backoff;
 pub mod bridge;
 pub mod cli;

@@ -34,7 +34,7 @@ fn phone_chromium(hosts: &Hosts, home: &Path, root: &Path, map: &str, url: &str)
             .arg(root))
         .exited(0);
     }
-    let o = run(Hosts::in_ns(&hosts.phone, "timeout")
+    let o = run(Hosts::in_ns(&hosts.device, "timeout")
         .env("HOME", home)
         .args(["90", "chromium"])
         .args(HEADLESS_CHROMIUM)
@@ -155,7 +155,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
     );
     let root = pebble.issuing_root();
     let vps_https = |path: &str| {
-        run(Hosts::in_ns(&hosts.phone, "curl")
+        run(Hosts::in_ns(&hosts.device, "curl")
             .args(["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
             .arg("--cacert")
             .arg(&root)
@@ -210,7 +210,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
     let lan_refusal = run(Command::new("curl")
         .args(["-sk", "-m", "10", "-w", "\n%{http_code}"])
         .arg(format!("https://127.0.0.1:{lan}/notes")));
-    let o = run(Hosts::in_ns(&hosts.phone, "curl")
+    let o = run(Hosts::in_ns(&hosts.device, "curl")
         .args(["-s", "-m", "10", "-w", "\n%{http_code}", "--cacert"])
         .arg(&root)
         .arg("--resolve")
@@ -249,7 +249,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
     let dom = phone_chromium(&hosts, &phone, &root, &via_vps, &link);
     assert!(dom.contains(APP_TEXT), "did not land on the app: {dom}");
     // Out of the house: the LAN is cut; the same page with the same cookie through the VPS.
-    hosts.phone_lan("down");
+    hosts.device_lan("down");
     let dom = phone_chromium(&hosts, &phone, &root, &via_vps, &format!("https://{name}/"));
     assert!(
         dom.contains(APP_TEXT),
@@ -259,7 +259,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
 
     // Back home, split DNS sends the name to the gate's LAN port: a valid certificate, and
     // the same cookie.
-    hosts.phone_lan("up");
+    hosts.device_lan("up");
     let at_home = format!("{name} {}:{lan}", hosts.home_lan);
     let dom = phone_chromium(&hosts, &phone, &root, &at_home, &format!("https://{name}/"));
     assert!(dom.contains(APP_TEXT), "not paired at home: {dom}");

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::netns::Hosts;
 use support::*;
 
 /// The address the pods reach this host at: the source address of its default route, else
@@ -160,7 +161,8 @@ fn relay_stack(s: &TestStack, lan: u16, relay: Option<(&str, u16)>) {
         .map(|(h, p)| format!("relay \"{h}:{p}\" pin=\"{}\"\n", relay_pin()))
         .unwrap_or_default();
     s.write(&format!(
-        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan}\n}}\n{relay}device \"laptop\"\n"
+        "stack \"{{stack}}\"\n{notes}transport {{\n    lan port={lan}\n}}\n{relay}device \"laptop\"\n",
+        notes = demo_sidecar("notes")
     ));
 }
 
@@ -458,81 +460,9 @@ fn agents_re_register_after_a_relay_restart_and_codes_drop_the_relay_while_it_is
     );
 }
 
-/// Three hosts on this machine: "home" is this host (the engine, the pod's published LAN port),
-/// "vps" and "laptop" are network namespaces the test makes, wired with veth pairs:
-/// home–laptop (the LAN), home–vps (the internet as the pod's agent sees it), laptop–vps (the
-/// internet as the laptop sees it). Everything is removed on drop.
-struct Hosts {
-    laptop: String,
-    vps: String,
-    /// This host's address on the LAN link, the VPS's address the agent dials, the laptop's
-    /// LAN link.
-    home_lan: String,
-    vps_addr: String,
-    laptop_lan_dev: String,
-    host_devs: Vec<String>,
-}
-
-impl Hosts {
-    fn new() -> Hosts {
-        ensure_command("ip", "iproute2");
-        ensure_command("iptables", "iptables");
-        let id = std::process::id();
-        let net = |k: u32| format!("10.{}.{}", 200 + (id % 50), (id / 50 % 80) * 3 + k);
-        let (lan, up, wan) = (net(0), net(1), net(2));
-        let tag = id % 100_000;
-        let (laptop, vps) = (format!("soul{tag}-laptop"), format!("soul{tag}-vps"));
-        let sh = |script: &str| {
-            let o = run(Command::new("sh").args(["-ec", script]));
-            assert!(o.status.success(), "{script}\n{}", text(&o));
-        };
-        sh(&format!(
-            "ip netns add {laptop}; ip netns add {vps}
-             ip -n {laptop} link set lo up; ip -n {vps} link set lo up
-             ip link add sl{tag}h type veth peer name sl{tag}l
-             ip link set sl{tag}l netns {laptop}
-             ip addr add {lan}.1/24 dev sl{tag}h; ip link set sl{tag}h up
-             ip -n {laptop} addr add {lan}.2/24 dev sl{tag}l; ip -n {laptop} link set sl{tag}l up
-             ip link add sv{tag}h type veth peer name sv{tag}v
-             ip link set sv{tag}v netns {vps}
-             ip addr add {up}.1/24 dev sv{tag}h; ip link set sv{tag}h up
-             ip -n {vps} addr add {up}.2/24 dev sv{tag}v; ip -n {vps} link set sv{tag}v up
-             ip -n {laptop} link add sw{tag}l type veth peer name sw{tag}v netns {vps}
-             ip -n {laptop} addr add {wan}.1/24 dev sw{tag}l; ip -n {laptop} link set sw{tag}l up
-             ip -n {vps} addr add {wan}.2/24 dev sw{tag}v; ip -n {vps} link set sw{tag}v up
-             ip -n {laptop} route add {up}.2/32 via {wan}.2"
-        ));
-        Hosts {
-            laptop,
-            vps,
-            home_lan: format!("{lan}.1"),
-            vps_addr: format!("{up}.2"),
-            laptop_lan_dev: format!("sl{tag}l"),
-            host_devs: vec![format!("sl{tag}h"), format!("sv{tag}h")],
-        }
-    }
-
-    /// Runs a shell script in the laptop's namespace.
-    fn on_laptop(&self, script: &str) {
-        let o = run(Command::new("ip").args(["netns", "exec", &self.laptop, "sh", "-ec", script]));
-        assert!(o.status.success(), "{script}\n{}", text(&o));
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in [&self.laptop, &self.vps] {
-            let _ = run(Command::new("ip").args(["netns", "del", ns]));
-        }
-        for dev in &self.host_devs {
-            let _ = run(Command::new("ip").args(["link", "del", dev]));
-        }
-    }
-}
-
 /// `soul connect --probe` on the laptop: the chosen path and the milliseconds it took.
 fn probe_on_laptop(hosts: &Hosts, s: &TestStack, pairing: &str) -> (String, u64) {
-    let o = run(in_ns(Some(&hosts.laptop), SOUL)
+    let o = run(in_ns(Some(&hosts.device), SOUL)
         .args(["connect", pairing, "--probe"])
         .env("XDG_CONFIG_HOME", s.dir.join("laptop-config")));
     assert!(o.status.success(), "{}", text(&o));
@@ -595,6 +525,7 @@ fn nebula_config(pki: &Path, name: &str, port: u16, lighthouse_at: Option<&str>)
 fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up() {
     ensure_images();
     ensure_command("curl", "curl");
+    ensure_command("iptables", "iptables");
     let hosts = Hosts::new();
     let s = TestStack::new("relay-hosts");
     let (lan, port, status, lh_port) = (free_port(), free_ports(1), free_ports(1), free_ports(1));
@@ -612,7 +543,7 @@ fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up()
             ("lap", "10.99.0.3/24"),
         ],
     );
-    let lighthouse_at = format!("{}:{lh_port}", hosts.vps_addr);
+    let lighthouse_at = format!("{}:{lh_port}", hosts.vps_up);
     let _lighthouse = NebulaNode::start(
         &hosts.vps,
         &pki,
@@ -620,7 +551,7 @@ fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up()
         &nebula_config(&pki, "lh", lh_port, None),
     );
     let _laptop_node = NebulaNode::start(
-        &hosts.laptop,
+        &hosts.device,
         &pki,
         "lap",
         &nebula_config(&pki, "lap", 0, Some(&lighthouse_at)),
@@ -630,12 +561,7 @@ fn the_laptop_falls_back_from_the_lan_to_nebula_to_the_relay_and_moves_back_up()
     // Nebula address and the VPS, in that order.
     s.write(&format!(
         r#"stack "{{stack}}"
-sidecar "notes" {{
-    image "soul:latest"
-    command "demo-app" "--port=8080"
-    port 8080
-}}
-transport {{
+{notes}transport {{
     order "lan" "nebula" "relay"
     lan port={lan} address="{home}"
     nebula lighthouse="{lighthouse_at}" lighthouse-ip="10.99.0.1" ip="10.99.0.2/24" ca-file="{ca}" cert-file="{crt}" key-file="{key}" image="{NEBULA}"
@@ -643,9 +569,10 @@ transport {{
 relay "{vps}:{port}" pin="{pin}"
 device "laptop"
 "#,
+        notes = demo_sidecar("notes"),
         pin = relay_pin(),
         home = hosts.home_lan,
-        vps = hosts.vps_addr,
+        vps = hosts.vps_up,
         ca = pki.join("ca.crt").display(),
         crt = pki.join("pod.crt").display(),
         key = pki.join("pod.key").display(),
@@ -657,7 +584,7 @@ device "laptop"
     assert!(
         uri.contains(&format!(
             "&addr=lan:{}:{lan}&addr=nebula:10.99.0.2:8443&addr=relay:{}:{port}&",
-            hosts.home_lan, hosts.vps_addr
+            hosts.home_lan, hosts.vps_up
         )),
         "{uri}"
     );
@@ -665,7 +592,7 @@ device "laptop"
     // The laptop's tunnel to the pod comes up (the pod answers the lighthouse's punch).
     let start = Instant::now();
     loop {
-        let o = run(in_ns(Some(&hosts.laptop), "curl").args([
+        let o = run(in_ns(Some(&hosts.device), "curl").args([
             "-sk",
             "-m",
             "3",
@@ -692,7 +619,7 @@ device "laptop"
     // The LAN black-holed (its TCP dropped; Nebula's UDP still flows): Nebula, one stagger
     // (250 ms) and a handshake later.
     let home = &hosts.home_lan;
-    hosts.on_laptop(&format!("iptables -A OUTPUT -d {home} -p tcp -j DROP"));
+    hosts.on_device(&format!("iptables -A OUTPUT -d {home} -p tcp -j DROP"));
     let (path, ms) = probe_on_laptop(&hosts, &s, &name);
     assert_eq!(path, "nebula");
     assert!(
@@ -701,7 +628,7 @@ device "laptop"
     );
     eprintln!("figure: LAN black-holed → nebula in {ms} ms");
     // The LAN refusing (RST): Nebula at once, without waiting for the stagger.
-    hosts.on_laptop(&format!(
+    hosts.on_device(&format!(
         "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -p tcp -j REJECT --reject-with tcp-reset"
     ));
     let (path, ms) = probe_on_laptop(&hosts, &s, &name);
@@ -709,7 +636,7 @@ device "laptop"
     assert!(ms < 250, "refusing LAN: Nebula after {ms} ms");
     eprintln!("figure: LAN refusing → nebula in {ms} ms");
     // The whole home unreachable (the LAN and Nebula's underlay): the relay, two staggers in.
-    hosts.on_laptop(&format!(
+    hosts.on_device(&format!(
         "iptables -F OUTPUT; iptables -A OUTPUT -d {home} -j DROP"
     ));
     let (path, ms) = probe_on_laptop(&hosts, &s, &name);
@@ -724,7 +651,7 @@ device "laptop"
     // when the laptop's addresses change.
     let log = s.dir.join("connect.log");
     let local = free_ports(1);
-    let mut forward = in_ns(Some(&hosts.laptop), SOUL)
+    let mut forward = in_ns(Some(&hosts.device), SOUL)
         .args(["connect", &name, "--listen", &format!("127.0.0.1:{local}")])
         .env("XDG_CONFIG_HOME", s.dir.join("laptop-config"))
         .stdout(Stdio::null())
@@ -745,7 +672,7 @@ device "laptop"
         start.elapsed()
     };
     wait_for("path: relay:", Duration::from_secs(5));
-    hosts.on_laptop("iptables -F OUTPUT");
+    hosts.on_device("iptables -F OUTPUT");
     let back = wait_for("→ lan:", Duration::from_secs(8));
     // Within the probe interval (5 s), and the race that follows it.
     assert!(
@@ -754,9 +681,9 @@ device "laptop"
     );
     eprintln!("figure: LAN restored → back on the LAN after {back:?}");
     let lan_net = hosts.home_lan.rsplit_once('.').unwrap().0;
-    hosts.on_laptop(&format!(
+    hosts.on_device(&format!(
         "ip addr add {lan_net}.77/24 dev {}",
-        hosts.laptop_lan_dev
+        hosts.device_lan_dev
     ));
     let rechosen = wait_for("the network changed", Duration::from_secs(3));
     assert!(

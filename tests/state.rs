@@ -13,17 +13,13 @@ use support::*;
 fn stack_kdl(lan: u16, devices: &str, generation: u64) -> String {
     format!(
         r#"stack "{{stack}}"
-sidecar "notes" {{
-    image "soul:latest"
-    command "demo-app" "--port=8080"
-    port 8080
-}}
-transport {{
+{notes}transport {{
     lan port={lan} address="192.168.1.20"
 }}
 secret-generation {generation}
 {devices}
-"#
+"#,
+        notes = demo_sidecar("notes")
     )
 }
 
@@ -415,8 +411,9 @@ fn a_laptop_follows_its_moved_home_through_the_relay_to_the_new_lan_address() {
     let (old_port, new_port) = (free_port(), free_port());
     let kdl = |port: u16, relay: &str| {
         format!(
-            "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={port} address=\"{}\"\n}}\ndevice \"laptop\"\n{relay}",
-            hosts.home_lan
+            "stack \"{{stack}}\"\n{notes}transport {{\n    lan port={port} address=\"{}\"\n}}\ndevice \"laptop\"\n{relay}",
+            hosts.home_lan,
+            notes = demo_sidecar("notes")
         )
     };
     s.write(&kdl(old_port, ""));
@@ -426,20 +423,9 @@ fn a_laptop_follows_its_moved_home_through_the_relay_to_the_new_lan_address() {
     let relay_line = format!("relay \"{}:443\" pin=\"{pin}\"\n", hosts.vps_up);
     s.write(&kdl(old_port, &relay_line));
     s.apply();
-    // The laptop reaches the VPS's address the pods register at.
-    run(Command::new("ip").args([
-        "-n",
-        &hosts.phone,
-        "route",
-        "add",
-        &format!("{}/32", hosts.vps_up),
-        "via",
-        &hosts.vps_wan,
-    ]))
-    .exited(0);
     let config = s.dir.join("laptop-config");
     let laptop = |pairing: &str| {
-        let o = run(Hosts::in_ns(&hosts.phone, SOUL)
+        let o = run(Hosts::in_ns(&hosts.device, SOUL)
             .args(["connect", pairing, "--probe"])
             .env("XDG_CONFIG_HOME", &config));
         assert!(o.status.success(), "laptop: {}", text(&o));

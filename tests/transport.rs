@@ -46,18 +46,14 @@ fn tor_publishes_an_onion_address_offline_that_reaches_the_pairing_uri_and_survi
     let lan = free_port();
     s.write(&format!(
         r#"stack "{{stack}}"
-sidecar "notes" {{
-    image "soul:latest"
-    command "demo-app" "--port=8080"
-    port 8080
-}}
-transport {{
+{notes}transport {{
     order "lan" "tor"
     lan port={lan} address="192.168.1.20"
     tor image="{TOR}"
 }}
 device "phone"
-"#
+"#,
+        notes = demo_sidecar("notes")
     ));
     let o = s.apply();
     o.stderr_lacks("not known yet");

@@ -34,14 +34,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("cannot accept a local connection: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = crate::accept::next(&listener, "the local forward") => accepted,
             () = &mut shutdown => return,
         };
         let Ok(local_addr) = stream.local_addr() else {

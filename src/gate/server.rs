@@ -132,15 +132,7 @@ pub(super) async fn accept(
             _ = &mut shutdown => return Ok(()),
         }
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, say: wait rather than stop serving.
-                    tracing::warn!("gate cannot accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = crate::accept::next(listener, "gate") => accepted,
             _ = &mut shutdown => return Ok(()),
         };
         let slot = match shared.slots.acquire(Some(peer.ip())).await {

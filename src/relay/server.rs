@@ -152,14 +152,7 @@ impl Relay {
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("relay cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::accept::next(&listener, "relay") => accepted,
                 () = &mut shutdown => return,
             };
             let Some(pending) = Pending::reserve(&self, peer.ip()) else {

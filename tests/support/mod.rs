@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod memory;
+pub mod netns;
 pub mod public_name;
 
 use std::io::{Read, Write};
@@ -691,6 +692,13 @@ pub fn nebula_pki(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
         );
     }
     pki
+}
+
+/// The demo app (soul's own image, serving on 8080) as sidecar `name`, as stack.kdl spells it.
+pub fn demo_sidecar(name: &str) -> String {
+    format!(
+        "sidecar \"{name}\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\n"
+    )
 }
 
 /// A child process that is killed and reaped when dropped, so a test that fails half-way

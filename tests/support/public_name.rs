@@ -3,108 +3,11 @@
 //! VPS, and `soul relay serve` there on 443 with the domain `relay.test`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
+pub use super::netns::Hosts;
 use super::*;
-
-/// The test's hosts, wired with veth pairs: home–vps (the internet as the pod's agent and the
-/// CA see it), home–phone (the LAN), phone–vps (the internet as the phone sees it). Removed
-/// on drop.
-pub struct Hosts {
-    pub vps: String,
-    pub phone: String,
-    /// The VPS's address from home (and the CA's view of it).
-    pub vps_up: String,
-    /// The VPS's address from the phone.
-    pub vps_wan: String,
-    /// This host's address on the LAN link, and the phone's end of it.
-    pub home_lan: String,
-    pub phone_lan_dev: String,
-    pub vps_wan_dev: String,
-    pub host_devs: Vec<String>,
-}
-
-impl Hosts {
-    pub fn new() -> Hosts {
-        ensure_command("ip", "iproute2");
-        let id = std::process::id();
-        let net = |k: u32| format!("10.{}.{}", 150 + (id % 50), (id / 50 % 80) * 3 + k);
-        let (lan, up, wan) = (net(0), net(1), net(2));
-        let tag = id % 100_000;
-        let (phone, vps) = (format!("soul{tag}-phone"), format!("soul{tag}-pvps"));
-        let o = run(Command::new("sh").args([
-            "-ec",
-            &format!(
-                "ip netns add {phone}; ip netns add {vps}
-                 ip -n {phone} link set lo up; ip -n {vps} link set lo up
-                 ip link add q{tag}h type veth peer name q{tag}p
-                 ip link set q{tag}p netns {phone}
-                 ip addr add {lan}.1/24 dev q{tag}h; ip link set q{tag}h up
-                 ip -n {phone} addr add {lan}.2/24 dev q{tag}p; ip -n {phone} link set q{tag}p up
-                 ip link add p{tag}h type veth peer name p{tag}v
-                 ip link set p{tag}v netns {vps}
-                 ip addr add {up}.1/24 dev p{tag}h; ip link set p{tag}h up
-                 ip -n {vps} addr add {up}.2/24 dev p{tag}v; ip -n {vps} link set p{tag}v up
-                 ip -n {vps} route add default via {up}.1
-                 ip -n {phone} link add r{tag}p type veth peer name r{tag}v netns {vps}
-                 ip -n {phone} addr add {wan}.1/24 dev r{tag}p; ip -n {phone} link set r{tag}p up
-                 ip -n {vps} addr add {wan}.2/24 dev r{tag}v; ip -n {vps} link set r{tag}v up"
-            ),
-        ]));
-        assert!(o.status.success(), "{}", text(&o));
-        Hosts {
-            vps,
-            phone,
-            vps_up: format!("{up}.2"),
-            vps_wan: format!("{wan}.2"),
-            home_lan: format!("{lan}.1"),
-            phone_lan_dev: format!("q{tag}p"),
-            vps_wan_dev: format!("r{tag}v"),
-            host_devs: vec![format!("q{tag}h"), format!("p{tag}h")],
-        }
-    }
-
-    /// Plugs the phone's LAN in (`up`) or out (`down`).
-    pub fn phone_lan(&self, state: &str) {
-        run(Command::new("ip").args([
-            "-n",
-            &self.phone,
-            "link",
-            "set",
-            &self.phone_lan_dev,
-            state,
-        ]))
-        .exited(0);
-    }
-
-    pub fn in_ns(ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in [&self.phone, &self.vps] {
-            let _ = run(Command::new("ip").args(["netns", "del", ns]));
-        }
-        for dev in &self.host_devs {
-            let _ = run(Command::new("ip").args(["link", "del", dev]));
-        }
-    }
-}
-
-/// A child process killed on drop.
-pub struct Running(pub Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Running {
     let out = std::fs::File::create(log).unwrap();
@@ -285,8 +188,9 @@ pub fn stack_going_public(
     device: &str,
 ) -> Running {
     let base = format!(
-        "stack \"{{stack}}\"\nsidecar \"notes\" {{\n    image \"soul:latest\"\n    command \"demo-app\" \"--port=8080\"\n    port 8080\n}}\ntransport {{\n    lan port={lan} address=\"{}\"\n}}\ndevice \"{device}\"\n",
-        hosts.home_lan
+        "stack \"{{stack}}\"\n{notes}transport {{\n    lan port={lan} address=\"{}\"\n}}\ndevice \"{device}\"\n",
+        hosts.home_lan,
+        notes = demo_sidecar("notes")
     );
     s.write(&base);
     s.apply();
