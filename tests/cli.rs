@@ -393,7 +393,7 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
     let original = "// my stack: commit this file\nstack \"home\"   // the name\n\nsidecar \"notes\" {\n    image \"ghcr.io/example/notes:1.4\"   // pinned\n    port 8080\n}\n\n// reached on the LAN for now\ntransport {\n    lan port=9443 address=\"192.168.1.20\"   // the NAS\n}\n\ndevice \"alice-phone\"   // Alice\n";
     std::fs::write(&file, original).unwrap();
     let f = file.to_str().unwrap();
-    let o = soul_offline(&[
+    let headscale = [
         "bridge",
         "init",
         "-f",
@@ -403,7 +403,8 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
         "--authkey-file",
         "/run/secrets/hs",
         "--yes",
-    ]);
+    ];
+    let o = soul_offline(&headscale);
     o.exited(0);
     let diff = o.stdout_text();
     let mut changed = diff.lines().filter(|l| {
@@ -442,17 +443,7 @@ fn bridge_init_changes_only_the_transport_block_and_keeps_comments() {
         .stdout_has("transports: lan, headscale");
 
     // Running it again changes nothing; another choice replaces the block again.
-    let o = soul_offline(&[
-        "bridge",
-        "init",
-        "-f",
-        f,
-        "--headscale",
-        "https://hs.example.com",
-        "--authkey-file",
-        "/run/secrets/hs",
-        "--yes",
-    ]);
+    let o = soul_offline(&headscale);
     o.stdout_has("nothing to change");
     let o = soul_offline(&["bridge", "init", "-f", f, "--tor", "--yes"]);
     o.exited(0);

@@ -125,21 +125,7 @@ impl Drop for Gate {
 }
 
 fn registry(devices: &[(&str, u64)]) -> Registry {
-    Registry {
-        devices: devices
-            .iter()
-            .map(|(n, g)| {
-                (
-                    n.to_string(),
-                    DeviceEntry {
-                        generation: *g,
-                        issued_at: 1000,
-                        expires_at: None,
-                    },
-                )
-            })
-            .collect(),
-    }
+    Registry::of_generations(devices, 1000)
 }
 
 fn write_keys(dir: &std::path::Path, key: &StackKey, reg: &Registry) {

@@ -741,13 +741,18 @@ fn a_running_watch_puts_the_relay_into_the_codes_once_the_pod_registers() {
     );
     // And drops it when the relay goes away.
     drop(relay);
+    await_relay_left_the_codes(&s, &log, Duration::from_secs(10));
+}
+
+/// Waits until laptop's code no longer names the relay, showing the watch's log if it does.
+fn await_relay_left_the_codes(s: &TestStack, log: &Path, within: Duration) {
     wait_until(
-        Duration::from_secs(10),
-        || !code_carries_the_relay(&s),
+        within,
+        || !code_carries_the_relay(s),
         || {
             format!(
                 "the watch kept a relay the pod is no longer registered with:\n{}",
-                read(&log)
+                read(log)
             )
         },
     );
@@ -793,16 +798,7 @@ fn a_registration_the_poll_never_saw_still_leaves_the_codes_when_it_ends() {
     );
     drop(relay);
     // Within one poll of the registration's end, whatever the poll saw before.
-    wait_until(
-        Duration::from_secs(25),
-        || !code_carries_the_relay(&s),
-        || {
-            format!(
-                "the watch kept a relay the pod is no longer registered with:\n{}",
-                read(&log)
-            )
-        },
-    );
+    await_relay_left_the_codes(&s, &log, Duration::from_secs(25));
 }
 
 #[test]

@@ -386,7 +386,8 @@ pub fn read_code(arg: &str) -> Result<String, ClientError> {
     let bytes = crate::files::read_bounded(path, MAX_CODE_FILE)
         .map_err(|e| ClientError::Input(format!("cannot read {arg}: {e}")))?;
     if bytes.starts_with(b"\x89PNG") {
-        return qr_text(&bytes).map_err(|why| ClientError::Input(format!("{arg}: {why}")));
+        return crate::pairing::qr::decode_png(&bytes)
+            .map_err(|why| ClientError::Input(format!("{arg}: {why}")));
     }
     String::from_utf8(bytes)
         .map(|s| s.trim().to_string())
@@ -397,40 +398,5 @@ pub fn read_code(arg: &str) -> Result<String, ClientError> {
 
 /// The largest file `soul connect` reads a code from: a photo of a QR code, not an archive.
 const MAX_CODE_FILE: u64 = 32 << 20;
-/// The most pixels a PNG of a code may have, checked before it is decoded: a QR code never
-/// needs more than a few megapixels, and a 30000×30000 image would take gigabytes.
-const MAX_CODE_PIXELS: u64 = 16 << 20;
-
-/// The text of the QR code in a PNG.
-fn qr_text(png: &[u8]) -> Result<String, String> {
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(png));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().map_err(|e| format!("not a PNG: {e}"))?;
-    let (w, h) = (reader.info().width, reader.info().height);
-    if u64::from(w) * u64::from(h) > MAX_CODE_PIXELS {
-        return Err(format!(
-            "a {w}×{h} image is larger than a QR code ever needs ({} megapixels at most): crop it",
-            MAX_CODE_PIXELS >> 20
-        ));
-    }
-    let mut buf = vec![0; reader.output_buffer_size().ok_or("a PNG too large")?];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| format!("not a PNG: {e}"))?;
-    let channels = info.color_type.samples();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let luma = |x: usize, y: usize| buf[(y * w + x) * channels];
-    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, luma);
-    let grid = image
-        .detect_grids()
-        .into_iter()
-        .next()
-        .ok_or("no QR code found in the image")?;
-    let (_, text) = grid
-        .decode()
-        .map_err(|e| format!("the QR code does not decode: {e}"))?;
-    Ok(text)
-}
-
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,59 @@ pub enum QrError {
     Png(String),
 }
 
+/// Why a picture gave no QR code's text.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a PNG: {0}")]
+    NotPng(String),
+    #[error(
+        "a {width}×{height} image is larger than a QR code ever needs ({} megapixels at most): crop it",
+        MAX_CODE_PIXELS >> 20
+    )]
+    TooLarge { width: u32, height: u32 },
+    #[error("no QR code found in the image")]
+    NoCode,
+    #[error("the QR code does not decode: {0}")]
+    Undecodable(String),
+}
+
+/// The most pixels a PNG of a code may have, checked before it is decoded: a QR code never
+/// needs more than a few megapixels, and a 30000×30000 image would take gigabytes.
+pub const MAX_CODE_PIXELS: u64 = 16 << 20;
+
+/// The text of the (first) QR code in a PNG: a code soul wrote, or a photo of one.
+pub fn decode_png(png: &[u8]) -> Result<String, DecodeError> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| DecodeError::NotPng(e.to_string()))?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if u64::from(width) * u64::from(height) > MAX_CODE_PIXELS {
+        return Err(DecodeError::TooLarge { width, height });
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| DecodeError::NotPng("its size overflows".into()))?;
+    let mut buf = vec![0; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| DecodeError::NotPng(e.to_string()))?;
+    let channels = info.color_type.samples();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let luma = |x: usize, y: usize| buf[(y * w + x) * channels];
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, luma);
+    let grid = image
+        .detect_grids()
+        .into_iter()
+        .next()
+        .ok_or(DecodeError::NoCode)?;
+    let (_, text) = grid
+        .decode()
+        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    Ok(text)
+}
+
 /// The QR code of `data`, byte mode, error correction M, the smallest version that fits.
 pub fn encode(data: &str) -> Result<QrCode, QrError> {
     QrCode::with_error_correction_level(data.as_bytes(), EcLevel::M)
@@ -109,16 +162,7 @@ mod tests {
         let data = "soul://pair?v=1&stack=home&sidecar=notes&device=a&token=x.y.z";
         let code = encode(data).unwrap();
         let bytes = png(&code).unwrap();
-        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-        let mut reader = decoder.read_info().unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        let (w, h) = (info.width as usize, info.height as usize);
-        let mut img = rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| buf[y * w + x]);
-        let grids = img.detect_grids();
-        assert_eq!(grids.len(), 1);
-        let (_, content) = grids[0].decode().unwrap();
-        assert_eq!(content, data);
+        assert_eq!(decode_png(&bytes).unwrap(), data);
         assert!(svg(&code).starts_with("<?xml"));
         assert!(terminal(&code).contains('█'));
     }

@@ -148,7 +148,6 @@ pub fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -159,24 +158,9 @@ mod tests {
     fn issue(key: &StackKey, claims: &Claims) -> Result<String, TokenError> {
         super::issue(key, claims).map(|token| token.expose().to_string())
     }
-    use crate::state::DeviceEntry;
 
-    fn registry(entries: &[(&str, u64)]) -> Registry {
-        Registry {
-            devices: entries
-                .iter()
-                .map(|(n, g)| {
-                    (
-                        n.to_string(),
-                        DeviceEntry {
-                            generation: *g,
-                            issued_at: 1000,
-                            expires_at: None,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
-        }
+    fn registry(devices: &[(&str, u64)]) -> Registry {
+        Registry::of_generations(devices, 1000)
     }
 
     fn key() -> StackKey {

@@ -559,6 +559,23 @@ pub struct DeviceEntry {
 }
 
 impl Registry {
+    /// Devices at these generations, each issued at `issued_at` (unix seconds), none expiring.
+    pub fn of_generations(devices: &[(&str, u64)], issued_at: u64) -> Registry {
+        Registry {
+            devices: devices
+                .iter()
+                .map(|(name, generation)| {
+                    let entry = DeviceEntry {
+                        generation: *generation,
+                        issued_at,
+                        expires_at: None,
+                    };
+                    (name.to_string(), entry)
+                })
+                .collect(),
+        }
+    }
+
     pub fn to_file(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
         v.push(b'\n');
