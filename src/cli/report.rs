@@ -284,3 +284,41 @@ pub(super) fn watch_lines(watch: Option<&reconcile::WatchStatus>) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two machines of one stack at the relay: each machine's status says its side, the newer
+    /// one's for a day.
+    #[test]
+    fn each_machine_says_its_side_of_a_relay_registration_taken_over() {
+        let now = unix_now();
+        let record = |by: &str, at: u64| reconcile::RelayReplaced {
+            sidecar: "notes".into(),
+            by: by.into(),
+            at,
+        };
+        let old_machine = reconcile::RelayConflicts {
+            replaced: vec![record("203.0.113.9:40000", now - 60)],
+            took_over: Vec::new(),
+        };
+        let said = relay_conflict_lines(&old_machine, now);
+        assert!(
+            said.contains("another machine registered notes at the relay (203.0.113.9:40000")
+                && said.contains("`soul down` here"),
+            "{said}"
+        );
+        let new_machine = reconcile::RelayConflicts {
+            replaced: Vec::new(),
+            took_over: vec![record("198.51.100.4:51000", now - 3600)],
+        };
+        let said = relay_conflict_lines(&new_machine, now);
+        assert!(
+            said.contains("notes took the relay's registration over from 198.51.100.4:51000"),
+            "{said}"
+        );
+        let a_day_later = relay_conflict_lines(&new_machine, now + 24 * 3600);
+        assert!(a_day_later.is_empty(), "{a_day_later}");
+    }
+}
