@@ -269,6 +269,11 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     o.stdout_has(&format!("web: {image} "));
     let second = locked(&s, &image).unwrap();
     assert_ne!(second, first);
+    // plan says that what runs differs from the lock: web's app is recreated, nothing else.
+    let o = s.soul(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    o.stdout_has(&format!("{}-web@{second}", s.name));
+    assert!(!o.stdout_text().contains("_other_app"), "{}", text(&o));
     s.apply();
     assert_ne!(
         s.container_id("web", "app").unwrap(),
