@@ -284,6 +284,11 @@ pub(super) async fn down(ctx: &Context, args: &DownArgs) -> Result<Exit, CliErro
 
 /// `soul prune`: the images soul pulled for this stack that no container uses, removed.
 pub(super) async fn prune(ctx: &Context) -> Result<Exit, CliError> {
+    // A stack never applied here pulled nothing: no state dir is made for it.
+    if !ctx.state().path().exists() {
+        out("no unused image that soul pulled for this stack\n");
+        return Ok(Exit::Ok);
+    }
     let dir = ctx.open_state()?;
     let _lock = lock(&dir, &ctx.stack, "holds")?;
     let docker = Docker::connect().await?;
