@@ -40,6 +40,16 @@ fn served(s: &TestStack, port: u16, timeout: Duration) -> Option<String> {
         .map(|(_, body)| body)
 }
 
+/// A stack of [`two_sidecars`] (UTC) applied, and its first LAN port.
+fn two_sidecars_applied(tag: &str) -> (TestStack, u16) {
+    ensure_images();
+    let s = TestStack::new(tag);
+    let lan = free_port();
+    s.write(&two_sidecars(lan, "UTC"));
+    s.apply();
+    (s, lan)
+}
+
 #[test]
 fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     ensure_images();
@@ -172,11 +182,7 @@ fn second_apply_makes_no_mutating_docker_call() {
 
 #[test]
 fn changing_one_env_value_recreates_only_that_container() {
-    ensure_images();
-    let s = TestStack::new("env");
-    let lan = free_port();
-    s.write(&two_sidecars(lan, "UTC"));
-    s.apply();
+    let (s, lan) = two_sidecars_applied("env");
     let before = s.containers();
     s.write(&two_sidecars(lan, "Europe/Berlin"));
     let plan = s.soul(&["plan", "--detailed-exitcode"]);
@@ -225,11 +231,7 @@ fn changing_the_lan_port_recreates_the_pod_and_serves_on_the_new_port() {
 
 #[test]
 fn removing_a_sidecar_removes_its_containers_but_keeps_its_volume() {
-    ensure_images();
-    let s = TestStack::new("remove");
-    let lan = free_port();
-    s.write(&two_sidecars(lan, "UTC"));
-    s.apply();
+    let (s, lan) = two_sidecars_applied("remove");
     let only_hello = two_sidecars(lan, "UTC");
     let start = only_hello.find("sidecar \"web\"").unwrap();
     let end = only_hello.find("sidecar \"hello\"").unwrap();
@@ -269,11 +271,7 @@ fn removing_a_sidecar_removes_its_containers_but_keeps_its_volume() {
 
 #[test]
 fn a_removed_or_stopped_app_is_restored_by_the_next_apply() {
-    ensure_images();
-    let s = TestStack::new("drift");
-    let lan = free_port();
-    s.write(&two_sidecars(lan, "UTC"));
-    s.apply();
+    let (s, lan) = two_sidecars_applied("drift");
     let pause = s.container_id("web", "pause");
     docker(&["rm", "-f", &s.container("web", "app")]);
     assert!(served(&s, lan, Duration::from_millis(300)).is_none());
@@ -330,11 +328,7 @@ fn things_without_soul_labels_are_never_touched() {
 
 #[test]
 fn an_image_that_cannot_be_had_is_a_clear_error_and_nothing_is_torn_down() {
-    ensure_images();
-    let s = TestStack::new("noimage");
-    let lan = free_port();
-    s.write(&two_sidecars(lan, "UTC"));
-    s.apply();
+    let (s, lan) = two_sidecars_applied("noimage");
     let before = s.containers();
     s.write(&two_sidecars(lan, "UTC").replace(NGINX, "soul-test/does-not-exist:1"));
     let o = s.soul(&["apply"]);
@@ -466,11 +460,7 @@ fn plan_lists_steps_and_json_never_shows_secret_values() {
 
 #[test]
 fn a_network_name_made_twice_is_repaired_by_the_next_apply() {
-    ensure_images();
-    let s = TestStack::new("dupnet");
-    let lan = free_port();
-    s.write(&two_sidecars(lan, "UTC"));
-    s.apply();
+    let (s, lan) = two_sidecars_applied("dupnet");
     // Two runs racing a create (one killed mid-call) can leave two networks of one name: the
     // engine (API < 1.44) does not refuse the second. Make one the way soul does.
     let network = format!("soul_{}", s.name);
