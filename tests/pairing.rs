@@ -107,12 +107,18 @@ fn decode_png(path: &PathBuf) -> String {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[test]
-fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
+/// The stack of [`stack_kdl`] with [`DEVICES`], applied.
+fn applied_with_devices(tag: &str) -> TestStack {
     ensure_images();
-    let s = TestStack::new("qr");
+    let s = TestStack::new(tag);
     s.write(&stack_kdl(DEVICES, 1));
     s.apply();
+    s
+}
+
+#[test]
+fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
+    let s = applied_with_devices("qr");
     for device in ["alice-phone", "bob-laptop", "tablet"] {
         for sidecar in ["notes", "wiki"] {
             let base = s.state().join(format!("pairing/{device}/{sidecar}"));
@@ -237,10 +243,7 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
 
 #[test]
 fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
-    ensure_images();
-    let s = TestStack::new("drift");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("drift");
     let first = files(&s.state());
     std::thread::sleep(std::time::Duration::from_millis(20));
     s.apply();
@@ -276,10 +279,7 @@ fn a_converged_apply_rewrites_nothing_and_drift_is_repaired_file_by_file() {
 
 #[test]
 fn a_lost_stack_key_stops_apply_instead_of_locking_out_every_device() {
-    ensure_images();
-    let s = TestStack::new("lostkey");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("lostkey");
     let devices = ["alice-phone", "bob-laptop", "tablet"];
     let old: Vec<String> = devices.iter().map(|d| s.token(d)).collect();
     let key = s.state().join("stack.key");
@@ -337,10 +337,7 @@ fn a_lost_stack_key_stops_apply_instead_of_locking_out_every_device() {
 
 #[test]
 fn removing_a_device_revokes_it_alone_and_bumping_a_generation_reissues_one_token() {
-    ensure_images();
-    let s = TestStack::new("revoke");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("revoke");
     let bob = s.token("bob-laptop");
     let alice = s.token("alice-phone");
     let tablet = s.token("tablet");
@@ -435,10 +432,7 @@ fn a_changed_address_rewrites_the_uri_and_its_qr_in_the_same_pass() {
 
 #[test]
 fn state_dir_is_0700_and_every_file_0600() {
-    ensure_images();
-    let s = TestStack::new("perms");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("perms");
     let mut dirs = vec![s.state()];
     let mut seen = 0;
     while let Some(d) = dirs.pop() {
@@ -564,10 +558,7 @@ fn serves(port: u16, pin: &str) -> bool {
 
 #[test]
 fn the_gates_pin_is_in_the_uri_survives_a_gate_restart_and_changes_on_rotate() {
-    ensure_images();
-    let s = TestStack::new("pin");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("pin");
     let port = lan_port(&s);
     let uri = read(s.state().join("pairing/alice-phone/notes.uri"));
     let pin = pin_of(&uri);
@@ -822,10 +813,7 @@ fn a_tls_only_pod_passes_its_health_check_and_refuses_plain_http_from_the_lan() 
 /// record of spent tickets lived on the gate's volume.
 #[test]
 fn down_with_volumes_then_apply_keeps_spent_tickets_spent() {
-    ensure_images();
-    let s = TestStack::new("spentdown");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("spentdown");
     let port = lan_port(&s);
     let pin = pin_of(&read(s.state().join("pairing/tablet/notes.uri")));
     let link = read(s.state().join("pairing/tablet/notes.link"));
