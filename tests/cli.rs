@@ -12,7 +12,7 @@ fn soul_offline(args: &[&str]) -> std::process::Output {
     run(Command::new(SOUL)
         .args(args)
         .current_dir(repo())
-        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock"))
+        .env("DOCKER_HOST", NO_ENGINE))
 }
 
 #[test]

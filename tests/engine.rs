@@ -72,26 +72,14 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
 
     // The pod: the app shares the pause container's namespace; labels and restart policy.
     let pause = s.container_id("web", "pause").expect("pause exists");
-    let mode = docker(&[
-        "inspect",
-        "-f",
-        "{{.HostConfig.NetworkMode}}",
-        &s.container("web", "app"),
-    ]);
+    let mode = inspect(&s.container("web", "app"), "{{.HostConfig.NetworkMode}}");
     assert_eq!(mode, format!("container:{pause}"));
-    let policy = docker(&[
-        "inspect",
-        "-f",
+    let policy = inspect(
+        &s.container("web", "app"),
         "{{.HostConfig.RestartPolicy.Name}}",
-        &s.container("web", "app"),
-    ]);
+    );
     assert_eq!(policy, "unless-stopped");
-    let labels = docker(&[
-        "inspect",
-        "-f",
-        "{{json .Config.Labels}}",
-        &s.container("web", "app"),
-    ]);
+    let labels = inspect(&s.container("web", "app"), "{{json .Config.Labels}}");
     for key in [
         "dev.soul.stack",
         "dev.soul.sidecar",
@@ -100,20 +88,16 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     ] {
         assert!(labels.contains(key), "{labels}");
     }
-    let nets = docker(&[
-        "inspect",
-        "-f",
-        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
+    let nets = inspect(
         &s.container("web", "pause"),
-    ]);
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
+    );
     // One network for the whole stack.
     assert_eq!(nets, format!("soul_{}", s.name));
-    let health = docker(&[
-        "inspect",
-        "-f",
-        "{{json .Config.Healthcheck.Test}}",
+    let health = inspect(
         &s.container("web", "app"),
-    ]);
+        "{{json .Config.Healthcheck.Test}}",
+    );
     assert!(health.contains("curl"), "{health}");
     // The app's named volume, and each gate's record of redeemed pairing links.
     let n = &s.name;
@@ -129,12 +113,7 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     // The health check from `health` turns healthy.
     let mut healthy = false;
     for _ in 0..60 {
-        let h = docker(&[
-            "inspect",
-            "-f",
-            "{{.State.Health.Status}}",
-            &s.container("web", "app"),
-        ]);
+        let h = inspect(&s.container("web", "app"), "{{.State.Health.Status}}");
         if h == "healthy" {
             healthy = true;
             break;
@@ -195,12 +174,7 @@ fn changing_one_env_value_recreates_only_that_container() {
         .map(|(n, _)| n.clone())
         .collect();
     assert_eq!(changed, vec![s.container("web", "app")]);
-    let env = docker(&[
-        "inspect",
-        "-f",
-        "{{json .Config.Env}}",
-        &s.container("web", "app"),
-    ]);
+    let env = inspect(&s.container("web", "app"), "{{json .Config.Env}}");
     assert!(env.contains("TZ=Europe/Berlin"), "{env}");
     assert!(served(&s, lan, Duration::from_secs(20)).is_some());
 }
@@ -352,11 +326,7 @@ fn a_missing_secret_file_is_an_error_before_any_docker_call() {
     s.write(&format!(
         "stack \"{{stack}}\"\nsidecar \"x\" {{ image \"{NGINX}\"; port 80; env \"DB\" file=\"/nonexistent/db\"; }}\n"
     ));
-    let o = s
-        .command(&["apply"])
-        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-        .output()
-        .unwrap();
+    let o = s.command_without_engine(&["apply"]).output().unwrap();
     o.exited(1);
     let err = o.stderr_text();
     assert!(
@@ -370,11 +340,7 @@ fn an_unreachable_engine_has_its_own_exit_code() {
     let s = TestStack::new("noengine");
     s.write("stack \"{stack}\"\nsidecar \"x\" { image \"soul:latest\"; port 80; }\n");
     for cmd in [&["apply"][..], &["plan"], &["status"], &["down"]] {
-        let o = s
-            .command(cmd)
-            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-            .output()
-            .unwrap();
+        let o = s.command_without_engine(cmd).output().unwrap();
         assert_eq!(o.status.code(), Some(3), "{cmd:?}: {}", text(&o));
         o.stderr_has("cannot reach the Docker engine");
     }
@@ -449,12 +415,7 @@ fn plan_lists_steps_and_json_never_shows_secret_values() {
     let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(v["changes"], 0);
     // The secret did reach the container, as the user asked.
-    let env = docker(&[
-        "inspect",
-        "-f",
-        "{{json .Config.Env}}",
-        &s.container("x", "app"),
-    ]);
+    let env = inspect(&s.container("x", "app"), "{{json .Config.Env}}");
     assert!(env.contains("DB_PASSWORD=correct-horse-battery"));
 }
 
@@ -825,14 +786,7 @@ fn other_copies_and_builds_of_soul_never_recreate_a_stacks_containers() {
     let o = s.soul(&["plan", "--detailed-exitcode"]);
     o.exited(0);
     assert_eq!(s.containers(), before);
-    let image = |stack: &TestStack| {
-        docker(&[
-            "inspect",
-            "-f",
-            "{{.Config.Image}}",
-            &stack.container("web", "pause"),
-        ])
-    };
+    let image = |stack: &TestStack| inspect(&stack.container("web", "pause"), "{{.Config.Image}}");
     assert_ne!(image(&s), image(&other), "two builds share one tag");
 }
 
@@ -1009,13 +963,12 @@ fn a_docker_context_pointing_at_a_socket_proxy_is_used_when_docker_host_is_unset
     );
     // DOCKER_HOST still wins over any context.
     let o = s
-        .command(&["status"])
-        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .command_without_engine(&["status"])
         .env("DOCKER_CONFIG", &config)
         .output()
         .unwrap();
     o.exited(3)
-        .stderr_has("unix:///nonexistent/docker.sock (DOCKER_HOST)");
+        .stderr_has(&format!("{NO_ENGINE} (DOCKER_HOST)"));
 }
 
 #[test]

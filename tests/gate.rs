@@ -765,7 +765,7 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
 
     // The LAN port leads only to the gate.
     let pause = s.container("web", "pause");
-    let ports = docker(&["inspect", "-f", "{{json .NetworkSettings.Ports}}", &pause]);
+    let ports = inspect(&pause, "{{json .NetworkSettings.Ports}}");
     let ports: serde_json::Value = serde_json::from_str(&ports).unwrap();
     let published: Vec<&String> = ports
         .as_object()
@@ -778,12 +778,10 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
 
     // From another container on the pod's network: the gate answers, the app's port does not,
     // although nginx binds 0.0.0.0.
-    let network = docker(&[
-        "inspect",
-        "-f",
-        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{$v.IPAddress}}{{end}}",
+    let network = inspect(
         &pause,
-    ]);
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{$v.IPAddress}}{{end}}",
+    );
     let (network, ip) = network
         .split_once(' ')
         .expect("the pod's network and address");
@@ -835,7 +833,7 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
     // Listeners the app could open anywhere, the ephemeral range included, TCP and UDP: each
     // answers inside the pod and none from the pod's network.
     ensure_command("nsenter", "util-linux");
-    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &pause]);
+    let pid = inspect(&pause, "{{.State.Pid}}");
     let mut listeners = Command::new("nsenter")
         .arg(format!("--net=/proc/{pid}/ns/net"))
         .args(["python3", "-c", POD_LISTENERS])
@@ -894,7 +892,7 @@ fn in_a_pod_the_apps_ports_answer_only_from_inside_the_pod() {
         "--check",
     ]));
     o.exited(0);
-    let health = docker(&["inspect", "-f", "{{json .Config.Healthcheck.Test}}", &pause]);
+    let health = inspect(&pause, "{{json .Config.Healthcheck.Test}}");
     assert!(health.contains("--check"), "{health}");
 }
 
@@ -972,12 +970,7 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections
     assert!(!audit.contains(&bob) && !audit.contains(&alice));
     // The gate was neither recreated nor restarted to do it.
     assert_eq!(s.container_id("web", "gate"), Some(gate));
-    let restarts = docker(&[
-        "inspect",
-        "-f",
-        "{{.RestartCount}}",
-        &s.container("web", "gate"),
-    ]);
+    let restarts = inspect(&s.container("web", "gate"), "{{.RestartCount}}");
     assert_eq!(restarts, "0");
 }
 
@@ -2312,6 +2305,12 @@ fn read_response(r: &mut BufReader<TcpStream>) -> (u16, String, String) {
     (code, head, String::from_utf8(body).unwrap())
 }
 
+/// Sends `request` on the connection and reads the answer's body.
+fn ask(w: &mut TcpStream, r: &mut BufReader<TcpStream>, request: &str) -> String {
+    w.write_all(request.as_bytes()).unwrap();
+    read_response(r).2
+}
+
 #[test]
 fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and_a_handover() {
     let (port, log) = framing_app();
@@ -2363,14 +2362,11 @@ fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and
     assert_eq!(read_response(&mut r).2, "late");
     // The app closes its connection after an answer without saying so: the next request goes
     // on a new one.
-    w.write_all(get("/once", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "once");
-    w.write_all(get("/c", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "ok");
+    assert_eq!(ask(&mut w, &mut r, &get("/once", "")), "once");
+    assert_eq!(ask(&mut w, &mut r, &get("/c", "")), "ok");
     // The same for a request that must not be sent twice: the closed connection is seen
     // before it is used.
-    w.write_all(get("/once", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "once");
+    assert_eq!(ask(&mut w, &mut r, &get("/once", "")), "once");
     w.write_all(
         format!("POST /length HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\r\nabc")
             .as_bytes(),
@@ -2380,26 +2376,26 @@ fn one_kept_alive_connection_serves_pipelined_uploads_chunks_interim_answers_and
     // The app closes a kept-alive connection as a request arrives on it: a request that may be
     // sent twice goes again on a new connection; one that must not is answered 502, and the
     // client's connection goes on.
-    w.write_all(get("/drop-next", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "armed");
-    w.write_all(get("/f", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "ok");
-    w.write_all(get("/drop-next", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "armed");
+    assert_eq!(ask(&mut w, &mut r, &get("/drop-next", "")), "armed");
+    assert_eq!(ask(&mut w, &mut r, &get("/f", "")), "ok");
+    assert_eq!(ask(&mut w, &mut r, &get("/drop-next", "")), "armed");
     w.write_all(
         format!("POST /g HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\r\nabc").as_bytes(),
     )
     .unwrap();
     assert_eq!(read_response(&mut r).0, 502);
-    w.write_all(get("/h", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "ok");
+    assert_eq!(ask(&mut w, &mut r, &get("/h", "")), "ok");
     // A request the lane does not serve (a header `Connection` names) is the full server's, on
     // the same connection, and so is every request after it.
-    w.write_all(get("/d", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n").as_bytes())
-        .unwrap();
-    assert_eq!(read_response(&mut r).2, "ok");
-    w.write_all(get("/length", "").as_bytes()).unwrap();
-    assert_eq!(read_response(&mut r).2, "0");
+    assert_eq!(
+        ask(
+            &mut w,
+            &mut r,
+            &get("/d", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n")
+        ),
+        "ok"
+    );
+    assert_eq!(ask(&mut w, &mut r, &get("/length", "")), "0");
     // Without a token, refused, and the connection still serves a good request afterwards.
     w.write_all(b"GET /e HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut r).0, 401);

@@ -292,7 +292,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
 
     // Renewal: the gate renews without a restart; a connection open across it is not cut.
     let gate = s.container("notes", "gate");
-    let started_at = docker(&["inspect", "-f", "{{.State.StartedAt}}", &gate]);
+    let started_at = inspect(&gate, "{{.State.StartedAt}}");
     let lan_addr = format!("127.0.0.1:{lan}");
     let before = served_serial(&lan_addr, &name);
     let obtained = |s: &TestStack| {
@@ -325,7 +325,7 @@ fn a_phone_pairs_at_the_public_name_and_keeps_its_cookie_through_the_relay_and_a
     let after = served_serial(&lan_addr, &name);
     assert_ne!(before, after, "a new certificate is served");
     assert_eq!(
-        docker(&["inspect", "-f", "{{.State.StartedAt}}", &gate]),
+        inspect(&gate, "{{.State.StartedAt}}"),
         started_at,
         "the gate was not restarted"
     );

@@ -163,12 +163,6 @@ impl Drop for Registry {
     }
 }
 
-fn docker(args: &[&str]) -> String {
-    let o = run(Command::new("docker").args(args));
-    assert!(o.status.success(), "docker {args:?}: {}", text(&o));
-    o.stdout_text().trim().to_string()
-}
-
 fn stack_kdl(image: &str, lan: u16) -> String {
     format!(
         "stack \"{{stack}}\"\nsidecar \"web\" {{\n    image \"{image}\"\n    port 80\n}}\nsidecar \"other\" {{\n    image \"{NGINX}\"\n    port 80\n}}\ntransport {{\n    lan port={lan}\n}}\n"
@@ -234,7 +228,7 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     );
     let web = s.container_id("web", "app").expect("the app runs");
     assert_eq!(
-        docker(&["inspect", "-f", "{{.Config.Image}}", &web]),
+        inspect(&web, "{{.Config.Image}}"),
         format!("127.0.0.1:{}/{}-web@{first}", registry.port, s.name)
     );
     let lock_bytes = read(s.dir.join("stack.lock"));
@@ -248,12 +242,10 @@ fn an_image_only_a_registry_has_is_locked_pulled_and_moved_only_by_soul_update()
     elsewhere.apply();
     assert_eq!(read(elsewhere.dir.join("stack.lock")), lock_bytes);
     assert_eq!(
-        docker(&[
-            "inspect",
-            "-f",
-            "{{.Config.Image}}",
-            &elsewhere.container_id("web", "app").unwrap()
-        ]),
+        inspect(
+            &elsewhere.container_id("web", "app").unwrap(),
+            "{{.Config.Image}}"
+        ),
         first_ref
     );
     elsewhere.soul(&["down"]);
@@ -387,12 +379,7 @@ fn a_watch_with_update_moves_the_lock_and_the_app_when_a_tag_moves() {
         "{said}"
     );
     assert_eq!(
-        docker(&[
-            "inspect",
-            "-f",
-            "{{.Config.Image}}",
-            &s.container_id("web", "app").unwrap()
-        ]),
+        inspect(&s.container_id("web", "app").unwrap(), "{{.Config.Image}}"),
         format!("127.0.0.1:{}/{}-web@{second}", registry.port, s.name)
     );
     drop(_watch);

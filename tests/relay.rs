@@ -384,12 +384,7 @@ fn a_device_reaches_the_app_through_the_relay_and_the_relay_sees_no_token_and_no
     ]));
     assert_eq!(o.stdout_text().trim(), gib.to_string(), "{}", text(&o));
     let secs = started.elapsed().as_secs_f64();
-    let gate_pid = docker(&[
-        "inspect",
-        "-f",
-        "{{.State.Pid}}",
-        &s.container("notes", "gate"),
-    ]);
+    let gate_pid = inspect(&s.container("notes", "gate"), "{{.State.Pid}}");
     let (relay_peak, gate_peak, laptop_peak) = (
         peak_rss_mib(relay.child.id()),
         peak_rss_mib(gate_pid.trim().parse().unwrap()),
@@ -771,9 +766,7 @@ fn a_registration_the_poll_never_saw_still_leaves_the_codes_when_it_ends() {
     // times.
     for role in ["pause", "gate"] {
         let container = s.container("notes", role);
-        let healthy = || {
-            docker(&["inspect", "-f", "{{.State.Health.Status}}", &container]).trim() == "healthy"
-        };
+        let healthy = || inspect(&container, "{{.State.Health.Status}}").trim() == "healthy";
         wait_until(Duration::from_secs(90), healthy, || {
             format!("{container} never got healthy")
         });

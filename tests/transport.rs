@@ -75,7 +75,7 @@ device "phone"
     let tor = s.container("notes", "tor");
     let pause = s.container_id("notes", "pause").unwrap();
     assert_eq!(
-        docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &tor]),
+        inspect(&tor, "{{.HostConfig.NetworkMode}}"),
         format!("container:{pause}")
     );
     let torrc = std::fs::read_to_string(s.state().join("transports/notes/torrc")).unwrap();
@@ -83,7 +83,7 @@ device "phone"
         torrc.contains("HiddenServicePort 8443 127.0.0.1:8443"),
         "{torrc}"
     );
-    let mounts = docker(&["inspect", "-f", "{{json .Mounts}}", &tor]);
+    let mounts = inspect(&tor, "{{json .Mounts}}");
     assert!(
         mounts.contains(&format!("soul-state_{}_notes_tor", s.name)),
         "{mounts}"
@@ -156,7 +156,7 @@ device "phone"
 
 /// The volume a tailnet container keeps its node's state on.
 fn node_state(container: &str) -> String {
-    inspect(container, ".Mounts")
+    inspect_json(container, ".Mounts")
         .as_array()
         .unwrap()
         .iter()
@@ -165,14 +165,9 @@ fn node_state(container: &str) -> String {
         .expect("a node state volume")
 }
 
-fn inspect(container: &str, format: &str) -> serde_json::Value {
-    serde_json::from_str(&docker(&[
-        "inspect",
-        "-f",
-        &format!("{{{{json {format}}}}}"),
-        container,
-    ]))
-    .unwrap()
+/// `docker inspect`'s value at `path` (`.Mounts`), as JSON.
+fn inspect_json(container: &str, path: &str) -> serde_json::Value {
+    serde_json::from_str(&inspect(container, &format!("{{{{json {path}}}}}"))).unwrap()
 }
 
 #[test]
@@ -205,7 +200,7 @@ device "phone"
         "the auth key leaked into the output"
     );
     let c = s.container("web", "tailscale");
-    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect_json(&c, ".Config.Env")).unwrap();
     for want in [
         "TS_AUTHKEY=file:/run/secrets/soul/authkey".to_string(),
         format!("TS_HOSTNAME={}-web", s.name),
@@ -223,7 +218,7 @@ device "phone"
         !env.iter().any(|e| e.contains("kTESTSECRET")),
         "the auth key is in the environment"
     );
-    let mounts = inspect(&c, ".Mounts");
+    let mounts = inspect_json(&c, ".Mounts");
     let mount = |dest: &str| {
         mounts
             .as_array()
@@ -255,19 +250,19 @@ device "phone"
         "{config}"
     );
     assert_eq!(
-        inspect(&c, ".HostConfig.CapAdd"),
+        inspect_json(&c, ".HostConfig.CapAdd"),
         serde_json::json!(["NET_ADMIN"])
     );
     assert_eq!(
-        inspect(&c, ".HostConfig.Devices")[0]["PathOnHost"],
+        inspect_json(&c, ".HostConfig.Devices")[0]["PathOnHost"],
         "/dev/net/tun"
     );
     let pause = s.container_id("web", "pause").unwrap();
     assert_eq!(
-        inspect(&c, ".HostConfig.NetworkMode"),
+        inspect_json(&c, ".HostConfig.NetworkMode"),
         format!("container:{pause}")
     );
-    let health = inspect(&c, ".Config.Healthcheck.Test");
+    let health = inspect_json(&c, ".Config.Healthcheck.Test");
     assert_eq!(
         health,
         serde_json::json!([
@@ -299,8 +294,8 @@ device "phone"
     o.stdout_has("0 changes");
     // The stand-in's containerboot took the environment (hostname, one flag per argument,
     // tags): it runs, not restarting.
-    assert_eq!(inspect(&c, ".State.Running"), serde_json::json!(true));
-    assert_eq!(inspect(&c, ".RestartCount"), serde_json::json!(0));
+    assert_eq!(inspect_json(&c, ".State.Running"), serde_json::json!(true));
+    assert_eq!(inspect_json(&c, ".RestartCount"), serde_json::json!(0));
 
     // A logged-in node never runs `tailscale up` again, which alone takes tags: new tags make
     // a new node, with state of its own; the old node's volume is kept, and apply says so.
@@ -321,7 +316,7 @@ device "phone"
         "{}",
         text(&o)
     );
-    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect_json(&c, ".Config.Env")).unwrap();
     assert!(
         env.contains(&"TS_EXTRA_ARGS=--advertise-tags=tag:soul,tag:tv".to_string()),
         "{env:?}"
@@ -347,7 +342,7 @@ transport {{
     ));
     s.apply();
     let c = s.container("web", "tailscale");
-    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect_json(&c, ".Config.Env")).unwrap();
     assert!(
         env.contains(&"TS_EXTRA_ARGS=--login-server=https://hs.example.com".to_string()),
         "{env:?}"
@@ -364,8 +359,11 @@ transport {{
         serve,
         serde_json::json!({"TCP": {"8443": to_gate, "80": to_gate, "41234": to_gate}})
     );
-    assert_eq!(inspect(&c, ".HostConfig.CapAdd"), serde_json::Value::Null);
-    let devices = inspect(&c, ".HostConfig.Devices");
+    assert_eq!(
+        inspect_json(&c, ".HostConfig.CapAdd"),
+        serde_json::Value::Null
+    );
+    let devices = inspect_json(&c, ".HostConfig.Devices");
     assert!(
         devices.is_null() || devices == serde_json::json!([]),
         "{devices}"
@@ -376,7 +374,7 @@ transport {{
     s.write(&read(s.file()).replace("https://hs.example.com", "https://hs2.example.com"));
     s.apply();
     let c = s.container("web", "tailscale");
-    let env: Vec<String> = serde_json::from_value(inspect(&c, ".Config.Env")).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect_json(&c, ".Config.Env")).unwrap();
     assert!(
         env.contains(&"TS_EXTRA_ARGS=--login-server=https://hs2.example.com".to_string()),
         "{env:?}"
@@ -389,11 +387,7 @@ transport {{
 fn a_missing_auth_key_file_is_a_clear_error_before_any_docker_call() {
     let s = TestStack::new("tsnokey");
     s.write("stack \"{stack}\"\nsidecar \"web\" { image \"i\"; port 80; }\ntransport { tailscale authkey-file=\"/nonexistent/ts-key\"; }\n");
-    let o = s
-        .command(&["apply"])
-        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-        .output()
-        .unwrap();
+    let o = s.command_without_engine(&["apply"]).output().unwrap();
     o.exited(1);
     let err = o.stderr_text();
     assert!(
@@ -511,7 +505,7 @@ device "phone"
     let nebula = s.container("web", "nebula");
     let pause = s.container_id("web", "pause").unwrap();
     assert_eq!(
-        docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &nebula]),
+        inspect(&nebula, "{{.HostConfig.NetworkMode}}"),
         format!("container:{pause}")
     );
     let config =

@@ -179,11 +179,19 @@ impl Said for Output {
     }
 }
 
+/// A Docker socket that does not exist.
+pub const NO_ENGINE: &str = "unix:///nonexistent/docker.sock";
+
 /// `docker …`, returning trimmed stdout; panics on failure.
 pub fn docker(args: &[&str]) -> String {
     let o = run(Command::new("docker").args(args));
     assert!(o.status.success(), "docker {args:?} failed:\n{}", text(&o));
     String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// `docker inspect -f FORMAT OBJECT`, trimmed; panics when the object is not there.
+pub fn inspect(object: &str, format: &str) -> String {
+    docker(&["inspect", "-f", format, object])
 }
 
 /// `docker …` that may fail; returns stdout on success.
@@ -413,6 +421,14 @@ impl TestStack {
             .arg("--state-dir")
             .arg(self.state())
             .args(args);
+        cmd
+    }
+
+    /// The same, pointed at an engine that is not there (`DOCKER_HOST` is
+    /// [`NO_ENGINE`]): what soul says before, or instead of, any call to one.
+    pub fn command_without_engine(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command(args);
+        cmd.env("DOCKER_HOST", NO_ENGINE);
         cmd
     }
 
