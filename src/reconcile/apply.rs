@@ -48,10 +48,19 @@ pub async fn converge(
     mut on_step: impl FnMut(Progress, &Step),
 ) -> Result<Applied, PassError> {
     let of = plan.steps.len();
-    run(docker, state, stack, plan, |index, step| {
+    let first = run(docker, state, stack, plan, |index, step| {
         on_step(Progress { pass: 0, index, of }, step)
     })
-    .await?;
+    .await;
+    match first {
+        Err(e) if vanished_under_the_plan(&e, plan) => {
+            // The pass below plans again from what is there now.
+            tracing::warn!(
+                "{e}: a container went away after it was observed (a request of a killed soul finishing in the engine); planning again"
+            );
+        }
+        other => other?,
+    }
     let overlays: Vec<Role> = crate::transport::drivers(stack)
         .iter()
         .map(|d| d.role())
@@ -87,6 +96,29 @@ pub async fn converge(
     })
 }
 
+/// Whether a run failed because a container it was to start was gone (the engine's 404): the
+/// engine changed after it was observed (a killed soul's create rolled back, say), so the
+/// plan, not the engine, is wrong, and planning again converges.
+fn vanished_under_the_plan(e: &PassError, plan: &Plan) -> bool {
+    let PassError::Execute(e) = e else {
+        return false;
+    };
+    matches!(plan.steps.get(e.done), Some(Step::StartContainer { .. }))
+        && e.source
+            .downcast_ref::<crate::runtime::RuntimeError>()
+            .is_some_and(|r| {
+                matches!(
+                    r,
+                    crate::runtime::RuntimeError::Engine(
+                        bollard::errors::Error::DockerResponseServerError {
+                            status_code: 404,
+                            ..
+                        }
+                    )
+                )
+            })
+}
+
 /// Whether `plan` starts a container that carries one of the stack's overlays.
 /// Whether the plan starts a container of one of these roles.
 fn started_one_of(carriers: &[Role], desired: &Desired, plan: &Plan) -> bool {
@@ -100,4 +132,54 @@ fn started_one_of(carriers: &[Role], desired: &Desired, plan: &Plan) -> bool {
     plan.steps.iter().any(
         |s| matches!(s, Step::StartContainer { name, .. } if overlays.contains(&name.as_str())),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::ExecuteError;
+    use crate::reconcile::plan::Reason;
+    use crate::runtime::RuntimeError;
+
+    fn failed_at_0(source: RuntimeError) -> PassError {
+        PassError::Execute(ExecuteError {
+            what: "cannot start container soul_s_web_app".into(),
+            done: 0,
+            untouched: false,
+            source: Box::new(source),
+        })
+    }
+
+    /// CI once saw the apply after a killed one fail: a container it observed (the killed
+    /// apply's create, still rolling back in the engine) was gone when it started it (404).
+    #[test]
+    fn a_container_gone_between_observation_and_start_means_planning_again() {
+        let start = Plan {
+            steps: vec![Step::StartContainer {
+                name: "soul_s_web_app".into(),
+                reason: Reason::Stopped,
+            }],
+            ..Plan::default()
+        };
+        let gone = || {
+            RuntimeError::Engine(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message: "No such container: soul_s_web_app".into(),
+            })
+        };
+        assert!(vanished_under_the_plan(&failed_at_0(gone()), &start));
+        let refused = RuntimeError::Engine(bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: "port is already allocated".into(),
+        });
+        assert!(!vanished_under_the_plan(&failed_at_0(refused), &start));
+        let remove = Plan {
+            steps: vec![Step::RemoveNetwork {
+                name: "soul_s".into(),
+                id: None,
+            }],
+            ..Plan::default()
+        };
+        assert!(!vanished_under_the_plan(&failed_at_0(gone()), &remove));
+    }
 }
