@@ -76,35 +76,35 @@ async fn run_steps<E: Engine>(
     let owner = state.owner();
     let mut i = 0;
     while i < plan.steps.len() {
-        // A run of pulls goes side by side, each announced before it starts.
+        // A run of pulls goes side by side, a lane each; a run of container creations and
+        // starts over several pods goes pod by pod side by side, each pod's steps in order.
         let pulls = plan.steps[i..]
             .iter()
             .take_while(|s| matches!(s, Step::PullImage { .. }))
             .count();
-        if pulls > 1 {
-            for (k, step) in plan.steps[i..i + pulls].iter().enumerate() {
-                on_step(i + k, step);
-            }
-            pull_side_by_side(engine, state, &plan.steps[i..i + pulls])
-                .await
-                .map_err(|(k, source)| failed(plan, i + k, source))?;
-            i += pulls;
-            continue;
-        }
-        // A run of container creations and starts over several pods goes pod by pod side by
-        // side, each pod's steps in their order.
-        let lanes = pod_lanes(&plan.steps[i..], stack);
+        let (lanes, at_once) = if pulls > 1 {
+            ((i..i + pulls).map(|k| vec![k]).collect(), PULLS_AT_ONCE)
+        } else {
+            (pod_lanes(&plan.steps, i, stack), PODS_AT_ONCE)
+        };
         if lanes.len() > 1 {
-            let run: usize = lanes.iter().map(Vec::len).sum();
-            pods_side_by_side(engine, stack, &owner, plan, i, &lanes, on_step)
-                .await
-                .map_err(|(k, source)| failed(plan, k, source))?;
-            i += run;
+            let owner = owner.as_str();
+            side_by_side(plan, &lanes, at_once, on_step, |step| async move {
+                match step {
+                    Step::PullImage { image, .. } => pull(engine, state, image).await,
+                    other => run_engine_step(engine, stack, owner, other)
+                        .await
+                        .map_err(Into::into),
+                }
+            })
+            .await
+            .map_err(|(k, source)| failed(plan, k, source))?;
+            i += lanes.iter().map(Vec::len).sum::<usize>();
             continue;
         }
         let step = &plan.steps[i];
         on_step(i, step);
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match step {
+        let result: Result<(), StepError> = match step {
             Step::WriteFile { path, content, .. } => write_file(state, path, content, renders),
             Step::RemoveFile { path } => {
                 renders.files.remove(path);
@@ -130,27 +130,6 @@ async fn pull<E: Engine>(engine: &E, state: &StateDir, image: &str) -> Result<()
     Ok(())
 }
 
-/// Runs pull steps [`PULLS_AT_ONCE`] at a time; the first failure (its index among `steps`)
-/// stops the rest.
-async fn pull_side_by_side<E: Engine>(
-    engine: &E,
-    state: &StateDir,
-    steps: &[Step],
-) -> Result<(), (usize, StepError)> {
-    use futures_util::StreamExt as _;
-    let mut running = futures_util::stream::iter(steps.iter().enumerate().filter_map(|(k, s)| {
-        let Step::PullImage { image, .. } = s else {
-            return None;
-        };
-        Some(async move { pull(engine, state, image).await.map_err(|e| (k, e)) })
-    }))
-    .buffer_unordered(PULLS_AT_ONCE);
-    while let Some(done) = running.next().await {
-        done?;
-    }
-    Ok(())
-}
-
 /// How many pods' containers are created and started at once: pods share nothing but the
 /// network (made before), and the engine does the work of each.
 pub const PODS_AT_ONCE: usize = 4;
@@ -164,11 +143,11 @@ fn pod_of<'a>(step: &'a Step, stack: &str) -> Option<&'a str> {
     }
 }
 
-/// The leading run of container creations and starts in `steps`, as one lane of offsets per
-/// pod (each in plan order), pods in order of first appearance.
-fn pod_lanes(steps: &[Step], stack: &str) -> Vec<Vec<usize>> {
+/// The run of container creations and starts that begins at step `from`, as one lane of step
+/// indices per pod (each in plan order), pods in order of first appearance.
+fn pod_lanes(steps: &[Step], from: usize, stack: &str) -> Vec<Vec<usize>> {
     let mut lanes: Vec<(&str, Vec<usize>)> = Vec::new();
-    for (k, step) in steps.iter().enumerate() {
+    for (k, step) in steps.iter().enumerate().skip(from) {
         let Some(pod) = pod_of(step, stack) else {
             break;
         };
@@ -180,31 +159,31 @@ fn pod_lanes(steps: &[Step], stack: &str) -> Vec<Vec<usize>> {
     lanes.into_iter().map(|(_, lane)| lane).collect()
 }
 
-/// Runs each lane's steps in order, [`PODS_AT_ONCE`] lanes at a time; the first failure (its
-/// index in the plan) stops the rest.
-async fn pods_side_by_side<E: Engine>(
-    engine: &E,
-    stack: &str,
-    owner: &str,
-    plan: &Plan,
-    at: usize,
+/// Runs each lane's steps in order, `at_once` lanes at a time, each step announced as it
+/// starts; the first failure (its index in the plan) stops the rest.
+async fn side_by_side<'a, F, Fut>(
+    plan: &'a Plan,
     lanes: &[Vec<usize>],
+    at_once: usize,
     on_step: &mut impl FnMut(usize, &Step),
-) -> Result<(), (usize, StepError)> {
+    run: F,
+) -> Result<(), (usize, StepError)>
+where
+    F: Fn(&'a Step) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StepError>>,
+{
     use futures_util::StreamExt as _;
     let on_step = std::cell::RefCell::new(on_step);
-    let on_step = &on_step;
+    let (on_step, run) = (&on_step, &run);
     let mut running = futures_util::stream::iter(lanes.iter().map(|lane| async move {
         for &k in lane {
-            let step = &plan.steps[at + k];
-            (*on_step.borrow_mut())(at + k, step);
-            run_engine_step(engine, stack, owner, step)
-                .await
-                .map_err(|e| (at + k, StepError::from(Box::new(e))))?;
+            let step = &plan.steps[k];
+            (*on_step.borrow_mut())(k, step);
+            run(step).await.map_err(|e| (k, e))?;
         }
         Ok(())
     }))
-    .buffer_unordered(PODS_AT_ONCE);
+    .buffer_unordered(at_once);
     while let Some(done) = running.next().await {
         done?;
     }
@@ -237,7 +216,7 @@ fn write_file(
     path: &str,
     content: &FileContent,
     renders: &mut RenderIndex,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), StepError> {
     match content {
         FileContent::Bytes(bytes) => state.write(path, bytes)?,
         FileContent::Qr { text, format } => {
@@ -507,7 +486,7 @@ mod tests {
             steps,
             ..Plan::default()
         };
-        assert_eq!(pod_lanes(&plan.steps[2..], "s"), [vec![0, 1], vec![2, 3]]);
+        assert_eq!(pod_lanes(&plan.steps, 2, "s"), [vec![2, 3], vec![4, 5]]);
         let engine = FakeEngine::default();
         let mut heard = run(&engine, &state, &plan).unwrap();
         heard.sort();

@@ -309,14 +309,12 @@ pub async fn watch(
             events = spawn_events(config.good.stack.clone(), triggers.clone(), flaps.clone());
             events_for = config.good.stack.clone();
         }
-        if fired.contains(&Trigger::ImageUpdate) {
-            update_images(&mut docker, &config.good, &state).await;
-        }
+        let update = fired.contains(&Trigger::ImageUpdate);
         let started = Instant::now();
         let outcome = tokio::select! {
             // A pass is short; a signal during it lets the current step finish and stops at
             // the next await point between steps.
-            r = pass_with(&mut docker, &config.good, &state, &flaps) => Some(r),
+            r = pass_with(&mut docker, &config.good, &state, &flaps, update) => Some(r),
             _ = &mut shutdown => None,
         };
         let Some(outcome) = outcome else { break };
@@ -394,18 +392,8 @@ struct PassReport {
 
 /// `--update`'s check: stack.lock moved to what the tags name now, one log line per image
 /// that moved; the pass that follows applies it. A failure is logged and the lock kept.
-async fn update_images(docker: &mut Option<Docker>, stack: &Stack, state: &StateDir) {
-    let client = match docker.take() {
-        Some(client) => client,
-        None => match Docker::connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("image update check: {e}");
-                return;
-            }
-        },
-    };
-    match super::update(&client, stack, &Host, state, &[]).await {
+async fn update_images(docker: &Docker, stack: &Stack, state: &StateDir) {
+    match super::update(docker, stack, &Host, state, &[]).await {
         Ok(update) => {
             for (reference, why) in &update.failed {
                 tracing::warn!("image update check: {reference}: cannot ask its registry: {why}");
@@ -422,23 +410,27 @@ async fn update_images(docker: &mut Option<Docker>, stack: &Stack, state: &State
         }
         Err(e) => tracing::warn!("image update check: {e}"),
     }
-    *docker = Some(client);
 }
 
 /// One pass on the watch's Docker client, connecting first when it has none. After a failed
 /// pass the client is dropped and the next pass connects anew: that is what tells an engine
 /// that is away (the connection fails: "unreachable") from one that refused a step, and an
-/// engine that came back may speak another API version.
+/// engine that came back may speak another API version. With `update`, `--update`'s image
+/// check runs first, so the pass applies what it moved.
 async fn pass_with(
     docker: &mut Option<Docker>,
     stack: &Stack,
     state: &StateDir,
     flaps: &Mutex<FlapTracker>,
+    update: bool,
 ) -> Result<PassReport, PassError> {
     let client = match docker.take() {
         Some(client) => client,
         None => Docker::connect().await?,
     };
+    if update {
+        update_images(&client, stack, state).await;
+    }
     let report = one_pass(&client, stack, state, flaps).await;
     if report.is_ok() {
         *docker = Some(client);

@@ -137,8 +137,19 @@ impl Docker {
     /// what the registry served for a pulled tag), or `None` when the engine does not have it.
     /// An image built or imported here has none.
     pub async fn repo_digests(&self, reference: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        Ok(self
+            .inspect_image(reference)
+            .await?
+            .map(|i| i.repo_digests.unwrap_or_default()))
+    }
+
+    /// What the engine says of the image `reference` names, or `None` when it has none.
+    async fn inspect_image(
+        &self,
+        reference: &str,
+    ) -> Result<Option<bollard::models::ImageInspect>, RuntimeError> {
         match self.docker.inspect_image(reference).await {
-            Ok(i) => Ok(Some(i.repo_digests.unwrap_or_default())),
+            Ok(i) => Ok(Some(i)),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
@@ -167,16 +178,12 @@ impl Docker {
         &self,
         reference: &str,
     ) -> Result<Option<(String, HashMap<String, String>)>, RuntimeError> {
-        match self.docker.inspect_image(reference).await {
-            Ok(i) => Ok(Some((
+        Ok(self.inspect_image(reference).await?.map(|i| {
+            (
                 i.id.unwrap_or_default(),
                 i.config.and_then(|c| c.labels).unwrap_or_default(),
-            ))),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+            )
+        }))
     }
 
     /// The labels of the container, network or volume with exactly this name, if one exists,
@@ -294,20 +301,8 @@ impl Docker {
             if !stale {
                 continue;
             }
-            let options = bollard::query_parameters::RemoveImageOptionsBuilder::default()
-                .force(false)
-                .build();
-            match self
-                .docker
-                .remove_image(&image.id, Some(options), None)
-                .await
-            {
-                Ok(_) => tracing::info!("removed unused soul image {}", image.repo_tags.join(", ")),
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404 | 409,
-                    ..
-                }) => {}
-                Err(e) => return Err(e.into()),
+            if self.remove_reference(&image.id).await? {
+                tracing::info!("removed unused soul image {}", image.repo_tags.join(", "));
             }
         }
         Ok(())

@@ -143,16 +143,9 @@ impl Pull {
     /// is one, so it is not drawn over), or the line is printed on stdout.
     pub fn finish(self) {
         let line = self.summary();
-        for bar in self.layers.values().filter_map(|l| l.bar.as_ref()) {
-            bar.finish_and_clear();
-            if let Some(b) = board() {
-                b.remove(bar);
-            }
-        }
-        match (&self.overall, board()) {
-            (Some(bar), Some(b)) => {
-                bar.finish_and_clear();
-                b.remove(bar);
+        self.clear();
+        match board() {
+            Some(b) if self.overall.is_some() => {
                 let _ = b.println(&line);
             }
             _ => println!("{line}"),
@@ -161,12 +154,13 @@ impl Pull {
 
     /// Ends the display of a pull that failed: its bars go, the error says the rest.
     pub fn abandon(self) {
-        for bar in self
-            .layers
-            .values()
-            .filter_map(|l| l.bar.as_ref())
-            .chain(self.overall.as_ref())
-        {
+        self.clear();
+    }
+
+    /// Takes every bar of this pull off the board.
+    fn clear(&self) {
+        let bars = self.layers.values().filter_map(|l| l.bar.as_ref());
+        for bar in bars.chain(self.overall.as_ref()) {
             bar.finish_and_clear();
             if let Some(b) = board() {
                 b.remove(bar);

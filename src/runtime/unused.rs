@@ -31,16 +31,10 @@ impl Docker {
 
     /// What the engine has under `reference`, or `None` when it has nothing there.
     pub async fn image_facts(&self, reference: &str) -> Result<Option<ImageFacts>, RuntimeError> {
-        match self.docker.inspect_image(reference).await {
-            Ok(i) => Ok(Some(ImageFacts {
-                id: i.id.unwrap_or_default(),
-                size: i.size.unwrap_or(0).max(0) as u64,
-            })),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.inspect_image(reference).await?.map(|i| ImageFacts {
+            id: i.id.unwrap_or_default(),
+            size: i.size.unwrap_or(0).max(0) as u64,
+        }))
     }
 
     /// Removes `reference` (never forced): the image's content goes with its last reference
