@@ -6,6 +6,13 @@ let
   cfg = config.services.soul;
   relay = config.services.soul-relay;
   relayFile = pkgs.writeText "relay.kdl" relay.settings;
+  # Both services run soul's one binary.
+  packageOption = lib.mkOption {
+    type = lib.types.package;
+    default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+    defaultText = lib.literalExpression "soul.packages.\${system}.default";
+    description = "The soul package to run.";
+  };
   # The hardening both services share; each adds what its job needs.
   hardening = {
     NoNewPrivileges = true;
@@ -29,12 +36,7 @@ in
   options.services.soul = {
     enable = lib.mkEnableOption "soul, which keeps this machine on a stack.kdl";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-      defaultText = lib.literalExpression "soul.packages.\${system}.default";
-      description = "The soul package to run.";
-    };
+    package = packageOption;
 
     stackFile = lib.mkOption {
       type = lib.types.path;
@@ -58,12 +60,7 @@ in
   options.services.soul-relay = {
     enable = lib.mkEnableOption "soul's relay, which splices devices' TLS to home pods it cannot read";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-      defaultText = lib.literalExpression "soul.packages.\${system}.default";
-      description = "The soul package to run.";
-    };
+    package = packageOption;
 
     settings = lib.mkOption {
       type = lib.types.lines;

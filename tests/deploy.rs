@@ -51,7 +51,8 @@ fn the_module_options_match_the_flags_it_passes_and_soul_accepts_them() {
         "environmentFile",
     ] {
         assert!(
-            module.contains(&format!("    {option} = lib.mk")),
+            module.contains(&format!("\n    {option} = lib.mk"))
+                || module.contains(&format!("\n    {option} = packageOption;")),
             "services.soul.{option} is not declared"
         );
     }

@@ -50,6 +50,16 @@ fn two_sidecars_applied(tag: &str) -> (TestStack, u16) {
     (s, lan)
 }
 
+/// The volumes of `two_sidecars`: each gate's record of redeemed pairing links, and web's data.
+fn demo_volumes(s: &TestStack) -> [String; 3] {
+    let n = &s.name;
+    [
+        format!("soul-state_{n}_hello_gate"),
+        format!("soul-state_{n}_web_gate"),
+        format!("soul_{n}_web-data"),
+    ]
+}
+
 #[test]
 fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     ensure_images();
@@ -100,15 +110,7 @@ fn apply_from_nothing_serves_the_app_on_the_lan_port() {
     );
     assert!(health.contains("curl"), "{health}");
     // The app's named volume, and each gate's record of redeemed pairing links.
-    let n = &s.name;
-    assert_eq!(
-        s.volumes(),
-        [
-            format!("soul-state_{n}_hello_gate"),
-            format!("soul-state_{n}_web_gate"),
-            format!("soul_{n}_web-data")
-        ]
-    );
+    assert_eq!(s.volumes(), demo_volumes(&s));
 
     // The health check from `health` turns healthy.
     let mut healthy = false;
@@ -223,16 +225,7 @@ fn removing_a_sidecar_removes_its_containers_but_keeps_its_volume() {
         ]
     );
     assert_eq!(s.networks(), vec![format!("soul_{}", s.name)]);
-    let n = &s.name;
-    assert_eq!(
-        s.volumes(),
-        [
-            format!("soul-state_{n}_hello_gate"),
-            format!("soul-state_{n}_web_gate"),
-            format!("soul_{n}_web-data")
-        ],
-        "the named volumes must stay"
-    );
+    assert_eq!(s.volumes(), demo_volumes(&s), "the named volumes must stay");
     // `down` keeps it too; only `down --volumes` removes it.
     let o = s.soul(&["down"]);
     o.exited(0);
@@ -1067,12 +1060,7 @@ fn apply_killed_while_the_pod_starts_then_the_next_apply_converges() {
                 .unwrap(),
         );
         let stdout = events.0.stdout.take().unwrap();
-        let mut apply = s
-            .command(&["apply"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut apply = s.spawn_quiet(&["apply"]);
         use std::io::BufRead as _;
         // Kill at the create (even attempts) or the start (odd ones) of the namespace holder.
         let at = if attempt % 2 == 0 { "create" } else { "start" };

@@ -974,6 +974,17 @@ fn apply_removing_a_device_refuses_it_within_a_second_and_closes_its_connections
     assert_eq!(restarts, "0");
 }
 
+/// A pairing ticket of stack `home`'s sidecar for alice, as `soul pair` issues it.
+fn alice_ticket(key: &StackKey, reg: &Registry, sidecar: &str) -> String {
+    soul::pairing::ticket(
+        &key.link_key(),
+        "home",
+        sidecar,
+        "alice",
+        &reg.devices["alice"],
+    )
+}
+
 /// A gate (sidecar `notes` of stack `home`) in front of a fresh app, with alice paired at
 /// generation 1 under a key made from `seed`; and alice's token.
 fn gate_with_alice(seed: u8, tag: &str) -> (App, StackKey, Gate, String) {
@@ -1074,13 +1085,7 @@ fn no_spelling_of_a_soul_credential_reaches_the_app() {
     let (app, key, gate, token) = gate_with_alice(23, "strip");
     let r = request(gate.port, &format!("/?soul_token={token}"), "");
     let session = session_cookie(&r);
-    let ticket = soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &registry(&[("alice", 1)]).devices["alice"],
-    );
+    let ticket = alice_ticket(&key, &registry(&[("alice", 1)]), "notes");
     // Every combination of credentials, each with the app's own cookie and parameters beside.
     let combos = [
         format!(
@@ -1141,13 +1146,7 @@ fn an_old_cookie_and_a_new_link_re_pair() {
     let cookie = format!("Cookie: {old_session}\r\n");
     assert_eq!(status(&request(gate.port, "/", &cookie)), 401);
     // The new link, opened by the browser that still holds the old cookie, pairs it again.
-    let ticket = soul::pairing::ticket(
-        &new_key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &reg.devices["alice"],
-    );
+    let ticket = alice_ticket(&new_key, &reg, "notes");
     let page = request(gate.port, &format!("/notes?soul_ticket={ticket}"), &cookie);
     assert_eq!(status(&page), 200, "{page}");
     let post = send(
@@ -1173,13 +1172,7 @@ fn a_pairing_link_pairs_one_browser_once_and_a_preview_does_not_spend_it() {
     let key = StackKey::from_seed(1, [26; 32]);
     let reg = registry(&[("alice", 1)]);
     let gate = start_gate(app.port, &key, &reg, "ticket");
-    let ticket = soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &reg.devices["alice"],
-    );
+    let ticket = alice_ticket(&key, &reg, "notes");
     // A chat app's link preview GETs the link: it gets the page, nothing is redeemed.
     for _ in 0..2 {
         let page = request(gate.port, &format!("/?soul_ticket={ticket}"), "");
@@ -1227,13 +1220,7 @@ fn a_pairing_link_pairs_one_browser_once_and_a_preview_does_not_spend_it() {
         410
     );
     // A forged or another sidecar's ticket is refused.
-    let photos = soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "photos",
-        "alice",
-        &reg.devices["alice"],
-    );
+    let photos = alice_ticket(&key, &reg, "photos");
     let r = send(
         gate.port,
         "POST",
@@ -1415,13 +1402,7 @@ fn one_client_hammering_bad_tokens_does_not_lock_out_another_behind_the_same_add
     // and is served.
     let r = request(gate.port, "/", "");
     assert_eq!(status(&r), 401, "{r}");
-    let ticket = soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &reg.devices["alice"],
-    );
+    let ticket = alice_ticket(&key, &reg, "notes");
     assert_eq!(
         status(&request(gate.port, &format!("/?soul_ticket={ticket}"), "")),
         200
@@ -2028,13 +2009,7 @@ fn ticket_for_alice(gate: &Gate, key: &StackKey, token: &str) -> String {
     let state = soul::state::StateDir::open(&gate.keys).unwrap();
     state.write("tokens/alice.jwt", token.as_bytes()).unwrap();
     let reg = registry(&[("alice", 1)]);
-    soul::pairing::ticket(
-        &key.link_key(),
-        "home",
-        "notes",
-        "alice",
-        &reg.devices["alice"],
-    )
+    alice_ticket(key, &reg, "notes")
 }
 
 #[test]

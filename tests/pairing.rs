@@ -153,16 +153,16 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
         std::fs::read_to_string(s.state().join("pairing/alice-phone/notes.uri")).unwrap()
     );
     let out = s.dir.join("alice.png");
-    let o = s.soul(&[
-        "pair",
-        "alice-phone",
-        "--sidecar",
-        "wiki",
-        "--format",
-        "png",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let pair_wiki = |format: &[&str]| {
+        s.soul(
+            &[
+                &["pair", "alice-phone", "--sidecar", "wiki", "--format"],
+                format,
+            ]
+            .concat(),
+        )
+    };
+    let o = pair_wiki(&["png", "--out", out.to_str().unwrap()]);
     o.exited(0);
     assert_eq!(
         std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
@@ -172,14 +172,7 @@ fn the_qr_png_decodes_to_the_uri_and_its_token_verifies() {
     o.stderr_has("it holds a single-use pairing ticket");
     // --format code prints exactly what the QR code holds: the link with its fragment, which
     // soul connect takes as it takes the URI.
-    let o = s.soul(&[
-        "pair",
-        "alice-phone",
-        "--sidecar",
-        "wiki",
-        "--format",
-        "code",
-    ]);
+    let o = pair_wiki(&["code"]);
     o.exited(0);
     let code = o.stdout_text().trim().to_string();
     assert_eq!(code, decode_png(&out));
@@ -598,11 +591,8 @@ fn zbarimg(png: &Path) -> String {
 
 #[test]
 fn a_phone_scanning_the_code_lands_on_the_app_paired_and_the_token_is_nowhere_it_keeps() {
-    ensure_images();
     ensure_command("chromium", "chromium");
-    let s = TestStack::new("scan");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("scan");
     let port = lan_port(&s);
     let png = s.state().join("pairing/alice-phone/notes.png");
     let link = zbarimg(&png);
@@ -677,11 +667,8 @@ fn a_phone_scanning_the_code_lands_on_the_app_paired_and_the_token_is_nowhere_it
 #[test]
 fn the_pairing_page_shows_every_code_scannable_on_loopback_and_follows_a_reissued_token() {
     use std::io::{BufRead, BufReader};
-    ensure_images();
     ensure_command("chromium", "chromium");
-    let s = TestStack::new("page");
-    s.write(&stack_kdl(DEVICES, 1));
-    s.apply();
+    let s = applied_with_devices("page");
     let mut child = s
         .command(&["pair", "--serve"])
         .stderr(std::process::Stdio::piped())

@@ -86,16 +86,22 @@ fn running(s: &TestStack, sidecar: &str) -> bool {
         == Some("true")
 }
 
+/// `soul watch` of a one-sidecar stack greeting "one", after its first pass served it.
+fn watching_one(s: &TestStack) -> (u16, Watch) {
+    let lan = free_port();
+    s.write(&kdl(lan, "one", 1));
+    let w = Watch::start(s, None);
+    wait_for("the first pass", Duration::from_secs(60), || {
+        greeting(s, lan).as_deref() == Some("one")
+    });
+    (lan, w)
+}
+
 #[test]
 fn follows_edits_and_repairs_removed_and_stopped_containers() {
     ensure_images();
     let s = TestStack::new("wfollow");
-    let lan = free_port();
-    s.write(&kdl(lan, "one", 1));
-    let w = Watch::start(&s, None);
-    wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(&s, lan).as_deref() == Some("one")
-    });
+    let (lan, w) = watching_one(&s);
 
     // An edit is applied without any command; only the app is recreated.
     let pause = s.container_id("s0", "pause");
@@ -370,12 +376,7 @@ fn apply_killed_at_any_instant_then_the_very_next_apply_converges() {
     {
         let greeting_now = format!("a{round}");
         s.write(&kdl(lan, &greeting_now, 2));
-        let mut apply = s
-            .command(&["apply"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut apply = s.spawn_quiet(&["apply"]);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = apply.kill(); // SIGKILL
         apply.wait().unwrap();
@@ -397,12 +398,7 @@ fn apply_killed_at_any_instant_then_the_very_next_apply_converges() {
 fn a_second_watch_of_the_same_stack_refuses_to_start() {
     ensure_images();
     let s = TestStack::new("wtwice");
-    let lan = free_port();
-    s.write(&kdl(lan, "one", 1));
-    let w = Watch::start(&s, None);
-    wait_for("the first pass", Duration::from_secs(60), || {
-        greeting(&s, lan).as_deref() == Some("one")
-    });
+    let (_lan, w) = watching_one(&s);
     let o = run(std::process::Command::new("timeout")
         .arg("20")
         .arg(SOUL)

@@ -857,13 +857,15 @@ mod tests {
             }
             assert!(c.done(), "split at {split}");
         }
-        for bad in [
-            &b"x\r\n"[..],
-            b"\r\n",
-            b"5\r\nhello\r\r",
-            b"5\nhello",
-            b"fffffffffffffffff\r\n",
-        ] {
+        // No size, a size without data, data not ended by CRLF, a bare LF, a size over 64 bits.
+        let bad = [
+            "x\r\n",
+            "\r\n",
+            "5\r\nhello\r\r",
+            "5\nhello",
+            "fffffffffffffffff\r\n",
+        ];
+        for bad in bad.map(str::as_bytes) {
             assert_eq!(
                 Chunked::default().advance(bad),
                 None,

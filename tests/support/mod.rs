@@ -424,6 +424,15 @@ impl TestStack {
         cmd
     }
 
+    /// soul run in the background on this stack, its output dropped (a run a test kills).
+    pub fn spawn_quiet(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// The same, pointed at an engine that is not there (`DOCKER_HOST` is
     /// [`NO_ENGINE`]): what soul says before, or instead of, any call to one.
     pub fn command_without_engine(&self, args: &[&str]) -> Command {
