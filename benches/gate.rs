@@ -23,7 +23,9 @@
 //! in a CPU cgroup beside the pod's containers, as a container would be. Its ratio to direct is
 //! what one more hop on loopback costs this machine whatever runs there: no proxy that reads
 //! requests can beat it. It runs when `haproxy` is installed (`apt-get install haproxy`), and
-//! the bench says so when it is not.
+//! the bench says so when it is not. `cargo bench --bench gate -- floor` measures only the gate
+//! against the floor, in 15 short rounds with the CPUs split (wrk on one, the pod and the
+//! floor on the other), and prints each round's ratio and each side's CPU time per request.
 //!
 //! wrk runs in a CPU cgroup of its own beside the engine's, so that the load generator gets
 //! the same share of this machine in every run and the pod the rest, however many containers
@@ -168,7 +170,15 @@ fn main() {
     let proxy_auth = format!("Authorization: Bearer {NGINX_PROXY_TOKEN}");
     let load = LoadGroup::new();
     let wrk = |url: &str, header: Option<&str>, connections: u32, seconds: u64| {
-        wrk(load.0.as_deref(), &netns, url, header, connections, seconds)
+        wrk(
+            load.0.as_deref(),
+            None,
+            &netns,
+            url,
+            header,
+            connections,
+            seconds,
+        )
     };
     // All answer before anything is measured; a short warm-up run each.
     wrk(direct_url, None, 64, 1);
@@ -180,6 +190,41 @@ fn main() {
     wrk(&same_process_url, Some(&proxy_auth), 64, 1);
     wrk(gate_tls_url, Some(&auth), 64, 1);
     wrk(&nginx_tls_url, Some(&proxy_auth), 64, 1);
+    if std::env::args().any(|a| a == "floor") {
+        let floor = floor.expect("`-- floor` needs haproxy (apt-get install haproxy)");
+        // The pod's side and the floor on CPU 1, wrk on CPU 0.
+        for c in ["app", "gate"] {
+            docker(&[
+                "update",
+                "--cpuset-cpus",
+                "1",
+                &format!("soul_{stack}_web_{c}"),
+            ]);
+        }
+        let pinned = Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &floor.haproxy.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(pinned.status.success(), "taskset: {pinned:?}");
+        let pids = (gate, floor.haproxy.id());
+        let pinned_wrk = |url: &str, header: Option<&str>| {
+            crate::wrk(
+                load.0.as_deref(),
+                Some(0),
+                &netns,
+                url,
+                header,
+                64,
+                SECONDS / 2,
+            )
+        };
+        floor_only(&pinned_wrk, &auth, pids, &floor_url);
+        drop(proxy);
+        drop(floor);
+        soul(&["down", "--volumes"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let (mut direct, mut gated, mut proxied, mut same_process) = (vec![], vec![], vec![], vec![]);
     let (mut gated_tls, mut nginx_tls, mut floored) = (vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
@@ -321,6 +366,67 @@ fn main() {
         gp1 - dp1
     );
     println!("  gate peak RSS {peak:.1} MB (goal < 30 MB)");
+}
+
+/// `cargo bench --bench gate -- floor`: the gate against the floor alone, in many short rounds
+/// (each the gate, then the floor, back to back), every round's ratio printed, with the CPUs
+/// split: wrk on CPU 0; the app, the gate and the floor on CPU 1. Unpinned, two cores shared
+/// by wrk, the app and the proxy spread one round's ratio from 0.6× to 2.4× on this machine;
+/// pinned, the rounds agree within a few percent. With the CPU time each proxy spent (user
+/// and system, from /proc) per request.
+fn floor_only(
+    wrk: &dyn Fn(&str, Option<&str>) -> Run,
+    auth: &str,
+    (gate, floor): (u32, u32),
+    floor_url: &str,
+) {
+    const FLOOR_ROUNDS: usize = 15;
+    let (mut gate_cpu, mut floor_cpu) = ((0, 0), (0, 0));
+    let measured = |pid: u32, cpu: &mut (u64, u64), url: &str, header: Option<&str>| {
+        let before = cpu_ticks(pid);
+        let run = wrk(url, header);
+        let spent = cpu_ticks(pid) - before;
+        *cpu = (
+            cpu.0 + spent,
+            cpu.1 + (run.rps * (SECONDS / 2) as f64) as u64,
+        );
+        run.rps
+    };
+    let mut ratios: Vec<f64> = (0..FLOOR_ROUNDS)
+        .map(|_| {
+            let g = measured(gate, &mut gate_cpu, "http://127.0.0.1:8443/", Some(auth));
+            g / measured(floor, &mut floor_cpu, floor_url, None)
+        })
+        .collect();
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
+    let per_request = |(ticks, requests): (u64, u64)| ticks as f64 * 1e6 / TICKS / requests as f64;
+    println!(
+        "gate vs the floor (HAProxy blind TCP), 64 connections, {FLOOR_ROUNDS} rounds of {} s:\n  each round: {}\n  median {:.2}×, quartiles {:.2}× – {:.2}× (goal ≥ 1.0×)\n  CPU per request: gate {:.1} µs, floor {:.1} µs",
+        SECONDS / 2,
+        each.join(" "),
+        at(2),
+        at(1),
+        at(3),
+        per_request(gate_cpu),
+        per_request(floor_cpu),
+    );
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// The CPU time process `pid` has spent, user and system, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's `(name)`: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, f)| f.split_whitespace().collect());
+    fields
+        .get(11..13)
+        .map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
 }
 
 /// nginx as a reverse proxy in the pod's network namespace, in a container of its own;
@@ -472,8 +578,10 @@ struct Run {
     p99_ms: f64,
 }
 
+/// `cpu`: the one CPU wrk runs on, if not the load group's any.
 fn wrk(
     group: Option<&std::path::Path>,
+    cpu: Option<u32>,
     netns: &str,
     url: &str,
     header: Option<&str>,
@@ -482,6 +590,9 @@ fn wrk(
 ) -> Run {
     let threads = connections.min(2);
     let mut cmd = in_load_group(group);
+    if let Some(cpu) = cpu {
+        cmd.args(["taskset", "-c", &cpu.to_string()]);
+    }
     cmd.args(["nsenter", netns, "wrk", "--latency"])
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))

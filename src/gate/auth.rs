@@ -11,6 +11,11 @@ pub(super) fn authorize(shared: &Shared, client: &ClientConnection, shown: lane:
     let Some(keys) = shared.keys.borrow().clone() else {
         return false;
     };
+    // A credential this connection showed before, under these keys: nothing to copy or check.
+    let now = crate::pairing::unix_now();
+    if (client.held.lock()).is_ok_and(|h| h.recalls(shown, &keys, now)) {
+        return true;
+    }
     let credential = match shown {
         lane::Shown::Token(t) => Credential::Token(t.into()),
         lane::Shown::Session(s) => Credential::Session(s.into()),
@@ -116,10 +121,21 @@ impl Held {
     ) -> Option<Grant> {
         self.0
             .iter()
-            .find(|(c, k, g)| {
-                c == credential && Arc::ptr_eq(k, keys) && g.until.is_none_or(|u| u > now)
-            })
+            .find(|(c, k, g)| c == credential && still_good(k, g, keys, now))
             .map(|(_, _, g)| g.clone())
+    }
+
+    /// Whether the credential `shown` is one [`Held::recall`] finds: the lane's question, asked
+    /// of the request's own bytes.
+    pub(super) fn recalls(&self, shown: lane::Shown, keys: &Arc<Keys>, now: u64) -> bool {
+        self.0.iter().any(|(c, k, g)| {
+            let same = match (c, shown) {
+                (Credential::Token(held), lane::Shown::Token(s))
+                | (Credential::Session(held), lane::Shown::Session(s)) => held.expose() == s,
+                _ => false,
+            };
+            same && still_good(k, g, keys, now)
+        })
     }
 
     /// Remembers a credential that verified; true when this connection had not presented it
@@ -145,6 +161,12 @@ impl Held {
     pub(super) fn first_end(&self) -> Option<u64> {
         self.0.iter().filter_map(|(_, _, g)| g.until).min()
     }
+}
+
+/// Whether a held grant, verified under `verified_under`, still stands: the keys are the
+/// current ones and it has not run out.
+fn still_good(verified_under: &Arc<Keys>, grant: &Grant, keys: &Arc<Keys>, now: u64) -> bool {
+    Arc::ptr_eq(verified_under, keys) && grant.until.is_none_or(|u| u > now)
 }
 
 /// Resolves with the device's name once any credential in `held` stops verifying: when the

@@ -309,8 +309,9 @@ where
     let (mut head, mut answer) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut app: Option<App> = None;
     let max_head = door.max_header_bytes;
+    let mut silence = Silence::new(door.header_timeout);
     loop {
-        let deadline = tokio::time::Instant::now() + door.header_timeout;
+        silence.next_head();
         let forward = loop {
             head.clear();
             let seen = Seen {
@@ -325,9 +326,14 @@ where
                 Request::Partial if read.len() >= max_head => return Outcome::HandOver(read),
                 Request::Partial => {}
             }
-            match tokio::time::timeout_at(deadline, io.read_buf(&mut read)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                // Ended, failed or silent for too long between or inside heads.
+            let got = tokio::select! {
+                biased;
+                got = io.read_buf(&mut read) => got,
+                () = &mut silence.timer => return Outcome::Closed,
+            };
+            match got {
+                Ok(n) if n > 0 => {}
+                // Ended or failed (or, above, silent for too long between or inside heads).
                 _ => return Outcome::Closed,
             }
         };
@@ -361,6 +367,39 @@ where
                 }
             }
             Err(Failed::Connection) => return Outcome::Closed,
+        }
+    }
+}
+
+/// How long a client may take to send a request's head, from the end of its last request:
+/// at least the header timeout and at most an eighth more. One timer per connection, set
+/// again only when it would give the next head less than the timeout, so most requests of a
+/// busy connection leave the runtime's timer wheel alone.
+struct Silence {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: std::time::Duration,
+    slack: std::time::Duration,
+    set_at: tokio::time::Instant,
+}
+
+impl Silence {
+    fn new(timeout: std::time::Duration) -> Silence {
+        let slack = timeout / 8;
+        let now = tokio::time::Instant::now();
+        Silence {
+            timer: Box::pin(tokio::time::sleep_until(now + timeout + slack)),
+            timeout,
+            slack,
+            set_at: now,
+        }
+    }
+
+    /// A new head begins: it gets the timeout from now, whatever the last one used.
+    fn next_head(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now > self.set_at + self.slack {
+            self.timer.as_mut().reset(now + self.timeout + self.slack);
+            self.set_at = now;
         }
     }
 }

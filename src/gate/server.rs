@@ -250,7 +250,8 @@ pub(super) async fn serve_http<I>(
         slot,
     });
     let held = client.held.clone();
-    let served = async {
+    let shared_here = shared.clone();
+    let served = async move {
         let admits = |shown: lane::Shown<'_>| super::authorize(&shared, &client, shown);
         let door = lane::Door {
             max_header_bytes: shared.cfg.max_header_bytes,
@@ -272,9 +273,13 @@ pub(super) async fn serve_http<I>(
             }
         }
     };
+    // The requests are served by a task of their own, so that their wake-ups poll only them;
+    // this one wakes when the serving ends or a credential it showed is revoked (then the
+    // serving task is aborted, its connection closed, with it).
+    let serving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(served));
     tokio::select! {
-        () = served => {}
-        device = revoked(&shared, held) => {
+        _ = serving => {}
+        device = revoked(&shared_here, held) => {
             tracing::info!(source = %peer, device = %device, "closing the connection of a revoked device");
         }
     }
