@@ -37,7 +37,8 @@ pub struct GateArgs {
     #[arg(long, default_value = "/gate")]
     pub keys: PathBuf,
     /// How long a client may take to send its request headers, and how long a connection
-    /// may stay open before a credential is admitted on it.
+    /// may stay open before a credential is admitted on it. Between a kept-alive
+    /// connection's requests the gate may wait up to an eighth longer.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     pub header_timeout: Duration,
     /// Connections open at once. When all are taken, a new one evicts the oldest that has
