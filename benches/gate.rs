@@ -206,10 +206,9 @@ fn main() {
         let floor = floor.expect("`-- floor` needs haproxy (apt-get install haproxy)");
         let pids = (gate, floor.haproxy.id());
         floor_only(
-            &|url, header| wrk(url, header, 64, SECONDS / 2),
-            &auth,
-            pids,
-            &floor_url,
+            &|url, header, seconds| wrk(url, header, 64, seconds),
+            (gate_url, &auth),
+            (&floor_url, pids),
         );
         drop(proxy);
         drop(floor);
@@ -376,26 +375,26 @@ fn main() {
 /// (each the gate, then the floor, back to back), every round's ratio printed, with the CPU
 /// time each proxy spent (user and system, from /proc) per request.
 fn floor_only(
-    wrk: &dyn Fn(&str, Option<&str>) -> Run,
-    auth: &str,
-    (gate, floor): (u32, u32),
-    floor_url: &str,
+    wrk: &dyn Fn(&str, Option<&str>, u64) -> Run,
+    (gate_url, auth): (&str, &str),
+    (floor_url, (gate, floor)): (&str, (u32, u32)),
 ) {
     const FLOOR_ROUNDS: usize = 15;
+    const FLOOR_SECONDS: u64 = SECONDS / 2;
     let (mut gate_cpu, mut floor_cpu) = ((0, 0), (0, 0));
     let measured = |pid: u32, cpu: &mut (u64, u64), url: &str, header: Option<&str>| {
         let before = cpu_ticks(pid);
-        let run = wrk(url, header);
+        let run = wrk(url, header, FLOOR_SECONDS);
         let spent = cpu_ticks(pid) - before;
         *cpu = (
             cpu.0 + spent,
-            cpu.1 + (run.rps * (SECONDS / 2) as f64) as u64,
+            cpu.1 + (run.rps * FLOOR_SECONDS as f64) as u64,
         );
         run.rps
     };
     let mut ratios: Vec<f64> = (0..FLOOR_ROUNDS)
         .map(|_| {
-            let g = measured(gate, &mut gate_cpu, "http://127.0.0.1:8443/", Some(auth));
+            let g = measured(gate, &mut gate_cpu, gate_url, Some(auth));
             g / measured(floor, &mut floor_cpu, floor_url, None)
         })
         .collect();
@@ -404,8 +403,7 @@ fn floor_only(
     let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
     let per_request = |(ticks, requests): (u64, u64)| ticks as f64 * 1e6 / TICKS / requests as f64;
     println!(
-        "gate vs the floor (HAProxy blind TCP), 64 connections, {FLOOR_ROUNDS} rounds of {} s:\n  each round: {}\n  median {:.2}×, quartiles {:.2}× – {:.2}× (goal ≥ 1.0×)\n  CPU per request: gate {:.1} µs, floor {:.1} µs",
-        SECONDS / 2,
+        "gate vs the floor (HAProxy blind TCP), 64 connections, {FLOOR_ROUNDS} rounds of {FLOOR_SECONDS} s:\n  each round: {}\n  median {:.2}×, quartiles {:.2}× – {:.2}× (goal ≥ 1.0×)\n  CPU per request: gate {:.1} µs, floor {:.1} µs",
         each.join(" "),
         at(2),
         at(1),
@@ -446,7 +444,8 @@ const TICKS: f64 = 100.0;
 
 /// The CPU time process `pid` has spent, user and system, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("process {pid}, measured, is gone: {e}"));
     // After the command's `(name)`: state is field 3, utime 14 and stime 15.
     let fields: Vec<&str> = stat
         .rsplit_once(')')

@@ -61,6 +61,16 @@ pub(super) enum Credential {
     Session(Secret),
 }
 
+impl Credential {
+    /// The credential as a request shows it.
+    fn shown(&self) -> lane::Shown<'_> {
+        match self {
+            Credential::Token(t) => lane::Shown::Token(t.expose()),
+            Credential::Session(s) => lane::Shown::Session(s.expose()),
+        }
+    }
+}
+
 /// Whom a credential let in, and until when (unix seconds; `None`: until revoked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Grant {
@@ -119,23 +129,24 @@ impl Held {
         keys: &Arc<Keys>,
         now: u64,
     ) -> Option<Grant> {
-        self.0
-            .iter()
-            .find(|(c, k, g)| c == credential && still_good(k, g, keys, now))
-            .map(|(_, _, g)| g.clone())
+        self.find(credential.shown(), keys, now).cloned()
     }
 
-    /// Whether the credential `shown` is one [`Held::recall`] finds: the lane's question, asked
-    /// of the request's own bytes.
+    /// Whether [`Held::recall`] finds the credential `shown`: the lane's question, asked of the
+    /// request's own bytes (nothing copied).
     pub(super) fn recalls(&self, shown: lane::Shown, keys: &Arc<Keys>, now: u64) -> bool {
-        self.0.iter().any(|(c, k, g)| {
-            let same = match (c, shown) {
-                (Credential::Token(held), lane::Shown::Token(s))
-                | (Credential::Session(held), lane::Shown::Session(s)) => held.expose() == s,
-                _ => false,
-            };
-            same && still_good(k, g, keys, now)
-        })
+        self.find(shown, keys, now).is_some()
+    }
+
+    /// The grant of the held credential `shown` is, if it verified against exactly `keys`
+    /// and has not run out.
+    fn find(&self, shown: lane::Shown, keys: &Arc<Keys>, now: u64) -> Option<&Grant> {
+        self.0
+            .iter()
+            .find(|(c, k, g)| {
+                c.shown() == shown && Arc::ptr_eq(k, keys) && g.until.is_none_or(|u| u > now)
+            })
+            .map(|(_, _, g)| g)
     }
 
     /// Remembers a credential that verified; true when this connection had not presented it
@@ -161,12 +172,6 @@ impl Held {
     pub(super) fn first_end(&self) -> Option<u64> {
         self.0.iter().filter_map(|(_, _, g)| g.until).min()
     }
-}
-
-/// Whether a held grant, verified under `verified_under`, still stands: the keys are the
-/// current ones and it has not run out.
-fn still_good(verified_under: &Arc<Keys>, grant: &Grant, keys: &Arc<Keys>, now: u64) -> bool {
-    Arc::ptr_eq(verified_under, keys) && grant.until.is_none_or(|u| u > now)
 }
 
 /// Resolves with the device's name once any credential in `held` stops verifying: when the

@@ -378,28 +378,23 @@ where
 struct Silence {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     timeout: std::time::Duration,
-    slack: std::time::Duration,
-    set_at: tokio::time::Instant,
 }
 
 impl Silence {
     fn new(timeout: std::time::Duration) -> Silence {
-        let slack = timeout / 8;
-        let now = tokio::time::Instant::now();
         Silence {
-            timer: Box::pin(tokio::time::sleep_until(now + timeout + slack)),
+            timer: Box::pin(tokio::time::sleep(timeout)),
             timeout,
-            slack,
-            set_at: now,
         }
     }
 
     /// A new head begins: it gets the timeout from now, whatever the last one used.
     fn next_head(&mut self) {
         let now = tokio::time::Instant::now();
-        if now > self.set_at + self.slack {
-            self.timer.as_mut().reset(now + self.timeout + self.slack);
-            self.set_at = now;
+        if self.timer.deadline() < now + self.timeout {
+            self.timer
+                .as_mut()
+                .reset(now + self.timeout + self.timeout / 8);
         }
     }
 }
@@ -459,8 +454,7 @@ where
             (Ok(()), Ok(false)) => return Err(Failed::App("it closed the connection".into())),
         }
     };
-    *app = Some(conn);
-    let conn = app.as_mut().expect("just set");
+    let conn = app.insert(conn);
     loop {
         answer.clear();
         match response(&conn.read, forward.no_body, answer) {
